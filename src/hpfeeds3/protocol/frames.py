@@ -1,0 +1,76 @@
+"""Frame layout, opcodes and size limits of the hpfeeds wire protocol.
+
+Every frame is ``length:uint32 BE | opcode:u8 | body``; ``length`` counts the
+whole frame including its 5-byte header. Limits are checked on that header,
+before any body is buffered (see ``codec.Decoder``).
+
+Stdlib only, no I/O.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+HEADER = struct.Struct(">IB")
+HEADER_LEN = HEADER.size  # 5
+MiB = 1024 * 1024
+
+DIGEST_LEN = 20  # SHA-1
+NONCE_LEN = 4  # several C, Node and Lua clients read exactly 4 bytes
+STR8_MAX = 255
+
+
+class Opcode(IntEnum):
+    ERROR = 0
+    INFO = 1
+    AUTH = 2
+    PUBLISH = 3
+    SUBSCRIBE = 4
+    UNSUBSCRIBE = 5
+
+
+OP_ERROR = 0
+OP_INFO = 1
+OP_AUTH = 2
+OP_PUBLISH = 3
+OP_SUBSCRIBE = 4
+OP_UNSUBSCRIBE = 5
+
+#: Opcodes each side may receive. A broker receiving INFO or ERROR, or a client
+#: receiving AUTH, is talking to something that is not an hpfeeds peer.
+CLIENT_TO_BROKER = frozenset({OP_AUTH, OP_PUBLISH, OP_SUBSCRIBE, OP_UNSUBSCRIBE})
+BROKER_TO_CLIENT = frozenset({OP_ERROR, OP_INFO, OP_PUBLISH})
+
+DEFAULT_MAX_MESSAGE_BYTES = 1 * MiB  # PUBLISH body; as the reference broker
+
+
+@dataclass(frozen=True, slots=True)
+class FrameLimits:
+    """Largest whole frame (header included) accepted per opcode."""
+
+    max_publish_frame_bytes: int = HEADER_LEN + DEFAULT_MAX_MESSAGE_BYTES
+    # str8(ident) + 20-byte digest
+    max_auth_frame_bytes: int = HEADER_LEN + 1 + STR8_MAX + DIGEST_LEN
+    # str8(ident) + channel (at most 255 bytes, like every channel name)
+    max_subscribe_frame_bytes: int = HEADER_LEN + 1 + STR8_MAX + STR8_MAX
+    # str8(name) + nonce; generous so a client accepts brokers with longer nonces
+    max_info_frame_bytes: int = HEADER_LEN + 1 + STR8_MAX + 64
+    # a human-readable text
+    max_error_frame_bytes: int = HEADER_LEN + 64 * 1024
+
+    def table(self, accepted: frozenset[int]) -> tuple[int, ...]:
+        """Max frame length indexed by opcode; 0 for an opcode not accepted."""
+        by_op = {
+            OP_ERROR: self.max_error_frame_bytes,
+            OP_INFO: self.max_info_frame_bytes,
+            OP_AUTH: self.max_auth_frame_bytes,
+            OP_PUBLISH: self.max_publish_frame_bytes,
+            OP_SUBSCRIBE: self.max_subscribe_frame_bytes,
+            OP_UNSUBSCRIBE: self.max_subscribe_frame_bytes,
+        }
+        return tuple(by_op[op] if op in accepted else 0 for op in range(256))
+
+
+DEFAULT_LIMITS = FrameLimits()

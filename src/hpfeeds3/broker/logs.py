@@ -1,0 +1,142 @@
+"""Logging for people (``--log-format text``) and for machines (``--log-format json``).
+
+Contract:
+
+- One record is one line on stderr, in both formats. Text that came from the
+  network (idents, channel names, peer-sent text) may hold newlines or control
+  characters: they are escaped, so a client can never forge a log line.
+- Structured fields travel as ``extra=`` attributes of the record; only the
+  names in ``FIELDS`` are ever written, so a secret passed by mistake (or any
+  other attribute) never reaches the log::
+
+      log.info("client authenticated",
+               extra={"event": "authenticated", "peer": peer, "ident": ident})
+
+  text: ``2025-01-02T03:04:05.678Z INFO hpfeeds3.broker.connection client authenticated
+  event=authenticated peer=127.0.0.1:40000 ident=sensor-1`` (one line)
+
+  json: ``{"ts": "2025-01-02T03:04:05.678Z", "level": "INFO", "logger": "...",
+  "msg": "client authenticated", "event": "authenticated", ...}`` (one line)
+
+  The message says what happened in words; the fields carry the data, so the
+  message need not repeat them.
+- Field values may be ``str``, ``bytes`` (decoded as UTF-8, invalid bytes
+  escaped), a ``(host, port)`` tuple (``host:port``), an enum (its value) or
+  anything with a ``str()``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import re
+import sys
+import time
+from typing import Any, TextIO
+
+# Record attributes written when present, in this order.
+FIELDS: tuple[str, ...] = ("event", "peer", "ident", "owner", "channel", "reason", "limit")
+
+FORMATS = ("text", "json")
+
+# Marks the handler installed here, so configure_logging() can be called again.
+_HANDLER_FLAG = "_hpfeeds3_handler"
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _escape_control(text: str) -> str:
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    """ISO 8601, UTC, milliseconds: sorts as text, parses everywhere."""
+    seconds = int(record.created)
+    millis = int((record.created - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def field_value(value: Any) -> str:
+    """One field as text (not yet escaped)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    if isinstance(value, tuple) and len(value) >= 2 and isinstance(value[1], int):
+        host = str(value[0])
+        return f"[{host}]:{value[1]}" if ":" in host else f"{host}:{value[1]}"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    return str(value)
+
+
+def _fields(record: logging.LogRecord) -> list[tuple[str, str]]:
+    found = []
+    for name in FIELDS:
+        value = getattr(record, name, None)
+        if value is not None:
+            found.append((name, field_value(value)))
+    return found
+
+
+class TextFormatter(logging.Formatter):
+    """``TIMESTAMP LEVEL LOGGER MESSAGE key=value ...``"""
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = [_timestamp(record), record.levelname, record.name, _escape_control(record.getMessage())]
+        for name, value in _fields(record):
+            value = _escape_control(value)
+            if value == "" or any(c in value for c in ' "='):
+                value = json.dumps(value, ensure_ascii=False)
+            parts.append(f"{name}={value}")
+        line = " ".join(parts)
+        # A traceback is for a person reading a bug report: kept on its own lines.
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``ts``, ``level``, ``logger``, ``msg``, then the fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "ts": _timestamp(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        obj.update(_fields(record))
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            obj["stack"] = self.formatStack(record.stack_info)
+        # ensure_ascii: control characters and odd code points become \u escapes,
+        # so a record is always exactly one line of plain ASCII.
+        return json.dumps(obj, ensure_ascii=True, separators=(", ", ": "))
+
+
+def configure_logging(fmt: str = "text", debug: bool = False, *, stream: TextIO | None = None) -> None:
+    """Install one handler on the root logger (replacing one installed earlier by this function).
+
+    ``debug`` lowers the level to DEBUG (also for asyncio); otherwise INFO, with
+    chatty libraries held at WARNING.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"--log-format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    setattr(handler, _HANDLER_FLAG, True)
+
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, _HANDLER_FLAG, False):
+            root.removeHandler(old)
+            old.close()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+    quiet = logging.DEBUG if debug else logging.WARNING
+    for name in ("asyncio", "aiohttp.access", "aiohttp.server", "nats", "asyncpg"):
+        logging.getLogger(name).setLevel(quiet)

@@ -1,0 +1,1 @@
+"""Helpers shared by the test suites: processes, ports and the reference broker."""

@@ -148,7 +148,7 @@ def parse_body(opcode: int, buf: bytes, start: int, end: int) -> Frame:
         ident, pos = _read_str8(buf, start, end, "ident")
         channel, pos = _read_str8(buf, pos, end, "channel")
         return Publish(ident, channel, buf[pos:end])
-    if opcode == OP_SUBSCRIBE or opcode == OP_UNSUBSCRIBE:
+    if opcode in (OP_SUBSCRIBE, OP_UNSUBSCRIBE):
         ident, pos = _read_str8(buf, start, end, "ident")
         if pos >= end:
             raise MalformedFrame("channel is empty")

@@ -1,0 +1,282 @@
+"""``hpfeeds-broker``: argv → BrokerConfig → serve().
+
+Flags of the spec and of the reference broker keep their meaning; every limit
+of PROTOCOL.md has a flag. ``hpfeeds-broker keys ...`` manages access keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from ..protocol import MiB
+from .config import BrokerConfig, ConfigError, Endpoint, Limits, parse_endpoint, parse_host_port
+
+log = logging.getLogger("hpfeeds3.broker")
+
+_DEFAULTS = Limits()
+
+EPILOG = """\
+auth backends (--auth, repeatable; the first that knows an ident wins):
+  sqlite              ./sqlite.db, the reference broker's authkeys table (default)
+  sqlite:PATH         another sqlite file
+  env                 HPFEEDS_<IDENT>_SECRET, _PUBCHANS, _SUBCHANS, _OWNER
+  PATH.json           {"ident": {"owner", "secret", "pubchans", "subchans"}}, reloaded on change
+  postgresql://...    a shared PostgreSQL store
+
+manage access keys without SQL:  hpfeeds-broker keys --help
+
+exit status: 0 after a clean shutdown (SIGTERM/SIGINT), 1 when the broker
+cannot start (port in use, unreadable certificate, unusable auth store),
+2 for bad flags.
+"""
+
+
+def _size(value: str) -> int:
+    """Bytes, with an optional K/M/G suffix (powers of 1024)."""
+    v = value.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1024, "M": MiB, "G": 1024 * MiB}.get(v[-1:], 1)
+    try:
+        n = int(float(v[:-1] if mult != 1 else v) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {value!r} (e.g. 1048576, 512K, 8M)") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {value!r}")
+    return n
+
+
+def _positive(kind: type) -> object:
+    def convert(value: str) -> object:
+        try:
+            n = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+        if n <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {value!r}")
+        return n
+
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    p = argparse.ArgumentParser(
+        prog="hpfeeds-broker",
+        description="Run an hpfeeds broker.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"hpfeeds-broker {__version__}")
+    p.add_argument(
+        "--bind",
+        metavar="HOST:PORT",
+        help="listen address (default 0.0.0.0:10000; [::]:PORT for IPv6); TLS when --tlscert/--tlskey are given",
+    )
+    p.add_argument("--name", default="hpfeeds", help="broker name sent to clients in INFO (default: hpfeeds)")
+    p.add_argument("--auth", action="append", metavar="SPEC", help="auth backend, repeatable (default: sqlite)")
+    p.add_argument("--tlscert", metavar="PATH", help="TLS certificate (PEM) for --bind; reloaded when it changes")
+    p.add_argument("--tlskey", metavar="PATH", help="TLS private key (PEM) for --bind")
+    p.add_argument(
+        "-e",
+        "--endpoint",
+        action="append",
+        metavar="SPEC",
+        help="extra listener, repeatable: tcp:port=N[:interface=IP][:device=DEV] or "
+        "tls:port=N:cert=PATH:key=PATH[:interface=IP][:device=DEV]",
+    )
+    p.add_argument("--exporter", metavar="HOST:PORT", help="serve Prometheus /metrics and /healthz here")
+    p.add_argument("--debug", action="store_true", help="log frame-level detail")
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format (default: text)")
+
+    g = p.add_argument_group("limits")
+    g.add_argument(
+        "--max-message-size",
+        type=_size,
+        default=_DEFAULTS.max_message_bytes,
+        metavar="BYTES",
+        help="largest PUBLISH body: ident + channel + payload (default 1M, as the reference)",
+    )
+    g.add_argument(
+        "--auth-timeout",
+        type=_positive(float),
+        default=_DEFAULTS.auth_timeout_s,
+        metavar="SECONDS",
+        help="accept -> AUTH verified (default %(default)s)",
+    )
+    g.add_argument(
+        "--tls-handshake-timeout",
+        type=_positive(float),
+        default=_DEFAULTS.tls_handshake_timeout_s,
+        metavar="SECONDS",
+        help="TLS handshake deadline (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=_DEFAULTS.max_connections,
+        metavar="N",
+        help="concurrent connections, also kept below the open-files limit (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-unauthenticated",
+        type=_positive(int),
+        default=_DEFAULTS.max_unauthenticated,
+        metavar="N",
+        help="connections that have not authenticated yet (default %(default)s)",
+    )
+    g.add_argument(
+        "--send-buffer-hard",
+        type=_size,
+        default=_DEFAULTS.send_buffer_hard_bytes,
+        metavar="BYTES",
+        help="cut a subscriber at once above this many queued bytes (default 32M)",
+    )
+    g.add_argument(
+        "--send-buffer-soft",
+        type=_size,
+        default=_DEFAULTS.send_buffer_soft_bytes,
+        metavar="BYTES",
+        help="cut a subscriber above this many queued bytes for --send-buffer-soft-window (default 8M)",
+    )
+    g.add_argument(
+        "--send-buffer-soft-window",
+        type=_positive(float),
+        default=_DEFAULTS.send_buffer_soft_window_s,
+        metavar="SECONDS",
+        help="(default %(default)s)",
+    )
+    g.add_argument(
+        "--send-stall-timeout",
+        type=_positive(float),
+        default=_DEFAULTS.send_stall_timeout_s,
+        metavar="SECONDS",
+        help="cut a subscriber when nothing drained for this long while bytes are queued (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-subscriptions",
+        type=_positive(int),
+        default=_DEFAULTS.max_subscriptions,
+        metavar="N",
+        help="channels per connection (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-denials",
+        type=_positive(int),
+        default=_DEFAULTS.max_denials,
+        metavar="N",
+        help="refused frames answered with ERROR before the connection is closed (default %(default)s)",
+    )
+    g.add_argument(
+        "--shutdown-drain",
+        type=float,
+        default=_DEFAULTS.shutdown_drain_s,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, time to flush queued output (default %(default)s)",
+    )
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BrokerConfig:
+    if bool(args.tlscert) != bool(args.tlskey):
+        raise ConfigError("--tlscert and --tlskey must be given together")
+    endpoints: list[Endpoint] = []
+    if args.bind or not args.endpoint:
+        host, port = parse_host_port(args.bind or "0.0.0.0:10000")
+        if args.tlscert:
+            endpoints.append(Endpoint("tls", host, port, cert=args.tlscert, key=args.tlskey))
+        else:
+            endpoints.append(Endpoint("tcp", host, port))
+    for spec in args.endpoint or ():
+        endpoints.append(parse_endpoint(spec))
+    for ep in endpoints:
+        for path in (ep.cert, ep.key):
+            if path is not None:
+                try:
+                    with open(path, "rb"):
+                        pass
+                except OSError as e:
+                    raise ConfigError(f"cannot read TLS file {path!r}: {e.strerror}") from e
+    limits = Limits(
+        max_message_bytes=args.max_message_size,
+        auth_timeout_s=args.auth_timeout,
+        tls_handshake_timeout_s=args.tls_handshake_timeout,
+        max_connections=args.max_connections,
+        max_unauthenticated=args.max_unauthenticated,
+        send_buffer_hard_bytes=args.send_buffer_hard,
+        send_buffer_soft_bytes=args.send_buffer_soft,
+        send_buffer_soft_window_s=args.send_buffer_soft_window,
+        send_stall_timeout_s=args.send_stall_timeout,
+        max_subscriptions=args.max_subscriptions,
+        max_denials=args.max_denials,
+        shutdown_drain_s=args.shutdown_drain,
+    )
+    return BrokerConfig(
+        name=args.name,
+        endpoints=tuple(endpoints),
+        auth=tuple(args.auth or ("sqlite",)),
+        exporter=parse_host_port(args.exporter, "--exporter") if args.exporter else None,
+        limits=limits,
+        debug=args.debug,
+        log_format=args.log_format,
+    )
+
+
+def configure_logging(fmt: str, debug: bool) -> None:
+    try:
+        from .logs import configure_logging as configure
+    except ImportError:  # pragma: no cover - logs.py ships with the package
+        logging.basicConfig(
+            level=logging.DEBUG if debug else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        return
+    configure(fmt, debug)
+
+
+async def _run(config: BrokerConfig) -> None:
+    from .server import serve
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(config, stop=stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["keys"]:
+        from .keys.cli import main as keys_main
+
+        return keys_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        print(f"hpfeeds-broker: error: {e}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_format, config.debug)
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None
+    try:
+        if uvloop is not None:
+            uvloop.run(_run(config))
+        else:
+            asyncio.run(_run(config))
+    except ConfigError as e:
+        print(f"hpfeeds-broker: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

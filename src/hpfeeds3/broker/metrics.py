@@ -1,0 +1,214 @@
+"""Prometheus metrics: the reference broker's names (existing dashboards keep
+working) plus ours.
+
+Hot-path rule: nothing here is touched per message. Connections count
+publishes into plain ints on a ``PublishStats`` per (ident, channel) and the
+``BrokerCollector`` turns live and retired counts into samples at scrape time.
+Rare events (connects, closes, errors) use ordinary prometheus_client objects
+whose label children are resolved once per connection.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .server import Broker
+
+# --- the reference's metrics ----------------------------------------------
+
+CONNECTION_MADE = Counter("hpfeeds_broker_connection_made", "Number of connections established")
+CONNECTION_READY = Counter(
+    "hpfeeds_broker_connection_ready", "Number of connections established + authenticated", ["ident"]
+)
+# ident is the *authenticated* ident or "" before AUTH: never a value a client chose.
+CONNECTION_ERROR = Counter(
+    "hpfeeds_broker_connection_error",
+    "Number of connections that experienced a protocol error",
+    ["ident", "category"],
+)
+CONNECTION_LOST = Counter("hpfeeds_broker_connection_lost", "Number of connections lost", ["ident"])
+SEND_BUFFER_DEADLINE_START = Counter(
+    "hpfeeds_broker_connection_send_buffer_deadline_start",
+    "High watermark was exceeded and this connection was put on a deadline timer",
+    ["ident"],
+)
+SEND_BUFFER_DEADLINE_RECOVER = Counter(
+    "hpfeeds_broker_connection_send_buffer_deadline_recover",
+    "Buffer recovered to low watermark or better and deadline timer was cancelled",
+    ["ident"],
+)
+
+# --- ours ---------------------------------------------------------------------
+
+CONNECTIONS_CLOSED = Counter("hpfeeds_broker_connections_closed", "Connections closed, by reason", ["reason"])
+AUTH_FAILURES = Counter("hpfeeds_broker_auth_failures", "Failed authentications, by reason", ["reason"])
+LIMIT_REJECTIONS = Counter("hpfeeds_broker_limit_rejections", "Frames or connections refused by a limit", ["limit"])
+SLOW_CONSUMERS = Counter("hpfeeds_broker_slow_consumers", "Subscribers cut because they could not keep up")
+REVOCATIONS = Counter(
+    "hpfeeds_broker_revocations", "Live sessions cut back after their key changed in the store", ["action"]
+)
+BUILD_INFO = Gauge("hpfeeds_broker_build_info", "Build information", ["version"])
+
+# Publish sizes are bucketed by bit length (powers of two); these are the
+# reference's histogram buckets, all powers of two from 1 KiB to 4 MiB.
+SIZE_BUCKETS = tuple(1 << n for n in range(10, 23))
+
+
+class PublishStats:
+    """Publishes of one ident to one channel: plain ints bumped on the hot path."""
+
+    __slots__ = ("bits", "bytes", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.bytes = 0
+        # bits[n]: payloads whose size has bit_length n, i.e. size < 2**n
+        self.bits = [0] * 64
+
+    def merge(self, other: PublishStats) -> None:
+        self.count += other.count
+        self.bytes += other.bytes
+        for i, v in enumerate(other.bits):
+            self.bits[i] += v
+
+
+def _histogram_buckets(stats: PublishStats) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    for bound in SIZE_BUCKETS:
+        # size <= bound  <=>  bit_length(size) <= bit_length(bound - 1) for powers of two
+        limit = (bound - 1).bit_length()
+        out.append((str(float(bound)), float(sum(stats.bits[: limit + 1]))))
+    out.append(("+Inf", float(stats.count)))
+    return out
+
+
+class BrokerCollector(Collector):
+    """Samples computed from the broker's live state at scrape time."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+
+    def collect(self) -> Iterator[Any]:
+        broker = self._broker
+        conns = list(broker.connections)
+
+        yield GaugeMetricFamily(
+            "hpfeeds_broker_client_connections", "Number of clients connected to broker", value=len(conns)
+        )
+
+        authed: dict[tuple[str, str], int] = defaultdict(int)
+        send_buf: dict[str, int] = defaultdict(int)
+        recv_buf: dict[str, int] = defaultdict(int)
+        send_fill: dict[str, int] = defaultdict(int, broker.retired_send_fill)
+        recv_fill: dict[str, int] = defaultdict(int, broker.retired_recv_fill)
+        publish: dict[tuple[str, str], PublishStats] = defaultdict(PublishStats)
+        for key, st in broker.retired_publish.items():
+            publish[key].merge(st)
+        subscriptions: dict[tuple[str, str], int] = defaultdict(int)
+        total_recv = broker.retired_total_recv
+        total_sent = broker.retired_total_sent
+        for c in conns:
+            total_recv += c.received_bytes
+            total_sent += c.sent_bytes
+            ident = c.ident
+            if ident is None:
+                continue
+            authed[(ident, c.owner)] += 1
+            queued = c.write_buffer_size()
+            send_buf[ident] += queued
+            recv_buf[ident] += c.read_buffer_size()
+            send_fill[ident] += c.sent_bytes
+            recv_fill[ident] += c.received_bytes
+            for chan, st in c.publish_stats.items():
+                publish[(ident, _text(chan))].merge(st)
+            for chan in c.subscriptions:
+                subscriptions[(ident, _text(chan))] += 1
+
+        g = GaugeMetricFamily(
+            "hpfeeds_client_authenticated_connections", "Authenticated connections", labels=["ident", "owner"]
+        )
+        for (ident, owner), n in authed.items():
+            g.add_metric([ident, owner or ""], n)
+        yield g
+
+        yield _gauge("hpfeeds_broker_connection_send_buffer_size", "Number of bytes queued for transmission", send_buf)
+        yield _gauge(
+            "hpfeeds_broker_connection_receive_buffer_size", "Number of bytes received but not yet parsed", recv_buf
+        )
+        yield _counter(
+            "hpfeeds_broker_connection_receive_buffer_fill", "Number of bytes queued in the parsing buffer", recv_fill
+        )
+        yield _counter(
+            "hpfeeds_broker_connection_send_buffer_fill", "Number of bytes queued in the send buffer", send_fill
+        )
+        drain = {ident: max(0, n - send_buf.get(ident, 0)) for ident, n in send_fill.items()}
+        yield _counter(
+            "hpfeeds_broker_connection_send_buffer_drain",
+            "Number of bytes drained from the send buffer and sent",
+            drain,
+        )
+
+        yield CounterMetricFamily("hpfeeds_broker_received_bytes", "Bytes received from clients", value=total_recv)
+        yield CounterMetricFamily("hpfeeds_broker_sent_bytes", "Bytes queued to clients", value=total_sent)
+
+        subs = GaugeMetricFamily(
+            "hpfeeds_broker_subscriptions", "Number of subscriptions to a channel", labels=["ident", "chan"]
+        )
+        for (ident, chan), n in subscriptions.items():
+            subs.add_metric([ident, chan], n)
+        yield subs
+
+        count = CounterMetricFamily(
+            "hpfeeds_broker_receive_publish_count",
+            "Number of events received by broker for a channel",
+            labels=["ident", "chan"],
+        )
+        size = HistogramMetricFamily(
+            "hpfeeds_broker_receive_publish_size",
+            "Sizes of messages received by broker for a channel",
+            labels=["ident", "chan"],
+        )
+        for (ident, chan), st in publish.items():
+            count.add_metric([ident, chan], st.count)
+            size.add_metric([ident, chan], _histogram_buckets(st), float(st.bytes))
+        yield count
+        yield size
+
+        deliveries = CounterMetricFamily(
+            "hpfeeds_broker_deliveries", "Messages delivered to subscribers, per channel", labels=["chan"]
+        )
+        for chan, n in broker.router.deliveries.items():
+            deliveries.add_metric([_text(chan)], n)
+        yield deliveries
+
+
+def _text(channel: bytes) -> str:
+    return channel.decode("utf-8", "backslashreplace")
+
+
+def _gauge(name: str, doc: str, values: dict[str, int]) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, doc, labels=["ident"])
+    for ident, v in values.items():
+        g.add_metric([ident], v)
+    return g
+
+
+def _counter(name: str, doc: str, values: dict[str, int]) -> CounterMetricFamily:
+    c = CounterMetricFamily(name, doc, labels=["ident"])
+    for ident, v in values.items():
+        c.add_metric([ident], v)
+    return c
+
+
+def register_broker(broker: Broker, registry: CollectorRegistry = REGISTRY) -> Iterable[Any]:
+    """Attach the broker's live-state collector; returns a function that detaches it."""
+    collector = BrokerCollector(broker)
+    registry.register(collector)
+    return lambda: registry.unregister(collector)

@@ -1,0 +1,84 @@
+"""Router: channel → subscribers, and fan-out.
+
+Never awaits; never copies a payload; knows nothing of sockets or NATS beyond
+"deliver these bytes". A delivered PUBLISH has exactly the bytes of the one
+received, so one ``bytes`` object (often several frames of one read) is handed
+to every subscriber of the channel.
+
+Subscriber lists are tuples replaced on change (copy-on-write): publishing
+iterates them without a copy, and a subscriber cut during a fan-out cannot
+disturb the iteration.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Subscriber(Protocol):
+    def deliver(self, data: bytes) -> None:
+        """Queue ``data`` (one or more whole PUBLISH frames) for the client."""
+
+
+class Router:
+    __slots__ = ("_subs", "deliveries", "on_first_subscriber", "on_last_unsubscribe", "remote")
+
+    def __init__(self) -> None:
+        self._subs: dict[bytes, tuple[Subscriber, ...]] = {}
+        # messages delivered per channel (messages x subscribers), for metrics
+        self.deliveries: defaultdict[bytes, int] = defaultdict(int)
+        # Backplane hooks (None in a single process): forward local publishes to
+        # other brokers; learn when this node starts/stops needing a channel.
+        self.remote: Callable[[bytes, bytes, int], None] | None = None
+        self.on_first_subscriber: Callable[[bytes], None] | None = None
+        self.on_last_unsubscribe: Callable[[bytes], None] | None = None
+
+    def subscribe(self, channel: bytes, sub: Subscriber) -> bool:
+        """Add ``sub``; idempotent. Returns whether it was added."""
+        current = self._subs.get(channel, ())
+        if sub in current:
+            return False
+        self._subs[channel] = (*current, sub)
+        if not current and self.on_first_subscriber is not None:
+            self.on_first_subscriber(channel)
+        return True
+
+    def unsubscribe(self, channel: bytes, sub: Subscriber) -> bool:
+        """Remove ``sub``; idempotent. Returns whether it was subscribed."""
+        current = self._subs.get(channel)
+        if not current or sub not in current:
+            return False
+        rest = tuple(s for s in current if s is not sub)
+        if rest:
+            self._subs[channel] = rest
+        else:
+            del self._subs[channel]
+            if self.on_last_unsubscribe is not None:
+                self.on_last_unsubscribe(channel)
+        return True
+
+    def publish(self, channel: bytes, data: bytes, count: int) -> None:
+        """Fan ``data`` (``count`` PUBLISH frames for ``channel``) out locally and remotely."""
+        subs = self._subs.get(channel)
+        if subs:
+            for sub in subs:
+                sub.deliver(data)
+            self.deliveries[channel] += count * len(subs)
+        if self.remote is not None:
+            self.remote(channel, data, count)
+
+    def deliver_local(self, channel: bytes, data: bytes, count: int) -> None:
+        """Fan out frames that came from another broker (never forwarded again)."""
+        subs = self._subs.get(channel)
+        if subs:
+            for sub in subs:
+                sub.deliver(data)
+            self.deliveries[channel] += count * len(subs)
+
+    def subscribers(self, channel: bytes) -> tuple[Subscriber, ...]:
+        return self._subs.get(channel, ())
+
+    def channels(self) -> list[bytes]:
+        return list(self._subs)

@@ -1,0 +1,246 @@
+"""Start our broker exactly as a user does (``hpfeeds-broker`` subprocess) and
+talk to it with raw sockets.
+
+Every process started here is stopped by its fixture; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from hpfeeds3.protocol import (
+    Decoder,
+    Error,
+    Frame,
+    Info,
+    Publish,
+    encode_auth,
+    encode_publish,
+    encode_subscribe,
+    encode_unsubscribe,
+    sign,
+)
+
+BIN = Path(sys.executable).parent
+BROKER_BIN = str(BIN / "hpfeeds-broker")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(
+    port: int, host: str = "127.0.0.1", timeout: float = 10.0, proc: subprocess.Popen | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
+
+
+def write_users_json(path: Path, users: dict[str, dict]) -> Path:
+    """``users``: ident -> {secret, pubchans, subchans[, owner]} (the reference format)."""
+    data = {
+        ident: {
+            "owner": u.get("owner", ident),
+            "secret": u["secret"],
+            "pubchans": list(u.get("pubchans", [])),
+            "subchans": list(u.get("subchans", [])),
+        }
+        for ident, u in users.items()
+    }
+    path.write_text(json.dumps(data))
+    return path
+
+
+def sqlite_add_key(
+    path: Path, ident: str, secret: str, pubchans: Sequence[str], subchans: Sequence[str], owner: str = "owner"
+) -> None:
+    """Insert a row as the spec's SQL does (the table is created by the broker or here)."""
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute(
+            "create table if not exists authkeys (id integer primary key autoincrement,"
+            " owner TEXT, ident TEXT, secret TEXT, pubchans TEXT, subchans TEXT)"
+        )
+        conn.execute(
+            "INSERT INTO authkeys (owner, ident, secret, pubchans, subchans) VALUES (?, ?, ?, ?, ?)",
+            (owner, ident, secret, json.dumps(list(pubchans)), json.dumps(list(subchans))),
+        )
+    conn.close()
+
+
+class BrokerProcess:
+    """A running ``hpfeeds-broker``; its output goes to ``log_path``."""
+
+    def __init__(
+        self, args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, port: int | None = None
+    ) -> None:
+        self.cwd = cwd
+        self.port = port
+        self.host = "127.0.0.1"
+        self.log_path = cwd / f"broker-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self.args = [BROKER_BIN, *args]
+        self.proc = subprocess.Popen(self.args, cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 15.0) -> BrokerProcess:
+        assert self.port is not None
+        wait_for_port(self.port, timeout=timeout, proc=self.proc)
+        # The listener is up before the "serving" line; wait for it too.
+        deadline = time.monotonic() + timeout
+        while "serving" not in self.log() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, needle: str, timeout: float = 5.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log()
+            if needle in text:
+                return text
+            time.sleep(0.02)
+        raise AssertionError(f"{needle!r} not in broker log after {timeout} s:\n{self.log()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+class RawClient:
+    """A blocking hpfeeds client on a raw socket, for tests that speak bytes."""
+
+    def __init__(
+        self, port: int, host: str = "127.0.0.1", *, tls: ssl.SSLContext | None = None, timeout: float = 5.0
+    ) -> None:
+        sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock: socket.socket = tls.wrap_socket(sock, server_hostname="localhost") if tls else sock
+        self.decoder = Decoder.for_client()
+        self.pending: list[Frame] = []
+        self.ident = b""
+        self.info: Info | None = None
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_info(self) -> Info:
+        frame = self.next_frame()
+        assert isinstance(frame, Info), frame
+        self.info = frame
+        return frame
+
+    def auth(self, ident: str, secret: str) -> RawClient:
+        info = self.info or self.read_info()
+        self.ident = ident.encode()
+        self.send(encode_auth(self.ident, sign(info.nonce, secret.encode())))
+        return self
+
+    def subscribe(self, *channels: str) -> None:
+        self.send(b"".join(encode_subscribe(self.ident, c.encode()) for c in channels))
+
+    def unsubscribe(self, channel: str) -> None:
+        self.send(encode_unsubscribe(self.ident, channel.encode()))
+
+    def publish(self, channel: str, payload: bytes) -> None:
+        self.send(encode_publish(self.ident, channel.encode(), payload))
+
+    def next_frame(self, timeout: float = 5.0) -> Frame:
+        deadline = time.monotonic() + timeout
+        while not self.pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("no frame")
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(262144)
+            if not data:
+                raise ConnectionError("closed by broker")
+            self.pending.extend(self.decoder.feed(data))
+        return self.pending.pop(0)
+
+    def frames(self, n: int, timeout: float = 10.0) -> list[Frame]:
+        deadline = time.monotonic() + timeout
+        return [self.next_frame(max(0.01, deadline - time.monotonic())) for _ in range(n)]
+
+    def messages(self, n: int, timeout: float = 10.0) -> list[Publish]:
+        out = self.frames(n, timeout)
+        assert all(isinstance(f, Publish) for f in out), [f for f in out if not isinstance(f, Publish)][:3]
+        return out  # type: ignore[return-value]
+
+    def expect_error(self, timeout: float = 5.0) -> str:
+        frame = self.next_frame(timeout)
+        assert isinstance(frame, Error), frame
+        return frame.message
+
+    def expect_closed(self, timeout: float = 5.0) -> list[Frame]:
+        """Read until EOF; returns frames received before it."""
+        got: list[Frame] = list(self.pending)
+        self.pending.clear()
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("connection still open")
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(262144)
+            except ConnectionResetError:
+                return got
+            if not data:
+                return got
+            got.extend(self.decoder.feed(data))
+
+    def expect_silence(self, seconds: float = 0.3) -> None:
+        self.sock.settimeout(seconds)
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return
+        raise AssertionError(f"expected nothing, got {data[:200]!r}")
+
+
+@contextlib.contextmanager
+def running_broker(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[BrokerProcess]:
+    port = free_port()
+    b = BrokerProcess(["--bind", f"127.0.0.1:{port}", *args], cwd=tmp_path, env=env, port=port)
+    try:
+        yield b.wait_ready()
+    finally:
+        b.stop()

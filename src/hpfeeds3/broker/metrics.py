@@ -90,7 +90,12 @@ def _histogram_buckets(stats: PublishStats) -> list[tuple[str, float]]:
 
 
 class BrokerCollector(Collector):
-    """Samples computed from the broker's live state at scrape time."""
+    """Samples computed from the broker's live state at scrape time.
+
+    The exporter may collect on a worker thread while the loop mutates these
+    containers: every iteration goes over a ``list(...)`` copy, which CPython
+    makes in one step under the GIL for builtin sets and dicts.
+    """
 
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
@@ -106,10 +111,10 @@ class BrokerCollector(Collector):
         authed: dict[tuple[str, str], int] = defaultdict(int)
         send_buf: dict[str, int] = defaultdict(int)
         recv_buf: dict[str, int] = defaultdict(int)
-        send_fill: dict[str, int] = defaultdict(int, broker.retired_send_fill)
-        recv_fill: dict[str, int] = defaultdict(int, broker.retired_recv_fill)
+        send_fill: dict[str, int] = defaultdict(int, list(broker.retired_send_fill.items()))
+        recv_fill: dict[str, int] = defaultdict(int, list(broker.retired_recv_fill.items()))
         publish: dict[tuple[str, str], PublishStats] = defaultdict(PublishStats)
-        for key, st in broker.retired_publish.items():
+        for key, st in list(broker.retired_publish.items()):
             publish[key].merge(st)
         subscriptions: dict[tuple[str, str], int] = defaultdict(int)
         total_recv = broker.retired_total_recv
@@ -126,9 +131,9 @@ class BrokerCollector(Collector):
             recv_buf[ident] += c.read_buffer_size()
             send_fill[ident] += c.sent_bytes
             recv_fill[ident] += c.received_bytes
-            for chan, st in c.publish_stats.items():
+            for chan, st in list(c.publish_stats.items()):
                 publish[(ident, _text(chan))].merge(st)
-            for chan in c.subscriptions:
+            for chan in list(c.subscriptions):
                 subscriptions[(ident, _text(chan))] += 1
 
         g = GaugeMetricFamily(
@@ -184,7 +189,7 @@ class BrokerCollector(Collector):
         deliveries = CounterMetricFamily(
             "hpfeeds_broker_deliveries", "Messages delivered to subscribers, per channel", labels=["chan"]
         )
-        for chan, n in broker.router.deliveries.items():
+        for chan, n in list(broker.router.deliveries.items()):
             deliveries.add_metric([_text(chan)], n)
         yield deliveries
 

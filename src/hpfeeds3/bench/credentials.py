@@ -1,0 +1,59 @@
+"""The access key the benchmark needs, written for a broker's auth store.
+
+Both formats are the reference broker's, which ours reads too: a JSON file
+``{ident: {owner, secret, pubchans, subchans}}``, and the ``authkeys`` table
+of an sqlite database (channels as JSON lists in TEXT columns).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+
+SLOTS = 50  # the connect scenario's CHANNEL-0 .. CHANNEL-49
+
+
+def bench_channels(channel: str = "bench") -> list[str]:
+    return [channel] + [f"{channel}-{i}" for i in range(SLOTS)]
+
+
+def bench_key(ident: str, secret: str, channels: list[str]) -> dict[str, object]:
+    return {"owner": ident, "secret": secret, "pubchans": list(channels), "subchans": list(channels)}
+
+
+def write_json(path: str, ident: str = "bench", secret: str = "bench", channels: list[str] | None = None) -> None:
+    """Write (or add to) a users.json holding the benchmark key."""
+    users: dict[str, object] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            users = json.load(f)
+    users[ident] = bench_key(ident, secret, channels or bench_channels())
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(users, f, indent=2)
+    os.replace(tmp, path)
+
+
+def write_sqlite(path: str, ident: str = "bench", secret: str = "bench", channels: list[str] | None = None) -> None:
+    """Create the reference's tables if missing and put the benchmark key in ``authkeys``."""
+    chans = json.dumps(channels or bench_channels())
+    db = sqlite3.connect(path)
+    try:
+        with db:
+            # The reference creates all three tables when any is missing.
+            db.execute("create table if not exists logs (id integer primary key autoincrement, data TEXT)")
+            db.execute(
+                "create table if not exists stats (id integer primary key autoincrement, ak TEXT, uid TEXT, data TEXT)"
+            )
+            db.execute(
+                "create table if not exists authkeys (id integer primary key autoincrement,"
+                " owner TEXT, ident TEXT, secret TEXT, pubchans TEXT, subchans TEXT)"
+            )
+            db.execute("delete from authkeys where ident = ?", (ident,))
+            db.execute(
+                "insert into authkeys (owner, ident, secret, pubchans, subchans) values (?, ?, ?, ?, ?)",
+                (ident, ident, secret, chans, chans),
+            )
+    finally:
+        db.close()

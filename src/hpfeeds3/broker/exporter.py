@@ -155,5 +155,5 @@ async def start_exporter(
         reason = exc.strerror or str(exc)
         raise ConfigError(f"--exporter {shown}: cannot listen: {reason}") from None
     exporter = Exporter(runner, executor)
-    log.info("exporter listening on http://%s/metrics", shown if port else f"{host}:{exporter.port}")
+    log.debug("exporter bound to %s", exporter.addresses)
     return exporter

@@ -96,7 +96,7 @@ def used_names(dashboard: dict) -> tuple[dict[str, set[str]], list[tuple[str, se
 
 def test_promql_names_finds_metrics_and_labels() -> None:
     expr = (
-        'histogram_quantile(0.95, sum by (chan, le) (rate(hpfeeds_broker_receive_publish_size_bucket'
+        "histogram_quantile(0.95, sum by (chan, le) (rate(hpfeeds_broker_receive_publish_size_bucket"
         '{instance=~"$instance", chan=~"a,b"}[$__rate_interval]))) / on(chan) group_left x_total offset 5m'
     )
     assert promql_names(expr) == (
@@ -116,7 +116,7 @@ def test_dashboard_is_importable_grafana_json() -> None:
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     for panel in dashboard["panels"]:
         pos = panel["gridPos"]
-        assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24, panel["title"]
+        assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24, panel["title"]
         for target in panel.get("targets", []):
             # One datasource variable: the same file works imported by hand and provisioned.
             assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]

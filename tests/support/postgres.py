@@ -28,10 +28,20 @@ import subprocess
 import tempfile
 import time
 import uuid
+import warnings
 from pathlib import Path
+from typing import Any
 
 # Seconds given to pg_ctl to start or stop the server.
 PG_CTL_TIMEOUT_S = 30.0
+
+
+def _pgserver_commands() -> Any:
+    """pgserver's command wrappers (importing pgserver warns when XDG_RUNTIME_DIR is unset; harmless)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pgserver import _commands
+    return _commands
 
 
 def _free_port() -> int:
@@ -67,7 +77,7 @@ class PostgresServer:
         return server
 
     def _init(self) -> None:
-        from pgserver import _commands
+        _commands = _pgserver_commands()
 
         self.pgdata.mkdir()
         self.sockdir.mkdir()
@@ -95,7 +105,7 @@ class PostgresServer:
         )
 
     def _pg_ctl(self, args: list[str]) -> None:
-        from pgserver import _commands
+        _commands = _pgserver_commands()
 
         _commands.pg_ctl(args, pgdata=self.pgdata, user=self.system_user, timeout=PG_CTL_TIMEOUT_S)
 
@@ -122,7 +132,7 @@ class PostgresServer:
         return f"postgresql://postgres:unused@127.0.0.1:{self.port}/{database}"
 
     def psql(self, sql: str, database: str = "postgres") -> str:
-        from pgserver import _commands
+        _commands = _pgserver_commands()
 
         psql = _commands.POSTGRES_BIN_PATH / "psql"
         out = subprocess.run(

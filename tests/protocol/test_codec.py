@@ -1,0 +1,154 @@
+"""The sans-I/O codec: round trips, any split, garbage, limits on the header."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tracemalloc
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hpfeeds3.protocol import (
+    CLIENT_TO_BROKER,
+    HEADER,
+    Auth,
+    Decoder,
+    Error,
+    FrameLimits,
+    FrameTooLarge,
+    Info,
+    MalformedFrame,
+    ProtocolError,
+    Publish,
+    Subscribe,
+    UnexpectedOpcode,
+    Unsubscribe,
+    encode,
+    encode_auth,
+    encode_publish,
+    sign,
+    verify,
+)
+
+name = st.binary(min_size=1, max_size=255)
+payload = st.binary(max_size=2048)
+
+client_frames = st.one_of(
+    st.builds(Auth, name, st.binary(min_size=20, max_size=20)),
+    st.builds(Publish, name, name, payload),
+    st.builds(Subscribe, name, name),
+    st.builds(Unsubscribe, name, name),
+)
+broker_frames = st.one_of(
+    st.builds(Error, st.text(max_size=200)),
+    st.builds(Info, st.binary(max_size=255), st.binary(min_size=4, max_size=4)),
+    st.builds(Publish, name, name, payload),
+)
+
+
+def all_decoder() -> Decoder:
+    return Decoder(CLIENT_TO_BROKER | {0, 1})
+
+
+@given(st.lists(st.one_of(client_frames, broker_frames), max_size=20))
+def test_encode_decode_round_trip(frames: list) -> None:
+    assert all_decoder().feed(b"".join(encode(f) for f in frames)) == frames
+
+
+@given(st.lists(client_frames, min_size=1, max_size=10), st.data())
+def test_any_split_of_the_stream_yields_the_same_frames(frames: list, data: st.DataObject) -> None:
+    stream = b"".join(encode(f) for f in frames)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
+    decoder = Decoder.for_broker()
+    got = []
+    prev = 0
+    for cut in [*cuts, len(stream)]:
+        got.extend(decoder.feed(stream[prev:cut]))
+        prev = cut
+    assert got == frames
+    assert decoder.buffered == 0
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=4096))
+def test_random_bytes_raise_nothing_but_protocol_error(data: bytes) -> None:
+    for decoder in (Decoder.for_broker(), Decoder.for_client()):
+        try:
+            decoder.feed(data)
+        except ProtocolError:
+            pass
+
+
+@settings(max_examples=200)
+@given(st.lists(st.binary(max_size=300), max_size=30))
+def test_random_chunks_raise_nothing_but_protocol_error(chunks: list[bytes]) -> None:
+    decoder = Decoder.for_broker()
+    for chunk in chunks:
+        try:
+            decoder.feed(chunk)
+        except ProtocolError:
+            decoder = Decoder.for_broker()
+
+
+def test_huge_declared_length_is_refused_on_the_header_without_allocating() -> None:
+    tracemalloc.start()
+    try:
+        with pytest.raises(FrameTooLarge):
+            Decoder.for_broker().feed(HEADER.pack(0xFFFFFFFF, 3) + b"junk")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (HEADER.pack(0, 3), MalformedFrame),  # length < header: the reference hangs on this
+        (HEADER.pack(4, 3), MalformedFrame),
+        (HEADER.pack(2**31, 3), FrameTooLarge),
+        (HEADER.pack(5 + 1024 * 1024 + 1, 3), FrameTooLarge),
+        (HEADER.pack(1000, 2), FrameTooLarge),  # AUTH over its cap
+        (HEADER.pack(600, 4), FrameTooLarge),  # SUBSCRIBE over its cap
+        (HEADER.pack(10, 9), UnexpectedOpcode),
+        (HEADER.pack(10, 1) + b"\x00" * 5, UnexpectedOpcode),  # client-sent INFO
+        (HEADER.pack(10, 0) + b"x" * 5, UnexpectedOpcode),  # client-sent ERROR
+        (HEADER.pack(8, 3) + b"\x05ab", MalformedFrame),  # str8 past the end
+        (HEADER.pack(5 + 1 + 1 + 19, 2) + b"\x01a" + b"d" * 19, MalformedFrame),  # digest 19 bytes
+        (HEADER.pack(5 + 1 + 20, 2) + b"\x00" + b"d" * 20, MalformedFrame),  # empty ident
+        (HEADER.pack(5 + 2 + 1 + 1, 3) + b"\x01a\x00x", MalformedFrame),  # empty channel
+        (HEADER.pack(5 + 2, 4) + b"\x01a", MalformedFrame),  # subscribe without channel
+    ],
+)
+def test_bad_headers_and_bodies_raise_protocol_errors(data: bytes, error: type) -> None:
+    with pytest.raises(error):
+        Decoder.for_broker().feed(data)
+
+
+def test_limits_are_configurable() -> None:
+    decoder = Decoder.for_broker(FrameLimits(max_publish_frame_bytes=100))
+    decoder.feed(encode_publish(b"a", b"b", b"x" * 90))
+    with pytest.raises(FrameTooLarge):
+        decoder.feed(encode_publish(b"a", b"b", b"x" * 92))
+
+
+def test_encoders_refuse_fields_that_do_not_fit() -> None:
+    with pytest.raises(ValueError):
+        encode_publish(b"x" * 256, b"c", b"")
+    with pytest.raises(ValueError):
+        encode_auth(b"id", b"short")
+
+
+def test_challenge_sign_and_verify() -> None:
+    digest = sign(b"abcd", b"secret")
+    assert len(digest) == 20
+    assert verify(b"abcd", b"secret", digest)
+    assert not verify(b"abcd", b"other", digest)
+
+
+def test_protocol_package_imports_neither_asyncio_nor_socket() -> None:
+    code = "import sys, hpfeeds3.protocol; print(sorted({'asyncio', 'socket'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

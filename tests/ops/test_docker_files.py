@@ -247,8 +247,7 @@ def test_monitoring_stack_is_wired_together() -> None:
     command = services["prometheus"]["command"]
     assert "--config.file=/etc/prometheus/prometheus.yml" in command
 
-    import yaml
-
+    yaml = pytest.importorskip("yaml", reason="pip install PyYAML (in the [test] extra)")
     scrape = yaml.safe_load(prometheus_yml.read_text())["scrape_configs"][0]
     (target,) = scrape["static_configs"][0]["targets"]
     host, port = target.split(":")

@@ -4,40 +4,42 @@ The reference package's console scripts (``hpfeeds``, ``hpfeeds-broker``)
 collide with ours, so it lives in a virtual environment of its own, created
 once per machine in a cache directory outside the checkout and reused by every
 test run. Everything here binds 127.0.0.1 only, every wait is bounded, and
-every process started is stopped by its owner (``BrokerProcess.stop`` or the
-``with`` block).
+every process started is stopped by its owner (``Broker.stop``, a ``with``
+block, or ``stopping(popen)``). Ports, waiting for a port and auth files come
+from ``tests.support.broker`` and are re-exported here.
 
 The API, kept small because several suites import it:
 
 - ``ensure_reference_venv() -> Path``: the reference virtualenv (created on
   first use; safe when test processes race: an ``fcntl`` lock serialises them).
-- ``free_port()``, ``wait_for_port(port)``: a port to bind, and waiting until
-  something accepts on it.
-- ``AccessKey`` and ``write_users_json(path, keys)``: an auth file in the JSON
-  format both brokers read (``{ident: {owner, secret, pubchans, subchans}}``).
-- ``start_broker(argv, port)``: run any broker command line until stopped;
-  ``start_reference_broker(...)`` and ``start_our_broker(...)`` build the
-  command lines.
+- ``Broker``: a broker subprocess of either implementation on a fixed
+  127.0.0.1 port that can be killed and started again on that port (for
+  reconnect tests); ``reference_broker(...)`` and ``our_broker(...)`` build
+  one from a users dict (``{ident: {secret, pubchans, subchans[, owner]}}``,
+  the JSON auth format both brokers read).
 - ``run_reference_cli(args)`` and ``run_reference_python(code)``: the
   reference ``hpfeeds`` command and a Python snippet using its clients
-  (``hpfeeds.new(host, port, ident, secret)``, ``hpfeeds.asyncio.ClientSession``).
+  (``hpfeeds.new(host, port, ident, secret)``, ``hpfeeds.asyncio.ClientSession``);
+  ``popen_reference_cli`` for a long-running ``hpfeeds subscribe``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
-import json
+import functools
+import glob
 import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from tests.support.broker import BROKER_BIN, free_port, wait_for_port, write_users_json
 
 REFERENCE_REQUIREMENT = "hpfeeds[broker]==3.1.0"
 HOST = "127.0.0.1"
@@ -61,12 +63,15 @@ def cache_dir() -> pathlib.Path:
 def ensure_reference_venv() -> pathlib.Path:
     """Return the virtualenv holding ``hpfeeds[broker]==3.1.0``, creating it once.
 
-    Concurrent callers (pytest-xdist workers, two test runs) serialise on a
-    lock file; a half-built venv (no ready marker) is removed and rebuilt.
+    Its interpreter is a Python 3.10 or 3.9 when one is found (see
+    ``reference_python``), else this one. Concurrent callers (two test runs,
+    xdist workers) serialise on a lock file; a half-built venv (no ready
+    marker) is removed and rebuilt.
     """
+    python, minor = reference_python()
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    venv = root / "reference-venv"
+    venv = root / f"reference-venv-py3.{minor}"
     marker = venv / _READY_MARKER
     if _ready(marker):
         return venv
@@ -79,10 +84,7 @@ def ensure_reference_venv() -> pathlib.Path:
                 shutil.rmtree(venv)
             deadline = time.monotonic() + VENV_CREATE_TIMEOUT_S
             subprocess.run(
-                [sys.executable, "-m", "venv", str(venv)],
-                check=True,
-                timeout=VENV_CREATE_TIMEOUT_S,
-                capture_output=True,
+                [python, "-m", "venv", str(venv)], check=True, timeout=VENV_CREATE_TIMEOUT_S, capture_output=True
             )
             subprocess.run(
                 [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", REFERENCE_REQUIREMENT],
@@ -103,99 +105,129 @@ def _ready(marker: pathlib.Path) -> bool:
         return False
 
 
-# --- ports ---------------------------------------------------------------------
+@functools.cache
+def reference_python() -> tuple[str, int]:
+    """The interpreter for the reference venv and its minor version (3.x).
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picked it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, host: str = HOST, timeout_s: float = BROKER_START_TIMEOUT_S) -> None:
-    """Block until ``host:port`` accepts a TCP connection; ``TimeoutError`` if not in time."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    The reference broker's TLS reaches into asyncio internals that Python
+    3.11 rewrote: on 3.11+ every TLS AUTH fails with an ``AttributeError``. So
+    a 3.10 or 3.9 is preferred (``$HPFEEDS3_REFERENCE_PYTHON``, then
+    ``python3.10``/``python3.9`` on PATH or under pyenv); without one, TLS
+    tests against the reference are skipped (``reference_tls_works``).
+    """
+    candidates: list[str] = []
+    if os.environ.get("HPFEEDS3_REFERENCE_PYTHON"):
+        candidates.append(os.environ["HPFEEDS3_REFERENCE_PYTHON"])
+    for minor in (10, 9):
+        found = shutil.which(f"python3.{minor}")
+        if found:
+            candidates.append(found)
+        pattern = os.path.expanduser(f"~/.pyenv/versions/3.{minor}.*/bin/python3.{minor}")
+        candidates += sorted(glob.glob(pattern), reverse=True)
+    for candidate in candidates:
         try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"nothing accepted on {host}:{port} within {timeout_s} s") from None
-            time.sleep(0.02)
+            probe = subprocess.run(
+                [candidate, "-c", "import sys, ssl, venv; print(sys.version_info[1])"],
+                capture_output=True,
+                timeout=10,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if probe.returncode == 0 and 9 <= int(probe.stdout) <= 10:
+            return candidate, int(probe.stdout)
+    return sys.executable, sys.version_info[1]
 
 
-# --- auth files ----------------------------------------------------------------
+def reference_tls_works() -> bool:
+    """False when the reference venv runs on Python 3.11+, where its broker's TLS is broken."""
+    return reference_python()[1] <= 10
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class AccessKey:
-    """One entry of a JSON auth file."""
-
-    ident: str
-    secret: str
-    pubchans: Sequence[str] = ()
-    subchans: Sequence[str] = ()
-    owner: str = "tests"
-
-
-def write_users_json(path: pathlib.Path, keys: Iterable[AccessKey]) -> pathlib.Path:
-    """Write ``{ident: {owner, secret, pubchans, subchans}}`` to ``path``; return ``path``."""
-    data = {
-        k.ident: {"owner": k.owner, "secret": k.secret, "pubchans": list(k.pubchans), "subchans": list(k.subchans)}
-        for k in keys
-    }
-    path.write_text(json.dumps(data, indent=2))
-    return path
+# Ports and auth files as the rest of the suite makes them.
+__all__ = [
+    "Broker",
+    "ensure_reference_venv",
+    "free_port",
+    "our_broker",
+    "popen_reference_cli",
+    "reference_broker",
+    "reference_python",
+    "reference_tls_works",
+    "run_reference_cli",
+    "run_reference_python",
+    "stopping",
+    "wait_for_port",
+    "write_users_json",
+]
 
 
 # --- broker processes ----------------------------------------------------------
 
 
-class BrokerProcess:
-    """A broker subprocess listening on ``HOST:port``; ``stop()`` is idempotent.
+class Broker:
+    """A broker subprocess listening on ``HOST:port``; ``start``/``stop``/``kill``
+    may be repeated (the port stays the same, so clients can reconnect).
 
-    Its stdout and stderr go to ``log_path`` so a failing test can show them
-    (``log()``) without a pipe that could fill up and stall the broker.
+    Output goes to ``log_path`` (``log()``), never to a pipe that could fill up
+    and stall the broker. ``ready_text``: a line the broker logs once it
+    serves, waited for after the port accepts. Use as a context manager or
+    call ``stop()`` in a finalizer.
     """
 
-    def __init__(self, argv: Sequence[str], port: int, log_path: pathlib.Path, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        argv: Sequence[str],
+        port: int,
+        log_path: pathlib.Path,
+        *,
+        kind: str,
+        tls_ca: pathlib.Path | None = None,
+        ready_text: str | None = None,
+    ) -> None:
         self.argv = list(argv)
         self.port = port
         self.host = HOST
+        self.kind = kind
+        self.tls_ca = tls_ca
         self.log_path = log_path
-        self._env = env
+        self._ready_text = ready_text
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = BROKER_START_TIMEOUT_S) -> BrokerProcess:
-        """Start (or start again after ``stop``/``kill``) and wait until it accepts."""
+    @property
+    def tls(self) -> bool:
+        return self.tls_ca is not None
+
+    def start(self, timeout_s: float = BROKER_START_TIMEOUT_S) -> Broker:
+        """Start (again) and wait until it accepts connections."""
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError("broker already running")
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self._env
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
             )
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"broker exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                wait_for_port(self.port, timeout_s=0.2)
-                return self
-            except TimeoutError:
-                if time.monotonic() >= deadline:
-                    self.stop()
-                    raise TimeoutError(f"broker did not accept within {timeout_s} s:\n{self.log()}") from None
+        try:
+            wait_for_port(self.port, timeout=timeout_s, proc=self.proc)
+            deadline = time.monotonic() + timeout_s
+            while self._ready_text is not None and self._ready_text not in self.log()[offset:]:
+                if time.monotonic() >= deadline or self.proc.poll() is not None:
+                    raise TimeoutError(f"broker never logged {self._ready_text!r}")
+                time.sleep(0.02)
+        except (TimeoutError, RuntimeError) as exc:
+            self.stop()
+            raise RuntimeError(f"{self.kind} broker did not start: {exc}\n{self.log()[-3000:]}") from None
+        return self
 
     def kill(self) -> None:
-        """SIGKILL: the broker vanishes as in a crash; its clients see the connection drop."""
+        """SIGKILL, as in a crash: clients see their connections drop."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=STOP_GRACE_S)
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL after ``STOP_GRACE_S``."""
+        """SIGTERM, then SIGKILL after ``STOP_GRACE_S``. Idempotent."""
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
@@ -211,96 +243,58 @@ class BrokerProcess:
         except OSError:
             return ""
 
-    def __enter__(self) -> BrokerProcess:
+    def __enter__(self) -> Broker:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-def start_broker(argv: Sequence[str], port: int, log_path: pathlib.Path) -> BrokerProcess:
-    """Start any broker command line that will listen on ``HOST:port``."""
-    return BrokerProcess(argv, port, log_path).start()
+Users = Mapping[str, Mapping[str, Any]]
+TlsFiles = tuple[pathlib.Path, pathlib.Path, pathlib.Path]  # cert chain, key, CA that issued it
 
 
-def reference_broker_argv(
-    venv: pathlib.Path,
-    port: int,
-    auth_json: pathlib.Path,
-    exporter_port: int,
-    tls: tuple[pathlib.Path, pathlib.Path] | None = None,
-    name: str = "reference",
-) -> list[str]:
-    """The reference broker's command line. ``--exporter`` is always given: without
-    it the reference binds its metrics server to 0.0.0.0:8080."""
+def reference_broker(workdir: pathlib.Path, users: Users, tls: TlsFiles | None = None) -> Broker:
+    """The reference broker with ``users`` on a free port (not started yet).
+
+    ``--exporter`` is always given: without it the reference binds its metrics
+    server to 0.0.0.0:8080. Its JSON auth needs the file to exist at start.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    auth = write_users_json(workdir / "reference-users.json", dict(users))
+    port = free_port()
     argv = [
-        str(venv / "bin" / "hpfeeds-broker"),
+        str(ensure_reference_venv() / "bin" / "hpfeeds-broker"),
         "--bind",
         f"{HOST}:{port}",
         "--auth",
-        str(auth_json),
+        str(auth),
         "--exporter",
-        f"{HOST}:{exporter_port}",
+        f"{HOST}:{free_port()}",
         "--name",
-        name,
+        "reference",
     ]
     if tls is not None:
         argv += ["--tlscert", str(tls[0]), "--tlskey", str(tls[1])]
-    return argv
+    return Broker(argv, port, workdir / "reference-broker.log", kind="reference", tls_ca=tls[2] if tls else None)
 
 
-def our_broker_argv(
-    port: int,
-    auth_json: pathlib.Path,
-    tls: tuple[pathlib.Path, pathlib.Path] | None = None,
-    name: str = "hpfeeds3",
-) -> list[str]:
-    """Our broker's command line (the ``hpfeeds-broker`` beside this interpreter)."""
-    argv = [
-        str(pathlib.Path(sys.executable).parent / "hpfeeds-broker"),
-        "--bind",
-        f"{HOST}:{port}",
-        "--auth",
-        str(auth_json),
-        "--name",
-        name,
-    ]
+def our_broker(workdir: pathlib.Path, users: Users, tls: TlsFiles | None = None, *extra: str) -> Broker:
+    """Our ``hpfeeds-broker`` (beside this interpreter) with ``users`` on a free port (not started yet)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    auth = write_users_json(workdir / "hpfeeds3-users.json", dict(users))
+    port = free_port()
+    argv = [BROKER_BIN, "--bind", f"{HOST}:{port}", "--auth", str(auth), "--name", "hpfeeds3", *extra]
     if tls is not None:
         argv += ["--tlscert", str(tls[0]), "--tlskey", str(tls[1])]
-    return argv
-
-
-def start_reference_broker(
-    workdir: pathlib.Path,
-    keys: Iterable[AccessKey],
-    tls: tuple[pathlib.Path, pathlib.Path] | None = None,
-) -> BrokerProcess:
-    """Write ``workdir/users.json`` and start the reference broker on a free port."""
-    auth = write_users_json(workdir / "users.json", keys)
-    port = free_port()
-    argv = reference_broker_argv(ensure_reference_venv(), port, auth, free_port(), tls)
-    return start_broker(argv, port, workdir / "reference-broker.log")
-
-
-def start_our_broker(
-    workdir: pathlib.Path,
-    keys: Iterable[AccessKey],
-    tls: tuple[pathlib.Path, pathlib.Path] | None = None,
-) -> BrokerProcess:
-    """Write ``workdir/users.json`` and start our broker on a free port."""
-    auth = write_users_json(workdir / "users.json", keys)
-    port = free_port()
-    return start_broker(our_broker_argv(port, auth, tls), port, workdir / "hpfeeds3-broker.log")
-
-
-def our_broker_available() -> bool:
-    """True once ``hpfeeds3.broker.cli`` exists (the broker is being written)."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("hpfeeds3.broker.cli") is not None
-    except ImportError:
-        return False
+    return Broker(
+        argv,
+        port,
+        workdir / "hpfeeds3-broker.log",
+        kind="hpfeeds3",
+        tls_ca=tls[2] if tls else None,
+        ready_text="serving",
+    )
 
 
 # --- the reference clients -------------------------------------------------------

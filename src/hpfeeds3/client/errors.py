@@ -58,6 +58,9 @@ class ClientClosed(ClientError):
 def classify(text: str) -> BrokerError:
     """Map an ERROR frame's text to the most specific ``BrokerError``."""
     lowered = text.lower()
+    if "try again" in lowered:
+        # e.g. our broker's key store being unavailable: worth a reconnect.
+        return BrokerError(text)
     if lowered.startswith("authfail") or "authentication failed" in lowered:
         return AuthenticationFailed(text)
     if lowered.startswith("accessfail") or "not allowed to" in lowered:

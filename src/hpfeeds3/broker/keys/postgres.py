@@ -11,7 +11,8 @@ trigger tells every broker which ident changed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+import concurrent.futures
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import TypeVar
 
 import asyncpg
@@ -68,7 +69,7 @@ class PostgresKeyStore(KeyStore):
     def close(self) -> None:
         if self._conn is not None:
             try:
-                self._loop.run_until_complete(asyncio.wait_for(self._conn.close(), 2.0))
+                self._complete(asyncio.wait_for(self._conn.close(), 2.0))
             except Exception:
                 self._conn.terminate()
             self._conn = None
@@ -80,7 +81,7 @@ class PostgresKeyStore(KeyStore):
                 return await work
 
         try:
-            return self._loop.run_until_complete(bounded())
+            return self._complete(bounded())
         except TimeoutError:
             raise StoreUnavailable(f"{self.description}: no answer within {self.timeout_s:g} s") from None
         except (ValueError, TypeError) as err:
@@ -88,6 +89,16 @@ class PostgresKeyStore(KeyStore):
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
             text = str(err).strip() or type(err).__name__
             raise StoreUnavailable(f"{self.description}: {text}") from None
+
+    def _complete(self, work: Coroutine[object, object, T]) -> T:
+        """Run on our private loop; from inside a running loop (a test, an
+        embedding program), do it in a worker thread: the store is blocking."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self._loop.run_until_complete(work)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(self._loop.run_until_complete, work).result()
 
     def _table_exists(self) -> Awaitable[bool]:
         return self._db.fetchval("SELECT to_regclass('authkeys') IS NOT NULL")

@@ -138,7 +138,7 @@ def open_store(spec: str, *, create: bool = False) -> KeyStore:
     if parsed.kind == "postgresql":
         from .postgres import PostgresKeyStore
 
-        return PostgresKeyStore(parsed.target)
+        return PostgresKeyStore(parsed.target, create=create)
     raise BadArguments(
         "the env store is read-only: set HPFEEDS_<IDENT>_SECRET, _PUBCHANS and _SUBCHANS in the broker's environment"
     )

@@ -1,0 +1,225 @@
+"""PostgresAuthenticator against a real PostgreSQL: lookups, the database going
+away and coming back, and change notification.
+
+The outage tests stop and restart a server of their own, so the session
+server the other tests share is never disturbed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+
+from hpfeeds3.broker.auth.base import AccessKey, AuthUnavailable
+from hpfeeds3.broker.auth.postgres import PostgresAuthenticator
+from hpfeeds3.broker.config import ConfigError
+from hpfeeds3.broker.keys import open_store
+from tests.support.postgres import PostgresServer
+
+KEY = AccessKey("sensor1", "s3cret", "alice", ("cowrie.sessions",), ("ctl",))
+
+
+def add(dsn: str, key: AccessKey = KEY) -> None:
+    with open_store(dsn, create=True) as store:
+        store.add(key)
+
+
+async def next_change(changes: AsyncIterator[set[str] | None], timeout_s: float = 5.0) -> set[str] | None:
+    return await asyncio.wait_for(anext(changes), timeout_s)
+
+
+@pytest.fixture(scope="module")
+def own_server() -> Iterator[PostgresServer]:
+    server = PostgresServer.start_new()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+def test_lookup_finds_keys_and_returns_none_for_unknown(postgres_dsn: str) -> None:
+    async def go() -> None:
+        auth = PostgresAuthenticator(postgres_dsn)
+        await auth.start()  # creates the table
+        try:
+            assert await auth.lookup("sensor1") is None
+            await asyncio.to_thread(add, postgres_dsn)
+            assert await auth.lookup("sensor1") == KEY
+            # a row written by plain SQL, as an operator might
+            conn = await asyncpg.connect(postgres_dsn)
+            await conn.execute(
+                "INSERT INTO authkeys (owner, ident, secret, pubchans, subchans)"
+                " VALUES (NULL, 'raw', 'x', NULL, '[\"a\"]')"
+            )
+            await conn.close()
+            assert await auth.lookup("raw") == AccessKey("raw", "x", "", (), ("a",))
+        finally:
+            await auth.close()
+
+    asyncio.run(go())
+
+
+def test_start_fails_with_config_error_for_a_missing_database(postgres_server: PostgresServer) -> None:
+    async def go() -> None:
+        auth = PostgresAuthenticator(postgres_server.dsn("no_such_db"))
+        with pytest.raises(ConfigError, match="no_such_db"):
+            await auth.start()
+
+    asyncio.run(go())
+
+
+def test_database_down_gives_auth_unavailable_quickly_and_recovers(own_server: PostgresServer) -> None:
+    dsn = own_server.new_database()
+    add(dsn)
+
+    async def go() -> None:
+        auth = PostgresAuthenticator(dsn, lookup_timeout_s=2.0)
+        await auth.start()
+        try:
+            assert await auth.lookup("sensor1") == KEY
+            await asyncio.to_thread(own_server.stop)
+            # lookups fail fast, concurrently, and the loop keeps running meanwhile
+            gaps: list[float] = []
+
+            async def ticker() -> None:
+                last = time.monotonic()
+                while True:
+                    await asyncio.sleep(0.01)
+                    now = time.monotonic()
+                    gaps.append(now - last)
+                    last = now
+
+            tick_task = asyncio.create_task(ticker())
+            start = time.monotonic()
+            results = await asyncio.gather(*(auth.lookup("sensor1") for _ in range(20)), return_exceptions=True)
+            assert time.monotonic() - start < 2.5
+            assert all(isinstance(r, AuthUnavailable) for r in results), results
+            await asyncio.sleep(0.1)
+            tick_task.cancel()
+            assert gaps and max(gaps) < 0.5
+            await asyncio.to_thread(own_server.start)
+            # no restart of anything: the pool reconnects by itself
+            assert await auth.lookup("sensor1") == KEY
+        finally:
+            if not own_server.running:
+                await asyncio.to_thread(own_server.start)
+            await auth.close()
+
+    asyncio.run(go())
+
+
+def test_start_with_the_database_down_then_serves_when_it_returns(own_server: PostgresServer) -> None:
+    dsn = own_server.new_database()
+
+    async def go() -> None:
+        await asyncio.to_thread(own_server.stop)
+        auth = PostgresAuthenticator(dsn, lookup_timeout_s=1.0)
+        try:
+            await auth.start()  # does not fail: it keeps trying in the background
+            with pytest.raises(AuthUnavailable):
+                await auth.lookup("sensor1")
+            await asyncio.to_thread(own_server.start)
+            await asyncio.to_thread(add, dsn)
+            assert await auth.lookup("sensor1") == KEY
+        finally:
+            if not own_server.running:
+                await asyncio.to_thread(own_server.start)
+            await auth.close()
+
+    asyncio.run(go())
+
+
+def test_changes_yields_idents_changed_by_another_connection(postgres_dsn: str) -> None:
+    async def go() -> None:
+        auth = PostgresAuthenticator(postgres_dsn)
+        await auth.start()
+        changes = auth.changes()
+        try:
+            # start listening, then change rows from elsewhere
+            first = asyncio.ensure_future(next_change(changes))
+            await asyncio.sleep(0.3)
+            conn = await asyncpg.connect(postgres_dsn)
+            try:
+                await conn.execute(
+                    "INSERT INTO authkeys (owner, ident, secret, pubchans, subchans) VALUES ('o', 'a', 's', '[]', '[]')"
+                )
+                assert await first == {"a"}
+                await conn.execute("UPDATE authkeys SET subchans = '[\"x\"]' WHERE ident = 'a'")
+                assert await next_change(changes) == {"a"}
+                await conn.execute("UPDATE authkeys SET ident = 'b' WHERE ident = 'a'")
+                assert await next_change(changes) == {"a", "b"}
+                await conn.execute("DELETE FROM authkeys WHERE ident = 'b'")
+                assert await next_change(changes) == {"b"}
+                # several changes in one transaction arrive together
+                async with conn.transaction():
+                    for ident in ("c", "d", "e"):
+                        await conn.execute("INSERT INTO authkeys (ident, secret) VALUES ($1, 's')", ident)
+                assert await next_change(changes) == {"c", "d", "e"}
+                await conn.execute("TRUNCATE authkeys")
+                assert await next_change(changes) is None  # recheck all
+            finally:
+                await conn.close()
+            # the keys CLI's writes notify too
+            await asyncio.to_thread(add, postgres_dsn)
+            assert await next_change(changes) == {"sensor1"}
+        finally:
+            await changes.aclose()  # type: ignore[attr-defined]
+            await auth.close()
+
+    asyncio.run(go())
+
+
+def test_changes_survives_a_database_restart_and_says_recheck_all(own_server: PostgresServer) -> None:
+    dsn = own_server.new_database()
+
+    async def go() -> None:
+        auth = PostgresAuthenticator(dsn)
+        await auth.start()
+        changes = auth.changes()
+        try:
+            pending = asyncio.ensure_future(next_change(changes, timeout_s=15))
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(own_server.stop)
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(own_server.start)
+            assert await pending is None  # reconnected: anything may have changed
+            await asyncio.to_thread(add, dsn)
+            assert await next_change(changes) == {"sensor1"}
+        finally:
+            if not own_server.running:
+                await asyncio.to_thread(own_server.start)
+            await changes.aclose()  # type: ignore[attr-defined]
+            await auth.close()
+
+    asyncio.run(go())
+
+
+def test_unresponsive_database_times_out_within_the_lookup_bound() -> None:
+    # A listener that never speaks: TCP connects, PostgreSQL's handshake never completes.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    dsn = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/postgres"
+
+    async def go() -> None:
+        auth = PostgresAuthenticator(dsn, lookup_timeout_s=0.5)
+        start = time.monotonic()
+        await auth.start()  # gives up waiting, keeps retrying in the background
+        assert time.monotonic() - start < 6
+        try:
+            start = time.monotonic()
+            with pytest.raises(AuthUnavailable, match="timed out"):
+                await auth.lookup("sensor1")
+            assert time.monotonic() - start < 1.0
+        finally:
+            await auth.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        silent.close()

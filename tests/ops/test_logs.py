@@ -40,12 +40,12 @@ def test_text_line_has_timestamp_level_logger_message_and_fields(capture) -> Non
     stream, log = capture
     configure_logging("text", stream=stream)
     log.info(
-        "client authenticated",
+        "handshake done",
         extra={"event": "authenticated", "peer": ("127.0.0.1", 40000), "ident": "sensor-1"},
     )
     (line,) = lines(stream)
     assert re.fullmatch(
-        TS + r" INFO hpfeeds3\.broker\.connection client authenticated"
+        TS + r" INFO hpfeeds3\.broker\.connection handshake done"
         r" event=authenticated peer=127\.0\.0\.1:40000 ident=sensor-1",
         line,
     ), line
@@ -111,6 +111,18 @@ def test_hostile_network_text_cannot_forge_a_line(capture, fmt: str) -> None:
         record = json.loads(stream.getvalue())
         assert record["channel"] == evil + "\\xff"
         assert record["msg"] == f"denied {evil}"
+
+
+def test_text_does_not_repeat_what_the_message_says(capture) -> None:
+    stream, log = capture
+    configure_logging("text", stream=stream)
+    log.info(
+        "%s authenticated as %s",
+        "127.0.0.1:40000",
+        "sensor-1",
+        extra={"event": "authenticated", "peer": "127.0.0.1:40000", "ident": "sensor-1", "channel": "c"},
+    )
+    assert lines(stream)[0].endswith(" 127.0.0.1:40000 authenticated as sensor-1 channel=c")
 
 
 def test_text_quotes_values_with_spaces_and_equals(capture) -> None:

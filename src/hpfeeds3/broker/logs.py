@@ -19,7 +19,9 @@ Contract:
   "msg": "client authenticated", "event": "authenticated", ...}`` (one line)
 
   The message says what happened in words; the fields carry the data, so the
-  message need not repeat them.
+  message need not repeat them. When it does, the text format does not write a
+  field whose value the message already contains (a person reads it once); the
+  JSON format always writes every field present.
 - Field values may be ``str``, ``bytes`` (decoded as UTF-8, invalid bytes
   escaped), a ``(host, port)`` tuple (``host:port``), an enum (its value) or
   anything with a ``str()``.
@@ -48,6 +50,11 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 def _escape_control(text: str) -> str:
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def _says(message: str, value: str) -> bool:
+    """Whether ``value`` stands in ``message`` as a whole token (not inside a longer word)."""
+    return re.search(r"(?<![\w.:-])" + re.escape(value) + r"(?![\w.:-])", message) is not None
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -82,8 +89,11 @@ class TextFormatter(logging.Formatter):
     """``TIMESTAMP LEVEL LOGGER MESSAGE key=value ...``"""
 
     def format(self, record: logging.LogRecord) -> str:
-        parts = [_timestamp(record), record.levelname, record.name, _escape_control(record.getMessage())]
+        message = record.getMessage()
+        parts = [_timestamp(record), record.levelname, record.name, _escape_control(message)]
         for name, value in _fields(record):
+            if value and _says(message, value):
+                continue  # "peer 1.2.3.4:5 authenticated as x" already says it: not repeated
             value = _escape_control(value)
             if value == "" or any(c in value for c in ' "='):
                 value = json.dumps(value, ensure_ascii=False)

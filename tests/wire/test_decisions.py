@@ -55,6 +55,7 @@ def test_denied_subscribe_gets_error_and_connection_stays_open(broker) -> None:
         c.auth("reader", "reader-secret")
         c.subscribe("private", "chan1")  # a consumer keeps the channels it may read
         assert c.expect_error() == "accessfail: reader may not subscribe to channel 'private'"
+        c.expect_silence(0.1)
         with RawClient(broker.port) as pub:
             pub.auth("alice", "alice-secret")
             pub.publish("chan1", b"allowed")
@@ -65,6 +66,7 @@ def test_denied_publish_has_no_effect_and_connection_stays_open(broker) -> None:
     with RawClient(broker.port) as sub, RawClient(broker.port) as pub:
         sub.auth("bob", "bob-secret")
         sub.subscribe("chan2", "chan1")
+        sub.expect_silence(0.2)
         pub.auth("bob", "bob-secret")
         pub.publish("chan2", b"denied")  # bob may read chan2 but not publish there
         assert pub.expect_error() == "accessfail: bob may not publish to channel 'chan2'"
@@ -76,6 +78,7 @@ def test_spoofed_ident_is_dropped_and_connection_stays_open(broker) -> None:
     with RawClient(broker.port) as sub, RawClient(broker.port) as pub:
         sub.auth("bob", "bob-secret")
         sub.subscribe("chan1")
+        sub.expect_silence(0.2)
         pub.auth("alice", "alice-secret")
         pub.send(encode_publish(b"bob", b"chan1", b"spoof"))
         assert pub.expect_error().startswith("identfail: publish as 'bob' refused")

@@ -81,6 +81,7 @@ def test_unsubscribe_stops_delivery(broker: BrokerProcess) -> None:
     with RawClient(broker.port) as sub, RawClient(broker.port) as pub:
         sub.auth("bob", "bob-secret")
         sub.subscribe("chan1")
+        sub.expect_silence(0.2)
         pub.auth("alice", "alice-secret")
         pub.publish("chan1", b"one")
         assert sub.messages(1)[0].payload == b"one"
@@ -96,7 +97,8 @@ def test_100k_messages_to_three_subscribers_in_order(broker: BrokerProcess) -> N
     for s in subs:
         s.auth("bob", "bob-secret")
         s.subscribe("chan1")
-    subs[0].expect_silence(0.2)
+    for s in subs:
+        s.expect_silence(0.1)
     results: dict[int, list[int]] = {}
 
     def read(i: int, s: RawClient) -> None:

@@ -236,6 +236,8 @@ def configure_logging(fmt: str, debug: bool) -> None:
         )
         return
     configure(fmt, debug)
+    # watchfiles logs every change it sees at INFO; we log what we do about it.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
 async def _run(config: BrokerConfig) -> None:

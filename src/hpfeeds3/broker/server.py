@@ -204,9 +204,9 @@ async def _watch_tls(ctx: ssl.SSLContext, cert: str, key: str, stop: asyncio.Eve
     paths = {os.path.abspath(cert), os.path.abspath(key)}
     dirs = {os.path.dirname(p) for p in paths}
     try:
-        async for changes in awatch(*dirs, stop_event=stop, debounce=300, step=50):
-            if not any(os.path.abspath(p) in paths for _, p in changes):
-                continue
+        async for _ in awatch(
+            *dirs, stop_event=stop, debounce=300, step=50, watch_filter=lambda _c, p: p in paths
+        ):
             try:
                 ctx.load_cert_chain(cert, key)
                 log.info("reloaded TLS certificate %s", cert)

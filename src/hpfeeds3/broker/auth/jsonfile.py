@@ -109,8 +109,9 @@ class JsonFileAuthenticator:
         target = os.path.abspath(self.path)
         directory = os.path.dirname(target)
         try:
-            async for changes in awatch(directory, stop_event=self._stop, debounce=200, step=50):
-                if any(os.path.abspath(p) == target for _, p in changes):
-                    self.reload()
+            async for _ in awatch(
+                directory, stop_event=self._stop, debounce=200, step=50, watch_filter=lambda _c, p: p == target
+            ):
+                self.reload()
         except Exception:
             log.exception("watching %s failed; keys will no longer reload", self.path)

@@ -288,10 +288,10 @@ def option(argv: Sequence[str], name: str) -> str | None:
     return None
 
 
-def localise(argv: Sequence[str], ports: dict[int, int]) -> list[str]:
-    """The container's argv, as run here: our console script, loopback ports."""
+def localise(argv: Sequence[str], ports: dict[int, int], exe: str = APP_BROKER) -> list[str]:
+    """The container's (or unit's) argv, as run here: our console script, loopback ports."""
     out = []
-    assert argv[0] == APP_BROKER, f"runs {argv[0]!r}, not the image's broker"
+    assert argv[0] == exe, f"runs {argv[0]!r}, not {exe}"
     out.append(str(BROKER))
     rewrite = False
     for arg in argv[1:]:
@@ -307,10 +307,10 @@ def localise(argv: Sequence[str], ports: dict[int, int]) -> list[str]:
     return out
 
 
-def execute(run: Run, cwd: Path) -> None:
-    """Run the command as the container would, and use it as a client would."""
+def execute(run: Run, cwd: Path, exe: str = APP_BROKER) -> str:
+    """Run the command as the container would, use it as a client would; return its log."""
     ports: dict[int, int] = {}
-    argv = localise(run.command, ports)
+    argv = localise(run.command, ports, exe)
     bind = option(run.command, "--bind")
     exporter = option(run.command, "--exporter")
     assert bind, "every command names --bind (the spec's port 10000)"
@@ -370,6 +370,7 @@ def execute(run: Run, cwd: Path) -> None:
                 result = subprocess.run(check, capture_output=True, text=True, timeout=30)
                 assert result.returncode == 0, result.stderr
         assert broker.stop() == 0, broker.log()
+        return broker.log()
 
 
 def image_run() -> Run:

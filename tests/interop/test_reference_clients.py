@@ -98,7 +98,7 @@ def test_reference_blocking_client_publishes_and_subscribes(setup) -> None:
         time.sleep(0.5)  # the subscription reaches the broker
         pub = run_reference_python(BLOCKING_PUBLISHER, args(broker, "alice", "alice-secret", 20, ca))
         assert pub.stdout.startswith(b"OK"), pub
-        out, err = sub.communicate(timeout=20)
+        out, _err = sub.communicate(timeout=20)
     got = json.loads(out.decode().strip().splitlines()[-1])["got"]
     assert got == [["alice", "chan1", (b"msg-%d\x00\xff" % i).hex()] for i in range(20)]
 

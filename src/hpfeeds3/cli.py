@@ -14,6 +14,7 @@ import base64
 import json
 import logging
 import os
+import ssl
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -232,8 +233,11 @@ def _failure(exc: BaseException, opts: Options) -> CliError:
         return CliError(EXIT_CONNECT, f"{where}: {exc}")
     if isinstance(exc, TimeoutError):
         return CliError(EXIT_CONNECT, f"cannot connect to {where}: timed out after {opts.timeout_s} s")
+    if isinstance(exc, ssl.SSLError):
+        return CliError(EXIT_CONNECT, f"cannot connect to {where}: TLS: {getattr(exc, 'verify_message', '') or exc}")
     if isinstance(exc, OSError):
-        return CliError(EXIT_CONNECT, f"cannot connect to {where}: {exc.strerror or exc}")
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        return CliError(EXIT_CONNECT, f"cannot connect to {where}: {reason}")
     if isinstance(exc, ClientError | ValueError):
         return CliError(EXIT_ERROR, str(exc))
     raise exc
@@ -330,7 +334,7 @@ def _open_input(path: str) -> BinaryIO:
     if path == "-":
         return sys.stdin.buffer
     try:
-        return open(path, "rb")  # noqa: SIM115 - closed by the caller
+        return open(path, "rb")
     except OSError as exc:
         raise CliError(EXIT_ERROR, f"cannot read {path}: {exc.strerror or exc}") from None
 

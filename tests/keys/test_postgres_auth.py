@@ -58,6 +58,9 @@ def test_lookup_finds_keys_and_returns_none_for_unknown(postgres_dsn: str) -> No
             )
             await conn.close()
             assert await auth.lookup("raw") == AccessKey("raw", "x", "", (), ("a",))
+            # idents PostgreSQL text cannot hold are simply unknown
+            assert await auth.lookup("nul\x00byte") is None
+            assert await auth.lookup(b"bad\xff".decode("utf-8", "surrogateescape")) is None
         finally:
             await auth.close()
 
@@ -223,3 +226,70 @@ def test_unresponsive_database_times_out_within_the_lookup_bound() -> None:
         asyncio.run(go())
     finally:
         silent.close()
+
+
+def test_a_read_only_role_can_serve_a_table_made_by_its_owner(postgres_server: PostgresServer) -> None:
+    dsn = postgres_server.new_database()
+    database = dsn.rsplit("/", 1)[1]
+    postgres_server.psql(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'hpfeeds_reader') THEN "
+        "CREATE ROLE hpfeeds_reader LOGIN; END IF; END $$;"
+    )
+    add(dsn)  # as the owner: creates table and trigger
+    postgres_server.psql("GRANT SELECT ON authkeys TO hpfeeds_reader", database)
+    reader_dsn = f"postgresql://hpfeeds_reader@127.0.0.1:{postgres_server.port}/{database}"
+
+    async def go() -> None:
+        auth = PostgresAuthenticator(reader_dsn)
+        await auth.start()
+        changes = auth.changes()
+        try:
+            assert await auth.lookup("sensor1") == KEY
+            pending = asyncio.ensure_future(next_change(changes))
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(run_keys_revoke, dsn)
+            assert await pending == {"sensor1"}
+            key = await auth.lookup("sensor1")
+            assert key is not None and key.subchans == ()
+        finally:
+            await changes.aclose()  # type: ignore[attr-defined]
+            await auth.close()
+
+    asyncio.run(go())
+
+
+def run_keys_revoke(dsn: str) -> None:
+    from .conftest import run_keys
+
+    assert run_keys("revoke", "sensor1", "--sub", "ctl", "--auth", dsn).code == 0
+
+
+def test_a_read_only_role_starts_without_the_trigger_and_warns(
+    postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    dsn = postgres_server.new_database()
+    database = dsn.rsplit("/", 1)[1]
+    postgres_server.psql(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'hpfeeds_reader') THEN "
+        "CREATE ROLE hpfeeds_reader LOGIN; END IF; END $$;"
+    )
+    postgres_server.psql(
+        "CREATE TABLE authkeys (id serial PRIMARY KEY,"
+        " owner TEXT, ident TEXT, secret TEXT, pubchans TEXT, subchans TEXT);"
+        "INSERT INTO authkeys (owner, ident, secret, pubchans, subchans) VALUES ('o', 'i', 's', '[\"a\"]', '[]');"
+        "GRANT SELECT ON authkeys TO hpfeeds_reader;",
+        database,
+    )
+    reader_dsn = f"postgresql://hpfeeds_reader@127.0.0.1:{postgres_server.port}/{database}"
+
+    async def go() -> None:
+        auth = PostgresAuthenticator(reader_dsn)
+        await auth.start()
+        try:
+            assert await auth.lookup("i") == AccessKey("i", "s", "o", ("a",), ())
+        finally:
+            await auth.close()
+
+    with caplog.at_level("WARNING", logger="hpfeeds3.broker.auth.postgres"):
+        asyncio.run(go())
+    assert "cannot create the change trigger" in caplog.text

@@ -122,7 +122,7 @@ async def ensure_schema(conn: asyncpg.Connection) -> bool:
 
     Only what is missing is created, so a broker whose database role may read
     but not alter ``authkeys`` starts fine once an administrator has created
-    it (``hpfeeds-broker keys list --auth ...`` as the owner does).
+    it (any ``hpfeeds-broker keys`` write as the owner does).
     """
     has_table, has_trigger = await conn.fetchrow(_SCHEMA_STATE_SQL)
     if has_table and has_trigger:
@@ -136,7 +136,7 @@ async def ensure_schema(conn: asyncpg.Connection) -> bool:
             raise
         log.warning(
             "postgres: cannot create the change trigger on authkeys (%s); "
-            "live sessions will not see key changes until its owner runs `hpfeeds-broker keys list --auth ...`",
+            "live sessions will not see key changes until its owner writes a key with `hpfeeds-broker keys`",
             err,
         )
         return False
@@ -151,6 +151,14 @@ def row_to_key(row: asyncpg.Record) -> AccessKey:
         pubchans=parse_channels(row["pubchans"]),
         subchans=parse_channels(row["subchans"]),
     )
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from a surrogateescape decode
+        return False
+    return True
 
 
 def _describe(err: BaseException) -> str:
@@ -244,6 +252,8 @@ class PostgresAuthenticator:
         pool = self._pool
         if pool is None:
             raise AuthUnavailable(f"postgres {self.name}: not started")
+        if "\x00" in ident or not _encodable(ident):
+            return None  # PostgreSQL text cannot hold it, so no row has it
         deadline = time.monotonic() + self.lookup_timeout_s
         err: BaseException | None = None
         for _attempt in range(2):

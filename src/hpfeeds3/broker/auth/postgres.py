@@ -180,7 +180,7 @@ class PostgresAuthenticator:
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"PostgresAuthenticator({self.name!r})"
+        return self.name
 
     async def start(self) -> None:
         # No connection is made here: the pool connects on first use.

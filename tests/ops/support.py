@@ -117,20 +117,28 @@ class BrokerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, port: int, *, ssl_context: ssl.SSLContext | None = None) -> None:
-        """Until a client gets INFO on ``port`` (the broker is serving)."""
+    def wait_ready(
+        self, port: int, *, ssl_context: ssl.SSLContext | None = None, exporter_port: int | None = None
+    ) -> None:
+        """Until a client gets INFO on ``port`` and, with an exporter, ``/healthz``
+        answers 200 (listeners open before the exporter and "serving" state)."""
         deadline = time.monotonic() + START_TIMEOUT_S
-        last: Exception | None = None
+        last: object = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"broker exited with {self.proc.returncode}: {self.argv}\n{self.log()}")
             try:
                 with RawClient(port, ssl_context=ssl_context, timeout=2.0) as client:
                     client.info()
-                return
+                if exporter_port is None:
+                    return
+                status, body = http_get(f"http://127.0.0.1:{exporter_port}/healthz", timeout=2.0)
+                if status == 200:
+                    return
+                last = (status, body)
             except (OSError, AssertionError) as exc:
                 last = exc
-                time.sleep(0.1)
+            time.sleep(0.1)
         raise AssertionError(f"broker not serving on {port} after {START_TIMEOUT_S} s ({last}):\n{self.log()}")
 
     def stop(self) -> int:

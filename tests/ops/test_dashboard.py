@@ -170,7 +170,7 @@ def live_metrics(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]
     port, exporter = free_port(), free_port()
     argv = [str(BROKER), "--bind", f"127.0.0.1:{port}", "--auth", "users.json", "--exporter", f"127.0.0.1:{exporter}"]
     with running_broker(argv, cwd) as broker:
-        broker.wait_ready(port)
+        broker.wait_ready(port, exporter_port=exporter)
         status, body = http_get(f"http://127.0.0.1:{exporter}/healthz")
         assert status == 200 and json.loads(body)["status"] == "serving", body
 

@@ -338,8 +338,9 @@ def execute(run: Run, cwd: Path, exe: str = APP_BROKER) -> str:
     env_idents = {
         m.group(1).lower(): value for k, value in run.env.items() if (m := re.fullmatch(r"HPFEEDS_(\w+)_SECRET", k))
     }
+    metrics_port = ports[int(exporter.rsplit(":", 1)[1])] if exporter is not None else None
     with running_broker(argv, cwd, run.env) as broker:
-        broker.wait_ready(ports[bind_port], ssl_context=tls)
+        broker.wait_ready(ports[bind_port], ssl_context=tls, exporter_port=metrics_port)
         if env_idents:
             ((ident, secret),) = env_idents.items()
             channel = run.env[f"HPFEEDS_{ident.upper()}_PUBCHANS"].split(",")[0]
@@ -359,8 +360,7 @@ def execute(run: Run, cwd: Path, exe: str = APP_BROKER) -> str:
             assert isinstance(frame, Publish), f"{frame!r}\n{broker.log()}"
             assert (frame.ident, frame.channel) == (ident.encode(), channel.encode())
 
-        if exporter is not None:
-            metrics_port = ports[int(exporter.rsplit(":", 1)[1])]
+        if metrics_port is not None:
             status, body = http_get(f"http://127.0.0.1:{metrics_port}/metrics")
             assert status == 200 and b"hpfeeds_broker_client_connections" in body
             if not run.healthcheck_disabled:

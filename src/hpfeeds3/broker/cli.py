@@ -11,7 +11,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..protocol import MiB
 from .config import BrokerConfig, ConfigError, Endpoint, Limits, parse_endpoint, parse_host_port
@@ -49,8 +49,8 @@ def _size(value: str) -> int:
     return n
 
 
-def _positive(kind: type) -> object:
-    def convert(value: str) -> object:
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def convert(value: str) -> float:
         try:
             n = kind(value)
         except ValueError:
@@ -265,13 +265,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_format, config.debug)
     try:
         import uvloop
-    except ImportError:
-        uvloop = None
+
+        run = uvloop.run
+    except ImportError:  # uvloop is in [broker]; asyncio works too, slower
+        run = asyncio.run  # type: ignore[assignment]
     try:
-        if uvloop is not None:
-            uvloop.run(_run(config))
-        else:
-            asyncio.run(_run(config))
+        run(_run(config))
     except ConfigError as e:
         print(f"hpfeeds-broker: error: {e}", file=sys.stderr)
         return 1

@@ -30,11 +30,11 @@ from ..protocol import (
     HEADER_LEN,
     OP_AUTH,
     OP_PUBLISH,
-    OP_SUBSCRIBE,
-    OP_UNSUBSCRIBE,
     Auth,
     ProtocolError,
     Publish,
+    Subscribe,
+    Unsubscribe,
     check_header,
     encode_error,
     encode_info,
@@ -139,6 +139,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        assert self.transport is not None
         broker = self.broker
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple) and len(peername) >= 2:
@@ -165,6 +166,7 @@ class Connection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             _set_keepalive(sock)
+        transport = self.transport
         transport.set_write_buffer_limits(high=_BACKLOG_HIGH_BYTES, low=_BACKLOG_LOW_BYTES)
         transport.write(encode_info(broker.name_bytes, self.nonce))
         self._auth_deadline = broker.loop.call_later(limits.auth_timeout_s, self._on_auth_timeout)
@@ -452,9 +454,9 @@ class Connection(asyncio.Protocol):
 
     def _handle_control(self, opcode: int, buf: bytes, start: int, end: int) -> None:
         frame = parse_body(opcode, buf, start, end)
-        if opcode == OP_SUBSCRIBE:
-            channel = frame.channel  # type: ignore[union-attr]
-            if frame.ident != self.ident_bytes:  # type: ignore[union-attr]
+        if isinstance(frame, Subscribe):
+            channel = frame.channel
+            if frame.ident != self.ident_bytes:
                 metrics.CONNECTION_ERROR.labels(self.ident or "", "ident-mismatch-sub").inc()
                 self._deny(
                     f"identfail: subscribe as {printable(frame.ident)!r} refused; this connection is {self.ident!r}"
@@ -472,8 +474,8 @@ class Connection(asyncio.Protocol):
                     return
                 self.subscriptions.add(channel)
                 self.broker.router.subscribe(channel, self)
-        elif opcode == OP_UNSUBSCRIBE:
-            channel = frame.channel  # type: ignore[union-attr]
+        elif isinstance(frame, Unsubscribe):
+            channel = frame.channel
             if channel in self.subscriptions:
                 self.subscriptions.discard(channel)
                 self.broker.router.unsubscribe(channel, self)

@@ -11,7 +11,7 @@ whose label children are resolved once per connection.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
@@ -166,8 +166,8 @@ class BrokerCollector(Collector):
         subs = GaugeMetricFamily(
             "hpfeeds_broker_subscriptions", "Number of subscriptions to a channel", labels=["ident", "chan"]
         )
-        for (ident, chan), n in subscriptions.items():
-            subs.add_metric([ident, chan], n)
+        for labels, n in subscriptions.items():
+            subs.add_metric(list(labels), n)
         yield subs
 
         count = CounterMetricFamily(
@@ -180,9 +180,9 @@ class BrokerCollector(Collector):
             "Sizes of messages received by broker for a channel",
             labels=["ident", "chan"],
         )
-        for (ident, chan), st in publish.items():
-            count.add_metric([ident, chan], st.count)
-            size.add_metric([ident, chan], _histogram_buckets(st), float(st.bytes))
+        for labels, st in publish.items():
+            count.add_metric(list(labels), st.count)
+            size.add_metric(list(labels), _histogram_buckets(st), float(st.bytes))
         yield count
         yield size
 
@@ -212,7 +212,7 @@ def _counter(name: str, doc: str, values: dict[str, int]) -> CounterMetricFamily
     return c
 
 
-def register_broker(broker: Broker, registry: CollectorRegistry = REGISTRY) -> Iterable[Any]:
+def register_broker(broker: Broker, registry: CollectorRegistry = REGISTRY) -> Callable[[], None]:
     """Attach the broker's live-state collector; returns a function that detaches it."""
     collector = BrokerCollector(broker)
     registry.register(collector)

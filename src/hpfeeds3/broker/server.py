@@ -204,9 +204,7 @@ async def _watch_tls(ctx: ssl.SSLContext, cert: str, key: str, stop: asyncio.Eve
     paths = {os.path.abspath(cert), os.path.abspath(key)}
     dirs = {os.path.dirname(p) for p in paths}
     try:
-        async for _ in awatch(
-            *dirs, stop_event=stop, debounce=300, step=50, watch_filter=lambda _c, p: p in paths
-        ):
+        async for _ in awatch(*dirs, stop_event=stop, debounce=300, step=50, watch_filter=lambda _c, p: p in paths):
             try:
                 ctx.load_cert_chain(cert, key)
                 log.info("reloaded TLS certificate %s", cert)

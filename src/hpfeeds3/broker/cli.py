@@ -14,11 +14,12 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..protocol import MiB
-from .config import BrokerConfig, ConfigError, Endpoint, Limits, parse_endpoint, parse_host_port
+from .config import AuthLimits, BrokerConfig, ConfigError, Endpoint, Limits, parse_endpoint, parse_host_port
 
 log = logging.getLogger("hpfeeds3.broker")
 
 _DEFAULTS = Limits()
+_AUTH_DEFAULTS = AuthLimits()
 
 EPILOG = """\
 auth backends (--auth, repeatable; the first that knows an ident wins):
@@ -178,6 +179,35 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGTERM/SIGINT, time to flush queued output (default %(default)s)",
     )
+    a = p.add_argument_group("failed-AUTH limits (brute force; 0 disables a limit)")
+    a.add_argument(
+        "--auth-fail-limit",
+        type=int,
+        default=_AUTH_DEFAULTS.per_ident,
+        metavar="N",
+        help="failed AUTHs per source address and ident within the window (default %(default)s)",
+    )
+    a.add_argument(
+        "--auth-fail-address-limit",
+        type=int,
+        default=_AUTH_DEFAULTS.per_address,
+        metavar="N",
+        help="failed AUTHs per source address over all idents within the window (default %(default)s)",
+    )
+    a.add_argument(
+        "--auth-fail-window",
+        type=_positive(float),
+        default=_AUTH_DEFAULTS.window_s,
+        metavar="SECONDS",
+        help="(default %(default)s)",
+    )
+    a.add_argument(
+        "--auth-fail-block",
+        type=_positive(float),
+        default=_AUTH_DEFAULTS.block_s,
+        metavar="SECONDS",
+        help="how long an address (or address and ident) over a limit is refused (default %(default)s)",
+    )
     return p
 
 
@@ -221,6 +251,12 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         auth=tuple(args.auth or ("sqlite",)),
         exporter=parse_host_port(args.exporter, "--exporter") if args.exporter else None,
         limits=limits,
+        auth_limits=AuthLimits(
+            per_ident=max(0, args.auth_fail_limit),
+            per_address=max(0, args.auth_fail_address_limit),
+            window_s=args.auth_fail_window,
+            block_s=args.auth_fail_block,
+        ),
         debug=args.debug,
         log_format=args.log_format,
     )

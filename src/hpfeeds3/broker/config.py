@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..protocol import HEADER_LEN, FrameLimits, MiB
+from .ratelimit import AuthLimits
 
 
 class ConfigError(Exception):
@@ -70,6 +71,7 @@ class BrokerConfig:
     auth: tuple[str, ...] = ("sqlite",)
     exporter: tuple[str, int] | None = None
     limits: Limits = field(default_factory=Limits)
+    auth_limits: AuthLimits = field(default_factory=AuthLimits)
     debug: bool = False
     log_format: str = "text"
 

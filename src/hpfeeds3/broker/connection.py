@@ -96,6 +96,7 @@ class Connection(asyncio.Protocol):
         "nonce",
         "owner",
         "peer",
+        "peer_host",
         "pubchans",
         "publish_stats",
         "received_bytes",
@@ -110,6 +111,7 @@ class Connection(asyncio.Protocol):
         self.broker = broker
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self.peer_host = "?"
         self.nonce = new_nonce()
         self.ident: str | None = None
         self.ident_bytes = b""
@@ -143,7 +145,7 @@ class Connection(asyncio.Protocol):
         broker = self.broker
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple) and len(peername) >= 2:
-            host = peername[0]
+            host = self.peer_host = peername[0]
             self.peer = f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"
         broker.connections.add(self)
         broker.unauthenticated += 1
@@ -289,6 +291,17 @@ class Connection(asyncio.Protocol):
         except UnicodeDecodeError:
             ident = None  # can never match a key
         key: AccessKey | None = None
+        limiter = broker.auth_limiter
+        if ident is not None and limiter.enabled and limiter.blocked(self.peer_host, ident, broker.loop.time()):
+            # Refused without a lookup or a verification: guessing costs nothing.
+            metrics.AUTH_FAILURES.labels("rate_limited").inc()
+            metrics.LIMIT_REJECTIONS.labels("auth_failures").inc()
+            self._refuse(
+                CloseReason.AUTH_RATE_LIMITED,
+                f"Authentication failed for {ident}: too many failed attempts, try again later",
+                "auth-rate-limited",
+            )
+            return
         if ident is not None:
             try:
                 key = await broker.lookup(ident)
@@ -310,6 +323,15 @@ class Connection(asyncio.Protocol):
         if not ok:
             reason = "unknown_ident" if key is None else "wrong_secret"
             metrics.AUTH_FAILURES.labels(reason).inc()
+            if ident is not None and limiter.enabled:
+                block = limiter.record_failure(self.peer_host, ident, broker.loop.time())
+                if block is not None:
+                    log.warning(
+                        "refusing for %g s: %s",
+                        limiter.limits.block_s,
+                        block,
+                        extra={"event": "auth_blocked", "peer": self.peer, "reason": "auth_rate_limited"},
+                    )
             log.info(
                 "authentication failed for %s from %s (%s)",
                 printable(ident_bytes),

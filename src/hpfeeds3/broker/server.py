@@ -23,6 +23,7 @@ from .auth import AccessKey, Authenticator, AuthUnavailable, build_authenticator
 from .config import BrokerConfig, ConfigError, Endpoint
 from .connection import Connection
 from .metrics import PublishStats
+from .ratelimit import AuthFailureLimiter
 from .reasons import CloseReason
 from .router import Router
 
@@ -42,6 +43,7 @@ class Broker:
         self.authenticator = authenticator
         self.loop = loop
         self.router = Router()
+        self.auth_limiter = AuthFailureLimiter(config.auth_limits)
         self.name_bytes = config.name.encode("utf-8")[:255]
         self.frame_limits = config.limits.frame_limits()
         from ..protocol import CLIENT_TO_BROKER

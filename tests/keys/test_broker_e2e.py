@@ -53,32 +53,35 @@ def test_cli_changes_reach_new_and_live_connections(
     sub_secret = keys("add", "collector", "--sub", "other", "--auth", spec).out.strip()
     assert pub_secret and sub_secret
 
-    with running_broker(tmp_path, "--auth", spec) as broker, RawClient(broker.port) as pub:
-        pub.auth("sensor", pub_secret)
-        # not granted yet: the subscription is refused
-        with RawClient(broker.port) as sub:
-            sub.auth("collector", sub_secret)
-            sub.subscribe("events")
-            assert "events" in sub.expect_error()
+    with running_broker(tmp_path, "--auth", spec) as broker:
+        port = broker.port
+        assert port is not None
+        with RawClient(port) as pub:
+            pub.auth("sensor", pub_secret)
+            # not granted yet: the subscription is refused
+            with RawClient(port) as sub:
+                sub.auth("collector", sub_secret)
+                sub.subscribe("events")
+                assert "events" in sub.expect_error()
 
-        # grant → the next connection may subscribe, and receives
-        assert keys("grant", "collector", "--sub", "events", "--auth", spec).code == 0
-        with RawClient(broker.port) as sub:
-            sub.auth("collector", sub_secret)
-            sub.subscribe("events")
-            sub.expect_silence(0.2)
-            pub.publish("events", b"one")
-            assert [m.payload for m in sub.messages(1)] == [b"one"]
+            # grant → the next connection may subscribe, and receives
+            assert keys("grant", "collector", "--sub", "events", "--auth", spec).code == 0
+            with RawClient(port) as sub:
+                sub.auth("collector", sub_secret)
+                sub.subscribe("events")
+                sub.expect_silence(0.2)
+                pub.publish("events", b"one")
+                assert [m.payload for m in sub.messages(1)] == [b"one"]
 
-            # revoke → the live subscription ends within the bound
-            assert keys("revoke", "collector", "--sub", "events", "--auth", spec).code == 0
-            broker.wait_log("unsubscribing", timeout=REVOCATION_BOUND_S)
-            pub.publish("events", b"two")
-            assert published(sub, 0.5) == []
+                # revoke → the live subscription ends within the bound
+                assert keys("revoke", "collector", "--sub", "events", "--auth", spec).code == 0
+                broker.wait_log("unsubscribing", timeout=REVOCATION_BOUND_S)
+                pub.publish("events", b"two")
+                assert published(sub, 0.5) == []
 
-        # remove → the live connection is closed and a new one refused
-        assert keys("remove", "sensor", "--auth", spec).code == 0
-        pub.expect_closed(timeout=REVOCATION_BOUND_S)
-        with RawClient(broker.port) as again:
-            again.auth("sensor", pub_secret)
-            assert "authfail" in again.expect_error()
+            # remove → the live connection is closed and a new one refused
+            assert keys("remove", "sensor", "--auth", spec).code == 0
+            pub.expect_closed(timeout=REVOCATION_BOUND_S)
+            with RawClient(port) as again:
+                again.auth("sensor", pub_secret)
+                assert "authfail" in again.expect_error()

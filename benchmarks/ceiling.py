@@ -50,35 +50,45 @@ class Forwarder(asyncio.Protocol):
         pos = 0
         run_start = 0
         run_channel = None
+        # opcode + str8(ident) + str8(channel) of the frame before: a frame
+        # that starts the same way is part of the same run, with no parsing.
+        prefix = b"\xff"
+        from_bytes = int.from_bytes
         while end - pos >= 5:
-            length, opcode = _unpack(buf, pos)
+            length = from_bytes(buf[pos : pos + 4])
             if end - pos < length:
                 break
-            if opcode == 3:  # PUBLISH: str8 ident, str8 channel, payload
-                c = pos + 6 + buf[pos + 5]
-                channel = buf[c + 1 : c + 1 + buf[c]]
-                if channel != run_channel:
+            if not buf.startswith(prefix, pos + 4):
+                opcode = buf[pos + 4]
+                if opcode == 3:  # PUBLISH: str8 ident, str8 channel, payload
+                    c = pos + 6 + buf[pos + 5]
+                    channel = buf[c + 1 : c + 1 + buf[c]]
+                    prefix = buf[pos + 4 : c + 1 + buf[c]]
+                    if channel != run_channel:
+                        if run_channel is not None:
+                            self.forward(run_channel, buf[run_start:pos])
+                        run_start, run_channel = pos, channel
+                else:
+                    prefix = b"\xff"
                     if run_channel is not None:
                         self.forward(run_channel, buf[run_start:pos])
-                    run_start, run_channel = pos, channel
-            else:
-                if run_channel is not None:
-                    self.forward(run_channel, buf[run_start:pos])
-                    run_channel = None
-                if opcode == 4 or opcode == 5:  # (UN)SUBSCRIBE: str8 ident, channel
-                    channel = buf[pos + 6 + buf[pos + 5] : pos + length]
-                    subs = channels.setdefault(channel, [])
-                    if opcode == 4 and channel not in self.subscribed:
-                        self.subscribed.add(channel)
-                        subs.append(self.transport)  # type: ignore[arg-type]
-                    elif opcode == 5 and channel in self.subscribed:
-                        self.subscribed.discard(channel)
-                        subs.remove(self.transport)  # type: ignore[arg-type]
-                # AUTH (2) is accepted unchecked; anything else is ignored.
+                        run_channel = None
+                    if opcode == 4 or opcode == 5:  # (UN)SUBSCRIBE: str8 ident, channel
+                        self.subscription(opcode == 4, buf[pos + 6 + buf[pos + 5] : pos + length])
+                    # AUTH (2) is accepted unchecked; anything else is ignored.
             pos += length
         if run_channel is not None:
             self.forward(run_channel, buf[run_start:pos])
         self.pending = buf[pos:]
+
+    def subscription(self, subscribe: bool, channel: bytes) -> None:
+        subs = channels.setdefault(channel, [])
+        if subscribe and channel not in self.subscribed:
+            self.subscribed.add(channel)
+            subs.append(self.transport)  # type: ignore[arg-type]
+        elif not subscribe and channel in self.subscribed:
+            self.subscribed.discard(channel)
+            subs.remove(self.transport)  # type: ignore[arg-type]
 
     @staticmethod
     def forward(channel: bytes, frames: bytes) -> None:

@@ -80,7 +80,7 @@ def _connect(concurrency: int) -> Callable[[Target, Settings], dict[str, Any]]:
 
 def _idle(target: Target, s: Settings) -> dict[str, Any]:
     pid = s.broker_pid or find_listener_pid(target.host, target.port)
-    return run_idle(target, connections=s.idle_connections, broker_pid=pid)
+    return run_idle(target, connections=s.idle_connections, broker_pid=pid, settle=0.1 if s.smoke else 1.0)
 
 
 # In the order they run: idle first, so that buffers freed by the other

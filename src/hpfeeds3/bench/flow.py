@@ -47,6 +47,12 @@ RECV_BUFFER_BYTES = 1024 * 1024  # one recv_into
 SETUP_TIMEOUT_S = 10.0
 STALL_TIMEOUT_S = 5.0  # no verified message for this long after the publishers stopped: lost
 IDLE_POLL_S = 0.02  # a subscriber drains what is below the low-water mark this often
+# Publishers stop when this much is sent but not yet verified by every subscriber:
+# enough to keep every buffer on the path busy, little enough that a broker which
+# buffers without bound (the reference) drains in seconds, not minutes.
+WINDOW_BYTES = 8 * 1024 * 1024
+WINDOW_POLL_S = 0.0005
+FANIN_BATCH_BYTES = 64 * 1024  # per publisher, when there are many
 
 
 def _setup_marker(i: int) -> bytes:
@@ -125,12 +131,18 @@ class _Reader:
 
 
 def _subscriber_main(
-    conn: multiprocessing.connection.Connection, target: Target, subscribers: int, publishers: int, payload: int
+    conn: multiprocessing.connection.Connection,
+    target: Target,
+    subscribers: int,
+    publishers: int,
+    payload: int,
+    batch_bytes: int,
+    delivered: Any,
 ) -> None:
     clients = subscribe_all(target, subscribers)
     readers = []
     for c in clients:
-        streams = [Stream(target.ident, target.channel, pid, payload) for pid in range(publishers)]
+        streams = [Stream(target.ident, target.channel, pid, payload, batch_bytes) for pid in range(publishers)]
         readers.append(_Reader(c, Checker(streams)))
         c.sock.setblocking(False)
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, RCVLOWAT_BYTES)
@@ -162,7 +174,10 @@ def _subscriber_main(
             for r in readers:
                 r.read()
         now = time.monotonic()
-        frames = sum(r.checker.frames for r in readers)
+        frames = 0
+        for i, r in enumerate(readers):
+            delivered[i] = n = r.checker.frames
+            frames += n
         if frames != last_frames:
             last_frames, t_last = frames, now
         if warm_t is None and now >= warm_at:
@@ -193,23 +208,58 @@ def _subscriber_main(
 
 
 def _publisher_main(
-    conn: multiprocessing.connection.Connection, target: Target, publishers: int, payload: int, duration: float
+    conn: multiprocessing.connection.Connection,
+    target: Target,
+    publishers: int,
+    payload: int,
+    batch_bytes: int,
+    duration: float,
+    delivered: Any,
 ) -> None:
     clients = [target.client(SETUP_TIMEOUT_S) for _ in range(publishers)]
-    streams = [Stream(target.ident, target.channel, pid, payload, BATCH_BYTES) for pid in range(publishers)]
+    streams = [Stream(target.ident, target.channel, pid, payload, batch_bytes) for pid in range(publishers)]
+    window = max(WINDOW_BYTES, 2 * publishers * batch_bytes) // streams[0].frame_len
     conn.send(("ready",))
     msg = conn.recv()
     t0 = msg[1]
     sel = selectors.DefaultSelector()
-    # Per connection: [memoryview of the batch being sent, bytes already sent].
+    # Per connection: [stream, memoryview of the batch being sent, bytes of it sent].
+    states = []
     for c, s in zip(clients, streams, strict=True):
         c.sock.setblocking(False)
-        sel.register(c.sock, selectors.EVENT_WRITE, [s, memoryview(s.next_batch()), 0])
+        states.append((c.sock, [s, memoryview(s.next_batch()), 0]))
+    for sock, state in states:
+        sel.register(sock, selectors.EVENT_WRITE, state)
     time.sleep(max(0.0, t0 - time.monotonic()))
     deadline = t0 + duration
     active = len(clients)
+    # A batch, once started, is always sent whole; the window only holds back the
+    # next one. Connections waiting for room in the window are parked.
+    parked: list[tuple[socket.socket, list]] = []
+    in_flight = sum(s.sent for s in streams)  # frames sent, not yet verified by the slowest subscriber
+    last_delivered, stalled_since = -1, time.monotonic()
     while active:
-        for key, _ in sel.select(1.0):
+        if parked:
+            now = time.monotonic()
+            delivered_now = min(delivered)
+            in_flight = sum(s.sent for s in streams) - delivered_now
+            if delivered_now != last_delivered:
+                last_delivered, stalled_since = delivered_now, now
+            if now >= deadline:
+                active -= len(parked)
+                parked.clear()
+            elif in_flight <= window:
+                for sock, state in parked:
+                    state[1], state[2] = memoryview(state[0].next_batch()), 0
+                    in_flight += state[0].frames_per_batch
+                    sel.register(sock, selectors.EVENT_WRITE, state)
+                parked.clear()
+            elif now - stalled_since > STALL_TIMEOUT_S:
+                raise BenchError(f"subscribers stopped receiving for {STALL_TIMEOUT_S:.0f} s")
+            if len(parked) == active:
+                time.sleep(WINDOW_POLL_S)
+                continue
+        for key, _ in sel.select(WINDOW_POLL_S if parked else 1.0):
             state = key.data
             stream, batch, off = state
             try:
@@ -224,9 +274,13 @@ def _publisher_main(
             if time.monotonic() >= deadline:
                 sel.unregister(key.fileobj)
                 active -= 1
-                continue
-            state[1] = memoryview(stream.next_batch())
-            state[2] = 0
+            elif in_flight + stream.frames_per_batch > window:
+                sel.unregister(key.fileobj)
+                parked.append((key.fileobj, state))  # type: ignore[arg-type]
+            else:
+                state[1] = memoryview(stream.next_batch())
+                state[2] = 0
+                in_flight += stream.frames_per_batch
     t_end = time.monotonic()
     for c in clients:
         c.sock.setblocking(True)
@@ -243,6 +297,7 @@ class _Children:
     def __init__(self) -> None:
         self._ctx = multiprocessing.get_context("fork")
         self._procs: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]] = []
+        self._early: dict[multiprocessing.connection.Connection, tuple] = {}
 
     def start(self, body: Callable[..., Any], *args: Any) -> multiprocessing.connection.Connection:
         parent, child = self._ctx.Pipe()
@@ -252,19 +307,39 @@ class _Children:
         self._procs.append((p, parent))
         return parent
 
-    @staticmethod
-    def expect(conn: multiprocessing.connection.Connection, what: str, timeout: float) -> tuple:
-        if not conn.poll(timeout):
-            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
-        try:
-            msg = conn.recv()
-        except EOFError:
-            raise BenchError(f"a benchmark process died while waiting for {what}") from None
-        if msg[0] == "error":
-            raise BenchError(msg[1])
-        if msg[0] != what:
-            raise BenchError(f"expected {what!r} from a benchmark process, got {msg[0]!r}")
-        return msg
+    def shared_counters(self, n: int) -> Any:
+        """``n`` int64 counters in shared memory, written by one process each."""
+        return self._ctx.Array("q", n, lock=False)
+
+    def expect(self, conn: multiprocessing.connection.Connection, what: str, timeout: float) -> tuple:
+        """The next message from ``conn``, which must be ``what``; an error
+        reported by *any* child meanwhile ends the run at once."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if conn in self._early:
+                msg = self._early.pop(conn)
+            else:
+                left = deadline - time.monotonic()
+                ready = multiprocessing.connection.wait([c for _, c in self._procs], max(0.0, left))
+                if not ready:
+                    raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+                msg = None
+                for c in ready:
+                    try:
+                        m = c.recv()  # type: ignore[union-attr]
+                    except EOFError:
+                        raise BenchError(f"a benchmark process died while waiting for {what}") from None
+                    if m[0] == "error":
+                        raise BenchError(m[1])
+                    if c is conn:
+                        msg = m
+                    else:
+                        self._early[c] = m  # type: ignore[index]
+                if msg is None:
+                    continue
+            if msg[0] != what:
+                raise BenchError(f"expected {what!r} from a benchmark process, got {msg[0]!r}")
+            return msg
 
     def __enter__(self) -> _Children:
         return self
@@ -285,10 +360,12 @@ def run_throughput(
     target: Target, *, publishers: int, subscribers: int, payload: int, duration: float, warmup: float
 ) -> dict[str, Any]:
     """Publishers send as fast as the broker takes it; every subscriber checks every message."""
+    batch_bytes = BATCH_BYTES if publishers == 1 else FANIN_BATCH_BYTES
     with _Children() as kids:
-        sub = kids.start(_subscriber_main, target, subscribers, publishers, payload)
+        delivered = kids.shared_counters(subscribers)
+        sub = kids.start(_subscriber_main, target, subscribers, publishers, payload, batch_bytes, delivered)
         kids.expect(sub, "ready", SETUP_TIMEOUT_S * (subscribers + 1))
-        pub = kids.start(_publisher_main, target, publishers, payload, duration)
+        pub = kids.start(_publisher_main, target, publishers, payload, batch_bytes, duration, delivered)
         kids.expect(pub, "ready", SETUP_TIMEOUT_S * 2)
         t0 = time.monotonic() + 0.05
         sub.send(("go", t0, warmup))

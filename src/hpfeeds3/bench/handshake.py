@@ -263,7 +263,9 @@ def find_listener_pid(host: str, port: int) -> int | None:
     return None
 
 
-def run_idle(target: Target, *, connections: int, broker_pid: int | None, in_flight: int = 64) -> dict[str, Any]:
+def run_idle(
+    target: Target, *, connections: int, broker_pid: int | None, in_flight: int = 64, settle: float = SETTLE_S
+) -> dict[str, Any]:
     """Open ``connections`` authenticated, subscribed connections and leave them idle;
     report how much the broker's RSS grew per connection."""
     limit = raise_open_files_limit()
@@ -303,7 +305,7 @@ def run_idle(target: Target, *, connections: int, broker_pid: int | None, in_fli
                 break
         if unconfirmed:
             raise BenchError(f"{len(unconfirmed)} of {connections} idle connections never received a message")
-        time.sleep(SETTLE_S)
+        time.sleep(settle)
         # Drain the markers that arrived after a connection was confirmed.
         hs.step(0)
         rss_after = rss_bytes(broker_pid) if broker_pid else None

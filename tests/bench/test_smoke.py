@@ -1,0 +1,115 @@
+"""hpfeeds-bench --smoke against real brokers: every scenario runs and nothing is lost.
+
+Correctness only; no timing is asserted (figures come from benchmarks/compare).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from hpfeeds3.bench.cli import SCENARIOS
+from hpfeeds3.bench.credentials import bench_channels, bench_key, write_json, write_sqlite
+from tests.support.broker import BrokerProcess, free_port, wait_for_port
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH_USERS = {"bench": bench_key("bench", "bench", bench_channels())}
+
+
+def run_smoke(port: int, *extra: str) -> list[dict]:
+    done = subprocess.run(
+        [sys.executable, "-m", "hpfeeds3.bench.cli", "--smoke", "--json-only", "--port", str(port), *extra],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [r["scenario"] for r in records] == [s.name for s in SCENARIOS]
+    for r in records:
+        assert r["ok"], r
+        assert r.get("lost", 0) == 0, r
+    return records
+
+
+@pytest.fixture
+def ceiling(tmp_path: Path):
+    port = free_port()
+    with open(tmp_path / "ceiling.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "benchmarks" / "ceiling.py"), "--bind", f"127.0.0.1:{port}"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for_port(port, timeout=15, proc=proc)
+            yield port, proc.pid
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def test_smoke_against_the_ceiling_loses_nothing(ceiling: tuple[int, int]) -> None:
+    port, pid = ceiling
+    records = run_smoke(port, "--broker-pid", str(pid))
+    idle = next(r for r in records if r["scenario"] == "idle")
+    assert idle["kib_per_connection"] is not None
+
+
+def test_smoke_against_our_broker_loses_nothing(start_broker: Callable[..., BrokerProcess]) -> None:
+    broker = start_broker(users=BENCH_USERS)
+    run_smoke(broker.port, "--broker-pid", str(broker.proc.pid))
+
+
+def test_a_broker_that_drops_a_message_fails_the_run(tmp_path: Path) -> None:
+    """A forwarder that loses one message in the middle of the stream must fail pubsub."""
+    port = free_port()
+    script = tmp_path / "lossy.py"
+    script.write_text(
+        (ROOT / "benchmarks" / "ceiling.py").read_text() + "\n\n_orig = Forwarder.forward\n_seen = [0]\n\n"
+        "def _lossy(channel, frames):\n"
+        "    _seen[0] += 1\n"
+        "    if _seen[0] == 50 and len(frames) > 300:\n"
+        "        frames = frames[: len(frames) // 2 - 150] + frames[len(frames) // 2 - 150 + 118 :]\n"
+        "    _orig(channel, frames)\n\n"
+        "Forwarder.forward = staticmethod(_lossy)\n"
+        "main()\n"
+    )
+    text = script.read_text().replace('if __name__ == "__main__":\n    main()\n', "")
+    script.write_text(text)
+    proc = subprocess.Popen([sys.executable, str(script), "--bind", f"127.0.0.1:{port}"])
+    try:
+        wait_for_port(port, timeout=15, proc=proc)
+        done = subprocess.run(
+            [sys.executable, "-m", "hpfeeds3.bench.cli", "--smoke", "--json-only", "--port", str(port), "pubsub-100"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert done.returncode == 1
+    record = json.loads(done.stdout.splitlines()[0])
+    assert not record["ok"]
+    assert "lost" in record["error"] or "corrupted" in record["error"], record["error"]
+
+
+def test_credentials_helpers_write_the_reference_formats(tmp_path: Path) -> None:
+    path = tmp_path / "users.json"
+    write_json(str(path))
+    users = json.loads(path.read_text())
+    assert users["bench"]["secret"] == "bench"
+    assert "bench-49" in users["bench"]["pubchans"] and "bench" in users["bench"]["subchans"]
+    db = tmp_path / "sqlite.db"
+    write_sqlite(str(db))
+    write_sqlite(str(db))  # idempotent
+    rows = sqlite3.connect(db).execute("select owner, ident, secret, pubchans from authkeys").fetchall()
+    assert len(rows) == 1 and rows[0][:3] == ("bench", "bench", "bench")
+    assert json.loads(rows[0][3])[0] == "bench"

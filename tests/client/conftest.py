@@ -34,6 +34,12 @@ def plain_broker(request: pytest.FixtureRequest, broker_pool: BrokerPool) -> Bro
     return broker_pool.get(request.param, tls=False)
 
 
+@pytest.fixture(params=KINDS)
+def tls_broker(request: pytest.FixtureRequest, broker_pool: BrokerPool) -> Broker:
+    """Each broker implementation, with TLS (certificates from a test CA)."""
+    return broker_pool.get(request.param, tls=True)
+
+
 @pytest.fixture(
     params=[(k, tls) for k in KINDS for tls in (False, True)], ids=lambda p: f"{p[0]}-{'tls' if p[1] else 'plain'}"
 )

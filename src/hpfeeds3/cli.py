@@ -108,7 +108,15 @@ def _common_options() -> argparse.ArgumentParser:
     p.add_argument("-p", "--port", type=int, default=s, help=f"broker port (env HPFEEDS_PORT, default {DEFAULT_PORT})")
     p.add_argument("-i", "--ident", default=s, help="ident of the access key (env HPFEEDS_IDENT)")
     p.add_argument("-s", "--secret", default=s, help="secret of the access key (env HPFEEDS_SECRET)")
-    p.add_argument("-c", "--chan", dest="channels", action="append", default=s, help="channel (repeat for several)")
+    p.add_argument(
+        "-c",
+        "--chan",
+        dest="channels",
+        metavar="CHANNEL",
+        action="append",
+        default=s,
+        help="channel (repeat for several)",
+    )
     p.add_argument("--tls", action="store_true", default=s, help="use TLS, trusting the system's CAs")
     p.add_argument("--tlscert", metavar="CAFILE", default=s, help="use TLS, trusting the CA certificate(s) in CAFILE")
     p.add_argument("--timeout", type=float, default=s, help=f"connect timeout in seconds (default {DEFAULT_TIMEOUT_S})")

@@ -37,14 +37,7 @@ def published(client: RawClient, seconds: float) -> list[Publish]:
     return got
 
 
-SQLITE_FIRST_POLL = pytest.mark.xfail(
-    reason="SqliteAuthenticator.changes() takes its first data_version only at its first poll, "
-    "so a commit within the first poll interval after start is missed",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize("kind", [pytest.param("sqlite", marks=SQLITE_FIRST_POLL), "postgresql"])
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_cli_changes_reach_new_and_live_connections(
     keys: Keys, tmp_path: Path, kind: str, request: pytest.FixtureRequest
 ) -> None:

@@ -102,19 +102,24 @@ class SqliteAuthenticator:
         ``PRAGMA data_version`` changes when any other connection commits: one
         cheap query per poll, whatever the table size.
         """
-        last = None
+        last = self._data_version()  # the baseline, before the first wait
         while self._inline is not None:
             await asyncio.sleep(self.poll_s)
-            conn = self._inline
-            if conn is None:
-                return
-            try:
-                version = conn.execute("pragma data_version").fetchone()[0]
-            except sqlite3.Error:
+            version = self._data_version()
+            if version is None:
                 continue  # locked or briefly unavailable: try at the next poll
             if last is not None and version != last:
                 yield None
             last = version
+
+    def _data_version(self) -> int | None:
+        conn = self._inline
+        if conn is None:
+            return None
+        try:
+            return int(conn.execute("pragma data_version").fetchone()[0])
+        except sqlite3.Error:
+            return None
 
     def _lookup_waiting(self, ident: str) -> tuple[str, str, str, str, str] | None:
         """In a worker thread: wait up to locked_timeout_s for a writer to finish."""

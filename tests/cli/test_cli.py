@@ -258,3 +258,15 @@ def test_json_format_keeps_non_utf8_names_valid() -> None:
     raw = cli.format_json(Message("i", "c\udcff", b"\xff"))
     assert json.loads(raw) == {"channel": "c\udcff", "ident": "i", "payload_b64": "/w=="}
     raw.decode("utf-8")  # the line itself is valid UTF-8
+
+
+def test_reader_closing_the_pipe_ends_subscribe_with_0(plain_broker: Broker, channel: str) -> None:
+    sub = Subscriber([*cli_args(plain_broker), "-c", channel])  # as in `hpfeeds subscribe ... | head -1`
+    assert sub.proc.stdout is not None
+    base = [*cli_args(plain_broker), "-c", channel, "--wait", "0"]
+    assert hpfeeds("publish", *base, "first").returncode == 0
+    assert sub.proc.stdout.readline() == f"{channel} tester first\n".encode()
+    sub.proc.stdout.close()
+    assert hpfeeds("publish", *base, "second").returncode == 0
+    code, _, err = sub.output()
+    assert code == 0 and b"Traceback" not in err and b"Exception ignored" not in err, err

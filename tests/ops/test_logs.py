@@ -123,6 +123,10 @@ def test_text_does_not_repeat_what_the_message_says(capture) -> None:
         extra={"event": "authenticated", "peer": "127.0.0.1:40000", "ident": "sensor-1", "channel": "c"},
     )
     assert lines(stream)[0].endswith(" 127.0.0.1:40000 authenticated as sensor-1 channel=c")
+    log.info("closed %s: %s", "127.0.0.1:40000", "shutdown", extra={"peer": "127.0.0.1:40000", "reason": "shutdown"})
+    assert lines(stream)[1].endswith(" closed 127.0.0.1:40000: shutdown")
+    log.info("closed 10.0.0.1:4000", extra={"peer": "10.0.0.1:40"})  # a prefix of a longer value is not it
+    assert lines(stream)[2].endswith(" closed 10.0.0.1:4000 peer=10.0.0.1:40")
 
 
 def test_text_quotes_values_with_spaces_and_equals(capture) -> None:

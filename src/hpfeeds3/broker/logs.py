@@ -54,7 +54,8 @@ def _escape_control(text: str) -> str:
 
 def _says(message: str, value: str) -> bool:
     """Whether ``value`` stands in ``message`` as a whole token (not inside a longer word)."""
-    return re.search(r"(?<![\w.:-])" + re.escape(value) + r"(?![\w.:-])", message) is not None
+    # Sentence punctuation may follow ("closed 1.2.3.4:5: shutdown"), more of a name may not.
+    return re.search(r"(?<![\w.:-])" + re.escape(value) + r"(?![\w-]|[.:][\w-])", message) is not None
 
 
 def _timestamp(record: logging.LogRecord) -> str:

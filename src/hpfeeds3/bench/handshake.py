@@ -19,14 +19,13 @@ import contextlib
 import errno
 import os
 import resource
-import selectors
+import select
 import socket
 import ssl
 import time
 from typing import Any
 
 from hpfeeds3.protocol import (
-    Decoder,
     Error,
     Info,
     ProtocolError,
@@ -37,7 +36,7 @@ from hpfeeds3.protocol import (
     sign,
 )
 
-from .wire import BenchError, Target, set_linger_reset
+from .wire import BenchError, Target, client_decoder, set_linger_reset
 
 HANDSHAKE_TIMEOUT_S = 10.0
 CONFIRM_ROUNDS = 10  # idle: markers published before giving up on a subscription
@@ -48,31 +47,41 @@ CONNECTING, TLS_HANDSHAKE, WAIT_INFO, WAIT_CONFIRM, SUBSCRIBED = range(5)
 
 
 class _Conn:
-    __slots__ = ("channel", "decoder", "marker", "sock", "started", "state")
+    __slots__ = ("channel", "decoder", "fd", "marker", "sock", "started", "state")
 
     def __init__(self, sock: socket.socket, channel: bytes, marker: bytes | None):
         self.sock = sock
+        self.fd = sock.fileno()
         self.channel = channel
         self.marker = marker
-        self.decoder = Decoder.for_client()
+        self.decoder = client_decoder()
         self.state = CONNECTING
         self.started = time.monotonic()
 
 
+_IN = select.EPOLLIN
+_OUT = select.EPOLLOUT
+
+
 class Handshaker:
-    """Drives connections through the handshake; ``step`` returns finished ones."""
+    """Drives connections through the handshake; ``step`` returns finished ones.
+
+    Few system calls per handshake, since the load generator has one core as
+    the broker does: the socket is created non-blocking, a plain connection
+    waits for INFO straight away (a failed connect wakes it too), and a closed
+    socket leaves the epoll set by itself.
+    """
 
     def __init__(self, target: Target):
         self.target = target
         self.tls = target.tls_context()
-        self.sel = selectors.DefaultSelector()
+        self.epoll = select.epoll()
+        self.conns: dict[int, _Conn] = {}
         self.addr = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)[0]
 
     def start(self, channel: bytes, marker: bytes | None) -> _Conn:
         family, type_, proto, _, sockaddr = self.addr
-        sock = socket.socket(family, type_, proto)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = socket.socket(family, type_ | socket.SOCK_NONBLOCK, proto)
         err = sock.connect_ex(sockaddr)
         if err not in (0, errno.EINPROGRESS):
             sock.close()
@@ -80,39 +89,44 @@ class Handshaker:
         if self.tls is not None:
             sock = self.tls.wrap_socket(sock, server_hostname=self.target.host, do_handshake_on_connect=False)
         conn = _Conn(sock, channel, marker)
-        self.sel.register(sock, selectors.EVENT_WRITE, conn)
+        if self.tls is None:
+            conn.state = WAIT_INFO
+            self.epoll.register(conn.fd, _IN)
+        else:
+            self.epoll.register(conn.fd, _OUT)
+        self.conns[conn.fd] = conn
         return conn
 
     def step(self, timeout: float) -> list[_Conn]:
         """Advance every ready connection; return those that reached the goal."""
         done = []
-        for key, _ in self.sel.select(timeout):
-            conn: _Conn = key.data
-            if self._advance(conn):
+        conns = self.conns
+        for fd, _ in self.epoll.poll(timeout):
+            conn = conns.get(fd)
+            if conn is not None and self._advance(conn):
                 done.append(conn)
         return done
 
     def _advance(self, conn: _Conn) -> bool:
         sock = conn.sock
-        if conn.state == CONNECTING:
+        if conn.state == CONNECTING:  # TLS only: wait for the TCP connection first
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise BenchError(f"connect failed: {os.strerror(err)}")
-            conn.state = TLS_HANDSHAKE if self.tls is not None else WAIT_INFO
-            self.sel.modify(sock, selectors.EVENT_READ, conn)
+            conn.state = TLS_HANDSHAKE
         if conn.state == TLS_HANDSHAKE:
             try:
                 sock.do_handshake()  # type: ignore[attr-defined]
             except ssl.SSLWantReadError:
-                self.sel.modify(sock, selectors.EVENT_READ, conn)
+                self.epoll.modify(conn.fd, _IN)
                 return False
             except ssl.SSLWantWriteError:
-                self.sel.modify(sock, selectors.EVENT_WRITE, conn)
+                self.epoll.modify(conn.fd, _OUT)
                 return False
             except (ssl.SSLError, OSError) as e:
                 raise BenchError(f"TLS handshake failed: {e}") from None
             conn.state = WAIT_INFO
-            self.sel.modify(sock, selectors.EVENT_READ, conn)
+            self.epoll.modify(conn.fd, _IN)
         while True:
             try:
                 data = sock.recv(65536)
@@ -153,15 +167,16 @@ class Handshaker:
                 return False
 
     def close(self, conn: _Conn) -> None:
-        self.sel.unregister(conn.sock)
+        """Close with RST; closing the only descriptor also drops it from epoll."""
+        del self.conns[conn.fd]
         with contextlib.suppress(OSError):
             set_linger_reset(conn.sock)
         conn.sock.close()
 
     def shutdown(self) -> None:
-        for key in list(self.sel.get_map().values()):
-            self.close(key.data)
-        self.sel.close()
+        for conn in list(self.conns.values()):
+            self.close(conn)
+        self.epoll.close()
 
 
 def _send_small(sock: socket.socket, data: bytes) -> None:
@@ -291,7 +306,7 @@ def run_idle(
         # Confirm every subscription: publish markers until each connection got one.
         # (Frames of different connections have no order at the broker, so one
         # marker may overtake a late SUBSCRIBE; the next marker catches it.)
-        unconfirmed = {c.sock.fileno(): c for c in conns}
+        unconfirmed = {c.fd: c for c in conns}
         for c in conns:
             c.marker = None
         for rnd in range(CONFIRM_ROUNDS):
@@ -300,7 +315,7 @@ def run_idle(
             until = time.monotonic() + CONFIRM_WAIT_S
             while unconfirmed and time.monotonic() < until:
                 for c in hs.step(0.1):
-                    unconfirmed.pop(c.sock.fileno(), None)
+                    unconfirmed.pop(c.fd, None)
             if not unconfirmed:
                 break
         if unconfirmed:

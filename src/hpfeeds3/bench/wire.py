@@ -27,6 +27,7 @@ Message payload layout (little-endian)::
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import socket
 import ssl
@@ -40,6 +41,7 @@ from hpfeeds3.protocol import (
     HEADER_LEN,
     Decoder,
     Error,
+    FrameLimits,
     Info,
     ProtocolError,
     Publish,
@@ -221,6 +223,29 @@ def describe_mismatch(buf: bytearray, start: int, end: int, checker: Checker) ->
 # --- connections -------------------------------------------------------------------
 
 
+class _CachedLimits(FrameLimits):
+    """The default limits, with the per-opcode table built once: building it
+    costs more than the rest of a handshake (``FrameLimits.table`` makes a
+    256-entry tuple per call) and the connect scenario makes thousands."""
+
+    __slots__ = ()
+
+    def table(self, accepted: frozenset[int]) -> tuple[int, ...]:
+        return _tables(self, accepted)
+
+
+@functools.cache
+def _tables(limits: FrameLimits, accepted: frozenset[int]) -> tuple[int, ...]:
+    return FrameLimits.table(limits, accepted)
+
+
+_CLIENT_LIMITS = _CachedLimits()
+
+
+def client_decoder() -> Decoder:
+    return Decoder.for_client(_CLIENT_LIMITS)
+
+
 class BenchError(Exception):
     """The run is invalid: lost/duplicated/reordered messages, a refused
     handshake, a broker ERROR, a timeout."""
@@ -246,7 +271,7 @@ class Client:
     def __init__(self, sock: socket.socket, ident: bytes):
         self.sock = sock
         self.ident = ident
-        self.decoder = Decoder.for_client()
+        self.decoder = client_decoder()
         self._queue: list[object] = []
 
     @classmethod

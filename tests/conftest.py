@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.broker import BrokerProcess, free_port, write_users_json
+from tests.support.postgres import PostgresServer
 
 # Keys every ``broker`` fixture knows (users.json, the reference format).
 USERS = {
@@ -45,3 +46,19 @@ def start_broker(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
 def broker(start_broker: Callable[..., BrokerProcess]) -> BrokerProcess:
     """A broker with the ``USERS`` keys and sub-second limits for fast tests."""
     return start_broker("--auth-timeout", "1", "--shutdown-drain", "1")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL (pgserver) for the session; tests take fresh databases from it."""
+    server = PostgresServer.start_new()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> str:
+    """A fresh empty database on the session server."""
+    return postgres_server.new_database()

@@ -5,30 +5,13 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from hpfeeds3.broker.keys.cli import main
-from tests.support.postgres import PostgresServer
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """One PostgreSQL for the session; tests take fresh databases from it."""
-    server = PostgresServer.start_new()
-    try:
-        yield server
-    finally:
-        server.destroy()
-
-
-@pytest.fixture
-def postgres_dsn(postgres_server: PostgresServer) -> str:
-    """A fresh empty database on the session server."""
-    return postgres_server.new_database()
 
 
 @pytest.fixture(params=["sqlite", "json", "postgresql"])

@@ -91,6 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
         "tls:port=N:cert=PATH:key=PATH[:interface=IP][:device=DEV]",
     )
     p.add_argument("--exporter", metavar="HOST:PORT", help="serve Prometheus /metrics and /healthz here")
+    p.add_argument(
+        "--cluster",
+        metavar="URLS",
+        help="join a cluster over NATS: nats://HOST:4222[,nats://...]; several brokers behave as one",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive(int),
+        default=1,
+        metavar="N",
+        help="run N broker processes sharing the listening port (needs --cluster); "
+        "with --exporter HOST:PORT, worker i serves metrics on PORT+i",
+    )
+    # Set by the --workers supervisor on its workers.
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help="log frame-level detail")
     p.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format (default: text)")
 
@@ -214,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> BrokerConfig:
     if bool(args.tlscert) != bool(args.tlskey):
         raise ConfigError("--tlscert and --tlskey must be given together")
+    if args.workers > 1 and not args.cluster:
+        raise ConfigError("--workers needs --cluster: the workers exchange messages over NATS")
     endpoints: list[Endpoint] = []
     if args.bind or not args.endpoint:
         host, port = parse_host_port(args.bind or "0.0.0.0:10000")
@@ -259,6 +276,8 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         ),
         debug=args.debug,
         log_format=args.log_format,
+        cluster=tuple(u.strip() for u in (args.cluster or "").split(",") if u.strip()),
+        reuse_port=args.workers > 1 or args.reuse_port,
     )
 
 
@@ -299,6 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hpfeeds-broker: error: {e}", file=sys.stderr)
         return 2
     configure_logging(config.log_format, config.debug)
+    if args.workers > 1:
+        from .supervisor import Supervisor
+
+        return Supervisor(argv, args.workers, args.exporter, config.limits.shutdown_drain_s).run()
     try:
         import uvloop
 

@@ -74,6 +74,10 @@ class BrokerConfig:
     auth_limits: AuthLimits = field(default_factory=AuthLimits)
     debug: bool = False
     log_format: str = "text"
+    # NATS servers of the cluster backplane (--cluster); empty: a single broker.
+    cluster: tuple[str, ...] = ()
+    # Several processes share the listening port (--workers): SO_REUSEPORT.
+    reuse_port: bool = False
 
 
 def parse_host_port(value: str, what: str = "--bind") -> tuple[str, int]:

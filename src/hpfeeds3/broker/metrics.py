@@ -54,6 +54,14 @@ SLOW_CONSUMERS = Counter("hpfeeds_broker_slow_consumers", "Subscribers cut becau
 REVOCATIONS = Counter(
     "hpfeeds_broker_revocations", "Live sessions cut back after their key changed in the store", ["action"]
 )
+CLUSTER_LINK_UP = Gauge("hpfeeds_broker_cluster_link_up", "1 while the NATS cluster link is connected")
+CLUSTER_UNFORWARDED = Counter(
+    "hpfeeds_broker_cluster_unforwarded_messages", "Local messages not sent to other nodes: the link was down"
+)
+CLUSTER_LOST = Counter(
+    "hpfeeds_broker_cluster_lost_messages",
+    "Messages from other nodes missed by this node (gaps in their sequence numbers)",
+)
 BUILD_INFO = Gauge("hpfeeds_broker_build_info", "Build information", ["version"])
 
 # Publish sizes are bucketed by bit length (powers of two); these are the

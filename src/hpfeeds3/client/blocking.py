@@ -47,7 +47,10 @@ class BlockingClient:
     Takes the same arguments as ``hpfeeds3.client.Client`` (``tls``, ``cafile``,
     ``reconnect``, ``backoff``, ``max_pending``, ``on_error``, ...) and gives the
     same guarantees; see its docstrings. ``on_error`` is called on the
-    client's I/O thread. Entering the ``with`` block connects; leaving closes.
+    client's I/O thread and must not call this client's methods (they would
+    wait on that very thread; they raise ``RuntimeError`` instead). Entering
+    the ``with`` block connects; leaving closes. ``close`` may be called from
+    any other thread, also while another thread iterates or ``run``s.
     """
 
     def __init__(self, host: str, port: int, ident: Text, secret: Text, **options: Any) -> None:
@@ -55,6 +58,7 @@ class BlockingClient:
         self._thread = threading.Thread(target=self._loop.run_forever, name="hpfeeds-client", daemon=True)
         self._thread.start()
         self._closed = False
+        self._close_lock = threading.Lock()
         try:
             self._client: Client = self._call(_construct(host, port, ident, secret, options))
         except BaseException:
@@ -157,13 +161,14 @@ class BlockingClient:
     def close(self, timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S) -> int:
         """Close the connection and stop the I/O thread; returns the number of
         queued publishes discarded (see ``Client.close``). Idempotent."""
-        if self._closed:
-            return 0
-        try:
-            discarded: int = self._call(self._client.close(timeout_s))
-        finally:
-            self._stop_loop()
-        return discarded
+        with self._close_lock:
+            if self._closed:
+                return 0
+            try:
+                discarded: int = self._call(self._client.close(timeout_s))
+            finally:
+                self._stop_loop()
+            return discarded
 
     def __enter__(self) -> BlockingClient:
         try:
@@ -184,6 +189,10 @@ class BlockingClient:
         if self._closed:
             coro.close()
             raise ClientClosed("the client was closed")
+        if threading.current_thread() is self._thread:
+            coro.close()
+            # Waiting on the loop from its own thread would never return.
+            raise RuntimeError("BlockingClient methods cannot be called from its on_error callback")
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result(timeout_s)

@@ -68,6 +68,12 @@ _BACKLOG_LOW_BYTES = 64 * 1024
 _BACKLOG_CHECK_S = 0.5
 # A connection closed with an ERROR gets this long to flush it before abort.
 _CLOSE_FLUSH_S = 1.0
+# Frames that need a full check (control frames, the first PUBLISH of a run)
+# handled per event-loop turn for one connection. One 256 KiB read can hold
+# 20,000 SUBSCRIBE/UNSUBSCRIBE frames (~150 ms of work): past this many the
+# rest waits for the next turn, reading paused, so other clients are not
+# delayed by more than a few milliseconds.
+_CHECKED_FRAMES_PER_TURN = 1024
 
 
 def printable(value: bytes) -> str:
@@ -89,6 +95,7 @@ class Connection(asyncio.Protocol):
         "_sent_at_check",
         "_soft_since",
         "_state",
+        "_turn_pending",
         "broker",
         "close_reason",
         "ident",
@@ -129,6 +136,7 @@ class Connection(asyncio.Protocol):
         self._max_len = broker.frame_table
         self._denials = 0
         self._eof_pending = False
+        self._turn_pending = False
         self._auth_deadline: asyncio.TimerHandle | None = None
         self._backlog_timer: asyncio.TimerHandle | None = None
         self._backlog_since = 0.0
@@ -371,7 +379,7 @@ class Connection(asyncio.Protocol):
         buf, self._buf = self._buf, b""
         if buf:
             self._process(buf)
-        if self._state == _READY:
+        if self._state == _READY and not self._turn_pending:
             if transport.is_closing():
                 return
             # eof_received returned True while AUTH was pending: honour the FIN now.
@@ -398,6 +406,8 @@ class Connection(asyncio.Protocol):
         run_prefix = b""
         run_channel = b""
         run_stats: PublishStats | None = None
+        checked = 0
+        yielded = False
         try:
             while end - pos >= HEADER_LEN:
                 length, opcode = _unpack_header(buf, pos)
@@ -417,6 +427,10 @@ class Connection(asyncio.Protocol):
                         pos = frame_end
                         continue
                     # A new run: flush the old one, then check this frame fully.
+                    checked += 1
+                    if checked > _CHECKED_FRAMES_PER_TURN:
+                        yielded = True
+                        break
                     if run_count:
                         router_publish(run_channel, buf[run_start:run_end], run_count)
                         run_stats.count += run_count  # type: ignore[union-attr]
@@ -446,6 +460,10 @@ class Connection(asyncio.Protocol):
                     run_stats.count += run_count  # type: ignore[union-attr]
                     run_count = 0
                     run_stats = None
+                checked += 1
+                if checked > _CHECKED_FRAMES_PER_TURN:
+                    yielded = True
+                    break
                 check_header(length, opcode, self._max_len)
                 if end - pos < length:
                     break
@@ -462,6 +480,30 @@ class Connection(asyncio.Protocol):
             run_stats.count += run_count  # type: ignore[union-attr]
         if self._state == _READY:
             self._buf = buf[pos:] if pos < end else b""
+            if yielded:
+                self._yield_turn()
+
+    def _yield_turn(self) -> None:
+        """Too many frames in one read: finish them in a later loop turn."""
+        self._turn_pending = True
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.broker.loop.call_soon(self._continue_turn)
+
+    def _continue_turn(self) -> None:
+        self._turn_pending = False
+        if self._state != _READY:
+            return
+        buf, self._buf = self._buf, b""
+        if buf:
+            self._process(buf)
+        transport = self.transport
+        if self._state != _READY or self._turn_pending or transport is None or transport.is_closing():
+            return
+        if self._eof_pending:
+            transport.close()  # the FIN that came with the AUTH, now that every frame is done
+        elif self.broker.state != "stopping":
+            transport.resume_reading()
 
     def _publish_allowed(self, frame: Publish) -> bool:
         if frame.ident != self.ident_bytes:

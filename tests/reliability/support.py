@@ -310,8 +310,15 @@ class Canary:
         return self._total
 
 
-def _authed_socket(port: int, ident: str, secret: str, host: str = "127.0.0.1") -> socket.socket:
-    sock = socket.create_connection((host, port), timeout=5)
+def _authed_socket(
+    port: int, ident: str, secret: str, host: str = "127.0.0.1", *, rcvbuf: int | None = None
+) -> socket.socket:
+    """Connected, INFO read, AUTH sent. ``rcvbuf`` is set before connect (it sizes the TCP window)."""
+    sock = socket.socket()
+    sock.settimeout(5)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect((host, port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     decoder = Decoder.for_client()
     frames: list = []

@@ -27,7 +27,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from hpfeeds3.protocol import encode_publish, encode_subscribe
+from hpfeeds3.protocol import HEADER_LEN, encode_publish, encode_subscribe
 
 from .wire import (
     BATCH_BYTES,
@@ -52,6 +52,7 @@ IDLE_POLL_S = 0.02  # a subscriber drains what is below the low-water mark this 
 # buffers without bound (the reference) drains in seconds, not minutes.
 WINDOW_BYTES = 8 * 1024 * 1024
 WINDOW_POLL_S = 0.0005
+TAIL_CHECK_S = 0.05  # after the last message, wait this long to be sure nothing more comes
 FANIN_BATCH_BYTES = 64 * 1024  # per publisher, when there are many
 
 
@@ -130,6 +131,19 @@ class _Reader:
                 return
 
 
+def _expect_silence(readers: list[_Reader]) -> None:
+    """Every message has arrived: anything more is a duplicate or a stray frame."""
+    time.sleep(TAIL_CHECK_S)
+    for r in readers:
+        try:
+            n = r.sock.recv_into(r.view[r.have :])
+        except (BlockingIOError, ssl.SSLWantReadError):
+            n = 0
+        if n or r.have:
+            fault = describe_mismatch(r.buf, 0, r.have + n, r.checker) if r.have + n >= HEADER_LEN else ""
+            raise BenchError(f"{r.have + n} bytes arrived after the last message: {fault}")
+
+
 def _subscriber_main(
     conn: multiprocessing.connection.Connection,
     target: Target,
@@ -184,6 +198,7 @@ def _subscriber_main(
             warm_t, warm_frames = now, frames
         if totals is not None:
             if all(not r.checker.missing(totals) for r in readers):
+                _expect_silence(readers)
                 break
             if now - t_last > STALL_TIMEOUT_S:
                 missing = [r.checker.missing(totals) for r in readers]

@@ -300,16 +300,8 @@ class Connection(asyncio.Protocol):
             ident = None  # can never match a key
         key: AccessKey | None = None
         limiter = broker.auth_limiter
-        if ident is not None and limiter.enabled and limiter.blocked(self.peer_host, ident, broker.loop.time()):
-            # Refused without a lookup or a verification: guessing costs nothing.
-            metrics.AUTH_FAILURES.labels("rate_limited").inc()
-            metrics.LIMIT_REJECTIONS.labels("auth_failures").inc()
-            self._refuse(
-                CloseReason.AUTH_RATE_LIMITED,
-                f"Authentication failed for {ident}: too many failed attempts, try again later",
-                "auth-rate-limited",
-            )
-            return
+        if ident is not None and self._rate_limited(ident):
+            return  # refused without a lookup or a verification: guessing costs nothing
         if ident is not None:
             try:
                 key = await broker.lookup(ident)
@@ -326,6 +318,8 @@ class Connection(asyncio.Protocol):
                 return
         if self._state != _AUTHING:
             return  # closed (timeout, shutdown) while we looked
+        if ident is not None and self._rate_limited(ident):
+            return  # blocked by failures that finished while we looked: still no verification
         secret = key.secret.encode("utf-8") if key is not None else _DUMMY_SECRET
         ok = verify(self.nonce, secret, digest) and key is not None
         if not ok:
@@ -353,6 +347,21 @@ class Connection(asyncio.Protocol):
             return
         assert key is not None
         self._become_ready(key, ident_bytes)
+
+    def _rate_limited(self, ident: str) -> bool:
+        """Refuse (and return True) when this address, or this address and ident, is blocked."""
+        broker = self.broker
+        limiter = broker.auth_limiter
+        if not limiter.enabled or not limiter.blocked(self.peer_host, ident, broker.loop.time()):
+            return False
+        metrics.AUTH_FAILURES.labels("rate_limited").inc()
+        metrics.LIMIT_REJECTIONS.labels("auth_failures").inc()
+        self._refuse(
+            CloseReason.AUTH_RATE_LIMITED,
+            f"Authentication failed for {ident}: too many failed attempts, try again later",
+            "auth-rate-limited",
+        )
+        return True
 
     def _become_ready(self, key: AccessKey, ident_bytes: bytes) -> None:
         broker = self.broker
@@ -637,6 +646,9 @@ class Connection(asyncio.Protocol):
         if self._state == _CLOSED or self.transport is None:
             return
         self.close_reason = reason
+        if self._state in (_PRE_AUTH, _AUTHING) and self in self.broker.connections:
+            # connection_lost will see _CLOSED: leave the pre-auth count here.
+            self.broker.unauthenticated -= 1
         self._state = _CLOSED
         self._buf = b""
         self._cancel_timers()

@@ -127,7 +127,7 @@ class _Reader:
                     raise BenchError(fault)
                 self.buf[: end - whole] = self.view[whole:end]
             self.have = end - whole
-            if not (self.tls and self.sock.pending()):
+            if not (self.tls and self.sock.pending()):  # type: ignore[attr-defined]
                 return
 
 
@@ -265,8 +265,10 @@ def _publisher_main(
                 parked.clear()
             elif in_flight <= window:
                 for sock, state in parked:
-                    state[1], state[2] = memoryview(state[0].next_batch()), 0
-                    in_flight += state[0].frames_per_batch
+                    stream = state[0]
+                    assert isinstance(stream, Stream)
+                    state[1], state[2] = memoryview(stream.next_batch()), 0
+                    in_flight += stream.frames_per_batch
                     sel.register(sock, selectors.EVENT_WRITE, state)
                 parked.clear()
             elif now - stalled_since > STALL_TIMEOUT_S:
@@ -331,6 +333,7 @@ class _Children:
         reported by *any* child meanwhile ends the run at once."""
         deadline = time.monotonic() + timeout
         while True:
+            msg: tuple | None
             if conn in self._early:
                 msg = self._early.pop(conn)
             else:
@@ -340,8 +343,9 @@ class _Children:
                     raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
                 msg = None
                 for c in ready:
+                    assert isinstance(c, multiprocessing.connection.Connection)
                     try:
-                        m = c.recv()  # type: ignore[union-attr]
+                        m = c.recv()
                     except EOFError:
                         raise BenchError(f"a benchmark process died while waiting for {what}") from None
                     if m[0] == "error":
@@ -349,9 +353,10 @@ class _Children:
                     if c is conn:
                         msg = m
                     else:
-                        self._early[c] = m  # type: ignore[index]
+                        self._early[c] = m
                 if msg is None:
                     continue
+            assert msg is not None
             if msg[0] != what:
                 raise BenchError(f"expected {what!r} from a benchmark process, got {msg[0]!r}")
             return msg

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -79,8 +81,7 @@ def _connect(concurrency: int) -> Callable[[Target, Settings], dict[str, Any]]:
 
 
 def _idle(target: Target, s: Settings) -> dict[str, Any]:
-    pid = s.broker_pid or find_listener_pid(target.host, target.port)
-    return run_idle(target, connections=s.idle_connections, broker_pid=pid, settle=0.1 if s.smoke else 1.0)
+    return run_idle(target, connections=s.idle_connections, broker_pid=s.broker_pid, settle=0.1 if s.smoke else 1.0)
 
 
 # In the order they run: idle first, so that buffers freed by the other
@@ -168,8 +169,30 @@ def markdown_table(scenarios: list[Scenario], records: list[dict[str, Any]]) -> 
     return "\n".join(lines)
 
 
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of ``pid`` from /proc/PID/stat."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _own_cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the load generator)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def run_one(scenario: Scenario, target: Target, settings: Settings) -> dict[str, Any]:
+    """Run one scenario; besides its figures, report how busy the broker and the
+    load generator were (a broker well below 100 % is not what limited the figure)."""
     started = time.monotonic()
+    broker_cpu = _cpu_seconds(settings.broker_pid)
+    load_cpu = _own_cpu_seconds()
     try:
         result = scenario.run(target, settings)
     except BenchError as e:
@@ -178,8 +201,17 @@ def run_one(scenario: Scenario, target: Target, settings: Settings) -> dict[str,
         return {"scenario": scenario.name, "ok": False, "error": f"{type(e).__name__}: {e}"}
     record = {"scenario": scenario.name, "ok": True, "value": result.get(scenario.figure), "unit": scenario.unit}
     record.update(result)
-    record["wall_s"] = round(time.monotonic() - started, 2)
+    wall = time.monotonic() - started
+    record["wall_s"] = round(wall, 2)
+    broker_after = _cpu_seconds(settings.broker_pid)
+    if broker_cpu is not None and broker_after is not None:
+        record["broker_cpu_pct"] = round(100 * (broker_after - broker_cpu) / wall)
+    record["load_cpu_pct"] = round(100 * (_own_cpu_seconds() - load_cpu) / wall)
     return record
+
+
+def _is_local(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         duration=duration,
         warmup=args.warmup if args.warmup is not None else (0.0 if args.smoke else duration / 10),
         idle_connections=min(args.idle_connections, 50) if args.smoke else args.idle_connections,
-        broker_pid=args.broker_pid,
+        broker_pid=args.broker_pid or (find_listener_pid(args.port) if _is_local(args.host) else None),
         smoke=args.smoke,
     )
     target = Target(

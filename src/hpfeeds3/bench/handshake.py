@@ -249,8 +249,8 @@ def rss_bytes(pid: int) -> int:
     raise BenchError(f"no VmRSS in /proc/{pid}/status")
 
 
-def find_listener_pid(host: str, port: int) -> int | None:
-    """The process listening on ``port`` (any local address), from /proc; None if unknown."""
+def find_listener_pid(port: int) -> int | None:
+    """The local process listening on ``port``, from /proc; None if unknown."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:

@@ -407,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The command prints its own one-line errors; the client's log adds
     # connection events with -v and everything with --debug.
     level = logging.DEBUG if debug else logging.INFO if opts.verbose else logging.CRITICAL
-    logging.getLogger("hpfeeds3").setLevel(level)
+    logging.getLogger("hpfeeds3.client").setLevel(level)
 
     out: BinaryIO | None = None
     try:

@@ -408,13 +408,13 @@ class Connection(asyncio.Protocol):
         end = len(buf)
         pos = 0
         max_publish = self._max_len[OP_PUBLISH]
-        router_publish = self.broker.router.publish
         # The current run of PUBLISH frames: [run_start, run_end) share run_prefix
         # (str8 ident + str8 channel) and go to run_channel.
-        run_start = run_end = run_count = run_overhead = 0
+        # Runs are contiguous, so a run always ends where ``pos`` stands when it is flushed.
+        run_start = run_count = run_overhead = run_cut = 0
         run_prefix = b""
         run_channel = b""
-        run_stats: PublishStats | None = None
+        run_bits: list[int] = []
         checked = 0
         yielded = False
         try:
@@ -424,15 +424,11 @@ class Connection(asyncio.Protocol):
                     frame_end = pos + length
                     if frame_end > end:
                         break
-                    if run_stats is not None and buf.startswith(run_prefix, pos + HEADER_LEN, frame_end):
+                    if run_count and buf.startswith(run_prefix, pos + HEADER_LEN, frame_end):
                         # Same ident and channel as the frame before: extend the run.
-                        if run_end != pos:  # pragma: no cover - runs are contiguous by construction
-                            raise AssertionError("non-contiguous run")
-                        run_end = frame_end
+                        # (The per-frame work is this: a size bucket for the histogram.)
                         run_count += 1
-                        size = length - run_overhead
-                        run_stats.bytes += size
-                        run_stats.bits[size.bit_length()] += 1
+                        run_bits[(length - run_cut).bit_length()] += 1
                         pos = frame_end
                         continue
                     # A new run: flush the old one, then check this frame fully.
@@ -441,23 +437,21 @@ class Connection(asyncio.Protocol):
                         yielded = True
                         break
                     if run_count:
-                        router_publish(run_channel, buf[run_start:run_end], run_count)
-                        run_stats.count += run_count  # type: ignore[union-attr]
+                        self._publish_run(run_channel, buf[run_start:pos], run_count, run_overhead)
                         run_count = 0
-                        run_stats = None
                     frame = parse_body(OP_PUBLISH, buf, pos + HEADER_LEN, frame_end)
                     assert isinstance(frame, Publish)
                     if self._publish_allowed(frame):
                         run_channel = frame.channel
                         run_prefix = buf[pos + HEADER_LEN : pos + HEADER_LEN + 2 + len(frame.ident) + len(run_channel)]
                         run_overhead = HEADER_LEN + len(run_prefix)
-                        run_stats = self.publish_stats.get(run_channel)
-                        if run_stats is None:
-                            run_stats = self.publish_stats[run_channel] = PublishStats()
-                        size = length - run_overhead
-                        run_stats.bytes += size
-                        run_stats.bits[size.bit_length()] += 1
-                        run_start, run_end, run_count = pos, frame_end, 1
+                        run_cut = run_overhead + 1  # bits[(size - 1).bit_length()]: see PublishStats
+                        stats = self.publish_stats.get(run_channel)
+                        if stats is None:
+                            stats = self.publish_stats[run_channel] = PublishStats()
+                        run_bits = stats.bits
+                        run_bits[(length - run_cut).bit_length()] += 1
+                        run_start, run_count = pos, 1
                     elif self._state != _READY:
                         return
                     pos = frame_end
@@ -465,10 +459,8 @@ class Connection(asyncio.Protocol):
 
                 # Any other frame ends the current run.
                 if run_count:
-                    router_publish(run_channel, buf[run_start:run_end] if run_end - run_start < end else buf, run_count)
-                    run_stats.count += run_count  # type: ignore[union-attr]
+                    self._publish_run(run_channel, buf[run_start:pos], run_count, run_overhead)
                     run_count = 0
-                    run_stats = None
                 checked += 1
                 if checked > _CHECKED_FRAMES_PER_TURN:
                     yielded = True
@@ -485,8 +477,9 @@ class Connection(asyncio.Protocol):
             return
         if run_count:
             # Most reads are one run of whole frames: hand over the read itself.
-            router_publish(run_channel, buf if run_start == 0 and run_end == end else buf[run_start:run_end], run_count)
-            run_stats.count += run_count  # type: ignore[union-attr]
+            self._publish_run(
+                run_channel, buf if run_start == 0 and pos == end else buf[run_start:pos], run_count, run_overhead
+            )
         if self._state == _READY:
             self._buf = buf[pos:] if pos < end else b""
             if yielded:
@@ -513,6 +506,13 @@ class Connection(asyncio.Protocol):
             transport.close()  # the FIN that came with the AUTH, now that every frame is done
         elif self.broker.state != "stopping":
             transport.resume_reading()
+
+    def _publish_run(self, channel: bytes, data: bytes, count: int, overhead: int) -> None:
+        """Count a run of ``count`` frames (``overhead`` bytes of header each) and fan it out."""
+        stats = self.publish_stats[channel]
+        stats.count += count
+        stats.bytes += len(data) - count * overhead
+        self.broker.router.publish(channel, data, count)
 
     def _publish_allowed(self, frame: Publish) -> bool:
         if frame.ident != self.ident_bytes:

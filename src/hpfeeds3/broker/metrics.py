@@ -77,7 +77,8 @@ class PublishStats:
     def __init__(self) -> None:
         self.count = 0
         self.bytes = 0
-        # bits[n]: payloads whose size has bit_length n, i.e. size < 2**n
+        # bits[n]: payloads whose (size - 1) has bit_length n, i.e. 2**(n-1) < size <= 2**n
+        # (size 0 and 1 land in bits[1] and bits[0]); so "size <= 2**k" is sum(bits[:k+1]).
         self.bits = [0] * 64
 
     def merge(self, other: PublishStats) -> None:
@@ -90,9 +91,8 @@ class PublishStats:
 def _histogram_buckets(stats: PublishStats) -> list[tuple[str, float]]:
     out: list[tuple[str, float]] = []
     for bound in SIZE_BUCKETS:
-        # size <= bound  <=>  bit_length(size) <= bit_length(bound - 1) for powers of two
-        limit = (bound - 1).bit_length()
-        out.append((str(float(bound)), float(sum(stats.bits[: limit + 1]))))
+        k = bound.bit_length() - 1  # bound == 2**k
+        out.append((str(float(bound)), float(sum(stats.bits[: k + 1]))))
     out.append(("+Inf", float(stats.count)))
     return out
 

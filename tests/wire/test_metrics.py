@@ -1,0 +1,45 @@
+"""Publish counters are kept off the hot path but must still be exact."""
+
+from __future__ import annotations
+
+import urllib.request
+
+from hpfeeds3.protocol import encode_publish
+from tests.support.broker import RawClient, free_port
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_publish_count_size_histogram_and_deliveries_are_exact(start_broker) -> None:
+    exporter = free_port()
+    b = start_broker("--exporter", f"127.0.0.1:{exporter}")
+    sizes = [10] * 49 + [1024] + [1025] + [1500] * 19 + [5000] * 5 + [0] * 25
+    with RawClient(b.port) as sub, RawClient(b.port) as pub:
+        sub.auth("bob", "bob-secret")
+        sub.subscribe("chan1")
+        sub.expect_silence(0.2)
+        pub.auth("alice", "alice-secret")
+        # one write: runs of one channel, split by a SUBSCRIBE in the middle
+        frames = [encode_publish(b"alice", b"chan1", b"x" * n) for n in sizes]
+        pub.send(b"".join(frames[:60]))
+        pub.subscribe("chan2")
+        pub.send(b"".join(frames[60:]))
+        assert len(sub.messages(len(sizes))) == len(sizes)
+        m = scrape(exporter)
+    labels = '{chan="chan1",ident="alice"}'
+    assert m[f"hpfeeds_broker_receive_publish_count_total{labels}"] == 100
+    assert m[f"hpfeeds_broker_receive_publish_size_sum{labels}"] == sum(sizes)
+    assert m[f"hpfeeds_broker_receive_publish_size_count{labels}"] == 100
+    assert m['hpfeeds_broker_receive_publish_size_bucket{chan="chan1",ident="alice",le="1024.0"}'] == 75
+    assert m['hpfeeds_broker_receive_publish_size_bucket{chan="chan1",ident="alice",le="2048.0"}'] == 95
+    assert m['hpfeeds_broker_receive_publish_size_bucket{chan="chan1",ident="alice",le="8192.0"}'] == 100
+    assert m['hpfeeds_broker_deliveries_total{chan="chan1"}'] == 100
+    assert m['hpfeeds_broker_subscriptions{chan="chan1",ident="bob"}'] == 1

@@ -115,6 +115,16 @@ class BrokerCollector(Collector):
         yield GaugeMetricFamily(
             "hpfeeds_broker_client_connections", "Number of clients connected to broker", value=len(conns)
         )
+        yield GaugeMetricFamily(
+            "hpfeeds_broker_unauthenticated_connections",
+            "Connections that have not authenticated yet",
+            value=broker.unauthenticated,
+        )
+        yield GaugeMetricFamily(
+            "hpfeeds_broker_pending_tasks",
+            "Background tasks in flight (auth lookups, watchers)",
+            value=broker.task_count,
+        )
 
         authed: dict[tuple[str, str], int] = defaultdict(int)
         send_buf: dict[str, int] = defaultdict(int)

@@ -80,6 +80,10 @@ class Broker:
 
     # --- called by connections ---------------------------------------------------
 
+    @property
+    def task_count(self) -> int:
+        return len(self._tasks)
+
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(coro)
         self._tasks.add(task)

@@ -107,11 +107,6 @@ def test_decoder_feed_of_64_kib_is_fast_on_ordinary_frames() -> None:
     assert median < FEED_BOUND_MS and junk_ms < FEED_BOUND_MS
 
 
-@pytest.mark.xfail(
-    reason="Decoder.feed of 64 KiB of 8-9 byte frames (~7,500 frames) takes ~11-17 ms here; "
-    "the issue's bound is 10 ms. Needs a faster per-frame path in protocol/codec.py.",
-    strict=False,
-)
 def test_decoder_feed_of_64_kib_of_the_smallest_frames_within_10_ms() -> None:
     results = {}
     for name, frame in {

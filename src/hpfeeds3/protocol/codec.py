@@ -217,15 +217,35 @@ class Decoder:
         end = len(buf)
         pos = 0
         frames: list[Frame] = []
+        append = frames.append
         max_len = self._max_len
         try:
             while end - pos >= HEADER_LEN:
                 length, opcode = _unpack_header(buf, pos)
-                check_header(length, opcode, max_len)
-                if end - pos < length:
+                if not HEADER_LEN <= length <= max_len[opcode]:
+                    check_header(length, opcode, max_len)  # raises the precise error
+                frame_end = pos + length
+                if frame_end > end:
                     break
-                frames.append(parse_body(opcode, buf, pos + HEADER_LEN, pos + length))
-                pos += length
+                if opcode == OP_PUBLISH:
+                    # PUBLISH inline (the bulk of any stream): str8 ident, str8 channel, payload.
+                    i = pos + HEADER_LEN + 1
+                    n = buf[i - 1] if i <= frame_end else 0
+                    c = i + n + 1
+                    m = buf[c - 1] if c <= frame_end else 0
+                    if not n or not m or c + m > frame_end:
+                        parse_body(opcode, buf, pos + HEADER_LEN, frame_end)  # raises the precise error
+                    append(Publish(buf[i : i + n], buf[c : c + m], buf[c + m : frame_end]))
+                elif opcode == OP_SUBSCRIBE or opcode == OP_UNSUBSCRIBE:  # noqa: SIM109 - two compares beat a tuple test here
+                    i = pos + HEADER_LEN + 1
+                    n = buf[i - 1] if i <= frame_end else 0
+                    if not n or i + n >= frame_end:
+                        parse_body(opcode, buf, pos + HEADER_LEN, frame_end)  # raises the precise error
+                    kind = Subscribe if opcode == OP_SUBSCRIBE else Unsubscribe
+                    append(kind(buf[i : i + n], buf[i + n : frame_end]))
+                else:
+                    append(parse_body(opcode, buf, pos + HEADER_LEN, frame_end))
+                pos = frame_end
         except ProtocolError:
             self._buf = b""
             raise

@@ -33,6 +33,8 @@ from .frames import (
 
 _pack_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
+# Builds a NamedTuple without the Python-level __new__ call (hot loop only).
+_new = tuple.__new__
 
 
 # --- frames as values ------------------------------------------------------
@@ -235,14 +237,14 @@ class Decoder:
                     m = buf[c - 1] if c <= frame_end else 0
                     if not n or not m or c + m > frame_end:
                         parse_body(opcode, buf, pos + HEADER_LEN, frame_end)  # raises the precise error
-                    append(Publish(buf[i : i + n], buf[c : c + m], buf[c + m : frame_end]))
+                    append(_new(Publish, (buf[i : i + n], buf[c : c + m], buf[c + m : frame_end])))
                 elif opcode == OP_SUBSCRIBE or opcode == OP_UNSUBSCRIBE:  # noqa: SIM109 - two compares beat a tuple test here
                     i = pos + HEADER_LEN + 1
                     n = buf[i - 1] if i <= frame_end else 0
                     if not n or i + n >= frame_end:
                         parse_body(opcode, buf, pos + HEADER_LEN, frame_end)  # raises the precise error
                     kind = Subscribe if opcode == OP_SUBSCRIBE else Unsubscribe
-                    append(kind(buf[i : i + n], buf[i + n : frame_end]))
+                    append(_new(kind, (buf[i : i + n], buf[i + n : frame_end])))
                 else:
                     append(parse_body(opcode, buf, pos + HEADER_LEN, frame_end))
                 pos = frame_end

@@ -244,7 +244,7 @@ class Decoder:
                     if not n or i + n >= frame_end:
                         parse_body(opcode, buf, pos + HEADER_LEN, frame_end)  # raises the precise error
                     kind = Subscribe if opcode == OP_SUBSCRIBE else Unsubscribe
-                    append(_new(kind, (buf[i : i + n], buf[i + n : frame_end])))
+                    append(_new(kind, (buf[i : i + n], buf[i + n : frame_end])))  # type: ignore[arg-type]
                 else:
                     append(parse_body(opcode, buf, pos + HEADER_LEN, frame_end))
                 pos = frame_end

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -58,7 +59,9 @@ class BlockingClient:
         self._thread = threading.Thread(target=self._loop.run_forever, name="hpfeeds-client", daemon=True)
         self._thread.start()
         self._closed = False
-        self._close_lock = threading.Lock()
+        self._close_lock = threading.Lock()  # one close at a time
+        self._submit_lock = threading.Lock()  # no submission races the loop's shutdown
+        self._waiting: set[concurrent.futures.Future[Any]] = set()
         try:
             self._client: Client = self._call(_construct(host, port, ident, secret, options))
         except BaseException:
@@ -110,11 +113,9 @@ class BlockingClient:
 
         Raises unread ``BrokerError``s and the fatal error like iteration does.
         """
-        if self._closed:
-            return None
         try:
             result = self._call(_next(self._client), timeout_s)
-        except TimeoutError:
+        except (TimeoutError, ClientClosed):
             return None
         return None if result is _END else result
 
@@ -122,9 +123,10 @@ class BlockingClient:
         return self
 
     def __next__(self) -> Message:
-        if self._closed:
-            raise StopIteration
-        result = self._call(_next(self._client))
+        try:
+            result = self._call(_next(self._client))
+        except ClientClosed:
+            raise StopIteration from None
         if result is _END:
             raise StopIteration
         return result  # type: ignore[no-any-return]
@@ -186,27 +188,56 @@ class BlockingClient:
     # -- internals ---------------------------------------------------------------------
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
-        if self._closed:
-            coro.close()
-            raise ClientClosed("the client was closed")
         if threading.current_thread() is self._thread:
             coro.close()
             # Waiting on the loop from its own thread would never return.
             raise RuntimeError("BlockingClient methods cannot be called from its on_error callback")
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        with self._submit_lock:
+            if self._closed:
+                coro.close()
+                raise ClientClosed("the client was closed")
+            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            self._waiting.add(future)
         try:
             return future.result(timeout_s)
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise TimeoutError(f"no result within {timeout_s} s") from None
+        except concurrent.futures.CancelledError:
+            if self._closed:  # cancelled by _stop_loop: another thread closed the client
+                raise ClientClosed("the client was closed") from None
+            raise
+        finally:
+            with self._submit_lock:
+                self._waiting.discard(future)
 
     def _stop_loop(self) -> None:
-        self._closed = True
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=DEFAULT_CLOSE_TIMEOUT_S)
-            if not self._thread.is_alive():
-                self._loop.close()
+        with self._submit_lock:
+            self._closed = True
+        # Cancel what other threads still wait for (they get ClientClosed), then stop.
+        asyncio.run_coroutine_threadsafe(_shutdown(), self._loop)
+        self._thread.join(timeout=DEFAULT_CLOSE_TIMEOUT_S)
+        if not self._thread.is_alive():
+            self._loop.close()
+        # Nothing may wait forever on a loop that is gone.
+        with self._submit_lock:
+            waiting, self._waiting = self._waiting, set()
+        for future in waiting:
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                future.set_exception(ClientClosed("the client was closed"))
+
+
+async def _shutdown() -> None:
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    # A task that finished in this very loop iteration hands its result to the
+    # waiting thread in a callback of the next one; stop() would skip it.
+    for _ in range(3):
+        await asyncio.sleep(0)
+    asyncio.get_running_loop().stop()
 
 
 async def _construct(host: str, port: int, ident: Text, secret: Text, options: dict[str, Any]) -> Client:

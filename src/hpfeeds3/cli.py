@@ -137,24 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="{subscribe,publish,sendfile}")
 
-    sub = actions.add_parser(
-        "subscribe",
-        parents=[common],
-        help="print messages of the -c channels",
-        epilog=EPILOG,
-        formatter_class=formatter,
-    )
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        return actions.add_parser(name, parents=[common], help=help, epilog=EPILOG, formatter_class=formatter)
+
+    sub = action("subscribe", "print messages of the -c channels")
     sub.add_argument("--json", action="store_true", help="one JSON object per line")
     sub.add_argument("-n", "--count", type=int, default=None, help="exit 0 after this many messages")
     sub.add_argument("-o", "--output", default=None, help="append to this file instead of standard output")
 
-    pub = actions.add_parser(
-        "publish",
-        parents=[common],
-        help="publish a message to the -c channels",
-        epilog=EPILOG,
-        formatter_class=formatter,
-    )
+    pub = action("publish", "publish a message to the -c channels")
     pub.add_argument("payload", nargs="*", help="the message (arguments joined by spaces)")
     pub.add_argument("-f", "--file", default=None, help="publish this file's content (- for standard input)")
     pub.add_argument("--lines", action="store_true", help="one message per line of standard input (or of --file)")
@@ -165,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds to wait after sending for an ERROR from the broker (default {DEFAULT_WAIT_S})",
     )
 
-    send = actions.add_parser("sendfile", parents=[common], help="publish a file's content (reference compatibility)")
+    send = action("sendfile", "publish a file's content (reference compatibility)")
     send.add_argument("file", help="the file to publish")
     send.add_argument("--wait", type=float, default=DEFAULT_WAIT_S, help=argparse.SUPPRESS)
     return parser

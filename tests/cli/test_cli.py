@@ -104,7 +104,7 @@ def test_json_output_parses_back(any_broker: Broker, channel: str, tmp_path: pat
     base = [*cli_args(any_broker), "-c", channel, "--wait", "0.1"]
     event = json.dumps({"src_ip": "192.0.2.1", "msg": "héllo\nworld"})
     assert hpfeeds("publish", *base, event).returncode == 0
-    assert hpfeeds("publish", *base, "--file", str(tmp_path / "binary")).returncode == 0
+    assert hpfeeds("sendfile", *base, str(tmp_path / "binary")).returncode == 0  # the reference's action
     code, out, err = sub.output()
     assert code == 0, err
     objs = [json.loads(line) for line in out.decode().splitlines()]

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from hpfeeds3.client import Backoff, BrokerError, Client, ConnectionLost, Message
+from hpfeeds3.client import Backoff, BrokerError, Client, ClientClosed, ConnectionLost, Message
 from hpfeeds3.client.backoff import Backoff as BackoffClass
 from hpfeeds3.client.errors import AccessDenied, AuthenticationFailed, classify
 from hpfeeds3.protocol import (
@@ -253,3 +253,35 @@ def test_backoff_doubles_to_its_cap_with_bounded_jitter() -> None:
 def test_error_texts_of_both_brokers_are_classified(text: str, kind: type[BrokerError]) -> None:
     err = classify(text)
     assert type(err) is kind and err.message == text == str(err)
+
+
+def test_wait_ready_during_connect_shares_the_connection_and_close_leaks_none() -> None:
+    connections = 0
+
+    async def broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        nonlocal connections
+        connections += 1
+        await asyncio.sleep(0.2)  # a slow INFO
+        writer.write(encode_info(b"fake", NONCE))
+        await _wait_closed(reader)
+
+    async def scenario() -> None:
+        server, port = await _serve(broker)
+        client = Client(HOST, port, "sensor", "s")
+        async with asyncio.timeout(TIMEOUT_S):
+            await asyncio.gather(client.connect(), client.wait_ready(0.05))
+        assert connections == 1 and client.connection_count == 1
+        await client.close()
+
+        # Closed while its connection is still being opened: nothing stays open.
+        late = Client(HOST, port, "sensor", "s")
+        connecting = asyncio.ensure_future(late.connect())
+        await asyncio.sleep(0.05)
+        await late.close()
+        with pytest.raises((ClientClosed, asyncio.CancelledError)):
+            async with asyncio.timeout(TIMEOUT_S):
+                await connecting
+        assert late._conn is None and not late.connected
+        server.close()
+
+    asyncio.run(scenario())

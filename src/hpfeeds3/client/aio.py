@@ -286,6 +286,7 @@ class Client:
         self._reading_paused: _Connection | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         self._attempt = 0  # reconnect attempts since the last stable connection
+        self._opening = 0  # connection attempts in progress
         self._fatal: BaseException | None = None
         self._closing = False
         self._changed: asyncio.Event | None = None
@@ -523,6 +524,7 @@ class Client:
             kwargs["ssl"] = self._ssl
             kwargs["server_hostname"] = self._server_hostname or self.host
             kwargs["ssl_handshake_timeout"] = self.connect_timeout_s
+        self._opening += 1
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 await loop.create_connection(lambda: conn, self.host, self.port, **kwargs)
@@ -530,9 +532,16 @@ class Client:
         except BaseException:
             conn.abort()
             raise
+        finally:
+            self._opening -= 1
+            self._wake()
+        self._check_usable()
 
     def _handshake(self, conn: _Connection, info: Info) -> None:
         """INFO arrived: write AUTH, the SUBSCRIBEs and the queued publishes in one go."""
+        if self._closing:
+            conn.abort()  # closed while this connection was being opened
+            return
         chunks = [encode_auth(self._ident, sign(info.nonce, self._secret))]
         chunks += [encode_subscribe(self._ident, c) for c in self._subscriptions]
         chunks += self._pending
@@ -672,11 +681,10 @@ class Client:
                 await self._changed.wait()
 
     async def _wait_connected(self) -> None:
-        if self.connected:
-            return
-        if self._conn is None and self._reconnect_task is None:
-            await self.connect()
-            return
         while not self.connected:
             self._check_usable()
+            reconnecting = self._reconnect_task is not None and not self._reconnect_task.done()
+            if not self._opening and not reconnecting:
+                await self.connect()  # nobody else is connecting: do it (and raise its error)
+                continue
             await self._wait_changed(None)

@@ -218,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hpfeeds-bench",
         description=__doc__.split("\n\n")[0],
-        epilog=f"Scenarios: {', '.join(s.name for s in SCENARIOS)}; groups: {', '.join(GROUPS)}.",
+        epilog=f"Scenarios: {', '.join(s.name for s in SCENARIOS)}; groups: {', '.join(GROUPS)}. "
+        "The broker must know the key: ident bench, secret bench, allowed to publish and subscribe on "
+        "bench and bench-0 .. bench-49 (write it with --write-json or --write-sqlite).",
     )
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="scenarios or groups to run (default: all)")
     p.add_argument("--host", default="127.0.0.1", help="broker address (default %(default)s)")
@@ -234,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=None, help="seconds not measured (default: duration / 10)")
     p.add_argument("--tls", action="store_true", help="connect with TLS")
     p.add_argument("--tls-ca", metavar="PEM", help="CA to verify the broker with (default: no verification)")
-    p.add_argument("--broker-pid", type=int, help="PID of the broker, for the idle scenario (default: found in /proc)")
+    p.add_argument("--broker-pid", type=int, help="broker PID, for idle and CPU figures (default: found in /proc)")
     p.add_argument("--idle-connections", type=int, default=10000, help="connections in idle (default %(default)s)")
     p.add_argument("--smoke", action="store_true", help="every scenario for a fraction of a second: correctness only")
     p.add_argument("--json-only", action="store_true", help="print the JSON lines, not the table")

@@ -219,6 +219,9 @@ class Connection(asyncio.Protocol):
             if self.ident is not None:
                 broker.by_ident_discard(self)
         self._state = _CLOSED
+        # Break the protocol <-> transport cycle so a closed connection is freed
+        # by reference counting, not by a later (long) cyclic GC pass.
+        self.transport = None
         ident = self.ident or ""
         metrics.CONNECTION_LOST.labels(ident).inc()
         metrics.CONNECTIONS_CLOSED.labels(self.close_reason.value).inc()

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import sys
 from typing import TYPE_CHECKING
 
 from ..protocol import (
@@ -173,9 +171,6 @@ class Connection(asyncio.Protocol):
             )
             return
 
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            _set_keepalive(sock)
         transport = self.transport
         transport.set_write_buffer_limits(high=_BACKLOG_HIGH_BYTES, low=_BACKLOG_LOW_BYTES)
         transport.write(encode_info(broker.name_bytes, self.nonce))
@@ -401,8 +396,10 @@ class Connection(asyncio.Protocol):
             transport.resume_reading()
 
     def apply_key(self, key: AccessKey) -> None:
-        self.pubchans = frozenset(c.encode("utf-8") for c in key.pubchans)
-        self.subchans = frozenset(c.encode("utf-8") for c in key.subchans)
+        # Shared across the connections of one key: 10,000 sensors with the same
+        # 50 channels hold one set, not 10,000.
+        self.pubchans = self.broker.channel_set(key.pubchans)
+        self.subchans = self.broker.channel_set(key.subchans)
 
     # --- frames after AUTH: the hot path --------------------------------------------------
 
@@ -683,14 +680,3 @@ class Connection(asyncio.Protocol):
             for channel in self.subscriptions:
                 router.unsubscribe(channel, self)
             self.subscriptions = set()
-
-
-def _set_keepalive(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if sys.platform.startswith("linux"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
-    except OSError:
-        pass

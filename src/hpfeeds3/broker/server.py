@@ -32,6 +32,8 @@ log = logging.getLogger("hpfeeds3.broker")
 
 # Descriptors kept free for listeners, the auth store, logs and the exporter.
 _RESERVED_FDS = 64
+# Distinct channel lists whose byte sets are shared between connections.
+_MAX_CHANNEL_SETS = 10_000
 # An auth lookup that takes longer than this fails the AUTH (store unavailable).
 AUTH_LOOKUP_TIMEOUT_S = 2.0
 
@@ -55,6 +57,7 @@ class Broker:
         self.max_connections = config.limits.max_connections
         self.connections: set[Connection] = set()
         self.by_ident: dict[str, set[Connection]] = {}
+        self._channel_sets: dict[tuple[str, ...], frozenset[bytes]] = {}
         self.unauthenticated = 0
         self.state = "starting"  # starting | serving | stopping
         self.backplane: Any = None
@@ -80,6 +83,15 @@ class Broker:
         return (200 if self.state == "serving" else 503), body
 
     # --- called by connections ---------------------------------------------------
+
+    def channel_set(self, channels: tuple[str, ...]) -> frozenset[bytes]:
+        """The channels of a key as the bytes the hot path compares, one shared set per distinct list."""
+        found = self._channel_sets.get(channels)
+        if found is None:
+            if len(self._channel_sets) >= _MAX_CHANNEL_SETS:
+                self._channel_sets.clear()
+            found = self._channel_sets[channels] = frozenset(c.encode("utf-8") for c in channels)
+        return found
 
     @property
     def task_count(self) -> int:
@@ -246,6 +258,8 @@ def bind_socket(endpoint: Endpoint, *, reuse_port: bool = False) -> socket.socke
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if endpoint.device:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, endpoint.device.encode()[:15] + b"\0")
+        # Accepted sockets inherit these from the listener (Linux): no per-connection syscalls.
+        set_keepalive(sock)
         sock.bind((endpoint.host, endpoint.port))
         sock.listen(1024)
     except OSError as e:
@@ -254,6 +268,15 @@ def bind_socket(endpoint: Endpoint, *, reuse_port: bool = False) -> socket.socke
         raise ConfigError(f"cannot listen on {endpoint.describe()}: {why}") from e
     sock.setblocking(False)
     return sock
+
+
+def set_keepalive(sock: socket.socket) -> None:
+    """TCP keepalive: a peer that vanished (no FIN, no RST) is noticed within about 2 minutes."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
 
 
 def raise_nofile_limit(max_connections: int) -> int:

@@ -52,17 +52,41 @@ def _escape_control(text: str) -> str:
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
+def _word(c: str) -> bool:
+    return c.isalnum() or c == "_" or c == "-"
+
+
 def _says(message: str, value: str) -> bool:
-    """Whether ``value`` stands in ``message`` as a whole token (not inside a longer word)."""
-    # Sentence punctuation may follow ("closed 1.2.3.4:5: shutdown"), more of a name may not.
-    return re.search(r"(?<![\w.:-])" + re.escape(value) + r"(?![\w-]|[.:][\w-])", message) is not None
+    """Whether ``value`` stands in ``message`` as a whole token (not inside a longer word).
+
+    Sentence punctuation may follow ("closed 1.2.3.4:5: shutdown"), more of a
+    name may not. Plain string scanning: this runs for every field of every
+    connection event, and a regex built per value would be compiled each time.
+    """
+    start = message.find(value)
+    while start != -1:
+        end = start + len(value)
+        before = message[start - 1] if start else ""
+        after = message[end : end + 2]
+        if not (before and (_word(before) or before in ".:")):
+            first = after[:1]
+            more_of_a_name = bool(first) and (_word(first) or (first in ".:" and len(after) == 2 and _word(after[1])))
+            if not more_of_a_name:
+                return True
+        start = message.find(value, start + 1)
+    return False
+
+
+_second_cache: list[Any] = [None, ""]
 
 
 def _timestamp(record: logging.LogRecord) -> str:
     """ISO 8601, UTC, milliseconds: sorts as text, parses everywhere."""
     seconds = int(record.created)
     millis = int((record.created - seconds) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    if _second_cache[0] != seconds:  # one strftime per second, not per record
+        _second_cache[:] = [seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))]
+    return f"{_second_cache[1]}.{millis:03d}Z"
 
 
 def field_value(value: Any) -> str:
@@ -147,6 +171,13 @@ def configure_logging(fmt: str = "text", debug: bool = False, *, stream: TextIO 
             old.close()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    # Every connection logs three records: skip what no format here prints (the
+    # caller's file and line, thread and process names), as the logging HOWTO's
+    # "Optimization" section describes. A traceback still names its frames.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
 
     quiet = logging.DEBUG if debug else logging.WARNING
     for name in ("asyncio", "aiohttp.access", "aiohttp.server", "nats", "asyncpg"):

@@ -10,6 +10,7 @@ whose label children are resolved once per connection.
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -84,8 +85,7 @@ class PublishStats:
     def merge(self, other: PublishStats) -> None:
         self.count += other.count
         self.bytes += other.bytes
-        for i, v in enumerate(other.bits):
-            self.bits[i] += v
+        self.bits = list(map(operator.add, self.bits, other.bits))
 
 
 def _histogram_buckets(stats: PublishStats) -> list[tuple[str, float]]:

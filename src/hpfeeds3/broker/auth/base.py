@@ -7,6 +7,7 @@ next connection (the spec promises "you don't need to restart").
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -45,7 +46,16 @@ def parse_channels(value: object) -> tuple[str, ...]:
     if value is None or value == "":
         return ()
     if isinstance(value, str):
-        value = json.loads(value)
+        return _parse_channel_text(value)
     if not isinstance(value, list):
         raise ValueError("channels must be a JSON list")
-    return tuple(str(c) for c in value)
+    return tuple(map(str, value))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_channel_text(text: str) -> tuple[str, ...]:
+    # Every AUTH reads the key's channel columns; the same text parses to the same tuple.
+    value = json.loads(text)
+    if not isinstance(value, list):
+        raise ValueError("channels must be a JSON list")
+    return tuple(map(str, value))

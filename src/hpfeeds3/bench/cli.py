@@ -225,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="scenarios or groups to run (default: all)")
     p.add_argument("--host", default="127.0.0.1", help="broker address (default %(default)s)")
     p.add_argument("--port", type=int, default=10000, help="broker port (default %(default)s)")
+    p.add_argument(
+        "--sub-port",
+        type=int,
+        default=None,
+        help="subscribers connect here instead: another node of a cluster, for cross-node figures",
+    )
     p.add_argument("--ident", default="bench", help="ident to authenticate as (default %(default)s)")
     p.add_argument("--secret", default="bench", help="its secret (default %(default)s)")
     p.add_argument(
@@ -276,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         channel=args.channel.encode(),
         tls=args.tls or bool(args.tls_ca),
         tls_ca=args.tls_ca,
+        sub_port=args.sub_port,
     )
     raise_open_files_limit()
     records = []

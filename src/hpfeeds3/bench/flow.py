@@ -60,6 +60,10 @@ def _setup_marker(i: int) -> bytes:
     return SETUP_PREFIX + b"subscriber-%d" % i
 
 
+# Time for a cluster node's interest in a channel to reach the other nodes.
+CLUSTER_SETTLE_S = 1.0
+
+
 def subscribe_all(target: Target, n: int) -> list[Client]:
     """``n`` connections subscribed to ``target.channel``, each confirmed.
 
@@ -69,7 +73,7 @@ def subscribe_all(target: Target, n: int) -> list[Client]:
     """
     clients: list[Client] = []
     for i in range(n):
-        c = target.client(SETUP_TIMEOUT_S)
+        c = target.sub_client(SETUP_TIMEOUT_S)
         clients.append(c)
         marker = _setup_marker(i)
         c.sock.sendall(
@@ -80,6 +84,10 @@ def subscribe_all(target: Target, n: int) -> list[Client]:
     for c in clients:
         if not c.idle:
             raise BenchError("a subscriber received data before the publishers started")
+    if target.sub_port:
+        # The subscribers' node subscribes to the channel's NATS subject after
+        # the local SUBSCRIBE; give the cluster link a moment before publishing.
+        time.sleep(CLUSTER_SETTLE_S)
     return clients
 
 

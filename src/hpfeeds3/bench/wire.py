@@ -375,12 +375,19 @@ class Target:
     channel: bytes = b"bench"
     tls: bool = False
     tls_ca: str | None = None
+    # Subscribers on another node of a cluster (cross-node figures); None: same broker.
+    sub_port: int | None = None
 
     def tls_context(self) -> ssl.SSLContext | None:
         return client_tls_context(self.tls_ca) if self.tls else None
 
     def client(self, timeout: float = 10.0) -> Client:
         return Client.connect(self.host, self.port, self.ident, self.secret, tls=self.tls_context(), timeout=timeout)
+
+    def sub_client(self, timeout: float = 10.0) -> Client:
+        """A subscriber's connection: to ``sub_port`` when set."""
+        port = self.sub_port or self.port
+        return Client.connect(self.host, port, self.ident, self.secret, tls=self.tls_context(), timeout=timeout)
 
     def slot_channel(self, i: int) -> bytes:
         """``bench-0`` .. ``bench-49``: one channel per concurrent handshake."""

@@ -188,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="refused frames answered with ERROR before the connection is closed (default %(default)s)",
     )
     g.add_argument(
+        "--revocation-poll",
+        type=_positive(float),
+        default=_DEFAULTS.revocation_poll_s,
+        metavar="SECONDS",
+        help="how often the sqlite store is checked for removed keys, rotated secrets and revoked "
+        "channels, which then reach live sessions (default %(default)s; JSON files and PostgreSQL "
+        "notify at once)",
+    )
+    g.add_argument(
         "--shutdown-drain",
         type=float,
         default=_DEFAULTS.shutdown_drain_s,
@@ -261,6 +270,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         max_subscriptions=args.max_subscriptions,
         max_denials=args.max_denials,
         shutdown_drain_s=args.shutdown_drain,
+        revocation_poll_s=args.revocation_poll,
     )
     return BrokerConfig(
         name=args.name,

@@ -41,6 +41,9 @@ class Limits:
     max_subscriptions: int = 1_024
     # Denied PUBLISH/SUBSCRIBE (or spoofed ident) answered with ERROR before we close.
     max_denials: int = 100
+    # How often a polled key store (sqlite) is checked for changes that revoke
+    # live sessions; JSON files are watched and PostgreSQL notifies at once.
+    revocation_poll_s: float = 1.0
     # SIGTERM/SIGINT: time given to flush queued output before closing.
     shutdown_drain_s: float = 10.0
 

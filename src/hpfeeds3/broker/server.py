@@ -302,7 +302,7 @@ async def serve(
     """Run a broker until ``stop`` is set; then shut down within the drain time."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
-    auth = authenticator or build_authenticator(config.auth)
+    auth = authenticator or build_authenticator(config.auth, poll_s=config.limits.revocation_poll_s)
     await auth.start()
     broker = Broker(config, auth, loop)
     broker.max_connections = raise_nofile_limit(config.limits.max_connections)

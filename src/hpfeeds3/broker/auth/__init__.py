@@ -29,14 +29,15 @@ __all__ = [
 ]
 
 
-def from_spec(spec: str) -> Authenticator:
+def from_spec(spec: str, *, poll_s: float = 1.0) -> Authenticator:
+    """One backend; ``poll_s``: how often a polled store (sqlite) is checked for changes."""
     if spec == "sqlite":
-        return SqliteAuthenticator("sqlite.db")
+        return SqliteAuthenticator("sqlite.db", poll_s=poll_s)
     if spec.startswith("sqlite:"):
         path = spec[len("sqlite:") :]
         if not path:
             raise ConfigError("--auth sqlite:PATH needs a path")
-        return SqliteAuthenticator(path)
+        return SqliteAuthenticator(path, poll_s=poll_s)
     if spec == "env":
         return EnvAuthenticator()
     if spec.startswith(("postgresql://", "postgres://")):
@@ -50,6 +51,6 @@ def from_spec(spec: str) -> Authenticator:
     )
 
 
-def build_authenticator(specs: Sequence[str]) -> Authenticator:
-    backends = [from_spec(s) for s in specs]
+def build_authenticator(specs: Sequence[str], *, poll_s: float = 1.0) -> Authenticator:
+    backends = [from_spec(s, poll_s=poll_s) for s in specs]
     return backends[0] if len(backends) == 1 else ChainAuthenticator(backends)

@@ -21,7 +21,8 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from hpfeeds3.protocol import Decoder, Error, Frame, Info, encode_auth, sign
+from hpfeeds3.protocol import Frame, Info
+from tests.support.broker import RawClient as SharedRawClient
 
 REPO = Path(__file__).resolve().parents[2]
 BROKER = Path(sys.executable).parent / "hpfeeds-broker"
@@ -45,59 +46,23 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-class RawClient:
-    """Speaks hpfeeds frames over a blocking socket, with the protocol package's codec."""
+class RawClient(SharedRawClient):
+    """The suite's raw-socket client, with the names these tests use."""
 
-    def __init__(
-        self,
-        port: int,
-        *,
-        ssl_context: ssl.SSLContext | None = None,
-        timeout: float = 5.0,
-    ) -> None:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        if ssl_context is not None:
-            sock = ssl_context.wrap_socket(sock, server_hostname="localhost")
-        self.sock = sock
-        self.decoder = Decoder.for_client()
-        self.pending: list[Frame] = []
-
-    def __enter__(self) -> RawClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+    def __init__(self, port: int, *, ssl_context: ssl.SSLContext | None = None, timeout: float = 5.0) -> None:
+        super().__init__(port, tls=ssl_context, timeout=timeout)
 
     def read_frame(self) -> Frame | None:
         """The next frame, or ``None`` when the broker closed the connection."""
-        while not self.pending:
-            data = self.sock.recv(65536)
-            if not data:
-                return None
-            self.pending.extend(self.decoder.feed(data))
-        return self.pending.pop(0)
-
-    def info(self) -> Info:
-        frame = self.read_frame()
-        assert isinstance(frame, Info), f"expected INFO first, got {frame!r}"
-        return frame
+        try:
+            return self.next_frame()
+        except ConnectionError:
+            return None
 
     def authenticate(self, ident: str, secret: str) -> Info:
-        info = self.info()
-        self.send(encode_auth(ident.encode(), sign(info.nonce, secret.encode())))
-        return info
-
-    def expect_error(self) -> str:
-        frame = self.read_frame()
-        assert isinstance(frame, Error), f"expected ERROR, got {frame!r}"
-        return frame.message
+        self.auth(ident, secret)
+        assert self.info is not None
+        return self.info
 
 
 class BrokerProcess:
@@ -129,7 +94,7 @@ class BrokerProcess:
                 raise AssertionError(f"broker exited with {self.proc.returncode}: {self.argv}\n{self.log()}")
             try:
                 with RawClient(port, ssl_context=ssl_context, timeout=2.0) as client:
-                    client.info()
+                    client.read_info()
                 if exporter_port is None:
                     return
                 status, body = http_get(f"http://127.0.0.1:{exporter_port}/healthz", timeout=2.0)

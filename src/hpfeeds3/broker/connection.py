@@ -41,7 +41,7 @@ from ..protocol import (
     verify,
 )
 from . import metrics
-from .auth.base import AccessKey, AuthUnavailable
+from .auth.base import AccessKey, AuthUnavailable, WouldBlock
 from .metrics import PublishStats
 from .reasons import ERROR_TOKEN, CloseReason
 
@@ -286,38 +286,59 @@ class Connection(asyncio.Protocol):
         assert isinstance(frame, Auth)
         self._buf = buf[length:]
         self._state = _AUTHING
-        assert self.transport is not None
-        self.transport.pause_reading()
-        self.broker.spawn(self._authenticate(frame.ident, frame.digest))
+        self._start_auth(frame.ident, frame.digest)
 
-    async def _authenticate(self, ident_bytes: bytes, digest: bytes) -> None:
+    def _start_auth(self, ident_bytes: bytes, digest: bytes) -> None:
+        """Verify at once when the store can answer without waiting (sqlite, env,
+        JSON); otherwise pause reading and finish in a task (PostgreSQL, a
+        locked sqlite). Either way, pipelined frames wait in ``_buf``."""
         broker = self.broker
         try:
-            ident = ident_bytes.decode("utf-8")
+            ident: str | None = ident_bytes.decode("utf-8")
         except UnicodeDecodeError:
             ident = None  # can never match a key
-        key: AccessKey | None = None
-        limiter = broker.auth_limiter
-        if ident is not None and self._rate_limited(ident):
+        if ident is None:
+            self._finish_auth(None, ident_bytes, digest, None)
+            return
+        if self._rate_limited(ident):
             return  # refused without a lookup or a verification: guessing costs nothing
-        if ident is not None:
-            try:
-                key = await broker.lookup(ident)
-            except AuthUnavailable as e:
-                if self._state != _AUTHING:
-                    return
-                log.warning("auth store unavailable for %s from %s: %s", ident, self.peer, e)
-                metrics.AUTH_FAILURES.labels("store_unavailable").inc()
-                self._refuse(
-                    CloseReason.AUTH_UNAVAILABLE,
-                    f"Authentication failed for {ident}: the key store is unavailable, try again later",
-                    "auth-unavailable",
-                )
-                return
+        try:
+            key = broker.lookup_now(ident)
+        except WouldBlock:
+            assert self.transport is not None
+            self.transport.pause_reading()
+            broker.spawn(self._authenticate(ident, ident_bytes, digest))
+            return
+        except AuthUnavailable as e:
+            self._auth_unavailable(ident, e)
+            return
+        self._finish_auth(ident, ident_bytes, digest, key)
+
+    async def _authenticate(self, ident: str, ident_bytes: bytes, digest: bytes) -> None:
+        try:
+            key = await self.broker.lookup(ident)
+        except AuthUnavailable as e:
+            if self._state == _AUTHING:
+                self._auth_unavailable(ident, e)
+            return
         if self._state != _AUTHING:
             return  # closed (timeout, shutdown) while we looked
-        if ident is not None and self._rate_limited(ident):
+        if self._rate_limited(ident):
             return  # blocked by failures that finished while we looked: still no verification
+        self._finish_auth(ident, ident_bytes, digest, key)
+
+    def _auth_unavailable(self, ident: str, e: AuthUnavailable) -> None:
+        log.warning("auth store unavailable for %s from %s: %s", ident, self.peer, e)
+        metrics.AUTH_FAILURES.labels("store_unavailable").inc()
+        self._refuse(
+            CloseReason.AUTH_UNAVAILABLE,
+            f"Authentication failed for {ident}: the key store is unavailable, try again later",
+            "auth-unavailable",
+        )
+
+    def _finish_auth(self, ident: str | None, ident_bytes: bytes, digest: bytes, key: AccessKey | None) -> None:
+        broker = self.broker
+        limiter = broker.auth_limiter
         secret = key.secret.encode("utf-8") if key is not None else _DUMMY_SECRET
         ok = verify(self.nonce, secret, digest) and key is not None
         if not ok:

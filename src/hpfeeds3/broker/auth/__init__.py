@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..config import ConfigError
-from .base import AccessKey, Authenticator, AuthUnavailable
+from .base import AccessKey, Authenticator, AuthUnavailable, WouldBlock
 from .chain import ChainAuthenticator
 from .env import EnvAuthenticator
 from .jsonfile import JsonFileAuthenticator
@@ -24,6 +24,7 @@ __all__ = [
     "EnvAuthenticator",
     "JsonFileAuthenticator",
     "SqliteAuthenticator",
+    "WouldBlock",
     "build_authenticator",
     "from_spec",
 ]

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 
-from .base import AccessKey, Authenticator
+from .base import AccessKey, Authenticator, WouldBlock
 
 
 class ChainAuthenticator:
@@ -27,6 +27,16 @@ class ChainAuthenticator:
     async def lookup(self, ident: str) -> AccessKey | None:
         for backend in self.backends:
             key = await backend.lookup(ident)
+            if key is not None:
+                return key
+        return None
+
+    def lookup_now(self, ident: str) -> AccessKey | None:
+        for backend in self.backends:
+            now = getattr(backend, "lookup_now", None)
+            if now is None:
+                raise WouldBlock
+            key = now(ident)
             if key is not None:
                 return key
         return None

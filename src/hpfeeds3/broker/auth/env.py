@@ -32,6 +32,9 @@ class EnvAuthenticator:
         pass
 
     async def lookup(self, ident: str) -> AccessKey | None:
+        return self.lookup_now(ident)
+
+    def lookup_now(self, ident: str) -> AccessKey | None:
         prefix = f"HPFEEDS_{ident.upper()}_"
         env = self._environ
         secret = env.get(prefix + "SECRET")

@@ -80,6 +80,9 @@ class JsonFileAuthenticator:
     async def lookup(self, ident: str) -> AccessKey | None:
         return self._keys.get(ident)
 
+    def lookup_now(self, ident: str) -> AccessKey | None:
+        return self._keys.get(ident)
+
     def _read(self) -> dict[str, AccessKey]:
         with open(self.path, encoding="utf-8") as f:
             return parse_keys(json.load(f))

@@ -18,7 +18,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from ..config import ConfigError
-from .base import AccessKey, AuthUnavailable, parse_channels
+from .base import AccessKey, AuthUnavailable, WouldBlock, parse_channels
 
 log = logging.getLogger("hpfeeds3.broker.auth.sqlite")
 
@@ -83,15 +83,22 @@ class SqliteAuthenticator:
             self._inline = None
 
     async def lookup(self, ident: str) -> AccessKey | None:
+        try:
+            return self.lookup_now(ident)
+        except WouldBlock:
+            return self._to_key(await asyncio.to_thread(self._lookup_waiting, ident), ident)
+
+    def lookup_now(self, ident: str) -> AccessKey | None:
+        """The inline query; ``WouldBlock`` while a writer holds the lock."""
         conn = self._inline
         if conn is None:
             raise AuthUnavailable("sqlite authenticator is not started")
         try:
             row = conn.execute(LOOKUP_SQL, (ident,)).fetchone()
         except sqlite3.OperationalError as e:
-            if "locked" not in str(e) and "busy" not in str(e):
-                raise AuthUnavailable(f"sqlite: {e}") from e
-            row = await asyncio.to_thread(self._lookup_waiting, ident)
+            if "locked" in str(e) or "busy" in str(e):
+                raise WouldBlock from e
+            raise AuthUnavailable(f"sqlite: {e}") from e
         except sqlite3.Error as e:
             raise AuthUnavailable(f"sqlite: {e}") from e
         return self._to_key(row, ident)

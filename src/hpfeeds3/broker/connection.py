@@ -10,8 +10,9 @@ Rules kept here:
 - Consecutive PUBLISH frames of one read with the same ident and channel form a
   *run*: permissions are checked once per run and the run's bytes, unchanged,
   are handed to the router with one write per subscriber.
-- Frames behind AUTH wait (reading paused) until the lookup finishes, then are
-  processed in order.
+- Frames behind AUTH wait until the key is verified, then are processed in
+  order; when the store has to be awaited (PostgreSQL, a locked sqlite),
+  reading is paused meanwhile.
 - Nothing is sent on success (not after AUTH, not after SUBSCRIBE).
 - A subscriber that cannot keep up is cut (``slow_consumer``) before it costs
   memory or slows anyone else: see ``_watch_backlog``.
@@ -82,7 +83,6 @@ def printable(value: bytes) -> str:
 class Connection(asyncio.Protocol):
     __slots__ = (
         "_auth_deadline",
-        "_backlog_since",
         "_backlog_timer",
         "_buf",
         "_denials",
@@ -137,7 +137,6 @@ class Connection(asyncio.Protocol):
         self._turn_pending = False
         self._auth_deadline: asyncio.TimerHandle | None = None
         self._backlog_timer: asyncio.TimerHandle | None = None
-        self._backlog_since = 0.0
         self._soft_since: float | None = None
         self._last_progress = 0.0
         self._last_queued = 0
@@ -232,7 +231,7 @@ class Connection(asyncio.Protocol):
         # The subscriber's queue passed the backlog mark: watch its progress.
         if self._backlog_timer is None and self._state != _CLOSED:
             now = self.broker.loop.time()
-            self._backlog_since = self._last_progress = now
+            self._last_progress = now
             self._last_queued = self.write_buffer_size()
             self._sent_at_check = self.sent_bytes
             metrics.SEND_BUFFER_DEADLINE_START.labels(self.ident or "").inc()

@@ -49,6 +49,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _escape_control(text: str) -> str:
+    if text.isprintable():  # the common case, decided in C
+        return text
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 

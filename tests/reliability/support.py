@@ -17,6 +17,7 @@ import struct
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psutil
@@ -205,6 +206,7 @@ class Canary:
         self._stats = CanaryStats()
         self._total = CanaryStats()
         self._stop = threading.Event()
+        self._stop_publishing = threading.Event()
         self._next_expected = 0
         self._seq = 0
         self.errors: list[str] = []
@@ -231,7 +233,7 @@ class Canary:
 
     def _publish_loop(self) -> None:
         next_at = time.perf_counter()
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self._stop_publishing.is_set():
             now = time.perf_counter()
             if now < next_at:
                 time.sleep(min(next_at - now, 0.01))
@@ -281,33 +283,51 @@ class Canary:
 
     def settle(self, timeout: float = 2.0) -> None:
         """Wait until everything sent so far has arrived (or the timeout)."""
+        self._settled(timeout, lambda: None)
+
+    def _settled(self, timeout: float, take: Callable[[], CanaryStats | None]) -> CanaryStats | None:
+        """Run ``take`` under the lock at a moment when nothing sent is still in
+        flight (or at the timeout): its figures are then consistent, however
+        the publisher goes on."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             with self._lock:
-                if self._next_expected >= self._seq:
-                    return
+                if self._next_expected >= self._seq or time.monotonic() >= deadline:
+                    return take()
             time.sleep(0.005)
 
     def window(self) -> CanaryStats:
-        self.settle()
-        with self._lock:
+        def take() -> CanaryStats:
             st, self._stats = self._stats, CanaryStats()
+            return st
+
+        st = self._settled(2.0, take)
+        assert st is not None
         return st
 
     def total(self) -> CanaryStats:
-        self.settle()
-        with self._lock:
-            return self._total
+        """A snapshot of the whole run so far."""
+
+        def take() -> CanaryStats:
+            t = self._total
+            return CanaryStats(t.sent, t.received, t.lost, t.reordered, list(t.latencies_ms))
+
+        st = self._settled(2.0, take)
+        assert st is not None
+        return st
 
     def stop(self) -> CanaryStats:
-        self.settle()
+        """Stop publishing, let the last messages arrive, then stop reading."""
+        self._stop_publishing.set()
+        self._threads[0].join(5)
+        total = self.total()
         self._stop.set()
         for t in self._threads:
             t.join(5)
         for s in (self.pub, self.sub):
             with contextlib.suppress(OSError):
                 s.close()
-        return self._total
+        return total
 
 
 def _authed_socket(

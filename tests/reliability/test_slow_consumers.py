@@ -99,7 +99,9 @@ class Healthy(threading.Thread):
 
 
 def publish(port: int, rate: int, seconds: float, burst_batches: int = 100) -> int:
-    """Publish ``rate`` msg/s for ``seconds`` in batches every 10 ms; returns messages sent."""
+    """Publish ``rate`` msg/s for ``seconds`` in batches every 10 ms; returns messages sent.
+
+    Stops early when the broker goes away (the fault tests kill it mid-stream)."""
     sock = _authed_socket(port, "alice", "alice-secret")
     per_batch = max(1, rate // burst_batches)
     batch_interval = per_batch / rate
@@ -107,7 +109,10 @@ def publish(port: int, rate: int, seconds: float, burst_batches: int = 100) -> i
     started = next_at = time.monotonic()
     try:
         while time.monotonic() - started < seconds:
-            sock.sendall(_frames(seq, per_batch))
+            try:
+                sock.sendall(_frames(seq, per_batch))
+            except ConnectionError:
+                break
             seq += per_batch
             next_at += batch_interval
             delay = next_at - time.monotonic()

@@ -37,6 +37,106 @@ cannot start (port in use, unreadable certificate, unusable auth store),
 """
 
 
+# Every limit of PROTOCOL.md has a flag: flag, Limits field, help. The unit
+# (and so the parser and metavar) comes from the field's suffix: _bytes, _s, or
+# a plain count.
+LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("--max-message-size", "max_message_bytes", "largest PUBLISH body: ident + channel + payload (default 1M)"),
+    ("--auth-timeout", "auth_timeout_s", "accept -> AUTH verified (default %(default)s)"),
+    ("--tls-handshake-timeout", "tls_handshake_timeout_s", "TLS handshake deadline (default %(default)s)"),
+    (
+        "--max-connections",
+        "max_connections",
+        "concurrent connections, also kept below the open-files limit (default %(default)s)",
+    ),
+    (
+        "--max-unauthenticated",
+        "max_unauthenticated",
+        "connections that have not authenticated yet (default %(default)s)",
+    ),
+    (
+        "--send-buffer-hard",
+        "send_buffer_hard_bytes",
+        "cut a subscriber at once above this many queued bytes (default 32M)",
+    ),
+    (
+        "--send-buffer-soft",
+        "send_buffer_soft_bytes",
+        "cut a subscriber above this many queued bytes for --send-buffer-soft-window (default 8M)",
+    ),
+    ("--send-buffer-soft-window", "send_buffer_soft_window_s", "(default %(default)s)"),
+    (
+        "--send-stall-timeout",
+        "send_stall_timeout_s",
+        "cut a subscriber when nothing drained for this long while bytes are queued (default %(default)s)",
+    ),
+    ("--max-subscriptions", "max_subscriptions", "channels per connection (default %(default)s)"),
+    (
+        "--max-denials",
+        "max_denials",
+        "refused frames answered with ERROR before the connection is closed (default %(default)s)",
+    ),
+    (
+        "--revocation-poll",
+        "revocation_poll_s",
+        "how often the sqlite store is checked for removed keys, rotated secrets and revoked channels, "
+        "which then reach live sessions (default %(default)s; JSON files and PostgreSQL notify at once)",
+    ),
+    ("--shutdown-drain", "shutdown_drain_s", "on SIGTERM/SIGINT, time to flush queued output (default %(default)s)"),
+)
+
+# flag, AuthLimits field, help (per_* fields are counts where 0 disables the limit).
+AUTH_LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = (
+    (
+        "--auth-fail-limit",
+        "per_ident",
+        "failed AUTHs per source address and ident within the window (default %(default)s)",
+    ),
+    (
+        "--auth-fail-address-limit",
+        "per_address",
+        "failed AUTHs per source address over all idents within the window (default %(default)s)",
+    ),
+    ("--auth-fail-window", "window_s", "(default %(default)s)"),
+    (
+        "--auth-fail-block",
+        "block_s",
+        "how long an address (or address and ident) over a limit is refused (default %(default)s)",
+    ),
+)
+
+
+def _limit_type(field: str) -> tuple[Callable[[str], float], str]:
+    if field.endswith("_bytes"):
+        return _size, "BYTES"
+    if field == "shutdown_drain_s":
+        return _non_negative, "SECONDS"
+    if field.endswith("_s"):
+        return _positive(float), "SECONDS"
+    return _positive(int), "N"
+
+
+def _count(value: str) -> int:
+    """A whole number, 0 or more (0 disables the limit)."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {value!r}")
+    return n
+
+
+def _non_negative(value: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {value!r}")
+    return n
+
+
 def _size(value: str) -> int:
     """Bytes, with an optional K/M/G suffix (powers of 1024)."""
     v = value.strip().upper().removesuffix("B").removesuffix("I")
@@ -110,128 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format (default: text)")
 
     g = p.add_argument_group("limits")
-    g.add_argument(
-        "--max-message-size",
-        type=_size,
-        default=_DEFAULTS.max_message_bytes,
-        metavar="BYTES",
-        help="largest PUBLISH body: ident + channel + payload (default 1M, as the reference)",
-    )
-    g.add_argument(
-        "--auth-timeout",
-        type=_positive(float),
-        default=_DEFAULTS.auth_timeout_s,
-        metavar="SECONDS",
-        help="accept -> AUTH verified (default %(default)s)",
-    )
-    g.add_argument(
-        "--tls-handshake-timeout",
-        type=_positive(float),
-        default=_DEFAULTS.tls_handshake_timeout_s,
-        metavar="SECONDS",
-        help="TLS handshake deadline (default %(default)s)",
-    )
-    g.add_argument(
-        "--max-connections",
-        type=_positive(int),
-        default=_DEFAULTS.max_connections,
-        metavar="N",
-        help="concurrent connections, also kept below the open-files limit (default %(default)s)",
-    )
-    g.add_argument(
-        "--max-unauthenticated",
-        type=_positive(int),
-        default=_DEFAULTS.max_unauthenticated,
-        metavar="N",
-        help="connections that have not authenticated yet (default %(default)s)",
-    )
-    g.add_argument(
-        "--send-buffer-hard",
-        type=_size,
-        default=_DEFAULTS.send_buffer_hard_bytes,
-        metavar="BYTES",
-        help="cut a subscriber at once above this many queued bytes (default 32M)",
-    )
-    g.add_argument(
-        "--send-buffer-soft",
-        type=_size,
-        default=_DEFAULTS.send_buffer_soft_bytes,
-        metavar="BYTES",
-        help="cut a subscriber above this many queued bytes for --send-buffer-soft-window (default 8M)",
-    )
-    g.add_argument(
-        "--send-buffer-soft-window",
-        type=_positive(float),
-        default=_DEFAULTS.send_buffer_soft_window_s,
-        metavar="SECONDS",
-        help="(default %(default)s)",
-    )
-    g.add_argument(
-        "--send-stall-timeout",
-        type=_positive(float),
-        default=_DEFAULTS.send_stall_timeout_s,
-        metavar="SECONDS",
-        help="cut a subscriber when nothing drained for this long while bytes are queued (default %(default)s)",
-    )
-    g.add_argument(
-        "--max-subscriptions",
-        type=_positive(int),
-        default=_DEFAULTS.max_subscriptions,
-        metavar="N",
-        help="channels per connection (default %(default)s)",
-    )
-    g.add_argument(
-        "--max-denials",
-        type=_positive(int),
-        default=_DEFAULTS.max_denials,
-        metavar="N",
-        help="refused frames answered with ERROR before the connection is closed (default %(default)s)",
-    )
-    g.add_argument(
-        "--revocation-poll",
-        type=_positive(float),
-        default=_DEFAULTS.revocation_poll_s,
-        metavar="SECONDS",
-        help="how often the sqlite store is checked for removed keys, rotated secrets and revoked "
-        "channels, which then reach live sessions (default %(default)s; JSON files and PostgreSQL "
-        "notify at once)",
-    )
-    g.add_argument(
-        "--shutdown-drain",
-        type=float,
-        default=_DEFAULTS.shutdown_drain_s,
-        metavar="SECONDS",
-        help="on SIGTERM/SIGINT, time to flush queued output (default %(default)s)",
-    )
+    for flag, field, text in LIMIT_FLAGS:
+        convert, metavar = _limit_type(field)
+        g.add_argument(flag, dest=field, type=convert, default=getattr(_DEFAULTS, field), metavar=metavar, help=text)
     a = p.add_argument_group("failed-AUTH limits (brute force; 0 disables a limit)")
-    a.add_argument(
-        "--auth-fail-limit",
-        type=int,
-        default=_AUTH_DEFAULTS.per_ident,
-        metavar="N",
-        help="failed AUTHs per source address and ident within the window (default %(default)s)",
-    )
-    a.add_argument(
-        "--auth-fail-address-limit",
-        type=int,
-        default=_AUTH_DEFAULTS.per_address,
-        metavar="N",
-        help="failed AUTHs per source address over all idents within the window (default %(default)s)",
-    )
-    a.add_argument(
-        "--auth-fail-window",
-        type=_positive(float),
-        default=_AUTH_DEFAULTS.window_s,
-        metavar="SECONDS",
-        help="(default %(default)s)",
-    )
-    a.add_argument(
-        "--auth-fail-block",
-        type=_positive(float),
-        default=_AUTH_DEFAULTS.block_s,
-        metavar="SECONDS",
-        help="how long an address (or address and ident) over a limit is refused (default %(default)s)",
-    )
+    for flag, field, text in AUTH_LIMIT_FLAGS:
+        convert, metavar = (_count, "N") if field.startswith("per_") else _limit_type(field)
+        a.add_argument(
+            flag, dest=f"auth_{field}", type=convert, default=getattr(_AUTH_DEFAULTS, field), metavar=metavar, help=text
+        )
     return p
 
 
@@ -257,33 +244,14 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
                         pass
                 except OSError as e:
                     raise ConfigError(f"cannot read TLS file {path!r}: {e.strerror}") from e
-    limits = Limits(
-        max_message_bytes=args.max_message_size,
-        auth_timeout_s=args.auth_timeout,
-        tls_handshake_timeout_s=args.tls_handshake_timeout,
-        max_connections=args.max_connections,
-        max_unauthenticated=args.max_unauthenticated,
-        send_buffer_hard_bytes=args.send_buffer_hard,
-        send_buffer_soft_bytes=args.send_buffer_soft,
-        send_buffer_soft_window_s=args.send_buffer_soft_window,
-        send_stall_timeout_s=args.send_stall_timeout,
-        max_subscriptions=args.max_subscriptions,
-        max_denials=args.max_denials,
-        shutdown_drain_s=args.shutdown_drain,
-        revocation_poll_s=args.revocation_poll,
-    )
+    limits = Limits(**{field: getattr(args, field) for _, field, _ in LIMIT_FLAGS})
     return BrokerConfig(
         name=args.name,
         endpoints=tuple(endpoints),
         auth=tuple(args.auth or ("sqlite",)),
         exporter=parse_host_port(args.exporter, "--exporter") if args.exporter else None,
         limits=limits,
-        auth_limits=AuthLimits(
-            per_ident=max(0, args.auth_fail_limit),
-            per_address=max(0, args.auth_fail_address_limit),
-            window_s=args.auth_fail_window,
-            block_s=args.auth_fail_block,
-        ),
+        auth_limits=AuthLimits(**{field: getattr(args, f"auth_{field}") for _, field, _ in AUTH_LIMIT_FLAGS}),
         debug=args.debug,
         log_format=args.log_format,
         cluster=tuple(u.strip() for u in (args.cluster or "").split(",") if u.strip()),

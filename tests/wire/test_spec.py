@@ -8,6 +8,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ def test_default_sqlite_insert_while_running_takes_effect_without_restart(tmp_pa
     b = start_broker(users=None)  # default auth: ./sqlite.db in the working directory
     db = tmp_path / "sqlite.db"
     assert db.exists()
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600  # secrets in plaintext: owner only
     with RawClient(b.port) as c:
         c.auth("ident", "secret")
         c.expect_closed()

@@ -11,6 +11,7 @@ bounded time, so the event loop is never blocked for long.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -34,8 +35,23 @@ SCHEMA = (
 LOOKUP_SQL = "select owner, ident, secret, pubchans, subchans from authkeys where ident = ?"
 
 
+def create_private(path: str) -> None:
+    """Create ``path`` empty and readable by its owner only, unless it exists.
+
+    The store holds secrets in plaintext (the protocol needs them), so a new
+    one is mode 0600; sqlite gives its journal files the same mode. An
+    existing file is left as its owner set it.
+    """
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
 def ensure_schema(path: str) -> None:
     """Create the reference tables when missing; raise ConfigError if the file is unusable."""
+    try:
+        create_private(path)
+    except OSError as e:
+        raise ConfigError(f"cannot open sqlite auth database {path!r}: {e.strerror}") from e
     try:
         conn = sqlite3.connect(path, timeout=5.0)
         try:

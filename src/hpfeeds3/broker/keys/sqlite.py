@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from ..auth.base import AccessKey, parse_channels
+from ..auth.sqlite import create_private
 from .errors import IdentExists, InvalidKey, NoSuchIdent, StoreUnavailable
 from .store import KeyStore
 
@@ -70,6 +71,8 @@ class SqliteKeyStore(KeyStore):
         if not create and not os.path.exists(path):
             raise StoreUnavailable(f"{path}: no such file (keys add or the broker creates it)")
         with self._errors():
+            if create:
+                create_private(path)  # secrets in plaintext: a new store is 0600
             self._db = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None)
             # Fails here, not later, when the file is not a database.
             self._db.execute("select count(*) from sqlite_master").fetchone()

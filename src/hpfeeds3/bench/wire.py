@@ -27,7 +27,6 @@ Message payload layout (little-endian)::
 from __future__ import annotations
 
 import contextlib
-import functools
 import re
 import socket
 import ssl
@@ -41,7 +40,6 @@ from hpfeeds3.protocol import (
     HEADER_LEN,
     Decoder,
     Error,
-    FrameLimits,
     Info,
     ProtocolError,
     Publish,
@@ -223,27 +221,8 @@ def describe_mismatch(buf: bytearray, start: int, end: int, checker: Checker) ->
 # --- connections -------------------------------------------------------------------
 
 
-class _CachedLimits(FrameLimits):
-    """The default limits, with the per-opcode table built once: building it
-    costs more than the rest of a handshake (``FrameLimits.table`` makes a
-    256-entry tuple per call) and the connect scenario makes thousands."""
-
-    __slots__ = ()
-
-    def table(self, accepted: frozenset[int]) -> tuple[int, ...]:
-        return _tables(self, accepted)
-
-
-@functools.cache
-def _tables(limits: FrameLimits, accepted: frozenset[int]) -> tuple[int, ...]:
-    return FrameLimits.table(limits, accepted)
-
-
-_CLIENT_LIMITS = _CachedLimits()
-
-
 def client_decoder() -> Decoder:
-    return Decoder.for_client(_CLIENT_LIMITS)
+    return Decoder.for_client()
 
 
 class BenchError(Exception):

@@ -9,6 +9,7 @@ Stdlib only, no I/O.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -61,16 +62,26 @@ class FrameLimits:
     max_error_frame_bytes: int = HEADER_LEN + 64 * 1024
 
     def table(self, accepted: frozenset[int]) -> tuple[int, ...]:
-        """Max frame length indexed by opcode; 0 for an opcode not accepted."""
-        by_op = {
-            OP_ERROR: self.max_error_frame_bytes,
-            OP_INFO: self.max_info_frame_bytes,
-            OP_AUTH: self.max_auth_frame_bytes,
-            OP_PUBLISH: self.max_publish_frame_bytes,
-            OP_SUBSCRIBE: self.max_subscribe_frame_bytes,
-            OP_UNSUBSCRIBE: self.max_subscribe_frame_bytes,
-        }
-        return tuple(by_op[op] if op in accepted else 0 for op in range(256))
+        """Max frame length indexed by opcode; 0 for an opcode not accepted.
+
+        Built once per (limits, accepted) pair: every Decoder asks for one, and
+        a client or benchmark making thousands of connections must not pay
+        for a 256-entry tuple each time.
+        """
+        return _table(self, accepted)
+
+
+@functools.cache
+def _table(limits: FrameLimits, accepted: frozenset[int]) -> tuple[int, ...]:
+    by_op = {
+        OP_ERROR: limits.max_error_frame_bytes,
+        OP_INFO: limits.max_info_frame_bytes,
+        OP_AUTH: limits.max_auth_frame_bytes,
+        OP_PUBLISH: limits.max_publish_frame_bytes,
+        OP_SUBSCRIBE: limits.max_subscribe_frame_bytes,
+        OP_UNSUBSCRIBE: limits.max_subscribe_frame_bytes,
+    }
+    return tuple(by_op[op] if op in accepted else 0 for op in range(256))
 
 
 DEFAULT_LIMITS = FrameLimits()

@@ -11,6 +11,8 @@ import json
 import os
 import sqlite3
 
+from ..broker.auth.sqlite import REFERENCE_SCHEMA
+
 SLOTS = 50  # the connect scenario's CHANNEL-0 .. CHANNEL-49
 
 
@@ -41,15 +43,8 @@ def write_sqlite(path: str, ident: str = "bench", secret: str = "bench", channel
     db = sqlite3.connect(path)
     try:
         with db:
-            # The reference creates all three tables when any is missing.
-            db.execute("create table if not exists logs (id integer primary key autoincrement, data TEXT)")
-            db.execute(
-                "create table if not exists stats (id integer primary key autoincrement, ak TEXT, uid TEXT, data TEXT)"
-            )
-            db.execute(
-                "create table if not exists authkeys (id integer primary key autoincrement,"
-                " owner TEXT, ident TEXT, secret TEXT, pubchans TEXT, subchans TEXT)"
-            )
+            for statement in REFERENCE_SCHEMA:
+                db.execute(statement)
             db.execute("delete from authkeys where ident = ?", (ident,))
             db.execute(
                 "insert into authkeys (owner, ident, secret, pubchans, subchans) values (?, ?, ?, ?, ?)",

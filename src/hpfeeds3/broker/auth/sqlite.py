@@ -23,9 +23,10 @@ from .base import AccessKey, AuthUnavailable, WouldBlock, parse_channels
 
 log = logging.getLogger("hpfeeds3.broker.auth.sqlite")
 
-# The reference broker's tables, created when missing (logs/stats are unused
-# but kept so the reference broker can open a file we created).
-SCHEMA = (
+# The reference broker's tables, exactly as it creates them; created when
+# missing (logs/stats are unused but kept so the reference broker can open a
+# file we created). The key tools and the benchmark use the same statements.
+REFERENCE_SCHEMA = (
     "create table if not exists logs (id integer primary key autoincrement, data TEXT)",
     "create table if not exists stats (id integer primary key autoincrement, ak TEXT, uid TEXT, data TEXT)",
     "create table if not exists authkeys (id integer primary key autoincrement,"
@@ -56,7 +57,7 @@ def ensure_schema(path: str) -> None:
         conn = sqlite3.connect(path, timeout=5.0)
         try:
             with conn:
-                for stmt in SCHEMA:
+                for stmt in REFERENCE_SCHEMA:
                     conn.execute(stmt)
         finally:
             conn.close()

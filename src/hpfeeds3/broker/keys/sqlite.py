@@ -23,17 +23,10 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from ..auth.base import AccessKey, parse_channels
-from ..auth.sqlite import create_private
+from ..auth.sqlite import REFERENCE_SCHEMA, create_private
 from .errors import IdentExists, InvalidKey, NoSuchIdent, StoreUnavailable
 from .store import KeyStore
 
-# The reference broker's tables, exactly as it creates them.
-REFERENCE_SCHEMA = (
-    "create table if not exists authkeys (id integer primary key autoincrement, "
-    "owner TEXT, ident TEXT, secret TEXT, pubchans TEXT, subchans TEXT)",
-    "create table if not exists logs (id integer primary key autoincrement, data TEXT)",
-    "create table if not exists stats (id integer primary key autoincrement, ak TEXT, uid TEXT, data TEXT)",
-)
 IDENT_INDEX = "create unique index if not exists authkeys_ident on authkeys (ident)"
 
 # How long a write waits for a broker's (or another command's) lock.

@@ -61,16 +61,12 @@ class Router:
 
     def publish(self, channel: bytes, data: bytes, count: int) -> None:
         """Fan ``data`` (``count`` PUBLISH frames for ``channel``) out locally and remotely."""
-        subs = self._subs.get(channel)
-        if subs:
-            for sub in subs:
-                sub.deliver(data)
-            self.deliveries[channel] += count * len(subs)
+        self.deliver_local(channel, data, count)
         if self.remote is not None:
             self.remote(channel, data, count)
 
     def deliver_local(self, channel: bytes, data: bytes, count: int) -> None:
-        """Fan out frames that came from another broker (never forwarded again)."""
+        """Fan out to this broker's subscribers only (frames from another broker end here)."""
         subs = self._subs.get(channel)
         if subs:
             for sub in subs:

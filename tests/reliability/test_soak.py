@@ -102,8 +102,6 @@ def test_soak_1000_clients_with_churn(reliable_broker) -> None:
     assert fds <= base_fds, (fds, base_fds, peak_fds)
     assert conns_after == metric(base, "hpfeeds_broker_client_connections") == 0 + 2
     assert subs_after == metric_sum(base, "hpfeeds_broker_subscriptions")
-    if during.p99_ms >= 10.0:
-        # Measured 114-300 ms p99 on a shared 2-core host while the broker used
-        # ~0.3 cores: not yet explained (GC pauses? host contention?). Shown as
-        # XFAIL with the figure rather than hidden; see the closing note.
-        pytest.xfail(f"canary round trip p99 {during.p99_ms:.1f} ms >= 10 ms under soak (max {during.max_ms:.1f} ms)")
+    # Event-loop lag seen from outside (the bound). It was 114-300 ms
+    # before closed connections stopped waiting for the cyclic GC.
+    assert during.p99_ms < 10.0, f"canary round trip p99 {during.p99_ms:.1f} ms (max {during.max_ms:.1f} ms)"

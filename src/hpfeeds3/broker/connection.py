@@ -45,6 +45,7 @@ from . import metrics
 from .auth.base import AccessKey, AuthUnavailable, WouldBlock
 from .metrics import PublishStats
 from .reasons import ERROR_TOKEN, CloseReason
+from .text import printable
 
 if TYPE_CHECKING:
     from .server import Broker
@@ -73,11 +74,6 @@ _CLOSE_FLUSH_S = 1.0
 # rest waits for the next turn, reading paused, so other clients are not
 # delayed by more than a few milliseconds.
 _CHECKED_FRAMES_PER_TURN = 1024
-
-
-def printable(value: bytes) -> str:
-    """Client-chosen bytes made safe for logs and ERROR texts."""
-    return value.decode("utf-8", "backslashreplace")[:300]
 
 
 class Connection(asyncio.Protocol):

@@ -31,7 +31,7 @@ from hpfeeds3.broker.auth.base import AccessKey
 from hpfeeds3.broker.config import BrokerConfig
 from hpfeeds3.broker.connection import Connection
 from hpfeeds3.broker.reasons import CloseReason
-from hpfeeds3.broker.server import Broker
+from hpfeeds3.broker.state import Broker
 from hpfeeds3.protocol import (
     HEADER,
     Decoder,

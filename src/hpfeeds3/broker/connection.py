@@ -46,9 +46,10 @@ from .auth.base import AccessKey, AuthUnavailable, WouldBlock
 from .metrics import PublishStats
 from .reasons import ERROR_TOKEN, CloseReason
 from .text import printable
+from .tuning import BACKLOG_CHECK_S, BACKLOG_HIGH_BYTES, BACKLOG_LOW_BYTES, CHECKED_FRAMES_PER_TURN, CLOSE_FLUSH_S
 
 if TYPE_CHECKING:
-    from .server import Broker
+    from .state import Broker
 
 log = logging.getLogger("hpfeeds3.broker.connection")
 
@@ -60,20 +61,6 @@ _PRE_AUTH, _AUTHING, _READY, _CLOSED = range(4)
 # A secret no key can have: verifying against it makes an unknown ident cost
 # exactly what a wrong secret costs.
 _DUMMY_SECRET = b"\x00unknown-ident\x00" * 2
-
-# Above this many queued bytes a subscriber is "backlogged" and watched.
-_BACKLOG_HIGH_BYTES = 256 * 1024
-_BACKLOG_LOW_BYTES = 64 * 1024
-# How often a backlogged subscriber's progress is checked.
-_BACKLOG_CHECK_S = 0.5
-# A connection closed with an ERROR gets this long to flush it before abort.
-_CLOSE_FLUSH_S = 1.0
-# Frames that need a full check (control frames, the first PUBLISH of a run)
-# handled per event-loop turn for one connection. One 256 KiB read can hold
-# 20,000 SUBSCRIBE/UNSUBSCRIBE frames (~150 ms of work): past this many the
-# rest waits for the next turn, reading paused, so other clients are not
-# delayed by more than a few milliseconds.
-_CHECKED_FRAMES_PER_TURN = 1024
 
 
 class Connection(asyncio.Protocol):
@@ -167,7 +154,7 @@ class Connection(asyncio.Protocol):
             return
 
         transport = self.transport
-        transport.set_write_buffer_limits(high=_BACKLOG_HIGH_BYTES, low=_BACKLOG_LOW_BYTES)
+        transport.set_write_buffer_limits(high=BACKLOG_HIGH_BYTES, low=BACKLOG_LOW_BYTES)
         transport.write(encode_info(broker.name_bytes, self.nonce))
         self._auth_deadline = broker.loop.call_later(limits.auth_timeout_s, self._on_auth_timeout)
 
@@ -231,7 +218,7 @@ class Connection(asyncio.Protocol):
             self._last_queued = self.write_buffer_size()
             self._sent_at_check = self.sent_bytes
             metrics.SEND_BUFFER_DEADLINE_START.labels(self.ident or "").inc()
-            self._backlog_timer = self.broker.loop.call_later(_BACKLOG_CHECK_S, self._watch_backlog)
+            self._backlog_timer = self.broker.loop.call_later(BACKLOG_CHECK_S, self._watch_backlog)
 
     def resume_writing(self) -> None:
         if self._backlog_timer is not None:
@@ -449,7 +436,7 @@ class Connection(asyncio.Protocol):
                         continue
                     # A new run: flush the old one, then check this frame fully.
                     checked += 1
-                    if checked > _CHECKED_FRAMES_PER_TURN:
+                    if checked > CHECKED_FRAMES_PER_TURN:
                         yielded = True
                         break
                     if run_count:
@@ -478,7 +465,7 @@ class Connection(asyncio.Protocol):
                     self._publish_run(run_channel, buf[run_start:pos], run_count, run_overhead)
                     run_count = 0
                 checked += 1
-                if checked > _CHECKED_FRAMES_PER_TURN:
+                if checked > CHECKED_FRAMES_PER_TURN:
                     yielded = True
                     break
                 check_header(length, opcode, self._max_len)
@@ -614,7 +601,7 @@ class Connection(asyncio.Protocol):
             )
 
     def _watch_backlog(self) -> None:
-        """Runs every _BACKLOG_CHECK_S while the subscriber is backlogged."""
+        """Runs every BACKLOG_CHECK_S while the subscriber is backlogged."""
         self._backlog_timer = None
         if self._state == _CLOSED or self.transport is None or self.transport.is_closing():
             return
@@ -639,7 +626,7 @@ class Connection(asyncio.Protocol):
         elif self._soft_since is not None and now - self._soft_since >= limits.send_buffer_soft_window_s:
             self._cut_slow_consumer(f"outgoing buffer over its soft bound for {limits.send_buffer_soft_window_s:g} s")
         else:
-            self._backlog_timer = broker.loop.call_later(_BACKLOG_CHECK_S, self._watch_backlog)
+            self._backlog_timer = broker.loop.call_later(BACKLOG_CHECK_S, self._watch_backlog)
 
     def _cut_slow_consumer(self, why: str) -> None:
         metrics.SLOW_CONSUMERS.inc()
@@ -680,7 +667,7 @@ class Connection(asyncio.Protocol):
         transport.close()
         if transport.get_write_buffer_size():
             # A peer that does not read must not keep the socket forever.
-            self.broker.loop.call_later(_CLOSE_FLUSH_S, transport.abort)
+            self.broker.loop.call_later(CLOSE_FLUSH_S, transport.abort)
 
     def _cancel_timers(self) -> None:
         if self._auth_deadline is not None:

@@ -3,8 +3,9 @@
 Contract:
 
 - One record is one line on stderr, in both formats. Text that came from the
-  network (idents, channel names, peer-sent text) may hold newlines or control
-  characters: they are escaped, so a client can never forge a log line.
+  network (idents, channel names, peer-sent text) may hold newlines, control
+  characters or Unicode line separators: every non-printable character is
+  escaped (``text.escape``), so a client can never forge a log line.
 - Structured fields travel as ``extra=`` attributes of the record; only the
   names in ``FIELDS`` are ever written, so a secret passed by mistake (or any
   other attribute) never reaches the log::
@@ -32,10 +33,11 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import re
 import sys
 import time
 from typing import Any, TextIO
+
+from .text import escape
 
 # Record attributes written when present, in this order.
 FIELDS: tuple[str, ...] = ("event", "peer", "ident", "owner", "channel", "reason", "limit")
@@ -44,14 +46,6 @@ FORMATS = ("text", "json")
 
 # Marks the handler installed here, so configure_logging() can be called again.
 _HANDLER_FLAG = "_hpfeeds3_handler"
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _escape_control(text: str) -> str:
-    if text.isprintable():  # the common case, decided in C
-        return text
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def _word(c: str) -> bool:
@@ -117,11 +111,11 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
-        parts = [_timestamp(record), record.levelname, record.name, _escape_control(message)]
+        parts = [_timestamp(record), record.levelname, record.name, escape(message)]
         for name, value in _fields(record):
             if value and _says(message, value):
                 continue  # "peer 1.2.3.4:5 authenticated as x" already says it: not repeated
-            value = _escape_control(value)
+            value = escape(value)
             if value == "" or any(c in value for c in ' "='):
                 value = json.dumps(value, ensure_ascii=False)
             parts.append(f"{name}={value}")

@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .server import Broker
+    from .state import Broker
 
 # --- the reference's metrics ----------------------------------------------
 

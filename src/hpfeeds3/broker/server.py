@@ -1,4 +1,7 @@
-"""Composition root: listeners, TLS, authenticator, router, bounded shutdown.
+"""Composition root: listeners, TLS, authenticator, backplane, exporter, bounded shutdown.
+
+The shared state every connection reaches is ``state.Broker``; this module
+only builds the pieces, wires them together and runs them.
 
 ``serve(config, sockets=..., stop=...)`` is what the CLI and the tests call:
 the edge (CLI) owns signals and the clock; tests pass pre-bound sockets and a
@@ -15,219 +18,16 @@ import os
 import resource
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
 
-from ..protocol import CLIENT_TO_BROKER
 from . import metrics
-from .auth import AccessKey, Authenticator, AuthUnavailable, WouldBlock, build_authenticator
+from .auth import Authenticator, build_authenticator
 from .config import BrokerConfig, ConfigError, Endpoint
 from .connection import Connection
-from .metrics import PublishStats
-from .ratelimit import AuthFailureLimiter
-from .reasons import CloseReason
-from .router import Router
+from .state import Broker
+from .tuning import LISTEN_BACKLOG, RESERVED_FDS
 
 log = logging.getLogger("hpfeeds3.broker")
-
-# Descriptors kept free for listeners, the auth store, logs and the exporter.
-_RESERVED_FDS = 64
-# Distinct channel lists whose byte sets are shared between connections.
-_MAX_CHANNEL_SETS = 10_000
-# An auth lookup that takes longer than this fails the AUTH (store unavailable).
-AUTH_LOOKUP_TIMEOUT_S = 2.0
-
-
-class Broker:
-    """Shared state of one broker process: what every Connection reaches."""
-
-    def __init__(self, config: BrokerConfig, authenticator: Authenticator, loop: asyncio.AbstractEventLoop) -> None:
-        self.config = config
-        self.authenticator = authenticator
-        self.loop = loop
-        self.router = Router()
-        self.auth_limiter = AuthFailureLimiter(config.auth_limits)
-        self.name_bytes = config.name.encode("utf-8")[:255]
-        self.frame_limits = config.limits.frame_limits()
-        # Max frame length by opcode, built once and shared by every connection.
-        self.frame_table = self.frame_limits.table(CLIENT_TO_BROKER)
-        self.send_hard_bytes = config.limits.send_buffer_hard_bytes
-        self.max_connections = config.limits.max_connections
-        self.connections: set[Connection] = set()
-        self.by_ident: dict[str, set[Connection]] = {}
-        self._channel_sets: dict[tuple[str, ...], frozenset[bytes]] = {}
-        self.unauthenticated = 0
-        self.state = "starting"  # starting | serving | stopping
-        self.backplane: Any = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        # Counts of closed connections, so counters never go backwards.
-        self.retired_publish: dict[tuple[str, str], PublishStats] = {}
-        self.retired_send_fill: dict[str, int] = {}
-        self.retired_recv_fill: dict[str, int] = {}
-        self.retired_total_recv = 0
-        self.retired_total_sent = 0
-
-    def health(self) -> tuple[int, dict[str, Any]]:
-        """/healthz: 200 while serving (``degraded`` while a cluster link is down), else 503."""
-        body: dict[str, Any] = {
-            "status": self.state,
-            "name": self.config.name,
-            "connections": len(self.connections),
-        }
-        if self.backplane is not None:
-            body["cluster"] = self.backplane.status
-            if self.state == "serving" and not self.backplane.connected:
-                body["status"] = "degraded"
-        return (200 if self.state == "serving" else 503), body
-
-    # --- called by connections ---------------------------------------------------
-
-    def channel_set(self, channels: tuple[str, ...]) -> frozenset[bytes]:
-        """The channels of a key as the bytes the hot path compares, one shared set per distinct list."""
-        found = self._channel_sets.get(channels)
-        if found is None:
-            if len(self._channel_sets) >= _MAX_CHANNEL_SETS:
-                self._channel_sets.clear()
-            found = self._channel_sets[channels] = frozenset(c.encode("utf-8") for c in channels)
-        return found
-
-    @property
-    def task_count(self) -> int:
-        return len(self._tasks)
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = self.loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("internal error in a connection task", exc_info=task.exception())
-
-    def lookup_now(self, ident: str) -> AccessKey | None:
-        """The key without waiting, or ``WouldBlock`` (then use ``lookup``)."""
-        now = getattr(self.authenticator, "lookup_now", None)
-        if now is None:
-            raise WouldBlock
-        try:
-            return now(ident)  # type: ignore[no-any-return]
-        except (WouldBlock, AuthUnavailable):
-            raise
-        except Exception as e:
-            log.exception("auth lookup for %r failed", ident)
-            raise AuthUnavailable(str(e)) from e
-
-    async def lookup(self, ident: str) -> AccessKey | None:
-        try:
-            # asyncio.timeout, not wait_for: no extra task per AUTH.
-            async with asyncio.timeout(AUTH_LOOKUP_TIMEOUT_S):
-                return await self.authenticator.lookup(ident)
-        except TimeoutError as e:
-            raise AuthUnavailable(f"lookup took longer than {AUTH_LOOKUP_TIMEOUT_S:g} s") from e
-        except AuthUnavailable:
-            raise
-        except Exception as e:
-            log.exception("auth lookup for %r failed", ident)
-            raise AuthUnavailable(str(e)) from e
-
-    def by_ident_add(self, conn: Connection) -> None:
-        assert conn.ident is not None
-        self.by_ident.setdefault(conn.ident, set()).add(conn)
-
-    def by_ident_discard(self, conn: Connection) -> None:
-        assert conn.ident is not None
-        group = self.by_ident.get(conn.ident)
-        if group is not None:
-            group.discard(conn)
-            if not group:
-                del self.by_ident[conn.ident]
-
-    def retire(self, conn: Connection) -> None:
-        """Fold a closed connection's counts into the totals."""
-        self.retired_total_recv += conn.received_bytes
-        self.retired_total_sent += conn.sent_bytes
-        ident = conn.ident
-        if ident is None:
-            return
-        self.retired_send_fill[ident] = self.retired_send_fill.get(ident, 0) + conn.sent_bytes
-        self.retired_recv_fill[ident] = self.retired_recv_fill.get(ident, 0) + conn.received_bytes
-        for chan, st in conn.publish_stats.items():
-            key = (ident, chan.decode("utf-8", "backslashreplace"))
-            if key not in self.retired_publish:
-                self.retired_publish[key] = PublishStats()
-            self.retired_publish[key].merge(st)
-
-    # --- revocation ----------------------------------------------------------------
-
-    async def recheck(self, idents: set[str] | None) -> None:
-        """Re-read the keys of live sessions after the store changed.
-
-        A removed key or a rotated secret closes that ident's connections; a
-        channel taken away unsubscribes it (and stops publishes to it).
-        ``None`` means "anything may have changed": every live ident is checked.
-        """
-        targets = list(self.by_ident) if idents is None else [i for i in idents if i in self.by_ident]
-        for ident in targets:
-            try:
-                key = await self.lookup(ident)
-            except AuthUnavailable:
-                continue  # keep sessions while the store cannot answer
-            for conn in list(self.by_ident.get(ident, ())):
-                self._apply_change(conn, key)
-
-    def _apply_change(self, conn: Connection, key: AccessKey | None) -> None:
-        if key is None or key.secret != conn.secret_seen:
-            why = "key removed" if key is None else "secret rotated"
-            log.warning(
-                "revoking %s (%s): %s",
-                conn.peer,
-                conn.ident,
-                why,
-                extra={"event": "revoked", "peer": conn.peer, "ident": conn.ident, "reason": "revoked"},
-            )
-            metrics.REVOCATIONS.labels("closed").inc()
-            conn.close(CloseReason.REVOKED, f"access key for {conn.ident} was {why.split()[-1]}")
-            return
-        old_sub = conn.subchans
-        conn.apply_key(key)
-        lost = set(old_sub - conn.subchans) & conn.subscriptions
-        if lost:
-            log.warning(
-                "unsubscribing %s (%s) from revoked channel(s) %s",
-                conn.peer,
-                conn.ident,
-                ", ".join(sorted(c.decode("utf-8", "backslashreplace") for c in lost)),
-                extra={"event": "revoked", "peer": conn.peer, "ident": conn.ident, "reason": "channel_revoked"},
-            )
-            metrics.REVOCATIONS.labels("unsubscribed").inc()
-            conn.unsubscribe_channels(lost)
-
-    # --- shutdown ----------------------------------------------------------------------
-
-    async def drain_and_close(self, drain_s: float) -> None:
-        """Stop reading, flush queued output for at most ``drain_s``, then close all."""
-        self.state = "stopping"
-        for conn in list(self.connections):
-            t = conn.transport
-            if t is not None and not t.is_closing():
-                with contextlib.suppress(Exception):
-                    t.pause_reading()
-        deadline = self.loop.time() + drain_s
-        while self.loop.time() < deadline:
-            if not any(c.write_buffer_size() for c in self.connections):
-                break
-            await asyncio.sleep(0.05)
-        for conn in list(self.connections):
-            conn.close(CloseReason.SHUTDOWN, None, abort=conn.write_buffer_size() > 0)
-        # Let connection_lost callbacks run.
-        for _ in range(20):
-            if not self.connections:
-                break
-            await asyncio.sleep(0.01)
-        for task in list(self._tasks):
-            task.cancel()
-
 
 # --- listeners and TLS -------------------------------------------------------------------
 
@@ -274,7 +74,7 @@ def bind_socket(endpoint: Endpoint, *, reuse_port: bool = False) -> socket.socke
         # Accepted sockets inherit these from the listener (Linux): no per-connection syscalls.
         set_keepalive(sock)
         sock.bind((endpoint.host, endpoint.port))
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as e:
         sock.close()
         why = "address already in use" if e.errno == 98 else e.strerror or str(e)
@@ -301,7 +101,7 @@ def raise_nofile_limit(max_connections: int) -> int:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
-    return max(1, min(max_connections, soft - _RESERVED_FDS))
+    return max(1, min(max_connections, soft - RESERVED_FDS))
 
 
 async def serve(
@@ -345,7 +145,7 @@ async def serve(
                 sock=sock,
                 ssl=ctx,
                 ssl_handshake_timeout=config.limits.tls_handshake_timeout_s if ctx else None,
-                backlog=1024,
+                backlog=LISTEN_BACKLOG,
             )
             servers.append(server)
             host, port = sock.getsockname()[:2]

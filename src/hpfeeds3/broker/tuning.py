@@ -1,0 +1,47 @@
+"""Tuning constants of the broker, each with why it has its value.
+
+Limits an operator sets (frame size, timeouts, connection counts, buffers) are
+in ``config.Limits`` with a flag each; these are the internal numbers that
+shape how the broker does its work, kept in one place.
+"""
+
+from __future__ import annotations
+
+# --- listeners ---------------------------------------------------------------
+
+# Descriptors kept free for listeners, the auth store, logs and the exporter
+# when the connection cap is derived from the open-files limit.
+RESERVED_FDS = 64
+# listen() backlog: a reconnect storm of thousands of sensors queues here
+# while the loop accepts; the kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+
+# --- authentication ------------------------------------------------------------
+
+# An auth lookup that takes longer than this fails the AUTH (store
+# unavailable): the client gets a clear error instead of waiting for the
+# AUTH deadline.
+AUTH_LOOKUP_TIMEOUT_S = 2.0
+# Distinct channel lists whose byte sets are shared between connections
+# (10,000 sensors with the same key hold one set); cleared when full.
+MAX_CHANNEL_SETS = 10_000
+
+# --- subscribers' outgoing buffers ------------------------------------------------
+
+# Above this many queued bytes a subscriber is "backlogged" and watched ...
+BACKLOG_HIGH_BYTES = 256 * 1024
+# ... until its queue falls below this.
+BACKLOG_LOW_BYTES = 64 * 1024
+# How often a backlogged subscriber's progress is checked.
+BACKLOG_CHECK_S = 0.5
+# A connection closed with an ERROR gets this long to flush it before abort.
+CLOSE_FLUSH_S = 1.0
+
+# --- fairness between connections -------------------------------------------------
+
+# Frames that need a full check (control frames, the first PUBLISH of a run)
+# handled per event-loop turn for one connection. One 256 KiB read can hold
+# 20,000 SUBSCRIBE/UNSUBSCRIBE frames (~150 ms of work): past this many the
+# rest waits for the next turn, reading paused, so other clients are not
+# delayed by more than a few milliseconds.
+CHECKED_FRAMES_PER_TURN = 1024

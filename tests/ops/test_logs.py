@@ -7,11 +7,15 @@ import io
 import json
 import logging
 import re
+import signal
+import subprocess
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from hpfeeds3.broker.logs import configure_logging
+from hpfeeds3.broker.logs import configure_logging, flush_logging, stop_logging
 
 TS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
@@ -26,14 +30,21 @@ def capture() -> Iterator[tuple[io.StringIO, logging.Logger]]:
     saved = (list(root.handlers), root.level)
     stream = io.StringIO()
     yield stream, logging.getLogger("hpfeeds3.broker.connection")
+    stop_logging()
     for handler in list(root.handlers):
         if handler not in saved[0]:
             root.removeHandler(handler)
     root.setLevel(saved[1])
 
 
+def text(stream: io.StringIO) -> str:
+    """What the logging thread has written once every record so far is written."""
+    flush_logging()
+    return stream.getvalue()
+
+
 def lines(stream: io.StringIO) -> list[str]:
-    return stream.getvalue().splitlines()
+    return text(stream).splitlines()
 
 
 def test_text_line_has_timestamp_level_logger_message_and_fields(capture) -> None:
@@ -94,7 +105,7 @@ def test_a_secret_passed_by_mistake_is_never_written(capture, fmt: str) -> None:
     stream, log = capture
     configure_logging(fmt, stream=stream)
     log.info("auth", extra={"ident": "sensor-1", "secret": "hunter2", "digest": b"\x01" * 20, "password": "hunter2"})
-    out = stream.getvalue()
+    out = text(stream)
     assert "hunter2" not in out
     assert "secret" not in out and "password" not in out and "digest" not in out
     assert "sensor-1" in out
@@ -108,7 +119,7 @@ def test_hostile_network_text_cannot_forge_a_line(capture, fmt: str) -> None:
     log.info("denied %s", evil, extra={"channel": evil.encode() + b"\xff", "ident": evil})
     assert len(lines(stream)) == 1
     if fmt == "json":
-        record = json.loads(stream.getvalue())
+        record = json.loads(text(stream))
         assert record["channel"] == evil + "\\xff"
         assert record["msg"] == f"denied {evil}"
 
@@ -144,7 +155,7 @@ def test_exceptions_are_kept(capture, fmt: str) -> None:
         raise RuntimeError("boom")
     except RuntimeError:
         log.exception("bug in connection", extra={"event": "error"})
-    out = stream.getvalue()
+    out = text(stream)
     assert "RuntimeError: boom" in out
     if fmt == "json":
         (line,) = lines(stream)
@@ -155,14 +166,124 @@ def test_debug_lowers_the_level_and_reconfiguring_replaces_the_handler(capture) 
     stream, log = capture
     configure_logging("text", stream=stream)
     log.debug("hidden")
-    assert stream.getvalue() == ""
+    assert text(stream) == ""
     second = io.StringIO()
     configure_logging("json", debug=True, stream=second)
     log.debug("shown")
-    assert stream.getvalue() == ""  # the first handler is gone: no line written twice
-    assert json.loads(second.getvalue())["msg"] == "shown"
+    assert text(stream) == ""  # the first handler is gone: no line written twice
+    assert json.loads(text(second))["msg"] == "shown"
 
 
 def test_unknown_format_is_refused() -> None:
     with pytest.raises(ValueError, match="--log-format"):
         configure_logging("xml")
+
+
+def test_stop_logging_writes_every_queued_record_in_order(capture) -> None:
+    stream, log = capture
+    configure_logging("text", stream=stream)
+    for i in range(5000):
+        log.info("record %d", i, extra={"event": "n", "peer": ("127.0.0.1", i)})
+    stop_logging()  # no flush before: the queue may still hold most of them
+    log.info("after stop")  # written directly, after the queued ones
+    got = stream.getvalue().splitlines()
+    assert len(got) == 5001
+    assert [int(line.split(" record ")[1].split()[0]) for line in got[:5000]] == list(range(5000))
+    assert got[-1].endswith(" after stop")
+    stop_logging()  # idempotent
+
+
+def test_a_record_s_text_is_fixed_when_it_is_logged(capture) -> None:
+    stream, log = capture
+    configure_logging("text", stream=stream)
+    state = ["before"]
+    log.info("state %s", state)
+    state[0] = "after"
+    assert lines(stream)[0].endswith(" state ['before']")
+
+
+CONNECTIONS = 1000
+LINE = re.compile(
+    TS + r" INFO hpfeeds3\.broker\.connection "
+    r"(?:connected from (?P<c>\S+)|(?P<a>\S+) authenticated as bench|closed (?P<x>\S+) \(bench\): shutdown)"
+)
+
+
+class SlowReader:
+    """Reads a broker's output 4 KiB at a time with a pause between reads, like
+    a busy log collector: the broker's last lines are still queued when its
+    main thread finishes, and are lost unless they are written before exit."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.chunks: list[bytes] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while chunk := self.proc.stdout.read1(4096):
+            self.chunks.append(chunk)
+            time.sleep(0.02)
+
+    def text(self) -> str:
+        return b"".join(self.chunks).decode(errors="replace")
+
+
+def test_a_storm_of_1000_connections_logs_3000_whole_lines_none_lost_at_shutdown(tmp_path) -> None:
+    """1,000 sensors connect, authenticate, subscribe and publish; the broker is
+    stopped while all are connected, so their 1,000 'closed' lines are logged
+    during shutdown, the last thing the process does."""
+    from hpfeeds3.bench.credentials import bench_channels, bench_key
+    from hpfeeds3.bench.handshake import Handshaker, raise_open_files_limit
+    from hpfeeds3.bench.wire import Target
+    from tests.support.broker import BROKER_BIN, free_port, wait_for_port, write_users_json
+
+    assert raise_open_files_limit() > CONNECTIONS + 100
+    write_users_json(tmp_path / "users.json", {"bench": bench_key("bench", "bench", bench_channels())})
+    port = free_port()
+    proc = subprocess.Popen(
+        [BROKER_BIN, "--bind", f"127.0.0.1:{port}", "--auth", "users.json"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    reader = SlowReader(proc)
+    target = Target(host="127.0.0.1", port=port, ident=b"bench", secret=b"bench", channel=b"bench")
+    hs = None
+    try:
+        wait_for_port(port, timeout=15, proc=proc)
+        hs = Handshaker(target, shared_channels=True)
+        pending = {hs.start(target.slot_channel(i % 50), b"storm:%d" % i).fd for i in range(CONNECTIONS)}
+        deadline = time.monotonic() + 60
+        while pending and time.monotonic() < deadline:
+            for conn in hs.step(1.0):
+                pending.discard(conn.fd)
+        assert not pending, f"{len(pending)} handshakes did not complete"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        reader.thread.join(30)
+    finally:
+        if hs is not None:
+            hs.shutdown()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    log_lines = reader.text().splitlines()
+    events: dict[str, list[str]] = {}
+    for line in log_lines:
+        m = LINE.fullmatch(line)
+        if m:
+            kind = next(k for k in "cax" if m.group(k))
+            events.setdefault(m.group(kind), []).append(kind)
+    sensors = {peer: seq for peer, seq in events.items() if "a" in seq}  # not the readiness probe
+    lines_seen = sum(map(len, sensors.values()))
+    print(f"\n{len(log_lines)} log lines; {lines_seen} of the {len(sensors)} sensors' connections")
+    assert len(sensors) == CONNECTIONS and lines_seen == 3 * CONNECTIONS, "\n".join(log_lines[-5:])
+    assert all(seq == ["c", "a", "x"] for seq in sensors.values()), [
+        s for s in sensors.values() if s != ["c", "a", "x"]
+    ]
+    # every other line is whole too: nothing cut, nothing interleaved
+    others = [line for line in log_lines if not LINE.fullmatch(line)]
+    assert all(re.match(TS + r" (INFO|WARNING) hpfeeds3\.", line) for line in others), others[:10]
+    assert log_lines[-1].endswith("broker stopped")

@@ -47,13 +47,15 @@ CONNECTING, TLS_HANDSHAKE, WAIT_INFO, WAIT_CONFIRM, SUBSCRIBED = range(5)
 
 
 class _Conn:
-    __slots__ = ("channel", "decoder", "fd", "marker", "sock", "started", "state")
+    __slots__ = ("channel", "decoder", "fd", "ident", "marker", "secret", "sock", "started", "state")
 
-    def __init__(self, sock: socket.socket, channel: bytes, marker: bytes | None):
+    def __init__(self, sock: socket.socket, channel: bytes, marker: bytes | None, ident: bytes, secret: bytes):
         self.sock = sock
         self.fd = sock.fileno()
         self.channel = channel
         self.marker = marker
+        self.ident = ident
+        self.secret = secret
         self.decoder = client_decoder()
         self.state = CONNECTING
         self.started = time.monotonic()
@@ -72,14 +74,29 @@ class Handshaker:
     socket leaves the epoll set by itself.
     """
 
-    def __init__(self, target: Target):
+    def __init__(self, target: Target, *, shared_channels: bool = False, tolerant: bool = False):
+        """``shared_channels``: other connections publish on a connection's
+        channel too, so markers not its own are skipped. ``tolerant``: a
+        connection that fails is closed and listed in ``failed`` instead of
+        failing the run."""
         self.target = target
         self.tls = target.tls_context()
         self.epoll = select.epoll()
         self.conns: dict[int, _Conn] = {}
         self.addr = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)[0]
+        self.shared_channels = shared_channels
+        self.tolerant = tolerant
+        self.failed: list[tuple[_Conn, str]] = []
 
-    def start(self, channel: bytes, marker: bytes | None) -> _Conn:
+    def start(
+        self,
+        channel: bytes,
+        marker: bytes | None,
+        ident: bytes | None = None,
+        secret: bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> _Conn:
+        """Open a connection; ``session``: resume this TLS session."""
         family, type_, proto, _, sockaddr = self.addr
         sock = socket.socket(family, type_ | socket.SOCK_NONBLOCK, proto)
         err = sock.connect_ex(sockaddr)
@@ -87,8 +104,11 @@ class Handshaker:
             sock.close()
             raise BenchError(f"connect to {self.target.host}:{self.target.port} failed: {os.strerror(err)}")
         if self.tls is not None:
-            sock = self.tls.wrap_socket(sock, server_hostname=self.target.host, do_handshake_on_connect=False)
-        conn = _Conn(sock, channel, marker)
+            sock = self.tls.wrap_socket(
+                sock, server_hostname=self.target.host, do_handshake_on_connect=False, session=session
+            )
+        t = self.target
+        conn = _Conn(sock, channel, marker, ident or t.ident, secret or t.secret)
         if self.tls is None:
             conn.state = WAIT_INFO
             self.epoll.register(conn.fd, _IN)
@@ -103,7 +123,17 @@ class Handshaker:
         conns = self.conns
         for fd, _ in self.epoll.poll(timeout):
             conn = conns.get(fd)
-            if conn is not None and self._advance(conn):
+            if conn is None:
+                continue
+            try:
+                finished = self._advance(conn)
+            except BenchError as e:
+                if not self.tolerant:
+                    raise
+                self.failed.append((conn, str(e)))
+                self.close(conn)
+                continue
+            if finished:
                 done.append(conn)
         return done
 
@@ -144,14 +174,14 @@ class Handshaker:
                 if isinstance(frame, Error):
                     raise BenchError(f"broker sent ERROR: {frame.message!r}")
                 if conn.state == WAIT_INFO and isinstance(frame, Info):
-                    t = self.target
-                    out = encode_auth(t.ident, sign(frame.nonce, t.secret)) + encode_subscribe(t.ident, conn.channel)
+                    ident = conn.ident
+                    out = encode_auth(ident, sign(frame.nonce, conn.secret)) + encode_subscribe(ident, conn.channel)
                     if conn.marker is None:
                         conn.state = SUBSCRIBED
                         _send_small(sock, out)
                         return True
                     conn.state = WAIT_CONFIRM
-                    _send_small(sock, out + encode_publish(t.ident, conn.channel, conn.marker))
+                    _send_small(sock, out + encode_publish(ident, conn.channel, conn.marker))
                 elif (
                     conn.state in (WAIT_CONFIRM, SUBSCRIBED)
                     and isinstance(frame, Publish)
@@ -160,6 +190,8 @@ class Handshaker:
                     if conn.state == SUBSCRIBED or frame.payload == conn.marker:
                         conn.marker = frame.payload
                         return True
+                    if self.shared_channels:
+                        continue  # another connection's marker
                     raise BenchError(f"unexpected message during the handshake: {frame!r}")
                 else:
                     raise BenchError(f"unexpected frame during the handshake: {frame!r}")

@@ -296,6 +296,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hpfeeds-broker: error: {e}", file=sys.stderr)
         return 2
     configure_logging(config.log_format, config.debug)
+    try:
+        return _serve(argv, args, config)
+    finally:
+        from .logs import stop_logging
+
+        stop_logging()  # every queued line is written before the process exits
+
+
+def _serve(argv: list[str], args: argparse.Namespace, config: BrokerConfig) -> int:
     if args.workers > 1:
         from .supervisor import Supervisor
 

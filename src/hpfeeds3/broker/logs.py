@@ -23,6 +23,13 @@ Contract:
   message need not repeat them. When it does, the text format does not write a
   field whose value the message already contains (a person reads it once); the
   JSON format always writes every field present.
+- Records are formatted and written off the event loop: the logging call
+  puts the record on a queue (``QueueHandler``) and one thread
+  (``QueueListener``) formats and writes, in order. A connection's three INFO
+  lines then cost the loop a queue put each, not a format and a write.
+  ``stop_logging()`` (run at exit too) writes every record still queued, so
+  no line is lost at shutdown; ``flush_logging()`` waits until the queue is
+  written.
 - Field values may be ``str``, ``bytes`` (decoded as UTF-8, invalid bytes
   escaped), a ``(host, port)`` tuple (``host:port``), an enum (its value) or
   anything with a ``str()``.
@@ -30,10 +37,14 @@ Contract:
 
 from __future__ import annotations
 
+import atexit
 import enum
 import json
 import logging
+import logging.handlers
+import queue
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -148,24 +159,88 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, ensure_ascii=True, separators=(", ", ": "))
 
 
-def configure_logging(fmt: str = "text", debug: bool = False, *, stream: TextIO | None = None) -> None:
+class _DeferredHandler(logging.handlers.QueueHandler):
+    """Queues the record as it is: formatting happens in the listener thread.
+
+    The stock ``prepare`` formats the message and copies the record on the
+    caller's thread, which is the work this handler exists to move. Only the
+    message text is fixed here (``msg % args``, cheap), so that an argument
+    changed after the call cannot change the line; the fields given with
+    ``extra=`` are values (strings, bytes, tuples, enums).
+    """
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        if record.args:
+            record.msg = record.getMessage()
+            record.args = None
+        return record
+
+
+class _Pipeline:
+    """The queue, its listener thread, and the handler that writes."""
+
+    def __init__(self, writer: logging.Handler) -> None:
+        self.writer = writer
+        self.queue: queue.Queue[logging.LogRecord | None] = queue.Queue()
+        self.handler = _DeferredHandler(self.queue)
+        setattr(self.handler, _HANDLER_FLAG, True)
+        self.listener = logging.handlers.QueueListener(self.queue, writer)
+        self.listener.start()
+
+    def stop(self) -> None:
+        """Write what is queued, in order, and stop the thread; the writer then
+        takes the queue handler's place and writes each record at once."""
+        self.listener.stop()  # returns once every record queued before it is written
+        setattr(self.writer, _HANDLER_FLAG, True)
+        root = logging.getLogger()
+        # One assignment: a record logged meanwhile goes to one of the two, never both.
+        root.handlers = [self.writer if h is self.handler else h for h in root.handlers]
+        while True:  # records queued by another thread after the listener stopped
+            try:
+                record = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if record is not None:
+                self.writer.handle(record)
+
+
+_pipeline: _Pipeline | None = None
+_pipeline_lock = threading.Lock()
+_atexit_registered = False
+
+
+def configure_logging(
+    fmt: str = "text", debug: bool = False, *, stream: TextIO | None = None, background: bool = True
+) -> None:
     """Install one handler on the root logger (replacing one installed earlier by this function).
 
     ``debug`` lowers the level to DEBUG (also for asyncio); otherwise INFO, with
-    chatty libraries held at WARNING.
+    chatty libraries held at WARNING. With ``background`` (the default) records
+    are formatted and written by a thread; call ``stop_logging()`` before the
+    process ends (it is also registered with ``atexit``).
     """
+    global _pipeline, _atexit_registered
     if fmt not in FORMATS:
         raise ValueError(f"--log-format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    setattr(handler, _HANDLER_FLAG, True)
+    writer = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    writer.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
 
+    stop_logging()
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, _HANDLER_FLAG, False):
             root.removeHandler(old)
             old.close()
-    root.addHandler(handler)
+    if background:
+        with _pipeline_lock:
+            _pipeline = _Pipeline(writer)
+            root.addHandler(_pipeline.handler)
+            if not _atexit_registered:
+                atexit.register(stop_logging)
+                _atexit_registered = True
+    else:
+        setattr(writer, _HANDLER_FLAG, True)
+        root.addHandler(writer)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     # Every connection logs three records: skip what no format here prints (the
     # caller's file and line, thread and process names), as the logging HOWTO's
@@ -178,3 +253,22 @@ def configure_logging(fmt: str = "text", debug: bool = False, *, stream: TextIO 
     quiet = logging.DEBUG if debug else logging.WARNING
     for name in ("asyncio", "aiohttp.access", "aiohttp.server", "nats", "asyncpg"):
         logging.getLogger(name).setLevel(quiet)
+
+
+def flush_logging() -> None:
+    """Wait until every record logged so far has been written."""
+    pipeline = _pipeline
+    if pipeline is not None:
+        pipeline.queue.join()
+        pipeline.writer.flush()
+
+
+def stop_logging() -> None:
+    """Write every queued record and stop the logging thread; later records are
+    written directly. Idempotent; safe to call when nothing was configured."""
+    global _pipeline
+    with _pipeline_lock:
+        pipeline, _pipeline = _pipeline, None
+    if pipeline is not None:
+        pipeline.stop()
+        pipeline.writer.flush()

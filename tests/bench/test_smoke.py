@@ -14,27 +14,30 @@ from pathlib import Path
 
 import pytest
 
-from hpfeeds3.bench.cli import SCENARIOS
-from hpfeeds3.bench.credentials import bench_channels, bench_key, write_json, write_sqlite
+from hpfeeds3.bench.cli import SCENARIOS, SMOKE_SENSORS
+from hpfeeds3.bench.credentials import bench_channels, bench_key, storm_keys, write_json, write_sqlite
 from tests.support.broker import BrokerProcess, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCH_USERS = {"bench": bench_key("bench", "bench", bench_channels())}
+BENCH_USERS = {"bench": bench_key("bench", "bench", bench_channels()), **storm_keys(SMOKE_SENSORS)}
 
 
-def run_smoke(port: int, *extra: str) -> list[dict]:
+def run_smoke(port: int, *extra: str, scenarios: tuple[str, ...] = ()) -> list[dict]:
     done = subprocess.run(
-        [sys.executable, "-m", "hpfeeds3.bench.cli", "--smoke", "--json-only", "--port", str(port), *extra],
+        [sys.executable, "-m", "hpfeeds3.bench.cli", "--smoke", "--json-only", "--port", str(port), *extra, *scenarios],
         capture_output=True,
         text=True,
         timeout=90,
     )
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert done.returncode == 0, done.stdout + done.stderr
-    assert [r["scenario"] for r in records] == [s.name for s in SCENARIOS]
+    expected = [s.name for s in SCENARIOS if not scenarios or s.name in scenarios or s.group in scenarios]
+    assert [r["scenario"] for r in records] == expected
     for r in records:
         assert r["ok"], r
         assert r.get("lost", 0) == 0, r
+        if r["scenario"].startswith("storm") and "skipped" not in r:
+            assert r["served"] == r["sensors"] == SMOKE_SENSORS and r["failed"] == 0, r
     return records
 
 
@@ -99,6 +102,32 @@ def test_a_broker_that_drops_a_message_fails_the_run(tmp_path: Path) -> None:
     record = json.loads(done.stdout.splitlines()[0])
     assert not record["ok"]
     assert "lost" in record["error"] or "corrupted" in record["error"], record["error"]
+
+
+def test_storm_over_tls_resumes_every_session(start_broker: Callable[..., BrokerProcess], tmp_path: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    broker = start_broker("--tlscert", "cert.pem", "--tlskey", "key.pem", users=BENCH_USERS)
+    ca_file = str(tmp_path / "ca.pem")
+    records = run_smoke(broker.port, "--broker-pid", str(broker.proc.pid), "--tls-ca", ca_file, scenarios=("storm",))
+    resumed = next(r for r in records if r["scenario"] == "storm-resumed")
+    assert resumed["tls"] and resumed["resumed"] == SMOKE_SENSORS, resumed
+
+
+def test_storm_keys_are_written_into_the_broker_s_sqlite_store(
+    start_broker: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    write_sqlite(str(tmp_path / "sqlite.db"))
+    broker = start_broker("--auth", "sqlite", users=None)
+    records = run_smoke(broker.port, "--storm-keys", str(tmp_path / "sqlite.db"), scenarios=("storm",))
+    assert all(r["served"] == SMOKE_SENSORS for r in records if "skipped" not in r)
+    idents = {row[0] for row in sqlite3.connect(tmp_path / "sqlite.db").execute("select ident from authkeys")}
+    assert {"bench", "storm", "storm-0", f"storm-{SMOKE_SENSORS - 1}"} <= idents
 
 
 def test_credentials_helpers_write_the_reference_formats(tmp_path: Path) -> None:

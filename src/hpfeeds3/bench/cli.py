@@ -6,6 +6,10 @@ The broker under test needs one access key (write it with ``--write-json`` or
     ident  bench        secret  bench
     pubchans = subchans = bench, bench-0 .. bench-49
 
+and, for the storm scenarios, one key per sensor and a shared one (written by
+the same options, for ``--sensors`` sensors; or by the storm itself into the
+broker's sqlite store with ``--storm-keys``): see ``credentials.py``.
+
 Each scenario prints one JSON line; a markdown table of all follows. Any lost,
 duplicated, reordered or corrupted message, refused handshake or broker ERROR
 fails its scenario, and the exit status is 1.
@@ -15,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import time
@@ -23,14 +26,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .credentials import bench_channels, write_json, write_sqlite
+from .credentials import bench_channels, write_json, write_sqlite, write_storm_json, write_storm_sqlite
 from .flow import run_latency, run_throughput
 from .handshake import find_listener_pid, raise_open_files_limit, run_connect, run_idle
+from .proc import cpu_seconds
+from .storm import run_storm
 from .wire import BenchError, Target
 
 CONNECT_CONCURRENCY = 50
 FANOUT_SUBSCRIBERS = 10
 FANIN_PUBLISHERS = 50
+SMOKE_SENSORS = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +46,8 @@ class Settings:
     idle_connections: int
     broker_pid: int | None
     smoke: bool
+    sensors: int = 10_000
+    storm_keys: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +92,20 @@ def _idle(target: Target, s: Settings) -> dict[str, Any]:
     return run_idle(target, connections=s.idle_connections, broker_pid=s.broker_pid, settle=0.1 if s.smoke else 1.0)
 
 
+def _storm(shared: bool, resume: bool = False) -> Callable[[Target, Settings], dict[str, Any]]:
+    def run(target: Target, s: Settings) -> dict[str, Any]:
+        return run_storm(
+            target,
+            sensors=s.sensors,
+            shared=shared,
+            broker_pid=s.broker_pid,
+            resume=resume,
+            keys_sqlite=s.storm_keys,
+        )
+
+    return run
+
+
 # In the order they run: idle first, so that buffers freed by the other
 # scenarios cannot hide the memory that idle connections cost.
 SCENARIOS = [
@@ -116,6 +138,20 @@ SCENARIOS = [
         "msgs_per_s",
         "msg/s",
         _throughput(FANIN_PUBLISHERS, 1, 100),
+    ),
+    Scenario(
+        "storm", "storm", "N sensors at once, each its own key: s until all served", "storm_s", "s", _storm(False)
+    ),
+    Scenario(
+        "storm-shared", "storm", "N sensors at once, one shared key: s until all served", "storm_s", "s", _storm(True)
+    ),
+    Scenario(
+        "storm-resumed",
+        "storm",
+        "N sensors at once, own keys, resuming their TLS sessions (--tls only)",
+        "storm_s",
+        "s",
+        _storm(False, resume=True),
     ),
 ]
 BY_NAME = {s.name: s for s in SCENARIOS}
@@ -153,6 +189,21 @@ def _details(scenario: Scenario, record: dict[str, Any]) -> str:
         return f"{record['mb_per_s']} MB/s payload, {record['delivered']:,} delivered, 0 lost"
     if scenario.group == "connect":
         return f"{record['handshakes']:,} handshakes"
+    if scenario.group == "storm":
+        if "skipped" in record:
+            return str(record["skipped"])
+        text = (
+            f"{record['served']:,}/{record['sensors']:,} served, {record['handshakes_per_s']:,} hs/s,"
+            f" {record['refused']} refused, {record['errors']} ERROR, {record['timed_out']} timed out"
+        )
+        if "broker_us_per_handshake" in record:
+            text += (
+                f"; broker {record['broker_us_per_handshake']} µs/handshake"
+                f" ({record['broker_us_per_connection']} with the close), peak RSS {record['rss_peak_mib']} MiB"
+            )
+        if "resumed" in record:
+            text += f"; {record['resumed']:,} TLS sessions resumed"
+        return text
     if scenario.group == "idle":
         if "rss_after_mib" in record:
             return (
@@ -169,18 +220,6 @@ def markdown_table(scenarios: list[Scenario], records: list[dict[str, Any]]) -> 
     return "\n".join(lines)
 
 
-def _cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU time of ``pid`` from /proc/PID/stat."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _own_cpu_seconds() -> float:
     """CPU time of this process and its finished children (the load generator)."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -191,7 +230,7 @@ def run_one(scenario: Scenario, target: Target, settings: Settings) -> dict[str,
     """Run one scenario; besides its figures, report how busy the broker and the
     load generator were (a broker well below 100 % is not what limited the figure)."""
     started = time.monotonic()
-    broker_cpu = _cpu_seconds(settings.broker_pid)
+    broker_cpu = cpu_seconds(settings.broker_pid)
     load_cpu = _own_cpu_seconds()
     try:
         result = scenario.run(target, settings)
@@ -203,7 +242,7 @@ def run_one(scenario: Scenario, target: Target, settings: Settings) -> dict[str,
     record.update(result)
     wall = time.monotonic() - started
     record["wall_s"] = round(wall, 2)
-    broker_after = _cpu_seconds(settings.broker_pid)
+    broker_after = cpu_seconds(settings.broker_pid)
     if broker_cpu is not None and broker_after is not None:
         record["broker_cpu_pct"] = round(100 * (broker_after - broker_cpu) / wall)
     record["load_cpu_pct"] = round(100 * (_own_cpu_seconds() - load_cpu) / wall)
@@ -220,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog=f"Scenarios: {', '.join(s.name for s in SCENARIOS)}; groups: {', '.join(GROUPS)}. "
         "The broker must know the key: ident bench, secret bench, allowed to publish and subscribe on "
-        "bench and bench-0 .. bench-49 (write it with --write-json or --write-sqlite).",
+        "bench and bench-0 .. bench-49 (write it with --write-json or --write-sqlite); the storm scenarios "
+        "need keys storm-0 .. storm-N-1 and storm (the same options write them, or --storm-keys).",
     )
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="scenarios or groups to run (default: all)")
     p.add_argument("--host", default="127.0.0.1", help="broker address (default %(default)s)")
@@ -244,11 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", metavar="PEM", help="CA to verify the broker with (default: no verification)")
     p.add_argument("--broker-pid", type=int, help="broker PID, for idle and CPU figures (default: found in /proc)")
     p.add_argument("--idle-connections", type=int, default=10000, help="connections in idle (default %(default)s)")
+    p.add_argument("--sensors", type=int, default=10000, help="sensors in the storm scenarios (default %(default)s)")
+    p.add_argument(
+        "--storm-keys",
+        metavar="SQLITE",
+        help="the broker's sqlite auth store: the storm writes its keys there first (when missing)",
+    )
     p.add_argument("--smoke", action="store_true", help="every scenario for a fraction of a second: correctness only")
     p.add_argument("--json-only", action="store_true", help="print the JSON lines, not the table")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
-    p.add_argument("--write-json", metavar="PATH", help="write a users.json with the benchmark key, and exit")
-    p.add_argument("--write-sqlite", metavar="PATH", help="add the benchmark key to an sqlite auth DB, and exit")
+    p.add_argument(
+        "--write-json", metavar="PATH", help="write a users.json with the benchmark and storm keys, and exit"
+    )
+    p.add_argument(
+        "--write-sqlite", metavar="PATH", help="add the benchmark and storm keys to an sqlite auth DB, and exit"
+    )
     return p
 
 
@@ -262,8 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         channels = bench_channels(args.channel)
         if args.write_json:
             write_json(args.write_json, args.ident, args.secret, channels)
+            write_storm_json(args.write_json, args.sensors)
         if args.write_sqlite:
             write_sqlite(args.write_sqlite, args.ident, args.secret, channels)
+            write_storm_sqlite(args.write_sqlite, args.sensors)
         return 0
     scenarios = select(args.scenarios)
     duration = 0.3 if args.smoke else args.duration
@@ -273,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         idle_connections=min(args.idle_connections, 50) if args.smoke else args.idle_connections,
         broker_pid=args.broker_pid or (find_listener_pid(args.port) if _is_local(args.host) else None),
         smoke=args.smoke,
+        sensors=min(args.sensors, SMOKE_SENSORS) if args.smoke else args.sensors,
+        storm_keys=args.storm_keys,
     )
     target = Target(
         host=args.host,

@@ -36,6 +36,7 @@ from hpfeeds3.protocol import (
     sign,
 )
 
+from .proc import rss_bytes
 from .wire import BenchError, Target, client_decoder, set_linger_reset
 
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -74,13 +75,21 @@ class Handshaker:
     socket leaves the epoll set by itself.
     """
 
-    def __init__(self, target: Target, *, shared_channels: bool = False, tolerant: bool = False):
+    def __init__(
+        self,
+        target: Target,
+        *,
+        shared_channels: bool = False,
+        tolerant: bool = False,
+        tls: ssl.SSLContext | None = None,
+    ):
         """``shared_channels``: other connections publish on a connection's
         channel too, so markers not its own are skipped. ``tolerant``: a
         connection that fails is closed and listed in ``failed`` instead of
-        failing the run."""
+        failing the run. ``tls``: the client context (a TLS session resumes
+        only with the context that made it)."""
         self.target = target
-        self.tls = target.tls_context()
+        self.tls = tls or target.tls_context()
         self.epoll = select.epoll()
         self.conns: dict[int, _Conn] = {}
         self.addr = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)[0]
@@ -270,15 +279,6 @@ def raise_open_files_limit() -> int:
         except (ValueError, OSError):
             pass
     return soft
-
-
-def rss_bytes(pid: int) -> int:
-    """VmRSS of ``pid`` from /proc/PID/status."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise BenchError(f"no VmRSS in /proc/{pid}/status")
 
 
 def find_listener_pid(port: int) -> int | None:

@@ -1,0 +1,194 @@
+"""The reconnect storm: N sensors connect at once, as after a broker restart.
+
+Every sensor connects, authenticates (its own key ``storm-i``, or the shared
+key ``storm``), subscribes to its channel and publishes one message there; it
+has been served once that message has come back to it. All connections are
+opened as fast as one thread can (a read pass every 256 connects) and stay
+open until the last sensor is served; then all are closed with RST.
+
+Figures: the time from the first connect until the last sensor is served,
+handshakes/s over that time, the broker's CPU per handshake (its CPU time,
+over the process and its workers, divided by the sensors served: a figure
+that does not depend on how fast the load generator is), the same including
+the close, the broker's peak RSS, and the sensors refused (connection reset or
+closed, an ERROR) or timed out. A refused or timed-out sensor is a figure
+here, not a failure of the run.
+
+With TLS, ``resume`` first runs an unmeasured storm to collect one TLS session
+per sensor, then the measured one resumes them: a sensor reconnecting after a
+blip, with the session it had.
+"""
+
+from __future__ import annotations
+
+import resource
+import ssl
+import statistics
+import time
+from typing import Any
+
+from .credentials import storm_sensor, write_storm_sqlite
+from .handshake import Handshaker, raise_open_files_limit
+from .proc import process_tree, tree_cpu_seconds, tree_rss_bytes
+from .wire import BenchError, Target
+
+STORM_TIMEOUT_S = 60.0  # plus 5 ms per sensor: a sensor not served by then has timed out
+RSS_SAMPLE_S = 0.05
+CONNECTS_PER_PASS = 256  # connects between two read passes
+SETTLE_S = 5.0  # most to wait for the broker to finish closing (CPU no longer rising)
+KEYS_SETTLE_S = 2.0  # after writing keys into a running broker's store: let it see the change first
+
+
+def _load_cpu_seconds() -> float:
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return me.ru_utime + me.ru_stime
+
+
+def run_storm(
+    target: Target,
+    *,
+    sensors: int,
+    shared: bool,
+    broker_pid: int | None,
+    resume: bool = False,
+    keys_sqlite: str | None = None,
+) -> dict[str, Any]:
+    limit = raise_open_files_limit()
+    if sensors + 64 > limit:
+        raise BenchError(f"{sensors} sensors need more open files than RLIMIT_NOFILE allows ({limit})")
+    if keys_sqlite and write_storm_sqlite(keys_sqlite, sensors):
+        time.sleep(KEYS_SETTLE_S)
+    if resume and not target.tls:
+        return {"sensors": sensors, "skipped": "plain TCP: no TLS session to resume (run with --tls)"}
+    pids = process_tree(broker_pid) if broker_pid else []
+    tls = target.tls_context()
+    sessions: list[ssl.SSLSession | None] | None = None
+    if resume:
+        sessions = [None] * sensors
+        _storm(target, tls, sensors, shared, pids, None, sessions)
+        time.sleep(0.5)
+    result = _storm(target, tls, sensors, shared, pids, sessions, None)
+    result["tls"] = target.tls
+    return result
+
+
+def _storm(
+    target: Target,
+    tls: ssl.SSLContext | None,
+    sensors: int,
+    shared: bool,
+    pids: list[int],
+    resume: list[ssl.SSLSession | None] | None,
+    keep_sessions: list[ssl.SSLSession | None] | None,
+) -> dict[str, Any]:
+    creds = []
+    for i in range(sensors):
+        creds.append((*(text.encode() for text in storm_sensor(i, shared)), b"storm:%d" % i))
+    hs = Handshaker(target, shared_channels=shared, tolerant=True, tls=tls)
+    index: dict[int, int] = {}  # fd -> sensor
+    served: list[float] = []
+    resumed = 0
+    refused = errors = 0
+    failures: list[str] = []
+    rss_before = tree_rss_bytes(pids) if pids else 0
+    rss_peak = rss_before
+    cpu_before = tree_cpu_seconds(pids) if pids else None
+    load_before = _load_cpu_seconds()
+    next_sample = 0.0
+
+    def collect(timeout: float) -> None:
+        nonlocal resumed, refused, errors, rss_peak, next_sample
+        for conn in hs.step(timeout):
+            i = index.pop(conn.fd)
+            served.append(time.monotonic() - conn.started)
+            if isinstance(conn.sock, ssl.SSLSocket):
+                resumed += bool(conn.sock.session_reused)
+                if keep_sessions is not None:
+                    keep_sessions[i] = conn.sock.session
+        for conn, why in hs.failed:
+            index.pop(conn.fd, None)
+            if "ERROR" in why:
+                errors += 1
+            else:
+                refused += 1
+            if len(failures) < 3:
+                failures.append(why)
+        hs.failed.clear()
+        now = time.monotonic()
+        if pids and now >= next_sample:
+            rss_peak = max(rss_peak, tree_rss_bytes(pids))
+            next_sample = now + RSS_SAMPLE_S
+
+    t0 = time.monotonic()
+    t_last = t0
+    try:
+        for i, (ident_b, secret_b, channel_b, marker) in enumerate(creds):
+            try:
+                conn = hs.start(channel_b, marker, ident_b, secret_b, session=resume[i] if resume else None)
+            except (BenchError, OSError) as e:
+                refused += 1
+                if len(failures) < 3:
+                    failures.append(str(e))
+                continue
+            index[conn.fd] = i
+            if i % CONNECTS_PER_PASS == CONNECTS_PER_PASS - 1:
+                collect(0)
+        started_s = time.monotonic() - t0
+        deadline = t0 + STORM_TIMEOUT_S + sensors * 0.005
+        while index and time.monotonic() < deadline:
+            before = len(served)
+            collect(RSS_SAMPLE_S)
+            if len(served) > before:
+                t_last = time.monotonic()
+        timed_out = len(index)
+        cpu_served = tree_cpu_seconds(pids) if pids else None
+        load_cpu = _load_cpu_seconds() - load_before
+    finally:
+        hs.shutdown()
+    cpu_closed = _settle(pids) if pids else None
+
+    done = len(served)
+    elapsed = t_last - t0
+    result: dict[str, Any] = {
+        "sensors": sensors,
+        "shared_key": shared,
+        "served": done,
+        "refused": refused,
+        "errors": errors,
+        "timed_out": timed_out,
+        "failed": refused + errors + timed_out,
+        "storm_s": round(elapsed, 3),
+        "connects_issued_s": round(started_s, 3),
+        "handshakes_per_s": round(done / elapsed) if elapsed > 0 else 0,
+        "load_cpu_s": round(load_cpu, 2),
+    }
+    if served:
+        ordered = sorted(served)
+        result["p50_ms"] = round(statistics.median(ordered) * 1000, 1)
+        result["p99_ms"] = round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 1)
+    if resume is not None:
+        result["resumed"] = resumed
+    if failures:
+        result["first_failures"] = failures
+    if pids and cpu_before is not None and cpu_served is not None and done:
+        result["broker_processes"] = len(pids)
+        result["broker_cpu_s"] = round(cpu_served - cpu_before, 3)
+        result["broker_us_per_handshake"] = round((cpu_served - cpu_before) / done * 1e6)
+        if cpu_closed is not None:
+            result["broker_us_per_connection"] = round((cpu_closed - cpu_before) / done * 1e6)
+        result["rss_before_mib"] = round(rss_before / 2**20, 1)
+        result["rss_peak_mib"] = round(rss_peak / 2**20, 1)
+    return result
+
+
+def _settle(pids: list[int]) -> float:
+    """The broker's CPU time once it has stopped working on the closed connections."""
+    until = time.monotonic() + SETTLE_S
+    last = tree_cpu_seconds(pids)
+    while time.monotonic() < until:
+        time.sleep(0.2)
+        now = tree_cpu_seconds(pids)
+        if now - last < 0.005:
+            return now
+        last = now
+    return last

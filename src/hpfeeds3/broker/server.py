@@ -32,10 +32,28 @@ log = logging.getLogger("hpfeeds3.broker")
 # --- listeners and TLS -------------------------------------------------------------------
 
 
+# TLS 1.2 suites: ephemeral ECDH key exchange only (forward secret, and far
+# cheaper than finite-field DHE), AEAD ciphers, for ECDSA and RSA certificates.
+# AES-GCM first (hardware AES on servers), ChaCha20 for clients without it.
+# TLS 1.3 suites are all AEAD with ECDHE or X25519 already and are not set here.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+# TLS 1.3 session tickets sent per full handshake: a sensor reconnects with one.
+TLS_TICKETS = 1
+
+
 def make_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """The cheapest safe server handshake: TLS 1.2 or 1.3, ECDHE (X25519 or P-256
+    first, OpenSSL's default group order), and session resumption (TLS 1.3
+    tickets, TLS 1.2 tickets and session cache) so a reconnecting sensor skips
+    the certificate signature and key exchange of a full handshake. An ECDSA
+    P-256 certificate makes the full handshake itself much cheaper than
+    RSA-2048 (docs/operations.md)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.options &= ~ssl.OP_NO_TICKET
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.num_tickets = TLS_TICKETS
     try:
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as e:

@@ -38,18 +38,18 @@ def _client(ca: str, version: ssl.TLSVersion | None = None, ciphers: str | None 
 
 def _connect(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None) -> tuple[bool, ssl.SSLSession]:
     """Handshake, read INFO (TLS 1.3 tickets arrive with it); (resumed?, session)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as sock:
-            decoder = Decoder.for_client()
-            frames: list = []
-            while not frames:
-                data = sock.recv(4096)
-                assert data, "closed before INFO"
-                frames = decoder.feed(data)
-            assert isinstance(frames[0], Info)
-            session_now = sock.session
-            assert session_now is not None
-            return bool(sock.session_reused), session_now
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as sock:
+        decoder = Decoder.for_client()
+        frames: list = []
+        while not frames:
+            data = sock.recv(4096)
+            assert data, "closed before INFO"
+            frames = decoder.feed(data)
+        assert isinstance(frames[0], Info)
+        session_now = sock.session
+        assert session_now is not None
+        return bool(sock.session_reused), session_now
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])

@@ -193,8 +193,9 @@ def _details(scenario: Scenario, record: dict[str, Any]) -> str:
         if "skipped" in record:
             return str(record["skipped"])
         text = (
-            f"{record['served']:,}/{record['sensors']:,} served, {record['handshakes_per_s']:,} hs/s,"
-            f" {record['refused']} refused, {record['errors']} ERROR, {record['timed_out']} timed out"
+            f"{record['served']:,}/{record['sensors']:,} served, {record['handshakes_per_s']:,} hs/s;"
+            f" retried: {record['refused']} refused, {record['errors']} ERROR,"
+            f" {record['connect_timeouts']} connect timeouts"
         )
         if "broker_us_per_handshake" in record:
             text += (

@@ -177,39 +177,43 @@ class _DeferredHandler(logging.handlers.QueueHandler):
         return record
 
 
-# Most records formatted and written with one write() by the writer thread.
-_BATCH = 512
+# The writer thread wakes this often and writes every record queued meanwhile
+# with one write(). Woken by each record instead, it would cost the event loop
+# a thread wake-up (a futex system call and a context switch) per log line,
+# more than formatting the line; a log line may be this late, no more.
+_WRITE_INTERVAL_S = 0.02
 _STOP = object()
 
 
 class _Pipeline:
     """The queue, the thread that formats and writes, and the handler that feeds it.
 
-    The thread is ``QueueListener``'s loop with one difference: it takes every
-    record already queued (up to ``_BATCH``) and writes their lines with one
-    ``write`` and one flush, so that a storm of connections costs a system call
-    per batch, not per line. Lines stay whole and in order: one thread writes.
+    The thread is a ``QueueListener`` that batches: every ``_WRITE_INTERVAL_S``
+    it takes every record queued and writes their lines with one ``write`` and
+    one flush. Putting a record on a ``SimpleQueue`` nobody waits on is one C
+    call for the event loop. Lines stay whole and in order: one thread writes.
     """
 
     def __init__(self, writer: logging.StreamHandler[TextIO]) -> None:
         self.writer = writer
-        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()  # put() is one C call, no lock to contend
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.handler = _DeferredHandler(self.queue)  # type: ignore[arg-type]
         setattr(self.handler, _HANDLER_FLAG, True)
         self.thread = threading.Thread(target=self._run, name="hpfeeds3-log-writer", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        get, get_nowait = self.queue.get, self.queue.get_nowait
+        get_nowait = self.queue.get_nowait
         while True:
-            batch = [get()]
-            while len(batch) < _BATCH:
+            batch = []
+            while True:
                 try:
                     batch.append(get_nowait())
                 except queue.Empty:
                     break
-            if self._write(batch):
+            if batch and self._write(batch):
                 return
+            time.sleep(_WRITE_INTERVAL_S)
 
     def _write(self, batch: list[Any]) -> bool:
         """Write the records of ``batch``; wake the flushes waiting in it; True at the stop mark."""

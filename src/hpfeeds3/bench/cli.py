@@ -188,7 +188,8 @@ def _details(scenario: Scenario, record: dict[str, Any]) -> str:
     if scenario.group in ("pubsub", "fanout", "fanin"):
         return f"{record['mb_per_s']} MB/s payload, {record['delivered']:,} delivered, 0 lost"
     if scenario.group == "connect":
-        return f"{record['handshakes']:,} handshakes"
+        cpu = f", broker {record['broker_us_per_handshake']} µs each" if "broker_us_per_handshake" in record else ""
+        return f"{record['handshakes']:,} handshakes{cpu}"
     if scenario.group == "storm":
         if "skipped" in record:
             return str(record["skipped"])
@@ -246,6 +247,8 @@ def run_one(scenario: Scenario, target: Target, settings: Settings) -> dict[str,
     broker_after = cpu_seconds(settings.broker_pid)
     if broker_cpu is not None and broker_after is not None:
         record["broker_cpu_pct"] = round(100 * (broker_after - broker_cpu) / wall)
+        if record.get("handshakes"):  # connect: the broker's CPU per handshake, close included
+            record["broker_us_per_handshake"] = round((broker_after - broker_cpu) / record["handshakes"] * 1e6)
     record["load_cpu_pct"] = round(100 * (_own_cpu_seconds() - load_cpu) / wall)
     return record
 

@@ -247,8 +247,9 @@ def run_one(scenario: Scenario, target: Target, settings: Settings) -> dict[str,
     broker_after = cpu_seconds(settings.broker_pid)
     if broker_cpu is not None and broker_after is not None:
         record["broker_cpu_pct"] = round(100 * (broker_after - broker_cpu) / wall)
-        if record.get("handshakes"):  # connect: the broker's CPU per handshake, close included
-            record["broker_us_per_handshake"] = round((broker_after - broker_cpu) / record["handshakes"] * 1e6)
+        handshakes = result.get("handshakes")
+        if handshakes:  # connect: the broker's CPU per handshake, close included
+            record["broker_us_per_handshake"] = round((broker_after - broker_cpu) / handshakes * 1e6)
     record["load_cpu_pct"] = round(100 * (_own_cpu_seconds() - load_cpu) / wall)
     return record
 

@@ -12,12 +12,9 @@ disturb the iteration.
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Protocol
-
-log = logging.getLogger("hpfeeds3.broker.router")
 
 
 class Subscriber(Protocol):
@@ -86,8 +83,7 @@ class Router:
             try:
                 sub.deliver(data)
             except Exception:
-                log.exception("delivery to a subscriber of %r failed", channel[:64])
-                sub.delivery_failed()
+                sub.delivery_failed()  # called inside the except: it can log the traceback
         self.deliveries[channel] += count * len(subs)
         return len(subs)
 

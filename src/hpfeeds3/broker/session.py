@@ -49,7 +49,7 @@ from . import metrics
 from .auth import AccessKey
 from .metrics import PublishStats
 from .reasons import ERROR_TOKEN, CloseReason
-from .text import printable
+from .text import printable, quoted
 
 log = logging.getLogger("hpfeeds3.broker.connection")
 
@@ -231,28 +231,28 @@ class Session:
 
     def _deny_publish(self, ident: bytes, channel: bytes) -> None:
         if ident != self.ident_bytes:
-            metrics.CONNECTION_ERROR.labels(self.ident or "", "ident-mismatch-pub").inc()
-            self._deny(f"identfail: publish as {printable(ident)!r} refused; this connection is {self.ident!r}")
+            self._deny_spoof("publish", ident, "ident-mismatch-pub")
         else:
             metrics.CONNECTION_ERROR.labels(self.ident or "", "no-pub-permission").inc()
-            self._deny(f"accessfail: {self.ident} may not publish to channel {printable(channel)!r}")
+            self._deny(f"accessfail: {printable(self.ident_bytes)} may not publish to channel {quoted(channel)}")
+
+    def _deny_spoof(self, verb: str, ident: bytes, category: str) -> None:
+        metrics.CONNECTION_ERROR.labels(self.ident or "", category).inc()
+        self._deny(f"identfail: {verb} as {quoted(ident)} refused; this connection is {quoted(self.ident_bytes)}")
 
     def _control(self, frame: Auth | Publish | Subscribe | Unsubscribe) -> None:
         if isinstance(frame, Subscribe):
             channel = frame.channel
             if frame.ident != self.ident_bytes:
-                metrics.CONNECTION_ERROR.labels(self.ident or "", "ident-mismatch-sub").inc()
-                self._deny(
-                    f"identfail: subscribe as {printable(frame.ident)!r} refused; this connection is {self.ident!r}"
-                )
+                self._deny_spoof("subscribe", frame.ident, "ident-mismatch-sub")
             elif channel not in self.subchans:
                 metrics.CONNECTION_ERROR.labels(self.ident or "", "no-sub-permission").inc()
-                self._deny(f"accessfail: {self.ident} may not subscribe to channel {printable(channel)!r}")
+                self._deny(f"accessfail: {printable(self.ident_bytes)} may not subscribe to channel {quoted(channel)}")
             elif channel not in self.subscriptions:
                 if len(self.subscriptions) >= self._max_subscriptions:
                     metrics.LIMIT_REJECTIONS.labels("max_subscriptions").inc()
                     self._deny(
-                        f"limit: subscription to {printable(channel)!r} refused; at most "
+                        f"limit: subscription to {quoted(channel)} refused; at most "
                         f"{self._max_subscriptions} channels per connection"
                     )
                     return
@@ -260,10 +260,7 @@ class Session:
                 self.actions.subscribe(channel)
         elif isinstance(frame, Unsubscribe):
             if frame.ident != self.ident_bytes:
-                metrics.CONNECTION_ERROR.labels(self.ident or "", "ident-mismatch-unsub").inc()
-                self._deny(
-                    f"identfail: unsubscribe as {printable(frame.ident)!r} refused; this connection is {self.ident!r}"
-                )
+                self._deny_spoof("unsubscribe", frame.ident, "ident-mismatch-unsub")
             elif frame.channel in self.subscriptions:
                 self.subscriptions.discard(frame.channel)
                 self.actions.unsubscribe(frame.channel)

@@ -31,6 +31,7 @@ from .flow import run_latency, run_throughput
 from .handshake import find_listener_pid, raise_open_files_limit, run_connect, run_idle
 from .proc import cpu_seconds
 from .storm import run_storm
+from .trickle import run_trickle
 from .wire import BenchError, Target
 
 CONNECT_CONCURRENCY = 50
@@ -92,6 +93,10 @@ def _idle(target: Target, s: Settings) -> dict[str, Any]:
     return run_idle(target, connections=s.idle_connections, broker_pid=s.broker_pid, settle=0.1 if s.smoke else 1.0)
 
 
+def _trickle(target: Target, s: Settings) -> dict[str, Any]:
+    return run_trickle(target, broker_pid=s.broker_pid, smoke=s.smoke)
+
+
 def _storm(shared: bool, resume: bool = False) -> Callable[[Target, Settings], dict[str, Any]]:
     def run(target: Target, s: Settings) -> dict[str, Any]:
         return run_storm(
@@ -138,6 +143,14 @@ SCENARIOS = [
         "msgs_per_s",
         "msg/s",
         _throughput(FANIN_PUBLISHERS, 1, 100),
+    ),
+    Scenario(
+        "trickle",
+        "trickle",
+        "1 MiB frames in 128 B / 1,448 B writes: broker CPU per MiB vs 64 KiB writes (worst ratio)",
+        "worst_ratio",
+        "ratio",
+        _trickle,
     ),
     Scenario(
         "storm", "storm", "N sensors at once, each its own key: s until all served", "storm_s", "s", _storm(False)
@@ -206,6 +219,8 @@ def _details(scenario: Scenario, record: dict[str, Any]) -> str:
         if "resumed" in record:
             text += f"; {record['resumed']:,} TLS sessions resumed"
         return text
+    if scenario.group == "trickle":
+        return ", ".join(f"{k[len('broker_cpu_ms_per_mib_') :]} {v} ms/MiB" for k, v in record.items() if "cpu_ms" in k)
     if scenario.group == "idle":
         if "rss_after_mib" in record:
             return (

@@ -52,7 +52,25 @@ LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = (
     (
         "--max-unauthenticated",
         "max_unauthenticated",
-        "connections that have not authenticated yet (default %(default)s)",
+        "connections that have not authenticated yet, TLS handshakes included; at the limit the oldest "
+        "is closed (default %(default)s)",
+    ),
+    (
+        "--max-unauthenticated-per-address",
+        "max_unauthenticated_per_address",
+        "of those, from one address (IPv6: one /64); at the limit that address's oldest is closed "
+        "(default %(default)s)",
+    ),
+    (
+        "--min-receive-rate",
+        "min_receive_rate_bytes",
+        "bytes per second a frame must at least arrive at once its header has come, after a 5 s grace (default 16K)",
+    ),
+    (
+        "--max-partial-frames",
+        "max_partial_frames_bytes",
+        "bytes held in incomplete frames over all connections; past it the connections holding the most "
+        "are closed (default 128M)",
     ),
     (
         "--send-buffer-hard",

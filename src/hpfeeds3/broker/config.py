@@ -28,8 +28,19 @@ class Limits:
     tls_handshake_timeout_s: float = 10.0
     # Concurrent connections; also kept below the open-files limit at start.
     max_connections: int = 10_000
-    # Connections that have not authenticated yet; bounds pre-auth memory.
+    # Connections that have not authenticated yet (a TLS handshake in progress
+    # included); bounds pre-auth memory. At the bound the oldest is closed.
     max_unauthenticated: int = 1_024
+    # ... of them from one address (IPv6: one /64): one host never takes the
+    # whole pool. At the bound that address's oldest is closed.
+    max_unauthenticated_per_address: int = 64
+    # A frame whose header has arrived must arrive at least this fast (bytes
+    # per second, after a few seconds' grace), or the connection is closed
+    # (slow_producer): a trickled frame cannot pin its buffer for ever.
+    min_receive_rate_bytes: int = 16 * 1024
+    # Bytes held in incomplete frames over all connections; past it the
+    # connections holding the most are closed (slow_producer).
+    max_partial_frames_bytes: int = 128 * MiB
     # Subscriber outgoing buffer: cut at once above the hard bound ...
     send_buffer_hard_bytes: int = 32 * MiB
     # ... or when above the soft bound for longer than the soft window ...

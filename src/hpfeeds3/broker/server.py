@@ -140,11 +140,11 @@ async def serve(
                 assert endpoint.cert and endpoint.key
                 ctx = make_tls_context(endpoint.cert, endpoint.key)
                 broker.spawn(_watch_tls(ctx, endpoint.cert, endpoint.key, watch_stop))
+            # TLS listeners accept plain TCP: the connection runs the handshake
+            # itself, so it counts against the limits from accept.
             server = await loop.create_server(
-                lambda: Connection(broker),
+                lambda ctx=ctx: Connection(broker, ctx),  # type: ignore[misc]
                 sock=sock,
-                ssl=ctx,
-                ssl_handshake_timeout=config.limits.tls_handshake_timeout_s if ctx else None,
                 backlog=LISTEN_BACKLOG,
             )
             servers.append(server)

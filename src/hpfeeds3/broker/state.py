@@ -14,6 +14,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from . import metrics
+from .admission import PreAuthPool
 from .auth import AccessKey, Authenticator, AuthUnavailable, WouldBlock
 from .config import BrokerConfig
 from .metrics import PublishStats
@@ -45,7 +46,14 @@ class Broker:
         self.connections: set[Connection] = set()
         self.by_ident: dict[str, set[Connection]] = {}
         self._channel_sets: dict[tuple[str, ...], frozenset[bytes]] = {}
-        self.unauthenticated = 0
+        limits = config.limits
+        # Connections not authenticated yet, by address group (admission.py).
+        self.pre_auth: PreAuthPool[Connection] = PreAuthPool(
+            limits.max_unauthenticated, limits.max_unauthenticated_per_address
+        )
+        # Bytes held in incomplete frames, by connection, and their sum.
+        self.partial_holders: dict[Connection, int] = {}
+        self.partial_bytes = 0
         self.state = "starting"  # starting | serving | stopping
         self.backplane: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -55,6 +63,39 @@ class Broker:
         self.retired_recv_fill: dict[str, int] = {}
         self.retired_total_recv = 0
         self.retired_total_sent = 0
+
+    @property
+    def unauthenticated(self) -> int:
+        return self.pre_auth.total
+
+    def hold_partial(self, conn: Connection, held: int) -> None:
+        """``conn`` now holds ``held`` bytes of an incomplete frame (0: none).
+
+        Past ``max_partial_frames_bytes`` over all connections, the ones
+        holding the most are closed (``slow_producer``) until it is met again."""
+        old = self.partial_holders.pop(conn, 0)
+        if held:
+            self.partial_holders[conn] = held
+        self.partial_bytes += held - old
+        limit = self.config.limits.max_partial_frames_bytes
+        if self.partial_bytes <= limit:
+            return
+        for victim, size in sorted(self.partial_holders.items(), key=lambda kv: kv[1], reverse=True):
+            if self.partial_bytes <= limit:
+                break
+            metrics.LIMIT_REJECTIONS.labels("max_partial_frames").inc()
+            log.warning(
+                "closing %s (%s): %d bytes held in an incomplete frame, %d over all connections (limit %d)",
+                victim.peer,
+                victim.ident,
+                size,
+                self.partial_bytes,
+                limit,
+                extra={"event": "slow_producer", "peer": victim.peer, "ident": victim.ident, "reason": "slow_producer"},
+            )
+            victim.close(
+                CloseReason.SLOW_PRODUCER, f"incomplete frames hold more than {limit} bytes: the largest are closed"
+            )
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """/healthz: 200 while serving (``degraded`` while a cluster link is down), else 503."""

@@ -36,8 +36,19 @@ BACKLOG_LOW_BYTES = 64 * 1024
 BACKLOG_CHECK_S = 0.5
 # A connection closed with an ERROR gets this long to flush it before abort.
 CLOSE_FLUSH_S = 1.0
+# After an ERROR that closes a connection, what the client still sends is
+# read and discarded for up to this long (its pipelined frames would
+# otherwise turn our close into a reset that destroys the ERROR).
+CLOSE_LINGER_S = 1.0
+# ... and for at most this many bytes: enough for frames pipelined behind a
+# refused AUTH; a client that keeps sending is flooding, and is reset.
+CLOSE_LINGER_BYTES = 64 * 1024
 
 # --- fairness between connections -------------------------------------------------
+
+# A frame whose header has arrived gets this long on top of its size divided
+# by --min-receive-rate: a small frame on a congested link is not cut.
+PARTIAL_FRAME_GRACE_S = 5.0
 
 # Frames that need a full check (control frames, the first PUBLISH of a run)
 # handled per event-loop turn for one connection. One 256 KiB read can hold

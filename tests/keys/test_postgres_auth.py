@@ -1,4 +1,4 @@
-"""PostgresAuthenticator against a real PostgreSQL: lookups, the database going
+"""PostgresStore against a real PostgreSQL: lookups, the database going
 away and coming back, and change notification.
 
 The outage tests stop and restart a server of their own, so the session
@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from hpfeeds3.broker.auth.base import AccessKey, AuthUnavailable
-from hpfeeds3.broker.auth.postgres import PostgresAuthenticator
+from hpfeeds3.broker.auth.postgres import PostgresStore
 from hpfeeds3.broker.config import ConfigError
 from hpfeeds3.broker.keys import open_store
 from tests.support.postgres import PostgresServer
@@ -44,7 +44,7 @@ def own_server() -> Iterator[PostgresServer]:
 
 def test_lookup_finds_keys_and_returns_none_for_unknown(postgres_dsn: str) -> None:
     async def go() -> None:
-        auth = PostgresAuthenticator(postgres_dsn)
+        auth = PostgresStore(postgres_dsn)
         await auth.start()  # creates the table
         try:
             assert await auth.lookup("sensor1") is None
@@ -69,7 +69,7 @@ def test_lookup_finds_keys_and_returns_none_for_unknown(postgres_dsn: str) -> No
 
 def test_start_fails_with_config_error_for_a_missing_database(postgres_server: PostgresServer) -> None:
     async def go() -> None:
-        auth = PostgresAuthenticator(postgres_server.dsn("no_such_db"))
+        auth = PostgresStore(postgres_server.dsn("no_such_db"))
         with pytest.raises(ConfigError, match="no_such_db"):
             await auth.start()
 
@@ -81,7 +81,7 @@ def test_database_down_gives_auth_unavailable_quickly_and_recovers(own_server: P
     add(dsn)
 
     async def go() -> None:
-        auth = PostgresAuthenticator(dsn, lookup_timeout_s=2.0)
+        auth = PostgresStore(dsn, lookup_timeout_s=2.0)
         await auth.start()
         try:
             assert await auth.lookup("sensor1") == KEY
@@ -121,7 +121,7 @@ def test_start_with_the_database_down_then_serves_when_it_returns(own_server: Po
 
     async def go() -> None:
         await asyncio.to_thread(own_server.stop)
-        auth = PostgresAuthenticator(dsn, lookup_timeout_s=1.0)
+        auth = PostgresStore(dsn, lookup_timeout_s=1.0)
         try:
             await auth.start()  # does not fail: it keeps trying in the background
             with pytest.raises(AuthUnavailable):
@@ -139,7 +139,7 @@ def test_start_with_the_database_down_then_serves_when_it_returns(own_server: Po
 
 def test_changes_yields_idents_changed_by_another_connection(postgres_dsn: str) -> None:
     async def go() -> None:
-        auth = PostgresAuthenticator(postgres_dsn)
+        auth = PostgresStore(postgres_dsn)
         await auth.start()
         changes = auth.changes()
         try:
@@ -181,7 +181,7 @@ def test_changes_survives_a_database_restart_and_says_recheck_all(own_server: Po
     dsn = own_server.new_database()
 
     async def go() -> None:
-        auth = PostgresAuthenticator(dsn)
+        auth = PostgresStore(dsn)
         await auth.start()
         changes = auth.changes()
         try:
@@ -210,7 +210,7 @@ def test_unresponsive_database_times_out_within_the_lookup_bound() -> None:
     dsn = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/postgres"
 
     async def go() -> None:
-        auth = PostgresAuthenticator(dsn, lookup_timeout_s=0.5)
+        auth = PostgresStore(dsn, lookup_timeout_s=0.5)
         start = time.monotonic()
         await auth.start()  # gives up waiting, keeps retrying in the background
         assert time.monotonic() - start < 6
@@ -240,7 +240,7 @@ def test_a_read_only_role_can_serve_a_table_made_by_its_owner(postgres_server: P
     reader_dsn = f"postgresql://hpfeeds_reader@127.0.0.1:{postgres_server.port}/{database}"
 
     async def go() -> None:
-        auth = PostgresAuthenticator(reader_dsn)
+        auth = PostgresStore(reader_dsn)
         await auth.start()
         changes = auth.changes()
         try:
@@ -283,7 +283,7 @@ def test_a_read_only_role_starts_without_the_trigger_and_warns(
     reader_dsn = f"postgresql://hpfeeds_reader@127.0.0.1:{postgres_server.port}/{database}"
 
     async def go() -> None:
-        auth = PostgresAuthenticator(reader_dsn)
+        auth = PostgresStore(reader_dsn)
         await auth.start()
         try:
             assert await auth.lookup("i") == AccessKey("i", "s", "o", ("a",), ())

@@ -14,11 +14,21 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import TextIO
 
-from ..auth.base import AccessKey
-from .errors import BadArguments, ExitCode, InvalidKey, KeyStoreError, NoSuchIdent
-from .jsonfile import write_atomic
-from .records import check_channels, check_name, dump_keys, generate_secret, key_to_record, make_key, parse_keys
-from .store import open_store, parse_store_spec
+from ..auth.base import (
+    AccessKey,
+    BadArguments,
+    ExitCode,
+    InvalidKey,
+    KeyStoreError,
+    NoSuchIdent,
+    check_channels,
+    check_name,
+    make_key,
+)
+from ..auth.jsonfile import PRIVATE_MODE, write_atomic
+from ..auth.records import dump_keys, generate_secret, key_to_record, parse_keys
+from ..auth.spec import parse_spec
+from .blocking import open_store
 
 PROG = "hpfeeds-broker keys"
 
@@ -107,10 +117,6 @@ def _show(key: AccessKey, out: TextIO, *, with_secret: bool = False) -> None:
     print(f"subchans: {_fmt_channels(key.subchans)}", file=out)
 
 
-def _validated(keys: Iterable[AccessKey]) -> list[AccessKey]:
-    return [make_key(k.ident, k.secret, k.owner, k.pubchans, k.subchans) for k in keys]
-
-
 def _looks_like_sqlite(path: str) -> bool:
     try:
         with open(path, "rb") as f:
@@ -125,10 +131,10 @@ def _read_source(source: str) -> list[AccessKey]:
         return parse_keys(sys.stdin.read(), "stdin")
     if source.startswith(("sqlite:", "postgresql://", "postgres://")) or source == "sqlite":
         with open_store(source) as store:
-            return _validated(store.keys())
+            return store.keys()
     if _looks_like_sqlite(source):
         with open_store("sqlite:" + source) as store:
-            return _validated(store.keys())
+            return store.keys()
     try:
         with open(source, encoding="utf-8") as f:
             text = f.read()
@@ -254,7 +260,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         sys.stdout.write(text)
     else:
         try:
-            write_atomic(args.to, text)
+            write_atomic(args.to, text, mode=PRIVATE_MODE)  # a new file, renamed over any old one
         except OSError as err:
             raise BadArguments(f"{args.to}: cannot write ({err.strerror or err})") from None
         _note(f"exported {len(keys)} keys to {args.to} (it holds secrets: mode 0600)")
@@ -271,9 +277,9 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_copy(args: argparse.Namespace) -> None:
-    parse_store_spec(args.to)  # a bad target fails before the source is read
+    parse_spec(args.to)  # a bad target fails before the source is read
     with open_store(args.source) as store:
-        keys = _validated(store.keys())
+        keys = store.keys()
     _put(keys, args.to, args.replace)
 
 

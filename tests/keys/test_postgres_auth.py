@@ -18,7 +18,7 @@ import pytest
 from hpfeeds3.broker.auth.base import AccessKey, AuthUnavailable
 from hpfeeds3.broker.auth.postgres import PostgresStore
 from hpfeeds3.broker.config import ConfigError
-from hpfeeds3.broker.keys import open_store
+from hpfeeds3.broker.keys import ExitCode, open_store
 from tests.support.postgres import PostgresServer
 
 KEY = AccessKey("sensor1", "s3cret", "alice", ("cowrie.sessions",), ("ctl",))
@@ -293,3 +293,110 @@ def test_a_read_only_role_starts_without_the_trigger_and_warns(
     with caplog.at_level("WARNING", logger="hpfeeds3.broker.auth.postgres"):
         asyncio.run(go())
     assert "cannot create the change trigger" in caplog.text
+
+
+# --- only valid keys are served -----------------------------------------------------------
+
+
+async def _lookups(dsn: str, idents: list[str]) -> list[AccessKey | None]:
+    auth = PostgresStore(dsn)
+    await auth.start()
+    try:
+        return [await auth.lookup(ident) for ident in idents]
+    finally:
+        await auth.close()
+
+
+def test_null_empty_and_bad_channel_rows_are_no_such_key(postgres_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    rows = {
+        "null-secret": "NULL, '[\"a\"]'",
+        "empty-secret": "'', '[\"a\"]'",
+        "empty-channel": "'s3cret', '[\"a\", \"\"]'",
+        "numeric-channel": "'s3cret', '[7]'",
+        "numeric-text-secret": "'12345', '[\"a\"]'",  # a TEXT column holds text: valid
+    }
+
+    async def go() -> list[AccessKey | None]:
+        auth = PostgresStore(postgres_dsn)
+        await auth.start()  # creates the table
+        await auth.close()
+        conn = await asyncpg.connect(postgres_dsn)
+        for ident, values in rows.items():
+            await conn.execute(
+                f"INSERT INTO authkeys (owner, ident, secret, pubchans) VALUES ('o', '{ident}', {values})"
+            )
+        await conn.close()
+        return await _lookups(postgres_dsn, [*rows, *rows])
+
+    with caplog.at_level("WARNING", logger="hpfeeds3.broker.auth"):
+        found = asyncio.run(go())
+    assert found[:5] == [None, None, None, None, AccessKey("numeric-text-secret", "12345", "o", ("a",), ())]
+    assert found[5:] == found[:5]
+    for ident in ("null-secret", "empty-secret", "empty-channel", "numeric-channel"):
+        lines = [r.getMessage() for r in caplog.records if repr(ident) in r.getMessage()]
+        assert len(lines) == 1 and "not valid" in lines[0], (ident, lines)  # once per ident
+        assert "s3cret" not in lines[0]
+    # keys refuses them with its exit code, naming the rule and not the secret
+    from .conftest import run_keys
+
+    r = run_keys("show", "empty-channel", "--auth", postgres_dsn)
+    assert r.code == ExitCode.INVALID_KEY and "must not be empty" in r.err and "s3cret" not in r.err
+
+
+@pytest.mark.parametrize(("column", "value"), [("bytea", "'\\x733363726574'::bytea"), ("integer", "12345")])
+def test_binary_and_numeric_secret_columns_are_no_such_key(postgres_dsn: str, column: str, value: str) -> None:
+    """A table made by hand with a secret column of another type: its rows are not keys."""
+
+    async def go() -> list[AccessKey | None]:
+        conn = await asyncpg.connect(postgres_dsn)
+        await conn.execute(
+            f"CREATE TABLE authkeys (id serial PRIMARY KEY, owner TEXT, ident TEXT UNIQUE, secret {column},"
+            " pubchans TEXT, subchans TEXT)"
+        )
+        await conn.execute(f"INSERT INTO authkeys (ident, secret, pubchans) VALUES ('typed', {value}, '[]')")
+        await conn.close()
+        return await _lookups(postgres_dsn, ["typed"])
+
+    assert asyncio.run(go()) == [None]
+
+
+# --- no password in any log or error line -------------------------------------------------
+
+
+def test_passwords_in_the_dsn_never_reach_logs_or_errors(
+    postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from .conftest import run_keys
+
+    secret_words = ("hunter2", "hunter3", "hunter4")
+    missing_db = postgres_server.dsn("no_such_db").replace(":unused@", ":hunter2@") + "?password=hunter3"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    unreachable = f"postgresql://u:hunter2@127.0.0.1:{closed_port}/db?sslpassword=hunter4&password=hunter3"
+
+    async def go() -> list[str]:
+        seen = []
+        with pytest.raises(ConfigError) as refused:
+            await PostgresStore(missing_db).start()
+        seen.append(str(refused.value))
+        auth = PostgresStore(unreachable, lookup_timeout_s=0.5)
+        await auth.start()  # not reachable: starts anyway, warns
+        try:
+            with pytest.raises(AuthUnavailable) as unavailable:
+                await auth.lookup("x")
+            seen.append(str(unavailable.value))
+            seen.append(repr(auth))
+        finally:
+            await auth.close()
+        return seen
+
+    with caplog.at_level("DEBUG"):
+        seen = asyncio.run(go())
+    r = run_keys("list", "--auth", unreachable)
+    assert r.code == ExitCode.STORE_UNAVAILABLE
+    seen += [r.err, *(rec.getMessage() for rec in caplog.records)]
+    assert any("not reachable" in line for line in seen)
+    assert any("u:***@" in line for line in seen)
+    for line in seen:
+        assert not any(word in line for word in secret_words), line

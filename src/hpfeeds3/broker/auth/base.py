@@ -211,8 +211,13 @@ def encode_channels(channels: Iterable[str]) -> str:
     return json.dumps(list(channels), ensure_ascii=False)
 
 
+@functools.lru_cache(maxsize=4096)
 def decode_row(ident: object, secret: object, owner: object, pubchans: object, subchans: object) -> AccessKey:
-    """A key from the ``authkeys`` columns (sqlite, PostgreSQL); ``InvalidKey`` if it is not one."""
+    """A key from the ``authkeys`` columns (sqlite, PostgreSQL); ``InvalidKey`` if it is not one.
+
+    Every AUTH decodes its row: the same columns give the same (immutable)
+    key, so validating a key with many channels costs once, not per AUTH.
+    """
     name = ident if isinstance(ident, str) else ""
     return make_key(
         ident,

@@ -239,3 +239,19 @@ def test_writer_waits_for_a_reader_and_reports_a_lock_it_cannot_get(tmp_path: Pa
     finally:
         holder.execute("rollback")
         holder.close()
+
+
+def test_a_row_that_is_not_a_valid_key_is_named_and_can_be_removed(keys: Keys, tmp_path: Path) -> None:
+    db = reference_db(tmp_path / "sqlite.db")
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute(
+            "insert into authkeys (owner, ident, secret, pubchans, subchans) values ('o', 'bad', NULL, '[]', '[]')"
+        )
+    conn.close()
+    spec = f"sqlite:{db}"
+    r = keys("show", "bad", "--auth", spec)
+    assert r.code == ExitCode.INVALID_KEY and "'bad'" in r.err and "secret" in r.err
+    assert keys("list", "--auth", spec).code == ExitCode.INVALID_KEY
+    assert keys("remove", "bad", "--auth", spec).code == 0
+    assert keys("list", "--auth", spec).code == 0

@@ -400,3 +400,29 @@ def test_passwords_in_the_dsn_never_reach_logs_or_errors(
     assert any("u:***@" in line for line in seen)
     for line in seen:
         assert not any(word in line for word in secret_words), line
+
+
+def test_an_index_on_ident_is_ensured_once(postgres_dsn: str) -> None:
+    """Our table's UNIQUE index serves; a table made by hand without one gets authkeys_ident."""
+    count_sql = """SELECT count(*) FROM pg_index i
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+        WHERE i.indrelid = 'authkeys'::regclass AND a.attname = 'ident'"""
+
+    async def go() -> list[int]:
+        await _lookups(postgres_dsn, [])  # creates our table
+        conn = await asyncpg.connect(postgres_dsn)
+        ours = await conn.fetchval(count_sql)
+        await conn.execute("DROP TABLE authkeys")
+        await conn.execute(
+            "CREATE TABLE authkeys (id serial, owner TEXT, ident TEXT, secret TEXT, pubchans TEXT, subchans TEXT)"
+        )
+        before = await conn.fetchval(count_sql)
+        await conn.close()
+        await _lookups(postgres_dsn, [])
+        await _lookups(postgres_dsn, [])  # a second start adds nothing
+        conn = await asyncpg.connect(postgres_dsn)
+        after = await conn.fetchval(count_sql)
+        await conn.close()
+        return [ours, before, after]
+
+    assert asyncio.run(go()) == [1, 0, 1]

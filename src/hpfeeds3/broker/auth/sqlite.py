@@ -164,9 +164,9 @@ class SqliteStore:
             with _transaction(db):
                 ensure_schema(db)
         except sqlite3.OperationalError as e:
-            if "readonly" not in str(e) or not has_table(db):
+            if not has_table(db):
                 raise
-            log.warning("%s: read-only, served without an index on ident (lookups scan the table)", self.path)
+            log.warning("%s: cannot add the index on ident (%s); lookups scan the table", self.path, e)
 
     async def close(self) -> None:
         for conn in (self._inline, self._db):

@@ -245,8 +245,11 @@ def cmd_rotate(args: argparse.Namespace) -> None:
 def cmd_remove(args: argparse.Namespace) -> None:
     with open_store(args.auth) as store:
         for ident in args.idents:  # all must exist before any is removed
-            if store.get(ident) is None:
-                raise NoSuchIdent(ident)
+            try:
+                if store.get(ident) is None:
+                    raise NoSuchIdent(ident)
+            except InvalidKey:
+                pass  # it exists, though not as a valid key: removing it is the fix
         for ident in args.idents:
             store.remove(ident)
             _note(f"removed {ident!r} from {store.description}")

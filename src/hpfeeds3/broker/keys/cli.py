@@ -44,8 +44,9 @@ exit codes:
   2  bad arguments, unknown store, unreadable or malformed input file
   3  ident already exists
   4  no such ident
-  5  store unreachable, locked (beyond a 5 s wait) or not a key store
-  6  invalid ident or channel name (empty, or over 255 bytes of UTF-8) or malformed key
+  5  store unreachable, cannot be created, locked (beyond a 5 s wait) or not a key store
+  6  invalid ident, secret or channel name (empty, not text, or over 255 bytes of UTF-8),
+     or a stored key that is not valid
 """
 
 EPILOG = (

@@ -9,13 +9,14 @@
 ==============================  ===============================================
 
 A spec is taken as written: no surrounding spaces, no empty path. Adding a
-backend is one module and one line in ``_BACKENDS``.
+backend is one module, and one line in ``_BACKENDS`` naming how its spec
+looks and where its class is.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,20 +24,44 @@ from ..redact import redact_url
 from .base import BadSpec, KeyReader
 from .sqlite import DEFAULT_PATH
 
-# kind -> "module:Class", imported when used (asyncpg only for PostgreSQL).
-_BACKENDS = {
-    "sqlite": "sqlite:SqliteStore",
-    "json": "jsonfile:JsonStore",
-    "env": "env:EnvStore",
-    "postgresql": "postgres:PostgresStore",
-}
-
 ACCEPTED = "sqlite, sqlite:PATH, env, PATH.json or postgresql://user:password@host:port/db"
+
+
+def _sqlite(spec: str) -> str | None:
+    if spec == "sqlite":
+        return DEFAULT_PATH
+    if not spec.startswith("sqlite:"):
+        return None
+    if spec == "sqlite:":
+        raise BadSpec(f"store {spec!r}: sqlite:PATH needs a path")
+    return spec[len("sqlite:") :]
+
+
+def _env(spec: str) -> str | None:
+    return "" if spec == "env" else None
+
+
+def _postgresql(spec: str) -> str | None:
+    return spec if spec.startswith(("postgresql://", "postgres://")) else None
+
+
+def _json(spec: str) -> str | None:
+    return spec if spec.lower().endswith(".json") and spec.strip() == spec else None
+
+
+# One line per backend: its kind, how a spec names it (the target, or None),
+# and "module:Class", imported only when used (asyncpg only for PostgreSQL).
+_BACKENDS: tuple[tuple[str, Callable[[str], str | None], str], ...] = (
+    ("sqlite", _sqlite, "sqlite:SqliteStore"),
+    ("env", _env, "env:EnvStore"),
+    ("postgresql", _postgresql, "postgres:PostgresStore"),
+    ("json", _json, "jsonfile:JsonStore"),
+)
 
 
 @dataclass(frozen=True, slots=True)
 class StoreSpec:
-    kind: str  # a key of _BACKENDS
+    kind: str  # a kind of _BACKENDS
     target: str  # a path, a DSN, or "" for env
 
     def describe(self) -> str:
@@ -45,19 +70,10 @@ class StoreSpec:
 
 def parse_spec(spec: str) -> StoreSpec:
     """Parse one store spec; ``BadSpec`` (a ``ConfigError``) names the accepted forms."""
-    if spec == "sqlite":
-        return StoreSpec("sqlite", DEFAULT_PATH)
-    if spec.startswith("sqlite:"):
-        path = spec[len("sqlite:") :]
-        if not path:
-            raise BadSpec(f"store {spec!r}: sqlite:PATH needs a path")
-        return StoreSpec("sqlite", path)
-    if spec == "env":
-        return StoreSpec("env", "")
-    if spec.startswith(("postgresql://", "postgres://")):
-        return StoreSpec("postgresql", spec)
-    if spec.lower().endswith(".json") and spec.strip() == spec:
-        return StoreSpec("json", spec)
+    for kind, match, _where in _BACKENDS:
+        target = match(spec)
+        if target is not None:
+            return StoreSpec(kind, target)
     raise BadSpec(f"unknown store {redact_url(spec)!r}: expected {ACCEPTED}")
 
 
@@ -68,7 +84,8 @@ def open_backend(spec: str | StoreSpec, *, poll_s: float = 1.0) -> Any:
     often a polled store (sqlite) checks for changes.
     """
     parsed = parse_spec(spec) if isinstance(spec, str) else spec
-    module_name, _, class_name = _BACKENDS[parsed.kind].partition(":")
+    where = next(where for kind, _match, where in _BACKENDS if kind == parsed.kind)
+    module_name, _, class_name = where.partition(":")
     cls = getattr(importlib.import_module(f"{__package__}.{module_name}"), class_name)
     return cls.from_spec(parsed.target, poll_s=poll_s)
 

@@ -101,5 +101,5 @@ def test_a_key_removed_during_an_auth_lookup_does_not_log_in(tmp_path: Path) -> 
         store.gate.set()
         loop.call_soon_threadsafe(stop.set)
         thread.join(timeout=15)
-        loop.close()
-    assert not thread.is_alive()
+    assert not thread.is_alive(), "the broker did not stop"
+    loop.close()

@@ -25,7 +25,7 @@ EPILOG = """\
 auth backends (--auth, repeatable; the first that knows an ident wins):
   sqlite              ./sqlite.db, the reference broker's authkeys table (default)
   sqlite:PATH         another sqlite file
-  env                 HPFEEDS_<IDENT>_SECRET, _PUBCHANS, _SUBCHANS, _OWNER
+  env                 HPFEEDS_<IDENT>_SECRET, _PUBCHANS, _SUBCHANS, _OWNER (ident lower-case)
   PATH.json           {"ident": {"owner", "secret", "pubchans", "subchans"}}, reloaded on change
   postgresql://...    a shared PostgreSQL store
 

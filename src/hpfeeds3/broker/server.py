@@ -21,7 +21,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 
 from . import metrics
-from .auth import Authenticator, build_authenticator
+from .auth import Authenticator, ChangeFeed, build_authenticator
 from .config import BrokerConfig, ConfigError, Endpoint
 from .connection import Connection
 from .state import Broker
@@ -203,10 +203,9 @@ async def serve(
 async def _watch_auth_changes(broker: Broker, auth: Authenticator) -> None:
     """Feed the store's change notifications into ``Broker.recheck`` (revocation).
 
-    A backend that can tell has ``changes()``: an async iterator of changed
+    A store that can tell is a ``ChangeFeed``: ``changes()`` yields changed
     idents (``None``: anything may have changed)."""
-    changes = getattr(auth, "changes", None)
-    if changes is None:
+    if not isinstance(auth, ChangeFeed):
         return
-    async for idents in changes():
+    async for idents in auth.changes():
         await broker.recheck(idents)

@@ -22,6 +22,12 @@ LISTEN_BACKLOG = 1024
 # unavailable): the client gets a clear error instead of waiting for the
 # AUTH deadline.
 AUTH_LOOKUP_TIMEOUT_S = 2.0
+
+# A lookup that was in flight while the key store changed is repeated, so a
+# key removed meanwhile is not used (revocation has no window); after this
+# many attempts in a row that each saw a change, the AUTH fails as "store
+# unavailable" rather than trusting an answer that may be stale.
+AUTH_LOOKUP_ATTEMPTS = 3
 # Distinct channel lists whose byte sets are shared between connections
 # (10,000 sensors with the same key hold one set); cleared when full.
 MAX_CHANNEL_SETS = 10_000

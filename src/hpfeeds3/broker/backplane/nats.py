@@ -31,6 +31,7 @@ from typing import Any
 
 from ...protocol import HEADER
 from .. import metrics
+from ..redact import redact_url
 from ..router import Router
 from .subjects import channel_to_subject
 
@@ -49,6 +50,7 @@ _JOIN_LIMIT_BYTES = 256 * 1024
 class NatsBackplane:
     def __init__(self, servers: Sequence[str], router: Router, *, max_frame_bytes: int, name: str = "hpfeeds") -> None:
         self.servers = list(servers)
+        self.shown = ", ".join(map(redact_url, self.servers))  # for logs: no credentials
         self.router = router
         self.max_frame_bytes = max_frame_bytes
         self.name = name
@@ -145,7 +147,7 @@ class NatsBackplane:
                 )
             except Exception as e:
                 if self.status != "unreachable":
-                    log.warning("cluster: NATS %s unreachable (%s); serving local clients, retrying", self.servers, e)
+                    log.warning("cluster: NATS %s unreachable (%s); serving local clients, retrying", self.shown, e)
                     self.status = "unreachable"
                 await asyncio.sleep(RECONNECT_WAIT_S)
                 continue
@@ -171,8 +173,8 @@ class NatsBackplane:
         self.connected = True
         self.status = "connected"
         metrics.CLUSTER_LINK_UP.set(1)
-        url = self._nc.connected_url.netloc if self._nc and self._nc.connected_url else self.servers
-        log.info("cluster: linked to NATS %s as origin %s", url, self.origin)
+        url = self._nc.connected_url.geturl() if self._nc and self._nc.connected_url else self.shown
+        log.info("cluster: linked to NATS %s as origin %s", redact_url(url), self.origin)
 
     async def _on_disconnected(self) -> None:
         if self.connected:

@@ -156,10 +156,11 @@ async def serve(
 
             backplane = NatsBackplane(
                 config.cluster,
-                broker.router,
+                broker.router.deliver_local,
                 max_frame_bytes=broker.frame_limits.max_publish_frame_bytes,
                 name=config.name,
             )
+            broker.router.attach(backplane)
             await backplane.start()
             broker.backplane = backplane
             cleanups.append(backplane.close)

@@ -26,12 +26,11 @@ import contextlib
 import logging
 import os
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ...protocol import HEADER
 from .. import metrics
-from ..router import Router
 from .subjects import channel_to_subject
 
 log = logging.getLogger("hpfeeds3.broker.cluster")
@@ -47,9 +46,16 @@ _JOIN_LIMIT_BYTES = 256 * 1024
 
 
 class NatsBackplane:
-    def __init__(self, servers: Sequence[str], router: Router, *, max_frame_bytes: int, name: str = "hpfeeds") -> None:
+    def __init__(
+        self,
+        servers: Sequence[str],
+        deliver: Callable[[bytes, bytes, int], None],
+        *,
+        max_frame_bytes: int,
+        name: str = "hpfeeds",
+    ) -> None:
         self.servers = list(servers)
-        self.router = router
+        self.deliver = deliver
         self.max_frame_bytes = max_frame_bytes
         self.name = name
         self.origin = os.urandom(8).hex()
@@ -97,13 +103,7 @@ class NatsBackplane:
     # --- lifecycle ----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Attach to the router and start linking in the background (never blocks on NATS)."""
-        router = self.router
-        router.remote = self.forward
-        router.on_first_subscriber = self.want
-        router.on_last_unsubscribe = self.unwant
-        for channel in router.channels():
-            self._wanted.add(channel)
+        """Start linking in the background (never blocks on NATS)."""
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._link()),
@@ -218,7 +218,7 @@ class NatsBackplane:
                     await asyncio.sleep(RECONNECT_WAIT_S)
 
     def _receiver(self, channel: bytes) -> Any:
-        router = self.router
+        deliver = self.deliver
         seq_in = self._seq_in
 
         async def on_message(msg: Any) -> None:
@@ -231,7 +231,7 @@ class NatsBackplane:
             except (KeyError, ValueError):
                 count = _count_frames(data)
                 if count:
-                    router.deliver_local(channel, data, count)
+                    deliver(channel, data, count)
                 return
             key = (origin, channel)
             expected = seq_in.get(key)
@@ -246,7 +246,7 @@ class NatsBackplane:
                     origin,
                 )
             seq_in[key] = seq + count
-            router.deliver_local(channel, data, count)
+            deliver(channel, data, count)
 
         return on_message
 

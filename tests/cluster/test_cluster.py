@@ -4,6 +4,7 @@ a real PostgreSQL (``pgserver``)."""
 from __future__ import annotations
 
 import signal
+import socket
 import time
 
 from tests.cluster.nodes import CHANNELS, Collector, healthz, metric, start_node, wait_linked
@@ -137,11 +138,24 @@ def test_one_broker_killed_others_unaffected(tmp_path, nats, cluster_keys) -> No
             b.stop()
 
 
+def free_port_pair() -> int:
+    """A free port whose successor is free too (other processes on this machine take ports at random)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
 def test_workers_share_the_port_and_see_each_others_messages(tmp_path, nats) -> None:
     users = {f"u{i}": {"secret": "s", "pubchans": ["c"], "subchans": ["c"]} for i in range(8)}
     write_users_json(tmp_path / "users.json", users)
     port = free_port()
-    exporter = free_port()
+    exporter = free_port_pair()  # worker i serves metrics on exporter + i
     b = BrokerProcess(
         [
             "--bind",
@@ -154,6 +168,8 @@ def test_workers_share_the_port_and_see_each_others_messages(tmp_path, nats) -> 
             "2",
             "--exporter",
             f"127.0.0.1:{exporter}",
+            "--max-connections",
+            "40",
         ],
         cwd=tmp_path,
         port=port,
@@ -163,7 +179,10 @@ def test_workers_share_the_port_and_see_each_others_messages(tmp_path, nats) -> 
         deadline = time.monotonic() + 20
         while b.log().count("cluster: linked to NATS") < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert b.log().count("cluster: linked to NATS") == 2
+        assert b.log().count("cluster: linked to NATS") == 2, b.log()
+        while b.log().count("at most 20 connections") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert b.log().count("at most 20 connections") == 2  # the host-wide limit shared out
         wait_for_port(exporter)
         wait_for_port(exporter + 1)
         clients = [RawClient(port).auth(f"u{i}", "s") for i in range(8)]

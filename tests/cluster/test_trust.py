@@ -104,6 +104,21 @@ def test_a_nats_requiring_user_and_password(tmp_path: Path) -> None:
         nats.stop()
 
 
+def test_a_nats_requiring_a_token(tmp_path: Path) -> None:
+    nats = NatsServer(tmp_path, extra='authorization { token: "tok-0123456789" }\n').start()
+    (tmp_path / "token").write_text("tok-0123456789\n")
+    keys = write_keys(tmp_path)
+    a = start_node(tmp_path, nats.url, keys, "--cluster-token-file", "token")
+    b = start_node(tmp_path, nats.url.replace("nats://", "nats://tok-0123456789@"), keys)
+    try:
+        cross_node_delivery_works(a, b)
+        assert "tok-0123456789" not in a.log() + b.log()
+    finally:
+        a.stop()
+        b.stop()
+        nats.stop()
+
+
 def test_a_nats_requiring_an_nkey(tmp_path: Path) -> None:
     seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
     public = nkeys.from_seed(bytearray(seed)).public_key.decode()

@@ -377,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers > 1:
         from .supervisor import Supervisor
 
-        return Supervisor(argv, args.workers, args.exporter, config.limits.shutdown_drain_s).run()
+        return Supervisor(argv, args.workers, args.exporter, config).run()
     try:
         import uvloop
 

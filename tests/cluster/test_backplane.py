@@ -13,6 +13,9 @@ class Sink:
     def deliver(self, data: bytes) -> None:
         self.got.append(data)
 
+    def delivery_failed(self) -> None:
+        raise AssertionError("deliver does not raise")
+
 
 class Recorder(NullBackplane):
     """A backplane that writes down what the router tells it."""

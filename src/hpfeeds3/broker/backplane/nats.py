@@ -114,7 +114,7 @@ class NatsBackplane:
     def __init__(
         self,
         servers: Sequence[str],
-        deliver: Callable[[bytes, bytes, int], None],
+        deliver: Callable[[bytes, bytes, int], object],
         *,
         limits: FrameLimits,
         name: str = "hpfeeds",

@@ -33,7 +33,7 @@ from ...protocol import (
     FrameLimits,
     FrameTooLarge,
     ProtocolError,
-    Publish,
+    PublishRun,
     UnexpectedOpcode,
 )
 
@@ -118,9 +118,11 @@ def split(data: bytes, seq: int, count: int, limit: int) -> Iterator[tuple[bytes
 
 def check_frames(data: bytes, channel: bytes, count: int, limits: FrameLimits) -> Rejected | None:
     """None if ``data`` is exactly ``count`` whole, well-formed PUBLISH frames of ``channel``."""
-    decoder = Decoder.for_broker(limits)
+    # Runs: consecutive frames of one ident and channel are checked as one
+    # item, their payloads never copied.
+    decoder = Decoder.for_broker(limits, runs=True)
     try:
-        frames = decoder.feed(data)
+        items = decoder.feed(data)
     except FrameTooLarge:
         return Rejected.TOO_LARGE
     except UnexpectedOpcode:
@@ -129,13 +131,15 @@ def check_frames(data: bytes, channel: bytes, count: int, limits: FrameLimits) -
         return Rejected.MALFORMED
     if decoder.buffered:
         return Rejected.PARTIAL
-    if len(frames) != count:
-        return Rejected.COUNT
-    for frame in frames:
-        if type(frame) is not Publish:
+    frames = 0
+    for item in items:
+        if type(item) is not PublishRun:
             return Rejected.NOT_PUBLISH
-        if frame.channel != channel:
+        if item.channel != channel:
             return Rejected.CHANNEL
+        frames += item.frames
+    if frames != count:
+        return Rejected.COUNT
     return None
 
 

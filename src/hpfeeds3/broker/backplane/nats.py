@@ -81,6 +81,25 @@ def redact_urls(urls: Sequence[str]) -> str:
     return ",".join(redact_url(u) for u in urls)
 
 
+class _OncePer:
+    """Says whether to log about ``key`` now: once per interval per key, at most ``size`` keys remembered."""
+
+    def __init__(self, interval_s: float, size: int) -> None:
+        self.interval_s = interval_s
+        self.size = size
+        self._last: dict[str, float] = {}
+
+    def __call__(self, key: str) -> bool:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            return False
+        if len(self._last) >= self.size:
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
 def _read_secret(path: str) -> str:
     with open(path, encoding="utf-8") as f:
         return f.read().strip()
@@ -143,8 +162,11 @@ class NatsBackplane:
         self._tasks: list[asyncio.Task[None]] = []
         self._seq_out: dict[bytes, int] = {}
         self.inbound = Inbound(limits, CLUSTER_REASSEMBLY_FRAMES * limits.max_publish_frame_bytes)
-        self._reject_logged: dict[str, float] = {}
-        self._error_logged: dict[str, float] = {}
+        # Log lines about what other nodes (or anyone on NATS) send: once per origin per minute.
+        self._log_reject = _OncePer(CLUSTER_REJECT_LOG_INTERVAL_S, CLUSTER_REJECT_LOG_ORIGINS)
+        self._log_lost = _OncePer(CLUSTER_REJECT_LOG_INTERVAL_S, CLUSTER_REJECT_LOG_ORIGINS)
+        # Link errors: the first of each kind, then once a minute.
+        self._log_error_kind = _OncePer(CLUSTER_REJECT_LOG_INTERVAL_S, CLUSTER_REJECT_LOG_ORIGINS)
         self._stopping = False
         self.unforwarded = 0
         self.lost = 0
@@ -286,11 +308,9 @@ class NatsBackplane:
                 # Refused, timed out, no route, unknown host; not a server
                 # hanging up on us (which follows an authorization error).
                 self.status = "unreachable"
-        now = time.monotonic()
-        if now - self._error_logged.get(kind, -CLUSTER_REJECT_LOG_INTERVAL_S) < CLUSTER_REJECT_LOG_INTERVAL_S:
+        if not self._log_error_kind(kind):
             log.debug("cluster: NATS error: %s", escape(text))
             return
-        self._error_logged[kind] = now
         if refused:
             log.error(
                 "cluster: NATS %s refused our credentials (%s); serving local clients, retrying",
@@ -354,24 +374,22 @@ class NatsBackplane:
     def _count_lost(self, channel: bytes, origin: str, missed: int) -> None:
         self.lost += missed
         metrics.CLUSTER_LOST.inc(missed)
-        log.warning(
-            "cluster: %d message(s) on %s from node %s were lost in transit",
-            missed,
-            printable(channel),
-            origin,
-        )
+        if self._log_lost(origin):
+            log.warning(
+                "cluster: %d message(s) on %s from node %s were lost in transit; more gaps from "
+                "this node are counted (hpfeeds_broker_cluster_lost_messages_total), logged again in %g s",
+                missed,
+                printable(channel),
+                origin,
+                CLUSTER_REJECT_LOG_INTERVAL_S,
+            )
 
     def _reject(self, channel: bytes, hdrs: dict[str, str] | None, why: Rejected) -> None:
         self.rejected += 1
         metrics.CLUSTER_REJECTED.labels(why.value).inc()
         origin = escape(str((hdrs or {}).get("Hpfeeds-Origin", "?"))[:64])
-        now = time.monotonic()
-        last = self._reject_logged.get(origin)
-        if last is not None and now - last < CLUSTER_REJECT_LOG_INTERVAL_S:
+        if not self._log_reject(origin):
             return
-        if len(self._reject_logged) >= CLUSTER_REJECT_LOG_ORIGINS:
-            self._reject_logged.clear()
-        self._reject_logged[origin] = now
         log.warning(
             "cluster: dropped a message from NATS on channel %s (origin %s): %s; "
             "more from this origin are counted (hpfeeds_broker_cluster_rejected_total), logged again in %g s",
@@ -392,7 +410,8 @@ class NatsBackplane:
                 channel, data, seq, count = outbox.popleft()
                 self.outbox_bytes -= len(data)
                 nc = self._nc
-                limit = (nc.max_payload if nc is not None else CLUSTER_JOIN_BYTES) - CLUSTER_HEADER_ALLOWANCE_BYTES
+                max_payload = nc.max_payload if nc is not None else CLUSTER_JOIN_BYTES
+                limit = max(max_payload - CLUSTER_HEADER_ALLOWANCE_BYTES, max_payload // 2)
                 # Join the following runs of the same channel into one NATS message.
                 parts = [data]
                 size = len(data)

@@ -52,6 +52,12 @@ CHECKED_FRAMES_PER_TURN = 1024
 # restarted NATS is rejoined within about a second, and a NATS that is down
 # costs one connection attempt per second.
 CLUSTER_RECONNECT_WAIT_S = 1.0
+# A NATS that keeps its socket open but stops answering (stopped, wedged) is
+# declared lost after this many unanswered pings this far apart (about a
+# minute; nats-py's default is 2 x 120 s): /healthz then says degraded and the
+# client reconnects.
+CLUSTER_PING_INTERVAL_S = 20
+CLUSTER_MAX_OUTSTANDING_PINGS = 3
 # Consecutive runs of one channel waiting in the outbox are joined into one
 # NATS message up to this size: one NATS message per 256 KiB rather than one
 # per read keeps cross-node traffic near a million small messages per second,

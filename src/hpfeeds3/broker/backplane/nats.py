@@ -48,7 +48,9 @@ from ..text import escape, printable
 from ..tuning import (
     CLUSTER_HEADER_ALLOWANCE_BYTES,
     CLUSTER_JOIN_BYTES,
+    CLUSTER_MAX_OUTSTANDING_PINGS,
     CLUSTER_NATS_PENDING_BYTES,
+    CLUSTER_PING_INTERVAL_S,
     CLUSTER_REASSEMBLY_FRAMES,
     CLUSTER_RECONNECT_WAIT_S,
     CLUSTER_REJECT_LOG_INTERVAL_S,
@@ -253,6 +255,8 @@ class NatsBackplane:
                     reconnect_time_wait=CLUSTER_RECONNECT_WAIT_S,
                     connect_timeout=2,
                     pending_size=CLUSTER_NATS_PENDING_BYTES,
+                    ping_interval=CLUSTER_PING_INTERVAL_S,
+                    max_outstanding_pings=CLUSTER_MAX_OUTSTANDING_PINGS,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                     error_cb=self._on_error,

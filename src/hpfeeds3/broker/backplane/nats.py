@@ -363,8 +363,13 @@ class NatsBackplane:
     def _receiver(self, channel: bytes) -> Any:
         deliver = self.deliver
         receive = self.inbound.receive
+        wanted = self._wanted
 
         async def on_message(msg: Any) -> None:
+            if channel not in wanted:
+                # Still arriving while the subscription is torn down: nobody
+                # here wants it, and it must not set a stale sequence baseline.
+                return
             got = receive(channel, msg.headers, msg.data)
             if type(got) is Accepted:
                 if got.missed:

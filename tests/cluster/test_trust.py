@@ -15,7 +15,7 @@ from hpfeeds3.broker.backplane.wire import headers
 from hpfeeds3.protocol import encode_error, encode_publish
 from tests.cluster.nodes import healthz, metric, nats_publish, start_node, wait_linked, write_keys
 from tests.support.broker import RawClient
-from tests.support.nats import NatsServer
+from tests.support.nats import NatsServer, operator_mode
 
 REJECTED = "hpfeeds_broker_cluster_rejected_total"
 
@@ -132,6 +132,24 @@ def test_a_nats_requiring_an_nkey(tmp_path: Path) -> None:
     finally:
         a.stop()
         b.stop()
+        nats.stop()
+
+
+def test_a_nats_trusting_an_operator_and_a_credentials_file(tmp_path: Path) -> None:
+    conf, (creds_a, creds_b) = operator_mode(tmp_path, 2)
+    nats = NatsServer(tmp_path, extra=conf).start()
+    _, (stranger,) = operator_mode(tmp_path / "other", 1)
+    keys = write_keys(tmp_path)
+    a = start_node(tmp_path, nats.url, keys, "--cluster-creds", str(creds_a))
+    b = start_node(tmp_path, nats.url, keys, "--cluster-creds", str(creds_b))
+    c = start_node(tmp_path, nats.url, keys, "--cluster-creds", str(stranger))
+    try:
+        cross_node_delivery_works(a, b)
+        c.wait_ready()
+        c.wait_log("refused our credentials", timeout=10)
+    finally:
+        for node in (a, b, c):
+            node.stop()
         nats.stop()
 
 

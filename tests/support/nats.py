@@ -9,11 +9,18 @@ again on the same port, for fault tests.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import nkeys
 
 from tests.support.broker import free_port, wait_for_port
 
@@ -74,3 +81,50 @@ class NatsServer:
                 self.proc.kill()
                 self.proc.wait(5)
         self.proc = None
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _keypair(prefix: int) -> tuple[bytes, nkeys.KeyPair]:
+    seed = nkeys.encode_seed(os.urandom(32), prefix)
+    return seed, nkeys.from_seed(bytearray(seed))
+
+
+def _jwt(signer: nkeys.KeyPair, subject: str, nats: dict) -> str:
+    """A NATS JWT (v2): claims signed with the issuer's NKey, ``jti`` the hash of the claims."""
+    claims = {"jti": "", "iat": int(time.time()), "iss": signer.public_key.decode(), "name": subject[:8]}
+    claims |= {"sub": subject, "nats": {**nats, "version": 2}}
+    claims["jti"] = base64.b32encode(hashlib.new("sha512_256", json.dumps(claims).encode()).digest()).decode()
+    head = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    body = _b64(json.dumps(claims).encode())
+    return f"{head}.{body}.{_b64(signer.sign(f'{head}.{body}'.encode()))}"
+
+
+def operator_mode(workdir: Path, users: int) -> tuple[str, list[Path]]:
+    """Decentralized auth: nats.conf lines trusting a fresh operator and one account, and a
+    credentials file (user JWT + NKey seed) for each of ``users`` users of that account."""
+    workdir.mkdir(exist_ok=True)
+    _, operator = _keypair(nkeys.PREFIX_BYTE_OPERATOR)
+    _, account = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    account_pub = account.public_key.decode()
+    unlimited = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "conn": -1, "leaf": -1}
+    conf = (
+        f"operator: {_jwt(operator, operator.public_key.decode(), {'type': 'operator'})}\n"
+        "resolver: MEMORY\n"
+        f"resolver_preload: {{ {account_pub}: "
+        f"{_jwt(operator, account_pub, {'type': 'account', 'limits': {**unlimited, 'wildcards': True}})} }}\n"
+    )
+    creds = []
+    for i in range(users):
+        seed, user = _keypair(nkeys.PREFIX_BYTE_USER)
+        claims = {"type": "user", "pub": {"allow": ["hpfeeds.>"]}, "sub": {"allow": ["hpfeeds.>"]}}
+        token = _jwt(account, user.public_key.decode(), {**claims, "subs": -1, "data": -1, "payload": -1})
+        path = workdir / f"user{i}.creds"
+        path.write_text(
+            f"-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n"
+            f"-----BEGIN USER NKEY SEED-----\n{seed.decode()}\n------END USER NKEY SEED------\n"
+        )
+        creds.append(path)
+    return conf, creds

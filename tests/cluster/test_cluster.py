@@ -85,6 +85,7 @@ def test_nats_outage_local_delivery_goes_on_and_losses_are_counted(tmp_path, nat
         assert 0 < missing < seq
         assert remote[-1] == seq - 1, "cross-node delivery did not resume"
         assert metric(b, "hpfeeds_broker_cluster_lost_messages_total") == missing
+        assert 0 < metric(a, 'hpfeeds_broker_cluster_unforwarded_messages_total{reason="link_down"}') <= missing
         print(f"outage: {seq} published, {missing} missed across nodes, link back within {resumed_within:.1f} s")
         sub_a.close()
         sub_b.close()

@@ -14,7 +14,16 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..protocol import MiB
-from .config import AuthLimits, BrokerConfig, ConfigError, Endpoint, Limits, parse_endpoint, parse_host_port
+from .config import (
+    AuthLimits,
+    BrokerConfig,
+    ClusterAuth,
+    ConfigError,
+    Endpoint,
+    Limits,
+    parse_endpoint,
+    parse_host_port,
+)
 
 log = logging.getLogger("hpfeeds3.broker")
 
@@ -101,6 +110,12 @@ LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = (
         "which then reach live sessions (default %(default)s; JSON files and PostgreSQL notify at once)",
     ),
     ("--shutdown-drain", "shutdown_drain_s", "on SIGTERM/SIGINT, time to flush queued output (default %(default)s)"),
+    (
+        "--cluster-outbox",
+        "cluster_outbox_bytes",
+        "with --cluster, bytes queued for other nodes while NATS is slow; past it messages are counted as "
+        "unforwarded, not queued (default 64M)",
+    ),
 )
 
 # flag, AuthLimits field, help (per_* fields are counts where 0 disables the limit).
@@ -214,6 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URLS",
         help="join a cluster over NATS: nats://HOST:4222[,nats://...]; several brokers behave as one",
     )
+    c = p.add_argument_group("cluster link (NATS authentication and TLS; a URL's user:password@ or token@ also works)")
+    c.add_argument("--cluster-user", metavar="USER", help="NATS user (password in --cluster-password-file)")
+    c.add_argument("--cluster-password-file", metavar="PATH", help="file holding the NATS password")
+    c.add_argument("--cluster-token-file", metavar="PATH", help="file holding a NATS authentication token")
+    c.add_argument("--cluster-nkey", metavar="PATH", help="file holding an NKey seed (SU...) to sign in with")
+    c.add_argument("--cluster-creds", metavar="PATH", help="NATS credentials file (JWT and NKey seed)")
+    c.add_argument(
+        "--cluster-tls-ca",
+        metavar="PATH",
+        help="connect to NATS over TLS and verify the server against this CA (tls:// URLs use the system CAs)",
+    )
+    c.add_argument("--cluster-tls-cert", metavar="PATH", help="client certificate (PEM) for NATS over TLS")
+    c.add_argument("--cluster-tls-key", metavar="PATH", help="client private key (PEM) for --cluster-tls-cert")
     p.add_argument(
         "--workers",
         type=_positive(int),
@@ -245,6 +273,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         raise ConfigError("--tlscert and --tlskey must be given together")
     if args.workers > 1 and not args.cluster:
         raise ConfigError("--workers needs --cluster: the workers exchange messages over NATS")
+    cluster_auth = _cluster_auth(args)
     endpoints: list[Endpoint] = []
     if args.bind or not args.endpoint:
         host, port = parse_host_port(args.bind or "0.0.0.0:10000")
@@ -257,11 +286,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
     for ep in endpoints:
         for path in (ep.cert, ep.key):
             if path is not None:
-                try:
-                    with open(path, "rb"):
-                        pass
-                except OSError as e:
-                    raise ConfigError(f"cannot read TLS file {path!r}: {e.strerror}") from e
+                _readable(path, "TLS file")
     limits = Limits(**{field: getattr(args, field) for _, field, _ in LIMIT_FLAGS})
     return BrokerConfig(
         name=args.name,
@@ -273,8 +298,61 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         debug=args.debug,
         log_format=args.log_format,
         cluster=tuple(u.strip() for u in (args.cluster or "").split(",") if u.strip()),
+        cluster_auth=cluster_auth,
         reuse_port=args.workers > 1 or args.reuse_port,
     )
+
+
+def _readable(path: str, what: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path!r}: {e.strerror}") from e
+
+
+# ClusterAuth field -> flag (user first: the only one that is not a file).
+_CLUSTER_AUTH_FLAGS = (
+    ("user", "--cluster-user"),
+    ("password_file", "--cluster-password-file"),
+    ("token_file", "--cluster-token-file"),
+    ("nkey_file", "--cluster-nkey"),
+    ("creds_file", "--cluster-creds"),
+    ("tls_ca", "--cluster-tls-ca"),
+    ("tls_cert", "--cluster-tls-cert"),
+    ("tls_key", "--cluster-tls-key"),
+)
+
+
+def _cluster_auth(args: argparse.Namespace) -> ClusterAuth:
+    auth = ClusterAuth(
+        user=args.cluster_user,
+        password_file=args.cluster_password_file,
+        token_file=args.cluster_token_file,
+        nkey_file=args.cluster_nkey,
+        creds_file=args.cluster_creds,
+        tls_ca=args.cluster_tls_ca,
+        tls_cert=args.cluster_tls_cert,
+        tls_key=args.cluster_tls_key,
+    )
+    given = [flag for field, flag in _CLUSTER_AUTH_FLAGS if getattr(auth, field)]
+    if given and not args.cluster:
+        raise ConfigError("the --cluster-* options need --cluster")
+    if bool(auth.user) != bool(auth.password_file):
+        raise ConfigError("--cluster-user and --cluster-password-file must be given together")
+    if bool(auth.tls_cert) != bool(auth.tls_key):
+        raise ConfigError("--cluster-tls-cert and --cluster-tls-key must be given together")
+    if sum(bool(x) for x in (auth.user, auth.token_file, auth.nkey_file, auth.creds_file)) > 1:
+        raise ConfigError("give one NATS sign-in: a user, a token, an NKey or a credentials file")
+    for field, flag in _CLUSTER_AUTH_FLAGS[1:]:
+        if getattr(auth, field):
+            _readable(getattr(auth, field), flag)
+    if auth.nkey_file or auth.creds_file:
+        try:
+            import nkeys  # noqa: F401
+        except ImportError:
+            raise ConfigError("--cluster-nkey and --cluster-creds need the nkeys package: pip install nkeys") from None
+    return auth
 
 
 def configure_logging(fmt: str, debug: bool) -> None:
@@ -317,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers > 1:
         from .supervisor import Supervisor
 
-        return Supervisor(argv, args.workers, args.exporter, config.limits.shutdown_drain_s).run()
+        return Supervisor(argv, args.workers, args.exporter, config).run()
     try:
         import uvloop
 

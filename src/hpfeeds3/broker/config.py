@@ -57,6 +57,10 @@ class Limits:
     revocation_poll_s: float = 1.0
     # SIGTERM/SIGINT: time given to flush queued output before closing.
     shutdown_drain_s: float = 10.0
+    # Bytes of local messages queued for other nodes while NATS is slow to
+    # take them (--cluster); past it they are not queued but counted as
+    # unforwarded, and the receivers count the gap as lost.
+    cluster_outbox_bytes: int = 64 * MiB
 
     def frame_limits(self) -> FrameLimits:
         return FrameLimits(max_publish_frame_bytes=HEADER_LEN + self.max_message_bytes)
@@ -79,6 +83,27 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterAuth:
+    """How a broker authenticates to NATS and protects the link (``--cluster-*`` flags).
+
+    Secrets are read from files, never taken from argv (``ps`` shows argv); a
+    URL's ``user:password@`` or ``token@`` works too and is never logged.
+    """
+
+    user: str | None = None
+    password_file: str | None = None
+    token_file: str | None = None
+    nkey_file: str | None = None  # an NKey seed (SU...)
+    creds_file: str | None = None  # a JWT + NKey credentials file
+    tls_ca: str | None = None  # verify the NATS server against this CA (else the system's)
+    tls_cert: str | None = None  # client certificate, for a server that verifies clients
+    tls_key: str | None = None
+
+    def wants_tls(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert)
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerConfig:
     name: str = "hpfeeds"
     endpoints: tuple[Endpoint, ...] = (Endpoint("tcp", "0.0.0.0", 10000),)
@@ -90,6 +115,7 @@ class BrokerConfig:
     log_format: str = "text"
     # NATS servers of the cluster backplane (--cluster); empty: a single broker.
     cluster: tuple[str, ...] = ()
+    cluster_auth: ClusterAuth = field(default_factory=ClusterAuth)
     # Several processes share the listening port (--workers): SO_REUSEPORT.
     reuse_port: bool = False
 

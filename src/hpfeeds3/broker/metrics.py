@@ -57,7 +57,18 @@ REVOCATIONS = Counter(
 )
 CLUSTER_LINK_UP = Gauge("hpfeeds_broker_cluster_link_up", "1 while the NATS cluster link is connected")
 CLUSTER_UNFORWARDED = Counter(
-    "hpfeeds_broker_cluster_unforwarded_messages", "Local messages not sent to other nodes: the link was down"
+    "hpfeeds_broker_cluster_unforwarded_messages",
+    "Local messages not sent to other nodes: link_down, outbox_full (NATS not keeping up) or publish_failed",
+    ["reason"],
+)
+CLUSTER_OUTBOX_BYTES = Gauge(
+    "hpfeeds_broker_cluster_outbox_bytes", "Bytes of local messages queued for other nodes (bound: --cluster-outbox)"
+)
+CLUSTER_REJECTED = Counter(
+    "hpfeeds_broker_cluster_rejected",
+    "Messages from NATS dropped because they failed a check (not whole, well-formed PUBLISH frames of their "
+    "subject's channel from a broker), by reason",
+    ["reason"],
 )
 CLUSTER_LOST = Counter(
     "hpfeeds_broker_cluster_lost_messages",

@@ -156,10 +156,13 @@ async def serve(
 
             backplane = NatsBackplane(
                 config.cluster,
-                broker.router,
-                max_frame_bytes=broker.frame_limits.max_publish_frame_bytes,
+                broker.router.deliver_local,
+                limits=broker.frame_limits,
                 name=config.name,
+                outbox_bytes=config.limits.cluster_outbox_bytes,
+                auth=config.cluster_auth,
             )
+            broker.router.attach(backplane)
             await backplane.start()
             broker.backplane = backplane
             cleanups.append(backplane.close)

@@ -14,7 +14,16 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..protocol import MiB
-from .config import AuthLimits, BrokerConfig, ConfigError, Endpoint, Limits, parse_endpoint, parse_host_port
+from .config import (
+    AuthLimits,
+    BrokerConfig,
+    ConfigError,
+    Endpoint,
+    Limits,
+    UsageError,
+    parse_endpoint,
+    parse_host_port,
+)
 
 log = logging.getLogger("hpfeeds3.broker")
 
@@ -31,9 +40,11 @@ auth backends (--auth, repeatable; the first that knows an ident wins):
 
 manage access keys without SQL:  hpfeeds-broker keys --help
 
-exit status: 0 after a clean shutdown (SIGTERM/SIGINT), 1 when the broker
-cannot start (port in use, unreadable certificate, unusable auth store),
-2 for bad flags.
+exit status:
+  0  clean shutdown (SIGTERM/SIGINT)
+  1  cannot start: port in use, missing or unreadable certificate or key,
+     certificate and key that do not match, auth store that cannot be opened
+  2  bad usage: unknown flag, malformed value (HOST:PORT, --endpoint, --auth SPEC)
 """
 
 
@@ -188,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="SPEC",
         help="extra listener, repeatable: tcp:port=N[:interface=IP][:device=DEV] or "
-        "tls:port=N:cert=PATH:key=PATH[:interface=IP][:device=DEV]",
+        "tls:port=N:cert=PATH:key=PATH[:interface=IP][:device=DEV]; interface defaults to the --bind host",
     )
     p.add_argument("--exporter", metavar="HOST:PORT", help="serve Prometheus /metrics and /healthz here")
     p.add_argument(
@@ -224,18 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> BrokerConfig:
     if bool(args.tlscert) != bool(args.tlskey):
-        raise ConfigError("--tlscert and --tlskey must be given together")
+        raise UsageError("--tlscert and --tlskey must be given together")
     if args.workers > 1 and not args.cluster:
-        raise ConfigError("--workers needs --cluster: the workers exchange messages over NATS")
+        raise UsageError("--workers needs --cluster: the workers exchange messages over NATS")
     endpoints: list[Endpoint] = []
+    host, port = parse_host_port(args.bind or "0.0.0.0:10000")
     if args.bind or not args.endpoint:
-        host, port = parse_host_port(args.bind or "0.0.0.0:10000")
         if args.tlscert:
             endpoints.append(Endpoint("tls", host, port, cert=args.tlscert, key=args.tlskey))
         else:
             endpoints.append(Endpoint("tcp", host, port))
     for spec in args.endpoint or ():
-        endpoints.append(parse_endpoint(spec))
+        endpoints.append(parse_endpoint(spec, default_host=host))
     for ep in endpoints:
         for path in (ep.cert, ep.key):
             if path is not None:
@@ -293,8 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
     except ConfigError as e:
-        print(f"hpfeeds-broker: error: {e}", file=sys.stderr)
-        return 2
+        return _refuse(e)
     configure_logging(config.log_format, config.debug)
     if args.workers > 1:
         from .supervisor import Supervisor
@@ -309,11 +319,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(_run(config))
     except ConfigError as e:
-        print(f"hpfeeds-broker: error: {e}", file=sys.stderr)
-        return 1
+        return _refuse(e)
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _refuse(error: ConfigError) -> int:
+    """One line on stderr; exit 2 for a malformed flag, 1 for what stops the start."""
+    print(f"hpfeeds-broker: error: {error}", file=sys.stderr)
+    return 2 if isinstance(error, UsageError) else 1
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..config import ConfigError
+from ..config import UsageError
 from .base import AccessKey, Authenticator, AuthUnavailable, WouldBlock
 from .chain import ChainAuthenticator
 from .env import EnvAuthenticator
@@ -37,7 +37,7 @@ def from_spec(spec: str, *, poll_s: float = 1.0) -> Authenticator:
     if spec.startswith("sqlite:"):
         path = spec[len("sqlite:") :]
         if not path:
-            raise ConfigError("--auth sqlite:PATH needs a path")
+            raise UsageError("--auth sqlite:PATH needs a path")
         return SqliteAuthenticator(path, poll_s=poll_s)
     if spec == "env":
         return EnvAuthenticator()
@@ -47,9 +47,7 @@ def from_spec(spec: str, *, poll_s: float = 1.0) -> Authenticator:
         return PostgresAuthenticator(spec)
     if spec.endswith(".json"):
         return JsonFileAuthenticator(spec)
-    raise ConfigError(
-        f"--auth {spec!r}: expected sqlite, sqlite:PATH, env, PATH.json or postgresql://user:pass@host/db"
-    )
+    raise UsageError(f"--auth {spec!r}: expected sqlite, sqlite:PATH, env, PATH.json or postgresql://user:pass@host/db")
 
 
 def build_authenticator(specs: Sequence[str], *, poll_s: float = 1.0) -> Authenticator:

@@ -166,3 +166,12 @@ def test_extra_tls_endpoint_without_interface_listens_on_the_bind_host(
         log = broker.log()
     assert f"listening on tls://127.0.0.1:{tls_port}" in log, log
     assert "0.0.0.0" not in log, log
+
+
+@pytest.mark.parametrize("path", [REPO / "README.md", REPO / "docs" / "client.md"], ids=lambda p: p.name)
+def test_python_examples_run_as_scripts(path: Path) -> None:
+    """Each example compiles as a file of its own (no top-level ``await`` or ``async with``)."""
+    examples = re.findall(r"^```python\n(.*?)^```$", path.read_text(), re.M | re.S)
+    assert examples
+    for example in examples:
+        compile(example, f"{path.name} example", "exec")

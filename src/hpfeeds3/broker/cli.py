@@ -223,14 +223,31 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("limits")
     for flag, field, text in LIMIT_FLAGS:
         convert, metavar = _limit_type(field)
-        g.add_argument(flag, dest=field, type=convert, default=getattr(_DEFAULTS, field), metavar=metavar, help=text)
+        g.add_argument(
+            flag,
+            dest=field,
+            type=convert,
+            default=getattr(_DEFAULTS, field),
+            metavar=metavar,
+            help=_units(text, metavar),
+        )
     a = p.add_argument_group("failed-AUTH limits (brute force; 0 disables a limit)")
     for flag, field, text in AUTH_LIMIT_FLAGS:
         convert, metavar = (_count, "N") if field.startswith("per_") else _limit_type(field)
         a.add_argument(
-            flag, dest=f"auth_{field}", type=convert, default=getattr(_AUTH_DEFAULTS, field), metavar=metavar, help=text
+            flag,
+            dest=f"auth_{field}",
+            type=convert,
+            default=getattr(_AUTH_DEFAULTS, field),
+            metavar=metavar,
+            help=_units(text, metavar),
         )
     return p
+
+
+def _units(text: str, metavar: str) -> str:
+    """A duration's default with its unit: "(default 5 s)", not "(default 5.0)"."""
+    return text.replace("(default %(default)s", "(default %(default)g s") if metavar == "SECONDS" else text
 
 
 def config_from_args(args: argparse.Namespace) -> BrokerConfig:

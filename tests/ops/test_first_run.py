@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import time
 import tomllib
 from pathlib import Path
 
@@ -175,3 +176,36 @@ def test_python_examples_run_as_scripts(path: Path) -> None:
     assert examples
     for example in examples:
         compile(example, f"{path.name} example", "exec")
+
+
+def test_each_worker_says_which_it_is(tmp_path: Path) -> None:
+    from tests.support.nats import NatsServer
+
+    nats = NatsServer(tmp_path).start()
+    try:
+        port = free_port()
+        argv = [str(BROKER), "--bind", f"127.0.0.1:{port}", "--cluster", nats.url, "--workers", "2"]
+        with running_broker(argv, tmp_path) as broker:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and broker.log().count("serving") < 2:
+                time.sleep(0.1)
+            assert broker.stop() == 0
+            log = broker.log()
+    finally:
+        nats.stop()
+    for index in (0, 1):
+        assert re.search(rf"hpfeeds3\.broker worker {index}: hpfeeds3 {re.escape(__version__)}: broker", log), log
+    worker_lines = [line for line in log.splitlines() if " hpfeeds3.broker " in line and "serving" in line]
+    assert len(worker_lines) == 2 and all(" worker " in line for line in worker_lines), log
+
+
+def test_unreachable_postgresql_warning_is_a_whole_sentence(tmp_path: Path) -> None:
+    port = free_port()
+    argv = [str(BROKER), "--bind", f"127.0.0.1:{port}", "--auth", f"postgresql://u:pw@127.0.0.1:{free_port()}/db"]
+    with running_broker(argv, tmp_path) as broker:
+        broker.wait_ready(port)
+        assert broker.stop() == 0
+        log = broker.log()
+    (warning,) = [line for line in log.splitlines() if "not reachable at start" in line]
+    assert warning.endswith("until it is reachable (retrying in the background)"), warning
+    assert "pw" not in warning, "the password is redacted"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -323,6 +324,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         return _refuse(e)
     configure_logging(config.log_format, config.debug)
+    if args.reuse_port:
+        from .supervisor import WORKER_ENV
+
+        if os.environ.get(WORKER_ENV, "").isdigit():
+            _name_worker_in_logs(int(os.environ[WORKER_ENV]))
     if args.workers > 1:
         from .supervisor import Supervisor
 
@@ -340,6 +346,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _name_worker_in_logs(index: int) -> None:
+    """Under ``--workers``: every line a worker logs starts with "worker INDEX: "."""
+    make_record = logging.getLogRecordFactory()
+    prefix = f"worker {index}: "
+
+    def record(*args: object, **kwargs: object) -> logging.LogRecord:
+        rec = make_record(*args, **kwargs)
+        rec.msg = prefix + str(rec.msg)
+        return rec
+
+    logging.setLogRecordFactory(record)
 
 
 def _refuse(error: ConfigError) -> int:

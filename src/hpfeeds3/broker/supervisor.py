@@ -14,6 +14,7 @@ SIGTERM/SIGINT stops them all and exits 0. A worker that fails while starting
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -30,6 +31,11 @@ STARTUP_GRACE_S = 3.0
 RESTART_DELAY_S = 1.0
 # How often the supervisor looks at its workers.
 POLL_S = 0.2
+
+
+#: Tells worker i its index, so its log lines can say "worker i: ..."; the
+#: environment rather than a flag, so its argv stays the parent's flags.
+WORKER_ENV = "HPFEEDS3_WORKER"
 
 
 def worker_argv(argv: Sequence[str], index: int, exporter: str | None) -> list[str]:
@@ -66,7 +72,7 @@ class Supervisor:
 
     def _spawn(self, i: int) -> None:
         cmd = [sys.executable, "-m", "hpfeeds3.broker.cli", *worker_argv(self.argv, i, self.exporter)]
-        self.procs[i] = subprocess.Popen(cmd)
+        self.procs[i] = subprocess.Popen(cmd, env={**os.environ, WORKER_ENV: str(i)})
         self.started_at[i] = time.monotonic()
         self.restart_at[i] = None
         log.info("worker %d started (pid %d)", i, self.procs[i].pid)  # type: ignore[union-attr]

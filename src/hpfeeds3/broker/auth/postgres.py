@@ -200,7 +200,8 @@ class PostgresAuthenticator:
             raise ConfigError(f"--auth {self.name}: {_describe(err)}") from None
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
             log.warning(
-                "postgres %s: not reachable at start (%s); clients get an auth error until it is",
+                "postgres %s: not reachable at start (%s); clients get an auth error until it is reachable "
+                "(retrying in the background)",
                 self.name,
                 _describe(err),
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ from .config import (
     ConfigError,
     Endpoint,
     Limits,
+    UsageError,
     parse_endpoint,
     parse_host_port,
 )
@@ -40,9 +42,11 @@ auth backends (--auth, repeatable; the first that knows an ident wins):
 
 manage access keys without SQL:  hpfeeds-broker keys --help
 
-exit status: 0 after a clean shutdown (SIGTERM/SIGINT), 1 when the broker
-cannot start (port in use, unreadable certificate, unusable auth store),
-2 for bad flags.
+exit status:
+  0  clean shutdown (SIGTERM/SIGINT)
+  1  cannot start: port in use, missing or unreadable certificate or key,
+     certificate and key that do not match, auth store that cannot be opened
+  2  bad usage: unknown flag, malformed value (HOST:PORT, --endpoint, --auth SPEC)
 """
 
 
@@ -221,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="SPEC",
         help="extra listener, repeatable: tcp:port=N[:interface=IP][:device=DEV] or "
-        "tls:port=N:cert=PATH:key=PATH[:interface=IP][:device=DEV]",
+        "tls:port=N:cert=PATH:key=PATH[:interface=IP][:device=DEV]; interface defaults to the --bind host",
     )
     p.add_argument("--exporter", metavar="HOST:PORT", help="serve Prometheus /metrics and /healthz here")
     p.add_argument(
@@ -258,31 +262,48 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("limits")
     for flag, field, text in LIMIT_FLAGS:
         convert, metavar = _limit_type(field)
-        g.add_argument(flag, dest=field, type=convert, default=getattr(_DEFAULTS, field), metavar=metavar, help=text)
+        g.add_argument(
+            flag,
+            dest=field,
+            type=convert,
+            default=getattr(_DEFAULTS, field),
+            metavar=metavar,
+            help=_units(text, metavar),
+        )
     a = p.add_argument_group("failed-AUTH limits (brute force; 0 disables a limit)")
     for flag, field, text in AUTH_LIMIT_FLAGS:
         convert, metavar = (_count, "N") if field.startswith("per_") else _limit_type(field)
         a.add_argument(
-            flag, dest=f"auth_{field}", type=convert, default=getattr(_AUTH_DEFAULTS, field), metavar=metavar, help=text
+            flag,
+            dest=f"auth_{field}",
+            type=convert,
+            default=getattr(_AUTH_DEFAULTS, field),
+            metavar=metavar,
+            help=_units(text, metavar),
         )
     return p
 
 
+def _units(text: str, metavar: str) -> str:
+    """A duration's default with its unit: "(default 5 s)", not "(default 5.0)"."""
+    return text.replace("(default %(default)s", "(default %(default)g s") if metavar == "SECONDS" else text
+
+
 def config_from_args(args: argparse.Namespace) -> BrokerConfig:
     if bool(args.tlscert) != bool(args.tlskey):
-        raise ConfigError("--tlscert and --tlskey must be given together")
+        raise UsageError("--tlscert and --tlskey must be given together")
     if args.workers > 1 and not args.cluster:
-        raise ConfigError("--workers needs --cluster: the workers exchange messages over NATS")
+        raise UsageError("--workers needs --cluster: the workers exchange messages over NATS")
     cluster_auth = _cluster_auth(args)
     endpoints: list[Endpoint] = []
+    host, port = parse_host_port(args.bind or "0.0.0.0:10000")
     if args.bind or not args.endpoint:
-        host, port = parse_host_port(args.bind or "0.0.0.0:10000")
         if args.tlscert:
             endpoints.append(Endpoint("tls", host, port, cert=args.tlscert, key=args.tlskey))
         else:
             endpoints.append(Endpoint("tcp", host, port))
     for spec in args.endpoint or ():
-        endpoints.append(parse_endpoint(spec))
+        endpoints.append(parse_endpoint(spec, default_host=host))
     for ep in endpoints:
         for path in (ep.cert, ep.key):
             if path is not None:
@@ -389,9 +410,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
     except ConfigError as e:
-        print(f"hpfeeds-broker: error: {e}", file=sys.stderr)
-        return 2
+        return _refuse(e)
     configure_logging(config.log_format, config.debug)
+    if args.reuse_port:
+        from .supervisor import WORKER_ENV
+
+        if os.environ.get(WORKER_ENV, "").isdigit():
+            _name_worker_in_logs(int(os.environ[WORKER_ENV]))
     if args.workers > 1:
         from .supervisor import Supervisor
 
@@ -405,11 +430,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(_run(config))
     except ConfigError as e:
-        print(f"hpfeeds-broker: error: {e}", file=sys.stderr)
-        return 1
+        return _refuse(e)
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _name_worker_in_logs(index: int) -> None:
+    """Under ``--workers``: every line a worker logs starts with "worker INDEX: "."""
+    make_record = logging.getLogRecordFactory()
+    prefix = f"worker {index}: "
+
+    def record(*args: object, **kwargs: object) -> logging.LogRecord:
+        rec = make_record(*args, **kwargs)
+        rec.msg = prefix + str(rec.msg)
+        return rec
+
+    logging.setLogRecordFactory(record)
+
+
+def _refuse(error: ConfigError) -> int:
+    """One line on stderr; exit 2 for a malformed flag, 1 for what stops the start."""
+    print(f"hpfeeds-broker: error: {error}", file=sys.stderr)
+    return 2 if isinstance(error, UsageError) else 1
 
 
 if __name__ == "__main__":

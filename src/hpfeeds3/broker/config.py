@@ -14,7 +14,11 @@ from .ratelimit import AuthLimits
 
 
 class ConfigError(Exception):
-    """The operator's configuration is wrong: refuse to start with one clear line."""
+    """The operator's configuration is wrong: refuse to start with one clear line (exit 1)."""
+
+
+class UsageError(ConfigError):
+    """A flag's value is malformed, whatever the machine: exit 2, as argparse's own errors."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,41 +128,45 @@ def parse_host_port(value: str, what: str = "--bind") -> tuple[str, int]:
     """``HOST:PORT``, ``[v6]:PORT`` or ``:PORT`` (all interfaces)."""
     m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]*):(\d+)", value.strip())
     if not m:
-        raise ConfigError(f"{what}: expected HOST:PORT or [IPv6]:PORT, got {value!r}")
+        raise UsageError(f"{what}: expected HOST:PORT or [IPv6]:PORT, got {value!r}")
     host = m.group(1) if m.group(1) is not None else (m.group(3) or "0.0.0.0")
     port = int(m.group(2) or m.group(4))
     if not 0 <= port <= 65535:
-        raise ConfigError(f"{what}: port {port} is out of range")
+        raise UsageError(f"{what}: port {port} is out of range")
     return host, port
 
 
-def parse_endpoint(value: str) -> Endpoint:
+def parse_endpoint(value: str, default_host: str = "0.0.0.0") -> Endpoint:
     """A twisted-style endpoint string, as the reference broker accepts it:
 
     ``tcp:port=10000:interface=0.0.0.0[:device=eth0]``
     ``tls:port=10001:cert=broker.crt:key=broker.key`` (``privateKey=`` also accepted)
+
+    Without ``interface=`` it listens on ``default_host`` (the CLI passes the
+    ``--bind`` host, so ``--bind 127.0.0.1:10000 -e tls:port=10001:...`` stays
+    on loopback).
     """
     tokens = re.split(r"(?<!\\):", value)
     kind, params = tokens[0], {}
     if kind not in ("tcp", "tls"):
-        raise ConfigError(f"--endpoint {value!r}: kind must be 'tcp' or 'tls'")
+        raise UsageError(f"--endpoint {value!r}: kind must be 'tcp' or 'tls'")
     for token in tokens[1:]:
         if "=" not in token:
-            raise ConfigError(f"--endpoint {value!r}: expected key=value, got {token!r}")
+            raise UsageError(f"--endpoint {value!r}: expected key=value, got {token!r}")
         k, v = token.split("=", 1)
         params[k] = v.replace("\\:", ":")
     unknown = set(params) - {"port", "interface", "device", "cert", "key", "privateKey"}
     if unknown:
-        raise ConfigError(f"--endpoint {value!r}: unknown option(s) {', '.join(sorted(unknown))}")
+        raise UsageError(f"--endpoint {value!r}: unknown option(s) {', '.join(sorted(unknown))}")
     if "port" not in params or not params["port"].isdigit():
-        raise ConfigError(f"--endpoint {value!r}: port=N is required")
+        raise UsageError(f"--endpoint {value!r}: port=N is required")
     key = params.get("key") or params.get("privateKey")
     cert = params.get("cert")
     if kind == "tls" and not (cert and key):
-        raise ConfigError(f"--endpoint {value!r}: tls needs cert=PATH and key=PATH")
+        raise UsageError(f"--endpoint {value!r}: tls needs cert=PATH and key=PATH")
     return Endpoint(
         kind=kind,
-        host=params.get("interface", "0.0.0.0"),
+        host=params.get("interface", default_host),
         port=int(params["port"]),
         device=params.get("device"),
         cert=cert,

@@ -128,6 +128,7 @@ async def serve(
     watch_stop = asyncio.Event()
 
     servers: list[asyncio.base_events.Server] = []
+    served = False
     try:
         bound = (
             list(sockets)
@@ -175,12 +176,14 @@ async def serve(
 
         broker.spawn(_watch_auth_changes(broker, auth))
         log.info(
-            "broker %r serving; auth %r; at most %d connections",
+            "hpfeeds3 %s: broker %r serving; auth %r; at most %d connections",
+            __version__,
             config.name,
             auth,
             broker.max_connections,
         )
         broker.state = "serving"
+        served = True
         # Everything allocated so far lives as long as the process: keep it out
         # of the cyclic GC's generations so full collections stay short.
         gc.collect()
@@ -200,7 +203,8 @@ async def serve(
             if result is not None:
                 with contextlib.suppress(Exception):
                     await result
-        log.info("broker stopped")
+        if served:  # a start that failed says why on its own; it never served
+            log.info("broker stopped")
 
 
 async def _watch_auth_changes(broker: Broker, auth: Authenticator) -> None:

@@ -21,6 +21,7 @@ subscriptions, denials) apply to each connection as they are.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -38,6 +39,10 @@ RESTART_DELAY_S = 1.0
 # How often the supervisor looks at its workers.
 POLL_S = 0.2
 
+
+#: Tells worker i its index, so its log lines can say "worker i: ..."; the
+#: environment rather than a flag, so its argv stays the parent's flags.
+WORKER_ENV = "HPFEEDS3_WORKER"
 
 # Limits meant for the whole host, divided over the workers: flag -> where the value is in BrokerConfig.
 HOST_WIDE_LIMITS: tuple[tuple[str, str, str], ...] = (
@@ -95,7 +100,7 @@ class Supervisor:
 
     def _spawn(self, i: int) -> None:
         cmd = [sys.executable, "-m", "hpfeeds3.broker.cli", *worker_argv(self.argv, i, self.exporter, self.limits)]
-        self.procs[i] = subprocess.Popen(cmd)
+        self.procs[i] = subprocess.Popen(cmd, env={**os.environ, WORKER_ENV: str(i)})
         self.started_at[i] = time.monotonic()
         self.restart_at[i] = None
         log.info("worker %d started (pid %d)", i, self.procs[i].pid)  # type: ignore[union-attr]

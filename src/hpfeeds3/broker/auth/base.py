@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol, TypeVar, runtime_checkable
 
-from ..config import ConfigError
+from ..config import UsageError
 
 log = logging.getLogger("hpfeeds3.broker.auth")
 
@@ -79,7 +79,7 @@ class BadArguments(KeyStoreError):
     exit_code = ExitCode.BAD_ARGUMENTS
 
 
-class BadSpec(BadArguments, ConfigError):
+class BadSpec(BadArguments, UsageError):
     """A store spec no backend accepts: exit code 2 for ``keys``, a refusal to start for the broker."""
 
 

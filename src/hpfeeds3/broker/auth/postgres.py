@@ -240,7 +240,8 @@ class PostgresStore:
             raise ConfigError(f"--auth {self.name}: {self._why(err)}") from None
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
             log.warning(
-                "postgres %s: not reachable at start (%s); clients get an auth error until it is",
+                "postgres %s: not reachable at start (%s); clients get an auth error until it is reachable "
+                "(retrying in the background)",
                 self.name,
                 self._why(err),
             )

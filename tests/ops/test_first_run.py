@@ -112,7 +112,7 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ("missing certificate", 1, "cannot read TLS file"),
         ("certificate and key do not match", 1, "cannot load TLS certificate"),
         ("auth store that cannot be opened", 1, "cannot open sqlite"),
-        ("malformed --auth", 2, "--auth 'bogus'"),
+        ("malformed --auth", 2, "unknown store 'bogus'"),
         ("malformed --bind", 2, "port 99999 is out of range"),
         ("--tlscert without --tlskey", 2, "must be given together"),
     ],

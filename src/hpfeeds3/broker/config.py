@@ -68,6 +68,17 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The operator console (``--admin``): address, token file, optional TLS."""
+
+    host: str
+    port: int
+    tokens: str
+    cert: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerConfig:
     name: str = "hpfeeds"
     endpoints: tuple[Endpoint, ...] = (Endpoint("tcp", "0.0.0.0", 10000),)
@@ -81,6 +92,8 @@ class BrokerConfig:
     cluster: tuple[str, ...] = ()
     # Several processes share the listening port (--workers): SO_REUSEPORT.
     reuse_port: bool = False
+    # The operator console (--admin); None: off.
+    admin: AdminConfig | None = None
 
 
 def parse_host_port(value: str, what: str = "--bind") -> tuple[str, int]:

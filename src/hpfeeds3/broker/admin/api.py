@@ -1,0 +1,579 @@
+"""The console's HTTP side: the JSON API under ``/api/v1/``, login, and the static page.
+
+Who may do what:
+
+- every ``/api/v1/`` request names a token, by ``Authorization: Bearer TOKEN``
+  (scripts) or by the session cookie a browser got from ``POST /login``;
+- ``GET`` needs any role; every change (``POST``) and watching payloads needs
+  ``admin`` (a ``viewer`` gets 403);
+- a change made with the cookie also needs the session's CSRF token in
+  ``X-CSRF-Token`` and, when the browser sends one, an ``Origin`` equal to the
+  console's own; bodies must be ``application/json``, which a cross-site form
+  cannot send;
+- failed logins and bad bearer tokens are counted per address: over the limit
+  the address gets 429 for a while, without the token being checked;
+- every change writes one log line (``event=admin_change``) naming the token.
+
+Everything a client chose (idents, channels, owners, payloads) is returned as
+JSON data, never as markup; the page renders it with ``textContent``. Every
+response carries a strict Content-Security-Policy (no inline script, nothing
+from another origin).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from ..keys import BadArguments, IdentExists, InvalidKey, NoSuchIdent, StoreUnavailable
+from ..ratelimit import AuthFailureLimiter, AuthLimits
+from ..reasons import CloseReason
+from .keystore import ConsoleKeys, KeyStoreError, ReadOnlyKeys, public
+from .sessions import COOKIE, Session, Sessions, csrf_ok
+from .tokens import Principal, TokenFile
+from .tracker import Tracker
+from .watch import Watches
+
+if TYPE_CHECKING:
+    from ..state import Broker
+
+log = logging.getLogger("hpfeeds3.broker.admin")
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+# Failed logins (and bad bearer tokens) per address before it is refused, and for how long.
+LOGIN_FAILURES = 10
+LOGIN_WINDOW_S = 60.0
+LOGIN_BLOCK_S = 300.0
+# Largest request body accepted.
+MAX_BODY_BYTES = 64 * 1024
+# How long the key list read for the Sensors view is reused.
+KEYS_CACHE_S = 1.0
+
+STATIC = {
+    "/": ("index.html", "text/html"),
+    "/static/app.js": ("app.js", "text/javascript"),
+    "/static/app.css": ("app.css", "text/css"),
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+PRINCIPAL = "hpfeeds_principal"
+
+
+class ApiError(Exception):
+    """Answered as ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json({"error": message}, status)
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ApiError(400, f"{what} must be a list of strings")
+    return value
+
+
+class Console:
+    """The console's state: tokens, sessions, the tracker, watches, and the key adapter."""
+
+    def __init__(self, broker: Broker, tokens: TokenFile, *, secure_cookie: bool) -> None:
+        self.broker = broker
+        self.tokens = tokens
+        self.secure_cookie = secure_cookie
+        self.sessions = Sessions()
+        self.tracker = Tracker(broker)
+        self.watches = Watches(broker.router, broker.frame_limits)
+        self.keys = ConsoleKeys(broker.config.auth, self._recheck)
+        self.limiter = AuthFailureLimiter(
+            AuthLimits(per_ident=0, per_address=LOGIN_FAILURES, window_s=LOGIN_WINDOW_S, block_s=LOGIN_BLOCK_S)
+        )
+        self._keys_cache: tuple[float, list[Any]] = (0.0, [])
+
+    def _recheck(self, idents: set[str]) -> None:
+        self.broker.spawn(self.broker.recheck(idents))
+
+    # --- who is asking -------------------------------------------------------------
+
+    def _reload_tokens(self) -> None:
+        try:
+            self.tokens.reload()
+        except Exception as e:  # keep the last good file; say why once per change
+            log.error("console token file: %s; keeping the previous tokens", e)
+
+    def _address(self, request: web.Request) -> str:
+        return request.remote or "?"
+
+    def _failed(self, request: web.Request, how: str) -> None:
+        address = self._address(request)
+        block = self.limiter.record_failure(address, "", time.monotonic())
+        log.warning(
+            "console %s failed from %s",
+            how,
+            address,
+            extra={"event": "admin_login_failed", "peer": address, "reason": how},
+        )
+        if block is not None:
+            log.warning(
+                "console: refusing %s for %g s: %s",
+                address,
+                LOGIN_BLOCK_S,
+                block,
+                extra={"event": "auth_blocked", "peer": address, "reason": "console_login_rate_limited"},
+            )
+
+    def _blocked(self, request: web.Request) -> bool:
+        return self.limiter.blocked(self._address(request), "", time.monotonic())
+
+    def session_of(self, request: web.Request) -> Session | None:
+        session = self.sessions.get(request.cookies.get(COOKIE))
+        if session is not None and not self.tokens.current(session.principal):
+            self.sessions.end(session.id)
+            return None
+        return session
+
+    def audit(self, request: web.Request, what: str, *, ident: str | None = None, channel: str | None = None) -> None:
+        principal = request[PRINCIPAL]
+        log.info(
+            "console: %s (%s) %s",
+            principal.name,
+            principal.role,
+            what,
+            extra={"event": "admin_change", "peer": self._address(request), "ident": ident, "channel": channel},
+        )
+
+    # --- middleware ------------------------------------------------------------------
+
+    @web.middleware
+    async def headers(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        response: web.StreamResponse
+        try:
+            response = await handler(request)
+        except ApiError as e:
+            response = _error(e.status, e.message)
+        except web.HTTPException as e:
+            response = e
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    @web.middleware
+    async def authorize(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith("/api/"):
+            return await handler(request)
+        self._reload_tokens()
+        changes = request.method not in ("GET", "HEAD")
+        auth = request.headers.get("Authorization", "")
+        principal: Principal | None = None
+        if auth:
+            if self._blocked(request):
+                return _error(429, "too many failed attempts from this address; try later")
+            scheme, _, token = auth.partition(" ")
+            principal = self.tokens.check(token.strip()) if scheme.lower() == "bearer" else None
+            if principal is None:
+                self._failed(request, "bearer token")
+                return _error(401, "unknown token")
+        else:
+            session = self.session_of(request)
+            if session is None:
+                return _error(401, "log in first")
+            principal = session.principal
+            if changes:
+                origin = request.headers.get("Origin")
+                if origin is not None and origin != f"{request.scheme}://{request.host}":
+                    return _error(403, "cross-origin request refused")
+                if not csrf_ok(session, request.headers.get("X-CSRF-Token")):
+                    return _error(403, "missing or wrong CSRF token")
+        if changes and request.content_type != "application/json":
+            return _error(415, "send application/json")
+        request[PRINCIPAL] = principal
+        return await handler(request)
+
+    # --- login ---------------------------------------------------------------------
+
+    async def login(self, request: web.Request) -> web.StreamResponse:
+        if self._blocked(request):
+            return _error(429, "too many failed logins from this address; try later")
+        if request.content_type != "application/json":
+            return _error(415, "send application/json")
+        body = await self._body(request)
+        token = body.get("token")
+        self._reload_tokens()
+        principal = self.tokens.check(token) if isinstance(token, str) else None
+        if principal is None:
+            self._failed(request, "login")
+            return _error(401, "unknown token")
+        self.sessions.end(request.cookies.get(COOKIE))
+        session = self.sessions.create(principal)
+        log.info(
+            "console: %s (%s) logged in from %s",
+            principal.name,
+            principal.role,
+            self._address(request),
+            extra={"event": "admin_login", "peer": self._address(request)},
+        )
+        response = _json({"name": principal.name, "role": principal.role, "csrf": session.csrf})
+        response.set_cookie(
+            COOKIE,
+            session.id,
+            httponly=True,
+            samesite="Strict",
+            secure=self.secure_cookie,
+            path="/",
+            max_age=int(self.sessions.ttl_s),
+        )
+        return response
+
+    async def logout(self, request: web.Request) -> web.StreamResponse:
+        session = self.sessions.get(request.cookies.get(COOKIE))
+        if session is not None:
+            if not csrf_ok(session, request.headers.get("X-CSRF-Token")):
+                return _error(403, "missing or wrong CSRF token")
+            self.sessions.end(session.id)
+        response = _json({"ok": True})
+        response.del_cookie(COOKIE, path="/")
+        return response
+
+    async def session(self, request: web.Request) -> web.StreamResponse:
+        principal = request[PRINCIPAL]
+        s = self.session_of(request)
+        return _json(
+            {
+                "name": principal.name,
+                "role": principal.role,
+                "csrf": s.csrf if s is not None else None,
+                "node": self.broker.config.name,
+                "cluster": bool(self.broker.config.cluster),
+                "keys_writable": self.keys.writable,
+            }
+        )
+
+    # --- helpers ---------------------------------------------------------------------
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.content.read(MAX_BODY_BYTES + 1)
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"body larger than {MAX_BODY_BYTES} bytes")
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            raise ApiError(400, "body is not JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "body must be a JSON object")
+        return body
+
+    def _admin(self, request: web.Request) -> None:
+        if not request[PRINCIPAL].is_admin:
+            raise ApiError(403, "needs the admin role")
+
+    def _scope(self) -> dict[str, Any]:
+        return {"node": self.broker.config.name, "scope": "this node"}
+
+    async def _key_list(self) -> list[Any]:
+        at, keys = self._keys_cache
+        if time.monotonic() - at > KEYS_CACHE_S:
+            try:
+                keys = await self.keys.all()
+            except KeyStoreError as e:
+                log.warning("console: cannot list keys: %s", e)
+            self._keys_cache = (time.monotonic(), keys)
+        return keys
+
+    # --- views -----------------------------------------------------------------------
+
+    async def connections(self, request: web.Request) -> web.StreamResponse:
+        out = []
+        for conn in list(self.broker.connections):
+            transport = conn.transport
+            out.append(
+                {
+                    "id": str(id(conn)),
+                    "peer": conn.peer,
+                    "ident": conn.ident,
+                    "owner": conn.owner,
+                    "since": self.tracker.connected_at.get(conn.peer),
+                    "tls": transport is not None and transport.get_extra_info("ssl_object") is not None,
+                    "subscriptions": sorted(c.decode("utf-8", "backslashreplace") for c in conn.subscriptions),
+                    "publish": {
+                        c.decode("utf-8", "backslashreplace"): {"messages": st.count, "bytes": st.bytes}
+                        for c, st in list(conn.publish_stats.items())
+                    },
+                    "received_bytes": conn.received_bytes,
+                    "sent_bytes": conn.sent_bytes,
+                    "queued_bytes": conn.write_buffer_size(),
+                }
+            )
+        out.sort(key=lambda c: (c["ident"] or "", c["peer"]))
+        return _json({**self._scope(), "connections": out})
+
+    async def close_connection(self, request: web.Request) -> web.StreamResponse:
+        self._admin(request)
+        body = await self._body(request)
+        for conn in list(self.broker.connections):
+            if str(id(conn)) == body.get("id"):
+                self.audit(request, f"disconnected {conn.peer}", ident=conn.ident)
+                conn.close(CloseReason.REVOKED, "disconnected by an operator")
+                return _json({"closed": conn.peer})
+        return _error(404, "no such connection")
+
+    async def sensors(self, request: web.Request) -> web.StreamResponse:
+        now = time.time()
+        keys = {k.ident: k for k in await self._key_list()}
+        activity = self.tracker.activity(now)
+        live: dict[str, list[str]] = {}
+        for conn in list(self.broker.connections):
+            if conn.ident is not None:
+                live.setdefault(conn.ident, []).append(conn.peer)
+        out = []
+        for ident in sorted(set(keys) | set(live) | set(activity)):
+            channels = activity.get(ident, {})
+            last_publish = max((c["last_publish"] or 0 for c in channels.values()), default=0) or None
+            key = keys.get(ident)
+            out.append(
+                {
+                    "ident": ident,
+                    "owner": key.owner if key is not None else None,
+                    "has_key": key is not None,
+                    "connected": len(live.get(ident, ())),
+                    "peers": sorted(live.get(ident, ())),
+                    "last_seen": now if ident in live else self.tracker.last_seen.get(ident),
+                    "last_publish": last_publish,
+                    "last_5m": sum(c["last_5m"] for c in channels.values()),
+                    "last_1h": sum(c["last_1h"] for c in channels.values()),
+                    "channels": channels,
+                }
+            )
+        return _json({**self._scope(), "time": now, "sensors": out})
+
+    async def channels(self, request: web.Request) -> web.StreamResponse:
+        activity = self.tracker.activity()
+        chans: dict[str, dict[str, Any]] = {}
+
+        def entry(name: str) -> dict[str, Any]:
+            return chans.setdefault(
+                name, {"channel": name, "publishers": set(), "subscribers": set(), "last_5m": 0, "last_1h": 0}
+            )
+
+        for key in await self._key_list():
+            for c in (*key.pubchans, *key.subchans):
+                entry(c)
+        for ident, per_channel in activity.items():
+            for c, act in per_channel.items():
+                e = entry(c)
+                e["last_5m"] += act["last_5m"]
+                e["last_1h"] += act["last_1h"]
+                if act["last_1h"]:
+                    e["publishers"].add(ident)
+        for conn in list(self.broker.connections):
+            if conn.ident is None:
+                continue
+            for c in conn.subscriptions:
+                entry(c.decode("utf-8", "backslashreplace"))["subscribers"].add(conn.ident)
+            for c in conn.publish_stats:
+                entry(c.decode("utf-8", "backslashreplace"))["publishers"].add(conn.ident)
+        out = []
+        for name in sorted(chans):
+            e = chans[name]
+            e["publishers"] = sorted(e["publishers"])
+            e["subscribers"] = sorted(e["subscribers"])
+            e["rate_per_s"] = round(e["last_5m"] / 300.0, 3)
+            e["watched"] = self.watches.get(name.encode("utf-8", "surrogateescape")) is not None
+            out.append(e)
+        return _json({**self._scope(), "channels": out})
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        events = list(self.tracker.events)
+        by_address: dict[str, int] = {}
+        by_ident: dict[str, int] = {}
+        for e in events:
+            if e["event"] == "auth_failed":
+                host = (e["peer"] or "?").rsplit(":", 1)[0]
+                by_address[host] = by_address.get(host, 0) + 1
+                by_ident[e["ident"] or "?"] = by_ident.get(e["ident"] or "?", 0) + 1
+        return _json(
+            {
+                **self._scope(),
+                "events": events[::-1],
+                "failed_auth_by_address": sorted(by_address.items(), key=lambda kv: -kv[1]),
+                "failed_auth_by_ident": sorted(by_ident.items(), key=lambda kv: -kv[1]),
+            }
+        )
+
+    # --- keys ------------------------------------------------------------------------
+
+    async def key_list(self, request: web.Request) -> web.StreamResponse:
+        try:
+            keys = await self.keys.all()
+        except KeyStoreError as e:
+            return _error(503, str(e))
+        return _json({"writable": self.keys.writable, "keys": [public(k) for k in keys]})
+
+    async def _key_change(self, request: web.Request, change: Callable[[dict[str, Any]], Awaitable[Any]]) -> Any:
+        self._admin(request)
+        body = await self._body(request)
+        try:
+            return await change(body)
+        except (InvalidKey, BadArguments) as e:
+            raise ApiError(400, str(e)) from None
+        except NoSuchIdent as e:
+            raise ApiError(404, f"no such ident: {e}") from None
+        except (IdentExists, ReadOnlyKeys) as e:
+            raise ApiError(409, str(e)) from None
+        except StoreUnavailable as e:
+            raise ApiError(503, str(e)) from None
+        finally:
+            self._keys_cache = (0.0, [])
+
+    async def key_create(self, request: web.Request) -> web.StreamResponse:
+        async def change(body: dict[str, Any]) -> web.StreamResponse:
+            owner = body.get("owner") or ""
+            key = await self.keys.create(
+                body.get("ident"),  # type: ignore[arg-type]  # make_key checks it
+                owner if isinstance(owner, str) else "",
+                _strings(body.get("pubchans"), "pubchans"),
+                _strings(body.get("subchans"), "subchans"),
+            )
+            self.audit(request, f"created key {key.ident!r}", ident=key.ident)
+            return _json({"key": public(key), "secret": key.secret}, 201)
+
+        result: web.StreamResponse = await self._key_change(request, change)
+        return result
+
+    def _channels_change(self, grant: bool) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            async def change(body: dict[str, Any]) -> web.StreamResponse:
+                pub = _strings(body.get("pubchans"), "pubchans")
+                sub = _strings(body.get("subchans"), "subchans")
+                if not pub and not sub:
+                    raise ApiError(400, "give pubchans or subchans")
+                ident = _ident(body)
+                key = await self.keys.change_channels(ident, pub, sub, grant=grant)
+                verb = "granted" if grant else "revoked"
+                self.audit(request, f"{verb} pub {pub} sub {sub} for {ident!r}", ident=ident)
+                return _json({"key": public(key)})
+
+            result: web.StreamResponse = await self._key_change(request, change)
+            return result
+
+        return handler
+
+    async def key_rotate(self, request: web.Request) -> web.StreamResponse:
+        async def change(body: dict[str, Any]) -> web.StreamResponse:
+            key = await self.keys.rotate(_ident(body))
+            self.audit(request, f"rotated the secret of {key.ident!r}", ident=key.ident)
+            return _json({"key": public(key), "secret": key.secret})
+
+        result: web.StreamResponse = await self._key_change(request, change)
+        return result
+
+    async def key_remove(self, request: web.Request) -> web.StreamResponse:
+        async def change(body: dict[str, Any]) -> web.StreamResponse:
+            key = await self.keys.remove(_ident(body))
+            self.audit(request, f"removed key {key.ident!r}", ident=key.ident)
+            return _json({"removed": key.ident})
+
+        result: web.StreamResponse = await self._key_change(request, change)
+        return result
+
+    # --- watching a channel ------------------------------------------------------------
+
+    async def watch_start(self, request: web.Request) -> web.StreamResponse:
+        self._admin(request)
+        body = await self._body(request)
+        channel = body.get("channel")
+        if not isinstance(channel, str) or not channel:
+            return _error(400, "give a channel")
+        if self.watches.start(channel.encode("utf-8", "surrogateescape")) is None:
+            return _error(429, "too many channels watched at once; stop one first")
+        self.audit(request, f"started watching channel {channel!r}", channel=channel)
+        return _json({"watching": channel})
+
+    async def watch_stop(self, request: web.Request) -> web.StreamResponse:
+        self._admin(request)
+        body = await self._body(request)
+        channel = body.get("channel")
+        if isinstance(channel, str):
+            self.watches.stop(channel.encode("utf-8", "surrogateescape"))
+        return _json({"stopped": channel})
+
+    async def watch_read(self, request: web.Request) -> web.StreamResponse:
+        self._admin(request)
+        channel = request.query.get("channel", "")
+        try:
+            after = int(request.query.get("after", "0"))
+        except ValueError:
+            after = 0
+        watch = self.watches.get(channel.encode("utf-8", "surrogateescape"))
+        if watch is None:
+            return _error(404, "not watching this channel; POST /api/v1/watch first")
+        return _json({"channel": channel, "messages": watch.read(after)})
+
+    # --- the page ------------------------------------------------------------------------
+
+    async def static(self, request: web.Request) -> web.StreamResponse:
+        name, content_type = STATIC[request.path]
+        body = importlib.resources.files(__package__).joinpath("static", name).read_bytes()
+        return web.Response(body=body, content_type=content_type, headers={"Cache-Control": "no-cache"})
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.headers, self.authorize], client_max_size=MAX_BODY_BYTES)
+        r = app.router
+        for path in STATIC:
+            r.add_get(path, self.static)
+        r.add_post("/login", self.login)
+        r.add_post("/logout", self.logout)
+        r.add_get("/api/v1/session", self.session)
+        r.add_get("/api/v1/connections", self.connections)
+        r.add_post("/api/v1/connections/close", self.close_connection)
+        r.add_get("/api/v1/sensors", self.sensors)
+        r.add_get("/api/v1/channels", self.channels)
+        r.add_get("/api/v1/events", self.events)
+        r.add_get("/api/v1/keys", self.key_list)
+        r.add_post("/api/v1/keys", self.key_create)
+        r.add_post("/api/v1/keys/grant", self._channels_change(grant=True))
+        r.add_post("/api/v1/keys/revoke", self._channels_change(grant=False))
+        r.add_post("/api/v1/keys/rotate", self.key_rotate)
+        r.add_post("/api/v1/keys/remove", self.key_remove)
+        r.add_post("/api/v1/watch", self.watch_start)
+        r.add_post("/api/v1/watch/stop", self.watch_stop)
+        r.add_get("/api/v1/watch", self.watch_read)
+        return app
+
+
+def _ident(body: dict[str, Any]) -> str:
+    ident = body.get("ident")
+    if not isinstance(ident, str) or not ident:
+        raise ApiError(400, "give an ident")
+    return ident

@@ -1,0 +1,182 @@
+"""What the console remembers about this broker: recent events and per-sensor activity.
+
+Two feeds, neither on the message hot path:
+
+- a ``logging.Handler`` on the ``hpfeeds3.broker`` logger sees every
+  connection event the broker logs anyway (``event=connected``,
+  ``authenticated``, ``closed``, ``auth_failed``, ``auth_blocked``,
+  ``slow_consumer``, ``revoked``, and the console's own ``admin_change``); the
+  notable ones go into a ring of at most ``MAX_EVENTS``, and connects and
+  closes mark when an ident was last seen;
+- ``poll()`` (every ``POLL_S``) reads the per-(ident, channel) publish counters
+  the broker keeps for its metrics, so messages in the last 5 minutes and the
+  last hour come from one-minute buckets (at most 60 per pair) and no
+  per-message work is added.
+
+Memory is bounded: at most ``MAX_PAIRS`` (ident, channel) pairs and
+``MAX_IDENTS`` idents are remembered; the least recently active go first.
+All methods run on the broker's event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..logs import field_value
+
+if TYPE_CHECKING:
+    from ..state import Broker
+
+# Events kept for the Events view.
+MAX_EVENTS = 1_000
+# (ident, channel) pairs whose activity is remembered.
+MAX_PAIRS = 20_000
+# Idents whose last-seen time is remembered.
+MAX_IDENTS = 20_000
+# How often publish counters are read.
+POLL_S = 2.0
+# One-minute buckets kept per pair: the last hour.
+BUCKETS = 60
+
+# Events shown in the Events view (connects and clean closes are too many).
+NOTABLE = frozenset({"auth_failed", "auth_blocked", "slow_consumer", "revoked", "admin_change"})
+
+
+@dataclass(slots=True)
+class PairActivity:
+    total: int = 0  # publishes counted so far (live + closed connections)
+    last_publish: float = 0.0  # wall clock of the poll that saw the count rise
+    minutes: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=BUCKETS))
+
+    def add(self, minute: int, count: int) -> None:
+        if self.minutes and self.minutes[-1][0] == minute:
+            self.minutes[-1] = (minute, self.minutes[-1][1] + count)
+        else:
+            self.minutes.append((minute, count))
+
+    def since(self, minute: int) -> int:
+        return sum(c for m, c in self.minutes if m >= minute)
+
+
+class Tracker(logging.Handler):
+    def __init__(self, broker: Broker) -> None:
+        super().__init__(level=logging.INFO)
+        self.broker = broker
+        self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
+        self.last_seen: OrderedDict[str, float] = OrderedDict()
+        self.pairs: OrderedDict[tuple[str, str], PairActivity] = OrderedDict()
+        self.connected_at: dict[str, float] = {}  # peer → wall clock of its connect
+        self._seq = 0
+        self._primed = False
+
+    # --- the log feed ------------------------------------------------------------
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event = getattr(record, "event", None)
+        if event is None:
+            return
+        try:
+            self._record(str(event), record)
+        except Exception:  # never let the console break the broker's logging
+            self.handleError(record)
+
+    def _record(self, event: str, record: logging.LogRecord) -> None:
+        now = record.created
+        peer = getattr(record, "peer", None)
+        ident = getattr(record, "ident", None)
+        peer_s = field_value(peer) if peer is not None else None
+        ident_s = field_value(ident) if ident is not None else None
+        if event == "connected" and peer_s is not None:
+            self.connected_at[peer_s] = now
+        elif event == "closed" and peer_s is not None:
+            self.connected_at.pop(peer_s, None)
+        if ident_s is not None and event in ("authenticated", "closed"):
+            self.seen(ident_s, now)
+        if event == "auth_failed" and ident_s is None and record.args:
+            # The failed ident is the message's first argument (already escaped).
+            args = record.args if isinstance(record.args, tuple) else (record.args,)
+            ident_s = str(args[0])
+        if event in NOTABLE:
+            self._seq += 1
+            reason = getattr(record, "reason", None)
+            self.events.append(
+                {
+                    "id": self._seq,
+                    "time": now,
+                    "event": event,
+                    "level": record.levelname.lower(),
+                    "peer": peer_s,
+                    "ident": ident_s,
+                    "channel": _opt(getattr(record, "channel", None)),
+                    "reason": _opt(reason),
+                    "message": record.getMessage(),
+                }
+            )
+
+    def seen(self, ident: str, when: float) -> None:
+        self.last_seen[ident] = max(when, self.last_seen.get(ident, 0.0))
+        self.last_seen.move_to_end(ident)
+        while len(self.last_seen) > MAX_IDENTS:
+            self.last_seen.popitem(last=False)
+
+    # --- the counter poll -----------------------------------------------------------
+
+    def totals(self) -> dict[tuple[str, str], int]:
+        """Publishes per (ident, channel): closed connections' plus live ones'."""
+        out: dict[tuple[str, str], int] = {k: st.count for k, st in self.broker.retired_publish.items()}
+        for conn in list(self.broker.connections):
+            ident = conn.ident
+            if ident is None:
+                continue
+            for chan, st in list(conn.publish_stats.items()):
+                key = (ident, chan.decode("utf-8", "backslashreplace"))
+                out[key] = out.get(key, 0) + st.count
+        return out
+
+    def poll(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        minute = int(now // 60)
+        for ident in list(self.broker.by_ident):
+            self.seen(ident, now)
+        live = {c.peer for c in self.broker.connections}
+        for peer in [p for p in self.connected_at if p not in live]:
+            del self.connected_at[peer]
+        for key, total in self.totals().items():
+            act = self.pairs.get(key)
+            if act is None:
+                # At the first poll, what was counted before the console started
+                # has no minute; after it, a new pair's count is all new.
+                act = self.pairs[key] = PairActivity(total=0 if self._primed else total)
+                if len(self.pairs) > MAX_PAIRS:
+                    self.pairs.popitem(last=False)
+            delta = total - act.total
+            if delta > 0:
+                act.total = total
+                act.last_publish = now
+                act.add(minute, delta)
+                self.pairs.move_to_end(key)
+                self.seen(key[0], now)
+            elif delta < 0:  # counters of closed connections were pruned
+                act.total = total
+        self._primed = True
+
+    def activity(self, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """Per ident: per channel {last_publish, last_5m, last_1h}."""
+        now = time.time() if now is None else now
+        m = int(now // 60)
+        out: dict[str, dict[str, Any]] = {}
+        for (ident, channel), act in self.pairs.items():
+            out.setdefault(ident, {})[channel] = {
+                "last_publish": act.last_publish or None,
+                "last_5m": act.since(m - 4),
+                "last_1h": act.since(m - 59),
+            }
+        return out
+
+
+def _opt(value: object) -> str | None:
+    return None if value is None else field_value(value)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import http.cookiejar
 import json
+import os
+import shutil
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +19,7 @@ from typing import Any
 import pytest
 
 from hpfeeds3.broker.admin.tokens import generate_token, hash_token
+from hpfeeds3.client import BlockingClient
 from tests.support.broker import BrokerProcess, free_port, sqlite_add_key, wait_for_port
 
 
@@ -135,3 +139,77 @@ def console_broker(tmp_path: Path, *extra: str, scheme: str = "http") -> Iterato
 def console(tmp_path: Path) -> Iterator[Console]:
     with console_broker(tmp_path) as c:
         yield c
+
+
+# --- a real browser ------------------------------------------------------------------------
+
+BROWSER_PACKAGES = ("chromium", "chromium-driver")
+
+
+def _chromium() -> tuple[str, str] | None:
+    binary = shutil.which("chromium")
+    driver = shutil.which("chromedriver")
+    return (binary, driver) if binary and driver else None
+
+
+@pytest.fixture(scope="session")
+def chromium_paths() -> tuple[str, str]:
+    """Debian's chromium and chromedriver, installed with apt-get when missing (as root, as .ci/run does)."""
+    found = _chromium()
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], check=True, env=env, timeout=600, capture_output=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", *BROWSER_PACKAGES], check=True, env=env, timeout=900, capture_output=True
+        )
+        found = _chromium()
+    if found is None:
+        pytest.fail(
+            "the browser tests need Debian's chromium and chromium-driver: apt-get install chromium chromium-driver"
+        )
+    return found
+
+
+@pytest.fixture(scope="module")
+def browser(chromium_paths: tuple[str, str]) -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = chromium_paths
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    """Where the browser tests save page screenshots: docs/console/ with CONSOLE_SCREENSHOTS=1."""
+    if os.environ.get("CONSOLE_SCREENSHOTS") == "1":
+        out = Path(__file__).resolve().parents[2] / "docs" / "console"
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    return tmp_path
+
+
+@contextlib.contextmanager
+def sensor(console: Console, ident: str, secret: str) -> Iterator[BlockingClient]:
+    """A connected client (no reconnect), closed on exit."""
+    client = BlockingClient("127.0.0.1", console.port, ident, secret, reconnect=False)
+    try:
+        client.connect(timeout_s=5)
+        yield client
+    finally:
+        client.close()
+
+
+def publish(client: BlockingClient, channel: str, *payloads: str | bytes) -> None:
+    for payload in payloads:
+        client.publish(channel, payload)
+    client.flush(5)

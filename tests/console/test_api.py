@@ -23,7 +23,7 @@ from hpfeeds3.broker.config import ConfigError
 from hpfeeds3.client import BlockingClient
 from tests.support.broker import BrokerProcess, free_port
 
-from .conftest import Console, Http, console_broker, wait_until, write_tokens
+from .conftest import Console, Http, console_broker, publish, sensor, wait_until, write_tokens
 
 XSS = '<script>alert(1)</script><img src=x onerror="alert(2)">'
 
@@ -172,23 +172,19 @@ def test_keys_lifecycle_through_the_store_with_audit_lines(console: Console) -> 
 def test_live_sensor_revocation_and_removal(console: Console) -> None:
     c = console.admin()
     secret = c.post("/api/v1/keys", {"ident": "sensor-live", "pubchans": ["feed"], "subchans": ["feed"]}).body["secret"]
-    client = BlockingClient("127.0.0.1", console.port, "sensor-live", secret, reconnect=False)
-    try:
-        client.connect(timeout_s=5)
+    with sensor(console, "sensor-live", secret) as client:
         client.subscribe("feed")
-        for i in range(5):
-            client.publish("feed", f"m{i}")
-        client.flush(5)
+        publish(client, "feed", *(f"m{i}" for i in range(5)))
         conn = wait_until(lambda: _conn_of(c, "sensor-live"), what="connection listed")[0]
         assert conn["peer"].startswith("127.0.0.1:") and conn["tls"] is False and conn["since"]
         wait_until(lambda: _conn_of(c, "sensor-live")[0]["subscriptions"] == ["feed"], what="subscription")
         wait_until(lambda: _conn_of(c, "sensor-live")[0]["publish"].get("feed", {}).get("messages") == 5)
 
-        def sensor() -> dict:
+        def sensor_row() -> dict:
             return next(s for s in c.get("/api/v1/sensors").body["sensors"] if s["ident"] == "sensor-live")
 
-        assert sensor()["connected"] == 1
-        wait_until(lambda: sensor()["last_5m"] == 5, what="5 messages in the last 5 minutes")
+        assert sensor_row()["connected"] == 1
+        wait_until(lambda: sensor_row()["last_5m"] == 5, what="5 messages in the last 5 minutes")
         chan = next(x for x in c.get("/api/v1/channels").body["channels"] if x["channel"] == "feed")
         assert chan["publishers"] == ["sensor-live"] and chan["subscribers"] == ["sensor-live"]
 
@@ -199,8 +195,6 @@ def test_live_sensor_revocation_and_removal(console: Console) -> None:
         events = c.get("/api/v1/events").body["events"]
         reasons = {e["reason"] for e in events if e["event"] == "revoked" and e["ident"] == "sensor-live"}
         assert reasons == {"channel_revoked", "revoked"}
-    finally:
-        client.close()
 
 
 def test_failed_auth_events_by_address_and_ident(console: Console) -> None:
@@ -221,11 +215,8 @@ def test_admin_watches_a_channel_payloads_hostile_text_is_data(console: Console)
     secret = c.post("/api/v1/keys", {"ident": ident, "pubchans": [chan]}).body["secret"]
     assert c.get(f"/api/v1/watch?channel={quote(chan)}").status == 404
     assert c.post("/api/v1/watch", {"channel": chan}).status == 200
-    client = BlockingClient("127.0.0.1", console.port, ident, secret, reconnect=False)
-    try:
-        client.connect(timeout_s=5)
-        client.publish(chan, XSS.encode() + b"\x00\xff" + b"x" * 2000)
-        client.flush(5)
+    with sensor(console, ident, secret) as client:
+        publish(client, chan, XSS.encode() + b"\x00\xff" + b"x" * 2000)
         msgs = wait_until(lambda: c.get(f"/api/v1/watch?channel={quote(chan)}").body["messages"], what="message")
         m = msgs[0]
         assert m["ident"] == ident and m["size"] == len(XSS) + 2002 and m["truncated"] is True
@@ -234,8 +225,6 @@ def test_admin_watches_a_channel_payloads_hostile_text_is_data(console: Console)
         r = c.get("/api/v1/sensors")
         assert r.headers["Content-Type"].startswith("application/json")
         assert any(s["ident"] == ident for s in r.body["sensors"])
-    finally:
-        client.close()
     assert c.post("/api/v1/watch/stop", {"channel": chan}).status == 200
 
 

@@ -313,6 +313,7 @@ function confirmButton(label, onConfirm) {
   b.type = "button";
   b.addEventListener("click", () => {
     if (b.dataset.armed) {
+      delete b.dataset.armed;
       onConfirm();
       return;
     }
@@ -327,7 +328,7 @@ function confirmButton(label, onConfirm) {
 }
 
 async function keys() {
-  if (document.activeElement && document.activeElement.closest("#keys-table")) return; // armed button in use
+  if (document.querySelector("#keys-table button[data-armed]")) return; // keep an armed button in place
   const data = await api("/api/v1/keys");
   fill(
     "keys-table",

@@ -88,6 +88,13 @@ def click_in_row(browser: Any, table: str, first: str, index: int = 0, label: st
     wait(browser, go)
 
 
+def fail_auth(console: Console, ident: str) -> None:
+    bad = BlockingClient("127.0.0.1", console.port, ident, "wrong secret", reconnect=False)
+    with contextlib.suppress(Exception):
+        bad.connect(timeout_s=5)
+    bad.close()
+
+
 def fill(browser: Any, field: str, text: str) -> None:
     e = by_id(browser, field)
     e.clear()
@@ -167,8 +174,10 @@ def test_admin_adds_a_key_watches_the_sensor_revokes_and_removes(
         tab(browser, "connections")
         wait(browser, lambda d: all(r[1] != "sensor-7" for r in rows(d, "connections-table")))
 
+        fail_auth(console, "sensor-7")
         tab(browser, "events")
         wait(browser, lambda d: any(r[1] == "revoked" and r[4] == "revoked" for r in rows(d, "events-table")))
+        wait(browser, lambda d: row_of(d, "failed-by-ident", "sensor-7") == ["sensor-7", "1"])
         browser.save_screenshot(str(screenshots / "events.png"))
 
 
@@ -201,10 +210,7 @@ def test_hostile_ident_channel_and_payload_render_inert(browser: Any, console: C
     secret = api.post("/api/v1/keys", {"ident": XSS_IDENT, "owner": XSS_PAYLOAD, "pubchans": [XSS_CHANNEL]}).body[
         "secret"
     ]
-    bad = BlockingClient("127.0.0.1", console.port, XSS_IDENT, "wrong", reconnect=False)
-    with contextlib.suppress(Exception):
-        bad.connect(timeout_s=5)
-    bad.close()
+    fail_auth(console, XSS_IDENT)
     login(browser, console, console.admin_token)
     with sensor(console, XSS_IDENT, secret) as client:
         publish(client, XSS_CHANNEL, XSS_PAYLOAD)

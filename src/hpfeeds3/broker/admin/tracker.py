@@ -43,7 +43,7 @@ POLL_S = 2.0
 BUCKETS = 60
 
 # Events shown in the Events view (connects and clean closes are too many).
-NOTABLE = frozenset({"auth_failed", "auth_blocked", "slow_consumer", "revoked", "admin_change"})
+NOTABLE = frozenset({"auth_failed", "auth_blocked", "slow_consumer", "revoked", "admin_change", "admin_login_failed"})
 
 
 @dataclass(slots=True)

@@ -21,6 +21,7 @@ from .metrics import PublishStats
 from .ratelimit import AuthFailureLimiter
 from .reasons import CloseReason
 from .router import Router
+from .text import printable
 from .tuning import AUTH_LOOKUP_TIMEOUT_S, MAX_CHANNEL_SETS
 
 if TYPE_CHECKING:
@@ -180,19 +181,16 @@ class Broker:
             metrics.REVOCATIONS.labels("closed").inc()
             conn.close(CloseReason.REVOKED, f"access key for {conn.ident} was {why.split()[-1]}")
             return
-        old_sub = conn.subchans
-        conn.apply_key(key)
-        lost = set(old_sub - conn.subchans) & conn.subscriptions
+        lost = conn.apply_key(key)
         if lost:
             log.warning(
                 "unsubscribing %s (%s) from revoked channel(s) %s",
                 conn.peer,
                 conn.ident,
-                ", ".join(sorted(c.decode("utf-8", "backslashreplace") for c in lost)),
+                ", ".join(sorted(printable(c) for c in lost)),
                 extra={"event": "revoked", "peer": conn.peer, "ident": conn.ident, "reason": "channel_revoked"},
             )
             metrics.REVOCATIONS.labels("unsubscribed").inc()
-            conn.unsubscribe_channels(lost)
 
     # --- shutdown ----------------------------------------------------------------------
 

@@ -227,6 +227,13 @@ def test_hostile_ident_channel_and_payload_render_inert(browser: Any, console: C
         tab(browser, "watch")
         fill(browser, "watch-channel", XSS_CHANNEL)
         browser.find_element(By.CSS_SELECTOR, "#watch-form button[type=submit]").click()
+
+        def watched() -> bool:
+            return any(
+                c["watched"] for c in api.get("/api/v1/channels").body["channels"] if c["channel"] == XSS_CHANNEL
+            )
+
+        wait(browser, lambda d: watched())
         publish(client, XSS_CHANNEL, XSS_PAYLOAD)
         wait(browser, lambda d: any(r[3] == XSS_PAYLOAD and r[1] == XSS_IDENT for r in rows(d, "watch-table")))
     # Shown as text everywhere; nothing ran, no element was made from it.

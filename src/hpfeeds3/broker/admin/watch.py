@@ -51,6 +51,10 @@ class ChannelWatch:
                 payload = frame.payload
                 self.messages.append((self.seq, now, frame.ident, payload[:WATCH_PAYLOAD_BYTES], len(payload)))
 
+    def delivery_failed(self) -> None:
+        """``deliver`` raised (a bug): stop watching rather than fail again."""
+        self.stop()
+
     def start(self) -> None:
         self.router.subscribe(self.channel, self)
 

@@ -85,16 +85,17 @@ class Tracker(logging.Handler):
             self.handleError(record)
 
     def _record(self, event: str, record: logging.LogRecord) -> None:
+        # Every handshake logs three records: keep their path short.
         now = record.created
-        peer = getattr(record, "peer", None)
-        ident = getattr(record, "ident", None)
-        peer_s = field_value(peer) if peer is not None else None
-        ident_s = field_value(ident) if ident is not None else None
-        if event == "connected" and peer_s is not None:
-            self.connected_at[peer_s] = now
-        elif event == "closed" and peer_s is not None:
+        peer_s = _opt(getattr(record, "peer", None))
+        ident_s = _opt(getattr(record, "ident", None))
+        if event == "connected":
+            if peer_s is not None:
+                self.connected_at[peer_s] = now
+            return
+        if event == "closed" and peer_s is not None:
             self.connected_at.pop(peer_s, None)
-        if ident_s is not None and event in ("authenticated", "closed"):
+        if ident_s is not None and (event == "authenticated" or event == "closed"):
             self.seen(ident_s, now)
         if event == "auth_failed" and ident_s is None and record.args:
             # The failed ident is the message's first argument (already escaped).
@@ -118,10 +119,15 @@ class Tracker(logging.Handler):
             )
 
     def seen(self, ident: str, when: float) -> None:
-        self.last_seen[ident] = max(when, self.last_seen.get(ident, 0.0))
-        self.last_seen.move_to_end(ident)
-        while len(self.last_seen) > MAX_IDENTS:
-            self.last_seen.popitem(last=False)
+        last_seen = self.last_seen
+        if ident in last_seen:
+            last_seen.move_to_end(ident)
+            if when > last_seen[ident]:
+                last_seen[ident] = when
+            return
+        last_seen[ident] = when
+        if len(last_seen) > MAX_IDENTS:
+            last_seen.popitem(last=False)
 
     # --- the counter poll -----------------------------------------------------------
 
@@ -179,4 +185,6 @@ class Tracker(logging.Handler):
 
 
 def _opt(value: object) -> str | None:
-    return None if value is None else field_value(value)
+    if value is None or type(value) is str:
+        return value  # type: ignore[return-value]
+    return field_value(value)

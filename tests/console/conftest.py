@@ -213,3 +213,11 @@ def publish(client: BlockingClient, channel: str, *payloads: str | bytes) -> Non
     for payload in payloads:
         client.publish(channel, payload)
     client.flush(5)
+
+
+def fail_auth(console: Console, ident: str) -> None:
+    """One AUTH with a wrong secret."""
+    bad = BlockingClient("127.0.0.1", console.port, ident, "wrong secret", reconnect=False)
+    with contextlib.suppress(Exception):
+        bad.connect(timeout_s=5)
+    bad.close()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import socket
 import sqlite3
 import ssl
+import time
 import urllib.request
 from importlib.resources import files
 from pathlib import Path
@@ -20,10 +20,9 @@ from hpfeeds3.broker.admin.tokens import main as token_main
 from hpfeeds3.broker.admin.tokens import parse_tokens
 from hpfeeds3.broker.cli import build_parser, config_from_args
 from hpfeeds3.broker.config import ConfigError
-from hpfeeds3.client import BlockingClient
 from tests.support.broker import BrokerProcess, free_port
 
-from .conftest import Console, Http, console_broker, publish, sensor, wait_until, write_tokens
+from .conftest import Console, Http, console_broker, fail_auth, publish, sensor, wait_until, write_tokens
 
 XSS = '<script>alert(1)</script><img src=x onerror="alert(2)">'
 
@@ -198,15 +197,21 @@ def test_live_sensor_revocation_and_removal(console: Console) -> None:
 
 
 def test_failed_auth_events_by_address_and_ident(console: Console) -> None:
-    client = BlockingClient("127.0.0.1", console.port, XSS, "wrong", reconnect=False)
-    with contextlib.suppress(Exception):
-        client.connect(timeout_s=5)
-        client.wait_ready(1)
-    client.close()
+    fail_auth(console, XSS)
     c = console.client(console.viewer_token)
     body = wait_until(lambda: c.get("/api/v1/events").body["failed_auth_by_ident"], what="failed auth event")
     assert body[0][0] == XSS  # data, as chosen: the page renders it as text
     assert c.get("/api/v1/events").body["failed_auth_by_address"][0][0] == "127.0.0.1"
+
+
+def test_blocked_addresses_are_listed(tmp_path: Path) -> None:
+    with console_broker(tmp_path, "--auth-fail-limit", "2") as console:
+        for _ in range(3):
+            fail_auth(console, "guessed")
+        c = console.client(console.viewer_token)
+        blocked = wait_until(lambda: c.get("/api/v1/events").body["blocked"], what="blocked address")
+        assert blocked[0]["address"] == "127.0.0.1" and blocked[0]["what"] == "AUTH"
+        assert blocked[0]["until"] > time.time() + 200  # the default block is 300 s
 
 
 def test_admin_watches_a_channel_payloads_hostile_text_is_data(console: Console) -> None:

@@ -6,7 +6,6 @@ Screenshots of every page are saved by these tests (into docs/console/ with
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,7 @@ from selenium.common.exceptions import NoSuchElementException, StaleElementRefer
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from hpfeeds3.client import BlockingClient
-
-from .conftest import Console, console_broker, publish, sensor
+from .conftest import Console, console_broker, fail_auth, publish, sensor
 
 XSS_IDENT = 'sensor<script>window.pwned=1</script><img src=x onerror="window.pwned=2">'
 XSS_CHANNEL = 'chan<img src=x onerror="window.pwned=3">'
@@ -86,13 +83,6 @@ def click_in_row(browser: Any, table: str, first: str, index: int = 0, label: st
         return False
 
     wait(browser, go)
-
-
-def fail_auth(console: Console, ident: str) -> None:
-    bad = BlockingClient("127.0.0.1", console.port, ident, "wrong secret", reconnect=False)
-    with contextlib.suppress(Exception):
-        bad.connect(timeout_s=5)
-    bad.close()
 
 
 def fill(browser: Any, field: str, text: str) -> None:

@@ -422,10 +422,20 @@ class Console:
                 host = (e["peer"] or "?").rsplit(":", 1)[0]
                 by_address[host] = by_address.get(host, 0) + 1
                 by_ident[e["ident"] or "?"] = by_ident.get(e["ident"] or "?", 0) + 1
+        now = time.time()
+        blocked: dict[str, dict[str, Any]] = {}
+        for e in events:
+            if e["event"] == "auth_blocked":
+                console_block = e["reason"] == "console_login_rate_limited"
+                until = e["time"] + (LOGIN_BLOCK_S if console_block else self.broker.auth_limiter.limits.block_s)
+                if until > now:
+                    host = e["peer"] if console_block else (e["peer"] or "?").rsplit(":", 1)[0]
+                    blocked[host] = {"address": host, "until": until, "what": "console" if console_block else "AUTH"}
         return _json(
             {
                 **self._scope(),
                 "events": events[::-1],
+                "blocked": sorted(blocked.values(), key=lambda b: b["address"]),
                 "failed_auth_by_address": sorted(by_address.items(), key=lambda kv: -kv[1]),
                 "failed_auth_by_ident": sorted(by_ident.items(), key=lambda kv: -kv[1]),
             }

@@ -358,6 +358,7 @@ async function events() {
   const data = await api("/api/v1/events");
   fill("failed-by-address", data.failed_auth_by_address.map((p) => row(p)));
   fill("failed-by-ident", data.failed_auth_by_ident.map((p) => row(p)));
+  fill("blocked", data.blocked.map((b) => row([b.address, b.what, clock(b.until)])));
   fill(
     "events-table",
     data.events.map((e) => row([clock(e.time), e.event, e.peer, e.ident, e.reason, e.message]))

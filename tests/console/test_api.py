@@ -157,6 +157,12 @@ def test_keys_lifecycle_through_the_store_with_audit_lines(console: Console) -> 
     assert c.post("/api/v1/keys/remove", {"ident": "sensor-9"}).status == 404
     assert c.post("/api/v1/keys", {"ident": "", "pubchans": []}).status == 400
     assert c.post("/api/v1/keys", {"ident": "x", "pubchans": "a"}).status == 400
+    # A lone surrogate (valid JSON, not UTF-8) is refused, not a server error.
+    assert c.post("/api/v1/keys", {"ident": "\ud800"}).status == 400
+    assert c.post("/api/v1/watch", {"channel": "\ud800"}).status == 400
+    json_headers = {"Content-Type": "application/json", "X-CSRF-Token": c.csrf or ""}
+    assert c.request("POST", "/api/v1/keys", raw=b"[1]", headers=json_headers).status == 400
+    assert c.request("POST", "/api/v1/keys", raw=b"{", headers=json_headers).status == 400
     # The same store the keys CLI reads: the broker's sqlite file.
     rows = sqlite3.connect(console.db).execute("select ident from authkeys").fetchall()
     assert rows == [("existing-sensor",)]

@@ -89,7 +89,8 @@ class ApiError(Exception):
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(
         status=status,
-        body=json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+        # ensure_ascii: a lone surrogate in any string cannot break the encoding.
+        body=json.dumps(data, ensure_ascii=True, separators=(",", ":")).encode("ascii"),
         content_type="application/json",
         headers={"Cache-Control": "no-store"},
     )
@@ -409,7 +410,7 @@ class Console:
             e["publishers"] = sorted(e["publishers"])
             e["subscribers"] = sorted(e["subscribers"])
             e["rate_per_s"] = round(e["last_5m"] / 300.0, 3)
-            e["watched"] = self.watches.get(name.encode("utf-8", "surrogateescape")) is not None
+            e["watched"] = self.watches.get(name.encode("utf-8", "backslashreplace")) is not None
             out.append(e)
         return _json({**self._scope(), "channels": out})
 
@@ -523,9 +524,7 @@ class Console:
         self._admin(request)
         body = await self._body(request)
         channel = body.get("channel")
-        if not isinstance(channel, str) or not channel:
-            return _error(400, "give a channel")
-        if self.watches.start(channel.encode("utf-8", "surrogateescape")) is None:
+        if self.watches.start(_channel(channel)) is None:
             return _error(429, "too many channels watched at once; stop one first")
         self.audit(request, f"started watching channel {channel!r}", channel=channel)
         return _json({"watching": channel})
@@ -534,8 +533,7 @@ class Console:
         self._admin(request)
         body = await self._body(request)
         channel = body.get("channel")
-        if isinstance(channel, str):
-            self.watches.stop(channel.encode("utf-8", "surrogateescape"))
+        self.watches.stop(_channel(channel))
         return _json({"stopped": channel})
 
     async def watch_read(self, request: web.Request) -> web.StreamResponse:
@@ -545,7 +543,7 @@ class Console:
             after = int(request.query.get("after", "0"))
         except ValueError:
             after = 0
-        watch = self.watches.get(channel.encode("utf-8", "surrogateescape"))
+        watch = self.watches.get(_channel(channel))
         if watch is None:
             return _error(404, "not watching this channel; POST /api/v1/watch first")
         return _json({"channel": channel, "messages": watch.read(after)})
@@ -580,6 +578,15 @@ class Console:
         r.add_post("/api/v1/watch/stop", self.watch_stop)
         r.add_get("/api/v1/watch", self.watch_read)
         return app
+
+
+def _channel(value: Any) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, "give a channel")
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "channel is not valid UTF-8") from None
 
 
 def _ident(body: dict[str, Any]) -> str:

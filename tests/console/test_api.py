@@ -202,6 +202,20 @@ def test_live_sensor_revocation_and_removal(console: Console) -> None:
         assert reasons == {"channel_revoked", "revoked"}
 
 
+def test_admin_disconnects_a_client_and_rotation_closes_its_sessions(console: Console) -> None:
+    c = console.admin()
+    with sensor(console, "existing-sensor", "s3cret"):
+        conn = wait_until(lambda: _conn_of(c, "existing-sensor"), what="connection listed")[0]
+        assert c.post("/api/v1/connections/close", {"id": "0"}).status == 404
+        assert c.post("/api/v1/connections/close", {"id": conn["id"]}).body == {"closed": conn["peer"]}
+        wait_until(lambda: not _conn_of(c, "existing-sensor"), what="connection closed")
+    assert "disconnected " + conn["peer"] in console.broker.wait_log("event=admin_change")
+    with sensor(console, "existing-sensor", "s3cret"):
+        wait_until(lambda: _conn_of(c, "existing-sensor"), what="connection listed")
+        assert c.post("/api/v1/keys/rotate", {"ident": "existing-sensor"}).status == 200
+        wait_until(lambda: not _conn_of(c, "existing-sensor"), what="closed after rotation")
+
+
 def test_failed_auth_events_by_address_and_ident(console: Console) -> None:
     fail_auth(console, XSS)
     c = console.client(console.viewer_token)
@@ -275,6 +289,8 @@ def test_admin_flags_are_checked() -> None:
         cfg("--admin-tokens", "t.txt")
     with pytest.raises(ConfigError, match="together"):
         cfg("--admin", ":8080", "--admin-tokens", "t", "--admin-tlscert", "c")
+    with pytest.raises(ConfigError, match="--workers"):
+        cfg("--admin", ":8080", "--admin-tokens", "t", "--workers", "2", "--cluster", "nats://127.0.0.1:4222")
     a = cfg("--admin", "127.0.0.1:8080", "--admin-tokens", "t.txt").admin
     assert a is not None and (a.host, a.port, a.tokens) == ("127.0.0.1", 8080, "t.txt")
 

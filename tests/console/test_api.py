@@ -123,16 +123,22 @@ def test_cookie_changes_need_the_csrf_token_and_same_origin(console: Console) ->
     assert bearer.post("/api/v1/keys/remove", {"ident": "csrf-test"}).status == 200
 
 
-def test_failed_logins_are_rate_limited(console: Console) -> None:
-    c = console.client()
-    statuses = [c.login(f"hpfc_guess{i}").status for i in range(12)]
-    assert statuses[:10] == [401] * 10
-    assert statuses[10:] == [429, 429]
-    # Blocked: even the right token is refused from this address for a while, and bearer too.
-    assert c.login(console.admin_token).status == 429
-    assert console.client("hpfc_wrong").get("/api/v1/sensors").status == 429
-    log = console.broker.wait_log("console_login_rate_limited")
-    assert "console login failed" in log
+def test_failed_logins_are_rate_limited_and_counted(tmp_path: Path) -> None:
+    metrics_port = free_port()
+    with console_broker(tmp_path, "--exporter", f"127.0.0.1:{metrics_port}") as console:
+        c = console.client()
+        statuses = [c.login(f"hpfc_guess{i}").status for i in range(12)]
+        assert statuses[:10] == [401] * 10
+        assert statuses[10:] == [429, 429]
+        # Blocked: even the right token is refused from this address for a while, and bearer too.
+        assert c.login(console.admin_token).status == 429
+        assert console.client("hpfc_wrong").get("/api/v1/sensors").status == 429
+        log = console.broker.wait_log("console_login_rate_limited")
+        assert "console login failed" in log
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            body = r.read().decode()
+        assert 'hpfeeds_broker_console_logins_total{result="failed"} 10.0' in body
+        assert 'hpfeeds_broker_console_logins_total{result="blocked"} 4.0' in body
 
 
 def test_keys_lifecycle_through_the_store_with_audit_lines(console: Console) -> None:

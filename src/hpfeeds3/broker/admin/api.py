@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .. import metrics
 from ..keys import BadArguments, IdentExists, InvalidKey, NoSuchIdent, StoreUnavailable
 from ..ratelimit import AuthFailureLimiter, AuthLimits
 from ..reasons import CloseReason
@@ -139,6 +140,7 @@ class Console:
         return request.remote or "?"
 
     def _failed(self, request: web.Request, how: str) -> None:
+        metrics.CONSOLE_LOGINS.labels("failed").inc()
         address = self._address(request)
         block = self.limiter.record_failure(address, "", time.monotonic())
         log.warning(
@@ -157,7 +159,10 @@ class Console:
             )
 
     def _blocked(self, request: web.Request) -> bool:
-        return self.limiter.blocked(self._address(request), "", time.monotonic())
+        if self.limiter.blocked(self._address(request), "", time.monotonic()):
+            metrics.CONSOLE_LOGINS.labels("blocked").inc()
+            return True
+        return False
 
     def session_of(self, request: web.Request) -> Session | None:
         session = self.sessions.get(request.cookies.get(COOKIE))
@@ -168,6 +173,7 @@ class Console:
 
     def audit(self, request: web.Request, what: str, *, ident: str | None = None, channel: str | None = None) -> None:
         principal = request[PRINCIPAL]
+        metrics.CONSOLE_CHANGES.inc()
         log.info(
             "console: %s (%s) %s",
             principal.name,
@@ -236,6 +242,7 @@ class Console:
         if principal is None:
             self._failed(request, "login")
             return _error(401, "unknown token")
+        metrics.CONSOLE_LOGINS.labels("ok").inc()
         self.sessions.end(request.cookies.get(COOKIE))
         session = self.sessions.create(principal)
         log.info(

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from ..protocol import CLIENT_TO_BROKER
 from . import metrics
 from .auth import AccessKey, Authenticator, AuthUnavailable, WouldBlock
 from .config import BrokerConfig
@@ -41,8 +40,6 @@ class Broker:
         self.auth_limiter = AuthFailureLimiter(config.auth_limits)
         self.name_bytes = config.name.encode("utf-8")[:255]
         self.frame_limits = config.limits.frame_limits()
-        # Max frame length by opcode, built once and shared by every connection.
-        self.frame_table = self.frame_limits.table(CLIENT_TO_BROKER)
         self.send_hard_bytes = config.limits.send_buffer_hard_bytes
         self.max_connections = config.limits.max_connections
         self.connections: set[Connection] = set()

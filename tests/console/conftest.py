@@ -20,7 +20,7 @@ import pytest
 
 from hpfeeds3.broker.admin.tokens import generate_token, hash_token
 from hpfeeds3.client import BlockingClient
-from tests.support.broker import BrokerProcess, free_port, sqlite_add_key, wait_for_port
+from tests.support.broker import BrokerProcess, free_port, sqlite_add_key, wait_for_port, write_users_json
 
 
 @dataclass
@@ -117,14 +117,20 @@ def write_tokens(path: Path) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def console_broker(tmp_path: Path, *extra: str, scheme: str = "http") -> Iterator[Console]:
-    """A broker on sqlite with one key, the console on, two tokens (alice: admin, grafana: viewer)."""
-    db = tmp_path / "keys.db"
-    sqlite_add_key(db, "existing-sensor", "s3cret", ["honeypot.events"], [], owner="ops")
+def console_broker(tmp_path: Path, *extra: str, scheme: str = "http", store: str = "sqlite") -> Iterator[Console]:
+    """A broker with one key in ``store`` (sqlite or json), the console on, tokens alice (admin), grafana (viewer)."""
+    existing = {"owner": "ops", "secret": "s3cret", "pubchans": ["honeypot.events"], "subchans": []}
+    if store == "json":
+        db = write_users_json(tmp_path / "keys.json", {"existing-sensor": existing})
+        auth = str(db)
+    else:
+        db = tmp_path / "keys.db"
+        sqlite_add_key(db, "existing-sensor", "s3cret", ["honeypot.events"], [], owner="ops")
+        auth = f"sqlite:{db}"
     tokens_path = tmp_path / "tokens.txt"
     admin, viewer = write_tokens(tokens_path)
     port, admin_port = free_port(), free_port()
-    args = ["--bind", f"127.0.0.1:{port}", "--auth", f"sqlite:{db}", "--revocation-poll", "0.2"]
+    args = ["--bind", f"127.0.0.1:{port}", "--auth", auth, "--revocation-poll", "0.2"]
     args += ["--admin", f"127.0.0.1:{admin_port}", "--admin-tokens", str(tokens_path), *extra]
     b = BrokerProcess(args, cwd=tmp_path, port=port)
     try:
@@ -221,3 +227,17 @@ def fail_auth(console: Console, ident: str) -> None:
     with contextlib.suppress(Exception):
         bad.connect(timeout_s=5)
     bad.close()
+
+
+def wait_key_usable(console: Console, ident: str, secret: str, timeout: float = 10.0) -> None:
+    """A key written to a watched store (JSON) is used once the broker saw the file change."""
+
+    def authenticates() -> bool:
+        try:
+            with sensor(console, ident, secret) as client:
+                client.wait_ready(0.3)
+            return True
+        except Exception:
+            return False
+
+    wait_until(authenticates, timeout, f"{ident} authenticates")

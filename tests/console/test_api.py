@@ -22,7 +22,17 @@ from hpfeeds3.broker.cli import build_parser, config_from_args
 from hpfeeds3.broker.config import ConfigError
 from tests.support.broker import BrokerProcess, free_port
 
-from .conftest import Console, Http, console_broker, fail_auth, publish, sensor, wait_until, write_tokens
+from .conftest import (
+    Console,
+    Http,
+    console_broker,
+    fail_auth,
+    publish,
+    sensor,
+    wait_key_usable,
+    wait_until,
+    write_tokens,
+)
 
 XSS = '<script>alert(1)</script><img src=x onerror="alert(2)">'
 
@@ -180,9 +190,16 @@ def test_keys_lifecycle_through_the_store_with_audit_lines(console: Console) -> 
     assert any(e["event"] == "admin_change" and e["ident"] == "sensor-9" for e in events)
 
 
-def test_live_sensor_revocation_and_removal(console: Console) -> None:
+@pytest.mark.parametrize("store", ["sqlite", "json"])
+def test_live_sensor_revocation_and_removal(tmp_path: Path, store: str) -> None:
+    with console_broker(tmp_path, store=store) as console:
+        check_live_sensor(console)
+
+
+def check_live_sensor(console: Console) -> None:
     c = console.admin()
     secret = c.post("/api/v1/keys", {"ident": "sensor-live", "pubchans": ["feed"], "subchans": ["feed"]}).body["secret"]
+    wait_key_usable(console, "sensor-live", secret)
     with sensor(console, "sensor-live", secret) as client:
         client.subscribe("feed")
         publish(client, "feed", *(f"m{i}" for i in range(5)))

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 
 from hpfeeds3.broker.admin.tokens import generate_token, hash_token
+from hpfeeds3.broker.keys import open_store
+from hpfeeds3.broker.keys.records import make_key
 from hpfeeds3.client import BlockingClient
 from tests.support.broker import BrokerProcess, free_port, sqlite_add_key, wait_for_port, write_users_json
 
@@ -118,11 +120,18 @@ def write_tokens(path: Path) -> tuple[str, str]:
 
 @contextlib.contextmanager
 def console_broker(tmp_path: Path, *extra: str, scheme: str = "http", store: str = "sqlite") -> Iterator[Console]:
-    """A broker with one key in ``store`` (sqlite or json), the console on, tokens alice (admin), grafana (viewer)."""
+    """A broker with one key in ``store`` (sqlite, json or a PostgreSQL DSN) and the console on.
+
+    Tokens: alice (admin) and grafana (viewer).
+    """
     existing = {"owner": "ops", "secret": "s3cret", "pubchans": ["honeypot.events"], "subchans": []}
     if store == "json":
         db = write_users_json(tmp_path / "keys.json", {"existing-sensor": existing})
         auth = str(db)
+    elif store.startswith("postgresql://"):  # a fresh database's DSN
+        with open_store(store, create=True) as keys:
+            keys.add(make_key("existing-sensor", "s3cret", "ops", ["honeypot.events"]))
+        db, auth = tmp_path / "unused", store
     else:
         db = tmp_path / "keys.db"
         sqlite_add_key(db, "existing-sensor", "s3cret", ["honeypot.events"], [], owner="ops")

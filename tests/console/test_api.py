@@ -190,8 +190,10 @@ def test_keys_lifecycle_through_the_store_with_audit_lines(console: Console) -> 
     assert any(e["event"] == "admin_change" and e["ident"] == "sensor-9" for e in events)
 
 
-@pytest.mark.parametrize("store", ["sqlite", "json"])
-def test_live_sensor_revocation_and_removal(tmp_path: Path, store: str) -> None:
+@pytest.mark.parametrize("store", ["sqlite", "json", "postgresql"])
+def test_live_sensor_revocation_and_removal(tmp_path: Path, store: str, request: pytest.FixtureRequest) -> None:
+    if store == "postgresql":
+        store = request.getfixturevalue("postgres_dsn")
     with console_broker(tmp_path, store=store) as console:
         check_live_sensor(console)
 

@@ -30,39 +30,71 @@ def broker() -> Iterator[Broker]:
         loop.close()
 
 
-def published(broker: Broker, ident: str, channel: str, count: int) -> None:
-    """Counts as a closed connection leaves them in the broker's totals."""
-    st = broker.retired_publish.setdefault((ident, channel), PublishStats())
-    st.count += count
+class Counters:
+    """What the tracker reads of a connection: its ident, peer and per-channel publish counters."""
+
+    def __init__(self, ident: str) -> None:
+        self.ident = ident
+        self.peer = f"{ident}:1"
+        self.publish_stats: dict[bytes, PublishStats] = {}
+
+    def published(self, channel: bytes, count: int) -> None:
+        self.publish_stats.setdefault(channel, PublishStats()).count += count
+
+
+def poll(broker: Broker, t: Tracker, now: float) -> None:
+    broker.loop.run_until_complete(t.poll(now))
 
 
 def test_minutes_windows(broker: Broker) -> None:
     t = Tracker(broker)
     t0 = 1_000_000 * 60.0
-    published(broker, "s", "c", 7)  # before the console started: no minute
-    t.poll(t0)
-    published(broker, "s", "c", 3)
-    t.poll(t0 + 1)
-    published(broker, "s", "c", 5)
-    t.poll(t0 + 6 * 60)
+    s = Counters("s")
+    broker.connections.add(s)
+    s.published(b"c", 7)  # before the console started: no minute
+    poll(broker, t, t0)
+    s.published(b"c", 3)
+    poll(broker, t, t0 + 1)
+    s.published(b"c", 5)
+    poll(broker, t, t0 + 6 * 60)
     assert t.activity(t0 + 6 * 60)["s"]["c"] == {"last_publish": t0 + 6 * 60, "last_5m": 5, "last_1h": 8}
     assert t.activity(t0 + 61 * 60)["s"]["c"]["last_1h"] == 5
     assert t.activity(t0 + 70 * 60)["s"]["c"]["last_1h"] == 0
-    # A pair first seen after the first poll counts all its messages.
-    published(broker, "new", "c", 4)
-    t.poll(t0 + 6 * 60 + 2)
-    assert t.activity(t0 + 6 * 60 + 2)["new"]["c"]["last_5m"] == 4
+    # A connection first seen after the first poll counts all its messages,
+    # and one that closed is read one last time.
+    new = Counters("new")
+    broker.connections.add(new)
+    new.published(b"c", 4)
+    poll(broker, t, t0 + 6 * 60 + 2)
+    new.published(b"c", 2)
+    broker.connections.discard(new)
+    poll(broker, t, t0 + 6 * 60 + 4)
+    assert t.activity(t0 + 6 * 60 + 4)["new"]["c"]["last_5m"] == 6
+    assert not any(c is new for c in t._counted)
+
+
+def test_poll_reads_many_connections_in_slices(broker: Broker) -> None:
+    t = Tracker(broker)
+    conns = [Counters(f"s{i}") for i in range(3 * tracker_mod.POLL_SLICE + 1)]
+    broker.connections.update(conns)
+    poll(broker, t, 0.0)
+    for c in conns:
+        c.published(b"c", 2)
+    poll(broker, t, 60.0)
+    assert sum(a["c"]["last_5m"] for a in t.activity(60.0).values()) == 2 * len(conns)
 
 
 def test_pairs_idents_and_buckets_are_bounded(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tracker_mod, "MAX_PAIRS", 5)
     monkeypatch.setattr(tracker_mod, "MAX_IDENTS", 4)
     t = Tracker(broker)
-    t.poll(0.0)
+    conns = [Counters(f"s{i}") for i in range(10)]
+    broker.connections.update(conns)
+    poll(broker, t, 0.0)
     for minute in range(100):
-        for i in range(10):
-            published(broker, f"s{i}", "c", 1)
-        t.poll(minute * 60.0)
+        for c in conns:
+            c.published(b"c", 1)
+        poll(broker, t, minute * 60.0)
     assert len(t.pairs) == 5 and len(t.last_seen) == 4
     assert all(len(a.minutes) <= tracker_mod.BUCKETS for a in t.pairs.values())
 

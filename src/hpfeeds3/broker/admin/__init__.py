@@ -32,7 +32,7 @@ SHUTDOWN_TIMEOUT_S = 2.0
 async def _poll(console: Console) -> None:
     while True:
         try:
-            console.tracker.poll()
+            await console.tracker.poll()
             console.watches.expire()
         except Exception:  # a bug here must not end the poll
             log.exception("console poll failed")

@@ -8,10 +8,11 @@ Two feeds, neither on the message hot path:
   ``slow_consumer``, ``revoked``, and the console's own ``admin_change``); the
   notable ones go into a ring of at most ``MAX_EVENTS``, and connects and
   closes mark when an ident was last seen;
-- ``poll()`` (every ``POLL_S``) reads the per-(ident, channel) publish counters
-  the broker keeps for its metrics, so messages in the last 5 minutes and the
-  last hour come from one-minute buckets (at most 60 per pair) and no
-  per-message work is added.
+- ``poll()`` (every ``POLL_S``) reads each connection's per-channel publish
+  counters (kept by the broker for its metrics) and adds what grew since the
+  last poll to one-minute buckets (at most 60 per pair), from which come the
+  messages in the last 5 minutes and the last hour: no per-message work is
+  added.
 
 Memory is bounded: at most ``MAX_PAIRS`` (ident, channel) pairs and
 ``MAX_IDENTS`` idents are remembered; the least recently active go first.
@@ -20,6 +21,7 @@ All methods run on the broker's event loop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
@@ -39,6 +41,8 @@ MAX_PAIRS = 20_000
 MAX_IDENTS = 20_000
 # How often publish counters are read.
 POLL_S = 2.0
+# Connections read per loop turn by the poll.
+POLL_SLICE = 200
 # One-minute buckets kept per pair: the last hour.
 BUCKETS = 60
 
@@ -48,7 +52,7 @@ NOTABLE = frozenset({"auth_failed", "auth_blocked", "slow_consumer", "revoked", 
 
 @dataclass(slots=True)
 class PairActivity:
-    total: int = 0  # publishes counted so far (live + closed connections)
+    total: int = 0  # publishes counted since the console started
     last_publish: float = 0.0  # wall clock of the poll that saw the count rise
     minutes: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=BUCKETS))
 
@@ -72,6 +76,8 @@ class Tracker(logging.Handler):
         self.connected_at: dict[str, float] = {}  # peer → wall clock of its connect
         self._seq = 0
         self._primed = False
+        # Per connection: its publish count per channel at the last poll.
+        self._counted: dict[Any, dict[bytes, int]] = {}
 
     # --- the log feed ------------------------------------------------------------
 
@@ -131,44 +137,65 @@ class Tracker(logging.Handler):
 
     # --- the counter poll -----------------------------------------------------------
 
-    def totals(self) -> dict[tuple[str, str], int]:
-        """Publishes per (ident, channel): closed connections' plus live ones'."""
-        out: dict[tuple[str, str], int] = {k: st.count for k, st in self.broker.retired_publish.items()}
-        for conn in list(self.broker.connections):
+    async def poll(self, now: float | None = None) -> None:
+        """Count what every connection published since the last poll.
+
+        Connections are read in slices of ``POLL_SLICE`` with a loop turn
+        between, so 10,000 connections never stall message delivery for long.
+        Each connection's counts are compared with its own counts at the last
+        poll, so a slice boundary cannot count a message twice; a connection
+        that closed is read one last time (its counters stay on the object).
+        """
+        conns = list(self.broker.connections)
+        for start in range(0, len(conns), POLL_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            self.scan(conns[start : start + POLL_SLICE], now)
+        live = self.broker.connections
+        gone = [c for c in self._counted if c not in live]
+        self.scan(gone, now)
+        for conn in gone:
+            del self._counted[conn]
+        if len(self.connected_at) > len(live):  # a close we did not hear of
+            peers = {c.peer for c in live}
+            for peer in [p for p in self.connected_at if p not in peers]:
+                del self.connected_at[peer]
+        self._primed = True
+
+    def scan(self, conns: list[Any], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        minute = int(now // 60)
+        counted = self._counted
+        for conn in conns:
             ident = conn.ident
             if ident is None:
                 continue
+            last = counted.get(conn)
+            if last is None:
+                last = counted[conn] = {}
             for chan, st in list(conn.publish_stats.items()):
-                key = (ident, chan.decode("utf-8", "backslashreplace"))
-                out[key] = out.get(key, 0) + st.count
-        return out
+                count = st.count
+                before = last.get(chan)
+                if before == count:
+                    continue
+                last[chan] = count
+                if before is None and not self._primed:
+                    continue  # published before the console started: no minute
+                self._add(ident, chan, count - (before or 0), minute, now)
 
-    def poll(self, now: float | None = None) -> None:
-        now = time.time() if now is None else now
-        minute = int(now // 60)
-        for ident in list(self.broker.by_ident):
-            self.seen(ident, now)
-        live = {c.peer for c in self.broker.connections}
-        for peer in [p for p in self.connected_at if p not in live]:
-            del self.connected_at[peer]
-        for key, total in self.totals().items():
-            act = self.pairs.get(key)
-            if act is None:
-                # At the first poll, what was counted before the console started
-                # has no minute; after it, a new pair's count is all new.
-                act = self.pairs[key] = PairActivity(total=0 if self._primed else total)
-                if len(self.pairs) > MAX_PAIRS:
-                    self.pairs.popitem(last=False)
-            delta = total - act.total
-            if delta > 0:
-                act.total = total
-                act.last_publish = now
-                act.add(minute, delta)
-                self.pairs.move_to_end(key)
-                self.seen(key[0], now)
-            elif delta < 0:  # counters of closed connections were pruned
-                act.total = total
-        self._primed = True
+    def _add(self, ident: str, chan: bytes, delta: int, minute: int, now: float) -> None:
+        key = (ident, chan.decode("utf-8", "backslashreplace"))
+        act = self.pairs.get(key)
+        if act is None:
+            act = self.pairs[key] = PairActivity()
+            if len(self.pairs) > MAX_PAIRS:
+                self.pairs.popitem(last=False)
+        else:
+            self.pairs.move_to_end(key)
+        act.total += delta
+        act.last_publish = now
+        act.add(minute, delta)
+        self.seen(ident, now)
 
     def activity(self, now: float | None = None) -> dict[str, dict[str, Any]]:
         """Per ident: per channel {last_publish, last_5m, last_1h}."""

@@ -227,6 +227,37 @@ def check_live_sensor(console: Console) -> None:
         assert reasons == {"channel_revoked", "revoked"}
 
 
+def test_lists_are_filtered_sorted_and_paged(console: Console) -> None:
+    c = console.client(console.admin_token)
+    for i in range(5):
+        assert c.post("/api/v1/keys", {"ident": f"pot-{i}", "owner": f"team-{i % 2}", "pubchans": ["p"]}).status == 201
+    page = c.get("/api/v1/sensors?sort=-ident&limit=2").body
+    assert page["total"] == 6 and [s["ident"] for s in page["sensors"]] == ["pot-4", "pot-3"]
+    page = c.get("/api/v1/sensors?sort=ident&limit=2&offset=5").body
+    assert [s["ident"] for s in page["sensors"]] == ["pot-4"]
+    assert c.get("/api/v1/sensors?q=pot-1").body["total"] == 1
+    with sensor(console, "existing-sensor", "s3cret"):
+        wait_until(lambda: c.get("/api/v1/connections").body["total"] == 1, what="connection")
+        silent = c.get("/api/v1/sensors?silent_after=60&only_silent=1&sort=ident").body
+        assert silent["silent"] == 5 and [s["ident"] for s in silent["sensors"]][:1] == ["pot-0"]
+        assert all(s["silent"] for s in silent["sensors"])
+        assert "existing-sensor" not in [s["ident"] for s in silent["sensors"]]
+        by_connected = c.get("/api/v1/sensors?sort=-connected&limit=1").body["sensors"]
+        assert by_connected[0]["ident"] == "existing-sensor" and by_connected[0]["silent"] is False
+        assert c.get("/api/v1/connections?q=nobody").body == {
+            "node": "hpfeeds",
+            "scope": "this node",
+            "total": 0,
+            "offset": 0,
+            "connections": [],
+        }
+    keys = c.get("/api/v1/keys?q=team-1&limit=1").body
+    assert keys["total"] == 2 and [k["ident"] for k in keys["keys"]] == ["pot-1"]
+    assert c.get("/api/v1/channels?limit=1").body["total"] == 2  # p and honeypot.events
+    for bad in ("sort=secret", "limit=x", "offset=-1", "silent_after=nan"):
+        assert c.get(f"/api/v1/sensors?{bad}").status == 400, bad
+
+
 def test_admin_disconnects_a_client_and_rotation_closes_its_sessions(console: Console) -> None:
     c = console.admin()
     with sensor(console, "existing-sensor", "s3cret"):

@@ -42,6 +42,10 @@ class Counters:
         self.publish_stats.setdefault(channel, PublishStats()).count += count
 
 
+def minute(now: float) -> int:
+    return int(now // 60)
+
+
 def poll(broker: Broker, t: Tracker, now: float) -> None:
     broker.loop.run_until_complete(t.poll(now))
 
@@ -57,9 +61,10 @@ def test_minutes_windows(broker: Broker) -> None:
     poll(broker, t, t0 + 1)
     s.published(b"c", 5)
     poll(broker, t, t0 + 6 * 60)
-    assert t.activity(t0 + 6 * 60)["s"]["c"] == {"last_publish": t0 + 6 * 60, "last_5m": 5, "last_1h": 8}
-    assert t.activity(t0 + 61 * 60)["s"]["c"]["last_1h"] == 5
-    assert t.activity(t0 + 70 * 60)["s"]["c"]["last_1h"] == 0
+    assert t.channels("s", minute(t0 + 6 * 60))["c"] == {"last_publish": t0 + 6 * 60, "last_5m": 5, "last_1h": 8}
+    assert t.channels("s", minute(t0 + 61 * 60))["c"]["last_1h"] == 5
+    assert t.channels("s", minute(t0 + 70 * 60))["c"]["last_1h"] == 0
+    assert t.idents["s"].windows(minute(t0 + 6 * 60)) == (5, 8)  # the ident over all its channels
     # A connection first seen after the first poll counts all its messages,
     # and one that closed is read one last time.
     new = Counters("new")
@@ -69,7 +74,7 @@ def test_minutes_windows(broker: Broker) -> None:
     new.published(b"c", 2)
     broker.connections.discard(new)
     poll(broker, t, t0 + 6 * 60 + 4)
-    assert t.activity(t0 + 6 * 60 + 4)["new"]["c"]["last_5m"] == 6
+    assert t.channels("new", minute(t0 + 6 * 60 + 4))["c"]["last_5m"] == 6
     assert not any(c is new for c in t._counted)
 
 
@@ -81,7 +86,7 @@ def test_poll_reads_many_connections_in_slices(broker: Broker) -> None:
     for c in conns:
         c.published(b"c", 2)
     poll(broker, t, 60.0)
-    assert sum(a["c"]["last_5m"] for a in t.activity(60.0).values()) == 2 * len(conns)
+    assert sum(a.windows(1)[0] for a in t.idents.values()) == 2 * len(conns)
 
 
 def test_pairs_idents_and_buckets_are_bounded(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,7 +101,8 @@ def test_pairs_idents_and_buckets_are_bounded(broker: Broker, monkeypatch: pytes
             c.published(b"c", 1)
         poll(broker, t, minute * 60.0)
     assert len(t.pairs) == 5 and len(t.last_seen) == 4
-    assert all(len(a.minutes) <= tracker_mod.BUCKETS for a in t.pairs.values())
+    assert len(t.idents) == 4 and set(t.channels_of) <= {key[0] for key in t.pairs}
+    assert all(len(a.minutes) <= tracker_mod.BUCKETS for a in [*t.pairs.values(), *t.idents.values()])
 
 
 def test_events_ring_is_bounded_and_keeps_the_newest(broker: Broker) -> None:

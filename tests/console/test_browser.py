@@ -63,6 +63,11 @@ def rows(browser: Any, table: str) -> list[list[str]]:
     return out
 
 
+def idents(browser: Any) -> list[str]:
+    """The Sensors table's idents, top to bottom."""
+    return [tr.get_attribute("data-ident") for tr in browser.find_elements(By.CSS_SELECTOR, "#sensors-table tbody tr")]
+
+
 def row_of(browser: Any, table: str, first: str) -> list[str] | None:
     return next((r for r in rows(browser, table) if r and r[0].removeprefix("silent ") == first), None)
 
@@ -131,6 +136,16 @@ def test_admin_adds_a_key_watches_the_sensor_revokes_and_removes(
         silent = row_of(browser, "sensors-table", "existing-sensor")
         assert silent is not None and by_id(browser, "sensors-table").find_element(By.CSS_SELECTOR, "tr.silent")
         browser.save_screenshot(str(screenshots / "sensors.png"))
+        # Sorted by the server: Connected, then again for descending.
+        for _ in range(2):
+            browser.find_element(By.CSS_SELECTOR, '#sensors-table th[data-sort="connected"]').click()
+        wait(browser, lambda d: idents(d) == ["sensor-7", "existing-sensor"])
+        by_id(browser, "only-silent").click()
+        wait(browser, lambda d: idents(d) == ["existing-sensor"])
+        by_id(browser, "only-silent").click()
+        fill(browser, "sensors-filter", "sensor-7")
+        wait(browser, lambda d: idents(d) == ["sensor-7"])
+        by_id(browser, "sensors-filter").clear()
 
         tab(browser, "connections")
         conn = wait(browser, lambda d: next((r for r in rows(d, "connections-table") if r[1] == "sensor-7"), None))

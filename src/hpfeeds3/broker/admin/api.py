@@ -22,12 +22,15 @@ from another origin).
 
 from __future__ import annotations
 
+import asyncio
+import heapq
 import importlib.resources
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
@@ -67,6 +70,24 @@ MAX_BODY_BYTES = 64 * 1024
 # How long the key list read for the Sensors view is reused.
 KEYS_CACHE_S = 1.0
 
+# Items walked per event-loop turn when a view goes through every connection or key.
+SLICE = 500
+# Rows per page of a list (``limit``): the default and the most.
+DEFAULT_PAGE = 200
+MAX_PAGE = 1_000
+# Publisher and subscriber idents listed per channel (their number is given in full).
+NAMES_PER_CHANNEL = 50
+# Sort columns of the Sensors view (index into its rows).
+SENSOR_COLUMNS = {
+    "ident": 0,
+    "owner": 1,
+    "connected": 2,
+    "last_seen": 3,
+    "last_publish": 4,
+    "last_5m": 5,
+    "last_1h": 6,
+}
+
 STATIC = {
     "/": ("index.html", "text/html"),
     "/static/app.js": ("app.js", "text/javascript"),
@@ -74,6 +95,7 @@ STATIC = {
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 PRINCIPAL = "hpfeeds_principal"
 
@@ -320,10 +342,23 @@ class Console:
         return keys
 
     # --- views -----------------------------------------------------------------------
+    #
+    # A broker may hold 10,000 connections and keys: lists are filtered, sorted
+    # and cut to one page (``limit``, ``offset``) before anything is built, and
+    # the whole set is walked SLICE items per event-loop turn, so a view never
+    # stalls message delivery for long.
 
     async def connections(self, request: web.Request) -> web.StreamResponse:
+        offset, limit = _page(request)
+        q = request.query.get("q", "")
+        rows: list[tuple[str, str, Any]] = []
+        async for conn in _slices(list(self.broker.connections)):
+            ident = conn.ident or ""
+            if not q or q in ident or q in conn.peer:
+                rows.append((ident, conn.peer, conn))
+        rows.sort(key=itemgetter(0, 1))
         out = []
-        for conn in list(self.broker.connections):
+        for _, _, conn in rows[offset : offset + limit]:
             transport = conn.transport
             out.append(
                 {
@@ -343,13 +378,12 @@ class Console:
                     "queued_bytes": conn.write_buffer_size(),
                 }
             )
-        out.sort(key=lambda c: (c["ident"] or "", c["peer"]))
-        return _json({**self._scope(), "connections": out})
+        return _json({**self._scope(), "total": len(rows), "offset": offset, "connections": out})
 
     async def close_connection(self, request: web.Request) -> web.StreamResponse:
         self._admin(request)
         body = await self._body(request)
-        for conn in list(self.broker.connections):
+        async for conn in _slices(list(self.broker.connections)):
             if str(id(conn)) == body.get("id"):
                 self.audit(request, f"disconnected {conn.peer}", ident=conn.ident)
                 conn.close(CloseReason.REVOKED, "disconnected by an operator")
@@ -357,69 +391,108 @@ class Console:
         return _error(404, "no such connection")
 
     async def sensors(self, request: web.Request) -> web.StreamResponse:
+        """Every ident with a key or seen lately, sorted by ``sort`` (``-`` first: descending)."""
         now = time.time()
-        keys = {k.ident: k for k in await self._key_list()}
-        activity = self.tracker.activity(now)
+        minute = int(now // 60)
+        offset, limit = _page(request)
+        q = request.query.get("q", "")
+        sort = request.query.get("sort", "ident")
+        column = SENSOR_COLUMNS.get(sort.lstrip("-"))
+        if column is None:
+            raise ApiError(400, f"sort must be one of {', '.join(SENSOR_COLUMNS)} (- in front: descending)")
+        silent_after = _number(request, "silent_after", 0.0)
+        only_silent = request.query.get("only_silent") in ("1", "true")
+        owners = {k.ident: k.owner for k in await self._key_list()}
         live: dict[str, list[str]] = {}
-        for conn in list(self.broker.connections):
+        async for conn in _slices(list(self.broker.connections)):
             if conn.ident is not None:
                 live.setdefault(conn.ident, []).append(conn.peer)
-        out = []
-        for ident in sorted(set(keys) | set(live) | set(activity)):
-            channels = activity.get(ident, {})
-            last_publish = max((c["last_publish"] or 0 for c in channels.values()), default=0) or None
-            key = keys.get(ident)
-            out.append(
-                {
-                    "ident": ident,
-                    "owner": key.owner if key is not None else None,
-                    "has_key": key is not None,
-                    "connected": len(live.get(ident, ())),
-                    "peers": sorted(live.get(ident, ())),
-                    "last_seen": now if ident in live else self.tracker.last_seen.get(ident),
-                    "last_publish": last_publish,
-                    "last_5m": sum(c["last_5m"] for c in channels.values()),
-                    "last_1h": sum(c["last_1h"] for c in channels.values()),
-                    "channels": channels,
-                }
-            )
-        return _json({**self._scope(), "time": now, "sensors": out})
+        tracker = self.tracker
+        rows: list[tuple[Any, ...]] = []
+        silent_count = 0
+        async for ident in _slices(list(set(owners) | set(live) | set(tracker.idents))):
+            if q and q not in ident:
+                continue
+            act = tracker.idents.get(ident)
+            last_5m, last_1h = act.windows(minute) if act is not None else (0, 0)
+            connected = len(live.get(ident, ()))
+            last_seen = now if connected else tracker.last_seen.get(ident)
+            silent = bool(silent_after) and not connected and (last_seen is None or now - last_seen > silent_after)
+            silent_count += silent
+            if only_silent and not silent:
+                continue
+            last_publish = act.last_publish if act is not None else None
+            rows.append((ident, owners.get(ident), connected, last_seen, last_publish, last_5m, last_1h, silent))
+        rows.sort(key=lambda r: (_sortable(r[column]), r[0]), reverse=sort.startswith("-"))
+        out = [
+            {
+                "ident": ident,
+                "owner": owner,
+                "has_key": ident in owners,
+                "connected": connected,
+                "peers": sorted(live.get(ident, ())),
+                "last_seen": last_seen,
+                "last_publish": last_publish,
+                "last_5m": last_5m,
+                "last_1h": last_1h,
+                "silent": silent,
+                "channels": tracker.channels(ident, minute),
+            }
+            for ident, owner, connected, last_seen, last_publish, last_5m, last_1h, silent in rows[
+                offset : offset + limit
+            ]
+        ]
+        return _json(
+            {**self._scope(), "time": now, "total": len(rows), "silent": silent_count, "offset": offset, "sensors": out}
+        )
 
     async def channels(self, request: web.Request) -> web.StreamResponse:
-        activity = self.tracker.activity()
+        minute = int(time.time() // 60)
         chans: dict[str, dict[str, Any]] = {}
 
         def entry(name: str) -> dict[str, Any]:
-            return chans.setdefault(
-                name, {"channel": name, "publishers": set(), "subscribers": set(), "last_5m": 0, "last_1h": 0}
-            )
+            found = chans.get(name)
+            if found is None:
+                found = chans[name] = {
+                    "channel": name,
+                    "publishers": set(),
+                    "subscribers": set(),
+                    "last_5m": 0,
+                    "last_1h": 0,
+                }
+            return found
 
-        for key in await self._key_list():
+        async for key in _slices(await self._key_list()):
             for c in (*key.pubchans, *key.subchans):
                 entry(c)
-        for ident, per_channel in activity.items():
-            for c, act in per_channel.items():
-                e = entry(c)
-                e["last_5m"] += act["last_5m"]
-                e["last_1h"] += act["last_1h"]
-                if act["last_1h"]:
-                    e["publishers"].add(ident)
-        for conn in list(self.broker.connections):
+        async for (ident, channel), act in _slices(list(self.tracker.pairs.items())):
+            e = entry(channel)
+            last_5m, last_1h = act.windows(minute)
+            e["last_5m"] += last_5m
+            e["last_1h"] += last_1h
+            if last_1h:
+                e["publishers"].add(ident)
+        async for conn in _slices(list(self.broker.connections)):
             if conn.ident is None:
                 continue
             for c in conn.subscriptions:
                 entry(c.decode("utf-8", "backslashreplace"))["subscribers"].add(conn.ident)
             for c in conn.publish_stats:
                 entry(c.decode("utf-8", "backslashreplace"))["publishers"].add(conn.ident)
+        offset, limit = _page(request)
         out = []
-        for name in sorted(chans):
+        for name in sorted(chans)[offset : offset + limit]:
             e = chans[name]
-            e["publishers"] = sorted(e["publishers"])
-            e["subscribers"] = sorted(e["subscribers"])
+            for side in ("publishers", "subscribers"):
+                # A channel may have thousands: their number, and the first names.
+                e[f"{side}_total"] = len(e[side])
+                if len(e[side]) > SLICE:
+                    await asyncio.sleep(0)
+                e[side] = heapq.nsmallest(NAMES_PER_CHANNEL, e[side])
             e["rate_per_s"] = round(e["last_5m"] / 300.0, 3)
             e["watched"] = self.watches.get(name.encode("utf-8", "backslashreplace")) is not None
             out.append(e)
-        return _json({**self._scope(), "channels": out})
+        return _json({**self._scope(), "total": len(chans), "offset": offset, "channels": out})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         events = list(self.tracker.events)
@@ -452,11 +525,16 @@ class Console:
     # --- keys ------------------------------------------------------------------------
 
     async def key_list(self, request: web.Request) -> web.StreamResponse:
+        offset, limit = _page(request)
+        q = request.query.get("q", "")
         try:
             keys = await self.keys.all()
         except KeyStoreError as e:
             return _error(503, str(e))
-        return _json({"writable": self.keys.writable, "keys": [public(k) for k in keys]})
+        if q:
+            keys = [k for k in keys if q in k.ident or q in k.owner]
+        page = [public(k) for k in keys[offset : offset + limit]]
+        return _json({"writable": self.keys.writable, "total": len(keys), "offset": offset, "keys": page})
 
     async def _key_change(self, request: web.Request, change: Callable[[dict[str, Any]], Awaitable[Any]]) -> Any:
         self._admin(request)
@@ -585,6 +663,39 @@ class Console:
         r.add_post("/api/v1/watch/stop", self.watch_stop)
         r.add_get("/api/v1/watch", self.watch_read)
         return app
+
+
+async def _slices(items: list[T]) -> AsyncIterator[T]:
+    """``items``, with an event-loop turn after every ``SLICE``."""
+    for i, item in enumerate(items):
+        if i and not i % SLICE:
+            await asyncio.sleep(0)
+        yield item
+
+
+def _number(request: web.Request, name: str, default: float) -> float:
+    value = request.query.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ApiError(400, f"{name} must be a number") from None
+    if not 0 <= number < 1e12:
+        raise ApiError(400, f"{name} must be a non-negative number")
+    return number
+
+
+def _page(request: web.Request) -> tuple[int, int]:
+    """``offset`` and ``limit`` (at most ``MAX_PAGE``) from the query."""
+    offset = int(_number(request, "offset", 0))
+    limit = int(_number(request, "limit", DEFAULT_PAGE))
+    return offset, max(1, min(limit, MAX_PAGE))
+
+
+def _sortable(value: Any) -> Any:
+    """Sort key: None before every number and string of its column."""
+    return (value is not None, value if value is not None else 0)
 
 
 def _channel(value: Any) -> bytes:

@@ -51,19 +51,36 @@ NOTABLE = frozenset({"auth_failed", "auth_blocked", "slow_consumer", "revoked", 
 
 
 @dataclass(slots=True)
-class PairActivity:
+class Activity:
+    """Publishes of one (ident, channel) pair, or of one ident over all its channels."""
+
     total: int = 0  # publishes counted since the console started
     last_publish: float = 0.0  # wall clock of the poll that saw the count rise
     minutes: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=BUCKETS))
+    # (minute, last 5 min, last hour) as last computed; valid until the next add or minute
+    _memo: tuple[int, int, int] = (-1, 0, 0)
 
     def add(self, minute: int, count: int) -> None:
+        self.total += count
         if self.minutes and self.minutes[-1][0] == minute:
             self.minutes[-1] = (minute, self.minutes[-1][1] + count)
         else:
             self.minutes.append((minute, count))
+        self._memo = (-1, 0, 0)
 
     def since(self, minute: int) -> int:
         return sum(c for m, c in self.minutes if m >= minute)
+
+    def windows(self, minute: int) -> tuple[int, int]:
+        """Messages in the last 5 minutes and the last hour (this minute included)."""
+        memo = self._memo
+        if memo[0] != minute:
+            memo = self._memo = (minute, self.since(minute - 4), self.since(minute - 59))
+        return memo[1], memo[2]
+
+    def view(self, minute: int) -> dict[str, Any]:
+        last_5m, last_1h = self.windows(minute)
+        return {"last_publish": self.last_publish or None, "last_5m": last_5m, "last_1h": last_1h}
 
 
 class Tracker(logging.Handler):
@@ -72,7 +89,9 @@ class Tracker(logging.Handler):
         self.broker = broker
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self.last_seen: OrderedDict[str, float] = OrderedDict()
-        self.pairs: OrderedDict[tuple[str, str], PairActivity] = OrderedDict()
+        self.pairs: OrderedDict[tuple[str, str], Activity] = OrderedDict()
+        self.idents: OrderedDict[str, Activity] = OrderedDict()  # all channels of an ident
+        self.channels_of: dict[str, dict[str, None]] = {}  # ident → its channels in pairs
         self.connected_at: dict[str, float] = {}  # peer → wall clock of its connect
         self._seq = 0
         self._primed = False
@@ -184,30 +203,41 @@ class Tracker(logging.Handler):
                 self._add(ident, chan, count - (before or 0), minute, now)
 
     def _add(self, ident: str, chan: bytes, delta: int, minute: int, now: float) -> None:
-        key = (ident, chan.decode("utf-8", "backslashreplace"))
+        channel = chan.decode("utf-8", "backslashreplace")
+        key = (ident, channel)
         act = self.pairs.get(key)
         if act is None:
-            act = self.pairs[key] = PairActivity()
+            act = self.pairs[key] = Activity()
+            self.channels_of.setdefault(ident, {})[channel] = None
             if len(self.pairs) > MAX_PAIRS:
-                self.pairs.popitem(last=False)
+                (old_ident, old_channel), _ = self.pairs.popitem(last=False)
+                chans = self.channels_of.get(old_ident)
+                if chans is not None:
+                    chans.pop(old_channel, None)
+                    if not chans:
+                        del self.channels_of[old_ident]
         else:
             self.pairs.move_to_end(key)
-        act.total += delta
         act.last_publish = now
         act.add(minute, delta)
+        whole = self.idents.get(ident)
+        if whole is None:
+            whole = self.idents[ident] = Activity()
+            if len(self.idents) > MAX_IDENTS:
+                self.idents.popitem(last=False)
+        else:
+            self.idents.move_to_end(ident)
+        whole.last_publish = now
+        whole.add(minute, delta)
         self.seen(ident, now)
 
-    def activity(self, now: float | None = None) -> dict[str, dict[str, Any]]:
-        """Per ident: per channel {last_publish, last_5m, last_1h}."""
-        now = time.time() if now is None else now
-        m = int(now // 60)
-        out: dict[str, dict[str, Any]] = {}
-        for (ident, channel), act in self.pairs.items():
-            out.setdefault(ident, {})[channel] = {
-                "last_publish": act.last_publish or None,
-                "last_5m": act.since(m - 4),
-                "last_1h": act.since(m - 59),
-            }
+    def channels(self, ident: str, minute: int) -> dict[str, dict[str, Any]]:
+        """One ident's channels: {last_publish, last_5m, last_1h} each."""
+        out = {}
+        for channel in self.channels_of.get(ident, ()):
+            act = self.pairs.get((ident, channel))
+            if act is not None:
+                out[channel] = act.view(minute)
         return out
 
 

@@ -54,6 +54,18 @@ function channels(text) {
   return text.split(",").map((s) => s.trim()).filter((s) => s.length > 0);
 }
 
+function query(params) {
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) if (v !== "" && v !== null && v !== undefined) q.set(k, String(v));
+  return q.toString();
+}
+
+function counted(id, shown, total, what) {
+  $(id).textContent = shown < total ? `showing ${shown} of ${total} ${what}; filter to narrow` : `${total} ${what}`;
+}
+
+for (const f of document.querySelectorAll("input.filter")) f.addEventListener("input", () => refresh());
+
 function isAdmin() {
   return state.session && state.session.role === "admin";
 }
@@ -184,25 +196,29 @@ for (const th of document.querySelectorAll("#sensors-table th[data-sort]")) {
   });
 }
 
+$("only-silent").addEventListener("change", () => refresh());
+
 async function sensors() {
-  const data = await api("/api/v1/sensors");
-  const limit = Number(silentInput.value || 15) * 60;
-  const now = data.time;
   const { key, dir } = state.sort;
-  const items = data.sensors.slice().sort((a, b) => {
-    const x = a[key] === null ? "" : a[key];
-    const y = b[key] === null ? "" : b[key];
-    return (x < y ? -1 : x > y ? 1 : 0) * dir;
-  });
+  const data = await api(
+    "/api/v1/sensors?" +
+      query({
+        sort: (dir < 0 ? "-" : "") + key,
+        silent_after: Number(silentInput.value || 15) * 60,
+        only_silent: $("only-silent").checked ? 1 : "",
+        q: $("sensors-filter").value,
+      })
+  );
+  counted("sensors-count", data.sensors.length, data.total, "sensors");
+  $("sensors-count").textContent += ", " + data.silent + " silent";
   fill(
     "sensors-table",
-    items.map((s) => {
+    data.sensors.map((s) => {
       const chans = Object.keys(s.channels)
         .map((c) => c + ": " + s.channels[c].last_5m)
         .join(", ");
       const tr = row([s.ident, s.owner, s.connected, ago(s.last_seen), ago(s.last_publish), s.last_5m, s.last_1h, chans]);
-      const silent = !s.connected && (!s.last_seen || now - s.last_seen > limit);
-      if (silent) tr.classList.add("silent");
+      if (s.silent) tr.classList.add("silent");
       tr.dataset.ident = s.ident;
       return tr;
     })
@@ -212,7 +228,8 @@ async function sensors() {
 // --- connections ----------------------------------------------------------------------
 
 async function connections() {
-  const data = await api("/api/v1/connections");
+  const data = await api("/api/v1/connections?" + query({ q: $("connections-filter").value }));
+  counted("connections-count", data.connections.length, data.total, "connections");
   fill(
     "connections-table",
     data.connections.map((c) => {
@@ -237,10 +254,12 @@ async function connections() {
 
 async function channelsView() {
   const data = await api("/api/v1/channels");
+  counted("channels-count", data.channels.length, data.total, "channels");
   fill(
     "channels-table",
     data.channels.map((c) => {
-      const cells = [c.channel, list(c.publishers), list(c.subscribers), c.last_5m, c.last_1h, c.rate_per_s];
+      const names = (side) => list(c[side]) + (c[side + "_total"] > c[side].length ? ` … (${c[side + "_total"]} in all)` : "");
+      const cells = [c.channel, names("publishers"), names("subscribers"), c.last_5m, c.last_1h, c.rate_per_s];
       if (isAdmin()) {
         const b = el("button", "Watch");
         b.type = "button";
@@ -329,7 +348,8 @@ function confirmButton(label, onConfirm) {
 
 async function keys() {
   if (document.querySelector("#keys-table button[data-armed]")) return; // keep an armed button in place
-  const data = await api("/api/v1/keys");
+  const data = await api("/api/v1/keys?" + query({ q: $("keys-filter").value }));
+  counted("keys-count", data.keys.length, data.total, "keys");
   fill(
     "keys-table",
     data.keys.map((k) => {

@@ -328,6 +328,11 @@ def test_removing_a_token_from_the_file_ends_its_sessions(console: Console) -> N
     c = console.admin()
     assert c.get("/api/v1/session").status == 200
     lines = console.tokens_path.read_text().splitlines()
+    # A file that does not parse keeps the previous tokens, and says so once.
+    console.tokens_path.write_text("alice admin not-a-hash\n")
+    for _ in range(3):
+        assert c.get("/api/v1/session").status == 200
+    assert console.broker.wait_log("keeping the previous tokens").count("keeping the previous tokens") == 1
     console.tokens_path.write_text("\n".join(line for line in lines if not line.startswith("alice")) + "\n")
     wait_until(lambda: c.get("/api/v1/session").status == 401, what="session ended")
     assert console.client(console.admin_token).get("/api/v1/sensors").status == 401

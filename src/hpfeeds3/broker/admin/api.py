@@ -146,6 +146,7 @@ class Console:
             AuthLimits(per_ident=0, per_address=LOGIN_FAILURES, window_s=LOGIN_WINDOW_S, block_s=LOGIN_BLOCK_S)
         )
         self._keys_cache: tuple[float, list[Any]] = (0.0, [])
+        self._token_error = ""
 
     def _recheck(self, idents: set[str]) -> None:
         self.broker.spawn(self.broker.recheck(idents))
@@ -155,8 +156,11 @@ class Console:
     def _reload_tokens(self) -> None:
         try:
             self.tokens.reload()
-        except Exception as e:  # keep the last good file; say why once per change
-            log.error("console token file: %s; keeping the previous tokens", e)
+            self._token_error = ""
+        except Exception as e:  # keep the last good file; say why once
+            if str(e) != self._token_error:
+                self._token_error = str(e)
+                log.error("console token file: %s; keeping the previous tokens", e)
 
     def _address(self, request: web.Request) -> str:
         return request.remote or "?"

@@ -104,8 +104,9 @@ class TokenFile:
                 text = f.read()
         except OSError as e:
             raise ConfigError(f"--admin-tokens {self.path!r}: cannot read: {e.strerror}") from None
-        self._tokens = parse_tokens(text, f"--admin-tokens {self.path}")
+        # Stamped first: a file that does not parse is reported once, not at every request.
         self._stamp = stamp
+        self._tokens = parse_tokens(text, f"--admin-tokens {self.path}")
 
     def current(self, principal: Principal) -> bool:
         """Whether ``principal`` (of a session) is still in the file with the same role."""

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 from ..protocol import MiB
 from .config import (
+    AdminConfig,
     AuthLimits,
     BrokerConfig,
     ClusterAuth,
@@ -229,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--exporter", metavar="HOST:PORT", help="serve Prometheus /metrics and /healthz here")
     p.add_argument(
+        "--admin", metavar="HOST:PORT", help="serve the operator console (web page and /api/v1/) here; off by default"
+    )
+    p.add_argument(
+        "--admin-tokens", metavar="FILE", help="console access tokens: NAME ROLE sha256:HEX per line (docs/console.md)"
+    )
+    p.add_argument("--admin-tlscert", metavar="PATH", help="TLS certificate (PEM) for --admin")
+    p.add_argument("--admin-tlskey", metavar="PATH", help="TLS private key (PEM) for --admin")
+    p.add_argument(
         "--cluster",
         metavar="URLS",
         help="join a cluster over NATS: nats://HOST:4222[,nats://...]; several brokers behave as one",
@@ -309,6 +318,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
             if path is not None:
                 _readable(path, "TLS file")
     limits = Limits(**{field: getattr(args, field) for _, field, _ in LIMIT_FLAGS})
+    admin = _admin_config(args)
     return BrokerConfig(
         name=args.name,
         endpoints=tuple(endpoints),
@@ -321,6 +331,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         cluster=tuple(u.strip() for u in (args.cluster or "").split(",") if u.strip()),
         cluster_auth=cluster_auth,
         reuse_port=args.workers > 1 or args.reuse_port,
+        admin=admin,
     )
 
 
@@ -374,6 +385,21 @@ def _cluster_auth(args: argparse.Namespace) -> ClusterAuth:
         except ImportError:
             raise ConfigError("--cluster-nkey and --cluster-creds need the nkeys package: pip install nkeys") from None
     return auth
+
+
+def _admin_config(args: argparse.Namespace) -> AdminConfig | None:
+    if not args.admin:
+        if args.admin_tokens or args.admin_tlscert or args.admin_tlskey:
+            raise ConfigError("--admin-tokens and --admin-tls* need --admin HOST:PORT")
+        return None
+    if not args.admin_tokens:
+        raise ConfigError("--admin needs --admin-tokens FILE (make a token: python -m hpfeeds3.broker.admin.tokens)")
+    if bool(args.admin_tlscert) != bool(args.admin_tlskey):
+        raise ConfigError("--admin-tlscert and --admin-tlskey must be given together")
+    if args.workers > 1:
+        raise ConfigError("--admin shows one process: it cannot be used with --workers")
+    host, port = parse_host_port(args.admin, "--admin")
+    return AdminConfig(host, port, args.admin_tokens, args.admin_tlscert, args.admin_tlskey)
 
 
 def configure_logging(fmt: str, debug: bool) -> None:

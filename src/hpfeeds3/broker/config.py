@@ -108,6 +108,17 @@ class ClusterAuth:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The operator console (``--admin``): address, token file, optional TLS."""
+
+    host: str
+    port: int
+    tokens: str
+    cert: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerConfig:
     name: str = "hpfeeds"
     endpoints: tuple[Endpoint, ...] = (Endpoint("tcp", "0.0.0.0", 10000),)
@@ -122,6 +133,8 @@ class BrokerConfig:
     cluster_auth: ClusterAuth = field(default_factory=ClusterAuth)
     # Several processes share the listening port (--workers): SO_REUSEPORT.
     reuse_port: bool = False
+    # The operator console (--admin); None: off.
+    admin: AdminConfig | None = None
 
 
 def parse_host_port(value: str, what: str = "--bind") -> tuple[str, int]:

@@ -55,6 +55,12 @@ SLOW_CONSUMERS = Counter("hpfeeds_broker_slow_consumers", "Subscribers cut becau
 REVOCATIONS = Counter(
     "hpfeeds_broker_revocations", "Live sessions cut back after their key changed in the store", ["action"]
 )
+CONSOLE_LOGINS = Counter(
+    "hpfeeds_broker_console_logins",
+    "Console logins and bearer tokens checked, by result (ok, failed, blocked)",
+    ["result"],
+)
+CONSOLE_CHANGES = Counter("hpfeeds_broker_console_changes", "Changes made through the operator console")
 CLUSTER_LINK_UP = Gauge("hpfeeds_broker_cluster_link_up", "1 while the NATS cluster link is connected")
 CLUSTER_UNFORWARDED = Counter(
     "hpfeeds_broker_cluster_unforwarded_messages",

@@ -174,6 +174,11 @@ async def serve(
             cleanups.append(await start_exporter(config.exporter[0], config.exporter[1], broker.health))
             log.info("metrics on http://%s:%s/metrics", *config.exporter)
 
+        if config.admin is not None:
+            from .admin import start_admin
+
+            cleanups.append(await start_admin(broker, config.admin))
+
         broker.spawn(_watch_auth_changes(broker, auth))
         log.info(
             "hpfeeds3 %s: broker %r serving; auth %r; at most %d connections",

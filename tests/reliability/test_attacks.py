@@ -247,3 +247,102 @@ def test_tls_handshakes_count_against_the_pre_auth_pool(reliable_broker, tmp_pat
     assert closed == total
     assert evicted + timed_out == total
     assert b.process.proc.poll() is None
+
+
+# --- 2. one address cannot take every pre-auth slot ---------------------------------------------
+
+ATTACK_S = 3.0
+SENSORS = (("127.0.0.3",) * 6) + (("127.0.0.2",) * 6)  # half behind the attacker's address (NAT)
+SENSOR_ATTEMPTS = 3
+ATTACK_OUTSTANDING = 32
+
+
+def test_one_address_cannot_take_every_pre_auth_slot(reliable_broker) -> None:
+    """A host re-opening silent connections as fast as it can for 3 s, while 12
+    sensors connect — 6 from another host, 6 from the attacker's own address
+    (a NAT): every sensor authenticates and round-trips a message. The flood
+    only evicts its own oldest connections."""
+    raise_nofile()
+    b = reliable_broker()  # default bounds: 64 per address, 1,024 in all
+    stop = threading.Event()
+    attacker = {"made": 0, "closed_by_broker": 0}
+    results: dict[int, tuple[Frame | None, int, float]] = {}
+
+    def attack() -> None:
+        # As fast as the broker accepts: up to 32 connections at a time not yet
+        # greeted (INFO), each kept open and silent until the broker closes it.
+        greeted: set[socket.socket] = set()
+        outstanding = 0
+        with selectors.DefaultSelector() as sel:
+            try:
+                while not stop.is_set():
+                    while outstanding < ATTACK_OUTSTANDING:
+                        sel.register(connect_from("127.0.0.2", b.port, blocking=False), selectors.EVENT_READ)
+                        attacker["made"] += 1
+                        outstanding += 1
+                    for key, _ in sel.select(0.05):
+                        s = key.fileobj
+                        assert isinstance(s, socket.socket)
+                        try:
+                            data = s.recv(65536)
+                        except BlockingIOError:
+                            continue
+                        except OSError:
+                            data = b""
+                        if s not in greeted:
+                            greeted.add(s)
+                            outstanding -= 1
+                        if not data or b"too many unauthenticated" in data:
+                            sel.unregister(s)
+                            greeted.discard(s)
+                            s.close()
+                            attacker["closed_by_broker"] += 1
+            finally:
+                for key in list(sel.get_map().values()):
+                    key.fileobj.close()  # type: ignore[union-attr]
+
+    def sensor(i: int, source: str) -> None:
+        t0 = time.perf_counter()
+        frame: Frame | None = None
+        attempts = 0
+        while attempts < SENSOR_ATTEMPTS and not isinstance(frame, Publish):  # a sensor reconnects, as real ones do
+            attempts += 1
+            with contextlib.suppress(OSError), connect_from(source, b.port) as sock:
+                frame = round_trip(sock, "alice", "alice-secret", "chan1", f"sensor {i}".encode())
+        results[i] = (frame, attempts, time.perf_counter() - t0)
+
+    flood = threading.Thread(target=attack)
+    t_attack = time.monotonic()
+    flood.start()
+    time.sleep(0.5)  # the attacker holds its share before the first sensor arrives
+    sensors = []
+    for i, source in enumerate(SENSORS):
+        t = threading.Thread(target=sensor, args=(i, source))
+        t.start()
+        sensors.append(t)
+        time.sleep((ATTACK_S - 1.0) / len(SENSORS))
+    for t in sensors:
+        t.join(30)
+    time.sleep(max(0.0, t_attack + ATTACK_S - time.monotonic()))
+    stop.set()
+    flood.join(30)
+    samples = wait_metric(
+        b.exporter_port, lambda s: metric(s, CLOSED, reason="too_many_unauthenticated") >= attacker["closed_by_broker"]
+    )
+    ok = [i for i, (frame, _, _) in results.items() if isinstance(frame, Publish)]
+    record(
+        "pre_auth_fairness",
+        attacker_connections=attacker["made"],
+        attacker_per_s=round(attacker["made"] / ATTACK_S),
+        attacker_evicted=metric(samples, CLOSED, reason="too_many_unauthenticated"),
+        sensors=len(SENSORS),
+        sensors_authenticated=len(ok),
+        sensors_first_attempt=sum(1 for _, n, _ in results.values() if n == 1),
+        sensor_attempts=[results[i][1] for i in sorted(results)],
+        sensor_ms=[round(results[i][2] * 1000, 1) for i in sorted(results)],
+        failures=[repr(results[i][0])[:120] for i in sorted(results) if i not in ok],
+    )
+    assert sorted(ok) == list(range(len(SENSORS))), results
+    # The flood was evicted at its own bound: it never got the pool.
+    assert metric(samples, CLOSED, reason="too_many_unauthenticated") >= attacker["made"] - 64 - ATTACK_OUTSTANDING
+    assert b.process.proc.poll() is None

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from hpfeeds3.protocol import (
     Decoder,
+    Error,
     Frame,
     Info,
     Publish,
@@ -31,7 +32,7 @@ from hpfeeds3.protocol import (
 )
 from tests.support.broker import free_port
 
-from .support import Canary, Probe, metric, raise_nofile, record, scrape, timing_asserts, wait_metric
+from .support import Canary, MiB, PeakSampler, Probe, metric, raise_nofile, record, scrape, timing_asserts, wait_metric
 
 CLOSED = "hpfeeds_broker_connections_closed_total"
 UNAUTHENTICATED = "hpfeeds_broker_unauthenticated_connections"
@@ -144,6 +145,20 @@ def read_exactly(socks: list[socket.socket], n: int, timeout: float) -> list[byt
             with contextlib.suppress(BlockingIOError, ConnectionResetError):
                 got[s] += s.recv(65536)
     return [got[s] for s in socks]
+
+
+def readable(sock: socket.socket) -> bool:
+    """Whether the broker has sent something (an ERROR) or closed, without waiting."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ)
+        return bool(sel.select(0))
+
+
+def first_error(sock: socket.socket, timeout: float = 5.0) -> str | None:
+    """The message of the first frame the broker sent, if an ERROR."""
+    sock.settimeout(timeout)
+    frame = read_frame(sock, Decoder.for_client(), [])
+    return frame.message if isinstance(frame, Error) else None
 
 
 class GaugeSampler:
@@ -471,3 +486,96 @@ def test_toggling_a_crowded_channel_does_not_stall_others(reliable_broker) -> No
     assert got == [marker] * CROWD  # every subscriber, once, nothing else
     if timing_asserts():
         assert during.p99_ms < CANARY_TOGGLE_P99_MS, during.summary()
+
+
+# --- 4. partial frames: a bound on what they hold, a deadline to finish them -------------------------
+
+PARKED = 300
+PARTIAL_BOUND = 64 * MiB
+PARTIAL_RSS_GROWTH = 96 * MiB
+
+
+def authed(port: int, ident: str, source: str = "127.0.0.1") -> socket.socket:
+    """Connected and AUTH sent (the key's secret is ``<ident>-secret``)."""
+    s = connect_from(source, port)
+    info = Decoder.for_client().feed(s.recv(4096))[0]
+    assert isinstance(info, Info)
+    s.sendall(encode_auth(ident.encode(), sign(info.nonce, f"{ident}-secret".encode())))
+    return s
+
+
+def test_parked_partial_frames_hold_at_most_the_bound(reliable_broker) -> None:
+    """300 connections of one key, each parked on a 1 MiB PUBLISH missing its
+    last byte, against --max-partial-frames 64M: RSS grows by less than
+    96 MiB, the connections past the bound are closed (slow_producer), the
+    canary loses nothing, and a parked one that finishes its frame delivers it."""
+    raise_nofile()
+    b = reliable_broker("--max-partial-frames", "64M")
+    probe = Probe(b.pid)
+    canary = Canary(b.port).start()
+    reader = authed(b.port, "reader")
+    reader.sendall(encode_subscribe(b"reader", b"chan1"))
+    payload = b"p" * (MiB - 5 - 1 - len(b"alice") - 1 - len(b"chan1"))
+    frame = encode_publish(b"alice", b"chan1", payload)
+    assert len(frame) == MiB
+    parked: list[socket.socket] = []
+    send_failed = 0
+    time.sleep(0.3)
+    rss_before = probe.rss()
+    try:
+        with PeakSampler(probe) as peak:
+            for _ in range(PARKED):
+                s = authed(b.port, "alice")
+                parked.append(s)
+                try:
+                    s.sendall(frame[:-1])
+                except OSError:  # closed (slow_producer) while sending
+                    send_failed += 1
+
+            # Settled: what the survivors hold plus what was closed accounts for every one.
+            def settled(samples: dict) -> bool:
+                held = metric(samples, "hpfeeds_broker_connection_receive_buffer_size", ident="alice")
+                closed = metric(samples, CLOSED, reason="slow_producer")
+                return held == (PARKED - closed) * (MiB - 1)
+
+            samples = wait_metric(b.exporter_port, settled, timeout=30)
+        held = metric(samples, "hpfeeds_broker_connection_receive_buffer_size", ident="alice")
+        closed = metric(samples, CLOSED, reason="slow_producer")
+        rejections = metric(samples, "hpfeeds_broker_limit_rejections_total", limit="max_partial_frames")
+        # The survivors are those the broker has not closed: one finishes its frame.
+        survivors = [s for s in parked if not readable(s)]
+        survivors[0].sendall(frame[-1:])
+        decoder = Decoder.for_client()
+        pending: list[Frame] = []
+        reader.settimeout(10)
+        delivered = read_frame(reader, decoder, pending)
+        closed_errors = {first_error(s) for s in parked if s not in survivors}
+        stats = canary.stop()
+    finally:
+        for s in [*parked, reader]:
+            s.close()
+    growth = peak.peak - rss_before
+    record(
+        "partial_frames",
+        parked=PARKED,
+        frame_bytes=MiB,
+        bound_mib=PARTIAL_BOUND // MiB,
+        rss_before_mib=round(rss_before / MiB, 1),
+        rss_peak_mib=round(peak.peak / MiB, 1),
+        rss_growth_mib=round(growth / MiB, 1),
+        held_mib=round(held / MiB, 1),
+        open_parked=len(survivors),
+        closed_slow_producer=closed,
+        limit_rejections_max_partial_frames=rejections,
+        sends_cut=send_failed,
+        **stats.summary(),
+    )
+    assert held <= PARTIAL_BOUND
+    assert len(survivors) == PARTIAL_BOUND // MiB  # as many whole-but-one frames as fit
+    assert closed == rejections == PARKED - len(survivors)
+    assert closed_errors == {
+        f"limit: incomplete frames hold more than {PARTIAL_BOUND} bytes: the largest are closed"
+    }, closed_errors
+    assert growth <= PARTIAL_RSS_GROWTH
+    assert isinstance(delivered, Publish) and delivered.payload == payload
+    assert stats.lost == 0 and stats.received == stats.sent and canary.errors == []

@@ -32,7 +32,19 @@ from hpfeeds3.protocol import (
 )
 from tests.support.broker import free_port
 
-from .support import Canary, MiB, PeakSampler, Probe, metric, raise_nofile, record, scrape, timing_asserts, wait_metric
+from .support import (
+    Canary,
+    MiB,
+    PeakSampler,
+    Probe,
+    metric,
+    raise_nofile,
+    record,
+    scrape,
+    timing_asserts,
+    wait_close_reason,
+    wait_metric,
+)
 
 CLOSED = "hpfeeds_broker_connections_closed_total"
 UNAUTHENTICATED = "hpfeeds_broker_unauthenticated_connections"
@@ -579,3 +591,91 @@ def test_parked_partial_frames_hold_at_most_the_bound(reliable_broker) -> None:
     assert growth <= PARTIAL_RSS_GROWTH
     assert isinstance(delivered, Publish) and delivered.payload == payload
     assert stats.lost == 0 and stats.received == stats.sent and canary.errors == []
+
+
+MIN_RATE = 1024  # --min-receive-rate, bytes/s
+TRICKLED_FRAME = 6 * 1024  # deadline: 5 s grace + 6 KiB / (1 KiB/s) = 11 s
+TRICKLE_SLACK_S = 3.0
+
+
+def trickle(sock: socket.socket, data: bytes, rate: float, chunk: int, until: float) -> float | None:
+    """Send ``data`` at ``rate`` bytes/s in ``chunk``-byte pieces (on a fixed schedule, so
+    delays do not add up). Returns the seconds from the first byte to the broker's
+    close (an ERROR or EOF), or None when all was sent and the connection stays open."""
+    t0 = time.monotonic()
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ)
+        for i in range(0, len(data), chunk):
+            wait = t0 + i / rate - time.monotonic()
+            if sel.select(max(0.0, wait)):
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > until:
+                break
+            sock.sendall(data[i : i + chunk])
+    return None
+
+
+def test_a_trickled_frame_is_closed_at_its_deadline(reliable_broker) -> None:
+    """With --min-receive-rate 1K, a 6 KiB PUBLISH trickled at 256 B/s is closed
+    (slow_producer, ERROR read) at 5 s + 6 KiB / 1 KiB/s = 11 s, not before and
+    within 3 s after; the same frame sent at 1 KiB/s (four times as fast,
+    still past the 5 s grace) is not closed and is delivered."""
+    b = reliable_broker("--min-receive-rate", str(MIN_RATE))
+    deadline = 5.0 + TRICKLED_FRAME / MIN_RATE
+    reader = authed(b.port, "reader")
+    reader.sendall(encode_subscribe(b"reader", b"chan1"))
+    slow, good = authed(b.port, "alice"), authed(b.port, "alice")
+    time.sleep(0.2)  # authenticated (nothing comes back on success)
+    overhead = 5 + 1 + len(b"alice") + 1 + len(b"chan1")
+    slow_frame = encode_publish(b"alice", b"chan1", b"s" * (TRICKLED_FRAME - overhead))
+    good_frame = encode_publish(b"alice", b"chan1", b"g" * (TRICKLED_FRAME - overhead))
+    assert len(slow_frame) == len(good_frame) == TRICKLED_FRAME
+    outcome: dict[str, float | None] = {}
+
+    def send(name: str, sock: socket.socket, frame: bytes, rate: float, chunk: int) -> None:
+        outcome[name] = trickle(sock, frame, rate, chunk, until=deadline + TRICKLE_SLACK_S)
+
+    threads = [
+        threading.Thread(target=send, args=("slow", slow, slow_frame, MIN_RATE / 4, 64)),
+        threading.Thread(target=send, args=("good", good, good_frame, MIN_RATE, 128)),
+    ]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(deadline + 10)
+        slow_port = slow.getsockname()[1]
+        error = first_error(slow)
+        reader.settimeout(5)
+        delivered = read_frame(reader, Decoder.for_client(), [])
+        good_open = not readable(good)
+        reason = wait_close_reason(b, slow_port)
+        samples = wait_metric(b.exporter_port, lambda s: metric(s, CLOSED, reason="slow_producer") >= 1)
+    finally:
+        for s in (slow, good, reader):
+            s.close()
+    closed_after = outcome.get("slow")
+    record(
+        "trickled_frame",
+        min_receive_rate=MIN_RATE,
+        frame_bytes=TRICKLED_FRAME,
+        deadline_s=deadline,
+        slow_rate=MIN_RATE / 4,
+        slow_closed_after_s=round(closed_after, 2) if closed_after is not None else None,
+        good_rate=MIN_RATE,
+        good_closed=outcome.get("good") is not None,
+        error=error,
+        limit_rejections_min_receive_rate=metric(
+            samples, "hpfeeds_broker_limit_rejections_total", limit="min_receive_rate"
+        ),
+    )
+    assert closed_after is not None, "the trickled frame was never cut"
+    assert deadline - 0.5 <= closed_after <= deadline + TRICKLE_SLACK_S
+    assert error == (
+        f"limit: a {TRICKLED_FRAME}-byte frame did not arrive within {deadline:.0f} s (at least {MIN_RATE} bytes/s)"
+    )
+    assert reason == "slow_producer"
+    assert outcome.get("good") is None and good_open
+    assert isinstance(delivered, Publish) and delivered.payload == good_frame[overhead:]
+    assert metric(samples, CLOSED, reason="slow_producer") == 1
+    assert metric(samples, "hpfeeds_broker_limit_rejections_total", limit="min_receive_rate") == 1

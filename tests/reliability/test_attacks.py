@@ -16,6 +16,7 @@ import socket
 import ssl
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from hpfeeds3.protocol import (
@@ -679,3 +680,75 @@ def test_a_trickled_frame_is_closed_at_its_deadline(reliable_broker) -> None:
     assert isinstance(delivered, Publish) and delivered.payload == good_frame[overhead:]
     assert metric(samples, CLOSED, reason="slow_producer") == 1
     assert metric(samples, "hpfeeds_broker_limit_rejections_total", limit="min_receive_rate") == 1
+
+
+# --- 5. the ERROR before a close arrives ----------------------------------------------------------------
+
+PLAIN_TRIALS = 100
+TLS_TRIALS = 30
+PIPELINED = 50
+KEEP_SENDING_S = 0.2
+
+
+def pipelined_wrong_auth(sock: socket.socket) -> tuple[Frame | None, int]:
+    """AUTH with a wrong secret and 50 PUBLISH frames behind it in one write, then a
+    PUBLISH every 5 ms for 200 ms, as clients that do not wait for an answer do.
+
+    A write that hits a reset ends the client there, as it does the Python 2, JS
+    and Go clients: it never reads the ERROR. Returns (the first frame after
+    INFO, or None; 1 if a write hit a reset)."""
+    decoder = Decoder.for_client()
+    pending: list[Frame] = []
+    info = read_frame(sock, decoder, pending)
+    assert isinstance(info, Info), info
+    publish = encode_publish(b"alice", b"chan1", b"x" * 100)
+    try:
+        sock.sendall(encode_auth(b"alice", sign(info.nonce, b"wrong")) + publish * PIPELINED)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < KEEP_SENDING_S:
+            time.sleep(0.005)
+            sock.sendall(publish)
+    except OSError:
+        return None, 1
+    return read_frame(sock, decoder, pending), 0
+
+
+def test_the_error_before_a_close_reaches_a_pipelining_client(reliable_broker, tmp_path: Path) -> None:
+    """A client that writes a wrong AUTH with 50 PUBLISH frames behind it (and
+    goes on writing for 200 ms) reads the authfail ERROR every time: 100
+    trials over plain TCP, 30 over TLS, 10 at a time. (A close right after
+    the ERROR resets its writes, and such clients stop there.)"""
+    flags, tls_port, ctx = tls_endpoint(tmp_path)
+    b = reliable_broker(*flags, "--auth-fail-limit", "0", "--auth-fail-address-limit", "0")
+    expected = "authfail: Authentication failed for alice"
+
+    def plain(_: int) -> tuple[Frame | None, int]:
+        with connect_from("127.0.0.1", b.port) as sock:
+            return pipelined_wrong_auth(sock)
+
+    def tls(_: int) -> tuple[Frame | None, int]:
+        with connect_from("127.0.0.1", tls_port) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as sock:
+            return pipelined_wrong_auth(sock)
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        plain_results = list(pool.map(plain, range(PLAIN_TRIALS)))
+        tls_results = list(pool.map(tls, range(TLS_TRIALS)))
+    elapsed = time.monotonic() - t0
+
+    def read_error(results: list[tuple[Frame | None, int]]) -> int:
+        return sum(1 for frame, _ in results if isinstance(frame, Error) and frame.message == expected)
+
+    record(
+        "error_before_close",
+        plain_trials=PLAIN_TRIALS,
+        plain_read_error=read_error(plain_results),
+        plain_writes_reset=sum(n for _, n in plain_results),
+        tls_trials=TLS_TRIALS,
+        tls_read_error=read_error(tls_results),
+        tls_writes_reset=sum(n for _, n in tls_results),
+        elapsed_s=round(elapsed, 2),
+        other_first_frames=sorted({repr(f)[:100] for f, _ in plain_results + tls_results if not isinstance(f, Error)}),
+    )
+    assert read_error(plain_results) == PLAIN_TRIALS
+    assert read_error(tls_results) == TLS_TRIALS

@@ -10,6 +10,7 @@ only with ``HPFEEDS3_TIMING_ASSERTS=1``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import selectors
 import socket
@@ -18,6 +19,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import pytest
 
 from hpfeeds3.protocol import (
     Decoder,
@@ -31,7 +34,7 @@ from hpfeeds3.protocol import (
     encode_unsubscribe,
     sign,
 )
-from tests.support.broker import free_port
+from tests.support.broker import RawClient, free_port
 
 from .support import (
     Canary,
@@ -752,3 +755,71 @@ def test_the_error_before_a_close_reaches_a_pipelining_client(reliable_broker, t
     )
     assert read_error(plain_results) == PLAIN_TRIALS
     assert read_error(tls_results) == TLS_TRIALS
+
+
+# --- 6. smaller ones: escaped idents, UNSUBSCRIBE's ident check, one failure reason -----------------------
+
+# NUL, NEL (U+0085), LINE SEPARATOR (U+2028), PARAGRAPH SEPARATOR (U+2029), an ANSI
+# colour (ESC [31m) and its one-character C1 form (CSI, U+009B).
+HOSTILE_IDENT = "x\x00y\u0085z\u2028w\u2029\x1b[31mv\u009b31m"
+ESCAPED_IDENT = "x\\x00y\\x85z\\u2028w\\u2029\\x1b[31mv\\x9b31m"
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_control_characters_of_an_ident_are_escaped(reliable_broker, log_format: str) -> None:
+    """An ident with control and line-separator characters fails AUTH with those
+    characters escaped in the ERROR, and the log holds none of them raw: every
+    line of it is printable, so none can be forged."""
+    b = reliable_broker("--log-format", log_format)
+    with RawClient(b.port) as c:
+        c.auth(HOSTILE_IDENT, "any-secret")
+        error = c.expect_error()
+        c.expect_closed()
+    log = b.process.wait_log("(unknown_ident)")
+    lines = [line for line in log.splitlines() if "authentication failed" in line]
+    record("escaped_ident", log_format=log_format, error=error, log_lines=lines)
+    assert error == f"authfail: Authentication failed for {ESCAPED_IDENT}"
+    assert len(lines) == 1
+    message = json.loads(lines[0])["msg"] if log_format == "json" else lines[0]
+    assert f"authentication failed for {ESCAPED_IDENT} from 127.0.0.1:" in message
+    raw = [ch for ch in "\x00\x85\u2028\u2029\x1b\x9b" if ch in log]
+    assert raw == [], raw
+    assert all(line.isprintable() for line in log.splitlines())
+
+
+def test_unsubscribe_checks_the_ident(reliable_broker) -> None:
+    """UNSUBSCRIBE naming another ident is refused with an ERROR and changes nothing."""
+    b = reliable_broker()
+    with RawClient(b.port) as alice, RawClient(b.port) as bob:
+        alice.auth("alice", "alice-secret")
+        alice.subscribe("chan1")
+        alice.send(encode_unsubscribe(b"x", b"chan1"))
+        error = alice.expect_error()
+        bob.auth("bob", "bob-secret")
+        bob.publish("chan1", b"still subscribed")
+        got = alice.messages(1)[0]
+        samples = scrape(b.exporter_port)
+    record("unsubscribe_ident", error=error)
+    assert error == "identfail: unsubscribe as 'x' refused; this connection is 'alice'"
+    assert got.payload == b"still subscribed"
+    assert metric(samples, "hpfeeds_broker_subscriptions", chan="chan1", ident="alice") == 1
+
+
+def test_auth_failures_have_one_reason_on_metrics(reliable_broker) -> None:
+    """An unknown ident and a wrong secret count alike on /metrics (it must not
+    tell which idents exist); the log line alone says which it was."""
+    b = reliable_broker()
+    for ident, secret in (("zelda", "zelda-secret"), ("alice", "wrong")):
+        with RawClient(b.port) as c:
+            c.auth(ident, secret)
+            assert c.expect_error() == f"authfail: Authentication failed for {ident}"
+    samples = wait_metric(
+        b.exporter_port, lambda s: metric(s, "hpfeeds_broker_auth_failures_total", reason="auth_failed") >= 2
+    )
+    labels = sorted(lab for (name, lab) in samples if name == "hpfeeds_broker_auth_failures_total")
+    log = b.log()
+    record("auth_failure_reasons", labels=labels)
+    assert metric(samples, "hpfeeds_broker_auth_failures_total", reason="auth_failed") == 2
+    assert labels == ['{reason="auth_failed"}']
+    assert "authentication failed for zelda from 127.0.0.1:" in log and "(unknown_ident)" in log
+    assert "authentication failed for alice from 127.0.0.1:" in log and "(wrong_secret)" in log

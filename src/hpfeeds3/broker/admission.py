@@ -62,9 +62,15 @@ class PreAuthPool(Generic[T]):
         if len(members) > self.limit_per_group:
             return next(iter(members)), "address"
         if self.total > self.limit_total:
-            busiest = next(iter(self._groups_by_count[self._max_count]))
-            return next(iter(self._by_group[busiest])), "total"
+            return self.oldest_of_busiest(), "total"
         return None, ""
+
+    def oldest_of_busiest(self) -> T | None:
+        """The member to close when room must be made: the oldest of the address holding the most."""
+        if not self.total:
+            return None
+        busiest = next(iter(self._groups_by_count[self._max_count]))
+        return next(iter(self._by_group[busiest]))
 
     def remove(self, member: T, group: str) -> None:
         members = self._by_group.get(group)

@@ -63,6 +63,8 @@ log = logging.getLogger("hpfeeds3.broker.connection")
 # Bytes a client may send behind its AUTH while the key store is asked:
 # one largest frame and a margin (reading is paused meanwhile).
 _AUTHING_BUFFER_MARGIN = 65536
+# Closed for what other connections did, not for their own bytes: no linger.
+_CLOSED_FOR_ROOM = frozenset({CloseReason.TOO_MANY_CONNECTIONS, CloseReason.TOO_MANY_UNAUTHENTICATED})
 
 
 class Connection(asyncio.Protocol):
@@ -193,10 +195,15 @@ class Connection(asyncio.Protocol):
         metrics.CONNECTION_MADE.inc()
         log.info("connected from %s", self.peer, extra={"event": "connected", "peer": self.peer})
 
-        if len(broker.connections) > broker.max_connections:
-            metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
-            self.close(CloseReason.TOO_MANY_CONNECTIONS, f"too many connections (limit {broker.max_connections})")
-            return
+        if len(broker.connections) > broker.max_connections and evict is None:
+            # At the connection limit (the descriptor limit) the oldest pre-auth
+            # connection of the busiest address makes room, as at the pre-auth
+            # bounds; the newcomer is refused only when it would be that one.
+            evict, bound = broker.pre_auth.oldest_of_busiest(), "connections"
+            if evict is None or evict is self:
+                metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
+                self.close(CloseReason.TOO_MANY_CONNECTIONS, f"too many connections (limit {broker.max_connections})")
+                return
         if evict is not None:
             evict.evicted(bound)
         if self._tls is not None:
@@ -272,8 +279,15 @@ class Connection(asyncio.Protocol):
             self._tls_failed(f"no handshake within {limit:g} s", tls)
 
     def evicted(self, bound: str) -> None:
-        """The pre-auth pool is full and this is its oldest (of its address, or of the busiest address)."""
+        """A bound (``address``, ``total``, or ``connections``) is reached and this is the oldest
+        pre-auth connection (of its address, or of the busiest address): it makes room."""
         limits = self.broker.config.limits
+        if bound == "connections":
+            metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
+            limit = self.broker.max_connections
+            message = f"too many connections (limit {limit}): the oldest unauthenticated is closed"
+            self.close(CloseReason.TOO_MANY_CONNECTIONS, message)
+            return
         metrics.LIMIT_REJECTIONS.labels(
             "max_unauthenticated" if bound == "total" else "max_unauthenticated_per_address"
         ).inc()
@@ -567,7 +581,12 @@ class Connection(asyncio.Protocol):
         if abort or transport.is_closing() or (tls is not None and not tls.established):
             transport.abort()  # (before a TLS handshake completes there is no way to send an ERROR)
             return
-        if error is None:
+        if error is None or reason in _CLOSED_FOR_ROOM:
+            # Closed to make room (connection or pre-auth limits): the ERROR, then
+            # the descriptor is given back at once — a linger here would let a
+            # flood hold descriptors past the limit it is being closed for.
+            if error is not None:
+                self._write(error)
             transport.close()
             if transport.get_write_buffer_size():
                 # A peer that does not read must not keep the socket forever.

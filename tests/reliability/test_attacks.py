@@ -435,21 +435,28 @@ BOTNET = tuple(f"127.0.1.{i}" for i in range(1, 9))  # 8 hosts x 64 pre-auth slo
 BOTNET_MAX_SOCKETS = 12_000
 
 
-def test_sensors_get_in_at_the_connection_limit(reliable_broker) -> None:
-    """Eight hosts open silent connections as fast as they can for 3 s and never
-    read or close one, against --max-connections 256 (the cap a descriptor
-    limit sets): the broker holds at most about that many descriptors, and 12
-    sensors — 6 from another host, 6 from one of the attackers' addresses —
-    all authenticate: at the limit the oldest pre-auth connection of the
-    busiest address makes room, not the newcomer."""
+@pytest.mark.parametrize("attack_kind", ["silent", "wrong_auth"])
+def test_sensors_get_in_at_the_connection_limit(reliable_broker, attack_kind: str) -> None:
+    """Eight hosts open connections as fast as the broker accepts them for 3 s —
+    silent, or sending a wrong AUTH — and never read or close one, against
+    --max-connections 256 (the cap a descriptor limit sets): the broker holds
+    at most about that many descriptors, and 12 sensors — 6 from another host,
+    6 from one of the attackers' addresses — all authenticate: at the limit a
+    connection lingering after its ERROR, or else the oldest pre-auth one of
+    the busiest address, makes room, not the newcomer."""
     raise_nofile()
-    b = reliable_broker("--max-connections", str(LIMIT_CONNECTIONS))
+    # The failed-AUTH limiter would (by design) lock the attackers' shared address
+    # out after 100 failures: off, so what is under test is the connection limit.
+    no_limiter = ("--auth-fail-limit", "0", "--auth-fail-address-limit", "0") if attack_kind == "wrong_auth" else ()
+    b = reliable_broker("--max-connections", str(LIMIT_CONNECTIONS), *no_limiter)
     probe = Probe(b.pid)
     fds_before = probe.fds()
     stop = threading.Event()
     held: list[socket.socket] = []
     results: dict[int, Frame | None] = {}
     peak_fds = [fds_before]
+
+    wrong_auth = encode_auth(b"alice", b"\0" * 20)
 
     def attack() -> None:
         # As fast as the broker accepts (up to 32 connections not yet greeted with
@@ -465,6 +472,9 @@ def test_sensors_get_in_at_the_connection_limit(reliable_broker) -> None:
                 for key, _ in sel.select(0.05):
                     sel.unregister(key.fileobj)  # greeted (or refused): left unread
                     outstanding -= 1
+                    if attack_kind == "wrong_auth":
+                        with contextlib.suppress(OSError):
+                            key.fileobj.send(wrong_auth)  # type: ignore[union-attr]
                 peak_fds[0] = max(peak_fds[0], probe.fds())
 
     def sensor(i: int, source: str) -> None:
@@ -484,6 +494,7 @@ def test_sensors_get_in_at_the_connection_limit(reliable_broker) -> None:
     ok = sorted(i for i, frame in results.items() if isinstance(frame, Publish))
     record(
         "connection_limit_fairness",
+        attack=attack_kind,
         max_connections=LIMIT_CONNECTIONS,
         attacker_hosts=len(BOTNET),
         attacker_connections=len(held),
@@ -493,6 +504,8 @@ def test_sensors_get_in_at_the_connection_limit(reliable_broker) -> None:
         sensors_authenticated=len(ok),
         closed_too_many_connections=metric(samples, CLOSED, reason="too_many_connections"),
         closed_too_many_unauthenticated=metric(samples, CLOSED, reason="too_many_unauthenticated"),
+        closed_auth_failed=metric(samples, CLOSED, reason="auth_failed"),
+        closed_auth_rate_limited=metric(samples, CLOSED, reason="auth_rate_limited"),
         failures=[repr(results.get(i))[:120] for i in range(len(sources)) if i not in ok],
     )
     assert ok == list(range(len(sources))), results

@@ -61,8 +61,9 @@ LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = (
     (
         "--max-connections",
         "max_connections",
-        "concurrent connections, also kept below the open-files limit; at the limit the oldest "
-        "unauthenticated connection (of the busiest address) is closed to make room (default %(default)s)",
+        "concurrent connections, also kept below the open-files limit; at the limit a connection lingering "
+        "after its closing ERROR, else the oldest unauthenticated one (of the busiest address), is closed to "
+        "make room (default %(default)s)",
     ),
     (
         "--max-unauthenticated",

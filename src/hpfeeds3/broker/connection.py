@@ -196,14 +196,20 @@ class Connection(asyncio.Protocol):
         log.info("connected from %s", self.peer, extra={"event": "connected", "peer": self.peer})
 
         if len(broker.connections) > broker.max_connections and evict is None:
-            # At the connection limit (the descriptor limit) the oldest pre-auth
-            # connection of the busiest address makes room, as at the pre-auth
-            # bounds; the newcomer is refused only when it would be that one.
-            evict, bound = broker.pre_auth.oldest_of_busiest(), "connections"
-            if evict is None or evict is self:
-                metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
-                self.close(CloseReason.TOO_MANY_CONNECTIONS, f"too many connections (limit {broker.max_connections})")
-                return
+            # At the connection limit (the descriptor limit) room is made: the
+            # oldest connection lingering after its closing ERROR is cut, else the
+            # oldest pre-auth connection of the busiest address is closed, as at
+            # the pre-auth bounds. The newcomer is refused only when neither exists.
+            if broker.lingering:
+                next(iter(broker.lingering)).cut_linger()
+            else:
+                evict, bound = broker.pre_auth.oldest_of_busiest(), "connections"
+                if evict is None or evict is self:
+                    metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
+                    self.close(
+                        CloseReason.TOO_MANY_CONNECTIONS, f"too many connections (limit {broker.max_connections})"
+                    )
+                    return
         if evict is not None:
             evict.evicted(bound)
         if self._tls is not None:
@@ -420,6 +426,7 @@ class Connection(asyncio.Protocol):
                 log.exception("internal error while closing %s", self.peer)
         self._cancel_timers()
         self._release_partial()
+        broker.lingering.pop(self, None)
         if self in broker.connections:
             broker.connections.discard(self)
             broker.retire(self)
@@ -601,9 +608,17 @@ class Connection(asyncio.Protocol):
         if transport.can_write_eof():
             transport.write_eof()
         self._lingering = True
+        self.broker.lingering[self] = None
         with contextlib.suppress(RuntimeError, AttributeError):  # not paused, or a transport that cannot
             transport.resume_reading()
         self.broker.loop.call_later(CLOSE_LINGER_S, self._end_linger)
+
+    def cut_linger(self) -> None:
+        """The connection limit is reached and this is the oldest lingering connection: end it now."""
+        self.broker.lingering.pop(self, None)
+        metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
+        if self.transport is not None and not self._lost:
+            self.transport.abort()
 
     def _end_linger(self) -> None:
         transport = self.transport

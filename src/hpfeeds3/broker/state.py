@@ -58,6 +58,9 @@ class Broker:
         # Bytes held in incomplete frames, by connection, and their sum.
         self.partial_holders: dict[Connection, int] = {}
         self.partial_bytes = 0
+        # Connections lingering after a closing ERROR, oldest first: at the
+        # connection limit the oldest is cut to make room (connection.py).
+        self.lingering: dict[Connection, None] = {}
         self.state = "starting"  # starting | serving | stopping
         self.backplane: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()

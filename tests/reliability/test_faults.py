@@ -22,7 +22,7 @@ from hpfeeds3.client import BlockingClient
 from hpfeeds3.protocol import Decoder, Error, encode_subscribe
 from tests.support.broker import BrokerProcess, RawClient, free_port, sqlite_add_key
 
-from .support import Canary, _authed_socket, metric, percentile, raise_nofile, record, scrape
+from .support import Canary, _authed_socket, metric, percentile, raise_nofile, record, scrape, speed_bound
 from .test_slow_consumers import publish
 
 KEYS = {
@@ -173,7 +173,7 @@ def test_auth_store_locked_then_removed_gives_clear_errors_and_sessions_keep_flo
     assert texts == {"authfail: Authentication failed for alice: the key store is unavailable, try again later"}
     assert max(t for _, t in attempts) < 3.0  # the 2 s lookup bound, not a hang
     assert total.lost == 0 and total.received == total.sent
-    assert locked.p99_ms < 10.0, locked.summary()
+    speed_bound("auth_store_unavailable", "lag_p99_ms_locked", locked.p99_ms, below=10.0)
 
 
 def test_sigterm_under_load_with_a_stalled_subscriber_exits_0_within_the_drain(tmp_path: Path) -> None:
@@ -208,7 +208,7 @@ def test_sigterm_under_load_with_a_stalled_subscriber_exits_0_within_the_drain(t
     assert took <= drain_s + 1.0
 
 
-def test_the_connection_after_the_limit_gets_error_and_close_within_100_ms(tmp_path: Path) -> None:
+def test_the_connection_after_the_limit_gets_error_and_close(tmp_path: Path) -> None:
     raise_nofile()
     db = make_db(tmp_path / "sqlite.db")
     limit = 1000
@@ -258,4 +258,4 @@ def test_the_connection_after_the_limit_gets_error_and_close_within_100_ms(tmp_p
     )
     assert connected == limit
     assert texts == {f"limit: too many connections (limit {limit})"}
-    assert max(times) < 100
+    speed_bound("connection_limit", "refused_max_ms", max(times), below=100)

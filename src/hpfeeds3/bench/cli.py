@@ -26,6 +26,7 @@ from typing import Any
 from .credentials import bench_channels, write_json, write_sqlite
 from .flow import run_latency, run_throughput
 from .handshake import find_listener_pid, raise_open_files_limit, run_connect, run_idle
+from .trickle import run_trickle
 from .wire import BenchError, Target
 
 CONNECT_CONCURRENCY = 50
@@ -84,6 +85,10 @@ def _idle(target: Target, s: Settings) -> dict[str, Any]:
     return run_idle(target, connections=s.idle_connections, broker_pid=s.broker_pid, settle=0.1 if s.smoke else 1.0)
 
 
+def _trickle(target: Target, s: Settings) -> dict[str, Any]:
+    return run_trickle(target, broker_pid=s.broker_pid, smoke=s.smoke)
+
+
 # In the order they run: idle first, so that buffers freed by the other
 # scenarios cannot hide the memory that idle connections cost.
 SCENARIOS = [
@@ -116,6 +121,14 @@ SCENARIOS = [
         "msgs_per_s",
         "msg/s",
         _throughput(FANIN_PUBLISHERS, 1, 100),
+    ),
+    Scenario(
+        "trickle",
+        "trickle",
+        "1 MiB frames in 128 B / 1,448 B writes: broker CPU per MiB vs 64 KiB writes (worst ratio)",
+        "worst_ratio",
+        "ratio",
+        _trickle,
     ),
 ]
 BY_NAME = {s.name: s for s in SCENARIOS}
@@ -153,6 +166,8 @@ def _details(scenario: Scenario, record: dict[str, Any]) -> str:
         return f"{record['mb_per_s']} MB/s payload, {record['delivered']:,} delivered, 0 lost"
     if scenario.group == "connect":
         return f"{record['handshakes']:,} handshakes"
+    if scenario.group == "trickle":
+        return ", ".join(f"{k[len('broker_cpu_ms_per_mib_') :]} {v} ms/MiB" for k, v in record.items() if "cpu_ms" in k)
     if scenario.group == "idle":
         if "rss_after_mib" in record:
             return (

@@ -1,21 +1,20 @@
-"""Connection: one ``asyncio.Protocol`` per client.
+"""Connection: the ``asyncio.Protocol`` around one client's ``Session``.
 
-Lifecycle: accept → INFO (4-byte nonce) → AUTH verified within the deadline →
-PUBLISH / SUBSCRIBE / UNSUBSCRIBE with per-ident permissions → closed with a
-``CloseReason`` (logged, counted, and in the ERROR frame when there is one).
+The session (``session.py``) decides everything about the client's frames;
+this class only moves bytes and carries out its actions: it owns the
+transport, the timers (AUTH deadline, backlog watch), the key-store lookup
+(at once when the store can answer without waiting, else in a task with
+reading paused), the failed-AUTH limiter, and the outgoing buffer with its
+slow-consumer policy.
 
 Rules kept here:
-- Frames are parsed with offsets into one buffer; consumed bytes are dropped
-  once per read. A header is checked before its body is buffered.
-- Consecutive PUBLISH frames of one read with the same ident and channel form a
-  *run*: permissions are checked once per run and the run's bytes, unchanged,
-  are handed to the router with one write per subscriber.
-- Frames behind AUTH wait until the key is verified, then are processed in
-  order; when the store has to be awaited (PostgreSQL, a locked sqlite),
-  reading is paused meanwhile.
-- Nothing is sent on success (not after AUTH, not after SUBSCRIBE).
 - A subscriber that cannot keep up is cut (``slow_consumer``) before it costs
   memory or slows anyone else: see ``_watch_backlog``.
+- Every entry point (a read, the end of a lookup, a timer, a delivery) runs
+  inside the internal-error boundary: an exception closes this connection
+  alone with ``internal_error`` (ERROR to the client, traceback in the log).
+- When one read holds more work than one loop turn should do, reading is
+  paused and the rest is handled in later turns, in order.
 """
 
 from __future__ import annotations
@@ -24,28 +23,12 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from ..protocol import (
-    HEADER,
-    HEADER_LEN,
-    OP_AUTH,
-    OP_PUBLISH,
-    Auth,
-    ProtocolError,
-    Publish,
-    Subscribe,
-    Unsubscribe,
-    check_header,
-    encode_error,
-    encode_info,
-    new_nonce,
-    parse_body,
-    verify,
-)
+from ..protocol import encode_info, new_nonce
 from . import metrics
-from .auth.base import AccessKey, AuthUnavailable, WouldBlock
+from .auth import AccessKey, AuthUnavailable, WouldBlock
 from .metrics import PublishStats
-from .reasons import ERROR_TOKEN, CloseReason
-from .text import printable
+from .reasons import CloseReason
+from .session import AUTHING, CLOSED, READY, Session
 from .tuning import BACKLOG_CHECK_S, BACKLOG_HIGH_BYTES, BACKLOG_LOW_BYTES, CHECKED_FRAMES_PER_TURN, CLOSE_FLUSH_S
 
 if TYPE_CHECKING:
@@ -53,45 +36,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hpfeeds3.broker.connection")
 
-_unpack_header = HEADER.unpack_from
-
-# Connection states
-_PRE_AUTH, _AUTHING, _READY, _CLOSED = range(4)
-
-# A secret no key can have: verifying against it makes an unknown ident cost
-# exactly what a wrong secret costs.
-_DUMMY_SECRET = b"\x00unknown-ident\x00" * 2
+# Bytes a client may send behind its AUTH while the key store is asked:
+# one largest frame and a margin (reading is paused meanwhile).
+_AUTHING_BUFFER_MARGIN = 65536
 
 
 class Connection(asyncio.Protocol):
     __slots__ = (
         "_auth_deadline",
         "_backlog_timer",
-        "_buf",
-        "_denials",
         "_eof_pending",
         "_last_progress",
         "_last_queued",
-        "_max_len",
+        "_lost",
         "_sent_at_check",
         "_soft_since",
-        "_state",
         "_turn_pending",
         "broker",
-        "close_reason",
-        "ident",
-        "ident_bytes",
-        "nonce",
-        "owner",
         "peer",
         "peer_host",
-        "pubchans",
-        "publish_stats",
         "received_bytes",
-        "secret_seen",
         "sent_bytes",
-        "subchans",
-        "subscriptions",
+        "session",
         "transport",
     )
 
@@ -100,22 +66,18 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.peer_host = "?"
-        self.nonce = new_nonce()
-        self.ident: str | None = None
-        self.ident_bytes = b""
-        self.owner = ""
-        self.secret_seen = ""  # to notice a rotated secret (revocation)
-        self.pubchans: frozenset[bytes] = frozenset()
-        self.subchans: frozenset[bytes] = frozenset()
-        self.subscriptions: set[bytes] = set()
-        self.publish_stats: dict[bytes, PublishStats] = {}
+        limits = broker.config.limits
+        self.session = Session(
+            self,
+            new_nonce(),
+            broker.frame_limits,
+            max_subscriptions=limits.max_subscriptions,
+            max_denials=limits.max_denials,
+            budget=CHECKED_FRAMES_PER_TURN,
+        )
         self.received_bytes = 0
         self.sent_bytes = 0
-        self.close_reason: CloseReason | None = None
-        self._state = _PRE_AUTH
-        self._buf = b""
-        self._max_len = broker.frame_table
-        self._denials = 0
+        self._lost = False
         self._eof_pending = False
         self._turn_pending = False
         self._auth_deadline: asyncio.TimerHandle | None = None
@@ -124,6 +86,51 @@ class Connection(asyncio.Protocol):
         self._last_progress = 0.0
         self._last_queued = 0
         self._sent_at_check = 0
+
+    # --- what the rest of the broker reads (metrics, revocation, shutdown) -------
+
+    @property
+    def ident(self) -> str | None:
+        return self.session.ident
+
+    @property
+    def owner(self) -> str:
+        return self.session.owner
+
+    @property
+    def nonce(self) -> bytes:
+        return self.session.nonce
+
+    @property
+    def secret_seen(self) -> str:
+        return self.session.secret_seen
+
+    @property
+    def subscriptions(self) -> set[bytes]:
+        return self.session.subscriptions
+
+    @property
+    def publish_stats(self) -> dict[bytes, PublishStats]:
+        return self.session.publish_stats
+
+    @property
+    def pubchans(self) -> frozenset[bytes]:
+        return self.session.pubchans
+
+    @property
+    def subchans(self) -> frozenset[bytes]:
+        return self.session.subchans
+
+    @property
+    def close_reason(self) -> CloseReason | None:
+        return self.session.close_reason
+
+    def write_buffer_size(self) -> int:
+        t = self.transport
+        return t.get_write_buffer_size() if t is not None and not t.is_closing() else 0
+
+    def read_buffer_size(self) -> int:
+        return self.session.buffered
 
     # --- asyncio.Protocol ----------------------------------------------------
 
@@ -135,8 +142,9 @@ class Connection(asyncio.Protocol):
         if isinstance(peername, tuple) and len(peername) >= 2:
             host = self.peer_host = peername[0]
             self.peer = f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"
+        self.session.peer = self.peer
         broker.connections.add(self)
-        broker.unauthenticated += 1
+        broker.unauthenticated += 1  # given back by left_pre_auth, exactly once
         metrics.CONNECTION_MADE.inc()
         log.info("connected from %s", self.peer, extra={"event": "connected", "peer": self.peer})
 
@@ -155,64 +163,66 @@ class Connection(asyncio.Protocol):
 
         transport = self.transport
         transport.set_write_buffer_limits(high=BACKLOG_HIGH_BYTES, low=BACKLOG_LOW_BYTES)
-        transport.write(encode_info(broker.name_bytes, self.nonce))
+        transport.write(encode_info(broker.name_bytes, self.session.nonce))
         self._auth_deadline = broker.loop.call_later(limits.auth_timeout_s, self._on_auth_timeout)
 
     def data_received(self, data: bytes) -> None:
         self.received_bytes += len(data)
-        state = self._state
-        if state == _READY:
-            self._process(self._buf + data if self._buf else data)
-        elif state == _PRE_AUTH:
-            self._process_pre_auth(self._buf + data if self._buf else data)
-        elif state == _AUTHING:
-            # Reading is paused; a transport may still hand over what it had.
-            buf = self._buf + data
-            if len(buf) > self.broker.frame_limits.max_publish_frame_bytes + 65536:
+        session = self.session
+        try:
+            if session.receive(data):
+                self._yield_turn()
+            elif session.state == AUTHING and session.buffered > self._authing_buffer_cap():
+                # Reading is paused during a lookup; a transport may still hand over what it had.
                 metrics.LIMIT_REJECTIONS.labels("pre_auth_buffer").inc()
                 self.close(CloseReason.FRAME_TOO_LARGE, "too much data before authentication completed")
-                return
-            self._buf = buf
+        except Exception:
+            self._internal_error("handling received data")
+
+    def _authing_buffer_cap(self) -> int:
+        return self.broker.frame_limits.max_publish_frame_bytes + _AUTHING_BUFFER_MARGIN
 
     def eof_received(self) -> bool:
         # Half-close: frames already received (AUTH + PUBLISH + FIN in one
-        # segment) are still processed; the transport closes once we are done.
-        if self._state == _AUTHING:
+        # segment) are still handled; the transport closes once they are done.
+        if self.session.state == AUTHING or self._turn_pending:
             self._eof_pending = True
-            return True  # keep the transport until the pending AUTH is handled
+            return True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         broker = self.broker
-        if self.close_reason is None:
-            self.close_reason = CloseReason.CLIENT_CLOSED if exc is None else CloseReason.CONNECTION_RESET
+        session = self.session
+        if session.state != CLOSED:
+            try:
+                session.close(CloseReason.CLIENT_CLOSED if exc is None else CloseReason.CONNECTION_RESET, None)
+            except Exception:
+                log.exception("internal error while closing %s", self.peer)
         self._cancel_timers()
-        self._drop_subscriptions()
         if self in broker.connections:
             broker.connections.discard(self)
-            if self._state in (_PRE_AUTH, _AUTHING):
-                broker.unauthenticated -= 1
             broker.retire(self)
-            if self.ident is not None:
+            if session.ident is not None:
                 broker.by_ident_discard(self)
-        self._state = _CLOSED
         # Break the protocol <-> transport cycle so a closed connection is freed
         # by reference counting, not by a later (long) cyclic GC pass.
         self.transport = None
-        ident = self.ident or ""
+        ident = session.ident or ""
+        reason = session.close_reason or CloseReason.CONNECTION_RESET
         metrics.CONNECTION_LOST.labels(ident).inc()
-        metrics.CONNECTIONS_CLOSED.labels(self.close_reason.value).inc()
+        metrics.CONNECTIONS_CLOSED.labels(reason.value).inc()
         log.info(
             "closed %s%s: %s",
             self.peer,
-            f" ({self.ident})" if self.ident else "",
-            self.close_reason.value,
-            extra={"event": "closed", "peer": self.peer, "ident": self.ident, "reason": self.close_reason.value},
+            f" ({ident})" if ident else "",
+            reason.value,
+            extra={"event": "closed", "peer": self.peer, "ident": session.ident, "reason": reason.value},
         )
 
     def pause_writing(self) -> None:
         # The subscriber's queue passed the backlog mark: watch its progress.
-        if self._backlog_timer is None and self._state != _CLOSED:
+        if self._backlog_timer is None and self.session.state != CLOSED:
             now = self.broker.loop.time()
             self._last_progress = now
             self._last_queued = self.write_buffer_size()
@@ -237,51 +247,33 @@ class Connection(asyncio.Protocol):
         if self._backlog_timer is not None and transport.get_write_buffer_size() > self.broker.send_hard_bytes:
             self._cut_slow_consumer("outgoing buffer over its hard bound")
 
-    # --- introspection for metrics --------------------------------------------------
+    def delivery_failed(self) -> None:
+        """``deliver`` raised during a fan-out: close this subscriber alone."""
+        self._internal_error("delivering to this subscriber")
 
-    def write_buffer_size(self) -> int:
-        t = self.transport
-        return t.get_write_buffer_size() if t is not None and not t.is_closing() else 0
+    # --- the session's actions -------------------------------------------------------
 
-    def read_buffer_size(self) -> int:
-        return len(self._buf)
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
 
-    # --- frames before AUTH ------------------------------------------------------------
+    def publish(self, channel: bytes, data: bytes, frames: int) -> int:
+        return self.broker.router.publish(channel, data, frames)
 
-    def _process_pre_auth(self, buf: bytes) -> None:
-        if len(buf) < HEADER_LEN:
-            self._buf = buf
-            return
-        length, opcode = _unpack_header(buf, 0)
-        if opcode != OP_AUTH:
-            self._refuse(CloseReason.NOT_AUTHENTICATED, "first message was not AUTH", "invalid-first-message")
-            return
-        try:
-            check_header(length, opcode, self._max_len)
-            if len(buf) < length:
-                self._buf = buf
-                return
-            frame = parse_body(OP_AUTH, buf, HEADER_LEN, length)
-        except ProtocolError as e:
-            self._protocol_error(e)
-            return
-        assert isinstance(frame, Auth)
-        self._buf = buf[length:]
-        self._state = _AUTHING
-        self._start_auth(frame.ident, frame.digest)
+    def subscribe(self, channel: bytes) -> None:
+        self.broker.router.subscribe(channel, self)
 
-    def _start_auth(self, ident_bytes: bytes, digest: bytes) -> None:
-        """Verify at once when the store can answer without waiting (sqlite, env,
-        JSON); otherwise pause reading and finish in a task (PostgreSQL, a
-        locked sqlite). Either way, pipelined frames wait in ``_buf``."""
+    def unsubscribe(self, channel: bytes) -> None:
+        self.broker.router.unsubscribe(channel, self)
+
+    def left_pre_auth(self) -> None:
+        self.broker.unauthenticated -= 1
+
+    def lookup(self, ident: str) -> None:
+        """The key at once when the store can answer without waiting (sqlite,
+        env, JSON); otherwise pause reading and finish in a task (PostgreSQL, a
+        locked sqlite). Either way, pipelined frames wait in the session."""
         broker = self.broker
-        try:
-            ident: str | None = ident_bytes.decode("utf-8")
-        except UnicodeDecodeError:
-            ident = None  # can never match a key
-        if ident is None:
-            self._finish_auth(None, ident_bytes, digest, None)
-            return
         if self._rate_limited(ident):
             return  # refused without a lookup or a verification: guessing costs nothing
         try:
@@ -289,65 +281,29 @@ class Connection(asyncio.Protocol):
         except WouldBlock:
             assert self.transport is not None
             self.transport.pause_reading()
-            broker.spawn(self._authenticate(ident, ident_bytes, digest))
+            broker.spawn(self._lookup_later(ident))
             return
         except AuthUnavailable as e:
-            self._auth_unavailable(ident, e)
+            self.session.key_unavailable(str(e))
             return
-        self._finish_auth(ident, ident_bytes, digest, key)
+        if self.session.key_found(key):
+            self._yield_turn()
 
-    async def _authenticate(self, ident: str, ident_bytes: bytes, digest: bytes) -> None:
+    async def _lookup_later(self, ident: str) -> None:
         try:
-            key = await self.broker.lookup(ident)
-        except AuthUnavailable as e:
-            if self._state == _AUTHING:
-                self._auth_unavailable(ident, e)
-            return
-        if self._state != _AUTHING:
-            return  # closed (timeout, shutdown) while we looked
-        if self._rate_limited(ident):
-            return  # blocked by failures that finished while we looked: still no verification
-        self._finish_auth(ident, ident_bytes, digest, key)
-
-    def _auth_unavailable(self, ident: str, e: AuthUnavailable) -> None:
-        log.warning("auth store unavailable for %s from %s: %s", ident, self.peer, e)
-        metrics.AUTH_FAILURES.labels("store_unavailable").inc()
-        self._refuse(
-            CloseReason.AUTH_UNAVAILABLE,
-            f"Authentication failed for {ident}: the key store is unavailable, try again later",
-            "auth-unavailable",
-        )
-
-    def _finish_auth(self, ident: str | None, ident_bytes: bytes, digest: bytes, key: AccessKey | None) -> None:
-        broker = self.broker
-        limiter = broker.auth_limiter
-        secret = key.secret.encode("utf-8") if key is not None else _DUMMY_SECRET
-        ok = verify(self.nonce, secret, digest) and key is not None
-        if not ok:
-            reason = "unknown_ident" if key is None else "wrong_secret"
-            metrics.AUTH_FAILURES.labels(reason).inc()
-            if ident is not None and limiter.enabled:
-                block = limiter.record_failure(self.peer_host, ident, broker.loop.time())
-                if block is not None:
-                    log.warning(
-                        "refusing for %g s: %s",
-                        limiter.limits.block_s,
-                        block,
-                        extra={"event": "auth_blocked", "peer": self.peer, "reason": "auth_rate_limited"},
-                    )
-            log.info(
-                "authentication failed for %s from %s (%s)",
-                printable(ident_bytes),
-                self.peer,
-                reason,
-                extra={"event": "auth_failed", "peer": self.peer, "reason": reason},
-            )
-            self._refuse(
-                CloseReason.AUTH_FAILED, f"Authentication failed for {printable(ident_bytes)}", "invalid-secret"
-            )
-            return
-        assert key is not None
-        self._become_ready(key, ident_bytes)
+            try:
+                key = await self.broker.lookup(ident)
+            except AuthUnavailable as e:
+                self.session.key_unavailable(str(e))
+                return
+            if self.session.state != AUTHING or self._rate_limited(ident):
+                return  # closed meanwhile, or blocked by failures that finished while we looked
+            if self.session.key_found(key):
+                self._yield_turn()
+            else:
+                self._resume_reading()
+        except Exception:
+            self._internal_error("finishing AUTH")
 
     def _rate_limited(self, ident: str) -> bool:
         """Refuse (and return True) when this address, or this address and ident, is blocked."""
@@ -355,27 +311,29 @@ class Connection(asyncio.Protocol):
         limiter = broker.auth_limiter
         if not limiter.enabled or not limiter.blocked(self.peer_host, ident, broker.loop.time()):
             return False
-        metrics.AUTH_FAILURES.labels("rate_limited").inc()
-        metrics.LIMIT_REJECTIONS.labels("auth_failures").inc()
-        self._refuse(
-            CloseReason.AUTH_RATE_LIMITED,
-            f"Authentication failed for {ident}: too many failed attempts, try again later",
-            "auth-rate-limited",
-        )
+        self.session.rate_limited(limiter.limits.block_s)
         return True
 
-    def _become_ready(self, key: AccessKey, ident_bytes: bytes) -> None:
+    def auth_failed(self, ident: str) -> None:
+        broker = self.broker
+        limiter = broker.auth_limiter
+        if not limiter.enabled:
+            return
+        block = limiter.record_failure(self.peer_host, ident, broker.loop.time())
+        if block is not None:
+            log.warning(
+                "refusing for %g s: %s",
+                limiter.limits.block_s,
+                block,
+                extra={"event": "auth_blocked", "peer": self.peer, "reason": "auth_rate_limited"},
+            )
+
+    def authenticated(self, key: AccessKey) -> None:
         broker = self.broker
         if self._auth_deadline is not None:
             self._auth_deadline.cancel()
             self._auth_deadline = None
-        self.ident = key.ident
-        self.ident_bytes = ident_bytes
-        self.owner = key.owner or ""
-        self.secret_seen = key.secret
         self.apply_key(key)
-        self._state = _READY
-        broker.unauthenticated -= 1
         broker.by_ident_add(self)
         metrics.CONNECTION_READY.labels(key.ident).inc()
         log.info(
@@ -384,112 +342,37 @@ class Connection(asyncio.Protocol):
             key.ident,
             extra={"event": "authenticated", "peer": self.peer, "ident": key.ident},
         )
+
+    def apply_key(self, key: AccessKey) -> set[bytes]:
+        """Take the key's channels; returns the subscriptions they no longer allow (now dropped).
+
+        The channel sets are shared across the connections of one key: 10,000
+        sensors with the same 50 channels hold one set, not 10,000.
+        """
+        broker = self.broker
+        return self.session.set_channels(broker.channel_set(key.pubchans), broker.channel_set(key.subchans))
+
+    def close_transport(self, reason: CloseReason, error: bytes | None, abort: bool) -> None:
+        self._cancel_timers()
         transport = self.transport
-        assert transport is not None
-        buf, self._buf = self._buf, b""
-        if buf:
-            self._process(buf)
-        if self._state == _READY and not self._turn_pending:
-            if transport.is_closing():
-                return
-            # eof_received returned True while AUTH was pending: honour the FIN now.
-            if self._eof_pending:
-                transport.close()
-                return
-            transport.resume_reading()
-
-    def apply_key(self, key: AccessKey) -> None:
-        # Shared across the connections of one key: 10,000 sensors with the same
-        # 50 channels hold one set, not 10,000.
-        self.pubchans = self.broker.channel_set(key.pubchans)
-        self.subchans = self.broker.channel_set(key.subchans)
-
-    # --- frames after AUTH: the hot path --------------------------------------------------
-
-    def _process(self, buf: bytes) -> None:
-        """Handle every complete frame in ``buf``; keep the incomplete tail."""
-        end = len(buf)
-        pos = 0
-        max_publish = self._max_len[OP_PUBLISH]
-        # The current run of PUBLISH frames: [run_start, run_end) share run_prefix
-        # (str8 ident + str8 channel) and go to run_channel.
-        # Runs are contiguous, so a run always ends where ``pos`` stands when it is flushed.
-        run_start = run_count = run_overhead = run_cut = 0
-        run_prefix = b""
-        run_channel = b""
-        run_bits: list[int] = []
-        checked = 0
-        yielded = False
-        try:
-            while end - pos >= HEADER_LEN:
-                length, opcode = _unpack_header(buf, pos)
-                if opcode == OP_PUBLISH and HEADER_LEN < length <= max_publish:
-                    frame_end = pos + length
-                    if frame_end > end:
-                        break
-                    if run_count and buf.startswith(run_prefix, pos + HEADER_LEN, frame_end):
-                        # Same ident and channel as the frame before: extend the run.
-                        # (The per-frame work is this: a size bucket for the histogram.)
-                        run_count += 1
-                        run_bits[(length - run_cut).bit_length()] += 1
-                        pos = frame_end
-                        continue
-                    # A new run: flush the old one, then check this frame fully.
-                    checked += 1
-                    if checked > CHECKED_FRAMES_PER_TURN:
-                        yielded = True
-                        break
-                    if run_count:
-                        self._publish_run(run_channel, buf[run_start:pos], run_count, run_overhead)
-                        run_count = 0
-                    frame = parse_body(OP_PUBLISH, buf, pos + HEADER_LEN, frame_end)
-                    assert isinstance(frame, Publish)
-                    if self._publish_allowed(frame):
-                        run_channel = frame.channel
-                        run_prefix = buf[pos + HEADER_LEN : pos + HEADER_LEN + 2 + len(frame.ident) + len(run_channel)]
-                        run_overhead = HEADER_LEN + len(run_prefix)
-                        run_cut = run_overhead + 1  # bits[(size - 1).bit_length()]: see PublishStats
-                        stats = self.publish_stats.get(run_channel)
-                        if stats is None:
-                            stats = self.publish_stats[run_channel] = PublishStats()
-                        run_bits = stats.bits
-                        run_bits[(length - run_cut).bit_length()] += 1
-                        run_start, run_count = pos, 1
-                    elif self._state != _READY:
-                        return
-                    pos = frame_end
-                    continue
-
-                # Any other frame ends the current run.
-                if run_count:
-                    self._publish_run(run_channel, buf[run_start:pos], run_count, run_overhead)
-                    run_count = 0
-                checked += 1
-                if checked > CHECKED_FRAMES_PER_TURN:
-                    yielded = True
-                    break
-                check_header(length, opcode, self._max_len)
-                if end - pos < length:
-                    break
-                self._handle_control(opcode, buf, pos + HEADER_LEN, pos + length)
-                pos += length
-                if self._state != _READY:
-                    return
-        except ProtocolError as e:
-            self._protocol_error(e)
+        if self._lost or transport is None:
             return
-        if run_count:
-            # Most reads are one run of whole frames: hand over the read itself.
-            self._publish_run(
-                run_channel, buf if run_start == 0 and pos == end else buf[run_start:pos], run_count, run_overhead
-            )
-        if self._state == _READY:
-            self._buf = buf[pos:] if pos < end else b""
-            if yielded:
-                self._yield_turn()
+        if abort:
+            transport.abort()
+            return
+        if error is not None:
+            transport.write(error)
+        transport.close()
+        if transport.get_write_buffer_size():
+            # A peer that does not read must not keep the socket forever.
+            self.broker.loop.call_later(CLOSE_FLUSH_S, transport.abort)
+
+    # --- turns ---------------------------------------------------------------------------
 
     def _yield_turn(self) -> None:
-        """Too many frames in one read: finish them in a later loop turn."""
+        """More work than one loop turn should do: finish it in a later turn."""
+        if self._turn_pending:
+            return
         self._turn_pending = True
         assert self.transport is not None
         self.transport.pause_reading()
@@ -497,113 +380,38 @@ class Connection(asyncio.Protocol):
 
     def _continue_turn(self) -> None:
         self._turn_pending = False
-        if self._state != _READY:
-            return
-        buf, self._buf = self._buf, b""
-        if buf:
-            self._process(buf)
+        try:
+            if self.session.state != READY:
+                return
+            if self.session.resume():
+                self._yield_turn()
+            else:
+                self._resume_reading()
+        except Exception:
+            self._internal_error("handling received data")
+
+    def _resume_reading(self) -> None:
         transport = self.transport
-        if self._state != _READY or self._turn_pending or transport is None or transport.is_closing():
+        if self.session.state != READY or self._turn_pending or transport is None or transport.is_closing():
             return
         if self._eof_pending:
-            transport.close()  # the FIN that came with the AUTH, now that every frame is done
+            transport.close()  # the FIN that came behind the frames, now that every one is handled
         elif self.broker.state != "stopping":
             transport.resume_reading()
 
-    def _publish_run(self, channel: bytes, data: bytes, count: int, overhead: int) -> None:
-        """Count a run of ``count`` frames (``overhead`` bytes of header each) and fan it out."""
-        stats = self.publish_stats[channel]
-        stats.count += count
-        stats.bytes += len(data) - count * overhead
-        self.broker.router.publish(channel, data, count)
-
-    def _publish_allowed(self, frame: Publish) -> bool:
-        if frame.ident != self.ident_bytes:
-            metrics.CONNECTION_ERROR.labels(self.ident or "", "ident-mismatch-pub").inc()
-            self._deny(f"identfail: publish as {printable(frame.ident)!r} refused; this connection is {self.ident!r}")
-            return False
-        if frame.channel not in self.pubchans:
-            metrics.CONNECTION_ERROR.labels(self.ident or "", "no-pub-permission").inc()
-            self._deny(f"accessfail: {self.ident} may not publish to channel {printable(frame.channel)!r}")
-            return False
-        return True
-
-    def _handle_control(self, opcode: int, buf: bytes, start: int, end: int) -> None:
-        frame = parse_body(opcode, buf, start, end)
-        if isinstance(frame, Subscribe):
-            channel = frame.channel
-            if frame.ident != self.ident_bytes:
-                metrics.CONNECTION_ERROR.labels(self.ident or "", "ident-mismatch-sub").inc()
-                self._deny(
-                    f"identfail: subscribe as {printable(frame.ident)!r} refused; this connection is {self.ident!r}"
-                )  # type: ignore[union-attr]
-            elif channel not in self.subchans:
-                metrics.CONNECTION_ERROR.labels(self.ident or "", "no-sub-permission").inc()
-                self._deny(f"accessfail: {self.ident} may not subscribe to channel {printable(channel)!r}")
-            elif channel not in self.subscriptions:
-                if len(self.subscriptions) >= self.broker.config.limits.max_subscriptions:
-                    metrics.LIMIT_REJECTIONS.labels("max_subscriptions").inc()
-                    self._deny(
-                        f"limit: subscription to {printable(channel)!r} refused; at most "
-                        f"{self.broker.config.limits.max_subscriptions} channels per connection"
-                    )
-                    return
-                self.subscriptions.add(channel)
-                self.broker.router.subscribe(channel, self)
-        elif isinstance(frame, Unsubscribe):
-            channel = frame.channel
-            if channel in self.subscriptions:
-                self.subscriptions.discard(channel)
-                self.broker.router.unsubscribe(channel, self)
-        elif opcode == OP_AUTH:
-            self._refuse(CloseReason.SECOND_AUTH, "already authenticated; a second AUTH is refused", "second-auth")
-        else:  # pragma: no cover - check_header refused every other opcode
-            raise AssertionError(opcode)
-
-    def unsubscribe_channels(self, channels: set[bytes]) -> None:
-        for channel in channels & self.subscriptions:
-            self.subscriptions.discard(channel)
-            self.broker.router.unsubscribe(channel, self)
-
-    # --- refusing ----------------------------------------------------------------------------
-
-    def _deny(self, message: str) -> None:
-        """A refused frame: ERROR, no effect, connection stays open up to the denial cap."""
-        self._denials += 1
-        limit = self.broker.config.limits.max_denials
-        if self._denials > limit:
-            metrics.LIMIT_REJECTIONS.labels("max_denials").inc()
-            self.close(CloseReason.TOO_MANY_DENIALS, f"more than {limit} refused frames on this connection")
-            return
-        log.debug("%s (%s): %s", self.peer, self.ident, message)
-        assert self.transport is not None
-        self.transport.write(encode_error(message))
-
-    def _protocol_error(self, e: ProtocolError) -> None:
-        reason = CloseReason.FRAME_TOO_LARGE if e.reason == "frame_too_large" else CloseReason.BAD_FRAME
-        if reason is CloseReason.FRAME_TOO_LARGE:
-            metrics.LIMIT_REJECTIONS.labels("max_message_size").inc()
-        metrics.CONNECTION_ERROR.labels(self.ident or "", reason.value).inc()
-        self.close(reason, str(e))
-
-    def _refuse(self, reason: CloseReason, message: str, category: str) -> None:
-        metrics.CONNECTION_ERROR.labels(self.ident or "", category).inc()
-        self.close(reason, message)
+    # --- timers ------------------------------------------------------------------------------
 
     def _on_auth_timeout(self) -> None:
         self._auth_deadline = None
-        if self._state in (_PRE_AUTH, _AUTHING):
-            metrics.AUTH_FAILURES.labels("timeout").inc()
-            self._refuse(
-                CloseReason.AUTH_TIMEOUT,
-                f"no valid AUTH within {self.broker.config.limits.auth_timeout_s:g} s",
-                "auth-timeout",
-            )
+        try:
+            self.session.auth_timeout(self.broker.config.limits.auth_timeout_s)
+        except Exception:
+            self._internal_error("enforcing the AUTH deadline")
 
     def _watch_backlog(self) -> None:
         """Runs every BACKLOG_CHECK_S while the subscriber is backlogged."""
         self._backlog_timer = None
-        if self._state == _CLOSED or self.transport is None or self.transport.is_closing():
+        if self.session.state == CLOSED or self.transport is None or self.transport.is_closing():
             return
         broker = self.broker
         limits = broker.config.limits
@@ -646,28 +454,25 @@ class Connection(asyncio.Protocol):
 
     def close(self, reason: CloseReason, message: str | None, *, abort: bool = False) -> None:
         """Close with a recorded reason; ``message`` goes out in an ERROR frame first."""
-        if self._state == _CLOSED or self.transport is None:
-            return
-        self.close_reason = reason
-        if self._state in (_PRE_AUTH, _AUTHING) and self in self.broker.connections:
-            # connection_lost will see _CLOSED: leave the pre-auth count here.
-            self.broker.unauthenticated -= 1
-        self._state = _CLOSED
-        self._buf = b""
-        self._cancel_timers()
-        self._drop_subscriptions()
-        transport = self.transport
-        if abort:
-            transport.abort()
-            return
-        if message is not None:
-            token = ERROR_TOKEN.get(reason, "error")
-            text = message if message.startswith(f"{token}:") else f"{token}: {message}"
-            transport.write(encode_error(text))
-        transport.close()
-        if transport.get_write_buffer_size():
-            # A peer that does not read must not keep the socket forever.
-            self.broker.loop.call_later(CLOSE_FLUSH_S, transport.abort)
+        self.session.close(reason, message, abort=abort)
+
+    def _internal_error(self, where: str) -> None:
+        """The boundary: a bug while handling this connection closes it alone."""
+        log.exception(
+            "internal error while %s for %s (%s); closing this connection",
+            where,
+            self.peer,
+            self.session.ident,
+            extra={"event": "internal_error", "peer": self.peer, "ident": self.session.ident},
+        )
+        try:
+            self.session.close(CloseReason.INTERNAL_ERROR, "internal error; this connection is closed")
+        except Exception:
+            log.exception("internal error while closing %s", self.peer)
+            if self.session.close_reason is None:
+                self.session.close_reason = CloseReason.INTERNAL_ERROR
+            if self.transport is not None:
+                self.transport.abort()
 
     def _cancel_timers(self) -> None:
         if self._auth_deadline is not None:
@@ -676,10 +481,3 @@ class Connection(asyncio.Protocol):
         if self._backlog_timer is not None:
             self._backlog_timer.cancel()
             self._backlog_timer = None
-
-    def _drop_subscriptions(self) -> None:
-        if self.subscriptions:
-            router = self.broker.router
-            for channel in self.subscriptions:
-                router.unsubscribe(channel, self)
-            self.subscriptions = set()

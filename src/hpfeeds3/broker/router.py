@@ -21,6 +21,9 @@ class Subscriber(Protocol):
     def deliver(self, data: bytes) -> None:
         """Queue ``data`` (one or more whole PUBLISH frames) for the client."""
 
+    def delivery_failed(self) -> None:
+        """``deliver`` raised: the subscriber closes itself (``internal_error``)."""
+
 
 class Router:
     __slots__ = ("_subs", "deliveries", "on_first_subscriber", "on_last_unsubscribe", "remote")
@@ -59,19 +62,30 @@ class Router:
                 self.on_last_unsubscribe(channel)
         return True
 
-    def publish(self, channel: bytes, data: bytes, count: int) -> None:
-        """Fan ``data`` (``count`` PUBLISH frames for ``channel``) out locally and remotely."""
-        self.deliver_local(channel, data, count)
+    def publish(self, channel: bytes, data: bytes, count: int) -> int:
+        """Fan ``data`` (``count`` PUBLISH frames for ``channel``) out locally and remotely.
+
+        Returns the local deliveries made (the work it cost)."""
+        delivered = self.deliver_local(channel, data, count)
         if self.remote is not None:
             self.remote(channel, data, count)
+        return delivered
 
-    def deliver_local(self, channel: bytes, data: bytes, count: int) -> None:
-        """Fan out to this broker's subscribers only (frames from another broker end here)."""
+    def deliver_local(self, channel: bytes, data: bytes, count: int) -> int:
+        """Fan out to this broker's subscribers only (frames from another broker end here).
+
+        Each delivery is isolated: a subscriber whose ``deliver`` raises is
+        told so (it closes itself) and the others still get the frames."""
         subs = self._subs.get(channel)
-        if subs:
-            for sub in subs:
+        if not subs:
+            return 0
+        for sub in subs:
+            try:
                 sub.deliver(data)
-            self.deliveries[channel] += count * len(subs)
+            except Exception:
+                sub.delivery_failed()  # called inside the except: it can log the traceback
+        self.deliveries[channel] += count * len(subs)
+        return len(subs)
 
     def subscribers(self, channel: bytes) -> tuple[Subscriber, ...]:
         return self._subs.get(channel, ())

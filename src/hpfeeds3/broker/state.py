@@ -13,7 +13,6 @@ import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from ..protocol import CLIENT_TO_BROKER
 from . import metrics
 from .auth import AccessKey, Authenticator, AuthUnavailable, WouldBlock
 from .config import BrokerConfig
@@ -21,6 +20,7 @@ from .metrics import PublishStats
 from .ratelimit import AuthFailureLimiter
 from .reasons import CloseReason
 from .router import Router
+from .text import printable
 from .tuning import AUTH_LOOKUP_TIMEOUT_S, MAX_CHANNEL_SETS
 
 if TYPE_CHECKING:
@@ -40,8 +40,6 @@ class Broker:
         self.auth_limiter = AuthFailureLimiter(config.auth_limits)
         self.name_bytes = config.name.encode("utf-8")[:255]
         self.frame_limits = config.limits.frame_limits()
-        # Max frame length by opcode, built once and shared by every connection.
-        self.frame_table = self.frame_limits.table(CLIENT_TO_BROKER)
         self.send_hard_bytes = config.limits.send_buffer_hard_bytes
         self.max_connections = config.limits.max_connections
         self.connections: set[Connection] = set()
@@ -180,19 +178,16 @@ class Broker:
             metrics.REVOCATIONS.labels("closed").inc()
             conn.close(CloseReason.REVOKED, f"access key for {conn.ident} was {why.split()[-1]}")
             return
-        old_sub = conn.subchans
-        conn.apply_key(key)
-        lost = set(old_sub - conn.subchans) & conn.subscriptions
+        lost = conn.apply_key(key)
         if lost:
             log.warning(
                 "unsubscribing %s (%s) from revoked channel(s) %s",
                 conn.peer,
                 conn.ident,
-                ", ".join(sorted(c.decode("utf-8", "backslashreplace") for c in lost)),
+                ", ".join(sorted(printable(c) for c in lost)),
                 extra={"event": "revoked", "peer": conn.peer, "ident": conn.ident, "reason": "channel_revoked"},
             )
             metrics.REVOCATIONS.labels("unsubscribed").inc()
-            conn.unsubscribe_channels(lost)
 
     # --- shutdown ----------------------------------------------------------------------
 

@@ -35,3 +35,8 @@ def escape(text: str) -> str:
 def printable(value: bytes) -> str:
     """Client-chosen bytes as safe text: invalid UTF-8 and non-printable characters escaped, length capped."""
     return escape(value.decode("utf-8", "backslashreplace")[:MAX_QUOTED_CHARS])
+
+
+def quoted(value: bytes) -> str:
+    """``printable(value)`` in single quotes, for naming an ident or channel in a sentence."""
+    return f"'{printable(value)}'"

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, cast
 
 from hpfeeds3.protocol import (
     Decoder,
@@ -171,6 +171,10 @@ class RawClient:
         with contextlib.suppress(OSError):
             self.sock.close()
 
+    def _frames(self, data: bytes) -> list[Frame]:
+        # A client's decoder returns frames only (runs of PUBLISH frames are the broker's).
+        return cast(list[Frame], self.decoder.feed(data))
+
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
@@ -205,7 +209,7 @@ class RawClient:
             data = self.sock.recv(262144)
             if not data:
                 raise ConnectionError("closed by broker")
-            self.pending.extend(self.decoder.feed(data))
+            self.pending.extend(self._frames(data))
         return self.pending.pop(0)
 
     def frames(self, n: int, timeout: float = 10.0) -> list[Frame]:
@@ -238,7 +242,7 @@ class RawClient:
                 return got
             if not data:
                 return got
-            got.extend(self.decoder.feed(data))
+            got.extend(self._frames(data))
 
     def take_probe(self, payload: bytes, timeout: float = 5.0) -> None:
         """Read until the PUBLISH carrying ``payload``; frames before it stay pending, in order."""

@@ -19,6 +19,7 @@ import yaml  # PyYAML, in the [test] extra: missing, the module fails rather tha
 from prometheus_client.parser import text_string_to_metric_families
 
 from hpfeeds3.protocol import OP_PUBLISH, Publish, encode_publish, encode_subscribe
+from tests.support.broker import confirm_subscribed
 
 from .support import BROKER, REPO, TARGET_LABELS, RawClient, free_port, http_get, promql_names, running_broker
 
@@ -178,7 +179,7 @@ def live_metrics(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]
             collector.authenticate("collector", "c0llect")
             collector.send(encode_subscribe(b"collector", b"cowrie.sessions"))
             sensor.authenticate("sensor", "s3cret")
-            time.sleep(0.2)  # the SUBSCRIBE is processed before the first PUBLISH arrives
+            confirm_subscribed(sensor, "cowrie.sessions", collector)
             for i in range(3):
                 sensor.send(encode_publish(b"sensor", b"cowrie.sessions", b'{"n": %d}' % i))
             for _ in range(3):

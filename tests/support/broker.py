@@ -244,16 +244,14 @@ class RawClient:
                 return got
             got.extend(self._frames(data))
 
-    def take_probe(self, payload: bytes, timeout: float = 5.0) -> None:
-        """Read until the PUBLISH carrying ``payload``; frames before it stay pending, in order."""
-        before: list[Frame] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            frame = self.next_frame(max(0.01, deadline - time.monotonic()))
-            if isinstance(frame, Publish) and frame.payload == payload:
-                self.pending[:0] = before
-                return
-            before.append(frame)
+    def probe_arrived(self, tag: bytes, wait: float) -> bytes | None:
+        """The next frame within ``wait`` s, which must be a probe tagged ``tag`` (its payload), or None."""
+        try:
+            frame = self.next_frame(wait)
+        except TimeoutError:
+            return None
+        assert isinstance(frame, Publish) and frame.payload.startswith(tag), f"{frame!r} before the probe"
+        return frame.payload
 
     def expect_silence(self, seconds: float = 0.3) -> None:
         self.sock.settimeout(seconds)
@@ -264,15 +262,24 @@ class RawClient:
         raise AssertionError(f"expected nothing, got {data[:200]!r}")
 
 
-def confirm_subscribed(publisher: RawClient, channel: str, *subscribers: RawClient) -> None:
-    """Publish a probe on ``channel`` and wait until every subscriber has it: their
-    SUBSCRIBE (sent earlier on the same connection) is then in place, and so is
-    the publisher's AUTH. A subscriber to ``channel`` that is also the publisher
-    gets its own probe too: pass it among ``subscribers``."""
-    payload = b"probe " + os.urandom(8).hex().encode()
-    publisher.publish(channel, payload)
+def confirm_subscribed(publisher: RawClient, channel: str, *subscribers: RawClient, timeout: float = 10.0) -> None:
+    """Instead of sleeping: probes published on ``channel`` until every subscriber
+    has one, then a last probe that all of them read. Their SUBSCRIBE is then in
+    place, and nothing but probes (no ERROR, no message) came to them before it.
+    A publisher subscribed to ``channel`` gets the probes too: pass it among
+    ``subscribers``. (A first probe alone is not enough: the SUBSCRIBE and the
+    probe travel on different connections, in no set order.)"""
+    tag = b"probe " + os.urandom(4).hex().encode()
+    waiting = list(subscribers)
+    deadline = time.monotonic() + timeout
+    while waiting:
+        assert time.monotonic() < deadline, f"no probe reached {len(waiting)} subscriber(s) on {channel!r}"
+        publisher.publish(channel, tag + b" try")
+        waiting = [sub for sub in waiting if sub.probe_arrived(tag, 0.1) is None]
+    publisher.publish(channel, tag + b" last")
     for sub in subscribers:
-        sub.take_probe(payload)
+        while (got := sub.probe_arrived(tag, max(0.01, deadline - time.monotonic()))) != tag + b" last":
+            assert got is not None, f"the last probe on {channel!r} did not arrive"
 
 
 @contextlib.contextmanager

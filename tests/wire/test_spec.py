@@ -19,7 +19,7 @@ import pytest
 import trustme
 
 from hpfeeds3.broker.server import make_tls_context
-from tests.support.broker import BROKER_BIN, BrokerProcess, RawClient, free_port, sqlite_add_key
+from tests.support.broker import BROKER_BIN, BrokerProcess, RawClient, confirm_subscribed, free_port, sqlite_add_key
 
 
 def test_default_sqlite_insert_while_running_takes_effect_without_restart(tmp_path: Path, start_broker) -> None:
@@ -93,8 +93,8 @@ def test_tls_with_a_real_certificate(start_broker, certs) -> None:
     with RawClient(b.port, tls=client_ctx(ca)) as sub, RawClient(b.port, tls=client_ctx(ca)) as pub:
         sub.auth("bob", "bob-secret")
         sub.subscribe("chan1")
-        sub.expect_silence(0.2)  # subscribed before the publish
         pub.auth("alice", "alice-secret")
+        confirm_subscribed(pub, "chan1", sub)
         pub.publish("chan1", b"over tls")
         assert sub.messages(1)[0].payload == b"over tls"
         assert isinstance(sub.sock, ssl.SSLSocket) and sub.sock.version() in ("TLSv1.2", "TLSv1.3")
@@ -110,8 +110,8 @@ def test_tls_endpoint_beside_plain_bind(start_broker, certs) -> None:
     with RawClient(tls_port, tls=client_ctx(ca)) as sub, RawClient(b.port) as pub:
         sub.auth("bob", "bob-secret")
         sub.subscribe("chan1")
-        sub.expect_silence(0.2)
         pub.auth("alice", "alice-secret")
+        confirm_subscribed(pub, "chan1", sub)
         pub.publish("chan1", b"plain to tls")
         assert sub.messages(1)[0].payload == b"plain to tls"
 
@@ -260,18 +260,14 @@ def test_sigterm_exits_0_quickly(tmp_path: Path, start_broker) -> None:
 
 def test_stalled_subscriber_does_not_stop_a_second_one(start_broker) -> None:
     b = start_broker("--send-stall-timeout", "1", "--send-buffer-hard", "4M")
-    stalled = socket.create_connection(("127.0.0.1", b.port))
-    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stalled_client = RawClient.__new__(RawClient)
-    stalled_client.__init__(b.port)  # type: ignore[misc]
-    stalled_client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled_client = RawClient(b.port, rcvbuf=4096)
     stalled_client.auth("bob", "bob-secret")
     stalled_client.subscribe("chan1")
     with RawClient(b.port, timeout=20) as healthy, RawClient(b.port) as pub:
         healthy.auth("reader", "reader-secret")
         healthy.subscribe("chan1")
-        healthy.expect_silence(0.2)
         pub.auth("alice", "alice-secret")
+        confirm_subscribed(pub, "chan1", healthy, stalled_client)
         n = 3000
         payload = b"x" * 4000
         import threading
@@ -284,5 +280,4 @@ def test_stalled_subscriber_does_not_stop_a_second_one(start_broker) -> None:
         t.join(40)
         assert got == list(range(n))
         b.wait_log("slow_consumer", timeout=10)
-    stalled.close()
     stalled_client.close()

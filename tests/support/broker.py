@@ -16,7 +16,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self, cast
 
@@ -145,16 +145,22 @@ class RawClient:
         tls: ssl.SSLContext | None = None,
         timeout: float = 5.0,
         rcvbuf: int | None = None,
+        source: str | None = None,
     ) -> None:
         """``rcvbuf`` sets SO_RCVBUF before connecting (it sizes the TCP window): a subscriber that
-        does not read then makes output queue in the broker."""
-        if rcvbuf is None:
-            sock = socket.create_connection((host, port), timeout=timeout)
-        else:
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        does not read then makes output queue in the broker. ``source``: the local address
+        (another loopback address, e.g. 127.0.0.2, is another client address to the broker)."""
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:
+            if rcvbuf is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            if source is not None:
+                sock.bind((source, 0))
             sock.settimeout(timeout)
             sock.connect((host, port))
+        except OSError:
+            sock.close()
+            raise
         self.sock: socket.socket = tls.wrap_socket(sock, server_hostname="localhost") if tls else sock
         self.decoder = Decoder.for_client()
         self.pending: list[Frame] = []
@@ -280,6 +286,38 @@ def confirm_subscribed(publisher: RawClient, channel: str, *subscribers: RawClie
     for sub in subscribers:
         while (got := sub.probe_arrived(tag, max(0.01, deadline - time.monotonic()))) != tag + b" last":
             assert got is not None, f"the last probe on {channel!r} did not arrive"
+
+
+def until_logged(b: BrokerProcess, needle: str, write: Callable[[], object], timeout: float = 10.0) -> None:
+    """``write`` until the broker logs ``needle`` once more: the file watcher may
+    not be watching yet right after start (nothing tells when it is)."""
+    seen = b.log().count(needle)
+    deadline = time.monotonic() + timeout
+    while b.log().count(needle) == seen:
+        assert time.monotonic() < deadline, f"{needle!r} not logged:\n{b.log()[-2000:]}"
+        write()
+        end = time.monotonic() + 1.0
+        while b.log().count(needle) == seen and time.monotonic() < end:
+            time.sleep(0.02)
+
+
+def auth_reply(port: int, ident: str, secret: str, *, source: str = "127.0.0.1", channel: str = "chan1") -> str:
+    """AUTH, SUBSCRIBE and PUBLISH on ``channel`` in one write (a refused AUTH
+    closes the connection before any later write): "ok" when the message comes
+    back, else the ERROR text."""
+    with RawClient(port, source=source) as c:
+        nonce = c.read_info().nonce
+        who, chan = ident.encode(), channel.encode()
+        c.send(
+            encode_auth(who, sign(nonce, secret.encode()))
+            + encode_subscribe(who, chan)
+            + encode_publish(who, chan, b"auth probe")
+        )
+        frame = c.next_frame()
+    if isinstance(frame, Publish) and frame.payload == b"auth probe":
+        return "ok"
+    assert isinstance(frame, Error), frame
+    return frame.message
 
 
 @contextlib.contextmanager

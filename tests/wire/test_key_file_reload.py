@@ -9,17 +9,18 @@ import os
 from pathlib import Path
 
 from tests.conftest import USERS
-from tests.support.broker import BrokerProcess, RawClient, confirm_subscribed, write_users_json
+from tests.support.broker import (
+    BrokerProcess,
+    RawClient,
+    auth_reply,
+    confirm_subscribed,
+    until_logged,
+    write_users_json,
+)
 
 
 def authenticates(b: BrokerProcess, ident: str, secret: str) -> bool:
-    """AUTH, then a self-published message comes back (refused: an ERROR and a close)."""
-    with RawClient(b.port) as c:
-        c.auth(ident, secret)
-        c.subscribe("chan1")
-        c.publish("chan1", b"hello")
-        frame = c.next_frame()
-    return getattr(frame, "payload", None) == b"hello"
+    return auth_reply(b.port, ident, secret) == "ok"
 
 
 def test_broken_key_file_keeps_the_last_good_keys_and_live_sessions(start_broker, tmp_path: Path) -> None:
@@ -29,8 +30,7 @@ def test_broken_key_file_keeps_the_last_good_keys_and_live_sessions(start_broker
         live.auth("alice", "alice-secret")
         live.subscribe("chan2")
         confirm_subscribed(live, "chan2", live)
-        users_json.write_text('{"alice": {"secret": "half-writ')
-        b.wait_log("keeping the last good keys")
+        until_logged(b, "keeping the last good keys", lambda: users_json.write_text('{"alice": {"secret": "half-wr'))
         assert authenticates(b, "alice", "alice-secret")
         live.publish("chan2", b"still here")
         assert live.messages(1)[0].payload == b"still here"
@@ -53,9 +53,12 @@ def test_key_file_replaced_by_rename_is_reloaded(start_broker, tmp_path: Path) -
     for round_ in range(2):  # twice: the watch follows the new file, not the replaced one
         carol_secret = f"carol-secret-{round_}"
         users["carol"] = {"secret": carol_secret, "pubchans": ["chan1"], "subchans": ["chan1"]}
-        tmp = tmp_path / ".users.json.swp"
-        tmp.write_text(json.dumps(users))
-        os.replace(tmp, users_json)
-        b.wait_log(f"reloaded 3 keys from users.json ({2 if round_ == 0 else 1} changed)")
+
+        def save(text: str = json.dumps(users), tmp: Path = tmp_path / ".users.json.swp") -> None:
+            tmp.write_text(text)
+            os.replace(tmp, users_json)
+
+        # Again until seen: right after start the watcher may not be watching yet.
+        until_logged(b, f"reloaded 3 keys from users.json ({2 if round_ == 0 else 1} changed)", save)
         assert authenticates(b, "carol", carol_secret)
     assert not authenticates(b, "bob", "bob-secret")

@@ -19,7 +19,15 @@ import pytest
 import trustme
 
 from hpfeeds3.broker.server import make_tls_context
-from tests.support.broker import BROKER_BIN, BrokerProcess, RawClient, confirm_subscribed, free_port, sqlite_add_key
+from tests.support.broker import (
+    BROKER_BIN,
+    BrokerProcess,
+    RawClient,
+    confirm_subscribed,
+    free_port,
+    sqlite_add_key,
+    until_logged,
+)
 
 
 def test_default_sqlite_insert_while_running_takes_effect_without_restart(tmp_path: Path, start_broker) -> None:
@@ -147,12 +155,14 @@ def test_tls_certificate_is_reloaded_without_dropping_live_connections(start_bro
     live = RawClient(b.port, tls=client_ctx(ca))
     live.auth("alice", "alice-secret")
     live.subscribe("chan1")
-    time.sleep(0.5)  # let the watcher start
     ca2 = trustme.CA()
     cert2 = ca2.issue_cert("localhost", "127.0.0.1")
-    cert2.private_key_pem.write_to_path(str(key))
-    cert2.cert_chain_pems[0].write_to_path(str(crt))
-    b.wait_log("reloaded TLS certificate")
+
+    def write_pair() -> None:
+        cert2.private_key_pem.write_to_path(str(key))
+        cert2.cert_chain_pems[0].write_to_path(str(crt))
+
+    until_logged(b, "reloaded TLS certificate", write_pair)  # again until seen: the watcher starts after "serving"
     with RawClient(b.port, tls=client_ctx(ca2)) as fresh:
         fresh.auth("bob", "bob-secret")
     live.publish("chan1", b"still connected")

@@ -4,13 +4,11 @@ keeps the certificate being served; the next good pair replaces it."""
 from __future__ import annotations
 
 import ssl
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import trustme
 
-from tests.support.broker import BrokerProcess, RawClient
+from tests.support.broker import BrokerProcess, RawClient, until_logged
 
 KEEPING = "keeping the previous TLS certificate"
 
@@ -24,19 +22,6 @@ def served_by(b: BrokerProcess, ca: trustme.CA) -> bool:
             return c.read_info().name == b"hpfeeds"
     except ssl.SSLCertVerificationError:
         return False
-
-
-def until_logged(b: BrokerProcess, needle: str, write: Callable[[], object], timeout: float = 10.0) -> None:
-    """``write`` until the broker logs ``needle`` once more: the file watcher may
-    not be watching yet right after start (nothing tells when it is)."""
-    seen = b.log().count(needle)
-    deadline = time.monotonic() + timeout
-    while b.log().count(needle) == seen:
-        assert time.monotonic() < deadline, f"{needle!r} not logged:\n{b.log()[-2000:]}"
-        write()
-        end = time.monotonic() + 1.0
-        while b.log().count(needle) == seen and time.monotonic() < end:
-            time.sleep(0.02)
 
 
 def test_broken_or_mismatched_pair_keeps_the_served_certificate(start_broker, tmp_path: Path) -> None:

@@ -7,8 +7,10 @@ Every process started here is stopped by its fixture; every wait is bounded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import resource
 import signal
 import socket
 import sqlite3
@@ -91,7 +93,15 @@ def sqlite_add_key(
 class BrokerProcess:
     """A running ``hpfeeds-broker``; its output goes to ``log_path``."""
 
-    def __init__(self, args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, port: int = 0) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        cwd: Path,
+        env: dict[str, str] | None = None,
+        port: int = 0,
+        nofile: tuple[int, int] | None = None,
+    ) -> None:
+        """``nofile``: the (soft, hard) open-files limit the broker starts with."""
         self.cwd = cwd
         self.port = port
         self.host = "127.0.0.1"
@@ -99,7 +109,10 @@ class BrokerProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.args = [BROKER_BIN, *args]
-        self.proc = subprocess.Popen(self.args, cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        limit = None if nofile is None else functools.partial(resource.setrlimit, resource.RLIMIT_NOFILE, nofile)
+        self.proc = subprocess.Popen(
+            self.args, cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=limit
+        )
 
     def wait_ready(self, timeout: float = 15.0) -> BrokerProcess:
         assert self.port, "wait_ready needs the port the broker listens on"

@@ -15,7 +15,7 @@ import pytest
 
 from hpfeeds3.broker.auth import AccessKey
 from hpfeeds3.broker.keys import open_store
-from tests.support.broker import BrokerProcess, RawClient, free_port, wait_for_port, write_users_json
+from tests.support.broker import BrokerProcess, RawClient, free_port, free_ports, wait_for_port, write_users_json
 from tests.support.nats import NatsServer
 
 CHANNELS = ["plain", "dots.in.name", "star*", "gt>", "with space", "ünïcödé"]
@@ -295,7 +295,7 @@ def test_workers_share_the_port_and_see_each_others_messages(tmp_path, nats) -> 
     users = {f"u{i}": {"secret": "s", "pubchans": ["c"], "subchans": ["c"]} for i in range(8)}
     write_users_json(tmp_path / "users.json", users)
     port = free_port()
-    exporter = free_port()
+    exporter = free_ports(2)
     b = BrokerProcess(
         [
             "--bind",

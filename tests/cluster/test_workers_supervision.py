@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import USERS
-from tests.support.broker import BrokerProcess, auth_reply, free_port, wait_for_port, write_users_json
+from tests.support.broker import BrokerProcess, auth_reply, free_port, free_ports, wait_for_port, write_users_json
 from tests.support.nats import NatsServer
 
 
@@ -40,7 +40,7 @@ def started_pids(b: BrokerProcess) -> list[tuple[int, int]]:
 
 
 def test_a_dead_worker_is_restarted(tmp_path: Path, nats: NatsServer) -> None:
-    exporter = free_port()
+    exporter = free_ports(2)
     b = workers(tmp_path, 2, exporter, nats.url)
     try:
         wait_for_port(b.port, proc=b.proc)
@@ -60,7 +60,7 @@ def test_a_dead_worker_is_restarted(tmp_path: Path, nats: NatsServer) -> None:
 
 
 def test_a_worker_that_fails_to_start_stops_them_all_with_its_status(tmp_path: Path, nats: NatsServer) -> None:
-    exporter = free_port()
+    exporter = free_ports(2)
     with socket.socket() as taken:  # worker 1's exporter port (PORT + 1) is in use
         taken.bind(("127.0.0.1", exporter + 1))
         taken.listen()
@@ -82,7 +82,7 @@ def test_a_worker_that_fails_to_start_stops_them_all_with_its_status(tmp_path: P
     "nats.connect to an unreachable server: the start-up failure hangs instead of exiting 1",
 )
 def test_start_up_failure_exits_1_while_nats_is_unreachable(tmp_path: Path) -> None:
-    exporter = free_port()
+    exporter = free_ports(2)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", exporter))
         taken.listen()

@@ -45,6 +45,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> int:
+    """The first of ``n`` consecutive free loopback ports (``--workers`` exporters use PORT + i)."""
+    for _ in range(100):
+        first = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for i in range(1, n):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", first + i))
+            except OSError:
+                continue
+        return first
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 def wait_for_port(
     port: int, host: str = "127.0.0.1", timeout: float = 10.0, proc: subprocess.Popen | None = None
 ) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from hpfeeds3.client import BlockingClient
 from hpfeeds3.protocol import Decoder, Error, encode_subscribe
-from tests.support.broker import BrokerProcess, RawClient, free_port, sqlite_add_key
+from tests.support.broker import BrokerProcess, RawClient, confirm_subscribed, free_port, sqlite_add_key
 
 from .support import Canary, _authed_socket, metric, percentile, raise_nofile, record, scrape, speed_bound
 from .test_slow_consumers import publish
@@ -117,7 +117,7 @@ def test_auth_store_locked_then_removed_gives_clear_errors_and_sessions_keep_flo
             sub.auth("bob", "bob-secret")
             sub.subscribe("chan1")
             pub.auth("alice", "alice-secret")
-            time.sleep(0.5)
+            confirm_subscribed(pub, "chan1", sub)
             canary.window()
             # Hold an exclusive lock for 10 s: readers are refused.
             locker = sqlite3.connect(db, timeout=1, isolation_level=None)
@@ -222,9 +222,12 @@ def test_the_connection_after_the_limit_gets_error_and_close(tmp_path: Path) -> 
         pub.auth("alice", "alice-secret")
         for _ in range(limit - 2):
             conns.append(_authed_socket(b.port, "reader", "reader-secret"))
-        time.sleep(0.5)
-        samples = scrape(b.exporter_port)  # type: ignore[attr-defined]
-        connected = metric(samples, "hpfeeds_broker_client_connections")
+        deadline = time.monotonic() + 10  # until every AUTH is through
+        while True:
+            connected = metric(scrape(b.exporter_port), "hpfeeds_broker_client_connections")  # type: ignore[attr-defined]
+            if connected >= limit or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         times = []
         texts = set()
         for _ in range(20):

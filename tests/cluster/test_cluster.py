@@ -15,7 +15,15 @@ import pytest
 
 from hpfeeds3.broker.auth import AccessKey
 from hpfeeds3.broker.keys import open_store
-from tests.support.broker import BrokerProcess, RawClient, free_port, free_ports, wait_for_port, write_users_json
+from tests.support.broker import (
+    BrokerProcess,
+    RawClient,
+    confirm_subscribed,
+    free_port,
+    free_ports,
+    wait_for_port,
+    write_users_json,
+)
 from tests.support.nats import NatsServer
 
 CHANNELS = ["plain", "dots.in.name", "star*", "gt>", "with space", "ünïcödé"]
@@ -118,6 +126,20 @@ class Collector:
         self.client.close()
 
 
+def probe_until_seen(pubs: list[RawClient], channel: str, subs: list[Collector], timeout: float = 15) -> None:
+    """Instead of sleeping: each node's NATS subscriptions are in place once every
+    subscriber has a probe from every publisher (probes are sent until then)."""
+    idents = {p.ident.decode() for p in pubs}
+    for s in subs:
+        s.probes.clear()
+    deadline = time.monotonic() + timeout
+    while any(not idents <= s.probes for s in subs):
+        assert time.monotonic() < deadline, [s.probes for s in subs]
+        for pub in pubs:
+            pub.publish(channel, b"probe")
+        time.sleep(0.2)
+
+
 def three_nodes_publish(tmp_path: Path, nats_url: str, keys: str, n: int = 300) -> list[Collector]:
     """Three nodes; each node's publisher sends ``n`` messages over CHANNELS in turn,
     then ``end``; returns each node's subscriber once every ``end`` has arrived
@@ -132,13 +154,7 @@ def three_nodes_publish(tmp_path: Path, nats_url: str, keys: str, n: int = 300) 
         subs = [Collector(b.port, f"n{i}", CHANNELS) for i, b in enumerate(nodes)]
         pubs = [RawClient(b.port).auth(f"n{i}", f"n{i}-secret") for i, b in enumerate(nodes)]
         idents = {f"n{i}" for i in range(len(pubs))}
-        # Each node's NATS subscriptions are in place once every subscriber has a probe from every node.
-        deadline = time.monotonic() + 15
-        while any(s.probes != idents for s in subs) and time.monotonic() < deadline:
-            for pub in pubs:
-                pub.publish(CHANNELS[0], b"probe")
-            time.sleep(0.2)
-        assert all(s.probes == idents for s in subs), [s.probes for s in subs]
+        probe_until_seen(pubs, CHANNELS[0], subs)
         for seq in range(n):
             for pub in pubs:
                 pub.publish(CHANNELS[seq % len(CHANNELS)], str(seq).encode())
@@ -193,8 +209,8 @@ def test_nats_outage_local_delivery_goes_on_and_losses_are_counted(tmp_path, nat
             wait_linked(node)
         sub_a = Collector(a.port, "n1", ["plain"])
         sub_b = Collector(b.port, "n1", ["plain"])
-        time.sleep(1.0)
         pub = RawClient(a.port).auth("n0", "n0-secret")
+        probe_until_seen([pub], "plain", [sub_a, sub_b])
         seq = 0
 
         def publish_for(seconds: float) -> None:
@@ -215,6 +231,7 @@ def test_nats_outage_local_delivery_goes_on_and_losses_are_counted(tmp_path, nat
             time.sleep(0.1)
         resumed_within = 10 - (deadline - time.monotonic())
         assert healthz(a)["status"] == healthz(b)["status"] == "serving"
+        # Not probed: a probe b misses before it re-subscribes would count as lost.
         time.sleep(1.0)
         publish_for(1.0)
         sub_a.wait_count(seq)
@@ -263,8 +280,8 @@ def test_one_broker_killed_others_unaffected(tmp_path, nats, cluster_keys) -> No
             b.wait_ready()
             wait_linked(b)
         sub = Collector(nodes[1].port, "n1", ["plain"])
-        time.sleep(1.0)
         pub = RawClient(nodes[2].port).auth("n2", "n2-secret")
+        probe_until_seen([pub], "plain", [sub])
         pub.publish("plain", b"0")
         sub.wait_count(1)
         nodes[0].stop(signal.SIGKILL)
@@ -323,7 +340,8 @@ def test_workers_share_the_port_and_see_each_others_messages(tmp_path, nats) -> 
         clients = [RawClient(port).auth(f"u{i}", "s") for i in range(8)]
         for c in clients:
             c.subscribe("c")
-        time.sleep(1.0)
+        for c in clients:  # from each client's worker, to every client: all subscriptions are in place
+            confirm_subscribed(c, "c", *clients)
         for i, c in enumerate(clients):
             c.publish("c", str(i).encode())
         for c in clients:

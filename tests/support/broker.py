@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import os
+import random
 import resource
 import signal
 import socket
@@ -46,12 +47,17 @@ def free_port() -> int:
 
 
 def free_ports(n: int) -> int:
-    """The first of ``n`` consecutive free loopback ports (``--workers`` exporters use PORT + i)."""
-    for _ in range(100):
-        first = free_port()
+    """The first of ``n`` consecutive free loopback ports (``--workers`` exporters use PORT + i).
+
+    Taken below the kernel's ephemeral range, so no outgoing connection on this
+    busy machine takes PORT + i between this check and the broker's bind."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(max(1024, low - 12000), low - n)
         with contextlib.ExitStack() as held:
             try:
-                for i in range(1, n):
+                for i in range(n):
                     held.enter_context(socket.socket()).bind(("127.0.0.1", first + i))
             except OSError:
                 continue

@@ -15,7 +15,7 @@ import uvloop
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily
 
-from hpfeeds3.broker.auth.env import EnvAuthenticator
+from hpfeeds3.broker.auth.env import EnvStore
 from hpfeeds3.broker.config import BrokerConfig, ConfigError
 from hpfeeds3.broker.exporter import start_exporter
 from hpfeeds3.broker.state import Broker
@@ -140,7 +140,7 @@ def test_healthz_answers_the_brokers_own_health_in_each_state(state: str, status
     its listeners (tests/ops/test_shutdown.py sees ``stopping`` on a real process)."""
 
     async def main() -> None:
-        broker = Broker(BrokerConfig(name="health"), EnvAuthenticator({}), asyncio.get_running_loop())
+        broker = Broker(BrokerConfig(name="health"), EnvStore({}), asyncio.get_running_loop())
         assert broker.state == "starting"
         broker.state = state
         stop = await start_exporter("127.0.0.1", 0, broker.health)

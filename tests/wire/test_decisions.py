@@ -207,18 +207,39 @@ def test_connection_cap_refuses_with_error(start_broker) -> None:
         assert c2.messages(1)[0].payload == b"still served"
 
 
-def test_unauthenticated_cap(start_broker) -> None:
+def test_unauthenticated_cap_closes_the_oldest_and_admits_the_newcomer(start_broker) -> None:
     b = start_broker("--max-unauthenticated", "2", "--auth-timeout", "5")
     with RawClient(b.port) as c1, RawClient(b.port) as c2:
         c1.read_info()
         c2.read_info()
         with RawClient(b.port) as c3:
-            frames = c3.expect_closed()
-        assert frames[-1].message.startswith("limit: too many unauthenticated connections")
-        c1.auth("alice", "alice-secret")
-        c1.subscribe("chan1")
-        c1.publish("chan1", b"fine")
-        assert c1.messages(1)[0].payload == b"fine"
+            c3.auth("alice", "alice-secret")
+            frames = c1.expect_closed()
+            assert frames[-1].message == (  # type: ignore[union-attr]
+                "limit: too many unauthenticated connections (limit 2): the oldest is closed"
+            )
+            c3.subscribe("chan1")
+            c3.publish("chan1", b"fine")
+            assert c3.messages(1)[0].payload == b"fine"
+        c2.auth("alice", "alice-secret")
+        c2.subscribe("chan1")
+        c2.publish("chan1", b"also fine")
+        assert c2.messages(1)[0].payload == b"also fine"
+
+
+def test_unauthenticated_cap_per_address_closes_that_address_oldest(start_broker) -> None:
+    b = start_broker("--max-unauthenticated-per-address", "2", "--auth-timeout", "5")
+    with RawClient(b.port) as c1, RawClient(b.port) as c2, RawClient(b.port) as c3:
+        for c in (c1, c2, c3):
+            c.read_info()
+        frames = c1.expect_closed()
+        assert frames[-1].message == (  # type: ignore[union-attr]
+            "limit: too many unauthenticated connections from this address (limit 2): the oldest is closed"
+        )
+        c3.auth("alice", "alice-secret")
+        c3.subscribe("chan1")
+        c3.publish("chan1", b"fine")
+        assert c3.messages(1)[0].payload == b"fine"
 
 
 def test_subscription_cap(start_broker, tmp_path) -> None:

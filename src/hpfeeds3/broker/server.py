@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 
 from . import metrics
-from .auth import Authenticator, build_authenticator
+from .auth import Authenticator, ChangeFeed, build_authenticator
 from .config import BrokerConfig, ConfigError, Endpoint
 from .connection import Connection
 from .state import Broker
@@ -149,6 +149,7 @@ async def serve(
     watch_stop = asyncio.Event()
 
     servers: list[asyncio.base_events.Server] = []
+    served = False
     try:
         bound = (
             list(sockets)
@@ -161,11 +162,11 @@ async def serve(
                 assert endpoint.cert and endpoint.key
                 ctx = make_tls_context(endpoint.cert, endpoint.key)
                 broker.spawn(_watch_tls(ctx, endpoint.cert, endpoint.key, watch_stop))
+            # TLS listeners accept plain TCP: the connection runs the handshake
+            # itself, so it counts against the limits from accept.
             server = await loop.create_server(
-                lambda: Connection(broker),
+                lambda ctx=ctx: Connection(broker, ctx),  # type: ignore[misc]
                 sock=sock,
-                ssl=ctx,
-                ssl_handshake_timeout=config.limits.tls_handshake_timeout_s if ctx else None,
                 backlog=LISTEN_BACKLOG,
             )
             servers.append(server)
@@ -177,10 +178,13 @@ async def serve(
 
             backplane = NatsBackplane(
                 config.cluster,
-                broker.router,
-                max_frame_bytes=broker.frame_limits.max_publish_frame_bytes,
+                broker.router.deliver_local,
+                limits=broker.frame_limits,
                 name=config.name,
+                outbox_bytes=config.limits.cluster_outbox_bytes,
+                auth=config.cluster_auth,
             )
+            broker.router.attach(backplane)
             await backplane.start()
             broker.backplane = backplane
             cleanups.append(backplane.close)
@@ -191,14 +195,21 @@ async def serve(
             cleanups.append(await start_exporter(config.exporter[0], config.exporter[1], broker.health))
             log.info("metrics on http://%s:%s/metrics", *config.exporter)
 
+        if config.admin is not None:
+            from .admin import start_admin
+
+            cleanups.append(await start_admin(broker, config.admin))
+
         broker.spawn(_watch_auth_changes(broker, auth))
         log.info(
-            "broker %r serving; auth %r; at most %d connections",
+            "hpfeeds3 %s: broker %r serving; auth %r; at most %d connections",
+            __version__,
             config.name,
             auth,
             broker.max_connections,
         )
         broker.state = "serving"
+        served = True
         # Everything allocated so far lives as long as the process: keep it out
         # of the cyclic GC's generations so full collections stay short.
         gc.collect()
@@ -218,16 +229,16 @@ async def serve(
             if result is not None:
                 with contextlib.suppress(Exception):
                     await result
-        log.info("broker stopped")
+        if served:  # a start that failed says why on its own; it never served
+            log.info("broker stopped")
 
 
 async def _watch_auth_changes(broker: Broker, auth: Authenticator) -> None:
     """Feed the store's change notifications into ``Broker.recheck`` (revocation).
 
-    A backend that can tell has ``changes()``: an async iterator of changed
+    A store that can tell is a ``ChangeFeed``: ``changes()`` yields changed
     idents (``None``: anything may have changed)."""
-    changes = getattr(auth, "changes", None)
-    if changes is None:
+    if not isinstance(auth, ChangeFeed):
         return
-    async for idents in changes():
+    async for idents in auth.changes():
         await broker.recheck(idents)

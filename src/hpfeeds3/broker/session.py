@@ -161,7 +161,7 @@ class Session:
 
     @property
     def pending_frame_bytes(self) -> int:
-        """Declared length of the frame being received (0 when none has started)."""
+        """Declared length of the frame whose header has arrived and body has not (else 0)."""
         return self._decoder.pending_frame_bytes
 
     def receive(self, data: bytes) -> bool:

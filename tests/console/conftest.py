@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hpfeeds3.broker.keys.records import make_key
 
 from hpfeeds3.broker.admin.tokens import generate_token, hash_token
+from hpfeeds3.broker.auth.base import make_key
 from hpfeeds3.broker.keys import open_store
 from hpfeeds3.client import BlockingClient
 from tests.support.broker import BrokerProcess, free_port, sqlite_add_key, wait_for_port, write_users_json

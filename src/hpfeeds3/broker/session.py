@@ -299,7 +299,7 @@ class Session:
                 shown,
                 self.peer,
                 why,
-                extra={"event": "auth_failed", "peer": self.peer, "reason": why},
+                extra={"event": "auth_failed", "peer": self.peer, "ident": shown, "reason": why},
             )
             self._refuse(CloseReason.AUTH_FAILED, f"Authentication failed for {shown}", "invalid-secret")
             return False

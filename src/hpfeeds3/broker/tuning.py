@@ -99,3 +99,7 @@ CLUSTER_SUB_PENDING_BYTES = 64 * 1024 * 1024
 # (every one is counted); at most this many origins are remembered.
 CLUSTER_REJECT_LOG_INTERVAL_S = 60.0
 CLUSTER_REJECT_LOG_ORIGINS = 1024
+
+# At shutdown, how long the cluster link's tasks get to finish after being
+# cancelled: nats.connect retrying an unreachable server may not notice.
+CLUSTER_CLOSE_WAIT_S = 2.0

@@ -46,6 +46,7 @@ from ..config import ClusterAuth, ConfigError
 from ..redact import redact_url, redact_urls
 from ..text import escape, printable
 from ..tuning import (
+    CLUSTER_CLOSE_WAIT_S,
     CLUSTER_HEADER_ALLOWANCE_BYTES,
     CLUSTER_JOIN_BYTES,
     CLUSTER_MAX_OUTSTANDING_PINGS,
@@ -208,9 +209,10 @@ class NatsBackplane:
         self._stopping = True
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        # Bounded: inside its first nats.connect (NATS unreachable, retrying for
+        # ever) the link task may not finish on cancellation; shutdown must.
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=CLUSTER_CLOSE_WAIT_S)
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._nc.close(), 2)

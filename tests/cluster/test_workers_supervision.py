@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,3 +74,21 @@ def test_a_worker_that_fails_to_start_stops_them_all_with_its_status(tmp_path: P
     assert "worker 1 failed to start (exit 1); stopping" in log
     assert f"--exporter 127.0.0.1:{exporter + 1}: cannot listen" in log
     assert "all workers stopped" in log
+
+
+def test_start_up_failure_exits_1_while_nats_is_unreachable(tmp_path: Path) -> None:
+    """The link task is then retrying its first connection: stopping must not wait for NATS."""
+    exporter = free_ports(2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", exporter))
+        taken.listen()
+        port = free_port()
+        argv = ["--bind", f"127.0.0.1:{port}", "--auth", "env", "--cluster", f"nats://127.0.0.1:{free_port()}"]
+        b = BrokerProcess([*argv, "--exporter", f"127.0.0.1:{exporter}"], cwd=tmp_path, port=port)
+        try:
+            rc = b.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            b.stop(signal.SIGKILL)
+    assert rc == 1, b.log()[-2000:]

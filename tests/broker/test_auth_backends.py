@@ -158,6 +158,10 @@ def test_json_backend_reloads_on_change_and_keeps_last_good_data(tmp_path: Path)
         path.write_text("{ broken")
         await asyncio.sleep(0.6)
         assert (await auth.lookup("b")).secret == "s2"  # type: ignore[union-attr]
+        # The watcher outlives the broken file: the next good one is read.
+        path.write_text(json.dumps({"c": {"owner": "o", "secret": "s3", "pubchans": [], "subchans": []}}))
+        await wait_for(auth, "c", "s3")
+        assert await auth.lookup("b") is None
         await auth.close()
 
     run(scenario())

@@ -50,13 +50,18 @@ def wait_linked(b: BrokerProcess, timeout: float = 15) -> None:
 
 
 class Collector:
-    """A subscriber reading in a thread; ``got[(ident, channel)]`` = payloads in order."""
+    """A subscriber reading in a thread; ``got[(ident, channel)]`` = payloads in order,
+    ``by_publisher[ident]`` = (channel, payload) in arrival order, ``probes`` = idents
+    whose ``probe`` payload arrived (not counted), ``ends`` = idents whose ``end`` did."""
 
     def __init__(self, port: int, ident: str, channels: list[str]) -> None:
         self.client = RawClient(port, timeout=60)
         self.client.auth(ident, f"{ident}-secret")
         self.client.subscribe(*channels)
         self.got: dict[tuple[str, str], list[int]] = {}
+        self.by_publisher: dict[str, list[tuple[str, str]]] = {}
+        self.probes: set[str] = set()
+        self.ends: set[str] = set()
         self.count = 0
         self._stop = False
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -71,7 +76,15 @@ class Collector:
             except (OSError, ConnectionError):
                 return
             key = (frame.ident.decode(), frame.channel.decode())  # type: ignore[union-attr]
-            self.got.setdefault(key, []).append(int(frame.payload))  # type: ignore[union-attr]
+            payload = frame.payload.decode()  # type: ignore[union-attr]
+            if payload == "probe":
+                self.probes.add(key[0])
+                continue
+            self.by_publisher.setdefault(key[0], []).append((key[1], payload))
+            if payload == "end":
+                self.ends.add(key[0])
+                continue
+            self.got.setdefault(key, []).append(int(payload))
             self.count += 1
 
     def wait_count(self, n: int, timeout: float = 30) -> None:
@@ -83,6 +96,20 @@ class Collector:
         self._stop = True
         self.thread.join(5)
         self.client.close()
+
+
+def probe_until_seen(pubs: list[RawClient], channel: str, subs: list[Collector], timeout: float = 15) -> None:
+    """Instead of sleeping: each node's NATS subscriptions are in place once every
+    subscriber has a probe from every publisher (probes are sent until then)."""
+    idents = {p.ident.decode() for p in pubs}
+    for s in subs:
+        s.probes.clear()
+    deadline = time.monotonic() + timeout
+    while any(not idents <= s.probes for s in subs):
+        assert time.monotonic() < deadline, [s.probes for s in subs]
+        for pub in pubs:
+            pub.publish(channel, b"probe")
+        time.sleep(0.2)
 
 
 def write_keys(tmp_path: Path, channels: list[str] = CHANNELS) -> str:

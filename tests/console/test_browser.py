@@ -132,7 +132,7 @@ def test_admin_adds_a_key_watches_the_sensor_revokes_and_removes(
         first = wait(browser, lambda d: (r := row_of(d, "sensors-table", "sensor-7")) and int(r[5]) >= 3 and r)
         assert first[2] == "1"
         publish(client, "cowrie.sessions", *(f'{{"session": {i}}}' for i in range(3, 10)))
-        wait(browser, lambda d: int(row_of(d, "sensors-table", "sensor-7")[5]) == 10)
+        wait(browser, lambda d: int(row_of(d, "sensors-table", "sensor-7")[5]) == 10)  # type: ignore[index]
         silent = row_of(browser, "sensors-table", "existing-sensor")
         assert silent is not None and by_id(browser, "sensors-table").find_element(By.CSS_SELECTOR, "tr.silent")
         browser.save_screenshot(str(screenshots / "sensors.png"))
@@ -167,7 +167,7 @@ def test_admin_adds_a_key_watches_the_sensor_revokes_and_removes(
         fill(browser, "chg-ident", "sensor-7")
         fill(browser, "chg-sub", "cowrie.sessions")
         by_id(browser, "chg-revoke").click()
-        wait(browser, lambda d: row_of(d, "keys-table", "sensor-7")[3] == "")
+        wait(browser, lambda d: row_of(d, "keys-table", "sensor-7")[3] == "")  # type: ignore[index]
         tab(browser, "connections")
         wait(browser, lambda d: next(r for r in rows(d, "connections-table") if r[1] == "sensor-7")[5] == "")
 
@@ -224,7 +224,7 @@ def test_hostile_ident_channel_and_payload_render_inert(browser: Any, console: C
         tab(browser, "connections")
         wait(browser, lambda d: any(r[1] == XSS_IDENT and XSS_CHANNEL in r[6] for r in rows(d, "connections-table")))
         tab(browser, "keys")
-        assert row_of(browser, "keys-table", XSS_IDENT)[1] == XSS_PAYLOAD
+        assert row_of(browser, "keys-table", XSS_IDENT)[1] == XSS_PAYLOAD  # type: ignore[index]
         tab(browser, "events")
         wait(browser, lambda d: any(r[3] == XSS_IDENT for r in rows(d, "events-table")))
         tab(browser, "channels")

@@ -39,9 +39,9 @@ def _send_until_closed(
     sel = selectors.DefaultSelector()
     started = time.monotonic()
     pending: dict[socket.socket, bytes] = {}
-    for s in socks:
-        pending[s] = first
-        sel.register(s, selectors.EVENT_WRITE | selectors.EVENT_READ)
+    for sock in socks:
+        pending[sock] = first
+        sel.register(sock, selectors.EVENT_WRITE | selectors.EVENT_READ)
     sent = 0
     closed_after: list[float] = []
     open_ = set(socks)

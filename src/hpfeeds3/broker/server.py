@@ -18,6 +18,7 @@ import os
 import resource
 import socket
 import ssl
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 
 from . import metrics
@@ -43,6 +44,26 @@ def make_tls_context(cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
+def _reload_pair(ctx: ssl.SSLContext, cert: str, key: str) -> None:
+    """Load a new certificate and key into the serving context only once they pair.
+
+    ``load_cert_chain`` on a mismatched pair raises after it has replaced the
+    certificate, leaving a context that fails every handshake. So the files are
+    copied once (owner-only, in a private directory), the copies are loaded into
+    a throwaway context first, and the serving context loads the same copies."""
+    with tempfile.TemporaryDirectory(prefix="hpfeeds-tls-") as tmp:
+        copies = []
+        for source, name in ((cert, "cert.pem"), (key, "key.pem")):
+            with open(source, "rb") as f:
+                data = f.read()
+            copy = os.path.join(tmp, name)
+            with os.fdopen(os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                f.write(data)
+            copies.append(copy)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(*copies)
+        ctx.load_cert_chain(*copies)
+
+
 async def _watch_tls(ctx: ssl.SSLContext, cert: str, key: str, stop: asyncio.Event) -> None:
     """Reload certificate and key when their files change; live connections keep theirs."""
     from watchfiles import awatch
@@ -52,7 +73,7 @@ async def _watch_tls(ctx: ssl.SSLContext, cert: str, key: str, stop: asyncio.Eve
     try:
         async for _ in awatch(*dirs, stop_event=stop, debounce=300, step=50, watch_filter=lambda _c, p: p in paths):
             try:
-                ctx.load_cert_chain(cert, key)
+                _reload_pair(ctx, cert, key)
                 log.info("reloaded TLS certificate %s", cert)
             except (OSError, ssl.SSLError) as e:
                 # Cert and key are often replaced one after the other: the pair

@@ -226,13 +226,15 @@ class NatsBackplane:
         log.info("cluster: connecting to NATS %s", self.where)
         while not self._stopping:
             try:
-                # With max_reconnect_attempts=-1 this retries inside until a
-                # server answers; each failure reaches _on_error, which logs it.
+                # The first connection is retried here, not inside nats-py:
+                # its own retry loop does not end on cancellation, so a broker
+                # stopping while NATS is unreachable would never exit. Once
+                # linked, the client reconnects by itself, for ever.
                 nc = await nats.connect(
                     servers=self.servers,
                     name=f"hpfeeds3:{self.name}:{self.origin}",
                     no_echo=True,
-                    allow_reconnect=True,
+                    allow_reconnect=False,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=CLUSTER_RECONNECT_WAIT_S,
                     connect_timeout=2,
@@ -249,6 +251,7 @@ class NatsBackplane:
                 self._log_error(e)
                 await asyncio.sleep(CLUSTER_RECONNECT_WAIT_S)
                 continue
+            nc.options["allow_reconnect"] = True
             self._nc = nc
             self._mark_connected()
             self._reconcile.set()

@@ -1,8 +1,10 @@
 # syntax=docker/dockerfile:1
 #
 # The hpfeeds3 broker image:
-#   docker build -t jc2k/hpfeeds3-broker .
-#   docker run -p 0.0.0.0:10000:10000 jc2k/hpfeeds3-broker
+#   docker build -t localhost/hpfeeds3-broker .
+#   docker run -p 0.0.0.0:10000:10000 localhost/hpfeeds3-broker
+# (localhost/: a name no public registry serves, so a missing image is an
+# error, never someone else's broker pulled in its place.)
 #
 # Two stages: the builder installs the package and its broker dependencies into
 # a virtual environment at /app; the final stage copies only that venv onto the
@@ -22,7 +24,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /app
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md SECURITY.md ./
+COPY docs ./docs
 COPY src ./src
 # pip builds a wheel from the source tree and installs it (not editable) with the broker extra.
 RUN /app/bin/pip install ".[broker]" \

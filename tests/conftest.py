@@ -1,7 +1,12 @@
-"""Fixtures shared by the whole suite: our broker as a subprocess, raw clients."""
+"""Fixtures shared by the whole suite: our broker as a subprocess, raw clients.
+
+Under ``CI=true`` a skipped test fails the run unless its reason is one of
+``CI_ALLOWED_SKIPS``: a test that cannot run in CI must say why, here.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -9,6 +14,49 @@ import pytest
 
 from tests.support.broker import BrokerProcess, free_port, write_users_json
 from tests.support.postgres import PostgresServer
+
+# Skip reasons CI accepts (a prefix of the reason), each with why the test may not run there.
+CI_ALLOWED_SKIPS = {
+    "no IPv6": "the machine may have IPv6 disabled; binding [::1] is then impossible",
+    "the reference broker's TLS needs Python <= 3.10": (
+        "the reference broker's TLS breaks on Python >= 3.11's asyncio, and CI's Python is 3.11+"
+    ),
+}
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _skip_reason(longrepr: object) -> str:
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def _refuse_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """Under CI=true, a skip whose reason is not allowed becomes a failure."""
+    if not (_in_ci() and report.skipped) or hasattr(report, "wasxfail"):
+        return
+    reason = _skip_reason(report.longrepr)
+    if not any(reason.startswith(allowed) for allowed in CI_ALLOWED_SKIPS):
+        report.outcome = "failed"
+        report.longrepr = (
+            f"skipped under CI=true ({reason!r}); CI allows only these skips (tests/conftest.py CI_ALLOWED_SKIPS): "
+            f"{sorted(CI_ALLOWED_SKIPS)}"
+        )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    _refuse_skip(outcome.get_result())  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    outcome = yield
+    _refuse_skip(outcome.get_result())  # type: ignore[attr-defined]
+
 
 # Keys every ``broker`` fixture knows (users.json, the reference format).
 USERS = {

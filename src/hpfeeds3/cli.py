@@ -14,6 +14,7 @@ import base64
 import json
 import logging
 import os
+import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -28,6 +29,7 @@ from .client import (
     ClientError,
     ConnectionLost,
     Message,
+    NoGreeting,
 )
 
 EXIT_OK = 0
@@ -42,6 +44,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 10000
 DEFAULT_WAIT_S = 0.5
 DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_FINISH_S = 5.0  # publish: how long the broker may take to close after our half-close
 STDIN_CHUNK_BYTES = 64 * 1024
 
 EPILOG = f"""\
@@ -77,6 +80,8 @@ exit status:
 Errors are reported as one line on standard error.
 """
 
+SUBCOMMAND_EPILOG = "environment, output format and exit status: hpfeeds --help"
+
 
 @dataclass(frozen=True, slots=True)
 class Options:
@@ -87,6 +92,7 @@ class Options:
     channels: tuple[str, ...]
     tls: bool
     cafile: str | None
+    server_name: str | None
     timeout_s: float
     verbose: bool
 
@@ -119,7 +125,16 @@ def _common_options() -> argparse.ArgumentParser:
     )
     p.add_argument("--tls", action="store_true", default=s, help="use TLS, trusting the system's CAs")
     p.add_argument("--tlscert", metavar="CAFILE", default=s, help="use TLS, trusting the CA certificate(s) in CAFILE")
-    p.add_argument("--timeout", type=float, default=s, help=f"connect timeout in seconds (default {DEFAULT_TIMEOUT_S})")
+    p.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        default=s,
+        help="use TLS; the name the broker's certificate must hold (default: --host), "
+        "e.g. when connecting by IP address to a certificate issued for a host name",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=s, metavar="SECONDS", help=f"connect timeout (default {DEFAULT_TIMEOUT_S:g} s)"
+    )
     p.add_argument("-v", "--verbose", action="store_true", default=s, help="report connections on stderr")
     p.add_argument("--debug", action="store_true", default=s, help="debug logging on stderr")
     return p
@@ -135,14 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
         parents=[common],
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"hpfeeds {__version__}")
     actions = parser.add_subparsers(dest="action", required=True, metavar="{subscribe,publish,sendfile}")
 
     def action(name: str, help: str) -> argparse.ArgumentParser:
-        return actions.add_parser(name, parents=[common], help=help, epilog=EPILOG, formatter_class=formatter)
+        return actions.add_parser(name, parents=[common], help=help, epilog=SUBCOMMAND_EPILOG)
 
     sub = action("subscribe", "print messages of the -c channels")
     sub.add_argument("--json", action="store_true", help="one JSON object per line")
-    sub.add_argument("-n", "--count", type=int, default=None, help="exit 0 after this many messages")
+    sub.add_argument("-n", "--count", type=int, default=None, metavar="N", help="exit 0 after N messages")
     sub.add_argument("-o", "--output", default=None, help="append to this file instead of standard output")
 
     pub = action("publish", "publish a message to the -c channels")
@@ -153,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait",
         type=float,
         default=DEFAULT_WAIT_S,
-        help=f"seconds to wait after sending for an ERROR from the broker (default {DEFAULT_WAIT_S})",
+        metavar="SECONDS",
+        help=f"how long to listen for an ERROR after sending (default {DEFAULT_WAIT_S:g} s); on plain TCP "
+        "the command then also waits for the broker to close after its last answer, so a refused "
+        "login or channel is reported even with --wait 0",
     )
 
     send = action("sendfile", "publish a file's content (reference compatibility)")
@@ -187,14 +208,16 @@ def _options(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Options
     cafile = getattr(ns, "tlscert", None)
     if cafile is not None and not os.path.isfile(cafile):
         parser.error(f"--tlscert {cafile!r} is not a file")
+    server_name = getattr(ns, "tls_server_name", None)
     return Options(
         host=host,
         port=port,
         ident=ident,
         secret=secret,
         channels=channels,
-        tls=bool(getattr(ns, "tls", False)) or cafile is not None,
+        tls=bool(getattr(ns, "tls", False)) or cafile is not None or server_name is not None,
         cafile=cafile,
+        server_name=server_name,
         timeout_s=getattr(ns, "timeout", None) or DEFAULT_TIMEOUT_S,
         verbose=bool(getattr(ns, "verbose", False)),
     )
@@ -208,6 +231,7 @@ def _client(opts: Options, *, reconnect: bool) -> Client:
         opts.secret,
         tls=opts.tls,
         cafile=opts.cafile,
+        server_hostname=opts.server_name,
         reconnect=reconnect,
         connect_timeout_s=opts.timeout_s,
     )
@@ -228,12 +252,20 @@ def _failure(exc: BaseException, opts: Options) -> CliError:
         return CliError(EXIT_DENIED, f"access denied: {exc.message}")
     if isinstance(exc, BrokerError):
         return CliError(EXIT_ERROR, f"broker error: {exc.message}")
+    if isinstance(exc, NoGreeting):
+        silence = "closed the connection" if "without a byte" in str(exc) else f"sent nothing in {opts.timeout_s:g} s"
+        return CliError(EXIT_CONNECT, f"cannot connect to {where}: the broker {silence}: is this a TLS port? try --tls")
     if isinstance(exc, ConnectionLost):
         return CliError(EXIT_CONNECT, f"{where}: {exc}")
     if isinstance(exc, TimeoutError):
-        return CliError(EXIT_CONNECT, f"cannot connect to {where}: timed out after {opts.timeout_s} s")
+        return CliError(EXIT_CONNECT, f"cannot connect to {where}: timed out after {opts.timeout_s:g} s")
     if isinstance(exc, ssl.SSLError):
-        return CliError(EXIT_CONNECT, f"cannot connect to {where}: TLS: {getattr(exc, 'verify_message', '') or exc}")
+        reason = getattr(exc, "verify_message", "") or getattr(exc, "reason", None) or str(exc)
+        if getattr(exc, "reason", None) in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"):
+            reason += ": is this a plain (non-TLS) port? try without --tls"
+        return CliError(EXIT_CONNECT, f"cannot connect to {where}: TLS: {reason}")
+    if isinstance(exc, socket.gaierror):
+        return CliError(EXIT_CONNECT, f"cannot connect to {where}: cannot resolve {opts.host!r}: {exc.strerror}")
     if isinstance(exc, OSError):
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         return CliError(EXIT_CONNECT, f"cannot connect to {where}: {reason}")
@@ -372,6 +404,8 @@ async def _publish(opts: Options, ns: argparse.Namespace) -> int:
             sent += 1
         await client.flush()
         await client.wait_ready(ns.wait)
+        # Half-close and hear the broker out: a refused AUTH is reported even with --wait 0.
+        await client.finish(timeout_s=max(ns.wait, DEFAULT_FINISH_S))
         if opts.verbose:
             _say(f"published {sent} message(s) to {', '.join(opts.channels)} on {opts.host}:{opts.port}")
         return EXIT_OK

@@ -62,7 +62,7 @@ def test_bind_with_tls_and_extra_endpoints(tmp_path) -> None:
     c = config("--bind", "[::]:10001", "--tlscert", str(cert), "--tlskey", str(key), "-e", "tcp:port=10002")
     assert c.endpoints == (
         Endpoint("tls", "::", 10001, cert=str(cert), key=str(key)),
-        Endpoint("tcp", "0.0.0.0", 10002),
+        Endpoint("tcp", "::", 10002),  # no interface=: the --bind host
     )
     with pytest.raises(ConfigError, match="cannot read TLS file"):
         config("--tlscert", str(tmp_path / "missing.pem"), "--tlskey", str(key))

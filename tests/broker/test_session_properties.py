@@ -178,6 +178,6 @@ def test_decoder_runs_expand_to_the_frames_received(frames: list[bytes], data) -
                 assert all(f.ident == item.ident and f.channel == item.channel for f in inner)
                 lens = item.payload_lens or [item.payload_len] * item.frames
                 assert [len(f.payload) for f in inner] == lens
-                expanded.extend(encode(f) for f in inner)
+                expanded.extend(encode(f) for f in inner)  # type: ignore[arg-type]  # no runs: runs=False
     assert expanded == frames
     assert runs_decoder.buffered == 0

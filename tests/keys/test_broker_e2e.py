@@ -78,3 +78,61 @@ def test_cli_changes_reach_new_and_live_connections(
             with RawClient(port) as again:
                 again.auth("sensor", pub_secret)
                 assert "authfail" in again.expect_error()
+
+
+def test_rows_without_a_secret_authenticate_nobody(tmp_path: Path) -> None:
+    """NULL or empty secret: SHA1(nonce) does not log in; BLOB or numeric: a clean authfail, not a reset."""
+    import hashlib
+    import sqlite3
+
+    from hpfeeds3.protocol import encode_auth
+
+    db = tmp_path / "sqlite.db"
+    conn = sqlite3.connect(db)
+    conn.execute(
+        "create table authkeys (id integer primary key autoincrement, owner, ident, secret, pubchans, subchans)"
+    )
+    with conn:
+        for ident, secret in (("null", None), ("empty", ""), ("blob", b"s3cret"), ("numeric", 12345)):
+            conn.execute(
+                "insert into authkeys (owner, ident, secret, pubchans, subchans) values ('o', ?, ?, '[\"c\"]', '[]')",
+                (ident, secret),
+            )
+    conn.close()
+    with running_broker(tmp_path, "--auth", f"sqlite:{db}") as broker:
+        assert broker.port is not None
+        for ident, guess in (("null", b""), ("empty", b""), ("blob", b"s3cret"), ("numeric", b"12345")):
+            with RawClient(broker.port) as c:
+                nonce = c.read_info().nonce
+                c.send(encode_auth(ident.encode(), hashlib.sha1(nonce + guess).digest()))
+                frames = c.expect_closed()
+                assert frames and isinstance(frames[-1], Error), (ident, frames)
+                assert frames[-1].message == f"authfail: Authentication failed for {ident}", ident
+        log = broker.log()
+    for ident in ("null", "empty", "blob", "numeric"):
+        assert f"the key for {ident!r} is not valid" in log
+    assert "Traceback" not in log
+
+
+def test_chain_with_postgresql_down_serves_the_idents_sqlite_knows(keys: Keys, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    down = f"postgresql://hpfeeds:hunter2@127.0.0.1:{closed}/hpfeeds?password=hunter3"
+    local = f"sqlite:{tmp_path / 'local.db'}"
+    assert keys("add", "local-sensor", "--secret", "l", "--pub", "c", "--auth", local).code == 0
+    with running_broker(tmp_path, "--auth", down, "--auth", local) as broker:
+        assert broker.port is not None
+        with RawClient(broker.port) as c:
+            c.auth("local-sensor", "l")
+            c.publish("c", b"served while the database is down")
+            c.expect_silence(0.3)  # no ERROR: logged in, allowed
+        with RawClient(broker.port) as c:
+            c.auth("remote-sensor", "r")
+            assert c.expect_error() == (
+                "authfail: Authentication failed for remote-sensor: the key store is unavailable, try again later"
+            )
+        log = broker.log()
+    assert "hpfeeds:***@" in log and "hunter" not in log

@@ -227,3 +227,90 @@ def test_module_runs_as_a_program(tmp_path: Path) -> None:
     assert r.returncode == 0 and len(r.stdout.strip()) >= 32
     r = subprocess.run([*cmd, "show", "nope", "--auth", spec], capture_output=True, text=True, timeout=30)
     assert r.returncode == ExitCode.NO_SUCH_IDENT
+
+
+@pytest.mark.parametrize("where", ["missing parent", "parent is a file", "unwritable directory"])
+@pytest.mark.parametrize("kind", ["sqlite", "json"])
+def test_add_where_the_store_cannot_be_created_is_one_line_and_exit_5(
+    keys: Keys, tmp_path: Path, where: str, kind: str
+) -> None:
+    if where == "missing parent":
+        path = tmp_path / "no" / "such" / "dir" / "keys"
+    elif where == "parent is a file":
+        (tmp_path / "file").write_text("")
+        path = tmp_path / "file" / "keys"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into any directory")
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        path = locked / "keys"
+    spec = f"sqlite:{path}.db" if kind == "sqlite" else f"{path}.json"
+    r = keys("add", "sensor1", "--secret", "s3cret", "--auth", spec)
+    assert r.code == ExitCode.STORE_UNAVAILABLE, r
+    assert r.err.count("\n") == 1 and r.err.startswith("hpfeeds-broker keys: error: "), r.err
+    assert "Traceback" not in r.err and "s3cret" not in r.err
+    assert r.out == ""
+
+
+def test_add_where_the_postgres_table_cannot_be_made_is_exit_5(keys: Keys, postgres_server) -> None:
+    r = keys("add", "sensor1", "--secret", "s3cret", "--auth", postgres_server.dsn("no_such_db"))
+    assert r.code == ExitCode.STORE_UNAVAILABLE and r.err.count("\n") == 1 and "unused" not in r.err
+
+
+def test_export_onto_an_existing_0644_file_leaves_it_0600(keys: Keys, tmp_path: Path) -> None:
+    spec = f"sqlite:{tmp_path / 'k.db'}"
+    assert keys("add", "s1", "--secret", "x", "--auth", spec).code == 0
+    target = tmp_path / "backup.json"
+    target.write_text("old contents")
+    target.chmod(0o644)
+    r = keys("export", "--auth", spec, "--to", str(target))
+    assert r.code == 0 and "mode 0600" in r.err
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert json.loads(target.read_text())["s1"]["secret"] == "x"
+    assert sorted(os.listdir(tmp_path)) == ["backup.json", "k.db"]  # no temporary file left
+
+
+@pytest.mark.parametrize("ident", ["ident", "identifier", "secret", "owner", "pubchans", "subscribe"])
+def test_export_then_import_round_trips_idents_named_like_fields(keys: Keys, store_spec: str, tmp_path: Path,
+                                                                 ident: str) -> None:  # fmt: skip
+    key = AccessKey(ident, "s3cret-" + ident, "o", ("a",), ("b",))
+    with open_store(store_spec, create=True) as store:
+        store.add(key)
+        store.add(AccessKey("other", "s3cret-other", "", (), ()))
+    dump = tmp_path / "dump.json"
+    assert keys("export", "--auth", store_spec, "--to", str(dump)).code == 0
+    target = f"sqlite:{tmp_path / 'target.db'}"
+    r = keys("import", str(dump), "--auth", target)
+    assert r.code == 0, r.err
+    assert stored(target, ident) == key
+    # and the single key alone (a one-entry document) too
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps({ident: json.loads(dump.read_text())[ident]}))
+    r = keys("import", str(single), "--auth", f"sqlite:{tmp_path / 'single.db'}")
+    assert r.code == 0, r.err
+    assert stored(f"sqlite:{tmp_path / 'single.db'}", ident) == key
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        [{"ident": {"secret": "TOPSECRET"}, "secret": "TOPSECRET"}],
+        [{"identifier": 5, "secret": "TOPSECRET"}],
+        [{"secret": "TOPSECRET", "pubchans": ["a"]}],
+        [{"ident": "a", "secret": "TOPSECRET", "pubchans": "TOPSECRET"}],
+        [{"ident": "a", "secret": "TOPSECRET", "subchans": [""]}],
+        [{"ident": "a", "secret": "TOPSECRET", "owner": {"x": "TOPSECRET"}}],
+        {"a": {"secret": "TOPSECRET", "pubchans": [1]}},
+        {"a": {"secret": 123456789}},
+        [{"ident": "a", "secret": "TOPSECRET"}, {"ident": "a", "secret": "TOPSECRET"}],
+        [{"ident": "a", "secret": "TOPSECRET"}, "TOPSECRET"],
+    ],
+)
+def test_no_error_line_holds_a_secret(keys: Keys, tmp_path: Path, doc: object) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(doc))
+    r = keys("import", str(path), "--auth", f"sqlite:{tmp_path / 'k.db'}")
+    assert r.code in (ExitCode.INVALID_KEY, ExitCode.BAD_ARGUMENTS), r
+    assert r.err.count("\n") == 1
+    assert "TOPSECRET" not in r.err and "123456789" not in r.err, r.err

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from hpfeeds3.broker.auth.base import AccessKey
+from hpfeeds3.broker.auth.sqlite import SqliteStore
 from hpfeeds3.broker.keys import ExitCode, StoreUnavailable, open_store
-from hpfeeds3.broker.keys.sqlite import SqliteKeyStore
+from hpfeeds3.broker.keys.blocking import open_writer
 
 from .conftest import Result
 
@@ -78,15 +79,20 @@ def test_round_trip_sqlite_json_postgres_sqlite_keeps_every_key(keys: Keys, tmp_
     assert {"authkeys", "logs", "stats"} <= tables
 
 
-def test_reference_sqlite_db_is_read_and_written_without_schema_change(keys: Keys, tmp_path: Path) -> None:
+INDEX = ("authkeys_ident", "CREATE INDEX authkeys_ident on authkeys (ident)")
+
+
+def test_reference_sqlite_db_is_read_and_written_without_table_change(keys: Keys, tmp_path: Path) -> None:
     db = reference_db(tmp_path / "sqlite.db")
     before = schema(db)
     spec = f"sqlite:{db}"
     r = keys("list", "--auth", spec)
     assert r.code == 0 and "collector" in r.out and "sensor-é" in r.out
+    assert schema(db) == before  # reading changes nothing
     assert keys("grant", "collector", "--sub", "new.chan", "--auth", spec).code == 0
     assert keys("add", "fresh", "--secret", "x", "--pub", "a", "--auth", spec).code == 0
-    assert schema(db) == before
+    # the tables are the reference's still; a write adds only the index on ident
+    assert schema(db) == sorted([*before, INDEX])
     # rows are in the reference's encoding: JSON lists in TEXT columns
     conn = sqlite3.connect(db)
     row = conn.execute("select owner, secret, pubchans, subchans from authkeys where ident = 'fresh'").fetchone()
@@ -214,7 +220,7 @@ def test_writer_waits_for_a_reader_and_reports_a_lock_it_cannot_get(tmp_path: Pa
     timer = threading.Timer(0.3, lambda: reader.execute("commit"))
     timer.start()
     try:
-        with SqliteKeyStore(str(db), busy_timeout_s=5.0) as store:
+        with open_writer(SqliteStore(str(db), busy_timeout_s=5.0)) as store:
             store.remove("empty")
     finally:
         timer.join()
@@ -224,9 +230,28 @@ def test_writer_waits_for_a_reader_and_reports_a_lock_it_cannot_get(tmp_path: Pa
     holder.execute("begin exclusive")
     try:
         start = time.monotonic()
-        with pytest.raises(StoreUnavailable, match="locked"), SqliteKeyStore(str(db), busy_timeout_s=0.3) as store:
+        with (
+            pytest.raises(StoreUnavailable, match="locked"),
+            open_writer(SqliteStore(str(db), busy_timeout_s=0.3)) as store,
+        ):
             store.remove("collector")
         assert time.monotonic() - start < 3
     finally:
         holder.execute("rollback")
         holder.close()
+
+
+def test_a_row_that_is_not_a_valid_key_is_named_and_can_be_removed(keys: Keys, tmp_path: Path) -> None:
+    db = reference_db(tmp_path / "sqlite.db")
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute(
+            "insert into authkeys (owner, ident, secret, pubchans, subchans) values ('o', 'bad', NULL, '[]', '[]')"
+        )
+    conn.close()
+    spec = f"sqlite:{db}"
+    r = keys("show", "bad", "--auth", spec)
+    assert r.code == ExitCode.INVALID_KEY and "'bad'" in r.err and "secret" in r.err
+    assert keys("list", "--auth", spec).code == ExitCode.INVALID_KEY
+    assert keys("remove", "bad", "--auth", spec).code == 0
+    assert keys("list", "--auth", spec).code == 0

@@ -15,9 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml  # PyYAML, in the [test] extra: missing, the module fails rather than skips
 from prometheus_client.parser import text_string_to_metric_families
 
 from hpfeeds3.protocol import OP_PUBLISH, Publish, encode_publish, encode_subscribe
+from tests.support.broker import confirm_subscribed
 
 from .support import BROKER, REPO, TARGET_LABELS, RawClient, free_port, http_get, promql_names, running_broker
 
@@ -139,7 +141,6 @@ def test_dashboard_shows_every_reference_and_hpfeeds3_metric() -> None:
 
 
 def test_provisioning_points_at_the_dashboard_and_prometheus() -> None:
-    yaml = pytest.importorskip("yaml", reason="pip install PyYAML (in the [test] extra)")
     provider = yaml.safe_load((REPO / "deploy/grafana/provisioning/dashboards/hpfeeds3.yml").read_text())
     datasource = yaml.safe_load((REPO / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
     prometheus = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())
@@ -178,7 +179,7 @@ def live_metrics(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]
             collector.authenticate("collector", "c0llect")
             collector.send(encode_subscribe(b"collector", b"cowrie.sessions"))
             sensor.authenticate("sensor", "s3cret")
-            time.sleep(0.2)  # the SUBSCRIBE is processed before the first PUBLISH arrives
+            confirm_subscribed(sensor, "cowrie.sessions", collector)
             for i in range(3):
                 sensor.send(encode_publish(b"sensor", b"cowrie.sessions", b'{"n": %d}' % i))
             for _ in range(3):

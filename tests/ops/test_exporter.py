@@ -15,8 +15,10 @@ import uvloop
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily
 
-from hpfeeds3.broker.config import ConfigError
+from hpfeeds3.broker.auth.env import EnvStore
+from hpfeeds3.broker.config import BrokerConfig, ConfigError
 from hpfeeds3.broker.exporter import start_exporter
+from hpfeeds3.broker.state import Broker
 
 
 def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -114,7 +116,7 @@ def test_collection_runs_off_the_event_loop_thread() -> None:
     [
         (200, {"status": "serving", "connections": 0}),
         (503, {"status": "starting"}),
-        (503, {"status": "shutting_down"}),
+        (503, {"status": "stopping"}),
         (200, {"status": "degraded", "cluster": "down"}),
     ],
 )
@@ -128,6 +130,26 @@ def test_healthz_answers_what_the_broker_says(status: int, payload: dict) -> Non
         assert got[0] == status
         assert got[1]["Content-Type"].startswith("application/json")
         assert json.loads(got[2]) == payload
+
+    uvloop.run(main())
+
+
+@pytest.mark.parametrize(("state", "status"), [("starting", 503), ("serving", 200), ("stopping", 503)])
+def test_healthz_answers_the_brokers_own_health_in_each_state(state: str, status: int) -> None:
+    """The broker's real callback; a new broker is ``starting`` until ``serve`` has
+    its listeners (tests/ops/test_shutdown.py sees ``stopping`` on a real process)."""
+
+    async def main() -> None:
+        broker = Broker(BrokerConfig(name="health"), EnvStore({}), asyncio.get_running_loop())
+        assert broker.state == "starting"
+        broker.state = state
+        stop = await start_exporter("127.0.0.1", 0, broker.health)
+        try:
+            got = await aget(f"http://127.0.0.1:{stop.port}/healthz")
+        finally:
+            await stop()
+        assert got[0] == status
+        assert json.loads(got[2]) == {"status": state, "name": "health", "connections": 0}
 
     uvloop.run(main())
 

@@ -6,6 +6,7 @@ import enum
 import io
 import json
 import logging
+import os
 import re
 import signal
 import subprocess
@@ -222,7 +223,8 @@ class SlowReader:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        while chunk := self.proc.stdout.read1(4096):
+        fd = self.proc.stdout.fileno()
+        while chunk := os.read(fd, 4096):
             self.chunks.append(chunk)
             time.sleep(0.02)
 
@@ -231,11 +233,13 @@ class SlowReader:
 
 
 def test_a_storm_of_1000_connections_logs_3000_whole_lines_none_lost_at_shutdown(tmp_path) -> None:
-    """1,000 sensors connect, authenticate, subscribe and publish; the broker is
+    """1,000 sensors (each from its own loopback address) connect, authenticate,
+    subscribe and publish; the broker is
     stopped while all are connected, so their 1,000 'closed' lines are logged
     during shutdown, the last thing the process does."""
     from hpfeeds3.bench.credentials import bench_channels, bench_key
     from hpfeeds3.bench.handshake import Handshaker, raise_open_files_limit
+    from hpfeeds3.bench.storm import sensor_address
     from hpfeeds3.bench.wire import Target
     from tests.support.broker import BROKER_BIN, free_port, wait_for_port, write_users_json
 
@@ -254,7 +258,10 @@ def test_a_storm_of_1000_connections_logs_3000_whole_lines_none_lost_at_shutdown
     try:
         wait_for_port(port, timeout=15, proc=proc)
         hs = Handshaker(target, shared_channels=True)
-        pending = {hs.start(target.slot_channel(i % 50), b"storm:%d" % i).fd for i in range(CONNECTIONS)}
+        pending = {
+            hs.start(target.slot_channel(i % 50), b"storm:%d" % i, source=sensor_address(i)).fd
+            for i in range(CONNECTIONS)
+        }
         deadline = time.monotonic() + 60
         while pending and time.monotonic() < deadline:
             for conn in hs.step(1.0):

@@ -38,7 +38,7 @@ def directives() -> dict[str, list[str]]:
 def systemd_analyze() -> str:
     tool = shutil.which("systemd-analyze")
     if tool is None:
-        pytest.skip("systemd-analyze is not installed on this machine")
+        pytest.skip("systemd-analyze is not installed on this machine (apt-get install systemd; .ci/run does)")
     return tool
 
 

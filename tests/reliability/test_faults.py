@@ -20,9 +20,9 @@ from pathlib import Path
 
 from hpfeeds3.client import BlockingClient
 from hpfeeds3.protocol import Decoder, Error, encode_subscribe
-from tests.support.broker import BrokerProcess, RawClient, free_port, sqlite_add_key
+from tests.support.broker import BrokerProcess, RawClient, confirm_subscribed, free_port, sqlite_add_key
 
-from .support import Canary, _authed_socket, metric, percentile, raise_nofile, record, scrape
+from .support import Canary, _authed_socket, metric, percentile, raise_nofile, record, scrape, speed_bound
 from .test_slow_consumers import publish
 
 KEYS = {
@@ -117,7 +117,7 @@ def test_auth_store_locked_then_removed_gives_clear_errors_and_sessions_keep_flo
             sub.auth("bob", "bob-secret")
             sub.subscribe("chan1")
             pub.auth("alice", "alice-secret")
-            time.sleep(0.5)
+            confirm_subscribed(pub, "chan1", sub)
             canary.window()
             # Hold an exclusive lock for 10 s: readers are refused.
             locker = sqlite3.connect(db, timeout=1, isolation_level=None)
@@ -173,7 +173,7 @@ def test_auth_store_locked_then_removed_gives_clear_errors_and_sessions_keep_flo
     assert texts == {"authfail: Authentication failed for alice: the key store is unavailable, try again later"}
     assert max(t for _, t in attempts) < 3.0  # the 2 s lookup bound, not a hang
     assert total.lost == 0 and total.received == total.sent
-    assert locked.p99_ms < 10.0, locked.summary()
+    speed_bound("auth_store_unavailable", "lag_p99_ms_locked", locked.p99_ms, below=10.0)
 
 
 def test_sigterm_under_load_with_a_stalled_subscriber_exits_0_within_the_drain(tmp_path: Path) -> None:
@@ -208,7 +208,7 @@ def test_sigterm_under_load_with_a_stalled_subscriber_exits_0_within_the_drain(t
     assert took <= drain_s + 1.0
 
 
-def test_the_connection_after_the_limit_gets_error_and_close_within_100_ms(tmp_path: Path) -> None:
+def test_the_connection_after_the_limit_gets_error_and_close(tmp_path: Path) -> None:
     raise_nofile()
     db = make_db(tmp_path / "sqlite.db")
     limit = 1000
@@ -222,9 +222,12 @@ def test_the_connection_after_the_limit_gets_error_and_close_within_100_ms(tmp_p
         pub.auth("alice", "alice-secret")
         for _ in range(limit - 2):
             conns.append(_authed_socket(b.port, "reader", "reader-secret"))
-        time.sleep(0.5)
-        samples = scrape(b.exporter_port)  # type: ignore[attr-defined]
-        connected = metric(samples, "hpfeeds_broker_client_connections")
+        deadline = time.monotonic() + 10  # until every AUTH is through
+        while True:
+            connected = metric(scrape(b.exporter_port), "hpfeeds_broker_client_connections")  # type: ignore[attr-defined]
+            if connected >= limit or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         times = []
         texts = set()
         for _ in range(20):
@@ -258,4 +261,4 @@ def test_the_connection_after_the_limit_gets_error_and_close_within_100_ms(tmp_p
     )
     assert connected == limit
     assert texts == {f"limit: too many connections (limit {limit})"}
-    assert max(times) < 100
+    speed_bound("connection_limit", "refused_max_ms", max(times), below=100)

@@ -39,9 +39,9 @@ def _send_until_closed(
     sel = selectors.DefaultSelector()
     started = time.monotonic()
     pending: dict[socket.socket, bytes] = {}
-    for s in socks:
-        pending[s] = first
-        sel.register(s, selectors.EVENT_WRITE | selectors.EVENT_READ)
+    for sock in socks:
+        pending[sock] = first
+        sel.register(sock, selectors.EVENT_WRITE | selectors.EVENT_READ)
     sent = 0
     closed_after: list[float] = []
     open_ = set(socks)
@@ -70,7 +70,14 @@ def _send_until_closed(
 
 def test_pre_auth_floods_cost_at_most_64_mib(reliable_broker) -> None:
     raise_nofile()
-    b = reliable_broker("--auth-timeout", str(AUTH_TIMEOUT_S), "--max-unauthenticated", "4096")
+    b = reliable_broker(
+        "--auth-timeout",
+        str(AUTH_TIMEOUT_S),
+        "--max-unauthenticated",
+        "4096",
+        "--max-unauthenticated-per-address",
+        "4096",
+    )
     probe = Probe(b.pid)
     time.sleep(0.2)
     rss_before = probe.rss()
@@ -93,7 +100,15 @@ def test_pre_auth_floods_cost_at_most_64_mib(reliable_broker) -> None:
             # Wave 2 is closed at the deadline: wait for it.
             _, stall_closed = _send_until_closed(stallers, b"", b"", timeout=AUTH_TIMEOUT_S + 5)
             stall_closed_s = time.monotonic() - t_stall
-        samples = scrape(b.exporter_port)
+        # A close is counted once the socket is gone: after the ERROR, the broker
+        # reads and discards for up to a second. Wait for the counts, bounded.
+        deadline = time.monotonic() + 5
+        while True:
+            samples = scrape(b.exporter_port)
+            done = metric(samples, "hpfeeds_broker_connections_closed_total", reason="auth_timeout")
+            if done >= WAVE or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     finally:
         for s in stallers + floods:
             s.close()

@@ -7,8 +7,11 @@ Every process started here is stopped by its fixture; every wait is bounded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import random
+import resource
 import signal
 import socket
 import sqlite3
@@ -16,8 +19,9 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Self, cast
 
 from hpfeeds3.protocol import (
     Decoder,
@@ -42,6 +46,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> int:
+    """The first of ``n`` consecutive free loopback ports (``--workers`` exporters use PORT + i).
+
+    Taken below the kernel's ephemeral range, so no outgoing connection on this
+    busy machine takes PORT + i between this check and the broker's bind."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(max(1024, low - 12000), low - n)
+        with contextlib.ExitStack() as held:
+            try:
+                for i in range(n):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", first + i))
+            except OSError:
+                continue
+        return first
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 def wait_for_port(
     port: int, host: str = "127.0.0.1", timeout: float = 10.0, proc: subprocess.Popen | None = None
 ) -> None:
@@ -55,7 +78,7 @@ def wait_for_port(
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
 
 
-def write_users_json(path: Path, users: dict[str, dict]) -> Path:
+def write_users_json(path: Path, users: Mapping[str, Mapping[str, Any]]) -> Path:
     """``users``: ident -> {secret, pubchans, subchans[, owner]} (the reference format)."""
     data = {
         ident: {
@@ -91,8 +114,14 @@ class BrokerProcess:
     """A running ``hpfeeds-broker``; its output goes to ``log_path``."""
 
     def __init__(
-        self, args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, port: int | None = None
+        self,
+        args: Sequence[str],
+        cwd: Path,
+        env: dict[str, str] | None = None,
+        port: int = 0,
+        nofile: tuple[int, int] | None = None,
     ) -> None:
+        """``nofile``: the (soft, hard) open-files limit the broker starts with."""
         self.cwd = cwd
         self.port = port
         self.host = "127.0.0.1"
@@ -100,10 +129,13 @@ class BrokerProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.args = [BROKER_BIN, *args]
-        self.proc = subprocess.Popen(self.args, cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        limit = None if nofile is None else functools.partial(resource.setrlimit, resource.RLIMIT_NOFILE, nofile)
+        self.proc = subprocess.Popen(
+            self.args, cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=limit
+        )
 
     def wait_ready(self, timeout: float = 15.0) -> BrokerProcess:
-        assert self.port is not None
+        assert self.port, "wait_ready needs the port the broker listens on"
         wait_for_port(self.port, timeout=timeout, proc=self.proc)
         # The listener is up before the "serving" line; wait for it too.
         deadline = time.monotonic() + timeout
@@ -139,16 +171,36 @@ class RawClient:
     """A blocking hpfeeds client on a raw socket, for tests that speak bytes."""
 
     def __init__(
-        self, port: int, host: str = "127.0.0.1", *, tls: ssl.SSLContext | None = None, timeout: float = 5.0
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        *,
+        tls: ssl.SSLContext | None = None,
+        timeout: float = 5.0,
+        rcvbuf: int | None = None,
+        source: str | None = None,
     ) -> None:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        """``rcvbuf`` sets SO_RCVBUF before connecting (it sizes the TCP window): a subscriber that
+        does not read then makes output queue in the broker. ``source``: the local address
+        (another loopback address, e.g. 127.0.0.2, is another client address to the broker)."""
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:
+            if rcvbuf is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            if source is not None:
+                sock.bind((source, 0))
+            sock.settimeout(timeout)
+            sock.connect((host, port))
+        except OSError:
+            sock.close()
+            raise
         self.sock: socket.socket = tls.wrap_socket(sock, server_hostname="localhost") if tls else sock
         self.decoder = Decoder.for_client()
         self.pending: list[Frame] = []
         self.ident = b""
         self.info: Info | None = None
 
-    def __enter__(self) -> RawClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -157,6 +209,10 @@ class RawClient:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+
+    def _frames(self, data: bytes) -> list[Frame]:
+        # A client's decoder returns frames only (runs of PUBLISH frames are the broker's).
+        return cast(list[Frame], self.decoder.feed(data))
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -192,7 +248,7 @@ class RawClient:
             data = self.sock.recv(262144)
             if not data:
                 raise ConnectionError("closed by broker")
-            self.pending.extend(self.decoder.feed(data))
+            self.pending.extend(self._frames(data))
         return self.pending.pop(0)
 
     def frames(self, n: int, timeout: float = 10.0) -> list[Frame]:
@@ -225,7 +281,16 @@ class RawClient:
                 return got
             if not data:
                 return got
-            got.extend(self.decoder.feed(data))
+            got.extend(self._frames(data))
+
+    def probe_arrived(self, tag: bytes, wait: float) -> bytes | None:
+        """The next frame within ``wait`` s, which must be a probe tagged ``tag`` (its payload), or None."""
+        try:
+            frame = self.next_frame(wait)
+        except TimeoutError:
+            return None
+        assert isinstance(frame, Publish) and frame.payload.startswith(tag), f"{frame!r} before the probe"
+        return frame.payload
 
     def expect_silence(self, seconds: float = 0.3) -> None:
         self.sock.settimeout(seconds)
@@ -234,6 +299,58 @@ class RawClient:
         except TimeoutError:
             return
         raise AssertionError(f"expected nothing, got {data[:200]!r}")
+
+
+def confirm_subscribed(publisher: RawClient, channel: str, *subscribers: RawClient, timeout: float = 10.0) -> None:
+    """Instead of sleeping: probes published on ``channel`` until every subscriber
+    has one, then a last probe that all of them read. Their SUBSCRIBE is then in
+    place, and nothing but probes (no ERROR, no message) came to them before it.
+    A publisher subscribed to ``channel`` gets the probes too: pass it among
+    ``subscribers``. (A first probe alone is not enough: the SUBSCRIBE and the
+    probe travel on different connections, in no set order.)"""
+    tag = b"probe " + os.urandom(4).hex().encode()
+    waiting = list(subscribers)
+    deadline = time.monotonic() + timeout
+    while waiting:
+        assert time.monotonic() < deadline, f"no probe reached {len(waiting)} subscriber(s) on {channel!r}"
+        publisher.publish(channel, tag + b" try")
+        waiting = [sub for sub in waiting if sub.probe_arrived(tag, 0.1) is None]
+    publisher.publish(channel, tag + b" last")
+    for sub in subscribers:
+        while (got := sub.probe_arrived(tag, max(0.01, deadline - time.monotonic()))) != tag + b" last":
+            assert got is not None, f"the last probe on {channel!r} did not arrive"
+
+
+def until_logged(b: BrokerProcess, needle: str, write: Callable[[], object], timeout: float = 10.0) -> None:
+    """``write`` until the broker logs ``needle`` once more: the file watcher may
+    not be watching yet right after start (nothing tells when it is)."""
+    seen = b.log().count(needle)
+    deadline = time.monotonic() + timeout
+    while b.log().count(needle) == seen:
+        assert time.monotonic() < deadline, f"{needle!r} not logged:\n{b.log()[-2000:]}"
+        write()
+        end = time.monotonic() + 1.0
+        while b.log().count(needle) == seen and time.monotonic() < end:
+            time.sleep(0.02)
+
+
+def auth_reply(port: int, ident: str, secret: str, *, source: str = "127.0.0.1", channel: str = "chan1") -> str:
+    """AUTH, SUBSCRIBE and PUBLISH on ``channel`` in one write (a refused AUTH
+    closes the connection before any later write): "ok" when the message comes
+    back, else the ERROR text."""
+    with RawClient(port, source=source) as c:
+        nonce = c.read_info().nonce
+        who, chan = ident.encode(), channel.encode()
+        c.send(
+            encode_auth(who, sign(nonce, secret.encode()))
+            + encode_subscribe(who, chan)
+            + encode_publish(who, chan, b"auth probe")
+        )
+        frame = c.next_frame()
+    if isinstance(frame, Publish) and frame.payload == b"auth probe":
+        return "ok"
+    assert isinstance(frame, Error), frame
+    return frame.message
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from hpfeeds3.protocol import Publish, encode_auth, encode_publish, encode_subscribe, sign
-from tests.support.broker import BrokerProcess, RawClient
+from tests.support.broker import BrokerProcess, RawClient, confirm_subscribed
 
 
 def test_info_carries_name_and_four_byte_nonce(start_broker) -> None:
@@ -30,8 +30,8 @@ def test_publish_reaches_subscriber_with_publisher_ident_unchanged(broker: Broke
     with RawClient(broker.port) as sub, RawClient(broker.port) as pub:
         sub.auth("bob", "bob-secret")
         sub.subscribe("chan1")
-        sub.expect_silence(0.2)  # nothing is sent on success
         pub.auth("alice", "alice-secret")
+        confirm_subscribed(pub, "chan1", sub)  # and nothing is sent on success
         frame = encode_publish(b"alice", b"chan1", b"\x00binary\xffpayload")
         pub.send(frame)
         [msg] = sub.messages(1)
@@ -65,7 +65,8 @@ def test_pipelined_publish_with_fin_is_delivered(broker: BrokerProcess) -> None:
     with RawClient(broker.port) as sub:
         sub.auth("bob", "bob-secret")
         sub.subscribe("chan1")
-        sub.expect_silence(0.2)
+        with RawClient(broker.port) as probe:
+            confirm_subscribed(probe.auth("alice", "alice-secret"), "chan1", sub)
         with RawClient(broker.port) as pub:
             info = pub.read_info()
             pub.send(
@@ -81,14 +82,17 @@ def test_unsubscribe_stops_delivery(broker: BrokerProcess) -> None:
     with RawClient(broker.port) as sub, RawClient(broker.port) as pub:
         sub.auth("bob", "bob-secret")
         sub.subscribe("chan1")
-        sub.expect_silence(0.2)
         pub.auth("alice", "alice-secret")
+        confirm_subscribed(pub, "chan1", sub)
         pub.publish("chan1", b"one")
         assert sub.messages(1)[0].payload == b"one"
+        # Frames of one connection are handled in order: once the chan2 probe
+        # arrives, the UNSUBSCRIBE before it is done.
         sub.unsubscribe("chan1")
-        sub.expect_silence(0.2)
+        sub.subscribe("chan2")
+        confirm_subscribed(pub, "chan2", sub)
         pub.publish("chan1", b"two")
-        sub.expect_silence(0.3)
+        confirm_subscribed(pub, "chan2", sub)  # "two" would have come before this probe
 
 
 def test_100k_messages_to_three_subscribers_in_order(broker: BrokerProcess) -> None:
@@ -97,8 +101,8 @@ def test_100k_messages_to_three_subscribers_in_order(broker: BrokerProcess) -> N
     for s in subs:
         s.auth("bob", "bob-secret")
         s.subscribe("chan1")
-    for s in subs:
-        s.expect_silence(0.1)
+    with RawClient(broker.port) as probe:
+        confirm_subscribed(probe.auth("alice", "alice-secret"), "chan1", *subs)
     results: dict[int, list[int]] = {}
 
     def read(i: int, s: RawClient) -> None:

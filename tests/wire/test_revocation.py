@@ -7,7 +7,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from tests.support.broker import RawClient, sqlite_add_key, write_users_json
+from tests.support.broker import RawClient, confirm_subscribed, sqlite_add_key, write_users_json
 
 USERS = {
     "bob": {"secret": "bob-secret", "pubchans": ["chan1"], "subchans": ["chan1", "chan2"]},
@@ -20,8 +20,8 @@ def test_json_channel_revoked_then_key_removed_reaches_live_sessions(start_broke
     with RawClient(b.port) as sub, RawClient(b.port) as pub:
         sub.auth("bob", "bob-secret")
         sub.subscribe("chan1", "chan2")
-        sub.expect_silence(0.3)
         pub.auth("alice", "alice-secret")
+        confirm_subscribed(pub, "chan2", sub)  # chan1 came first on the same connection
         users = json.loads((tmp_path / "users.json").read_text())
         users["bob"]["subchans"] = ["chan1"]
         t0 = time.monotonic()
@@ -49,7 +49,7 @@ def test_sqlite_rotated_secret_closes_live_session(start_broker, tmp_path: Path)
     with RawClient(b.port) as c:
         c.auth("bob", "old-secret")
         c.subscribe("chan1")
-        c.expect_silence(0.3)
+        confirm_subscribed(c, "chan1", c)
         t0 = time.monotonic()
         conn = sqlite3.connect(db)
         with conn:

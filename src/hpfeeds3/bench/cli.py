@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench and bench-0 .. bench-49 (write it with --write-json or --write-sqlite); the storm scenarios "
         "need keys storm-0 .. storm-N-1 and storm (the same options write them, or --storm-keys).",
     )
+    from .. import __version__
+
+    p.add_argument("--version", action="version", version=f"hpfeeds-bench {__version__}")
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="scenarios or groups to run (default: all)")
     p.add_argument("--host", default="127.0.0.1", help="broker address (default %(default)s)")
     p.add_argument("--port", type=int, default=10000, help="broker port (default %(default)s)")

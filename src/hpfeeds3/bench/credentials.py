@@ -7,13 +7,11 @@ of an sqlite database (channels as JSON lists in TEXT columns).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sqlite3
 
-from ..broker.auth.sqlite import REFERENCE_SCHEMA
-from ..broker.keys.sqlite import IDENT_INDEX
+from ..broker.auth.sqlite import REFERENCE_SCHEMA, ensure_schema
 
 SLOTS = 50  # the connect scenario's CHANNEL-0 .. CHANNEL-49
 
@@ -97,19 +95,16 @@ def write_storm_json(path: str, sensors: int) -> None:
 
 
 def write_storm_sqlite(path: str, sensors: int) -> bool:
-    """Put the storm keys into an sqlite auth DB, with an index on ident (as
-    ``hpfeeds-broker keys`` creates it; the reference's schema has none, and
-    10,000 rows scanned per AUTH would be the whole figure). Returns False when
+    """Put the storm keys into an sqlite auth DB, with the index on ident our
+    broker creates (the reference's schema has none, and 10,000 rows scanned
+    per AUTH would be the whole figure). Returns False when
     every key was already there: then the file is not written, so a running
     broker sees no change to react to."""
     keys = storm_keys(sensors)
     db = sqlite3.connect(path)
     try:
         with db:
-            for statement in REFERENCE_SCHEMA:
-                db.execute(statement)
-            with contextlib.suppress(sqlite3.IntegrityError):  # duplicate idents: no unique index
-                db.execute(IDENT_INDEX)
+            ensure_schema(db)  # the reference's tables and the index on ident
             rows = db.execute(
                 "select ident, secret, pubchans from authkeys where ident = ? or ident like 'storm-%'",
                 (STORM_SHARED_IDENT,),

@@ -104,10 +104,14 @@ class Handshaker:
         ident: bytes | None = None,
         secret: bytes | None = None,
         session: ssl.SSLSession | None = None,
+        source: str | None = None,
     ) -> _Conn:
-        """Open a connection; ``session``: resume this TLS session."""
+        """Open a connection; ``session``: resume this TLS session; ``source``:
+        the local address to connect from."""
         family, type_, proto, _, sockaddr = self.addr
         sock = socket.socket(family, type_ | socket.SOCK_NONBLOCK, proto)
+        if source is not None:
+            sock.bind((source, 0))
         err = sock.connect_ex(sockaddr)
         if err not in (0, errno.EINPROGRESS):
             sock.close()

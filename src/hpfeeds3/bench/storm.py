@@ -4,7 +4,9 @@ Every sensor connects, authenticates (its own key ``storm-i``, or the shared
 key ``storm``), subscribes to its channel and publishes one message there; it
 has been served once that message has come back to it. All connections are
 opened as fast as one thread can (a read pass every 256 connects) and stay
-open until the last sensor is served; then all are closed with RST.
+open until the last sensor is served; then all are closed with RST. Against a
+loopback broker each sensor connects from its own address (127.1.0.1 on), as
+sensors are separate hosts.
 
 Figures: the time from the first connect until the last sensor is served,
 handshakes/s over that time, the broker's CPU per handshake (its CPU time,
@@ -45,6 +47,13 @@ RSS_SAMPLE_S = 0.05
 CONNECTS_PER_PASS = 256  # connects between two read passes
 SETTLE_S = 5.0  # most to wait for the broker to finish closing (CPU no longer rising)
 KEYS_SETTLE_S = 2.0  # after writing keys into a running broker's store: let it see the change first
+
+
+def sensor_address(i: int) -> str:
+    """Sensor ``i``'s own loopback source address, 127.1.0.1 onwards: a storm
+    comes from many hosts, and the broker's per-address limits see it so."""
+    n = i + 1
+    return f"127.{1 + (n >> 16) % 254}.{(n >> 8) & 255}.{n & 255}"
 
 
 def _load_cpu_seconds() -> float:
@@ -93,6 +102,7 @@ def _storm(
     for i in range(sensors):
         creds.append((*(text.encode() for text in storm_sensor(i, shared)), b"storm:%d" % i))
     hs = Handshaker(target, shared_channels=shared, tolerant=True, tls=tls)
+    from_many = target.host.startswith("127.")  # sensors are hosts: each from its own loopback address
     backoff = Backoff()
     index: dict[int, tuple[int, int]] = {}  # fd -> (sensor, attempt)
     first_start: list[float] = [0.0] * sensors
@@ -111,7 +121,14 @@ def _storm(
         nonlocal refused
         ident_b, secret_b, channel_b, marker = creds[i]
         try:
-            conn = hs.start(channel_b, marker, ident_b, secret_b, session=resume[i] if resume else None)
+            conn = hs.start(
+                channel_b,
+                marker,
+                ident_b,
+                secret_b,
+                session=resume[i] if resume else None,
+                source=sensor_address(i) if from_many else None,
+            )
         except (BenchError, OSError) as e:
             refused += 1
             failed(i, attempt, str(e))

@@ -9,12 +9,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 
 from ..protocol import MiB
-from .config import AuthLimits, BrokerConfig, ConfigError, Endpoint, Limits, parse_endpoint, parse_host_port
+from .config import (
+    AdminConfig,
+    AuthLimits,
+    BrokerConfig,
+    ClusterAuth,
+    ConfigError,
+    Endpoint,
+    Limits,
+    UsageError,
+    parse_endpoint,
+    parse_host_port,
+)
 
 log = logging.getLogger("hpfeeds3.broker")
 
@@ -25,15 +37,17 @@ EPILOG = """\
 auth backends (--auth, repeatable; the first that knows an ident wins):
   sqlite              ./sqlite.db, the reference broker's authkeys table (default)
   sqlite:PATH         another sqlite file
-  env                 HPFEEDS_<IDENT>_SECRET, _PUBCHANS, _SUBCHANS, _OWNER
+  env                 HPFEEDS_<IDENT>_SECRET, _PUBCHANS, _SUBCHANS, _OWNER (ident lower-case)
   PATH.json           {"ident": {"owner", "secret", "pubchans", "subchans"}}, reloaded on change
   postgresql://...    a shared PostgreSQL store
 
 manage access keys without SQL:  hpfeeds-broker keys --help
 
-exit status: 0 after a clean shutdown (SIGTERM/SIGINT), 1 when the broker
-cannot start (port in use, unreadable certificate, unusable auth store),
-2 for bad flags.
+exit status:
+  0  clean shutdown (SIGTERM/SIGINT)
+  1  cannot start: port in use, missing or unreadable certificate or key,
+     certificate and key that do not match, auth store that cannot be opened
+  2  bad usage: unknown flag, malformed value (HOST:PORT, --endpoint, --auth SPEC)
 """
 
 
@@ -47,12 +61,32 @@ LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = (
     (
         "--max-connections",
         "max_connections",
-        "concurrent connections, also kept below the open-files limit (default %(default)s)",
+        "concurrent connections, also kept below the open-files limit; at the limit a connection lingering "
+        "after its closing ERROR, else the oldest unauthenticated one (of the busiest address), is closed to "
+        "make room (default %(default)s)",
     ),
     (
         "--max-unauthenticated",
         "max_unauthenticated",
-        "connections that have not authenticated yet (default %(default)s)",
+        "connections that have not authenticated yet, TLS handshakes included; at the limit the oldest "
+        "is closed (default %(default)s)",
+    ),
+    (
+        "--max-unauthenticated-per-address",
+        "max_unauthenticated_per_address",
+        "of those, from one address (IPv6: one /64); at the limit that address's oldest is closed "
+        "(default %(default)s)",
+    ),
+    (
+        "--min-receive-rate",
+        "min_receive_rate_bytes",
+        "bytes per second a frame must at least arrive at once its header has come, after a 5 s grace (default 16K)",
+    ),
+    (
+        "--max-partial-frames",
+        "max_partial_frames_bytes",
+        "bytes held in incomplete frames over all connections; past it the connections holding the most "
+        "are closed (default 128M)",
     ),
     (
         "--send-buffer-hard",
@@ -83,6 +117,12 @@ LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = (
         "which then reach live sessions (default %(default)s; JSON files and PostgreSQL notify at once)",
     ),
     ("--shutdown-drain", "shutdown_drain_s", "on SIGTERM/SIGINT, time to flush queued output (default %(default)s)"),
+    (
+        "--cluster-outbox",
+        "cluster_outbox_bytes",
+        "with --cluster, bytes queued for other nodes while NATS is slow; past it messages are counted as "
+        "unforwarded, not queued (default 64M)",
+    ),
 )
 
 # flag, AuthLimits field, help (per_* fields are counts where 0 disables the limit).
@@ -188,14 +228,35 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="SPEC",
         help="extra listener, repeatable: tcp:port=N[:interface=IP][:device=DEV] or "
-        "tls:port=N:cert=PATH:key=PATH[:interface=IP][:device=DEV]",
+        "tls:port=N:cert=PATH:key=PATH[:interface=IP][:device=DEV]; interface defaults to the --bind host",
     )
     p.add_argument("--exporter", metavar="HOST:PORT", help="serve Prometheus /metrics and /healthz here")
+    p.add_argument(
+        "--admin", metavar="HOST:PORT", help="serve the operator console (web page and /api/v1/) here; off by default"
+    )
+    p.add_argument(
+        "--admin-tokens", metavar="FILE", help="console access tokens: NAME ROLE sha256:HEX per line (docs/console.md)"
+    )
+    p.add_argument("--admin-tlscert", metavar="PATH", help="TLS certificate (PEM) for --admin")
+    p.add_argument("--admin-tlskey", metavar="PATH", help="TLS private key (PEM) for --admin")
     p.add_argument(
         "--cluster",
         metavar="URLS",
         help="join a cluster over NATS: nats://HOST:4222[,nats://...]; several brokers behave as one",
     )
+    c = p.add_argument_group("cluster link (NATS authentication and TLS; a URL's user:password@ or token@ also works)")
+    c.add_argument("--cluster-user", metavar="USER", help="NATS user (password in --cluster-password-file)")
+    c.add_argument("--cluster-password-file", metavar="PATH", help="file holding the NATS password")
+    c.add_argument("--cluster-token-file", metavar="PATH", help="file holding a NATS authentication token")
+    c.add_argument("--cluster-nkey", metavar="PATH", help="file holding an NKey seed (SU...) to sign in with")
+    c.add_argument("--cluster-creds", metavar="PATH", help="NATS credentials file (JWT and NKey seed)")
+    c.add_argument(
+        "--cluster-tls-ca",
+        metavar="PATH",
+        help="connect to NATS over TLS and verify the server against this CA (tls:// URLs use the system CAs)",
+    )
+    c.add_argument("--cluster-tls-cert", metavar="PATH", help="client certificate (PEM) for NATS over TLS")
+    c.add_argument("--cluster-tls-key", metavar="PATH", help="client private key (PEM) for --cluster-tls-cert")
     p.add_argument(
         "--workers",
         type=_positive(int),
@@ -212,39 +273,54 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("limits")
     for flag, field, text in LIMIT_FLAGS:
         convert, metavar = _limit_type(field)
-        g.add_argument(flag, dest=field, type=convert, default=getattr(_DEFAULTS, field), metavar=metavar, help=text)
+        g.add_argument(
+            flag,
+            dest=field,
+            type=convert,
+            default=getattr(_DEFAULTS, field),
+            metavar=metavar,
+            help=_units(text, metavar),
+        )
     a = p.add_argument_group("failed-AUTH limits (brute force; 0 disables a limit)")
     for flag, field, text in AUTH_LIMIT_FLAGS:
         convert, metavar = (_count, "N") if field.startswith("per_") else _limit_type(field)
         a.add_argument(
-            flag, dest=f"auth_{field}", type=convert, default=getattr(_AUTH_DEFAULTS, field), metavar=metavar, help=text
+            flag,
+            dest=f"auth_{field}",
+            type=convert,
+            default=getattr(_AUTH_DEFAULTS, field),
+            metavar=metavar,
+            help=_units(text, metavar),
         )
     return p
 
 
+def _units(text: str, metavar: str) -> str:
+    """A duration's default with its unit: "(default 5 s)", not "(default 5.0)"."""
+    return text.replace("(default %(default)s", "(default %(default)g s") if metavar == "SECONDS" else text
+
+
 def config_from_args(args: argparse.Namespace) -> BrokerConfig:
     if bool(args.tlscert) != bool(args.tlskey):
-        raise ConfigError("--tlscert and --tlskey must be given together")
+        raise UsageError("--tlscert and --tlskey must be given together")
     if args.workers > 1 and not args.cluster:
-        raise ConfigError("--workers needs --cluster: the workers exchange messages over NATS")
+        raise UsageError("--workers needs --cluster: the workers exchange messages over NATS")
+    cluster_auth = _cluster_auth(args)
     endpoints: list[Endpoint] = []
+    host, port = parse_host_port(args.bind or "0.0.0.0:10000")
     if args.bind or not args.endpoint:
-        host, port = parse_host_port(args.bind or "0.0.0.0:10000")
         if args.tlscert:
             endpoints.append(Endpoint("tls", host, port, cert=args.tlscert, key=args.tlskey))
         else:
             endpoints.append(Endpoint("tcp", host, port))
     for spec in args.endpoint or ():
-        endpoints.append(parse_endpoint(spec))
+        endpoints.append(parse_endpoint(spec, default_host=host))
     for ep in endpoints:
         for path in (ep.cert, ep.key):
             if path is not None:
-                try:
-                    with open(path, "rb"):
-                        pass
-                except OSError as e:
-                    raise ConfigError(f"cannot read TLS file {path!r}: {e.strerror}") from e
+                _readable(path, "TLS file")
     limits = Limits(**{field: getattr(args, field) for _, field, _ in LIMIT_FLAGS})
+    admin = _admin_config(args)
     return BrokerConfig(
         name=args.name,
         endpoints=tuple(endpoints),
@@ -255,8 +331,77 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         debug=args.debug,
         log_format=args.log_format,
         cluster=tuple(u.strip() for u in (args.cluster or "").split(",") if u.strip()),
+        cluster_auth=cluster_auth,
         reuse_port=args.workers > 1 or args.reuse_port,
+        admin=admin,
     )
+
+
+def _readable(path: str, what: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path!r}: {e.strerror}") from e
+
+
+# ClusterAuth field -> flag (user first: the only one that is not a file).
+_CLUSTER_AUTH_FLAGS = (
+    ("user", "--cluster-user"),
+    ("password_file", "--cluster-password-file"),
+    ("token_file", "--cluster-token-file"),
+    ("nkey_file", "--cluster-nkey"),
+    ("creds_file", "--cluster-creds"),
+    ("tls_ca", "--cluster-tls-ca"),
+    ("tls_cert", "--cluster-tls-cert"),
+    ("tls_key", "--cluster-tls-key"),
+)
+
+
+def _cluster_auth(args: argparse.Namespace) -> ClusterAuth:
+    auth = ClusterAuth(
+        user=args.cluster_user,
+        password_file=args.cluster_password_file,
+        token_file=args.cluster_token_file,
+        nkey_file=args.cluster_nkey,
+        creds_file=args.cluster_creds,
+        tls_ca=args.cluster_tls_ca,
+        tls_cert=args.cluster_tls_cert,
+        tls_key=args.cluster_tls_key,
+    )
+    given = [flag for field, flag in _CLUSTER_AUTH_FLAGS if getattr(auth, field)]
+    if given and not args.cluster:
+        raise ConfigError("the --cluster-* options need --cluster")
+    if bool(auth.user) != bool(auth.password_file):
+        raise ConfigError("--cluster-user and --cluster-password-file must be given together")
+    if bool(auth.tls_cert) != bool(auth.tls_key):
+        raise ConfigError("--cluster-tls-cert and --cluster-tls-key must be given together")
+    if sum(bool(x) for x in (auth.user, auth.token_file, auth.nkey_file, auth.creds_file)) > 1:
+        raise ConfigError("give one NATS sign-in: a user, a token, an NKey or a credentials file")
+    for field, flag in _CLUSTER_AUTH_FLAGS[1:]:
+        if getattr(auth, field):
+            _readable(getattr(auth, field), flag)
+    if auth.nkey_file or auth.creds_file:
+        try:
+            import nkeys  # noqa: F401
+        except ImportError:
+            raise ConfigError("--cluster-nkey and --cluster-creds need the nkeys package: pip install nkeys") from None
+    return auth
+
+
+def _admin_config(args: argparse.Namespace) -> AdminConfig | None:
+    if not args.admin:
+        if args.admin_tokens or args.admin_tlscert or args.admin_tlskey:
+            raise ConfigError("--admin-tokens and --admin-tls* need --admin HOST:PORT")
+        return None
+    if not args.admin_tokens:
+        raise ConfigError("--admin needs --admin-tokens FILE (make a token: python -m hpfeeds3.broker.admin.tokens)")
+    if bool(args.admin_tlscert) != bool(args.admin_tlskey):
+        raise ConfigError("--admin-tlscert and --admin-tlskey must be given together")
+    if args.workers > 1:
+        raise ConfigError("--admin shows one process: it cannot be used with --workers")
+    host, port = parse_host_port(args.admin, "--admin")
+    return AdminConfig(host, port, args.admin_tokens, args.admin_tlscert, args.admin_tlskey)
 
 
 def configure_logging(fmt: str, debug: bool) -> None:
@@ -293,9 +438,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
     except ConfigError as e:
-        print(f"hpfeeds-broker: error: {e}", file=sys.stderr)
-        return 2
+        return _refuse(e)
     configure_logging(config.log_format, config.debug)
+    if args.reuse_port:
+        from .supervisor import WORKER_ENV
+
+        if os.environ.get(WORKER_ENV, "").isdigit():
+            _name_worker_in_logs(int(os.environ[WORKER_ENV]))
     try:
         return _serve(argv, args, config)
     finally:
@@ -308,7 +457,7 @@ def _serve(argv: list[str], args: argparse.Namespace, config: BrokerConfig) -> i
     if args.workers > 1:
         from .supervisor import Supervisor
 
-        return Supervisor(argv, args.workers, args.exporter, config.limits.shutdown_drain_s).run()
+        return Supervisor(argv, args.workers, args.exporter, config).run()
     try:
         import uvloop
 
@@ -318,11 +467,29 @@ def _serve(argv: list[str], args: argparse.Namespace, config: BrokerConfig) -> i
     try:
         run(_run(config))
     except ConfigError as e:
-        print(f"hpfeeds-broker: error: {e}", file=sys.stderr)
-        return 1
+        return _refuse(e)
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _name_worker_in_logs(index: int) -> None:
+    """Under ``--workers``: every line a worker logs starts with "worker INDEX: "."""
+    make_record = logging.getLogRecordFactory()
+    prefix = f"worker {index}: "
+
+    def record(*args: object, **kwargs: object) -> logging.LogRecord:
+        rec = make_record(*args, **kwargs)
+        rec.msg = prefix + str(rec.msg)
+        return rec
+
+    logging.setLogRecordFactory(record)
+
+
+def _refuse(error: ConfigError) -> int:
+    """One line on stderr; exit 2 for a malformed flag, 1 for what stops the start."""
+    print(f"hpfeeds-broker: error: {error}", file=sys.stderr)
+    return 2 if isinstance(error, UsageError) else 1
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ from .ratelimit import AuthLimits
 
 
 class ConfigError(Exception):
-    """The operator's configuration is wrong: refuse to start with one clear line."""
+    """The operator's configuration is wrong: refuse to start with one clear line (exit 1)."""
+
+
+class UsageError(ConfigError):
+    """A flag's value is malformed, whatever the machine: exit 2, as argparse's own errors."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +32,19 @@ class Limits:
     tls_handshake_timeout_s: float = 10.0
     # Concurrent connections; also kept below the open-files limit at start.
     max_connections: int = 10_000
-    # Connections that have not authenticated yet; bounds pre-auth memory.
+    # Connections that have not authenticated yet (a TLS handshake in progress
+    # included); bounds pre-auth memory. At the bound the oldest is closed.
     max_unauthenticated: int = 1_024
+    # ... of them from one address (IPv6: one /64): one host never takes the
+    # whole pool. At the bound that address's oldest is closed.
+    max_unauthenticated_per_address: int = 64
+    # A frame whose header has arrived must arrive at least this fast (bytes
+    # per second, after a few seconds' grace), or the connection is closed
+    # (slow_producer): a trickled frame cannot pin its buffer for ever.
+    min_receive_rate_bytes: int = 16 * 1024
+    # Bytes held in incomplete frames over all connections; past it the
+    # connections holding the most are closed (slow_producer).
+    max_partial_frames_bytes: int = 128 * MiB
     # Subscriber outgoing buffer: cut at once above the hard bound ...
     send_buffer_hard_bytes: int = 32 * MiB
     # ... or when above the soft bound for longer than the soft window ...
@@ -46,6 +61,10 @@ class Limits:
     revocation_poll_s: float = 1.0
     # SIGTERM/SIGINT: time given to flush queued output before closing.
     shutdown_drain_s: float = 10.0
+    # Bytes of local messages queued for other nodes while NATS is slow to
+    # take them (--cluster); past it they are not queued but counted as
+    # unforwarded, and the receivers count the gap as lost.
+    cluster_outbox_bytes: int = 64 * MiB
 
     def frame_limits(self) -> FrameLimits:
         return FrameLimits(max_publish_frame_bytes=HEADER_LEN + self.max_message_bytes)
@@ -68,6 +87,38 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterAuth:
+    """How a broker authenticates to NATS and protects the link (``--cluster-*`` flags).
+
+    Secrets are read from files, never taken from argv (``ps`` shows argv); a
+    URL's ``user:password@`` or ``token@`` works too and is never logged.
+    """
+
+    user: str | None = None
+    password_file: str | None = None
+    token_file: str | None = None
+    nkey_file: str | None = None  # an NKey seed (SU...)
+    creds_file: str | None = None  # a JWT + NKey credentials file
+    tls_ca: str | None = None  # verify the NATS server against this CA (else the system's)
+    tls_cert: str | None = None  # client certificate, for a server that verifies clients
+    tls_key: str | None = None
+
+    def wants_tls(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The operator console (``--admin``): address, token file, optional TLS."""
+
+    host: str
+    port: int
+    tokens: str
+    cert: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerConfig:
     name: str = "hpfeeds"
     endpoints: tuple[Endpoint, ...] = (Endpoint("tcp", "0.0.0.0", 10000),)
@@ -79,49 +130,56 @@ class BrokerConfig:
     log_format: str = "text"
     # NATS servers of the cluster backplane (--cluster); empty: a single broker.
     cluster: tuple[str, ...] = ()
+    cluster_auth: ClusterAuth = field(default_factory=ClusterAuth)
     # Several processes share the listening port (--workers): SO_REUSEPORT.
     reuse_port: bool = False
+    # The operator console (--admin); None: off.
+    admin: AdminConfig | None = None
 
 
 def parse_host_port(value: str, what: str = "--bind") -> tuple[str, int]:
     """``HOST:PORT``, ``[v6]:PORT`` or ``:PORT`` (all interfaces)."""
     m = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]*):(\d+)", value.strip())
     if not m:
-        raise ConfigError(f"{what}: expected HOST:PORT or [IPv6]:PORT, got {value!r}")
+        raise UsageError(f"{what}: expected HOST:PORT or [IPv6]:PORT, got {value!r}")
     host = m.group(1) if m.group(1) is not None else (m.group(3) or "0.0.0.0")
     port = int(m.group(2) or m.group(4))
     if not 0 <= port <= 65535:
-        raise ConfigError(f"{what}: port {port} is out of range")
+        raise UsageError(f"{what}: port {port} is out of range")
     return host, port
 
 
-def parse_endpoint(value: str) -> Endpoint:
+def parse_endpoint(value: str, default_host: str = "0.0.0.0") -> Endpoint:
     """A twisted-style endpoint string, as the reference broker accepts it:
 
     ``tcp:port=10000:interface=0.0.0.0[:device=eth0]``
     ``tls:port=10001:cert=broker.crt:key=broker.key`` (``privateKey=`` also accepted)
+
+    Without ``interface=`` it listens on ``default_host`` (the CLI passes the
+    ``--bind`` host, so ``--bind 127.0.0.1:10000 -e tls:port=10001:...`` stays
+    on loopback).
     """
     tokens = re.split(r"(?<!\\):", value)
     kind, params = tokens[0], {}
     if kind not in ("tcp", "tls"):
-        raise ConfigError(f"--endpoint {value!r}: kind must be 'tcp' or 'tls'")
+        raise UsageError(f"--endpoint {value!r}: kind must be 'tcp' or 'tls'")
     for token in tokens[1:]:
         if "=" not in token:
-            raise ConfigError(f"--endpoint {value!r}: expected key=value, got {token!r}")
+            raise UsageError(f"--endpoint {value!r}: expected key=value, got {token!r}")
         k, v = token.split("=", 1)
         params[k] = v.replace("\\:", ":")
     unknown = set(params) - {"port", "interface", "device", "cert", "key", "privateKey"}
     if unknown:
-        raise ConfigError(f"--endpoint {value!r}: unknown option(s) {', '.join(sorted(unknown))}")
+        raise UsageError(f"--endpoint {value!r}: unknown option(s) {', '.join(sorted(unknown))}")
     if "port" not in params or not params["port"].isdigit():
-        raise ConfigError(f"--endpoint {value!r}: port=N is required")
+        raise UsageError(f"--endpoint {value!r}: port=N is required")
     key = params.get("key") or params.get("privateKey")
     cert = params.get("cert")
     if kind == "tls" and not (cert and key):
-        raise ConfigError(f"--endpoint {value!r}: tls needs cert=PATH and key=PATH")
+        raise UsageError(f"--endpoint {value!r}: tls needs cert=PATH and key=PATH")
     return Endpoint(
         kind=kind,
-        host=params.get("interface", "0.0.0.0"),
+        host=params.get("interface", default_host),
         port=int(params["port"]),
         device=params.get("device"),
         cert=cert,

@@ -15,21 +15,45 @@ Rules kept here:
   alone with ``internal_error`` (ERROR to the client, traceback in the log).
 - When one read holds more work than one loop turn should do, reading is
   paused and the rest is handled in later turns, in order.
+- A connection counts from accept: a TLS listener accepts plain TCP and the
+  handshake runs here (``tls.TlsSession``, with its deadline), so sockets in
+  a handshake count against ``--max-connections`` and the pre-auth pool.
+- A frame whose header has arrived must arrive at ``--min-receive-rate``;
+  bytes held in incomplete frames are reported to the broker, which bounds
+  their sum (``Broker.hold_partial``).
+- An ERROR that ends a connection is written, the sending side shut down,
+  and what the client still sends is read and discarded for a moment (and a
+  bounded number of bytes) before the close: a client that pipelines frames
+  behind a wrong AUTH still reads the ERROR instead of a reset.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..protocol import encode_info, new_nonce
 from . import metrics
+from .admission import address_group
 from .auth import AccessKey, AuthUnavailable, WouldBlock
 from .metrics import PublishStats
 from .reasons import CloseReason
 from .session import AUTHING, CLOSED, READY, Session
-from .tuning import BACKLOG_CHECK_S, BACKLOG_HIGH_BYTES, BACKLOG_LOW_BYTES, CHECKED_FRAMES_PER_TURN, CLOSE_FLUSH_S
+from .tls import TlsSession
+from .tuning import (
+    BACKLOG_CHECK_S,
+    BACKLOG_HIGH_BYTES,
+    BACKLOG_LOW_BYTES,
+    CHECKED_FRAMES_PER_TURN,
+    CLOSE_FLUSH_S,
+    CLOSE_LINGER_BYTES,
+    CLOSE_LINGER_S,
+    PARTIAL_FRAME_GRACE_S,
+)
 
 if TYPE_CHECKING:
     from .state import Broker
@@ -39,6 +63,8 @@ log = logging.getLogger("hpfeeds3.broker.connection")
 # Bytes a client may send behind its AUTH while the key store is asked:
 # one largest frame and a margin (reading is paused meanwhile).
 _AUTHING_BUFFER_MARGIN = 65536
+# Closed for what other connections did, not for their own bytes: no linger.
+_CLOSED_FOR_ROOM = frozenset({CloseReason.TOO_MANY_CONNECTIONS, CloseReason.TOO_MANY_UNAUTHENTICATED})
 
 
 class Connection(asyncio.Protocol):
@@ -46,12 +72,21 @@ class Connection(asyncio.Protocol):
         "_auth_deadline",
         "_backlog_timer",
         "_eof_pending",
+        "_group",
+        "_held",
         "_last_progress",
         "_last_queued",
+        "_linger_bytes",
+        "_lingering",
         "_lost",
+        "_partial_start",
+        "_partial_timer",
         "_sent_at_check",
         "_soft_since",
+        "_tls",
+        "_tls_session",
         "_turn_pending",
+        "_write",
         "broker",
         "peer",
         "peer_host",
@@ -61,11 +96,15 @@ class Connection(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, tls: ssl.SSLContext | None = None) -> None:
         self.broker = broker
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.peer_host = "?"
+        self._tls = tls
+        self._tls_session: TlsSession | None = None
+        self._write: Callable[[bytes], None] = self._write_unconnected
+        self._group = "?"  # address group for the pre-auth pool (admission.py)
         limits = broker.config.limits
         self.session = Session(
             self,
@@ -78,6 +117,11 @@ class Connection(asyncio.Protocol):
         self.received_bytes = 0
         self.sent_bytes = 0
         self._lost = False
+        self._lingering = False
+        self._linger_bytes = 0
+        self._held = 0  # bytes of an incomplete frame reported to the broker
+        self._partial_start = -1  # stream offset of the incomplete frame being timed
+        self._partial_timer: asyncio.TimerHandle | None = None
         self._eof_pending = False
         self._turn_pending = False
         self._auth_deadline: asyncio.TimerHandle | None = None
@@ -137,38 +181,160 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         assert self.transport is not None
+        self._write = self.transport.write
         broker = self.broker
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple) and len(peername) >= 2:
             host = self.peer_host = peername[0]
             self.peer = f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"
+            self._group = address_group(host)
         self.session.peer = self.peer
         broker.connections.add(self)
-        broker.unauthenticated += 1  # given back by left_pre_auth, exactly once
+        # In the pre-auth pool until left_pre_auth, exactly once.
+        evict, bound = broker.pre_auth.admit(self, self._group)
         metrics.CONNECTION_MADE.inc()
         log.info("connected from %s", self.peer, extra={"event": "connected", "peer": self.peer})
 
-        limits = broker.config.limits
-        if len(broker.connections) > broker.max_connections:
-            metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
-            self.close(CloseReason.TOO_MANY_CONNECTIONS, f"too many connections (limit {broker.max_connections})")
-            return
-        if broker.unauthenticated > limits.max_unauthenticated:
-            metrics.LIMIT_REJECTIONS.labels("max_unauthenticated").inc()
-            self.close(
-                CloseReason.TOO_MANY_UNAUTHENTICATED,
-                f"too many unauthenticated connections (limit {limits.max_unauthenticated})",
+        if len(broker.connections) > broker.max_connections and evict is None:
+            # At the connection limit (the descriptor limit) room is made: the
+            # oldest connection lingering after its closing ERROR is cut, else the
+            # oldest pre-auth connection of the busiest address is closed, as at
+            # the pre-auth bounds. The newcomer is refused only when neither exists.
+            if broker.lingering:
+                next(iter(broker.lingering)).cut_linger()
+            else:
+                evict, bound = broker.pre_auth.oldest_of_busiest(), "connections"
+                if evict is None or evict is self:
+                    metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
+                    self.close(
+                        CloseReason.TOO_MANY_CONNECTIONS, f"too many connections (limit {broker.max_connections})"
+                    )
+                    return
+        if evict is not None:
+            evict.evicted(bound)
+        if self._tls is not None:
+            # The handshake runs in this connection (tls.py), on its own deadline.
+            self._tls_session = TlsSession(self._tls)
+            self._write = self._write_tls
+            self._auth_deadline = broker.loop.call_later(
+                broker.config.limits.tls_handshake_timeout_s, self._on_handshake_timeout
             )
             return
+        self._greet()
 
-        transport = self.transport
-        transport.set_write_buffer_limits(high=BACKLOG_HIGH_BYTES, low=BACKLOG_LOW_BYTES)
-        transport.write(encode_info(broker.name_bytes, self.session.nonce))
-        self._auth_deadline = broker.loop.call_later(limits.auth_timeout_s, self._on_auth_timeout)
+    def _greet(self) -> None:
+        """INFO with the nonce, and the AUTH deadline from now."""
+        assert self.transport is not None
+        broker = self.broker
+        if self._auth_deadline is not None:
+            self._auth_deadline.cancel()  # the TLS handshake's
+        self.transport.set_write_buffer_limits(high=BACKLOG_HIGH_BYTES, low=BACKLOG_LOW_BYTES)
+        self._write(encode_info(broker.name_bytes, self.session.nonce))
+        self._auth_deadline = broker.loop.call_later(broker.config.limits.auth_timeout_s, self._on_auth_timeout)
+
+    def _write_tls(self, data: bytes) -> None:
+        assert self.transport is not None and self._tls_session is not None
+        self.transport.write(self._tls_session.encrypt(data))
+
+    def _write_unconnected(self, data: bytes) -> None:  # pragma: no cover - never called before connection_made
+        raise RuntimeError("write before the connection was made")
+
+    def _tls_received(self, tls: TlsSession, data: bytes) -> bytes | None:
+        """Decrypt; start the session when the handshake completes. None: the connection is closed."""
+        assert self.transport is not None
+        was_established = tls.established
+        try:
+            plain, reply = tls.receive(data)
+        except ssl.SSLError as e:
+            self._tls_failed(str(e.reason or e), tls)
+            return None
+        if reply:
+            self.transport.write(reply)
+        if not was_established and tls.established:
+            self._greet()
+        return plain
+
+    def _tls_closed_by_peer(self, tls: TlsSession, last: bytes | None) -> None:
+        """The client's close_notify: handle what came before it, answer it (clients wait
+        for ours), then treat it as EOF."""
+        tls.closed_by_peer = False  # once
+        if last:
+            self._received_plain(last)
+        if self.transport is not None and not self._lost:
+            self.transport.write(tls.close_notify())
+            if not self.eof_received():
+                self.transport.close()
+
+    def _tls_failed(self, why: str, tls: TlsSession) -> None:
+        reason = CloseReason.TLS_HANDSHAKE_FAILED if not tls.established else CloseReason.BAD_FRAME
+        log.info(
+            "TLS %s with %s failed: %s",
+            "handshake" if not tls.established else "record",
+            self.peer,
+            why,
+            extra={"event": "tls_failed", "peer": self.peer, "reason": reason.value},
+        )
+        self.session.close(reason, None, abort=True)
+
+    def _on_handshake_timeout(self) -> None:
+        self._auth_deadline = None
+        tls = self._tls_session
+        if tls is not None and not tls.established and self.session.state != CLOSED:
+            metrics.LIMIT_REJECTIONS.labels("tls_handshake_timeout").inc()
+            limit = self.broker.config.limits.tls_handshake_timeout_s
+            self._tls_failed(f"no handshake within {limit:g} s", tls)
+
+    def evicted(self, bound: str) -> None:
+        """A bound (``address``, ``total``, or ``connections``) is reached and this is the oldest
+        pre-auth connection (of its address, or of the busiest address): it makes room."""
+        limits = self.broker.config.limits
+        if bound == "connections":
+            metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
+            limit = self.broker.max_connections
+            message = f"too many connections (limit {limit}): the oldest unauthenticated is closed"
+            self.close(CloseReason.TOO_MANY_CONNECTIONS, message)
+            return
+        metrics.LIMIT_REJECTIONS.labels(
+            "max_unauthenticated" if bound == "total" else "max_unauthenticated_per_address"
+        ).inc()
+        if bound == "total":
+            message = f"too many unauthenticated connections (limit {limits.max_unauthenticated}): the oldest is closed"
+        else:
+            message = (
+                f"too many unauthenticated connections from this address "
+                f"(limit {limits.max_unauthenticated_per_address}): the oldest is closed"
+            )
+        self.close(CloseReason.TOO_MANY_UNAUTHENTICATED, message)
 
     def data_received(self, data: bytes) -> None:
-        self.received_bytes += len(data)
         session = self.session
+        if session.state == CLOSED:
+            # Lingering after an ERROR: read and discard, a bounded amount.
+            self._linger_bytes += len(data)
+            if self._linger_bytes > CLOSE_LINGER_BYTES and self.transport is not None:
+                self.transport.abort()
+            return
+        tls = self._tls_session
+        if tls is not None:
+            try:
+                decrypted = self._tls_received(tls, data)
+                if tls.closed_by_peer:
+                    self._tls_closed_by_peer(tls, decrypted)
+                    return
+            except Exception:
+                self._internal_error("decrypting received data")
+                return
+            if not decrypted:
+                return
+            data = decrypted
+        self._received_plain(data)
+
+    def _received_plain(self, data: bytes) -> None:
+        """The client's bytes (decrypted under TLS) into the session."""
+        session = self.session
+        if session.state == CLOSED:
+            return
+        self.received_bytes += len(data)
         try:
             if session.receive(data):
                 self._yield_turn()
@@ -176,8 +342,63 @@ class Connection(asyncio.Protocol):
                 # Reading is paused during a lookup; a transport may still hand over what it had.
                 metrics.LIMIT_REJECTIONS.labels("pre_auth_buffer").inc()
                 self.close(CloseReason.FRAME_TOO_LARGE, "too much data before authentication completed")
+            if session.pending_frame_bytes or self._held:
+                self._watch_partial_frame()
         except Exception:
             self._internal_error("handling received data")
+
+    def _watch_partial_frame(self) -> None:
+        """A frame's header has arrived and not its body: time it, and report the bytes held."""
+        session = self.session
+        pending = session.pending_frame_bytes
+        if not pending or session.state == CLOSED:
+            self._release_partial()
+            return
+        start = self.received_bytes - session.buffered  # where the incomplete frame began in the stream
+        if start != self._partial_start:
+            # A new frame: its own deadline, scaled to its size.
+            if self._partial_timer is not None:
+                self._partial_timer.cancel()
+            self._partial_start = start
+            rate = self.broker.config.limits.min_receive_rate_bytes
+            self._partial_timer = self.broker.loop.call_later(
+                PARTIAL_FRAME_GRACE_S + pending / rate, self._on_partial_deadline
+            )
+        held = session.buffered
+        if held != self._held:
+            self._held = held
+            self.broker.hold_partial(self, held)
+
+    def _release_partial(self) -> None:
+        if self._partial_timer is not None:
+            self._partial_timer.cancel()
+            self._partial_timer = None
+        self._partial_start = -1
+        if self._held:
+            self._held = 0
+            self.broker.hold_partial(self, 0)
+
+    def _on_partial_deadline(self) -> None:
+        self._partial_timer = None
+        try:
+            pending = self.session.pending_frame_bytes
+            rate = self.broker.config.limits.min_receive_rate_bytes
+            metrics.LIMIT_REJECTIONS.labels("min_receive_rate").inc()
+            log.warning(
+                "closing %s (%s): a %d-byte frame did not arrive at %d bytes/s",
+                self.peer,
+                self.ident,
+                pending,
+                rate,
+                extra={"event": "slow_producer", "peer": self.peer, "ident": self.ident, "reason": "slow_producer"},
+            )
+            self.close(
+                CloseReason.SLOW_PRODUCER,
+                f"a {pending}-byte frame did not arrive within {PARTIAL_FRAME_GRACE_S + pending / rate:.0f} s "
+                f"(at least {rate} bytes/s)",
+            )
+        except Exception:
+            self._internal_error("enforcing the receive rate")
 
     def _authing_buffer_cap(self) -> int:
         return self.broker.frame_limits.max_publish_frame_bytes + _AUTHING_BUFFER_MARGIN
@@ -185,12 +406,16 @@ class Connection(asyncio.Protocol):
     def eof_received(self) -> bool:
         # Half-close: frames already received (AUTH + PUBLISH + FIN in one
         # segment) are still handled; the transport closes once they are done.
+        if self._lingering:
+            return False  # the client read our ERROR and closed: done
         if self.session.state == AUTHING or self._turn_pending:
             self._eof_pending = True
             return True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
         self._lost = True
         broker = self.broker
         session = self.session
@@ -200,6 +425,8 @@ class Connection(asyncio.Protocol):
             except Exception:
                 log.exception("internal error while closing %s", self.peer)
         self._cancel_timers()
+        self._release_partial()
+        broker.lingering.pop(self, None)
         if self in broker.connections:
             broker.connections.discard(self)
             broker.retire(self)
@@ -242,7 +469,7 @@ class Connection(asyncio.Protocol):
     def deliver(self, data: bytes) -> None:
         transport = self.transport
         assert transport is not None
-        transport.write(data)
+        self._write(data)
         self.sent_bytes += len(data)
         if self._backlog_timer is not None and transport.get_write_buffer_size() > self.broker.send_hard_bytes:
             self._cut_slow_consumer("outgoing buffer over its hard bound")
@@ -254,8 +481,7 @@ class Connection(asyncio.Protocol):
     # --- the session's actions -------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        self._write(data)
 
     def publish(self, channel: bytes, data: bytes, frames: int) -> int:
         return self.broker.router.publish(channel, data, frames)
@@ -267,7 +493,7 @@ class Connection(asyncio.Protocol):
         self.broker.router.unsubscribe(channel, self)
 
     def left_pre_auth(self) -> None:
-        self.broker.unauthenticated -= 1
+        self.broker.pre_auth.remove(self, self._group)
 
     def lookup(self, ident: str) -> None:
         """The key at once when the store can answer without waiting (sqlite,
@@ -354,18 +580,54 @@ class Connection(asyncio.Protocol):
 
     def close_transport(self, reason: CloseReason, error: bytes | None, abort: bool) -> None:
         self._cancel_timers()
+        self._release_partial()
         transport = self.transport
         if self._lost or transport is None:
             return
-        if abort:
-            transport.abort()
+        tls = self._tls_session
+        if abort or transport.is_closing() or (tls is not None and not tls.established):
+            transport.abort()  # (before a TLS handshake completes there is no way to send an ERROR)
             return
-        if error is not None:
-            transport.write(error)
-        transport.close()
+        if error is None or reason in _CLOSED_FOR_ROOM:
+            # Closed to make room (connection or pre-auth limits): the ERROR, then
+            # the descriptor is given back at once — a linger here would let a
+            # flood hold descriptors past the limit it is being closed for.
+            if error is not None:
+                self._write(error)
+            transport.close()
+            if transport.get_write_buffer_size():
+                # A peer that does not read must not keep the socket forever.
+                self.broker.loop.call_later(CLOSE_FLUSH_S, transport.abort)
+            return
+        # The ERROR, then the sending side shut down (plain TCP), then linger:
+        # what the client still sends is read and discarded, so closing does
+        # not reset the connection before it has read the ERROR.
+        self._write(error)
+        if tls is not None:
+            transport.write(tls.close_notify())
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._lingering = True
+        self.broker.lingering[self] = None
+        with contextlib.suppress(RuntimeError, AttributeError):  # not paused, or a transport that cannot
+            transport.resume_reading()
+        self.broker.loop.call_later(CLOSE_LINGER_S, self._end_linger)
+
+    def cut_linger(self) -> None:
+        """The connection limit is reached and this is the oldest lingering connection: end it now."""
+        self.broker.lingering.pop(self, None)
+        metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
+        if self.transport is not None and not self._lost:
+            self.transport.abort()
+
+    def _end_linger(self) -> None:
+        transport = self.transport
+        if transport is None or self._lost:
+            return
         if transport.get_write_buffer_size():
-            # A peer that does not read must not keep the socket forever.
-            self.broker.loop.call_later(CLOSE_FLUSH_S, transport.abort)
+            transport.abort()  # the client never read its ERROR
+        else:
+            transport.close()
 
     # --- turns ---------------------------------------------------------------------------
 
@@ -475,6 +737,9 @@ class Connection(asyncio.Protocol):
                 self.transport.abort()
 
     def _cancel_timers(self) -> None:
+        if self._partial_timer is not None:
+            self._partial_timer.cancel()
+            self._partial_timer = None
         if self._auth_deadline is not None:
             self._auth_deadline.cancel()
             self._auth_deadline = None

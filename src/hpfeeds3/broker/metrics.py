@@ -55,9 +55,26 @@ SLOW_CONSUMERS = Counter("hpfeeds_broker_slow_consumers", "Subscribers cut becau
 REVOCATIONS = Counter(
     "hpfeeds_broker_revocations", "Live sessions cut back after their key changed in the store", ["action"]
 )
+CONSOLE_LOGINS = Counter(
+    "hpfeeds_broker_console_logins",
+    "Console logins and bearer tokens checked, by result (ok, failed, blocked)",
+    ["result"],
+)
+CONSOLE_CHANGES = Counter("hpfeeds_broker_console_changes", "Changes made through the operator console")
 CLUSTER_LINK_UP = Gauge("hpfeeds_broker_cluster_link_up", "1 while the NATS cluster link is connected")
 CLUSTER_UNFORWARDED = Counter(
-    "hpfeeds_broker_cluster_unforwarded_messages", "Local messages not sent to other nodes: the link was down"
+    "hpfeeds_broker_cluster_unforwarded_messages",
+    "Local messages not sent to other nodes: link_down, outbox_full (NATS not keeping up) or publish_failed",
+    ["reason"],
+)
+CLUSTER_OUTBOX_BYTES = Gauge(
+    "hpfeeds_broker_cluster_outbox_bytes", "Bytes of local messages queued for other nodes (bound: --cluster-outbox)"
+)
+CLUSTER_REJECTED = Counter(
+    "hpfeeds_broker_cluster_rejected",
+    "Messages from NATS dropped because they failed a check (not whole, well-formed PUBLISH frames of their "
+    "subject's channel from a broker), by reason",
+    ["reason"],
 )
 CLUSTER_LOST = Counter(
     "hpfeeds_broker_cluster_lost_messages",

@@ -20,7 +20,9 @@ class CloseReason(StrEnum):
     TOO_MANY_DENIALS = "too_many_denials"  # denied channels / spoofed idents over the cap
     SLOW_CONSUMER = "slow_consumer"  # subscriber's outgoing buffer over its bounds
     TOO_MANY_CONNECTIONS = "too_many_connections"  # connection cap reached
-    TOO_MANY_UNAUTHENTICATED = "too_many_unauthenticated"  # pre-auth cap reached
+    TOO_MANY_UNAUTHENTICATED = "too_many_unauthenticated"  # pre-auth cap reached: the oldest is closed
+    SLOW_PRODUCER = "slow_producer"  # a frame arrived too slowly, or partial frames held too much memory
+    TLS_HANDSHAKE_FAILED = "tls_handshake_failed"  # no (valid) TLS handshake within its deadline
     REVOKED = "revoked"  # the key was removed or its secret rotated
     SHUTDOWN = "shutdown"  # the broker is stopping
     INTERNAL_ERROR = "internal_error"  # a bug: traceback logged, this connection only
@@ -40,6 +42,7 @@ ERROR_TOKEN = {
     CloseReason.SLOW_CONSUMER: "limit",
     CloseReason.TOO_MANY_CONNECTIONS: "limit",
     CloseReason.TOO_MANY_UNAUTHENTICATED: "limit",
+    CloseReason.SLOW_PRODUCER: "limit",
     CloseReason.REVOKED: "authfail",
     CloseReason.SHUTDOWN: "shutdown",
     CloseReason.INTERNAL_ERROR: "internal",

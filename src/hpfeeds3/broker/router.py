@@ -15,8 +15,9 @@ per publish, and a subscriber cut during a fan-out cannot disturb the iteration.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
 from typing import Protocol
+
+from .backplane import NULL_BACKPLANE, Backplane
 
 
 class Subscriber(Protocol):
@@ -28,27 +29,30 @@ class Subscriber(Protocol):
 
 
 class Router:
-    __slots__ = ("_fanout", "_subs", "deliveries", "on_first_subscriber", "on_last_unsubscribe", "remote")
+    __slots__ = ("_backplane", "_fanout", "_subs", "deliveries")
 
-    def __init__(self) -> None:
+    def __init__(self, backplane: Backplane = NULL_BACKPLANE) -> None:
         self._subs: dict[bytes, dict[Subscriber, None]] = {}
         # channel -> tuple(self._subs[channel]); absent until the next publish after a change
         self._fanout: dict[bytes, tuple[Subscriber, ...]] = {}
         # messages delivered per channel (messages x subscribers), for metrics
         self.deliveries: defaultdict[bytes, int] = defaultdict(int)
-        # Backplane hooks (None in a single process): forward local publishes to
-        # other brokers; learn when this node starts/stops needing a channel.
-        self.remote: Callable[[bytes, bytes, int], None] | None = None
-        self.on_first_subscriber: Callable[[bytes], None] | None = None
-        self.on_last_unsubscribe: Callable[[bytes], None] | None = None
+        # Other brokers (a null one in a single process): local publishes are
+        # forwarded to it; it learns when this node starts/stops needing a channel.
+        self._backplane = backplane
+
+    def attach(self, backplane: Backplane) -> None:
+        """Use ``backplane`` from now on (once, at start), telling it the channels already wanted."""
+        self._backplane = backplane
+        for channel in self._subs:
+            backplane.want(channel)
 
     def subscribe(self, channel: bytes, sub: Subscriber) -> bool:
         """Add ``sub``; idempotent. Returns whether it was added."""
         members = self._subs.get(channel)
         if members is None:
             self._subs[channel] = {sub: None}
-            if self.on_first_subscriber is not None:
-                self.on_first_subscriber(channel)
+            self._backplane.want(channel)
             return True
         if sub in members:
             return False
@@ -65,8 +69,7 @@ class Router:
         self._fanout.pop(channel, None)
         if not members:
             del self._subs[channel]
-            if self.on_last_unsubscribe is not None:
-                self.on_last_unsubscribe(channel)
+            self._backplane.unwant(channel)
         return True
 
     def publish(self, channel: bytes, data: bytes, count: int) -> int:
@@ -74,8 +77,7 @@ class Router:
 
         Returns the local deliveries made (the work it cost)."""
         delivered = self.deliver_local(channel, data, count)
-        if self.remote is not None:
-            self.remote(channel, data, count)
+        self._backplane.forward(channel, data, count)
         return delivered
 
     def deliver_local(self, channel: bytes, data: bytes, count: int) -> int:

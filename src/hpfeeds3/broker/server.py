@@ -18,10 +18,11 @@ import os
 import resource
 import socket
 import ssl
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 
 from . import metrics
-from .auth import Authenticator, build_authenticator
+from .auth import Authenticator, ChangeFeed, build_authenticator
 from .config import BrokerConfig, ConfigError, Endpoint
 from .connection import Connection
 from .state import Broker
@@ -61,6 +62,26 @@ def make_tls_context(cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
+def _reload_pair(ctx: ssl.SSLContext, cert: str, key: str) -> None:
+    """Load a new certificate and key into the serving context only once they pair.
+
+    ``load_cert_chain`` on a mismatched pair raises after it has replaced the
+    certificate, leaving a context that fails every handshake. So the files are
+    copied once (owner-only, in a private directory), the copies are loaded into
+    a throwaway context first, and the serving context loads the same copies."""
+    with tempfile.TemporaryDirectory(prefix="hpfeeds-tls-") as tmp:
+        copies = []
+        for source, name in ((cert, "cert.pem"), (key, "key.pem")):
+            with open(source, "rb") as f:
+                data = f.read()
+            copy = os.path.join(tmp, name)
+            with os.fdopen(os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                f.write(data)
+            copies.append(copy)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(*copies)
+        ctx.load_cert_chain(*copies)
+
+
 async def _watch_tls(ctx: ssl.SSLContext, cert: str, key: str, stop: asyncio.Event) -> None:
     """Reload certificate and key when their files change; live connections keep theirs."""
     from watchfiles import awatch
@@ -70,7 +91,7 @@ async def _watch_tls(ctx: ssl.SSLContext, cert: str, key: str, stop: asyncio.Eve
     try:
         async for _ in awatch(*dirs, stop_event=stop, debounce=300, step=50, watch_filter=lambda _c, p: p in paths):
             try:
-                ctx.load_cert_chain(cert, key)
+                _reload_pair(ctx, cert, key)
                 log.info("reloaded TLS certificate %s", cert)
             except (OSError, ssl.SSLError) as e:
                 # Cert and key are often replaced one after the other: the pair
@@ -146,6 +167,7 @@ async def serve(
     watch_stop = asyncio.Event()
 
     servers: list[asyncio.base_events.Server] = []
+    served = False
     try:
         bound = (
             list(sockets)
@@ -158,11 +180,11 @@ async def serve(
                 assert endpoint.cert and endpoint.key
                 ctx = make_tls_context(endpoint.cert, endpoint.key)
                 broker.spawn(_watch_tls(ctx, endpoint.cert, endpoint.key, watch_stop))
+            # TLS listeners accept plain TCP: the connection runs the handshake
+            # itself, so it counts against the limits from accept.
             server = await loop.create_server(
-                lambda: Connection(broker),
+                lambda ctx=ctx: Connection(broker, ctx),  # type: ignore[misc]
                 sock=sock,
-                ssl=ctx,
-                ssl_handshake_timeout=config.limits.tls_handshake_timeout_s if ctx else None,
                 backlog=LISTEN_BACKLOG,
             )
             servers.append(server)
@@ -174,10 +196,13 @@ async def serve(
 
             backplane = NatsBackplane(
                 config.cluster,
-                broker.router,
-                max_frame_bytes=broker.frame_limits.max_publish_frame_bytes,
+                broker.router.deliver_local,
+                limits=broker.frame_limits,
                 name=config.name,
+                outbox_bytes=config.limits.cluster_outbox_bytes,
+                auth=config.cluster_auth,
             )
+            broker.router.attach(backplane)
             await backplane.start()
             broker.backplane = backplane
             cleanups.append(backplane.close)
@@ -188,14 +213,21 @@ async def serve(
             cleanups.append(await start_exporter(config.exporter[0], config.exporter[1], broker.health))
             log.info("metrics on http://%s:%s/metrics", *config.exporter)
 
+        if config.admin is not None:
+            from .admin import start_admin
+
+            cleanups.append(await start_admin(broker, config.admin))
+
         broker.spawn(_watch_auth_changes(broker, auth))
         log.info(
-            "broker %r serving; auth %r; at most %d connections",
+            "hpfeeds3 %s: broker %r serving; auth %r; at most %d connections",
+            __version__,
             config.name,
             auth,
             broker.max_connections,
         )
         broker.state = "serving"
+        served = True
         # Everything allocated so far lives as long as the process: keep it out
         # of the cyclic GC's generations so full collections stay short.
         gc.collect()
@@ -215,16 +247,16 @@ async def serve(
             if result is not None:
                 with contextlib.suppress(Exception):
                     await result
-        log.info("broker stopped")
+        if served:  # a start that failed says why on its own; it never served
+            log.info("broker stopped")
 
 
 async def _watch_auth_changes(broker: Broker, auth: Authenticator) -> None:
     """Feed the store's change notifications into ``Broker.recheck`` (revocation).
 
-    A backend that can tell has ``changes()``: an async iterator of changed
+    A store that can tell is a ``ChangeFeed``: ``changes()`` yields changed
     idents (``None``: anything may have changed)."""
-    changes = getattr(auth, "changes", None)
-    if changes is None:
+    if not isinstance(auth, ChangeFeed):
         return
-    async for idents in changes():
+    async for idents in auth.changes():
         await broker.recheck(idents)

@@ -161,7 +161,7 @@ class Session:
 
     @property
     def pending_frame_bytes(self) -> int:
-        """Declared length of the frame being received (0 when none has started)."""
+        """Declared length of the frame whose header has arrived and body has not (else 0)."""
         return self._decoder.pending_frame_bytes
 
     def receive(self, data: bytes) -> bool:
@@ -299,7 +299,7 @@ class Session:
                 shown,
                 self.peer,
                 why,
-                extra={"event": "auth_failed", "peer": self.peer, "reason": why},
+                extra={"event": "auth_failed", "peer": self.peer, "ident": shown, "reason": why},
             )
             self._refuse(CloseReason.AUTH_FAILED, f"Authentication failed for {shown}", "invalid-secret")
             return False

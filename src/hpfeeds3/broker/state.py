@@ -14,14 +14,15 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from . import metrics
-from .auth import AccessKey, Authenticator, AuthUnavailable, WouldBlock
+from .admission import PreAuthPool
+from .auth import AccessKey, Authenticator, AuthUnavailable, SyncLookup, WouldBlock
 from .config import BrokerConfig
 from .metrics import PublishStats
 from .ratelimit import AuthFailureLimiter
 from .reasons import CloseReason
 from .router import Router
 from .text import printable
-from .tuning import AUTH_LOOKUP_TIMEOUT_S, MAX_CHANNEL_SETS
+from .tuning import AUTH_LOOKUP_ATTEMPTS, AUTH_LOOKUP_TIMEOUT_S, MAX_CHANNEL_SETS
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -35,6 +36,10 @@ class Broker:
     def __init__(self, config: BrokerConfig, authenticator: Authenticator, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
         self.authenticator = authenticator
+        # Capabilities, found once: a store without a synchronous lookup always goes through ``lookup``.
+        self._lookup_now = authenticator.lookup_now if isinstance(authenticator, SyncLookup) else None
+        # Bumped when the store reports a change: a lookup that saw it change is repeated.
+        self.auth_generation = 0
         self.loop = loop
         self.router = Router()
         self.auth_limiter = AuthFailureLimiter(config.auth_limits)
@@ -45,7 +50,17 @@ class Broker:
         self.connections: set[Connection] = set()
         self.by_ident: dict[str, set[Connection]] = {}
         self._channel_sets: dict[tuple[str, ...], frozenset[bytes]] = {}
-        self.unauthenticated = 0
+        limits = config.limits
+        # Connections not authenticated yet, by address group (admission.py).
+        self.pre_auth: PreAuthPool[Connection] = PreAuthPool(
+            limits.max_unauthenticated, limits.max_unauthenticated_per_address
+        )
+        # Bytes held in incomplete frames, by connection, and their sum.
+        self.partial_holders: dict[Connection, int] = {}
+        self.partial_bytes = 0
+        # Connections lingering after a closing ERROR, oldest first: at the
+        # connection limit the oldest is cut to make room (connection.py).
+        self.lingering: dict[Connection, None] = {}
         self.state = "starting"  # starting | serving | stopping
         self.backplane: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -55,6 +70,39 @@ class Broker:
         self.retired_recv_fill: dict[str, int] = {}
         self.retired_total_recv = 0
         self.retired_total_sent = 0
+
+    @property
+    def unauthenticated(self) -> int:
+        return self.pre_auth.total
+
+    def hold_partial(self, conn: Connection, held: int) -> None:
+        """``conn`` now holds ``held`` bytes of an incomplete frame (0: none).
+
+        Past ``max_partial_frames_bytes`` over all connections, the ones
+        holding the most are closed (``slow_producer``) until it is met again."""
+        old = self.partial_holders.pop(conn, 0)
+        if held:
+            self.partial_holders[conn] = held
+        self.partial_bytes += held - old
+        limit = self.config.limits.max_partial_frames_bytes
+        if self.partial_bytes <= limit:
+            return
+        for victim, size in sorted(self.partial_holders.items(), key=lambda kv: kv[1], reverse=True):
+            if self.partial_bytes <= limit:
+                break
+            metrics.LIMIT_REJECTIONS.labels("max_partial_frames").inc()
+            log.warning(
+                "closing %s (%s): %d bytes held in an incomplete frame, %d over all connections (limit %d)",
+                victim.peer,
+                victim.ident,
+                size,
+                self.partial_bytes,
+                limit,
+                extra={"event": "slow_producer", "peer": victim.peer, "ident": victim.ident, "reason": "slow_producer"},
+            )
+            victim.close(
+                CloseReason.SLOW_PRODUCER, f"incomplete frames hold more than {limit} bytes: the largest are closed"
+            )
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """/healthz: 200 while serving (``degraded`` while a cluster link is down), else 503."""
@@ -96,11 +144,11 @@ class Broker:
 
     def lookup_now(self, ident: str) -> AccessKey | None:
         """The key without waiting, or ``WouldBlock`` (then use ``lookup``)."""
-        now = getattr(self.authenticator, "lookup_now", None)
+        now = self._lookup_now
         if now is None:
             raise WouldBlock
         try:
-            return now(ident)  # type: ignore[no-any-return]
+            return now(ident)
         except (WouldBlock, AuthUnavailable):
             raise
         except Exception as e:
@@ -108,10 +156,20 @@ class Broker:
             raise AuthUnavailable(str(e)) from e
 
     async def lookup(self, ident: str) -> AccessKey | None:
+        """The key, read after the last change the store reported.
+
+        A lookup that was in flight when a change arrived may hold the key
+        as it was before (a removed key, an old secret): it is repeated, at
+        most ``AUTH_LOOKUP_ATTEMPTS`` times within ``AUTH_LOOKUP_TIMEOUT_S``.
+        """
         try:
             # asyncio.timeout, not wait_for: no extra task per AUTH.
             async with asyncio.timeout(AUTH_LOOKUP_TIMEOUT_S):
-                return await self.authenticator.lookup(ident)
+                for _attempt in range(AUTH_LOOKUP_ATTEMPTS):
+                    generation = self.auth_generation
+                    key = await self.authenticator.lookup(ident)
+                    if generation == self.auth_generation:
+                        return key
         except TimeoutError as e:
             raise AuthUnavailable(f"lookup took longer than {AUTH_LOOKUP_TIMEOUT_S:g} s") from e
         except AuthUnavailable:
@@ -119,6 +177,7 @@ class Broker:
         except Exception as e:
             log.exception("auth lookup for %r failed", ident)
             raise AuthUnavailable(str(e)) from e
+        raise AuthUnavailable(f"the key store changed during each of {AUTH_LOOKUP_ATTEMPTS} lookups")
 
     def by_ident_add(self, conn: Connection) -> None:
         assert conn.ident is not None
@@ -155,7 +214,10 @@ class Broker:
         A removed key or a rotated secret closes that ident's connections; a
         channel taken away unsubscribes it (and stops publishes to it).
         ``None`` means "anything may have changed": every live ident is checked.
+        Lookups still in flight are repeated (``lookup``), so a session that
+        is not yet in ``by_ident`` cannot finish AUTH with the old key.
         """
+        self.auth_generation += 1
         targets = list(self.by_ident) if idents is None else [i for i in idents if i in self.by_ident]
         for ident in targets:
             try:

@@ -9,18 +9,26 @@ every message. With ``--exporter HOST:PORT`` worker *i* serves its metrics on
 The supervisor restarts a worker that dies (after a short pause), and on
 SIGTERM/SIGINT stops them all and exits 0. A worker that fails while starting
 (bad flag, port in use) stops everything with that worker's exit status.
+
+Limits keep the meaning they have for one process, for the whole host
+(``HOST_WIDE_LIMITS``): connections, connections not yet authenticated,
+failed AUTHs per address or ident, and the cluster outbox are divided over the
+workers (rounded up, so the host takes at most the limit plus N - 1; 0 still
+disables). Limits per connection (frame size, buffers, timeouts,
+subscriptions, denials) apply to each connection as they are.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 
-from .config import parse_host_port
+from .config import BrokerConfig, parse_host_port
 
 log = logging.getLogger("hpfeeds3.broker.supervisor")
 
@@ -32,8 +40,32 @@ RESTART_DELAY_S = 1.0
 POLL_S = 0.2
 
 
-def worker_argv(argv: Sequence[str], index: int, exporter: str | None) -> list[str]:
-    """The parent's flags minus ``--workers``, plus ``--reuse-port`` and this worker's exporter port."""
+#: Tells worker i its index, so its log lines can say "worker i: ..."; the
+#: environment rather than a flag, so its argv stays the parent's flags.
+WORKER_ENV = "HPFEEDS3_WORKER"
+
+# Limits meant for the whole host, divided over the workers: flag -> where the value is in BrokerConfig.
+HOST_WIDE_LIMITS: tuple[tuple[str, str, str], ...] = (
+    ("--max-connections", "limits", "max_connections"),
+    ("--max-unauthenticated", "limits", "max_unauthenticated"),
+    ("--cluster-outbox", "limits", "cluster_outbox_bytes"),
+    ("--auth-fail-limit", "auth_limits", "per_ident"),
+    ("--auth-fail-address-limit", "auth_limits", "per_address"),
+)
+
+
+def worker_limits(config: BrokerConfig, workers: int) -> list[str]:
+    """Flags giving one worker its share of each host-wide limit (rounded up; 0 stays 0: disabled)."""
+    out: list[str] = []
+    for flag, group, field in HOST_WIDE_LIMITS:
+        value = getattr(getattr(config, group), field)
+        out += [flag, str(-(-value // workers))]
+    return out
+
+
+def worker_argv(argv: Sequence[str], index: int, exporter: str | None, limits: Sequence[str] = ()) -> list[str]:
+    """The parent's flags minus ``--workers``, plus ``--reuse-port``, this worker's exporter port and
+    its share of the host-wide limits (given last: they override the parent's)."""
     out: list[str] = []
     skip = False
     for arg in argv:
@@ -47,6 +79,7 @@ def worker_argv(argv: Sequence[str], index: int, exporter: str | None) -> list[s
             continue
         out.append(arg)
     out.append("--reuse-port")
+    out += limits
     if exporter:
         host, port = parse_host_port(exporter, "--exporter")
         out += ["--exporter", f"[{host}]:{port + index}" if ":" in host else f"{host}:{port + index}"]
@@ -54,19 +87,20 @@ def worker_argv(argv: Sequence[str], index: int, exporter: str | None) -> list[s
 
 
 class Supervisor:
-    def __init__(self, argv: Sequence[str], workers: int, exporter: str | None, drain_s: float) -> None:
+    def __init__(self, argv: Sequence[str], workers: int, exporter: str | None, config: BrokerConfig) -> None:
         self.argv = list(argv)
+        self.limits = worker_limits(config, workers)
         self.count = workers
         self.exporter = exporter
-        self.drain_s = drain_s
+        self.drain_s = config.limits.shutdown_drain_s
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * workers
         self.started_at = [0.0] * workers
         self.restart_at: list[float | None] = [None] * workers
         self.stopping = False
 
     def _spawn(self, i: int) -> None:
-        cmd = [sys.executable, "-m", "hpfeeds3.broker.cli", *worker_argv(self.argv, i, self.exporter)]
-        self.procs[i] = subprocess.Popen(cmd)
+        cmd = [sys.executable, "-m", "hpfeeds3.broker.cli", *worker_argv(self.argv, i, self.exporter, self.limits)]
+        self.procs[i] = subprocess.Popen(cmd, env={**os.environ, WORKER_ENV: str(i)})
         self.started_at[i] = time.monotonic()
         self.restart_at[i] = None
         log.info("worker %d started (pid %d)", i, self.procs[i].pid)  # type: ignore[union-attr]
@@ -77,6 +111,11 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        log.info(
+            "%d workers; host-wide limits divided over them, each worker: %s",
+            self.count,
+            " ".join(self.limits),
+        )
         for i in range(self.count):
             self._spawn(i)
         status = 0

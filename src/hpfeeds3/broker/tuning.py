@@ -22,6 +22,12 @@ LISTEN_BACKLOG = 1024
 # unavailable): the client gets a clear error instead of waiting for the
 # AUTH deadline.
 AUTH_LOOKUP_TIMEOUT_S = 2.0
+
+# A lookup that was in flight while the key store changed is repeated, so a
+# key removed meanwhile is not used (revocation has no window); after this
+# many attempts in a row that each saw a change, the AUTH fails as "store
+# unavailable" rather than trusting an answer that may be stale.
+AUTH_LOOKUP_ATTEMPTS = 3
 # Distinct channel lists whose byte sets are shared between connections
 # (10,000 sensors with the same key hold one set); cleared when full.
 MAX_CHANNEL_SETS = 10_000
@@ -36,8 +42,19 @@ BACKLOG_LOW_BYTES = 64 * 1024
 BACKLOG_CHECK_S = 0.5
 # A connection closed with an ERROR gets this long to flush it before abort.
 CLOSE_FLUSH_S = 1.0
+# After an ERROR that closes a connection, what the client still sends is
+# read and discarded for up to this long (its pipelined frames would
+# otherwise turn our close into a reset that destroys the ERROR).
+CLOSE_LINGER_S = 1.0
+# ... and for at most this many bytes: enough for frames pipelined behind a
+# refused AUTH; a client that keeps sending is flooding, and is reset.
+CLOSE_LINGER_BYTES = 64 * 1024
 
 # --- fairness between connections -------------------------------------------------
+
+# A frame whose header has arrived gets this long on top of its size divided
+# by --min-receive-rate: a small frame on a congested link is not cut.
+PARTIAL_FRAME_GRACE_S = 5.0
 
 # Frames that need a full check (control frames, the first PUBLISH of a run)
 # handled per event-loop turn for one connection. One 256 KiB read can hold
@@ -45,3 +62,44 @@ CLOSE_FLUSH_S = 1.0
 # rest waits for the next turn, reading paused, so other clients are not
 # delayed by more than a few milliseconds.
 CHECKED_FRAMES_PER_TURN = 1024
+
+# --- cluster (the NATS backplane) ---------------------------------------------------
+
+# Retry cadence while NATS is unreachable (first connect and reconnects): a
+# restarted NATS is rejoined within about a second, and a NATS that is down
+# costs one connection attempt per second.
+CLUSTER_RECONNECT_WAIT_S = 1.0
+# A NATS that keeps its socket open but stops answering (stopped, wedged) is
+# declared lost after this many unanswered pings this far apart (about a
+# minute; nats-py's default is 2 x 120 s): /healthz then says degraded and the
+# client reconnects.
+CLUSTER_PING_INTERVAL_S = 20
+CLUSTER_MAX_OUTSTANDING_PINGS = 3
+# Consecutive runs of one channel waiting in the outbox are joined into one
+# NATS message up to this size: one NATS message per 256 KiB rather than one
+# per read keeps cross-node traffic near a million small messages per second,
+# and stays well below any server's max_payload (bigger data is split).
+CLUSTER_JOIN_BYTES = 256 * 1024
+# Room kept in every NATS message for our headers (origin, sequence, count,
+# part): the server counts headers against its max_payload.
+CLUSTER_HEADER_ALLOWANCE_BYTES = 1024
+# Split frames being reassembled at once, over all origins and channels, hold
+# at most this many largest frames' worth of bytes. A broker sends the parts
+# of one frame back to back, so each origin has about one in flight per
+# channel; past this the oldest is dropped (counted ``reassembly_full``).
+CLUSTER_REASSEMBLY_FRAMES = 8
+# The NATS client's own buffer of commands not yet written to its socket
+# (nats-py's default): with the outbox bound it caps what one slow NATS costs.
+CLUSTER_NATS_PENDING_BYTES = 2 * 1024 * 1024
+# Messages received from NATS for one channel and not yet handed to the
+# router; past it the NATS client drops them and the sequence gap counts them.
+# Delivery is synchronous, so this fills only while the event loop is stalled.
+CLUSTER_SUB_PENDING_BYTES = 64 * 1024 * 1024
+# A rejected message from NATS is logged once per origin per this interval
+# (every one is counted); at most this many origins are remembered.
+CLUSTER_REJECT_LOG_INTERVAL_S = 60.0
+CLUSTER_REJECT_LOG_ORIGINS = 1024
+
+# At shutdown, how long the cluster link's tasks get to finish after being
+# cancelled: nats.connect retrying an unreachable server may not notice.
+CLUSTER_CLOSE_WAIT_S = 2.0

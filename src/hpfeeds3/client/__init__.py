@@ -17,6 +17,7 @@ from .errors import (
     ClientClosed,
     ClientError,
     ConnectionLost,
+    NoGreeting,
     PublishQueueFull,
 )
 from .message import Message
@@ -32,6 +33,7 @@ __all__ = [
     "ClientError",
     "ConnectionLost",
     "Message",
+    "NoGreeting",
     "PublishQueueFull",
     "make_ssl_context",
 ]

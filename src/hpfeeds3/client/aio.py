@@ -49,6 +49,7 @@ from .errors import (
     ClientClosed,
     ClientError,
     ConnectionLost,
+    NoGreeting,
     PublishQueueFull,
     classify,
 )
@@ -96,6 +97,7 @@ class _Connection(asyncio.Protocol):
         self.started = time.monotonic()
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self.received_any = False  # a byte arrived (a TLS port sends none to a plain client)
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -113,6 +115,7 @@ class _Connection(asyncio.Protocol):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
     def data_received(self, data: bytes) -> None:
+        self.received_any = True
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
@@ -143,9 +146,12 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.handshake.done():
             first = self.errors[0] if self.errors else None
-            lost = first or ConnectionLost(
-                f"connection closed before the broker's INFO arrived{f': {exc}' if exc else ''}"
-            )
+            if first is None and not self.received_any and self._client._ssl is None:
+                lost: ClientError = self._client._no_greeting("the connection was closed without a byte")
+            else:
+                lost = first or ConnectionLost(
+                    f"connection closed before the broker's INFO arrived{f': {exc}' if exc else ''}"
+                )
             self.handshake.set_exception(lost)
             # Nobody may be awaiting it if the connect attempt already timed out.
             self.handshake.exception()
@@ -289,6 +295,7 @@ class Client:
         self._opening = 0  # connection attempts in progress
         self._fatal: BaseException | None = None
         self._closing = False
+        self._finishing = False  # finish(): the broker closing is expected
         self._changed: asyncio.Event | None = None
         self.connection_count = 0
         """How many times a connection was established (1 after ``connect``)."""
@@ -448,6 +455,33 @@ class Client:
                 return
             await self._wait_changed(remaining)
 
+    async def finish(self, timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
+        """Flush, tell the broker nothing more is coming, hear its last word, close.
+
+        On plain TCP the client half-closes and waits (up to ``timeout_s``)
+        for the broker to close its side: both brokers first answer every frame
+        already received, so a refused AUTH, PUBLISH or SUBSCRIBE is raised here
+        (the oldest unread ``BrokerError``), however short the caller waited
+        before. TLS has no half-close: there it listens ``DEFAULT_READY_GRACE_S``
+        (as ``wait_ready``). The client is closed afterwards in every case.
+        """
+        try:
+            self._check_usable()
+            await self.flush(timeout_s)
+            conn = self._conn
+            if conn is not None and conn.transport is not None and conn.transport.can_write_eof():
+                self._finishing = True
+                with contextlib.suppress(OSError):  # the broker may have closed already
+                    conn.transport.write_eof()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(conn.closed), timeout_s)
+                self._raise_unread_error()
+                self._check_usable()
+            else:
+                await self.wait_ready()
+        finally:
+            await self.close(timeout_s)
+
     async def close(self, timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S) -> int:
         """Flush what was written (up to ``timeout_s``), close, stop reconnecting.
 
@@ -529,6 +563,14 @@ class Client:
             async with asyncio.timeout(self.connect_timeout_s):
                 await loop.create_connection(lambda: conn, self.host, self.port, **kwargs)
                 await conn.handshake  # _handshake() has run inside data_received
+        except NoGreeting:
+            conn.abort()
+            raise
+        except TimeoutError:
+            conn.abort()
+            if conn.transport is not None and not conn.received_any and self._ssl is None:
+                raise self._no_greeting(f"nothing arrived in {self.connect_timeout_s:g} s") from None
+            raise
         except BaseException:
             conn.abort()
             raise
@@ -536,6 +578,12 @@ class Client:
             self._opening -= 1
             self._wake()
         self._check_usable()
+
+    def _no_greeting(self, what: str) -> NoGreeting:
+        return NoGreeting(
+            f"connected to {self.host}:{self.port}, but {what} before the broker's INFO: "
+            "is this a TLS port? (use tls=True)"
+        )
 
     def _handshake(self, conn: _Connection, info: Info) -> None:
         """INFO arrived: write AUTH, the SUBSCRIBEs and the queued publishes in one go."""
@@ -575,8 +623,11 @@ class Client:
         if self._closing:
             pass
         elif refusal is not None:
-            log.error("broker closed the connection after refusing: %s", refusal)
+            # Raised to the owner (and so reported once, by the owner).
+            log.debug("broker closed the connection after refusing: %s", refusal)
             self._set_fatal(refusal)
+        elif self._finishing:
+            pass  # finish() asked for this close
         elif not self.reconnect:
             self._set_fatal(ConnectionLost(f"connection to {self.host}:{self.port} lost{f': {exc}' if exc else ''}"))
         else:
@@ -612,7 +663,8 @@ class Client:
         self._wake()
 
     def _broker_error(self, conn: _Connection, err: BrokerError) -> None:
-        log.warning("broker error: %s", err.message)
+        # Raised to the owner or handed to on_error: logging it too would report it twice.
+        log.debug("broker error: %s", err.message)
         if isinstance(err, AuthenticationFailed):
             self._set_fatal(err)
         if self._on_error is not None:
@@ -622,6 +674,7 @@ class Client:
                 log.exception("on_error callback raised")
         elif not isinstance(err, AuthenticationFailed):
             if self._unread_errors >= MAX_UNREAD_ERRORS:
+                log.warning("broker error not kept (%d unread already): %s", MAX_UNREAD_ERRORS, err.message)
                 return
             self._inbox.append(err)
             self._unread_errors += 1

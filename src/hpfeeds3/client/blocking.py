@@ -108,6 +108,13 @@ class BlockingClient:
         """Block until connected, then up to ``grace_s`` for a refusal (``Client.wait_ready``)."""
         self._call(self._client.wait_ready(grace_s))
 
+    def finish(self, timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
+        """Flush, hear the broker's last word (raising its ERROR), close (``Client.finish``)."""
+        try:
+            self._call(self._client.finish(timeout_s))
+        finally:
+            self.close(timeout_s)
+
     def get(self, timeout_s: float | None = None) -> Message | None:
         """The next message, or ``None`` after ``timeout_s`` or once closed.
 

@@ -43,6 +43,13 @@ class ConnectionLost(ClientError, ConnectionError):
     or it ended before the broker's INFO arrived while connecting."""
 
 
+class NoGreeting(ConnectionLost, TimeoutError):
+    """The TCP connection was made but the broker sent no INFO: it stayed silent
+    until ``connect_timeout_s`` or closed without a byte. What a plain client
+    meets on a TLS port (a TLS server waits for the client to speak first).
+    Also a ``ConnectionLost`` and a ``TimeoutError``."""
+
+
 class PublishQueueFull(ClientError):
     """``publish`` while disconnected found the pending-publish queue full.
 

@@ -266,8 +266,8 @@ class Decoder:
 
     @property
     def pending_frame_bytes(self) -> int:
-        """Declared length of the incomplete frame being received (0 when none has started)."""
-        return self._need if self._need > HEADER_LEN or self._have >= HEADER_LEN else 0
+        """Declared length of the frame whose header has arrived and body has not (else 0)."""
+        return self._need if self._need > HEADER_LEN else 0
 
     def receive(self, data: bytes) -> None:
         if not data:

@@ -1,57 +1,37 @@
-"""Authenticators: ``lookup(ident) -> AccessKey | None`` over several stores.
+"""Key stores: one module per backend, read by the broker and written by ``keys``.
 
-``--auth`` specs, as the reference broker takes them and more:
-``sqlite`` (./sqlite.db), ``sqlite:PATH``, ``env``, ``PATH.json``,
-``postgresql://user:pass@host/db``.
+``base`` holds the key, its validation, the errors and the capabilities;
+``records`` the JSON codec; ``spec`` the one spec parser (``--auth``);
+``sqlite``, ``jsonfile``, ``env``, ``postgres`` and ``chain`` the backends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from ..config import ConfigError
-from .base import AccessKey, Authenticator, AuthUnavailable, WouldBlock
-from .chain import ChainAuthenticator
-from .env import EnvAuthenticator
-from .jsonfile import JsonFileAuthenticator
-from .sqlite import SqliteAuthenticator
+from .base import (
+    AccessKey,
+    Authenticator,
+    AuthUnavailable,
+    ChangeFeed,
+    KeyReader,
+    KeyWriter,
+    StoreUnavailable,
+    SyncLookup,
+    WouldBlock,
+)
+from .spec import StoreSpec, build_authenticator, open_backend, parse_spec
 
 __all__ = [
     "AccessKey",
     "AuthUnavailable",
     "Authenticator",
-    "ChainAuthenticator",
-    "EnvAuthenticator",
-    "JsonFileAuthenticator",
-    "SqliteAuthenticator",
+    "ChangeFeed",
+    "KeyReader",
+    "KeyWriter",
+    "StoreSpec",
+    "StoreUnavailable",
+    "SyncLookup",
     "WouldBlock",
     "build_authenticator",
-    "from_spec",
+    "open_backend",
+    "parse_spec",
 ]
-
-
-def from_spec(spec: str, *, poll_s: float = 1.0) -> Authenticator:
-    """One backend; ``poll_s``: how often a polled store (sqlite) is checked for changes."""
-    if spec == "sqlite":
-        return SqliteAuthenticator("sqlite.db", poll_s=poll_s)
-    if spec.startswith("sqlite:"):
-        path = spec[len("sqlite:") :]
-        if not path:
-            raise ConfigError("--auth sqlite:PATH needs a path")
-        return SqliteAuthenticator(path, poll_s=poll_s)
-    if spec == "env":
-        return EnvAuthenticator()
-    if spec.startswith(("postgresql://", "postgres://")):
-        from .postgres import PostgresAuthenticator
-
-        return PostgresAuthenticator(spec)
-    if spec.endswith(".json"):
-        return JsonFileAuthenticator(spec)
-    raise ConfigError(
-        f"--auth {spec!r}: expected sqlite, sqlite:PATH, env, PATH.json or postgresql://user:pass@host/db"
-    )
-
-
-def build_authenticator(specs: Sequence[str], *, poll_s: float = 1.0) -> Authenticator:
-    backends = [from_spec(s, poll_s=poll_s) for s in specs]
-    return backends[0] if len(backends) == 1 else ChainAuthenticator(backends)

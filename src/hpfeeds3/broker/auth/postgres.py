@@ -1,10 +1,14 @@
-"""PostgreSQL authenticator: a shared key store for several brokers.
+"""The PostgreSQL store: one key store for several brokers.
 
 Table: the reference's ``authkeys`` shape (``owner, ident, secret, pubchans,
 subchans`` as TEXT, channels as JSON lists), created when missing, with a
-unique ``ident``. The ``keys`` CLI writes it; any SQL client may too.
+unique ``ident`` (its index), and ``CREATE INDEX IF NOT EXISTS`` on ``ident``
+for a table someone else created. The ``keys`` command writes it through this
+module; any SQL client may too. A row is a key only if ``make_key`` accepts
+it (a NULL or empty secret, or a column of another type, is "no such key",
+logged once).
 
-Contracts:
+Reader contracts:
 
 - ``lookup`` is one indexed query on a pooled connection, bounded by
   ``lookup_timeout_s`` (default 2 s) from call to answer, connecting included.
@@ -32,15 +36,27 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import asyncpg
 
 from ..config import ConfigError
-from ..keys.store import redact_dsn
-from .base import AccessKey, AuthUnavailable, parse_channels
+from ..redact import redact_url, scrub
+from .base import (
+    AccessKey,
+    AuthUnavailable,
+    IdentExists,
+    InvalidKeyLog,
+    NoSuchIdent,
+    StoreUnavailable,
+    decode_row,
+    encode_channels,
+)
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # NOTIFY channel the trigger signals on; payload: one ident ('' = all may have changed).
 NOTIFY_CHANNEL = "hpfeeds_authkeys"
@@ -59,11 +75,18 @@ RETRY_MAX_S = 15.0
 LISTEN_KEEPALIVE_S = 10.0
 # Notifications arriving within this window after one are yielded together.
 CHANGES_BATCH_S = 0.05
+# Deadline of one ``keys`` command's connect, and of each of its transactions.
+WRITE_TIMEOUT_S = 10.0
 # Pool: lookups are short; idle connections are closed after a while.
 POOL_MAX_SIZE = 10
 POOL_IDLE_S = 300.0
 
 SCHEMA_LOCK_KEY = 0x68706665  # advisory lock: two brokers starting at once
+
+# An index whose first column is ident: our table's UNIQUE one, or authkeys_ident.
+_HAS_IDENT_INDEX = """EXISTS (SELECT 1 FROM pg_index i
+    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+    WHERE i.indrelid = to_regclass('authkeys') AND a.attname = 'ident')"""
 
 SCHEMA_SQL = f"""
 CREATE TABLE IF NOT EXISTS authkeys (
@@ -74,6 +97,11 @@ CREATE TABLE IF NOT EXISTS authkeys (
     pubchans TEXT,
     subchans TEXT
 );
+DO $$ BEGIN
+    IF NOT ({_HAS_IDENT_INDEX}) THEN  -- a table made by hand, without UNIQUE
+        CREATE INDEX IF NOT EXISTS authkeys_ident ON authkeys (ident);
+    END IF;
+END $$;
 CREATE OR REPLACE FUNCTION hpfeeds_authkeys_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
@@ -99,14 +127,18 @@ CREATE TRIGGER hpfeeds_authkeys_notify_truncate AFTER TRUNCATE ON authkeys
     FOR EACH STATEMENT EXECUTE FUNCTION hpfeeds_authkeys_notify();
 """
 
-_SCHEMA_STATE_SQL = """
+_SCHEMA_STATE_SQL = f"""
 SELECT to_regclass('authkeys') IS NOT NULL,
        (SELECT count(*) FROM pg_trigger
          WHERE tgrelid = to_regclass('authkeys')
            AND tgname IN ('hpfeeds_authkeys_notify', 'hpfeeds_authkeys_notify_truncate')) = 2
+   AND {_HAS_IDENT_INDEX}
 """
 
 LOOKUP_SQL = "SELECT ident, secret, owner, pubchans, subchans FROM authkeys WHERE ident = $1 ORDER BY id LIMIT 1"
+_SELECT_ALL = "SELECT DISTINCT ON (ident) ident, secret, owner, pubchans, subchans FROM authkeys ORDER BY ident, id"
+_INSERT = "INSERT INTO authkeys (owner, ident, secret, pubchans, subchans) VALUES ($1, $2, $3, $4, $5)"
+_UPDATE = "UPDATE authkeys SET owner = $1, secret = $3, pubchans = $4, subchans = $5 WHERE ident = $2"
 
 # Errors that no retry will fix: refuse to start.
 _PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -124,8 +156,8 @@ async def ensure_schema(conn: asyncpg.Connection) -> bool:
     but not alter ``authkeys`` starts fine once an administrator has created
     it (any ``hpfeeds-broker keys`` write as the owner does).
     """
-    has_table, has_trigger = await conn.fetchrow(_SCHEMA_STATE_SQL)
-    if has_table and has_trigger:
+    has_table, complete = await conn.fetchrow(_SCHEMA_STATE_SQL)
+    if has_table and complete:
         return True
     try:
         async with conn.transaction():
@@ -144,13 +176,8 @@ async def ensure_schema(conn: asyncpg.Connection) -> bool:
 
 
 def row_to_key(row: asyncpg.Record) -> AccessKey:
-    return AccessKey(
-        ident=row["ident"],
-        secret=row["secret"] or "",
-        owner=row["owner"] or "",
-        pubchans=parse_channels(row["pubchans"]),
-        subchans=parse_channels(row["subchans"]),
-    )
+    """The codec: ``InvalidKey`` for a row that is not a valid key."""
+    return decode_row(row["ident"], row["secret"], row["owner"], row["pubchans"], row["subchans"])
 
 
 def _encodable(text: str) -> bool:
@@ -167,20 +194,33 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".strip().rstrip(":")
 
 
-class PostgresAuthenticator:
+class PostgresStore:
     """``--auth postgresql://user:password@host:port/db``."""
 
-    def __init__(self, dsn: str, lookup_timeout_s: float = LOOKUP_TIMEOUT_S) -> None:
+    def __init__(
+        self, dsn: str, lookup_timeout_s: float = LOOKUP_TIMEOUT_S, *, write_timeout_s: float = WRITE_TIMEOUT_S
+    ) -> None:
         self.dsn = dsn
         self.lookup_timeout_s = lookup_timeout_s
-        self.name = redact_dsn(dsn)
+        self.write_timeout_s = write_timeout_s
+        self.name = self.description = redact_url(dsn)
+        self._invalid = InvalidKeyLog(self.name)
+        self._conn: asyncpg.Connection | None = None  # the writer's
         self._pool: asyncpg.Pool | None = None
         self._prepare_task: asyncio.Task[None] | None = None
         self._listeners: set[asyncpg.Connection] = set()
         self._closed = False
 
+    @classmethod
+    def from_spec(cls, target: str, *, poll_s: float = 1.0) -> PostgresStore:
+        return cls(target)  # notified, not polled
+
     def __repr__(self) -> str:
         return self.name
+
+    def _why(self, err: BaseException) -> str:
+        """An error's text for a log or an error line: never the DSN's credentials."""
+        return scrub(_describe(err), self.dsn)
 
     async def start(self) -> None:
         # No connection is made here: the pool connects on first use.
@@ -197,12 +237,13 @@ class PostgresAuthenticator:
                 await self._prepare()
         except _PERMANENT_ERRORS as err:
             await self.close()
-            raise ConfigError(f"--auth {self.name}: {_describe(err)}") from None
+            raise ConfigError(f"--auth {self.name}: {self._why(err)}") from None
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
             log.warning(
-                "postgres %s: not reachable at start (%s); clients get an auth error until it is",
+                "postgres %s: not reachable at start (%s); clients get an auth error until it is reachable "
+                "(retrying in the background)",
                 self.name,
-                _describe(err),
+                self._why(err),
             )
             self._prepare_task = asyncio.create_task(self._prepare_forever(), name="postgres-prepare")
 
@@ -221,7 +262,7 @@ class PostgresAuthenticator:
                     await self._prepare()
             except Exception as err:  # keep trying whatever it is; say why when it changes
                 delay = min(delay * 2, RETRY_MAX_S)
-                why = _describe(err)
+                why = self._why(err)
                 log.log(
                     logging.DEBUG if why == last else logging.WARNING, "postgres %s: unavailable (%s)", self.name, why
                 )
@@ -232,6 +273,13 @@ class PostgresAuthenticator:
 
     async def close(self) -> None:
         self._closed = True
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                async with asyncio.timeout(2.0):
+                    await conn.close()
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                conn.terminate()
         if self._prepare_task is not None:
             self._prepare_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -271,13 +319,8 @@ class PostgresAuthenticator:
                 # pool has discarded it, so the retry connects afresh.
                 err = e
                 continue
-            if row is None:
-                return None
-            try:
-                return row_to_key(row)
-            except ValueError:
-                raise AuthUnavailable(f"postgres {self.name}: malformed channels for ident {ident!r}") from None
-        raise AuthUnavailable(f"postgres {self.name}: {_describe(err or TimeoutError())}")
+            return self._invalid.serve(ident, row, row_to_key)
+        raise AuthUnavailable(f"postgres {self.name}: {self._why(err or TimeoutError())}")
 
     async def changes(self) -> AsyncIterator[set[str] | None]:
         """Idents whose rows changed, as they change; ``None``: recheck all.
@@ -292,7 +335,7 @@ class PostgresAuthenticator:
             try:
                 conn = await self._listen(queue)
             except Exception as err:  # keep trying whatever it is
-                log.debug("postgres %s: change listener cannot connect (%s)", self.name, _describe(err))
+                log.debug("postgres %s: change listener cannot connect (%s)", self.name, self._why(err))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
@@ -361,3 +404,107 @@ class PostgresAuthenticator:
             yield idents
             if lost:
                 return
+
+    # --- writer ---------------------------------------------------------------------
+
+    async def open(self, *, create: bool) -> None:
+        self._conn = await self._bounded(asyncpg.connect(self.dsn, timeout=self.write_timeout_s))
+        if create:
+            await self._bounded(ensure_schema(self._conn))
+
+    async def _bounded(self, work: Awaitable[T]) -> T:
+        """One step under the write deadline; every failure is ``StoreUnavailable`` with a redacted DSN."""
+        try:
+            async with asyncio.timeout(self.write_timeout_s):
+                return await work
+        except TimeoutError:
+            raise StoreUnavailable(f"{self.name}: no answer within {self.write_timeout_s:g} s") from None
+        except (ValueError, TypeError):
+            raise StoreUnavailable(f"{self.name}: malformed DSN") from None
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
+            raise StoreUnavailable(f"{self.name}: {self._why(err)}") from None
+
+    @property
+    def _db(self) -> asyncpg.Connection:
+        if self._conn is None:
+            raise StoreUnavailable(f"{self.name}: not open")
+        return self._conn
+
+    async def _read(self, query: Callable[[asyncpg.Connection], Awaitable[T]], empty: T) -> T:
+        async def go() -> T:
+            if not await self._db.fetchval("SELECT to_regclass('authkeys') IS NOT NULL"):
+                return empty
+            return await query(self._db)
+
+        return await self._bounded(go())
+
+    async def _write(self, body: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        async def go() -> T:
+            await ensure_schema(self._db)
+            async with self._db.transaction():
+                return await body(self._db)
+
+        return await self._bounded(go())
+
+    async def keys(self) -> list[AccessKey]:
+        async def query(db: asyncpg.Connection) -> list[AccessKey]:
+            return [row_to_key(r) for r in await db.fetch(_SELECT_ALL)]
+
+        return await self._read(query, [])
+
+    async def get(self, ident: str) -> AccessKey | None:
+        async def query(db: asyncpg.Connection) -> AccessKey | None:
+            row = await db.fetchrow(LOOKUP_SQL, ident)
+            return None if row is None else row_to_key(row)
+
+        return await self._read(query, None)
+
+    async def add(self, key: AccessKey) -> None:
+        async def body(db: asyncpg.Connection) -> None:
+            if await db.fetchval("SELECT 1 FROM authkeys WHERE ident = $1", key.ident):
+                raise IdentExists(key.ident)
+            try:
+                await db.execute(_INSERT, *_args(key))
+            except asyncpg.UniqueViolationError:
+                raise IdentExists(key.ident) from None
+
+        await self._write(body)
+
+    async def modify(self, ident: str, change: Callable[[AccessKey], AccessKey]) -> AccessKey:
+        async def body(db: asyncpg.Connection) -> AccessKey:
+            row = await db.fetchrow(LOOKUP_SQL + " FOR UPDATE", ident)
+            if row is None:
+                raise NoSuchIdent(ident)
+            new = change(row_to_key(row))
+            assert new.ident == ident, "modify must keep the ident"
+            await db.execute(_UPDATE, *_args(new))
+            return new
+
+        return await self._write(body)
+
+    async def remove(self, ident: str) -> None:
+        async def body(db: asyncpg.Connection) -> None:
+            if await db.execute("DELETE FROM authkeys WHERE ident = $1", ident) == "DELETE 0":
+                raise NoSuchIdent(ident)
+
+        await self._write(body)
+
+    async def put_many(self, keys: Iterable[AccessKey], *, replace: bool = False) -> int:
+        new = list(keys)
+
+        async def body(db: asyncpg.Connection) -> int:
+            # One writer at a time, so the clash check below stays true.
+            await db.execute("LOCK TABLE authkeys IN SHARE ROW EXCLUSIVE MODE")
+            existing = {r["ident"] for r in await db.fetch("SELECT ident FROM authkeys")}
+            clash = sorted(k.ident for k in new if k.ident in existing)
+            if clash and not replace:
+                raise IdentExists(clash)
+            await db.executemany(_UPDATE, [_args(k) for k in new if k.ident in existing])
+            await db.executemany(_INSERT, [_args(k) for k in new if k.ident not in existing])
+            return len(new)
+
+        return await self._write(body)
+
+
+def _args(key: AccessKey) -> tuple[str, str, str, str, str]:
+    return (key.owner, key.ident, key.secret, encode_channels(key.pubchans), encode_channels(key.subchans))

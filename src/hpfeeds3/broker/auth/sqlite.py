@@ -1,11 +1,27 @@
-"""The embedded default: the reference broker's ``authkeys`` table in sqlite.
+"""The sqlite store: the reference broker's ``sqlite.db``, read and written.
 
-Schema-compatible with the reference, so its ``sqlite.db`` opens unchanged and
-rows inserted with the ``sqlite3`` shell take effect for the next connection.
+Schema: the reference's three tables, byte for byte, so either broker opens a
+file the other made, plus an index on ``authkeys(ident)`` wherever the schema
+is ensured (by the broker at start, by ``keys`` before a write): without it an
+AUTH is a full-table scan on the event loop. A file we create gets it unique;
+an existing file gets a plain one (the reference's table may hold two rows
+for one ident), and the table itself is never altered. A file the broker may
+only read is served without the index (a warning says so).
 
-A lookup first runs inline with no busy wait (microseconds on a small table);
-only when a writer holds the lock does it move to a thread that retries for a
-bounded time, so the event loop is never blocked for long.
+Codec: a row is a key only if ``make_key`` accepts it (text ident, non-empty
+text secret, channel lists of non-empty text); the broker answers "no such
+key" for any other row and logs why once. Two rows for one ident: the first
+(lowest ``id``) is the key, as in the reference.
+
+Reader: a lookup first runs inline with no busy wait (microseconds with the
+index); only when a writer holds the lock does it move to a thread that
+retries for a bounded time, so the event loop never waits. Changes: ``PRAGMA
+data_version`` polled, one cheap query whatever the table size.
+
+Writer: each write is one transaction that takes the write lock at ``BEGIN
+IMMEDIATE`` and waits up to ``busy_timeout_s`` for it; beyond that it fails
+with "locked" rather than hanging. ``modify`` rewrites every row of the ident
+and ``remove`` deletes them all, so no stale twin survives.
 """
 
 from __future__ import annotations
@@ -16,24 +32,48 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from typing import TypeVar
 
 from ..config import ConfigError
-from .base import AccessKey, AuthUnavailable, WouldBlock, parse_channels
+from .base import (
+    AccessKey,
+    AuthUnavailable,
+    IdentExists,
+    InvalidKeyLog,
+    NoSuchIdent,
+    StoreUnavailable,
+    WouldBlock,
+    decode_row,
+    encode_channels,
+)
 
 log = logging.getLogger("hpfeeds3.broker.auth.sqlite")
 
-# The reference broker's tables, exactly as it creates them; created when
-# missing (logs/stats are unused but kept so the reference broker can open a
-# file we created). The key tools and the benchmark use the same statements.
+T = TypeVar("T")
+
+# The reference broker's tables, exactly as it creates them (logs/stats are
+# unused but kept so the reference broker can open a file we created).
 REFERENCE_SCHEMA = (
     "create table if not exists logs (id integer primary key autoincrement, data TEXT)",
     "create table if not exists stats (id integer primary key autoincrement, ak TEXT, uid TEXT, data TEXT)",
     "create table if not exists authkeys (id integer primary key autoincrement,"
     " owner TEXT, ident TEXT, secret TEXT, pubchans TEXT, subchans TEXT)",
 )
+NEW_IDENT_INDEX = "create unique index if not exists authkeys_ident on authkeys (ident)"
+IDENT_INDEX = "create index if not exists authkeys_ident on authkeys (ident)"
 
-LOOKUP_SQL = "select owner, ident, secret, pubchans, subchans from authkeys where ident = ?"
+_COLUMNS = "ident, secret, owner, pubchans, subchans"
+LOOKUP_SQL = f"select {_COLUMNS} from authkeys where ident = ? order by id limit 1"
+_SELECT_ALL = f"select {_COLUMNS} from authkeys order by id"
+
+# How long a lookup waits (in a thread) for a writer's lock before "unavailable".
+LOCKED_TIMEOUT_S = 2.0
+# How long a write waits for a broker's (or another command's) lock.
+BUSY_TIMEOUT_S = 5.0
+DEFAULT_PATH = "sqlite.db"
+
+Row = tuple[object, object, object, object, object]
 
 
 def create_private(path: str) -> None:
@@ -47,85 +87,116 @@ def create_private(path: str) -> None:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
 
 
-def ensure_schema(path: str) -> None:
-    """Create the reference tables when missing; raise ConfigError if the file is unusable."""
-    try:
-        create_private(path)
-    except OSError as e:
-        raise ConfigError(f"cannot open sqlite auth database {path!r}: {e.strerror}") from e
-    try:
-        conn = sqlite3.connect(path, timeout=5.0)
-        try:
-            with conn:
-                for stmt in REFERENCE_SCHEMA:
-                    conn.execute(stmt)
-        finally:
-            conn.close()
-    except sqlite3.Error as e:
-        raise ConfigError(f"cannot open sqlite auth database {path!r}: {e}") from e
+def has_table(db: sqlite3.Connection) -> bool:
+    row = db.execute("select 1 from sqlite_master where type = 'table' and name = 'authkeys'").fetchone()
+    return row is not None
 
 
-def row_to_key(row: tuple[str, str, str, str, str]) -> AccessKey:
-    owner, ident, secret, pubchans, subchans = row
-    return AccessKey(
-        ident=ident,
-        secret=secret or "",
-        owner=owner or "",
-        pubchans=parse_channels(pubchans),
-        subchans=parse_channels(subchans),
-    )
+def ensure_schema(db: sqlite3.Connection) -> None:
+    """In a write transaction: the reference tables when missing, and the ident index."""
+    created = not has_table(db)
+    for statement in REFERENCE_SCHEMA:
+        db.execute(statement)
+    db.execute(NEW_IDENT_INDEX if created else IDENT_INDEX)
 
 
-class SqliteAuthenticator:
-    def __init__(self, path: str = "sqlite.db", *, locked_timeout_s: float = 2.0, poll_s: float = 1.0) -> None:
+def row_to_key(row: Row) -> AccessKey:
+    """The codec: ``InvalidKey`` for a row that is not a valid key."""
+    return decode_row(*row)
+
+
+def _busy(err: sqlite3.Error) -> bool:
+    text = str(err)
+    return "locked" in text or "busy" in text
+
+
+class SqliteStore:
+    """``--auth sqlite`` (./sqlite.db) or ``--auth sqlite:PATH``."""
+
+    def __init__(
+        self,
+        path: str = DEFAULT_PATH,
+        *,
+        locked_timeout_s: float = LOCKED_TIMEOUT_S,
+        poll_s: float = 1.0,
+        busy_timeout_s: float = BUSY_TIMEOUT_S,
+    ) -> None:
         self.path = path
+        self.description = f"sqlite:{path}"
         self.locked_timeout_s = locked_timeout_s
         self.poll_s = poll_s
+        self.busy_timeout_s = busy_timeout_s
         self._inline: sqlite3.Connection | None = None
         self._local = threading.local()
+        self._invalid = InvalidKeyLog(self.description)
+        self._db: sqlite3.Connection | None = None  # the writer's
+
+    @classmethod
+    def from_spec(cls, target: str, *, poll_s: float = 1.0) -> SqliteStore:
+        return cls(target, poll_s=poll_s)
 
     def __repr__(self) -> str:
-        return f"sqlite:{self.path}"
+        return self.description
+
+    # --- reader ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Create the file and schema when missing (as the reference does); ``ConfigError`` if unusable."""
         if os.path.isdir(self.path):
             raise ConfigError(f"sqlite auth database {self.path!r} is a directory")
-        ensure_schema(self.path)
-        # timeout=0: never wait inline for a writer's lock; fall back to a thread.
-        self._inline = sqlite3.connect(self.path, timeout=0, check_same_thread=False, isolation_level=None)
+        try:
+            create_private(self.path)
+        except OSError as e:
+            raise ConfigError(f"cannot open sqlite auth database {self.path!r}: {e.strerror}") from e
+        try:
+            db = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
+            try:
+                self._prepare(db)
+            finally:
+                db.close()
+            # timeout=0: never wait inline for a writer's lock; fall back to a thread.
+            self._inline = sqlite3.connect(self.path, timeout=0, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as e:
+            raise ConfigError(f"cannot open sqlite auth database {self.path!r}: {e}") from e
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        try:
+            with _transaction(db):
+                ensure_schema(db)
+        except sqlite3.OperationalError as e:
+            if not has_table(db):
+                raise
+            log.warning("%s: cannot add the index on ident (%s); lookups scan the table", self.path, e)
 
     async def close(self) -> None:
-        if self._inline is not None:
-            self._inline.close()
-            self._inline = None
+        for conn in (self._inline, self._db):
+            if conn is not None:
+                conn.close()
+        self._inline = self._db = None
 
     async def lookup(self, ident: str) -> AccessKey | None:
         try:
             return self.lookup_now(ident)
         except WouldBlock:
-            return self._to_key(await asyncio.to_thread(self._lookup_waiting, ident), ident)
+            return self._invalid.serve(ident, await asyncio.to_thread(self._lookup_waiting, ident), row_to_key)
 
     def lookup_now(self, ident: str) -> AccessKey | None:
         """The inline query; ``WouldBlock`` while a writer holds the lock."""
         conn = self._inline
         if conn is None:
-            raise AuthUnavailable("sqlite authenticator is not started")
+            raise AuthUnavailable(f"{self.description}: not started")
         try:
             row = conn.execute(LOOKUP_SQL, (ident,)).fetchone()
         except sqlite3.OperationalError as e:
-            if "locked" in str(e) or "busy" in str(e):
+            if _busy(e):
                 raise WouldBlock from e
-            raise AuthUnavailable(f"sqlite: {e}") from e
+            raise AuthUnavailable(f"{self.description}: {e}") from e
         except sqlite3.Error as e:
-            raise AuthUnavailable(f"sqlite: {e}") from e
-        return self._to_key(row, ident)
+            raise AuthUnavailable(f"{self.description}: {e}") from e
+        return self._invalid.serve(ident, row, row_to_key)
 
     async def changes(self) -> AsyncIterator[set[str] | None]:
-        """Yield ``None`` (recheck every live ident) after another process commits.
-
-        ``PRAGMA data_version`` changes when any other connection commits: one
-        cheap query per poll, whatever the table size.
-        """
+        """Yield ``None`` (recheck every live ident) after another connection commits."""
         last = self._data_version()  # the baseline, before the first wait
         while self._inline is not None:
             await asyncio.sleep(self.poll_s)
@@ -145,21 +216,160 @@ class SqliteAuthenticator:
         except sqlite3.Error:
             return None
 
-    def _lookup_waiting(self, ident: str) -> tuple[str, str, str, str, str] | None:
+    def _lookup_waiting(self, ident: str) -> Row | None:
         """In a worker thread: wait up to locked_timeout_s for a writer to finish."""
         conn = getattr(self._local, "conn", None)
         try:
             if conn is None:
                 conn = self._local.conn = sqlite3.connect(self.path, timeout=self.locked_timeout_s)
-            return conn.execute(LOOKUP_SQL, (ident,)).fetchone()
+            row: Row | None = conn.execute(LOOKUP_SQL, (ident,)).fetchone()
+            return row
         except sqlite3.Error as e:
-            raise AuthUnavailable(f"sqlite: {e}") from e
+            raise AuthUnavailable(f"{self.description}: {e}") from e
 
-    def _to_key(self, row: tuple[str, str, str, str, str] | None, ident: str) -> AccessKey | None:
-        if row is None:
-            return None
+    # --- writer ---------------------------------------------------------------------
+
+    async def open(self, *, create: bool) -> None:
+        await asyncio.to_thread(self._open, create)
+
+    def _open(self, create: bool) -> None:
+        if not create and not os.path.exists(self.path):
+            raise StoreUnavailable(f"{self.path}: no such file (keys add or the broker creates it)")
+        with self._errors():
+            if create:
+                create_private(self.path)  # secrets in plaintext: a new store is 0600
+            db = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
+            try:
+                # Fails here, not later, when the file is not a database.
+                db.execute("select count(*) from sqlite_master").fetchone()
+                if create:
+                    with _transaction(db):
+                        ensure_schema(db)
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
         try:
-            return row_to_key(row)
-        except (ValueError, TypeError) as e:
-            log.error("authkeys row for %r has malformed channels: %s", ident, e)
-            raise AuthUnavailable(f"malformed key for {ident!r}") from e
+            yield
+        except sqlite3.OperationalError as err:
+            if _busy(err):
+                raise StoreUnavailable(
+                    f"{self.path} is locked by another process (waited {self.busy_timeout_s:g} s); try again"
+                ) from None
+            raise StoreUnavailable(f"{self.path}: {err}") from None
+        except sqlite3.DatabaseError as err:
+            raise StoreUnavailable(f"{self.path}: {err}") from None
+        except OSError as err:
+            raise StoreUnavailable(f"{self.path}: {err.strerror or err}") from None
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T], *, write: bool = False) -> T:
+        db = self._db
+        if db is None:
+            raise StoreUnavailable(f"{self.description}: not open")
+
+        def go() -> T:
+            with self._errors():
+                if not write:
+                    return work(db)
+                with _transaction(db):
+                    ensure_schema(db)
+                    return work(db)
+
+        return await asyncio.to_thread(go)
+
+    @staticmethod
+    def _rows(db: sqlite3.Connection, ident: str | None = None) -> list[AccessKey]:
+        """Valid keys, the first row of each ident; ``InvalidKey`` names the first invalid one."""
+        if not has_table(db):
+            return []
+        rows = db.execute(_SELECT_ALL).fetchall() if ident is None else db.execute(LOOKUP_SQL, (ident,)).fetchall()
+        first: dict[str, AccessKey] = {}
+        for row in rows:
+            key = row_to_key(row)
+            first.setdefault(key.ident, key)
+        return list(first.values())
+
+    @staticmethod
+    def _exists(db: sqlite3.Connection, ident: str) -> bool:
+        return has_table(db) and db.execute("select 1 from authkeys where ident = ?", (ident,)).fetchone() is not None
+
+    async def keys(self) -> list[AccessKey]:
+        return sorted(await self._run(self._rows), key=lambda k: k.ident)
+
+    async def get(self, ident: str) -> AccessKey | None:
+        found = await self._run(lambda db: self._rows(db, ident))
+        return found[0] if found else None
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, key: AccessKey) -> None:
+        db.execute(
+            "insert into authkeys (owner, ident, secret, pubchans, subchans) values (?, ?, ?, ?, ?)",
+            (key.owner, key.ident, key.secret, encode_channels(key.pubchans), encode_channels(key.subchans)),
+        )
+
+    @staticmethod
+    def _update(db: sqlite3.Connection, key: AccessKey) -> None:
+        db.execute(
+            "update authkeys set owner = ?, secret = ?, pubchans = ?, subchans = ? where ident = ?",
+            (key.owner, key.secret, encode_channels(key.pubchans), encode_channels(key.subchans), key.ident),
+        )
+
+    async def add(self, key: AccessKey) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            if self._exists(db, key.ident):
+                raise IdentExists(key.ident)
+            self._insert(db, key)
+
+        await self._run(work, write=True)
+
+    async def modify(self, ident: str, change: Callable[[AccessKey], AccessKey]) -> AccessKey:
+        def work(db: sqlite3.Connection) -> AccessKey:
+            found = self._rows(db, ident)
+            if not found:
+                raise NoSuchIdent(ident)
+            new = change(found[0])
+            assert new.ident == ident, "modify must keep the ident"
+            self._update(db, new)
+            return new
+
+        return await self._run(work, write=True)
+
+    async def remove(self, ident: str) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            if not self._exists(db, ident):
+                raise NoSuchIdent(ident)
+            db.execute("delete from authkeys where ident = ?", (ident,))
+
+        await self._run(work, write=True)
+
+    async def put_many(self, keys: Iterable[AccessKey], *, replace: bool = False) -> int:
+        new = list(keys)
+
+        def work(db: sqlite3.Connection) -> int:
+            existing = {r[0] for r in db.execute("select distinct ident from authkeys")}
+            clash = sorted(k.ident for k in new if k.ident in existing)
+            if clash and not replace:
+                raise IdentExists(clash)
+            for key in new:
+                if key.ident in existing:
+                    self._update(db, key)
+                else:
+                    self._insert(db, key)
+            return len(new)
+
+        return await self._run(work, write=True)
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction (``BEGIN IMMEDIATE``: the write lock, waiting up to the busy timeout)."""
+    db.execute("begin immediate")
+    try:
+        yield
+    except BaseException:
+        db.execute("rollback")
+        raise
+    db.execute("commit")

@@ -3,20 +3,29 @@
 Contract:
 - Local delivery stays direct; every local publish run is also published to
   the channel's subject (``subjects.py``) with the PUBLISH frames unchanged as
-  the NATS payload. Headers carry the origin node id, the sequence number of
-  the run's first frame on that channel, and the frame count.
+  the NATS payload (``wire.py``: headers, split frames, inbound checks).
+- A frame larger than the server's ``max_payload`` travels in several NATS
+  messages and is delivered whole, in order, or not at all (counted lost), so
+  a NATS with its defaults (1 MiB) works.
 - A node subscribes to a channel's subject only while some local client
   subscribes to that channel. ``no_echo``: a node never receives its own
   publishes, so nothing is delivered twice.
 - Order: one NATS connection per node, publishes sent in order by one pump
   task, so per-publisher order holds across nodes.
-- Faults: NATS down at start → local clients are served at once and the link
-  joins when NATS appears; NATS lost → local delivery goes on, nothing is
-  queued for the gap (``unforwarded`` counts what this node could not send);
-  receivers see the gap in the per-(origin, channel) sequence and count the
-  messages they missed (``lost``) with a log line. Reconnects forever.
-- A server whose ``max_payload`` is below our largest PUBLISH frame leaves the
-  link down (degraded) with a clear log line: we never split or drop a frame.
+- Nothing from NATS is trusted: only whole, well-formed PUBLISH frames whose
+  channel is the one their subject encodes, from a broker's headers, are
+  delivered; the rest is dropped, counted by reason and logged once per
+  origin per minute.
+- Bounded: the outbox holds at most ``outbox_bytes`` (past it messages are
+  counted as unforwarded, as when the link is down); split frames being
+  reassembled, the NATS client's buffers and its per-subscription queues are
+  bounded too (``tuning.py``).
+- Faults: NATS down at start → local clients are served at once, the
+  ``unreachable`` line is logged and the link joins when NATS appears; NATS
+  lost → local delivery goes on, nothing is queued for the gap; receivers see
+  the gap in the per-(origin, channel) sequence and count the messages they
+  missed (``lost``) with a log line. Reconnects forever.
+- The NATS URLs are logged without their user, password or token.
 """
 
 from __future__ import annotations
@@ -25,60 +34,148 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from ...protocol import HEADER
+from ...protocol import FrameLimits
 from .. import metrics
-from ..router import Router
+from ..config import ClusterAuth, ConfigError
+from ..redact import redact_url, redact_urls
+from ..text import escape, printable
+from ..tuning import (
+    CLUSTER_CLOSE_WAIT_S,
+    CLUSTER_HEADER_ALLOWANCE_BYTES,
+    CLUSTER_JOIN_BYTES,
+    CLUSTER_MAX_OUTSTANDING_PINGS,
+    CLUSTER_NATS_PENDING_BYTES,
+    CLUSTER_PING_INTERVAL_S,
+    CLUSTER_REASSEMBLY_FRAMES,
+    CLUSTER_RECONNECT_WAIT_S,
+    CLUSTER_REJECT_LOG_INTERVAL_S,
+    CLUSTER_REJECT_LOG_ORIGINS,
+    CLUSTER_SUB_PENDING_BYTES,
+)
 from .subjects import channel_to_subject
+from .wire import Accepted, Inbound, Rejected, headers, new_origin, split
 
 log = logging.getLogger("hpfeeds3.broker.cluster")
 
-H_ORIGIN = "Hpfeeds-Origin"
-H_SEQ = "Hpfeeds-Seq"
-H_COUNT = "Hpfeeds-Count"
 
-# Retry cadence while NATS is unreachable (first connect and reconnects).
-RECONNECT_WAIT_S = 1.0
-# Largest NATS message we build by joining consecutive runs of one channel.
-_JOIN_LIMIT_BYTES = 256 * 1024
+class _OncePer:
+    """Says whether to log about ``key`` now: once per interval per key, at most ``size`` keys remembered."""
+
+    def __init__(self, interval_s: float, size: int) -> None:
+        self.interval_s = interval_s
+        self.size = size
+        self._last: dict[str, float] = {}
+
+    def __call__(self, key: str) -> bool:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            return False
+        if len(self._last) >= self.size:
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
+def _read_secret(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
+
+
+def connect_options(servers: Sequence[str], auth: ClusterAuth) -> dict[str, Any]:
+    """nats-py ``connect`` keywords for authentication and TLS (secrets read from their files now)."""
+    opts: dict[str, Any] = {}
+    try:
+        if auth.user and auth.password_file:
+            opts["user"] = auth.user
+            opts["password"] = _read_secret(auth.password_file)
+        if auth.token_file:
+            opts["token"] = _read_secret(auth.token_file)
+        if auth.nkey_file:
+            opts["nkeys_seed"] = auth.nkey_file
+        if auth.creds_file:
+            opts["user_credentials"] = auth.creds_file
+        if auth.wants_tls() or any(s.startswith("tls://") for s in servers):
+            ctx = ssl.create_default_context(cafile=auth.tls_ca)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            if auth.tls_cert:
+                ctx.load_cert_chain(auth.tls_cert, auth.tls_key)
+            opts["tls"] = ctx
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cluster: cannot load the NATS credentials or TLS files: {e}") from e
+    return opts
 
 
 class NatsBackplane:
-    def __init__(self, servers: Sequence[str], router: Router, *, max_frame_bytes: int, name: str = "hpfeeds") -> None:
+    def __init__(
+        self,
+        servers: Sequence[str],
+        deliver: Callable[[bytes, bytes, int], object],
+        *,
+        limits: FrameLimits,
+        name: str = "hpfeeds",
+        outbox_bytes: int = 64 * 1024 * 1024,
+        auth: ClusterAuth | None = None,
+    ) -> None:
         self.servers = list(servers)
-        self.router = router
-        self.max_frame_bytes = max_frame_bytes
+        self.where = redact_urls(",".join(self.servers))
+        self.deliver = deliver
         self.name = name
-        self.origin = os.urandom(8).hex()
+        self.origin = new_origin(os.urandom(8))
         self.connected = False
         self.status = "connecting"
+        self.outbox_limit = outbox_bytes
+        self._options = connect_options(self.servers, auth or ClusterAuth())
         self._nc: Any = None
+        self._ever_linked = False
         # (channel, frames, sequence number of the first frame, frame count)
         self._outbox: deque[tuple[bytes, bytes, int, int]] = deque()
+        self.outbox_bytes = 0
         self._outbox_ready = asyncio.Event()
+        self._outbox_full_logged = 0.0
         self._wanted: set[bytes] = set()
         self._subs: dict[bytes, Any] = {}
         self._reconcile = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._seq_out: dict[bytes, int] = {}
-        # (origin, channel) -> next expected sequence number
-        self._seq_in: dict[tuple[str, bytes], int] = {}
+        self.inbound = Inbound(limits, CLUSTER_REASSEMBLY_FRAMES * limits.max_publish_frame_bytes)
+        # Log lines about what other nodes (or anyone on NATS) send: once per origin per minute.
+        self._log_reject = _OncePer(CLUSTER_REJECT_LOG_INTERVAL_S, CLUSTER_REJECT_LOG_ORIGINS)
+        self._log_lost = _OncePer(CLUSTER_REJECT_LOG_INTERVAL_S, CLUSTER_REJECT_LOG_ORIGINS)
+        # Link errors: the first of each kind, then once a minute.
+        self._log_error_kind = _OncePer(CLUSTER_REJECT_LOG_INTERVAL_S, CLUSTER_REJECT_LOG_ORIGINS)
         self._stopping = False
         self.unforwarded = 0
         self.lost = 0
+        self.rejected = 0
 
-    # --- Router hooks (sync, on the hot path: O(1), never await) -------------
+    # --- Backplane (sync, on the hot path: O(1), never await) ---------------------
 
     def forward(self, channel: bytes, data: bytes, count: int) -> None:
         seq = self._seq_out.get(channel, 0)
         self._seq_out[channel] = seq + count
         if not self.connected:
-            self.unforwarded += count
-            metrics.CLUSTER_UNFORWARDED.inc(count)
+            self._unforwarded(count, "link_down")
             return
+        size = len(data)
+        if self.outbox_bytes + size > self.outbox_limit:
+            self._unforwarded(count, "outbox_full")
+            now = time.monotonic()
+            if now - self._outbox_full_logged >= CLUSTER_REJECT_LOG_INTERVAL_S:
+                self._outbox_full_logged = now
+                log.warning(
+                    "cluster: NATS is not taking messages as fast as they come: %d bytes queued "
+                    "(--cluster-outbox); messages for other nodes are counted as unforwarded, not queued",
+                    self.outbox_bytes,
+                )
+            return
+        self.outbox_bytes += size
         self._outbox.append((channel, data, seq, count))
         if not self._outbox_ready.is_set():
             self._outbox_ready.set()
@@ -89,21 +186,18 @@ class NatsBackplane:
 
     def unwant(self, channel: bytes) -> None:
         self._wanted.discard(channel)
-        # A later subscription starts a fresh baseline for gap counting.
-        for key in [k for k in self._seq_in if k[1] == channel]:
-            del self._seq_in[key]
+        self.inbound.forget(channel)
         self._reconcile.set()
+
+    def _unforwarded(self, count: int, reason: str) -> None:
+        self.unforwarded += count
+        metrics.CLUSTER_UNFORWARDED.labels(reason).inc(count)
 
     # --- lifecycle ----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Attach to the router and start linking in the background (never blocks on NATS)."""
-        router = self.router
-        router.remote = self.forward
-        router.on_first_subscriber = self.want
-        router.on_last_unsubscribe = self.unwant
-        for channel in router.channels():
-            self._wanted.add(channel)
+        """Start linking in the background (never blocks on NATS)."""
+        metrics.CLUSTER_OUTBOX_BYTES.set_function(lambda: self.outbox_bytes)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._link()),
@@ -115,9 +209,10 @@ class NatsBackplane:
         self._stopping = True
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        # Bounded: inside its first nats.connect (NATS unreachable, retrying for
+        # ever) the link task may not finish on cancellation; shutdown must.
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=CLUSTER_CLOSE_WAIT_S)
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._nc.close(), 2)
@@ -128,40 +223,35 @@ class NatsBackplane:
     async def _link(self) -> None:
         import nats
 
+        log.info("cluster: connecting to NATS %s", self.where)
         while not self._stopping:
             try:
+                # The first connection is retried here, not inside nats-py:
+                # its own retry loop does not end on cancellation, so a broker
+                # stopping while NATS is unreachable would never exit. Once
+                # linked, the client reconnects by itself, for ever.
                 nc = await nats.connect(
                     servers=self.servers,
                     name=f"hpfeeds3:{self.name}:{self.origin}",
                     no_echo=True,
-                    allow_reconnect=True,
+                    allow_reconnect=False,
                     max_reconnect_attempts=-1,
-                    reconnect_time_wait=RECONNECT_WAIT_S,
+                    reconnect_time_wait=CLUSTER_RECONNECT_WAIT_S,
                     connect_timeout=2,
+                    pending_size=CLUSTER_NATS_PENDING_BYTES,
+                    ping_interval=CLUSTER_PING_INTERVAL_S,
+                    max_outstanding_pings=CLUSTER_MAX_OUTSTANDING_PINGS,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                     error_cb=self._on_error,
                     closed_cb=self._on_closed,
+                    **self._options,
                 )
             except Exception as e:
-                if self.status != "unreachable":
-                    log.warning("cluster: NATS %s unreachable (%s); serving local clients, retrying", self.servers, e)
-                    self.status = "unreachable"
-                await asyncio.sleep(RECONNECT_WAIT_S)
+                self._log_error(e)
+                await asyncio.sleep(CLUSTER_RECONNECT_WAIT_S)
                 continue
-            if nc.max_payload < self.max_frame_bytes:
-                log.error(
-                    "cluster: NATS max_payload is %d bytes, below our largest PUBLISH frame (%d bytes): "
-                    "the cluster link stays down. Raise max_payload on the NATS server (e.g. 'max_payload: 2MB') "
-                    "or lower --max-message-size.",
-                    nc.max_payload,
-                    self.max_frame_bytes,
-                )
-                self.status = "max_payload_too_small"
-                with contextlib.suppress(Exception):
-                    await nc.close()
-                await asyncio.sleep(30)
-                continue
+            nc.options["allow_reconnect"] = True
             self._nc = nc
             self._mark_connected()
             self._reconcile.set()
@@ -169,10 +259,17 @@ class NatsBackplane:
 
     def _mark_connected(self) -> None:
         self.connected = True
+        self._ever_linked = True
         self.status = "connected"
         metrics.CLUSTER_LINK_UP.set(1)
-        url = self._nc.connected_url.netloc if self._nc and self._nc.connected_url else self.servers
-        log.info("cluster: linked to NATS %s as origin %s", url, self.origin)
+        url = self._nc.connected_url if self._nc is not None else None
+        where = redact_url(url.geturl()) if url is not None else self.where
+        log.info(
+            "cluster: linked to NATS %s as origin %s (max_payload %d bytes)",
+            where,
+            self.origin,
+            self._nc.max_payload if self._nc is not None else 0,
+        )
 
     async def _on_disconnected(self) -> None:
         if self.connected:
@@ -186,7 +283,38 @@ class NatsBackplane:
         self._reconcile.set()
 
     async def _on_error(self, e: Exception) -> None:
-        log.debug("cluster: NATS error: %s", e)
+        self._log_error(e)
+
+    def _log_error(self, e: Exception) -> None:
+        """An error of the link: the first of each kind logged, then once a minute; status follows it."""
+        kind = type(e).__name__
+        text = str(e) or kind
+        refused = "authorization" in text.lower() or "authentication" in text.lower()
+        if not self.connected:
+            if refused:
+                self.status = "unauthorized"
+            elif isinstance(e, OSError) and not isinstance(e, ConnectionResetError | BrokenPipeError):
+                # Refused, timed out, no route, unknown host; not a server
+                # hanging up on us (which follows an authorization error).
+                self.status = "unreachable"
+        if not self._log_error_kind(kind):
+            log.debug("cluster: NATS error: %s", escape(text))
+            return
+        if refused:
+            log.error(
+                "cluster: NATS %s refused our credentials (%s); serving local clients, retrying",
+                self.where,
+                escape(text),
+            )
+        elif not self.connected:
+            log.warning(
+                "cluster: NATS %s unreachable (%s); serving local clients, retrying every %g s",
+                self.where,
+                escape(text),
+                CLUSTER_RECONNECT_WAIT_S,
+            )
+        else:
+            log.warning("cluster: NATS error: %s", escape(text))
 
     async def _on_closed(self) -> None:
         self.connected = False
@@ -210,45 +338,60 @@ class NatsBackplane:
                     self._subs[channel] = await nc.subscribe(
                         channel_to_subject(channel),
                         cb=self._receiver(channel),
-                        pending_bytes_limit=256 * 1024 * 1024,
+                        pending_bytes_limit=CLUSTER_SUB_PENDING_BYTES,
                     )
                 except Exception as e:
-                    log.warning("cluster: cannot subscribe to %r: %s", channel, e)
+                    log.warning("cluster: cannot subscribe to %s: %s", printable(channel), escape(str(e)))
                     self._reconcile.set()
-                    await asyncio.sleep(RECONNECT_WAIT_S)
+                    await asyncio.sleep(CLUSTER_RECONNECT_WAIT_S)
 
     def _receiver(self, channel: bytes) -> Any:
-        router = self.router
-        seq_in = self._seq_in
+        deliver = self.deliver
+        receive = self.inbound.receive
+        wanted = self._wanted
 
         async def on_message(msg: Any) -> None:
-            data = msg.data
-            headers = msg.headers or {}
-            try:
-                origin = headers[H_ORIGIN]
-                seq = int(headers[H_SEQ])
-                count = int(headers[H_COUNT])
-            except (KeyError, ValueError):
-                count = _count_frames(data)
-                if count:
-                    router.deliver_local(channel, data, count)
+            if channel not in wanted:
+                # Still arriving while the subscription is torn down: nobody
+                # here wants it, and it must not set a stale sequence baseline.
                 return
-            key = (origin, channel)
-            expected = seq_in.get(key)
-            if expected is not None and seq > expected:
-                missed = seq - expected
-                self.lost += missed
-                metrics.CLUSTER_LOST.inc(missed)
-                log.warning(
-                    "cluster: %d message(s) on %r from node %s were lost in transit",
-                    missed,
-                    channel.decode("utf-8", "backslashreplace"),
-                    origin,
-                )
-            seq_in[key] = seq + count
-            router.deliver_local(channel, data, count)
+            got = receive(channel, msg.headers, msg.data)
+            if type(got) is Accepted:
+                if got.missed:
+                    self._count_lost(channel, got.origin, got.missed)
+                deliver(channel, got.data, got.count)
+            elif got is not None:
+                self._reject(channel, msg.headers, got)  # type: ignore[arg-type]
 
         return on_message
+
+    def _count_lost(self, channel: bytes, origin: str, missed: int) -> None:
+        self.lost += missed
+        metrics.CLUSTER_LOST.inc(missed)
+        if self._log_lost(origin):
+            log.warning(
+                "cluster: %d message(s) on %s from node %s were lost in transit; more gaps from "
+                "this node are counted (hpfeeds_broker_cluster_lost_messages_total), logged again in %g s",
+                missed,
+                printable(channel),
+                origin,
+                CLUSTER_REJECT_LOG_INTERVAL_S,
+            )
+
+    def _reject(self, channel: bytes, hdrs: dict[str, str] | None, why: Rejected) -> None:
+        self.rejected += 1
+        metrics.CLUSTER_REJECTED.labels(why.value).inc()
+        origin = escape(str((hdrs or {}).get("Hpfeeds-Origin", "?"))[:64])
+        if not self._log_reject(origin):
+            return
+        log.warning(
+            "cluster: dropped a message from NATS on channel %s (origin %s): %s; "
+            "more from this origin are counted (hpfeeds_broker_cluster_rejected_total), logged again in %g s",
+            printable(channel),
+            origin,
+            why.value,
+            CLUSTER_REJECT_LOG_INTERVAL_S,
+        )
 
     # --- the outgoing pump: one task, in order ------------------------------------
 
@@ -259,39 +402,32 @@ class NatsBackplane:
             self._outbox_ready.clear()
             while outbox:
                 channel, data, seq, count = outbox.popleft()
+                self.outbox_bytes -= len(data)
+                nc = self._nc
+                max_payload = nc.max_payload if nc is not None else CLUSTER_JOIN_BYTES
+                limit = max(max_payload - CLUSTER_HEADER_ALLOWANCE_BYTES, max_payload // 2)
                 # Join the following runs of the same channel into one NATS message.
                 parts = [data]
                 size = len(data)
-                while outbox and outbox[0][0] == channel and size + len(outbox[0][1]) <= _JOIN_LIMIT_BYTES:
+                join = min(CLUSTER_JOIN_BYTES, limit)
+                while outbox and outbox[0][0] == channel and size + len(outbox[0][1]) <= join:
                     _, more, _, more_count = outbox.popleft()
+                    self.outbox_bytes -= len(more)
                     parts.append(more)
                     size += len(more)
                     count += more_count
-                nc = self._nc
                 if nc is None or not self.connected:
-                    self.unforwarded += count
-                    metrics.CLUSTER_UNFORWARDED.inc(count)
+                    self._unforwarded(count, "link_down")
                     continue
-                try:
-                    await nc.publish(
-                        channel_to_subject(channel),
-                        parts[0] if len(parts) == 1 else b"".join(parts),
-                        headers={H_ORIGIN: self.origin, H_SEQ: str(seq), H_COUNT: str(count)},
-                    )
-                except Exception as e:
-                    self.unforwarded += count
-                    metrics.CLUSTER_UNFORWARDED.inc(count)
-                    log.debug("cluster: publish failed: %s", e)
-
-
-def _count_frames(data: bytes) -> int:
-    """Frames in ``data``, 0 if it is not a sequence of whole frames."""
-    pos = n = 0
-    end = len(data)
-    while pos + 5 <= end:
-        length, _ = HEADER.unpack_from(data, pos)
-        if length < 5:
-            return 0
-        pos += length
-        n += 1
-    return n if pos == end else 0
+                payload = parts[0] if len(parts) == 1 else b"".join(parts)
+                subject = channel_to_subject(channel)
+                failed = -1
+                for piece, piece_seq, piece_count, part in split(payload, seq, count, limit):
+                    if piece_seq == failed:
+                        continue  # the rest of a split frame whose first parts could not be sent
+                    try:
+                        await nc.publish(subject, piece, headers=headers(self.origin, piece_seq, piece_count, part))
+                    except Exception as e:
+                        failed = piece_seq
+                        self._unforwarded(piece_count, "publish_failed")
+                        log.debug("cluster: publish failed: %s", e)

@@ -1,10 +1,11 @@
-"""Access-key management: stores that read and write keys, and the ``keys`` CLI.
+"""``hpfeeds-broker keys``: the command, and the blocking adapter it uses
+over the broker's own store objects (``broker/auth``).
 
 ``open_store(spec)`` opens sqlite, JSON or PostgreSQL from a spec written like
 the broker's ``--auth``; ``cli.main(argv)`` is ``hpfeeds-broker keys``.
 """
 
-from .errors import (
+from ..auth.base import (
     BadArguments,
     ExitCode,
     IdentExists,
@@ -13,19 +14,16 @@ from .errors import (
     NoSuchIdent,
     StoreUnavailable,
 )
-from .store import KeyStore, StoreSpec, open_store, parse_store_spec, redact_dsn
+from .blocking import BlockingStore, open_store
 
 __all__ = [
     "BadArguments",
+    "BlockingStore",
     "ExitCode",
     "IdentExists",
     "InvalidKey",
-    "KeyStore",
     "KeyStoreError",
     "NoSuchIdent",
-    "StoreSpec",
     "StoreUnavailable",
     "open_store",
-    "parse_store_spec",
-    "redact_dsn",
 ]

@@ -14,11 +14,21 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import TextIO
 
-from ..auth.base import AccessKey
-from .errors import BadArguments, ExitCode, InvalidKey, KeyStoreError, NoSuchIdent
-from .jsonfile import write_atomic
-from .records import check_channels, check_name, dump_keys, generate_secret, key_to_record, make_key, parse_keys
-from .store import open_store, parse_store_spec
+from ..auth.base import (
+    AccessKey,
+    BadArguments,
+    ExitCode,
+    InvalidKey,
+    KeyStoreError,
+    NoSuchIdent,
+    check_channels,
+    check_name,
+    make_key,
+)
+from ..auth.jsonfile import PRIVATE_MODE, write_atomic
+from ..auth.records import dump_keys, generate_secret, key_to_record, parse_keys
+from ..auth.spec import parse_spec
+from .blocking import open_store
 
 PROG = "hpfeeds-broker keys"
 
@@ -34,8 +44,9 @@ exit codes:
   2  bad arguments, unknown store, unreadable or malformed input file
   3  ident already exists
   4  no such ident
-  5  store unreachable, locked (beyond a 5 s wait) or not a key store
-  6  invalid ident or channel name (empty, or over 255 bytes of UTF-8) or malformed key
+  5  store unreachable, cannot be created, locked (beyond a 5 s wait) or not a key store
+  6  invalid ident, secret or channel name (empty, not text, or over 255 bytes of UTF-8),
+     or a stored key that is not valid
 """
 
 EPILOG = (
@@ -107,10 +118,6 @@ def _show(key: AccessKey, out: TextIO, *, with_secret: bool = False) -> None:
     print(f"subchans: {_fmt_channels(key.subchans)}", file=out)
 
 
-def _validated(keys: Iterable[AccessKey]) -> list[AccessKey]:
-    return [make_key(k.ident, k.secret, k.owner, k.pubchans, k.subchans) for k in keys]
-
-
 def _looks_like_sqlite(path: str) -> bool:
     try:
         with open(path, "rb") as f:
@@ -125,10 +132,10 @@ def _read_source(source: str) -> list[AccessKey]:
         return parse_keys(sys.stdin.read(), "stdin")
     if source.startswith(("sqlite:", "postgresql://", "postgres://")) or source == "sqlite":
         with open_store(source) as store:
-            return _validated(store.keys())
+            return store.keys()
     if _looks_like_sqlite(source):
         with open_store("sqlite:" + source) as store:
-            return _validated(store.keys())
+            return store.keys()
     try:
         with open(source, encoding="utf-8") as f:
             text = f.read()
@@ -239,8 +246,11 @@ def cmd_rotate(args: argparse.Namespace) -> None:
 def cmd_remove(args: argparse.Namespace) -> None:
     with open_store(args.auth) as store:
         for ident in args.idents:  # all must exist before any is removed
-            if store.get(ident) is None:
-                raise NoSuchIdent(ident)
+            try:
+                if store.get(ident) is None:
+                    raise NoSuchIdent(ident)
+            except InvalidKey:
+                pass  # it exists, though not as a valid key: removing it is the fix
         for ident in args.idents:
             store.remove(ident)
             _note(f"removed {ident!r} from {store.description}")
@@ -254,7 +264,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         sys.stdout.write(text)
     else:
         try:
-            write_atomic(args.to, text)
+            write_atomic(args.to, text, mode=PRIVATE_MODE)  # a new file, renamed over any old one
         except OSError as err:
             raise BadArguments(f"{args.to}: cannot write ({err.strerror or err})") from None
         _note(f"exported {len(keys)} keys to {args.to} (it holds secrets: mode 0600)")
@@ -271,9 +281,9 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_copy(args: argparse.Namespace) -> None:
-    parse_store_spec(args.to)  # a bad target fails before the source is read
+    parse_spec(args.to)  # a bad target fails before the source is read
     with open_store(args.source) as store:
-        keys = _validated(store.keys())
+        keys = store.keys()
     _put(keys, args.to, args.replace)
 
 

@@ -1,0 +1,82 @@
+"""The operator console: a JSON API and a web page on their own listener (``--admin HOST:PORT``).
+
+``start_admin(broker, config)`` binds the listener, attaches the tracker to
+the broker's logger and starts the counter poll; it returns the async stop
+function. See docs/console.md for the API, the token file and the roles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from ..config import AdminConfig, ConfigError
+from .api import Console
+from .tokens import TokenFile
+from .tracker import POLL_S
+
+if TYPE_CHECKING:
+    from ..state import Broker
+
+log = logging.getLogger("hpfeeds3.broker.admin")
+
+# Grace given to in-flight requests when the console stops.
+SHUTDOWN_TIMEOUT_S = 2.0
+
+
+async def _poll(console: Console) -> None:
+    while True:
+        try:
+            await console.tracker.poll()
+            console.watches.expire()
+        except Exception:  # a bug here must not end the poll
+            log.exception("console poll failed")
+        await asyncio.sleep(POLL_S)
+
+
+async def start_admin(broker: Broker, config: AdminConfig) -> Callable[[], Awaitable[None]]:
+    """Serve the console on ``config``'s address; ``ConfigError`` if it cannot."""
+    tokens = TokenFile(config.tokens)
+    ssl_ctx = None
+    if config.cert and config.key:
+        from ..server import make_tls_context
+
+        ssl_ctx = make_tls_context(config.cert, config.key)
+    console = Console(broker, tokens, secure_cookie=ssl_ctx is not None)
+    # The tracker learns of connection events from the broker's own log records,
+    # which are at INFO: make sure they are made.
+    broker_log = logging.getLogger("hpfeeds3.broker")
+    old_level = broker_log.level
+    if broker_log.getEffectiveLevel() > logging.INFO:
+        broker_log.setLevel(logging.INFO)
+    broker_log.addHandler(console.tracker)
+
+    runner = web.AppRunner(console.app(), handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    await runner.setup()
+    host, port = config.host, config.port
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        await web.TCPSite(runner, host or None, port, ssl_context=ssl_ctx, reuse_address=True).start()
+    except OSError as exc:
+        await runner.cleanup()
+        broker_log.removeHandler(console.tracker)
+        broker_log.setLevel(old_level)
+        raise ConfigError(f"--admin {shown}: cannot listen: {exc.strerror or exc}") from None
+    poll = asyncio.get_running_loop().create_task(_poll(console))
+    log.info("console on %s://%s/", "https" if ssl_ctx else "http", shown)
+
+    async def stop() -> None:
+        poll.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poll
+        console.watches.stop_all()
+        broker_log.removeHandler(console.tracker)
+        broker_log.setLevel(old_level)
+        await runner.cleanup()
+
+    return stop

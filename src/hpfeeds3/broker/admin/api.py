@@ -1,0 +1,718 @@
+"""The console's HTTP side: the JSON API under ``/api/v1/``, login, and the static page.
+
+Who may do what:
+
+- every ``/api/v1/`` request names a token, by ``Authorization: Bearer TOKEN``
+  (scripts) or by the session cookie a browser got from ``POST /login``;
+- ``GET`` needs any role; every change (``POST``) and watching payloads needs
+  ``admin`` (a ``viewer`` gets 403);
+- a change made with the cookie also needs the session's CSRF token in
+  ``X-CSRF-Token`` and, when the browser sends one, an ``Origin`` equal to the
+  console's own; bodies must be ``application/json``, which a cross-site form
+  cannot send;
+- failed logins and bad bearer tokens are counted per address: over the limit
+  the address gets 429 for a while, without the token being checked;
+- every change writes one log line (``event=admin_change``) naming the token.
+
+Everything a client chose (idents, channels, owners, payloads) is returned as
+JSON data, never as markup; the page renders it with ``textContent``. Every
+response carries a strict Content-Security-Policy (no inline script, nothing
+from another origin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import importlib.resources
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from aiohttp import web
+
+from .. import metrics
+from ..keys import BadArguments, IdentExists, InvalidKey, NoSuchIdent, StoreUnavailable
+from ..ratelimit import AuthFailureLimiter, AuthLimits
+from ..reasons import CloseReason
+from .keystore import ConsoleKeys, KeyStoreError, ReadOnlyKeys, public
+from .sessions import COOKIE, Session, Sessions, csrf_ok
+from .tokens import Principal, TokenFile
+from .tracker import Tracker
+from .watch import Watches
+
+if TYPE_CHECKING:
+    from ..state import Broker
+
+log = logging.getLogger("hpfeeds3.broker.admin")
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+# Failed logins (and bad bearer tokens) per address before it is refused, and for how long.
+LOGIN_FAILURES = 10
+LOGIN_WINDOW_S = 60.0
+LOGIN_BLOCK_S = 300.0
+# Largest request body accepted.
+MAX_BODY_BYTES = 64 * 1024
+# How long the key list read for the Sensors view is reused.
+KEYS_CACHE_S = 1.0
+
+# Items walked per event-loop turn when a view goes through every connection or key.
+SLICE = 500
+# Rows per page of a list (``limit``): the default and the most.
+DEFAULT_PAGE = 200
+MAX_PAGE = 1_000
+# Publisher and subscriber idents listed per channel (their number is given in full).
+NAMES_PER_CHANNEL = 50
+# Sort columns of the Sensors view (index into its rows).
+SENSOR_COLUMNS = {
+    "ident": 0,
+    "owner": 1,
+    "connected": 2,
+    "last_seen": 3,
+    "last_publish": 4,
+    "last_5m": 5,
+    "last_1h": 6,
+}
+
+STATIC = {
+    "/": ("index.html", "text/html"),
+    "/static/app.js": ("app.js", "text/javascript"),
+    "/static/app.css": ("app.css", "text/css"),
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
+
+PRINCIPAL = "hpfeeds_principal"
+
+
+class ApiError(Exception):
+    """Answered as ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status,
+        # ensure_ascii: a lone surrogate in any string cannot break the encoding.
+        body=json.dumps(data, ensure_ascii=True, separators=(",", ":")).encode("ascii"),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json({"error": message}, status)
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ApiError(400, f"{what} must be a list of strings")
+    return value
+
+
+class Console:
+    """The console's state: tokens, sessions, the tracker, watches, and the key adapter."""
+
+    def __init__(self, broker: Broker, tokens: TokenFile, *, secure_cookie: bool) -> None:
+        self.broker = broker
+        self.tokens = tokens
+        self.secure_cookie = secure_cookie
+        self.sessions = Sessions()
+        self.tracker = Tracker(broker)
+        self.watches = Watches(broker.router, broker.frame_limits)
+        self.keys = ConsoleKeys(broker.config.auth, self._recheck)
+        self.limiter = AuthFailureLimiter(
+            AuthLimits(per_ident=0, per_address=LOGIN_FAILURES, window_s=LOGIN_WINDOW_S, block_s=LOGIN_BLOCK_S)
+        )
+        self._keys_cache: tuple[float, list[Any]] = (0.0, [])
+        self._token_error = ""
+
+    def _recheck(self, idents: set[str]) -> None:
+        self.broker.spawn(self.broker.recheck(idents))
+
+    # --- who is asking -------------------------------------------------------------
+
+    def _reload_tokens(self) -> None:
+        try:
+            self.tokens.reload()
+            self._token_error = ""
+        except Exception as e:  # keep the last good file; say why once
+            if str(e) != self._token_error:
+                self._token_error = str(e)
+                log.error("console token file: %s; keeping the previous tokens", e)
+
+    def _address(self, request: web.Request) -> str:
+        return request.remote or "?"
+
+    def _failed(self, request: web.Request, how: str) -> None:
+        metrics.CONSOLE_LOGINS.labels("failed").inc()
+        address = self._address(request)
+        block = self.limiter.record_failure(address, "", time.monotonic())
+        log.warning(
+            "console %s failed from %s",
+            how,
+            address,
+            extra={"event": "admin_login_failed", "peer": address, "reason": how},
+        )
+        if block is not None:
+            log.warning(
+                "console: refusing %s for %g s: %s",
+                address,
+                LOGIN_BLOCK_S,
+                block,
+                extra={"event": "auth_blocked", "peer": address, "reason": "console_login_rate_limited"},
+            )
+
+    def _blocked(self, request: web.Request) -> bool:
+        if self.limiter.blocked(self._address(request), "", time.monotonic()):
+            metrics.CONSOLE_LOGINS.labels("blocked").inc()
+            return True
+        return False
+
+    def session_of(self, request: web.Request) -> Session | None:
+        session = self.sessions.get(request.cookies.get(COOKIE))
+        if session is not None and not self.tokens.current(session.principal):
+            self.sessions.end(session.id)
+            return None
+        return session
+
+    def audit(self, request: web.Request, what: str, *, ident: str | None = None, channel: str | None = None) -> None:
+        principal = request[PRINCIPAL]
+        metrics.CONSOLE_CHANGES.inc()
+        log.info(
+            "console: %s (%s) %s",
+            principal.name,
+            principal.role,
+            what,
+            extra={"event": "admin_change", "peer": self._address(request), "ident": ident, "channel": channel},
+        )
+
+    # --- middleware ------------------------------------------------------------------
+
+    @web.middleware
+    async def headers(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        response: web.StreamResponse
+        try:
+            response = await handler(request)
+        except ApiError as e:
+            response = _error(e.status, e.message)
+        except web.HTTPException as e:
+            response = e
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    @web.middleware
+    async def authorize(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith("/api/"):
+            return await handler(request)
+        self._reload_tokens()
+        changes = request.method not in ("GET", "HEAD")
+        auth = request.headers.get("Authorization", "")
+        principal: Principal | None = None
+        if auth:
+            if self._blocked(request):
+                return _error(429, "too many failed attempts from this address; try later")
+            scheme, _, token = auth.partition(" ")
+            principal = self.tokens.check(token.strip()) if scheme.lower() == "bearer" else None
+            if principal is None:
+                self._failed(request, "bearer token")
+                return _error(401, "unknown token")
+        else:
+            session = self.session_of(request)
+            if session is None:
+                return _error(401, "log in first")
+            principal = session.principal
+            if changes:
+                origin = request.headers.get("Origin")
+                if origin is not None and origin != f"{request.scheme}://{request.host}":
+                    return _error(403, "cross-origin request refused")
+                if not csrf_ok(session, request.headers.get("X-CSRF-Token")):
+                    return _error(403, "missing or wrong CSRF token")
+        if changes and request.content_type != "application/json":
+            return _error(415, "send application/json")
+        request[PRINCIPAL] = principal
+        return await handler(request)
+
+    # --- login ---------------------------------------------------------------------
+
+    async def login(self, request: web.Request) -> web.StreamResponse:
+        if self._blocked(request):
+            return _error(429, "too many failed logins from this address; try later")
+        if request.content_type != "application/json":
+            return _error(415, "send application/json")
+        body = await self._body(request)
+        token = body.get("token")
+        self._reload_tokens()
+        principal = self.tokens.check(token) if isinstance(token, str) else None
+        if principal is None:
+            self._failed(request, "login")
+            return _error(401, "unknown token")
+        metrics.CONSOLE_LOGINS.labels("ok").inc()
+        self.sessions.end(request.cookies.get(COOKIE))
+        session = self.sessions.create(principal)
+        log.info(
+            "console: %s (%s) logged in from %s",
+            principal.name,
+            principal.role,
+            self._address(request),
+            extra={"event": "admin_login", "peer": self._address(request)},
+        )
+        response = _json({"name": principal.name, "role": principal.role, "csrf": session.csrf})
+        response.set_cookie(
+            COOKIE,
+            session.id,
+            httponly=True,
+            samesite="Strict",
+            secure=self.secure_cookie,
+            path="/",
+            max_age=int(self.sessions.ttl_s),
+        )
+        return response
+
+    async def logout(self, request: web.Request) -> web.StreamResponse:
+        session = self.sessions.get(request.cookies.get(COOKIE))
+        if session is not None:
+            if not csrf_ok(session, request.headers.get("X-CSRF-Token")):
+                return _error(403, "missing or wrong CSRF token")
+            self.sessions.end(session.id)
+        response = _json({"ok": True})
+        response.del_cookie(COOKIE, path="/")
+        return response
+
+    async def session(self, request: web.Request) -> web.StreamResponse:
+        principal = request[PRINCIPAL]
+        s = self.session_of(request)
+        return _json(
+            {
+                "name": principal.name,
+                "role": principal.role,
+                "csrf": s.csrf if s is not None else None,
+                "node": self.broker.config.name,
+                "cluster": bool(self.broker.config.cluster),
+                "keys_writable": self.keys.writable,
+            }
+        )
+
+    # --- helpers ---------------------------------------------------------------------
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.content.read(MAX_BODY_BYTES + 1)
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"body larger than {MAX_BODY_BYTES} bytes")
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            raise ApiError(400, "body is not JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "body must be a JSON object")
+        return body
+
+    def _admin(self, request: web.Request) -> None:
+        if not request[PRINCIPAL].is_admin:
+            raise ApiError(403, "needs the admin role")
+
+    def _scope(self) -> dict[str, Any]:
+        return {"node": self.broker.config.name, "scope": "this node"}
+
+    async def _key_list(self) -> list[Any]:
+        at, keys = self._keys_cache
+        if time.monotonic() - at > KEYS_CACHE_S:
+            try:
+                keys = await self.keys.all()
+            except KeyStoreError as e:
+                log.warning("console: cannot list keys: %s", e)
+            self._keys_cache = (time.monotonic(), keys)
+        return keys
+
+    # --- views -----------------------------------------------------------------------
+    #
+    # A broker may hold 10,000 connections and keys: lists are filtered, sorted
+    # and cut to one page (``limit``, ``offset``) before anything is built, and
+    # the whole set is walked SLICE items per event-loop turn, so a view never
+    # stalls message delivery for long.
+
+    async def connections(self, request: web.Request) -> web.StreamResponse:
+        offset, limit = _page(request)
+        q = request.query.get("q", "")
+        rows: list[tuple[str, str, Any]] = []
+        async for conn in _slices(list(self.broker.connections)):
+            ident = conn.ident or ""
+            if not q or q in ident or q in conn.peer:
+                rows.append((ident, conn.peer, conn))
+        rows.sort(key=itemgetter(0, 1))
+        out = []
+        for _, _, conn in rows[offset : offset + limit]:
+            transport = conn.transport
+            out.append(
+                {
+                    "id": str(id(conn)),
+                    "peer": conn.peer,
+                    "ident": conn.ident,
+                    "owner": conn.owner,
+                    "since": self.tracker.connected_at.get(conn.peer),
+                    "tls": transport is not None and transport.get_extra_info("ssl_object") is not None,
+                    "subscriptions": sorted(c.decode("utf-8", "backslashreplace") for c in conn.subscriptions),
+                    "publish": {
+                        c.decode("utf-8", "backslashreplace"): {"messages": st.count, "bytes": st.bytes}
+                        for c, st in list(conn.publish_stats.items())
+                    },
+                    "received_bytes": conn.received_bytes,
+                    "sent_bytes": conn.sent_bytes,
+                    "queued_bytes": conn.write_buffer_size(),
+                }
+            )
+        return _json({**self._scope(), "total": len(rows), "offset": offset, "connections": out})
+
+    async def close_connection(self, request: web.Request) -> web.StreamResponse:
+        self._admin(request)
+        body = await self._body(request)
+        async for conn in _slices(list(self.broker.connections)):
+            if str(id(conn)) == body.get("id"):
+                self.audit(request, f"disconnected {conn.peer}", ident=conn.ident)
+                conn.close(CloseReason.REVOKED, "disconnected by an operator")
+                return _json({"closed": conn.peer})
+        return _error(404, "no such connection")
+
+    async def sensors(self, request: web.Request) -> web.StreamResponse:
+        """Every ident with a key or seen lately, sorted by ``sort`` (``-`` first: descending)."""
+        now = time.time()
+        minute = int(now // 60)
+        offset, limit = _page(request)
+        q = request.query.get("q", "")
+        sort = request.query.get("sort", "ident")
+        column = SENSOR_COLUMNS.get(sort.lstrip("-"))
+        if column is None:
+            raise ApiError(400, f"sort must be one of {', '.join(SENSOR_COLUMNS)} (- in front: descending)")
+        silent_after = _number(request, "silent_after", 0.0)
+        only_silent = request.query.get("only_silent") in ("1", "true")
+        owners = {k.ident: k.owner for k in await self._key_list()}
+        live: dict[str, list[str]] = {}
+        async for conn in _slices(list(self.broker.connections)):
+            if conn.ident is not None:
+                live.setdefault(conn.ident, []).append(conn.peer)
+        tracker = self.tracker
+        rows: list[tuple[Any, ...]] = []
+        silent_count = 0
+        async for ident in _slices(list(set(owners) | set(live) | set(tracker.idents))):
+            if q and q not in ident:
+                continue
+            act = tracker.idents.get(ident)
+            last_5m, last_1h = act.windows(minute) if act is not None else (0, 0)
+            connected = len(live.get(ident, ()))
+            last_seen = now if connected else tracker.last_seen.get(ident)
+            silent = bool(silent_after) and not connected and (last_seen is None or now - last_seen > silent_after)
+            silent_count += silent
+            if only_silent and not silent:
+                continue
+            last_publish = act.last_publish if act is not None else None
+            rows.append((ident, owners.get(ident), connected, last_seen, last_publish, last_5m, last_1h, silent))
+        rows.sort(key=lambda r: (_sortable(r[column]), r[0]), reverse=sort.startswith("-"))
+        out = [
+            {
+                "ident": ident,
+                "owner": owner,
+                "has_key": ident in owners,
+                "connected": connected,
+                "peers": sorted(live.get(ident, ())),
+                "last_seen": last_seen,
+                "last_publish": last_publish,
+                "last_5m": last_5m,
+                "last_1h": last_1h,
+                "silent": silent,
+                "channels": tracker.channels(ident, minute),
+            }
+            for ident, owner, connected, last_seen, last_publish, last_5m, last_1h, silent in rows[
+                offset : offset + limit
+            ]
+        ]
+        return _json(
+            {**self._scope(), "time": now, "total": len(rows), "silent": silent_count, "offset": offset, "sensors": out}
+        )
+
+    async def channels(self, request: web.Request) -> web.StreamResponse:
+        minute = int(time.time() // 60)
+        chans: dict[str, dict[str, Any]] = {}
+
+        def entry(name: str) -> dict[str, Any]:
+            found = chans.get(name)
+            if found is None:
+                found = chans[name] = {
+                    "channel": name,
+                    "publishers": set(),
+                    "subscribers": set(),
+                    "last_5m": 0,
+                    "last_1h": 0,
+                }
+            return found
+
+        async for key in _slices(await self._key_list()):
+            for c in (*key.pubchans, *key.subchans):
+                entry(c)
+        async for (ident, channel), act in _slices(list(self.tracker.pairs.items())):
+            e = entry(channel)
+            last_5m, last_1h = act.windows(minute)
+            e["last_5m"] += last_5m
+            e["last_1h"] += last_1h
+            if last_1h:
+                e["publishers"].add(ident)
+        async for conn in _slices(list(self.broker.connections)):
+            if conn.ident is None:
+                continue
+            for c in conn.subscriptions:
+                entry(c.decode("utf-8", "backslashreplace"))["subscribers"].add(conn.ident)
+            for c in conn.publish_stats:
+                entry(c.decode("utf-8", "backslashreplace"))["publishers"].add(conn.ident)
+        offset, limit = _page(request)
+        out = []
+        for name in sorted(chans)[offset : offset + limit]:
+            e = chans[name]
+            for side in ("publishers", "subscribers"):
+                # A channel may have thousands: their number, and the first names.
+                e[f"{side}_total"] = len(e[side])
+                if len(e[side]) > SLICE:
+                    await asyncio.sleep(0)
+                e[side] = heapq.nsmallest(NAMES_PER_CHANNEL, e[side])
+            e["rate_per_s"] = round(e["last_5m"] / 300.0, 3)
+            e["watched"] = self.watches.get(name.encode("utf-8", "backslashreplace")) is not None
+            out.append(e)
+        return _json({**self._scope(), "total": len(chans), "offset": offset, "channels": out})
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        events = list(self.tracker.events)
+        by_address: dict[str, int] = {}
+        by_ident: dict[str, int] = {}
+        for e in events:
+            if e["event"] == "auth_failed":
+                host = (e["peer"] or "?").rsplit(":", 1)[0]
+                by_address[host] = by_address.get(host, 0) + 1
+                by_ident[e["ident"] or "?"] = by_ident.get(e["ident"] or "?", 0) + 1
+        now = time.time()
+        blocked: dict[str, dict[str, Any]] = {}
+        for e in events:
+            if e["event"] == "auth_blocked":
+                console_block = e["reason"] == "console_login_rate_limited"
+                until = e["time"] + (LOGIN_BLOCK_S if console_block else self.broker.auth_limiter.limits.block_s)
+                if until > now:
+                    host = e["peer"] if console_block else (e["peer"] or "?").rsplit(":", 1)[0]
+                    blocked[host] = {"address": host, "until": until, "what": "console" if console_block else "AUTH"}
+        return _json(
+            {
+                **self._scope(),
+                "events": events[::-1],
+                "blocked": sorted(blocked.values(), key=lambda b: b["address"]),
+                "failed_auth_by_address": sorted(by_address.items(), key=lambda kv: -kv[1]),
+                "failed_auth_by_ident": sorted(by_ident.items(), key=lambda kv: -kv[1]),
+            }
+        )
+
+    # --- keys ------------------------------------------------------------------------
+
+    async def key_list(self, request: web.Request) -> web.StreamResponse:
+        offset, limit = _page(request)
+        q = request.query.get("q", "")
+        try:
+            keys = await self.keys.all()
+        except KeyStoreError as e:
+            return _error(503, str(e))
+        if q:
+            keys = [k for k in keys if q in k.ident or q in k.owner]
+        page = [public(k) for k in keys[offset : offset + limit]]
+        return _json({"writable": self.keys.writable, "total": len(keys), "offset": offset, "keys": page})
+
+    async def _key_change(self, request: web.Request, change: Callable[[dict[str, Any]], Awaitable[Any]]) -> Any:
+        self._admin(request)
+        body = await self._body(request)
+        try:
+            return await change(body)
+        except (InvalidKey, BadArguments) as e:
+            raise ApiError(400, str(e)) from None
+        except NoSuchIdent as e:
+            raise ApiError(404, f"no such ident: {e}") from None
+        except (IdentExists, ReadOnlyKeys) as e:
+            raise ApiError(409, str(e)) from None
+        except StoreUnavailable as e:
+            raise ApiError(503, str(e)) from None
+        finally:
+            self._keys_cache = (0.0, [])
+
+    async def key_create(self, request: web.Request) -> web.StreamResponse:
+        async def change(body: dict[str, Any]) -> web.StreamResponse:
+            owner = body.get("owner") or ""
+            key = await self.keys.create(
+                body.get("ident"),  # type: ignore[arg-type]  # make_key checks it
+                owner if isinstance(owner, str) else "",
+                _strings(body.get("pubchans"), "pubchans"),
+                _strings(body.get("subchans"), "subchans"),
+            )
+            self.audit(request, f"created key {key.ident!r}", ident=key.ident)
+            return _json({"key": public(key), "secret": key.secret}, 201)
+
+        result: web.StreamResponse = await self._key_change(request, change)
+        return result
+
+    def _channels_change(self, grant: bool) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            async def change(body: dict[str, Any]) -> web.StreamResponse:
+                pub = _strings(body.get("pubchans"), "pubchans")
+                sub = _strings(body.get("subchans"), "subchans")
+                if not pub and not sub:
+                    raise ApiError(400, "give pubchans or subchans")
+                ident = _ident(body)
+                key = await self.keys.change_channels(ident, pub, sub, grant=grant)
+                verb = "granted" if grant else "revoked"
+                self.audit(request, f"{verb} pub {pub} sub {sub} for {ident!r}", ident=ident)
+                return _json({"key": public(key)})
+
+            result: web.StreamResponse = await self._key_change(request, change)
+            return result
+
+        return handler
+
+    async def key_rotate(self, request: web.Request) -> web.StreamResponse:
+        async def change(body: dict[str, Any]) -> web.StreamResponse:
+            key = await self.keys.rotate(_ident(body))
+            self.audit(request, f"rotated the secret of {key.ident!r}", ident=key.ident)
+            return _json({"key": public(key), "secret": key.secret})
+
+        result: web.StreamResponse = await self._key_change(request, change)
+        return result
+
+    async def key_remove(self, request: web.Request) -> web.StreamResponse:
+        async def change(body: dict[str, Any]) -> web.StreamResponse:
+            key = await self.keys.remove(_ident(body))
+            self.audit(request, f"removed key {key.ident!r}", ident=key.ident)
+            return _json({"removed": key.ident})
+
+        result: web.StreamResponse = await self._key_change(request, change)
+        return result
+
+    # --- watching a channel ------------------------------------------------------------
+
+    async def watch_start(self, request: web.Request) -> web.StreamResponse:
+        self._admin(request)
+        body = await self._body(request)
+        channel = body.get("channel")
+        if self.watches.start(_channel(channel)) is None:
+            return _error(429, "too many channels watched at once; stop one first")
+        self.audit(request, f"started watching channel {channel!r}", channel=channel)
+        return _json({"watching": channel})
+
+    async def watch_stop(self, request: web.Request) -> web.StreamResponse:
+        self._admin(request)
+        body = await self._body(request)
+        channel = body.get("channel")
+        self.watches.stop(_channel(channel))
+        return _json({"stopped": channel})
+
+    async def watch_read(self, request: web.Request) -> web.StreamResponse:
+        self._admin(request)
+        channel = request.query.get("channel", "")
+        try:
+            after = int(request.query.get("after", "0"))
+        except ValueError:
+            after = 0
+        watch = self.watches.get(_channel(channel))
+        if watch is None:
+            return _error(404, "not watching this channel; POST /api/v1/watch first")
+        return _json({"channel": channel, "messages": watch.read(after)})
+
+    # --- the page ------------------------------------------------------------------------
+
+    async def static(self, request: web.Request) -> web.StreamResponse:
+        name, content_type = STATIC[request.path]
+        body = importlib.resources.files(__package__).joinpath("static", name).read_bytes()
+        return web.Response(body=body, content_type=content_type, headers={"Cache-Control": "no-cache"})
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.headers, self.authorize], client_max_size=MAX_BODY_BYTES)
+        r = app.router
+        for path in STATIC:
+            r.add_get(path, self.static)
+        r.add_post("/login", self.login)
+        r.add_post("/logout", self.logout)
+        r.add_get("/api/v1/session", self.session)
+        r.add_get("/api/v1/connections", self.connections)
+        r.add_post("/api/v1/connections/close", self.close_connection)
+        r.add_get("/api/v1/sensors", self.sensors)
+        r.add_get("/api/v1/channels", self.channels)
+        r.add_get("/api/v1/events", self.events)
+        r.add_get("/api/v1/keys", self.key_list)
+        r.add_post("/api/v1/keys", self.key_create)
+        r.add_post("/api/v1/keys/grant", self._channels_change(grant=True))
+        r.add_post("/api/v1/keys/revoke", self._channels_change(grant=False))
+        r.add_post("/api/v1/keys/rotate", self.key_rotate)
+        r.add_post("/api/v1/keys/remove", self.key_remove)
+        r.add_post("/api/v1/watch", self.watch_start)
+        r.add_post("/api/v1/watch/stop", self.watch_stop)
+        r.add_get("/api/v1/watch", self.watch_read)
+        return app
+
+
+async def _slices(items: list[T]) -> AsyncIterator[T]:
+    """``items``, with an event-loop turn after every ``SLICE``."""
+    for i, item in enumerate(items):
+        if i and not i % SLICE:
+            await asyncio.sleep(0)
+        yield item
+
+
+def _number(request: web.Request, name: str, default: float) -> float:
+    value = request.query.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ApiError(400, f"{name} must be a number") from None
+    if not 0 <= number < 1e12:
+        raise ApiError(400, f"{name} must be a non-negative number")
+    return number
+
+
+def _page(request: web.Request) -> tuple[int, int]:
+    """``offset`` and ``limit`` (at most ``MAX_PAGE``) from the query."""
+    offset = int(_number(request, "offset", 0))
+    limit = int(_number(request, "limit", DEFAULT_PAGE))
+    return offset, max(1, min(limit, MAX_PAGE))
+
+
+def _sortable(value: Any) -> Any:
+    """Sort key: None before every number and string of its column."""
+    return (value is not None, value if value is not None else 0)
+
+
+def _channel(value: Any) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, "give a channel")
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "channel is not valid UTF-8") from None
+
+
+def _ident(body: dict[str, Any]) -> str:
+    ident = body.get("ident")
+    if not isinstance(ident, str) or not ident:
+        raise ApiError(400, "give an ident")
+    return ident

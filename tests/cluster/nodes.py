@@ -1,0 +1,134 @@
+"""Cluster nodes as the tests drive them: broker processes with an exporter, and a threaded collector."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import nats
+
+from tests.support.broker import BrokerProcess, RawClient, free_port, write_users_json
+
+CHANNELS = ["plain", "dots.in.name", "star*", "gt>", "with space", "ünïcödé"]
+
+
+def start_node(tmp_path: Path, nats_url: str, auth: str, *extra: str) -> BrokerProcess:
+    port = free_port()
+    exporter = free_port()
+    b = BrokerProcess(
+        [
+            *("--bind", f"127.0.0.1:{port}", "--auth", auth),
+            *("--cluster", nats_url, "--exporter", f"127.0.0.1:{exporter}"),
+            *extra,
+        ],
+        cwd=tmp_path,
+        port=port,
+    )
+    b.exporter_port = exporter  # type: ignore[attr-defined]
+    return b
+
+
+def metric(b: BrokerProcess, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{b.exporter_port}/metrics", timeout=5).read().decode()  # type: ignore[attr-defined]
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def healthz(b: BrokerProcess) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{b.exporter_port}/healthz", timeout=5) as r:  # type: ignore[attr-defined]
+        return json.loads(r.read())
+
+
+def wait_linked(b: BrokerProcess, timeout: float = 15) -> None:
+    b.wait_log("cluster: linked to NATS", timeout=timeout)
+
+
+class Collector:
+    """A subscriber reading in a thread; ``got[(ident, channel)]`` = payloads in order,
+    ``by_publisher[ident]`` = (channel, payload) in arrival order, ``probes`` = idents
+    whose ``probe`` payload arrived (not counted), ``ends`` = idents whose ``end`` did."""
+
+    def __init__(self, port: int, ident: str, channels: list[str]) -> None:
+        self.client = RawClient(port, timeout=60)
+        self.client.auth(ident, f"{ident}-secret")
+        self.client.subscribe(*channels)
+        self.got: dict[tuple[str, str], list[int]] = {}
+        self.by_publisher: dict[str, list[tuple[str, str]]] = {}
+        self.probes: set[str] = set()
+        self.ends: set[str] = set()
+        self.count = 0
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                frame = self.client.next_frame(timeout=0.5)
+            except TimeoutError:
+                continue
+            except (OSError, ConnectionError):
+                return
+            key = (frame.ident.decode(), frame.channel.decode())  # type: ignore[union-attr]
+            payload = frame.payload.decode()  # type: ignore[union-attr]
+            if payload == "probe":
+                self.probes.add(key[0])
+                continue
+            self.by_publisher.setdefault(key[0], []).append((key[1], payload))
+            if payload == "end":
+                self.ends.add(key[0])
+                continue
+            self.got.setdefault(key, []).append(int(payload))
+            self.count += 1
+
+    def wait_count(self, n: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while self.count < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self._stop = True
+        self.thread.join(5)
+        self.client.close()
+
+
+def probe_until_seen(pubs: list[RawClient], channel: str, subs: list[Collector], timeout: float = 15) -> None:
+    """Instead of sleeping: each node's NATS subscriptions are in place once every
+    subscriber has a probe from every publisher (probes are sent until then)."""
+    idents = {p.ident.decode() for p in pubs}
+    for s in subs:
+        s.probes.clear()
+    deadline = time.monotonic() + timeout
+    while any(not idents <= s.probes for s in subs):
+        assert time.monotonic() < deadline, [s.probes for s in subs]
+        for pub in pubs:
+            pub.publish(channel, b"probe")
+        time.sleep(0.2)
+
+
+def write_keys(tmp_path: Path, channels: list[str] = CHANNELS) -> str:
+    """Keys n0, n1, n2 (secret ``nI-secret``) for ``channels`` in a JSON file; returns its --auth spec."""
+    users = {f"n{i}": {"secret": f"n{i}-secret", "pubchans": channels, "subchans": channels} for i in range(3)}
+    write_users_json(tmp_path / "users.json", users)
+    return "users.json"
+
+
+def nats_publish(url: str, messages: list[tuple[str, bytes, dict[str, str] | None]], **options: object) -> None:
+    """Publish raw NATS messages as any NATS client could: no broker, no hpfeeds key."""
+
+    async def run() -> None:
+        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5, **options)  # type: ignore[arg-type]
+        try:
+            for subject, data, headers in messages:
+                await nc.publish(subject, data, headers=headers)
+            await nc.flush(5)
+        finally:
+            await nc.close()
+
+    asyncio.run(run())

@@ -1,0 +1,153 @@
+"""What brokers put on NATS and what they accept from it, with plain bytes (no NATS)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpfeeds3.broker.backplane.wire import Accepted, Inbound, Rejected, headers, split
+from hpfeeds3.broker.redact import redact_url
+from hpfeeds3.protocol import DEFAULT_LIMITS, MiB, encode_auth, encode_error, encode_publish, encode_subscribe
+
+ORIGIN = "0123456789abcdef"
+# The largest frame a broker accepts by default: a 1 MiB body (what a stock NATS refuses in one message).
+BIG = encode_publish(b"sensor", b"c", (bytes(range(256)) * 4096)[: MiB - 2 - len(b"sensor") - 1])
+
+
+def pub(payload: bytes, channel: bytes = b"c", ident: bytes = b"sensor") -> bytes:
+    return encode_publish(ident, channel, payload)
+
+
+def inbound() -> Inbound:
+    return Inbound(DEFAULT_LIMITS, 4 * DEFAULT_LIMITS.max_publish_frame_bytes)
+
+
+def send(rx: Inbound, data: bytes, seq: int, count: int, limit: int, channel: bytes = b"c") -> list[Accepted]:
+    """Split as a sender does and feed every piece; return what was accepted."""
+    out = []
+    for piece, s, n, part in split(data, seq, count, limit):
+        assert len(piece) <= limit
+        got = rx.receive(channel, headers(ORIGIN, s, n, part), piece)
+        assert not isinstance(got, Rejected), got
+        if got is not None:
+            out.append(got)
+    return out
+
+
+def test_a_frame_above_the_nats_limit_travels_in_parts_and_arrives_whole() -> None:
+    assert len(BIG) == DEFAULT_LIMITS.max_publish_frame_bytes > MiB
+    rx = inbound()
+    got = send(rx, BIG, 0, 1, 64 * 1024)
+    assert [(a.data, a.count, a.missed) for a in got] == [(BIG, 1, 0)]
+    assert rx.partial_bytes == 0
+
+
+def test_small_frames_around_a_big_one_keep_their_order_and_sequence_numbers() -> None:
+    small = [pub(str(i).encode() * 100) for i in range(50)]
+    data = b"".join(small[:25]) + BIG + b"".join(small[25:])
+    pieces = list(split(data, 10, 51, 4096))
+    assert [p[1] for p in pieces if p[3] is None or p[3][0] == 0] == sorted({p[1] for p in pieces})
+    rx = inbound()
+    got = send(rx, data, 10, 51, 4096)
+    assert b"".join(a.data for a in got) == data
+    assert sum(a.count for a in got) == 51
+    assert rx.expected[(ORIGIN, b"c")] == 61
+
+
+def test_what_fits_is_one_message() -> None:
+    data = pub(b"x") * 3
+    assert list(split(data, 5, 3, 1024)) == [(data, 5, 3, None)]
+
+
+def test_a_frame_with_a_missing_part_is_never_delivered_and_counted_as_lost() -> None:
+    rx = inbound()
+    parts = list(split(BIG, 0, 1, 256 * 1024))
+    assert len(parts) == 5
+    for piece, s, n, part in parts[:2] + parts[3:]:  # part 2 lost in transit
+        assert rx.receive(b"c", headers(ORIGIN, s, n, part), piece) is None
+    assert rx.partial_bytes == 0
+    nxt = pub(b"next")
+    got = rx.receive(b"c", headers(ORIGIN, 1, 1), nxt)
+    assert isinstance(got, Accepted) and got.data == nxt and got.missed == 1
+
+
+def test_a_frame_cut_short_by_the_next_one_is_dropped_whole() -> None:
+    rx = inbound()
+    parts = list(split(BIG, 0, 1, 256 * 1024))
+    for piece, s, n, part in parts[:3]:
+        assert rx.receive(b"c", headers(ORIGIN, s, n, part), piece) is None
+    got = send(rx, BIG, 1, 1, 256 * 1024)  # the sender's next frame starts
+    assert len(got) == 1 and got[0].data == BIG and got[0].missed == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "hdrs", "why"),
+    [
+        (pub(b"x"), None, Rejected.HEADERS),
+        (pub(b"x"), {"Hpfeeds-Origin": "nope", "Hpfeeds-Seq": "0", "Hpfeeds-Count": "1"}, Rejected.HEADERS),
+        (pub(b"x"), {"Hpfeeds-Origin": ORIGIN, "Hpfeeds-Seq": "-1", "Hpfeeds-Count": "1"}, Rejected.HEADERS),
+        (pub(b"x"), headers(ORIGIN, 0, 0), Rejected.HEADERS),
+        (pub(b"x"), headers(ORIGIN, 0, 1, (1, 1)), Rejected.HEADERS),
+        (encode_error("you are compromised"), headers(ORIGIN, 0, 1), Rejected.NOT_PUBLISH),
+        (encode_auth(b"sensor", b"\0" * 20), headers(ORIGIN, 0, 1), Rejected.NOT_PUBLISH),
+        (encode_subscribe(b"sensor", b"c"), headers(ORIGIN, 0, 1), Rejected.NOT_PUBLISH),
+        (pub(b"x", channel=b"other"), headers(ORIGIN, 0, 1), Rejected.CHANNEL),
+        (pub(b"x") + pub(b"y", channel=b"other"), headers(ORIGIN, 0, 2), Rejected.CHANNEL),
+        (pub(b"x")[:-1], headers(ORIGIN, 0, 1), Rejected.PARTIAL),
+        (pub(b"x") * 2, headers(ORIGIN, 0, 1), Rejected.COUNT),
+        (b"\x00\x00\x00\x02\x03", headers(ORIGIN, 0, 1), Rejected.MALFORMED),
+        (b"\x00\x00\x00\x07\x03\x00\x00", headers(ORIGIN, 0, 1), Rejected.MALFORMED),
+        (b"\x7f\x00\x00\x00\x03", headers(ORIGIN, 0, 1), Rejected.TOO_LARGE),
+        (b"", headers(ORIGIN, 0, 1), Rejected.COUNT),
+    ],
+)
+def test_anything_but_whole_publish_frames_of_the_subjects_channel_is_rejected(data, hdrs, why) -> None:
+    assert inbound().receive(b"c", hdrs, data) == why
+
+
+def test_a_sequence_number_going_backwards_is_rejected() -> None:
+    rx = inbound()
+    assert isinstance(rx.receive(b"c", headers(ORIGIN, 0, 2), pub(b"a") + pub(b"b")), Accepted)
+    assert rx.receive(b"c", headers(ORIGIN, 1, 1), pub(b"b")) == Rejected.SEQUENCE
+    assert isinstance(rx.receive(b"c", headers(ORIGIN, 2, 1), pub(b"c")), Accepted)
+
+
+def test_a_split_frame_larger_than_the_limit_is_rejected() -> None:
+    rx = inbound()
+    limit = DEFAULT_LIMITS.max_publish_frame_bytes
+    chunk = b"\0" * (limit // 2 + 1)
+    assert rx.receive(b"c", headers(ORIGIN, 0, 1, (0, 3)), chunk) is None
+    assert rx.receive(b"c", headers(ORIGIN, 0, 1, (1, 3)), chunk) == Rejected.TOO_LARGE
+    assert rx.partial_bytes == 0
+
+
+def test_reassembly_memory_is_bounded_over_many_origins() -> None:
+    rx = inbound()
+    chunk = b"\0" * (512 * 1024)
+    for i in range(100):
+        rx.receive(b"c", headers(f"{i:016x}", 0, 1, (0, 4)), chunk)
+        assert rx.partial_bytes <= rx.reassembly_bytes
+    assert rx.partial_bytes > rx.reassembly_bytes - len(chunk)
+
+
+def test_unsubscribing_forgets_the_channel() -> None:
+    rx = inbound()
+    rx.receive(b"c", headers(ORIGIN, 5, 1), pub(b"a"))
+    rx.receive(b"c", headers(ORIGIN, 0, 1, (0, 2)), b"\0" * 10)
+    rx.forget(b"c")
+    assert rx.expected == {} and rx.partial_bytes == 0
+    got = rx.receive(b"c", headers(ORIGIN, 9, 1), pub(b"b"))
+    assert isinstance(got, Accepted) and got.missed == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("nats://alice:s3cret@nats.example:4222", "nats://alice:***@nats.example:4222"),
+        ("nats://tok3n@nats.example", "nats://***@nats.example"),
+        ("tls://nats.example:4443", "tls://nats.example:4443"),
+        ("nats://u:p@[::1]:4222", "nats://u:***@[::1]:4222"),
+        ("nats://nats.example:4222?token=abc", "nats://nats.example:4222?token=***"),
+    ],
+)
+def test_urls_are_logged_without_credentials(url: str, shown: str) -> None:
+    assert redact_url(url) == shown

@@ -1,0 +1,138 @@
+"""What an open console costs the broker: pubsub throughput and handshake CPU, with and without it.
+
+Not a test (CI asserts no speed): run it by hand on a quiet machine::
+
+    python -m tests.console.cost [--rounds 3] [--duration 5]
+
+Each round starts a fresh broker without ``--admin`` and one with it (in
+alternating order),
+and runs ``hpfeeds-bench pubsub-100 connect-50`` against it. With the console
+on, a poller does what an open page does, and more: every 2 s it reads every
+view (sensors, connections, channels, keys, events), where the page reads only
+the tab shown. Prints the median of each figure and the ratio on / off, and first the CPU
+the console's log handler adds to one handshake (measured alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+import timeit
+from pathlib import Path
+
+from hpfeeds3.broker.admin.tracker import Tracker
+from hpfeeds3.broker.auth import build_authenticator
+from hpfeeds3.broker.config import BrokerConfig
+from hpfeeds3.broker.state import Broker
+from tests.support.broker import BIN, BrokerProcess, free_port, wait_for_port
+
+from .conftest import Http, write_tokens
+
+VIEWS = ("/api/v1/sensors", "/api/v1/connections", "/api/v1/channels", "/api/v1/keys", "/api/v1/events")
+
+
+def poll(base: str, token: str, stop: threading.Event, count: list[int]) -> None:
+    client = Http(base, token)
+    while not stop.is_set():
+        for view in VIEWS:
+            assert client.get(view).status == 200
+            count[0] += 1
+        stop.wait(2.0)
+
+
+def run_once(workdir: Path, console: bool, duration: float) -> dict[str, dict]:
+    port = free_port()
+    args = ["--bind", f"127.0.0.1:{port}", "--auth", str(workdir / "users.json")]
+    admin_port = free_port()
+    if console:
+        args += ["--admin", f"127.0.0.1:{admin_port}", "--admin-tokens", str(workdir / "tokens.txt")]
+    broker = BrokerProcess(args, cwd=workdir, port=port)
+    stop, polled = threading.Event(), [0]
+    try:
+        broker.wait_ready()
+        poller = None
+        if console:
+            wait_for_port(admin_port, proc=broker.proc)
+            token = (workdir / "admin-token").read_text()
+            poller = threading.Thread(target=poll, args=(f"http://127.0.0.1:{admin_port}", token, stop, polled))
+            poller.start()
+        bench = [str(BIN / "hpfeeds-bench"), "--port", str(port), "--duration", str(duration), "--json-only"]
+        out = subprocess.run(
+            [*bench, "--broker-pid", str(broker.proc.pid), "pubsub-100", "connect-50"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=duration * 10 + 60,
+        ).stdout
+        stop.set()
+        if poller is not None:
+            poller.join(10)
+            assert polled[0] > 0
+        return {r["scenario"]: r for r in map(json.loads, out.splitlines()) if r.get("scenario")}
+    finally:
+        stop.set()
+        broker.stop()
+
+
+def tracker_cost_us() -> float:
+    """CPU the console's log handler adds to one handshake (its three records), in µs."""
+    broker = Broker(BrokerConfig(auth=("env",)), build_authenticator(("env",)), asyncio.new_event_loop())
+    tracker = Tracker(broker)
+    records = []
+    for event, fields in (
+        ("connected", {"peer": "127.0.0.1:5555"}),
+        ("authenticated", {"peer": "127.0.0.1:5555", "ident": "bench"}),
+        ("closed", {"peer": "127.0.0.1:5555", "ident": "bench", "reason": "client_closed"}),
+    ):
+        record = logging.LogRecord("hpfeeds3.broker.connection", logging.INFO, __file__, 0, event, (), None)
+        record.__dict__.update(event=event, **fields)
+        records.append(record)
+
+    def handshake() -> None:
+        for record in records:
+            tracker.handle(record)
+
+    n = 50_000
+    return min(timeit.repeat(handshake, number=n, repeat=5)) / n * 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--duration", type=float, default=5.0)
+    args = p.parse_args()
+    print(f"console log handler: {tracker_cost_us():.2f} µs per handshake (connected + authenticated + closed)")
+    figures: dict[bool, dict[str, list[float]]] = {False: {}, True: {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        subprocess.run([str(BIN / "hpfeeds-bench"), "--write-json", "users.json"], cwd=workdir, check=True)
+        admin, _ = write_tokens(workdir / "tokens.txt")
+        (workdir / "admin-token").write_text(admin)
+        for round_ in range(args.rounds):
+            # Alternate which goes first: the second run of a pair inherits the
+            # first one's TIME_WAIT sockets and warmed caches.
+            for console in (False, True) if round_ % 2 == 0 else (True, False):
+                r = run_once(workdir, console, args.duration)
+                f = figures[console]
+                f.setdefault("pubsub-100 msg/s", []).append(r["pubsub-100"]["msgs_per_s"])
+                f.setdefault("pubsub-100 broker CPU %", []).append(r["pubsub-100"]["broker_cpu_pct"])
+                f.setdefault("connect-50 handshakes/s", []).append(r["connect-50"]["handshakes_per_s"])
+                cpu_us = r["connect-50"]["broker_cpu_pct"] / 100 / r["connect-50"]["handshakes_per_s"] * 1e6
+                f.setdefault("connect-50 broker CPU µs/handshake", []).append(cpu_us)
+                time.sleep(1)
+    print(f"{'figure':40} {'without':>12} {'with console':>14} {'ratio':>7}   (median of {args.rounds} rounds)")
+    for name in figures[False]:
+        off, on = statistics.median(figures[False][name]), statistics.median(figures[True][name])
+        print(f"{name:40} {off:12,.1f} {on:14,.1f} {on / off:7.3f}")
+    print("all rounds:", json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""What the console remembers is bounded, and its time windows count the right minutes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from hpfeeds3.broker.admin import tracker as tracker_mod
+from hpfeeds3.broker.admin import watch as watch_mod
+from hpfeeds3.broker.admin.sessions import Sessions
+from hpfeeds3.broker.admin.tokens import Principal
+from hpfeeds3.broker.admin.tracker import Tracker
+from hpfeeds3.broker.admin.watch import Watches
+from hpfeeds3.broker.auth import build_authenticator
+from hpfeeds3.broker.config import BrokerConfig
+from hpfeeds3.broker.metrics import PublishStats
+from hpfeeds3.broker.state import Broker
+from hpfeeds3.protocol import encode_publish
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    loop = asyncio.new_event_loop()
+    try:
+        yield Broker(BrokerConfig(auth=("env",)), build_authenticator(("env",)), loop)
+    finally:
+        loop.close()
+
+
+class Counters:
+    """What the tracker reads of a connection: its ident, peer and per-channel publish counters."""
+
+    def __init__(self, ident: str) -> None:
+        self.ident = ident
+        self.peer = f"{ident}:1"
+        self.publish_stats: dict[bytes, PublishStats] = {}
+
+    def published(self, channel: bytes, count: int) -> None:
+        self.publish_stats.setdefault(channel, PublishStats()).count += count
+
+
+def minute(now: float) -> int:
+    return int(now // 60)
+
+
+def poll(broker: Broker, t: Tracker, now: float) -> None:
+    broker.loop.run_until_complete(t.poll(now))
+
+
+def test_minutes_windows(broker: Broker) -> None:
+    t = Tracker(broker)
+    t0 = 1_000_000 * 60.0
+    s = Counters("s")
+    broker.connections.add(s)  # type: ignore[arg-type]
+    s.published(b"c", 7)  # before the console started: no minute
+    poll(broker, t, t0)
+    s.published(b"c", 3)
+    poll(broker, t, t0 + 1)
+    s.published(b"c", 5)
+    poll(broker, t, t0 + 6 * 60)
+    assert t.channels("s", minute(t0 + 6 * 60))["c"] == {"last_publish": t0 + 6 * 60, "last_5m": 5, "last_1h": 8}
+    assert t.channels("s", minute(t0 + 61 * 60))["c"]["last_1h"] == 5
+    assert t.channels("s", minute(t0 + 70 * 60))["c"]["last_1h"] == 0
+    assert t.idents["s"].windows(minute(t0 + 6 * 60)) == (5, 8)  # the ident over all its channels
+    # A connection first seen after the first poll counts all its messages,
+    # and one that closed is read one last time.
+    new = Counters("new")
+    broker.connections.add(new)  # type: ignore[arg-type]
+    new.published(b"c", 4)
+    poll(broker, t, t0 + 6 * 60 + 2)
+    new.published(b"c", 2)
+    broker.connections.discard(new)
+    poll(broker, t, t0 + 6 * 60 + 4)
+    assert t.channels("new", minute(t0 + 6 * 60 + 4))["c"]["last_5m"] == 6
+    assert not any(c is new for c in t._counted)
+
+
+def test_poll_reads_many_connections_in_slices(broker: Broker) -> None:
+    t = Tracker(broker)
+    conns = [Counters(f"s{i}") for i in range(3 * tracker_mod.POLL_SLICE + 1)]
+    broker.connections.update(conns)  # type: ignore[arg-type]
+    poll(broker, t, 0.0)
+    for c in conns:
+        c.published(b"c", 2)
+    poll(broker, t, 60.0)
+    assert sum(a.windows(1)[0] for a in t.idents.values()) == 2 * len(conns)
+
+
+def test_pairs_idents_and_buckets_are_bounded(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracker_mod, "MAX_PAIRS", 5)
+    monkeypatch.setattr(tracker_mod, "MAX_IDENTS", 4)
+    t = Tracker(broker)
+    conns = [Counters(f"s{i}") for i in range(10)]
+    broker.connections.update(conns)  # type: ignore[arg-type]
+    poll(broker, t, 0.0)
+    for minute in range(100):
+        for c in conns:
+            c.published(b"c", 1)
+        poll(broker, t, minute * 60.0)
+    assert len(t.pairs) == 5 and len(t.last_seen) == 4
+    assert len(t.idents) == 4 and set(t.channels_of) <= {key[0] for key in t.pairs}
+    assert all(len(a.minutes) <= tracker_mod.BUCKETS for a in [*t.pairs.values(), *t.idents.values()])
+
+
+def test_events_ring_is_bounded_and_keeps_the_newest(broker: Broker) -> None:
+    t = Tracker(broker)
+    log = logging.getLogger("hpfeeds3.broker.test-console-bounds")
+    log.addHandler(t)
+    log.setLevel(logging.INFO)
+    try:
+        for i in range(tracker_mod.MAX_EVENTS + 50):
+            log.warning("revoked %d", i, extra={"event": "revoked", "peer": f"10.0.0.1:{i}", "ident": "x"})
+        log.info("not notable", extra={"event": "connected", "peer": "10.0.0.2:1"})
+    finally:
+        log.removeHandler(t)
+    assert len(t.events) == tracker_mod.MAX_EVENTS
+    assert t.events[-1]["message"] == f"revoked {tracker_mod.MAX_EVENTS + 49}"
+    assert t.connected_at == {"10.0.0.2:1": t.connected_at["10.0.0.2:1"]}
+
+
+def test_sessions_are_bounded_and_expire() -> None:
+    s = Sessions(ttl_s=3600, max_sessions=3)
+    made = [s.create(Principal(f"p{i}", "viewer")) for i in range(5)]
+    assert len(s) == 3
+    assert s.get(made[0].id) is None and s.get(made[4].id) is made[4]
+    expired = Sessions(ttl_s=0.0)
+    assert expired.get(expired.create(Principal("p", "admin")).id) is None
+
+
+def test_watches_are_bounded_and_keep_the_last_messages(broker: Broker) -> None:
+    w = Watches(broker.router, broker.frame_limits)
+    started = [w.start(f"c{i}".encode()) for i in range(watch_mod.MAX_WATCHES + 1)]
+    assert all(started[:-1]) and started[-1] is None
+    watch = started[0]
+    assert watch is not None
+    frames = b"".join(encode_publish(b"s", b"c0", bytes([i]) * 5000) for i in range(watch_mod.WATCH_RING + 10))
+    broker.router.publish(b"c0", frames, watch_mod.WATCH_RING + 10)
+    msgs = watch.read()
+    assert len(msgs) == watch_mod.WATCH_RING
+    assert msgs[-1]["seq"] == watch_mod.WATCH_RING + 10 and msgs[-1]["size"] == 5000 and msgs[-1]["truncated"]
+    assert len(bytes.fromhex(msgs[-1]["hex"])) == watch_mod.WATCH_PAYLOAD_BYTES
+    w.stop_all()
+    assert broker.router.subscribers(b"c0") == ()

@@ -1,0 +1,30 @@
+"""The repository's scripts outside the package run: benchmarks/compare and the
+atheris target in fuzz/ (ruff and mypy check them too, in tests/test_lint.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_benchmarks_compare_help() -> None:
+    r = run("benchmarks/compare", "--help")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: compare ")
+    for option in ("--brokers", "--repeats", "--smoke", "--tls"):
+        assert option in r.stdout
+
+
+def test_fuzz_decoder_target_runs_clean() -> None:
+    """A short, seeded atheris run: a crash (any exception but ProtocolError, or
+    the decoder holding more than a frame and a read) exits non-zero."""
+    r = run("fuzz/fuzz_decoder.py", "-atheris_runs=20000", "-max_len=70000", "-seed=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Done 20000 in " in r.stderr, r.stderr[-3000:]

@@ -136,7 +136,10 @@ class BrokerProcess:
 
     def wait_ready(self, timeout: float = 15.0) -> BrokerProcess:
         assert self.port, "wait_ready needs the port the broker listens on"
-        wait_for_port(self.port, timeout=timeout, proc=self.proc)
+        try:
+            wait_for_port(self.port, timeout=timeout, proc=self.proc)
+        except (RuntimeError, TimeoutError) as e:
+            raise type(e)(f"{e}; its log ends:\n{self.log()[-1500:]}") from None
         # The listener is up before the "serving" line; wait for it too.
         deadline = time.monotonic() + timeout
         while "serving" not in self.log() and time.monotonic() < deadline:

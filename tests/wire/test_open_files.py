@@ -6,7 +6,6 @@ ERROR."""
 from __future__ import annotations
 
 import re
-import socket
 import time
 from pathlib import Path
 
@@ -41,12 +40,16 @@ def test_soft_limit_is_raised_to_the_hard_one(tmp_path: Path) -> None:
 
 def test_connections_are_capped_below_the_open_files_limit(tmp_path: Path) -> None:
     b = start(tmp_path, (100, 100))  # 100 - 64 = 36 connections
-    conns: list[socket.socket] = []
+    conns: list[RawClient] = []
     try:
         assert "at most 36 connections" in b.log()
+        # Authenticated, so none is a pre-auth connection the newcomer could displace.
         for _ in range(36):
-            conns.append(socket.create_connection(("127.0.0.1", b.port), timeout=5))
-            assert conns[-1].recv(5)  # INFO: accepted
+            conns.append(RawClient(b.port).auth("alice", "alice-secret"))
+        confirm = conns[0]
+        confirm.subscribe("chan1")
+        confirm.publish("chan1", b"all in")  # every AUTH before it is through
+        assert confirm.messages(1)[0].payload == b"all in"
         with RawClient(b.port) as over:
             frames = over.expect_closed()
         assert frames[-1].message == "limit: too many connections (limit 36)"

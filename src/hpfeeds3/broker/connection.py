@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -537,7 +538,7 @@ class Connection(asyncio.Protocol):
         limiter = broker.auth_limiter
         if not limiter.enabled or not limiter.blocked(self.peer_host, ident, broker.loop.time()):
             return False
-        self.session.rate_limited(limiter.limits.block_s)
+        self.session.rate_limited(math.ceil(limiter.blocked_for(self.peer_host, ident, broker.loop.time())))
         return True
 
     def auth_failed(self, ident: str) -> None:

@@ -25,11 +25,12 @@ not be able to make the next failure expensive:
 
 from __future__ import annotations
 
-import ipaddress
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
+
+from .admission import address_group
 
 # Most (source, ident) pairs and sources tracked at once, per table: about
 # 200 bytes each, so the four tables stay under ~100 MiB however many addresses fail.
@@ -37,6 +38,7 @@ MAX_TRACKED = 100_000
 # Expired entries dropped from the front of a table per failure: more than one,
 # so the table shrinks back after a flood; a constant, so no failure pays for it.
 _PRUNE_PER_CALL = 4
+
 
 V = TypeVar("V")
 
@@ -49,18 +51,9 @@ class AuthLimits:
     block_s: float = 300.0
 
 
-def source_key(address: str) -> str:
-    """The unit a limit applies to: the IPv4 address, or the IPv6 /64 (an
-    IPv4-mapped IPv6 address is its IPv4 address)."""
-    if ":" not in address:
-        return address
-    try:
-        ip = ipaddress.IPv6Address(address)
-    except ValueError:
-        return address
-    if ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return f"{ipaddress.IPv6Address(int(ip) >> 64 << 64)}/64"
+# The unit a limit applies to: the IPv4 address, or the IPv6 /64 (one host
+# can take any address in its /64), as for the pre-auth pool.
+source_key = address_group
 
 
 class _Failures:
@@ -77,6 +70,10 @@ class _Failures:
     def blocked(self, key: object, now: float) -> bool:
         until = self.blocks.get(key)
         return until is not None and until > now
+
+    def remaining(self, key: object, now: float) -> float:
+        until = self.blocks.get(key)
+        return until - now if until is not None and until > now else 0.0
 
     def record(self, key: object, now: float, limits: AuthLimits) -> bool:
         """Count a failure; True when it starts a block."""
@@ -128,6 +125,11 @@ class AuthFailureLimiter:
     def blocked(self, address: str, ident: str, now: float) -> bool:
         source = source_key(address)
         return self._addresses.blocked(source, now) or self._pairs.blocked((source, ident), now)
+
+    def blocked_for(self, address: str, ident: str, now: float) -> float:
+        """Seconds until this address (or address and ident) may try again; 0 when not blocked."""
+        source = source_key(address)
+        return max(self._addresses.remaining(source, now), self._pairs.remaining((source, ident), now))
 
     def record_failure(self, address: str, ident: str, now: float) -> str | None:
         """Count a failure; returns a description when this failure starts a block."""

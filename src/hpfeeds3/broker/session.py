@@ -326,7 +326,8 @@ class Session:
         )
 
     def rate_limited(self, block_s: float) -> None:
-        """Refused without a lookup or a verification: this address (or address and ident) is blocked."""
+        """Refused without a lookup or a verification: this address (or address and ident) is
+        blocked for ``block_s`` more seconds."""
         metrics.AUTH_FAILURES.labels("rate_limited").inc()
         metrics.LIMIT_REJECTIONS.labels("auth_failures").inc()
         self._refuse(

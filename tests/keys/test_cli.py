@@ -316,3 +316,12 @@ def test_no_error_line_holds_a_secret(keys: Keys, tmp_path: Path, doc: object) -
     assert r.code in (ExitCode.INVALID_KEY, ExitCode.BAD_ARGUMENTS), r
     assert r.err.count("\n") == 1
     assert "TOPSECRET" not in r.err and "123456789" not in r.err, r.err
+
+
+def test_generated_secrets_never_start_with_a_dash() -> None:
+    # One in 64 URL-safe secrets would: after -s on a command line it reads as an option.
+    from hpfeeds3.broker.auth.records import SECRET_BYTES, generate_secret
+
+    secrets_ = [generate_secret() for _ in range(2000)]
+    assert not [s for s in secrets_ if s.startswith("-")]
+    assert all(len(s) >= SECRET_BYTES for s in secrets_)

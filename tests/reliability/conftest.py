@@ -26,6 +26,10 @@ class Broker:
     def log(self) -> str:
         return self.process.log()
 
+    def wait_log(self, needle: str, timeout: float = 5.0) -> str:
+        """The log once it holds ``needle`` (lines are written by a writer thread, a little later)."""
+        return self.process.wait_log(needle, timeout)
+
 
 def wait_healthy(exporter_port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout

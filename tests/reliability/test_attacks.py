@@ -913,7 +913,8 @@ def test_auth_failures_have_one_reason_on_metrics(reliable_broker) -> None:
         b.exporter_port, lambda s: metric(s, "hpfeeds_broker_auth_failures_total", reason="auth_failed") >= 2
     )
     labels = sorted(lab for (name, lab) in samples if name == "hpfeeds_broker_auth_failures_total")
-    log = b.log()
+    b.wait_log("(unknown_ident)")  # log lines are written by a writer thread: wait, bounded
+    log = b.wait_log("(wrong_secret)")
     record("auth_failure_reasons", labels=labels)
     assert metric(samples, "hpfeeds_broker_auth_failures_total", reason="auth_failed") == 2
     assert labels == ['{reason="auth_failed"}']

@@ -34,7 +34,13 @@ _SUB_FIELDS = ("subchans", "subscribe")
 
 
 def generate_secret() -> str:
-    return secrets.token_urlsafe(SECRET_BYTES)
+    """A random secret (``SECRET_BYTES`` of entropy, URL-safe base64) that does not
+    start with ``-``: it is pasted after ``-s`` on command lines, where a leading
+    dash reads as an option (``hpfeeds publish -s -Xy…`` fails)."""
+    while True:
+        secret = secrets.token_urlsafe(SECRET_BYTES)
+        if not secret.startswith("-"):
+            return secret
 
 
 def key_to_record(key: AccessKey, *, with_secret: bool = True) -> dict[str, Any]:

@@ -165,6 +165,8 @@ def test_readme_commands_in_order(fresh_venv: Path, tmp_path: Path) -> None:
         script = textwrap.dedent(
             f"""\
             set -eu
+            # A failed step must not leave the background subscriber running.
+            trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
             {keys[0]}
             {keys[1]}
             test -n "$SENSOR_SECRET" && test -n "$COLLECTOR_SECRET"

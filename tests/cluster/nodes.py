@@ -52,7 +52,8 @@ def wait_linked(b: BrokerProcess, timeout: float = 15) -> None:
 class Collector:
     """A subscriber reading in a thread; ``got[(ident, channel)]`` = payloads in order,
     ``by_publisher[ident]`` = (channel, payload) in arrival order, ``probes`` = idents
-    whose ``probe`` payload arrived (not counted), ``ends`` = idents whose ``end`` did."""
+    whose ``probe`` payload arrived (not counted), ``ends`` = (ident, channel) pairs
+    whose ``end`` did."""
 
     def __init__(self, port: int, ident: str, channels: list[str]) -> None:
         self.client = RawClient(port, timeout=60)
@@ -61,7 +62,7 @@ class Collector:
         self.got: dict[tuple[str, str], list[int]] = {}
         self.by_publisher: dict[str, list[tuple[str, str]]] = {}
         self.probes: set[str] = set()
-        self.ends: set[str] = set()
+        self.ends: set[tuple[str, str]] = set()
         self.count = 0
         self._stop = False
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -82,7 +83,7 @@ class Collector:
                 continue
             self.by_publisher.setdefault(key[0], []).append((key[1], payload))
             if payload == "end":
-                self.ends.add(key[0])
+                self.ends.add(key)
                 continue
             self.got.setdefault(key, []).append(int(payload))
             self.count += 1

@@ -209,10 +209,18 @@ class NatsBackplane:
         self._stopping = True
         for t in self._tasks:
             t.cancel()
-        # Bounded: inside its first nats.connect (NATS unreachable, retrying for
-        # ever) the link task may not finish on cancellation; shutdown must.
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=CLUSTER_CLOSE_WAIT_S)
+        # Bounded, and cancelled again while waiting: nats-py's connect runs
+        # asyncio.wait_for, which on Python 3.11 can swallow a cancellation
+        # that lands as the connection attempt fails; the task then goes on.
+        deadline = asyncio.get_running_loop().time() + CLUSTER_CLOSE_WAIT_S
+        pending = set(self._tasks)
+        while pending:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            _, pending = await asyncio.wait(pending, timeout=min(left, 0.1))
+            for t in pending:
+                t.cancel()
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._nc.close(), 2)
@@ -222,20 +230,22 @@ class NatsBackplane:
 
     async def _link(self) -> None:
         import nats
+        import nats.errors
 
         log.info("cluster: connecting to NATS %s", self.where)
         while not self._stopping:
             try:
-                # The first connection is retried here, not inside nats-py:
-                # its own retry loop does not end on cancellation, so a broker
-                # stopping while NATS is unreachable would never exit. Once
-                # linked, the client reconnects by itself, for ever.
+                # The first connection is retried here, not inside nats-py
+                # (max_reconnect_attempts=1: each server tried twice, then
+                # NoServersError; -1 would loop inside connect for ever, out
+                # of reach of _stopping). Once linked, the client reconnects
+                # by itself, for ever.
                 nc = await nats.connect(
                     servers=self.servers,
                     name=f"hpfeeds3:{self.name}:{self.origin}",
                     no_echo=True,
                     allow_reconnect=False,
-                    max_reconnect_attempts=-1,
+                    max_reconnect_attempts=1,
                     reconnect_time_wait=CLUSTER_RECONNECT_WAIT_S,
                     connect_timeout=2,
                     pending_size=CLUSTER_NATS_PENDING_BYTES,
@@ -247,11 +257,20 @@ class NatsBackplane:
                     closed_cb=self._on_closed,
                     **self._options,
                 )
+            except nats.errors.NoServersError:
+                # Every attempt failed; each failure went to error_cb already.
+                await asyncio.sleep(CLUSTER_RECONNECT_WAIT_S)
+                continue
             except Exception as e:
                 self._log_error(e)
                 await asyncio.sleep(CLUSTER_RECONNECT_WAIT_S)
                 continue
+            if self._stopping:  # linked as shutdown began
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                return
             nc.options["allow_reconnect"] = True
+            nc.options["max_reconnect_attempts"] = -1
             self._nc = nc
             self._mark_connected()
             self._reconcile.set()

@@ -65,7 +65,11 @@ def test_only_whole_publish_frames_of_the_subjects_channel_are_delivered(tmp_pat
             sub.expect_silence(0.5)
         for reason in ("headers", "not_publish", "channel", "partial", "count"):
             assert metric(b, f'{REJECTED}{{reason="{reason}"}}') == 1, reason
-        log = b.log()
+        log = b.wait_log("dropped a message from NATS")
+        deadline = time.monotonic() + 5  # the second line may be a moment behind (the log thread)
+        while log.count("dropped a message from NATS") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            log = b.log()
         assert log.count("dropped a message from NATS") == 2  # once per origin ("?" and the forged one)
         assert "origin feedfacefeedface" in log
     finally:

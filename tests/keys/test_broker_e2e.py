@@ -135,5 +135,5 @@ def test_chain_with_postgresql_down_serves_the_idents_sqlite_knows(keys: Keys, t
             assert c.expect_error() == (
                 "authfail: Authentication failed for remote-sensor: the key store is unavailable, try again later"
             )
-        log = broker.log()
+        log = broker.wait_log("hpfeeds:***@")
     assert "hpfeeds:***@" in log and "hunter" not in log

@@ -82,6 +82,14 @@ class BrokerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_log(self, needle: str, timeout: float = 5.0) -> str:
+        """The log once it holds ``needle`` (lines are written by the broker's log thread, a moment later)."""
+        deadline = time.monotonic() + timeout
+        while needle not in (text := self.log()):
+            assert time.monotonic() < deadline, f"{needle!r} not in the broker log after {timeout} s:\n{text[-3000:]}"
+            time.sleep(0.02)
+        return text
+
     def wait_ready(
         self, port: int, *, ssl_context: ssl.SSLContext | None = None, exporter_port: int | None = None
     ) -> None:

@@ -152,7 +152,7 @@ def test_readme_commands_in_order(fresh_venv: Path, tmp_path: Path) -> None:
     broker_argv[0] = str(fresh_venv / "bin" / broker_argv[0])
     with running_broker(broker_argv, workdir, env) as broker:
         broker.wait_ready(port)
-        assert "hpfeeds3 " in broker.log() and "broker 'mybroker' serving" in broker.log()
+        assert "hpfeeds3 " in broker.wait_log("broker 'mybroker' serving")
 
         # keys add prints the secret; the doc exports it for what follows. One
         # shell runs the rest, in the doc's order, so the variables carry over.

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from hpfeeds3.broker.logs import configure_logging, flush_logging, stop_logging
+from hpfeeds3.broker.logs import configure_logging, flush_logging, info_event, stop_logging
 
 TS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
@@ -294,3 +294,53 @@ def test_a_storm_of_1000_connections_logs_3000_whole_lines_none_lost_at_shutdown
     others = [line for line in log_lines if not LINE.fullmatch(line)]
     assert all(re.match(TS + r" (INFO|WARNING) hpfeeds3\.", line) for line in others), others[:10]
     assert log_lines[-1].endswith("broker stopped")
+
+
+class Seen(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_info_event_writes_the_line_logger_info_writes(capture, fmt: str) -> None:
+    """The connection events' cheaper record (``info_event``) is, once written,
+    the record ``logger.info`` makes: same line but for the time, same fields,
+    seen by every handler."""
+    stream, log = capture
+    configure_logging(fmt, stream=stream)
+    watcher = Seen()
+    seen = watcher.records
+    log.addHandler(watcher)
+    try:
+        fields = {"event": "closed", "peer": "127.0.0.1:40000", "ident": "sensor\n1", "reason": "client_closed"}
+        log.info("closed 127.0.0.1:40000 (sensor\n1): client_closed", extra=fields)
+        info_event(log, "closed 127.0.0.1:40000 (sensor\n1): client_closed", fields)
+    finally:
+        log.removeHandler(watcher)
+    slow, fast = (re.sub(TS, "TS", line) for line in lines(stream))
+    assert fast == slow
+    assert [r.__dict__.keys() for r in seen[1:]] == [seen[0].__dict__.keys()]
+    assert seen[1].created >= seen[0].created and seen[1].levelname == "INFO" and seen[1].name == log.name
+
+
+def test_info_event_is_logger_info_when_records_must_name_their_thread(capture) -> None:
+    stream, log = capture
+    configure_logging("text", stream=stream)
+    watcher = Seen()
+    seen = watcher.records
+    log.addHandler(watcher)
+    logging.logThreads = True
+    try:
+        info_event(log, "connected from 127.0.0.1:40000", {"event": "connected", "peer": "127.0.0.1:40000"})
+        thread = threading.Thread(target=info_event, args=(log, "from a thread", {"event": "connected"}))
+        thread.start()
+        thread.join()
+    finally:
+        logging.logThreads = False
+        log.removeHandler(watcher)
+    assert [r.threadName for r in seen] == [threading.current_thread().name, thread.name]
+    assert len(lines(stream)) == 2

@@ -41,6 +41,7 @@ from ..protocol import encode_info, new_nonce
 from . import metrics
 from .admission import address_group
 from .auth import AccessKey, AuthUnavailable, WouldBlock
+from .logs import info_event
 from .metrics import PublishStats
 from .reasons import CloseReason
 from .session import AUTHING, CLOSED, READY, Session
@@ -194,7 +195,7 @@ class Connection(asyncio.Protocol):
         # In the pre-auth pool until left_pre_auth, exactly once.
         evict, bound = broker.pre_auth.admit(self, self._group)
         metrics.CONNECTION_MADE.inc()
-        log.info("connected from %s", self.peer, extra={"event": "connected", "peer": self.peer})
+        info_event(log, f"connected from {self.peer}", {"event": "connected", "peer": self.peer})
 
         if len(broker.connections) > broker.max_connections and evict is None:
             # At the connection limit (the descriptor limit) room is made: the
@@ -438,14 +439,12 @@ class Connection(asyncio.Protocol):
         self.transport = None
         ident = session.ident or ""
         reason = session.close_reason or CloseReason.CONNECTION_RESET
-        metrics.CONNECTION_LOST.labels(ident).inc()
-        metrics.CONNECTIONS_CLOSED.labels(reason.value).inc()
-        log.info(
-            "closed %s%s: %s",
-            self.peer,
-            f" ({ident})" if ident else "",
-            reason.value,
-            extra={"event": "closed", "peer": self.peer, "ident": session.ident, "reason": reason.value},
+        metrics.LOST_BY_IDENT(ident).inc()
+        metrics.CLOSED_BY_REASON(reason.value).inc()
+        info_event(
+            log,
+            f"closed {self.peer} ({ident}): {reason.value}" if ident else f"closed {self.peer}: {reason.value}",
+            {"event": "closed", "peer": self.peer, "ident": session.ident, "reason": reason.value},
         )
 
     def pause_writing(self) -> None:
@@ -562,12 +561,11 @@ class Connection(asyncio.Protocol):
             self._auth_deadline = None
         self.apply_key(key)
         broker.by_ident_add(self)
-        metrics.CONNECTION_READY.labels(key.ident).inc()
-        log.info(
-            "%s authenticated as %s",
-            self.peer,
-            key.ident,
-            extra={"event": "authenticated", "peer": self.peer, "ident": key.ident},
+        metrics.READY_BY_IDENT(key.ident).inc()
+        info_event(
+            log,
+            f"{self.peer} authenticated as {key.ident}",
+            {"event": "authenticated", "peer": self.peer, "ident": key.ident},
         )
 
     def apply_key(self, key: AccessKey) -> set[bytes]:

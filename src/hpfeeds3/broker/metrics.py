@@ -4,8 +4,9 @@ working) plus ours.
 Hot-path rule: nothing here is touched per message. Connections count
 publishes into plain ints on a ``PublishStats`` per (ident, channel) and the
 ``BrokerCollector`` turns live and retired counts into samples at scrape time.
-Rare events (connects, closes, errors) use ordinary prometheus_client objects
-whose label children are resolved once per connection.
+Rare events (connects, closes, errors) use ordinary prometheus_client objects;
+the three counted for every connection (ready, lost, closed by reason) find
+their label child in a dict (``Children``), not through ``labels()``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,30 @@ SEND_BUFFER_DEADLINE_RECOVER = Counter(
 # --- ours ---------------------------------------------------------------------
 
 CONNECTIONS_CLOSED = Counter("hpfeeds_broker_connections_closed", "Connections closed, by reason", ["reason"])
+
+
+class Children:
+    """A one-label counter's children by label value, each resolved once:
+    ``labels()`` validates, builds a key and takes a lock on every call. The
+    values are idents from the key store and close reasons, never a client's
+    choice, so the dict grows as prometheus_client's own does."""
+
+    __slots__ = ("_found", "_metric")
+
+    def __init__(self, metric: Counter) -> None:
+        self._metric = metric
+        self._found: dict[str, Any] = {}
+
+    def __call__(self, value: str) -> Any:
+        child = self._found.get(value)
+        if child is None:
+            child = self._found[value] = self._metric.labels(value)
+        return child
+
+
+READY_BY_IDENT = Children(CONNECTION_READY)
+LOST_BY_IDENT = Children(CONNECTION_LOST)
+CLOSED_BY_REASON = Children(CONNECTIONS_CLOSED)
 AUTH_FAILURES = Counter("hpfeeds_broker_auth_failures", "Failed authentications, by reason", ["reason"])
 LIMIT_REJECTIONS = Counter("hpfeeds_broker_limit_rejections", "Frames or connections refused by a limit", ["limit"])
 SLOW_CONSUMERS = Counter("hpfeeds_broker_slow_consumers", "Subscribers cut because they could not keep up")

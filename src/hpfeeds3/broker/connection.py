@@ -69,6 +69,50 @@ _AUTHING_BUFFER_MARGIN = 65536
 _CLOSED_FOR_ROOM = frozenset({CloseReason.TOO_MANY_CONNECTIONS, CloseReason.TOO_MANY_UNAUTHENTICATED})
 
 
+def _write_after_close(data: bytes) -> None:
+    """What a connection writes once it is lost: nothing."""
+
+
+class _Detached:
+    """The session's actions once its connection is lost: nothing happens.
+
+    A closed session no longer acts (its methods return early), but it must
+    not point back at its connection: the two would form a reference cycle,
+    and every closed connection (with its transport, decoder and counters)
+    would wait for the cyclic GC, whose full passes over 10,000 live
+    connections cost a reconnect storm more than its handshakes."""
+
+    def send(self, data: bytes) -> None:
+        pass
+
+    def close_transport(self, reason: CloseReason, error: bytes | None, abort: bool) -> None:
+        pass
+
+    def publish(self, channel: bytes, data: bytes, frames: int) -> int:
+        return 0
+
+    def subscribe(self, channel: bytes) -> None:
+        pass
+
+    def unsubscribe(self, channel: bytes) -> None:
+        pass
+
+    def lookup(self, ident: str) -> None:
+        pass
+
+    def authenticated(self, key: AccessKey) -> None:
+        pass
+
+    def auth_failed(self, ident: str) -> None:
+        pass
+
+    def left_pre_auth(self) -> None:
+        pass
+
+
+_DETACHED = _Detached()
+
+
 class Connection(asyncio.Protocol):
     __slots__ = (
         "_auth_deadline",
@@ -434,9 +478,13 @@ class Connection(asyncio.Protocol):
             broker.retire(self)
             if session.ident is not None:
                 broker.by_ident_discard(self)
-        # Break the protocol <-> transport cycle so a closed connection is freed
-        # by reference counting, not by a later (long) cyclic GC pass.
+        # Break every cycle through this connection (transport <-> protocol,
+        # including the transport's bound write; session <-> connection) so a
+        # closed connection is freed by reference counting, not by a later
+        # (long) cyclic GC pass.
         self.transport = None
+        self._write = _write_after_close
+        session.actions = _DETACHED
         ident = session.ident or ""
         reason = session.close_reason or CloseReason.CONNECTION_RESET
         metrics.LOST_BY_IDENT(ident).inc()

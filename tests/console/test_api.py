@@ -7,6 +7,7 @@ import re
 import socket
 import sqlite3
 import ssl
+import subprocess
 import time
 import urllib.request
 from importlib.resources import files
@@ -20,7 +21,7 @@ from hpfeeds3.broker.admin.tokens import main as token_main
 from hpfeeds3.broker.admin.tokens import parse_tokens
 from hpfeeds3.broker.cli import build_parser, config_from_args
 from hpfeeds3.broker.config import ConfigError
-from tests.support.broker import BrokerProcess, free_port
+from tests.support.broker import BIN, BrokerProcess, free_port
 
 from .conftest import (
     Console,
@@ -391,3 +392,31 @@ def test_console_over_tls_sets_secure_cookie(tmp_path: Path) -> None:
             assert r.status == 200
             cookie = r.headers["Set-Cookie"]
         assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+
+
+@pytest.mark.parametrize("store", ["sqlite", "json"])
+def test_key_views_show_a_change_made_outside_once_the_store_reports_it(tmp_path: Path, store: str) -> None:
+    """The key list is read once and reused until the store's change detection
+    (sqlite poll, JSON watch) reports a change: a key added with the keys
+    command shows in the Keys and Sensors views within seconds."""
+    with console_broker(tmp_path, store=store) as console:
+        c = console.admin()
+        assert [k["ident"] for k in c.get("/api/v1/keys").body["keys"]] == ["existing-sensor"]
+        spec = f"sqlite:{console.db}" if store == "sqlite" else str(console.db)
+        added = subprocess.run(
+            [str(BIN / "hpfeeds-broker"), "keys", "add", "newcomer", "--auth", spec],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert added.returncode == 0, added.stderr
+        deadline = time.monotonic() + 10  # well inside the list's 30 s longest reuse
+        idents: list[str] = []
+        while time.monotonic() < deadline:
+            idents = [k["ident"] for k in c.get("/api/v1/keys").body["keys"]]
+            if "newcomer" in idents:
+                break
+            time.sleep(0.2)
+        assert idents == ["existing-sensor", "newcomer"]
+        sensors = c.get("/api/v1/sensors").body
+        assert "newcomer" in json.dumps(sensors)

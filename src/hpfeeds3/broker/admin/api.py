@@ -67,8 +67,10 @@ LOGIN_WINDOW_S = 60.0
 LOGIN_BLOCK_S = 300.0
 # Largest request body accepted.
 MAX_BODY_BYTES = 64 * 1024
-# How long the key list read for the Sensors view is reused.
-KEYS_CACHE_S = 1.0
+# The key list the Sensors and Keys views read is reused until the store
+# reports a change (``Broker.auth_generation``) or the console writes a key;
+# at most this long in any case (a change no feed reported).
+KEYS_CACHE_MAX_S = 30.0
 
 # Items walked per event-loop turn when a view goes through every connection or key.
 SLICE = 500
@@ -145,7 +147,12 @@ class Console:
         self.limiter = AuthFailureLimiter(
             AuthLimits(per_ident=0, per_address=LOGIN_FAILURES, window_s=LOGIN_WINDOW_S, block_s=LOGIN_BLOCK_S)
         )
-        self._keys_cache: tuple[float, list[Any]] = (0.0, [])
+        # (generation read before the list, when, the list); reading a 10,000-key
+        # store costs the broker more than the views that show it.
+        self._keys_cache: tuple[Any, float, list[Any]] | None = None
+        self._key_writes = 0
+        # Derived from one key list (compared by identity): ident -> owner, and every key channel.
+        self._key_derived: tuple[list[Any], dict[str, str], frozenset[str]] | None = None
         self._token_error = ""
 
     def _recheck(self, idents: set[str]) -> None:
@@ -335,15 +342,34 @@ class Console:
     def _scope(self) -> dict[str, Any]:
         return {"node": self.broker.config.name, "scope": "this node"}
 
-    async def _key_list(self) -> list[Any]:
-        at, keys = self._keys_cache
-        if time.monotonic() - at > KEYS_CACHE_S:
-            try:
-                keys = await self.keys.all()
-            except KeyStoreError as e:
-                log.warning("console: cannot list keys: %s", e)
-            self._keys_cache = (time.monotonic(), keys)
+    async def _all_keys(self) -> list[Any]:
+        """Every key of the writable store, read again only after a change; ``KeyStoreError``."""
+        generation = (self.broker.auth_generation, self._key_writes)
+        cached = self._keys_cache
+        if cached is not None and cached[0] == generation and time.monotonic() - cached[1] < KEYS_CACHE_MAX_S:
+            return cached[2]
+        keys = await self.keys.all()
+        # The generation from before the read: a change during it reads again next time.
+        self._keys_cache = (generation, time.monotonic(), keys)
         return keys
+
+    async def _key_list(self) -> list[Any]:
+        """The key list for the Sensors view: the last one read while the store cannot answer."""
+        try:
+            return await self._all_keys()
+        except KeyStoreError as e:
+            log.warning("console: cannot list keys: %s", e)
+            return self._keys_cache[2] if self._keys_cache is not None else []
+
+    async def _key_index(self) -> tuple[dict[str, str], frozenset[str]]:
+        """Owners by ident and every channel of a key, built once per key list."""
+        keys = await self._key_list()
+        index = self._key_derived
+        if index is None or index[0] is not keys:
+            owners = {k.ident: k.owner for k in keys}
+            channels = frozenset(c for k in keys for c in (*k.pubchans, *k.subchans))
+            index = self._key_derived = (keys, owners, channels)
+        return index[1], index[2]
 
     # --- views -----------------------------------------------------------------------
     #
@@ -406,28 +432,42 @@ class Console:
             raise ApiError(400, f"sort must be one of {', '.join(SENSOR_COLUMNS)} (- in front: descending)")
         silent_after = _number(request, "silent_after", 0.0)
         only_silent = request.query.get("only_silent") in ("1", "true")
-        owners = {k.ident: k.owner for k in await self._key_list()}
+        owners, _ = await self._key_index()
         live: dict[str, list[str]] = {}
         async for conn in _slices(list(self.broker.connections)):
             if conn.ident is not None:
                 live.setdefault(conn.ident, []).append(conn.peer)
         tracker = self.tracker
-        rows: list[tuple[Any, ...]] = []
+        # (sort key, row) per ident. Written for 10,000 idents per request: the
+        # dictionaries' lookups bound once, a turn of the loop every SLICE idents.
+        rows: list[tuple[Any, tuple[Any, ...]]] = []
         silent_count = 0
-        async for ident in _slices(list(set(owners) | set(live) | set(tracker.idents))):
-            if q and q not in ident:
-                continue
-            act = tracker.idents.get(ident)
-            last_5m, last_1h = act.windows(minute) if act is not None else (0, 0)
-            connected = len(live.get(ident, ()))
-            last_seen = now if connected else tracker.last_seen.get(ident)
-            silent = bool(silent_after) and not connected and (last_seen is None or now - last_seen > silent_after)
-            silent_count += silent
-            if only_silent and not silent:
-                continue
-            last_publish = act.last_publish if act is not None else None
-            rows.append((ident, owners.get(ident), connected, last_seen, last_publish, last_5m, last_1h, silent))
-        rows.sort(key=lambda r: (_sortable(r[column]), r[0]), reverse=sort.startswith("-"))
+        activity, seen, owner_of, peers_of = tracker.idents.get, tracker.last_seen.get, owners.get, live.get
+        idents = list(owners.keys() | live.keys() | tracker.idents.keys())
+        for start in range(0, len(idents), SLICE):
+            if start:
+                await asyncio.sleep(0)
+            for ident in idents[start : start + SLICE]:
+                if q and q not in ident:
+                    continue
+                act = activity(ident)
+                if act is None:
+                    last_5m = last_1h = 0
+                    last_publish = None
+                else:
+                    last_5m, last_1h = act.windows(minute)
+                    last_publish = act.last_publish
+                peers = peers_of(ident)
+                connected = len(peers) if peers else 0
+                last_seen = now if connected else seen(ident)
+                silent = bool(silent_after) and not connected and (last_seen is None or now - last_seen > silent_after)
+                silent_count += silent
+                if only_silent and not silent:
+                    continue
+                row = (ident, owner_of(ident), connected, last_seen, last_publish, last_5m, last_1h, silent)
+                value = row[column]
+                rows.append(((value is not None, value if value is not None else 0, ident), row))
+        rows.sort(key=itemgetter(0), reverse=sort.startswith("-"))
         out = [
             {
                 "ident": ident,
@@ -442,7 +482,7 @@ class Console:
                 "silent": silent,
                 "channels": tracker.channels(ident, minute),
             }
-            for ident, owner, connected, last_seen, last_publish, last_5m, last_1h, silent in rows[
+            for _, (ident, owner, connected, last_seen, last_publish, last_5m, last_1h, silent) in rows[
                 offset : offset + limit
             ]
         ]
@@ -451,41 +491,54 @@ class Console:
         )
 
     async def channels(self, request: web.Request) -> web.StreamResponse:
+        """Every channel of a key, published lately or used by a live connection, by name.
+
+        Names are gathered from everything; the entries (publishers,
+        subscribers, rates) are built for the page shown only: a store of
+        10,000 keys has as many channels."""
         minute = int(time.time() // 60)
-        chans: dict[str, dict[str, Any]] = {}
-
-        def entry(name: str) -> dict[str, Any]:
-            found = chans.get(name)
-            if found is None:
-                found = chans[name] = {
-                    "channel": name,
-                    "publishers": set(),
-                    "subscribers": set(),
-                    "last_5m": 0,
-                    "last_1h": 0,
-                }
-            return found
-
-        async for key in _slices(await self._key_list()):
-            for c in (*key.pubchans, *key.subchans):
-                entry(c)
-        async for (ident, channel), act in _slices(list(self.tracker.pairs.items())):
-            e = entry(channel)
-            last_5m, last_1h = act.windows(minute)
-            e["last_5m"] += last_5m
-            e["last_1h"] += last_1h
-            if last_1h:
-                e["publishers"].add(ident)
-        async for conn in _slices(list(self.broker.connections)):
-            if conn.ident is None:
-                continue
-            for c in conn.subscriptions:
-                entry(c.decode("utf-8", "backslashreplace"))["subscribers"].add(conn.ident)
-            for c in conn.publish_stats:
-                entry(c.decode("utf-8", "backslashreplace"))["publishers"].add(conn.ident)
         offset, limit = _page(request)
+        _, key_channels = await self._key_index()
+        pairs = list(self.tracker.pairs.items())
+        conns = [c for c in self.broker.connections if c.ident is not None]
+        used: dict[Any, tuple[list[str], list[str]]] = {}  # conn -> its channels as text
+        names = set(key_channels)
+        names.update(channel for (_, channel), _ in pairs)
+        for start in range(0, len(conns), SLICE):
+            if start:
+                await asyncio.sleep(0)
+            for conn in conns[start : start + SLICE]:
+                subscribed = [c.decode("utf-8", "backslashreplace") for c in conn.subscriptions]
+                published = [c.decode("utf-8", "backslashreplace") for c in conn.publish_stats]
+                used[conn] = (subscribed, published)
+                names.update(subscribed)
+                names.update(published)
+        page = sorted(names)[offset : offset + limit]
+        chans: dict[str, dict[str, Any]] = {
+            name: {"channel": name, "publishers": set(), "subscribers": set(), "last_5m": 0, "last_1h": 0}
+            for name in page
+        }
+        for start in range(0, len(pairs), SLICE):
+            if start:
+                await asyncio.sleep(0)
+            for (ident, channel), act in pairs[start : start + SLICE]:
+                e = chans.get(channel)
+                if e is None:
+                    continue
+                last_5m, last_1h = act.windows(minute)
+                e["last_5m"] += last_5m
+                e["last_1h"] += last_1h
+                if last_1h:
+                    e["publishers"].add(ident)
+        for conn, (subscribed, published) in used.items():
+            for c in subscribed:
+                if c in chans:
+                    chans[c]["subscribers"].add(conn.ident)
+            for c in published:
+                if c in chans:
+                    chans[c]["publishers"].add(conn.ident)
         out = []
-        for name in sorted(chans)[offset : offset + limit]:
+        for name in page:
             e = chans[name]
             for side in ("publishers", "subscribers"):
                 # A channel may have thousands: their number, and the first names.
@@ -496,7 +549,7 @@ class Console:
             e["rate_per_s"] = round(e["last_5m"] / 300.0, 3)
             e["watched"] = self.watches.get(name.encode("utf-8", "backslashreplace")) is not None
             out.append(e)
-        return _json({**self._scope(), "total": len(chans), "offset": offset, "channels": out})
+        return _json({**self._scope(), "total": len(names), "offset": offset, "channels": out})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         events = list(self.tracker.events)
@@ -532,7 +585,7 @@ class Console:
         offset, limit = _page(request)
         q = request.query.get("q", "")
         try:
-            keys = await self.keys.all()
+            keys = await self._all_keys()
         except KeyStoreError as e:
             return _error(503, str(e))
         if q:
@@ -554,7 +607,7 @@ class Console:
         except StoreUnavailable as e:
             raise ApiError(503, str(e)) from None
         finally:
-            self._keys_cache = (0.0, [])
+            self._key_writes += 1  # the next view reads the store again
 
     async def key_create(self, request: web.Request) -> web.StreamResponse:
         async def change(body: dict[str, Any]) -> web.StreamResponse:
@@ -695,11 +748,6 @@ def _page(request: web.Request) -> tuple[int, int]:
     offset = int(_number(request, "offset", 0))
     limit = int(_number(request, "limit", DEFAULT_PAGE))
     return offset, max(1, min(limit, MAX_PAGE))
-
-
-def _sortable(value: Any) -> Any:
-    """Sort key: None before every number and string of its column."""
-    return (value is not None, value if value is not None else 0)
 
 
 def _channel(value: Any) -> bytes:

@@ -2,15 +2,16 @@
 
 Not a test (CI asserts no speed): run it by hand on a quiet machine::
 
-    python -m tests.console.cost [--rounds 3] [--duration 5]
+    python -m tests.console.cost [--rounds 3] [--duration 5] [--views page|all]
 
 Each round starts a fresh broker without ``--admin`` and one with it (in
-alternating order),
-and runs ``hpfeeds-bench pubsub-100 connect-50`` against it. With the console
-on, a poller does what an open page does, and more: every 2 s it reads every
-view (sensors, connections, channels, keys, events), where the page reads only
-the tab shown. Prints the median of each figure and the ratio on / off, and first the CPU
-the console's log handler adds to one handshake (measured alone).
+alternating order), and runs ``hpfeeds-bench pubsub-100 connect-50`` against
+it. With the console on, a poller reads views every 2 s: ``page`` (the
+default) what an open page reads, the tab shown (Sensors, the first and the
+heaviest); ``all`` more than any page, every view (sensors, connections,
+channels, keys, events) each time. Prints the median of each figure and the
+ratio on / off, and first the CPU the console's log handler adds to one
+handshake (measured alone).
 """
 
 from __future__ import annotations
@@ -35,19 +36,22 @@ from tests.support.broker import BIN, BrokerProcess, free_port, wait_for_port
 
 from .conftest import Http, write_tokens
 
-VIEWS = ("/api/v1/sensors", "/api/v1/connections", "/api/v1/channels", "/api/v1/keys", "/api/v1/events")
+VIEWS = {
+    "page": ("/api/v1/sensors",),
+    "all": ("/api/v1/sensors", "/api/v1/connections", "/api/v1/channels", "/api/v1/keys", "/api/v1/events"),
+}
 
 
-def poll(base: str, token: str, stop: threading.Event, count: list[int]) -> None:
+def poll(base: str, token: str, views: tuple[str, ...], stop: threading.Event, count: list[int]) -> None:
     client = Http(base, token)
     while not stop.is_set():
-        for view in VIEWS:
+        for view in views:
             assert client.get(view).status == 200
             count[0] += 1
         stop.wait(2.0)
 
 
-def run_once(workdir: Path, console: bool, duration: float) -> dict[str, dict]:
+def run_once(workdir: Path, console: bool, duration: float, views: tuple[str, ...]) -> dict[str, dict]:
     port = free_port()
     args = ["--bind", f"127.0.0.1:{port}", "--auth", str(workdir / "users.json")]
     admin_port = free_port()
@@ -61,7 +65,7 @@ def run_once(workdir: Path, console: bool, duration: float) -> dict[str, dict]:
         if console:
             wait_for_port(admin_port, proc=broker.proc)
             token = (workdir / "admin-token").read_text()
-            poller = threading.Thread(target=poll, args=(f"http://127.0.0.1:{admin_port}", token, stop, polled))
+            poller = threading.Thread(target=poll, args=(f"http://127.0.0.1:{admin_port}", token, views, stop, polled))
             poller.start()
         bench = [str(BIN / "hpfeeds-bench"), "--port", str(port), "--duration", str(duration), "--json-only"]
         out = subprocess.run(
@@ -107,6 +111,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--views", choices=sorted(VIEWS), default="page", help="what the poller reads every 2 s")
     args = p.parse_args()
     print(f"console log handler: {tracker_cost_us():.2f} µs per handshake (connected + authenticated + closed)")
     figures: dict[bool, dict[str, list[float]]] = {False: {}, True: {}}
@@ -119,7 +124,7 @@ def main() -> None:
             # Alternate which goes first: the second run of a pair inherits the
             # first one's TIME_WAIT sockets and warmed caches.
             for console in (False, True) if round_ % 2 == 0 else (True, False):
-                r = run_once(workdir, console, args.duration)
+                r = run_once(workdir, console, args.duration, VIEWS[args.views])
                 f = figures[console]
                 f.setdefault("pubsub-100 msg/s", []).append(r["pubsub-100"]["msgs_per_s"])
                 f.setdefault("pubsub-100 broker CPU %", []).append(r["pubsub-100"]["broker_cpu_pct"])
@@ -127,7 +132,8 @@ def main() -> None:
                 cpu_us = r["connect-50"]["broker_cpu_pct"] / 100 / r["connect-50"]["handshakes_per_s"] * 1e6
                 f.setdefault("connect-50 broker CPU µs/handshake", []).append(cpu_us)
                 time.sleep(1)
-    print(f"{'figure':40} {'without':>12} {'with console':>14} {'ratio':>7}   (median of {args.rounds} rounds)")
+    heading = f"{'figure':40} {'without':>12} {'with console':>14} {'ratio':>7}"
+    print(f"{heading}   (median of {args.rounds} rounds, views: {args.views})")
     for name in figures[False]:
         off, on = statistics.median(figures[False][name]), statistics.median(figures[True][name])
         print(f"{name:40} {off:12,.1f} {on:14,.1f} {on / off:7.3f}")

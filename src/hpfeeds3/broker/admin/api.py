@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import importlib.resources
+import itertools
 import json
 import logging
 import time
@@ -153,6 +154,8 @@ class Console:
         self._key_writes = 0
         # Derived from one key list (compared by identity): ident -> owner, and every key channel.
         self._key_derived: tuple[list[Any], dict[str, str], frozenset[str]] | None = None
+        # Sensors view: key idents in sort order, by owner (True) or by ident (False).
+        self._quiet_orders: dict[bool, tuple[dict[str, str], list[str]]] = {}
         self._token_error = ""
 
     def _recheck(self, idents: set[str]) -> None:
@@ -438,12 +441,15 @@ class Console:
             if conn.ident is not None:
                 live.setdefault(conn.ident, []).append(conn.peer)
         tracker = self.tracker
-        # (sort key, row) per ident. Written for 10,000 idents per request: the
-        # dictionaries' lookups bound once, a turn of the loop every SLICE idents.
-        rows: list[tuple[Any, tuple[Any, ...]]] = []
+        # Idents with something to show (connected, published or seen since the
+        # console started) get a row each. The rest, keys never seen (most of a
+        # large store), all have the same row but for ident and owner: they come
+        # from an order made once per key list, merged in for the page only.
+        active = live.keys() | tracker.idents.keys() | tracker.last_seen.keys()
+        rows: list[tuple[Any, tuple[Any, ...]]] = []  # (sort key, row)
         silent_count = 0
         activity, seen, owner_of, peers_of = tracker.idents.get, tracker.last_seen.get, owners.get, live.get
-        idents = list(owners.keys() | live.keys() | tracker.idents.keys())
+        idents = list(active)
         for start in range(0, len(idents), SLICE):
             if start:
                 await asyncio.sleep(0)
@@ -465,9 +471,22 @@ class Console:
                 if only_silent and not silent:
                     continue
                 row = (ident, owner_of(ident), connected, last_seen, last_publish, last_5m, last_1h, silent)
-                value = row[column]
-                rows.append(((value is not None, value if value is not None else 0, ident), row))
-        rows.sort(key=itemgetter(0), reverse=sort.startswith("-"))
+                rows.append((_sort_key(row, column), row))
+        descending = sort.startswith("-")
+        rows.sort(key=itemgetter(0), reverse=descending)
+        # Never-seen keys: silent whenever silence is asked about (no last_seen).
+        quiet_silent = bool(silent_after)
+        if only_silent and not quiet_silent:
+            quiet: list[str] = []
+        else:
+            quiet = [i for i in self._quiet_order(owners, column) if i not in active and (not q or q in i)]
+        silent_count += len(quiet) if quiet_silent else 0
+        if descending:
+            quiet.reverse()
+        quiet_rows = ((_sort_key(r, column), r) for r in (_quiet_row(i, owners[i], quiet_silent) for i in quiet))
+        merged = heapq.merge(rows, quiet_rows, key=itemgetter(0), reverse=descending)
+        page = list(itertools.islice(merged, offset, offset + limit))
+        total = len(rows) + len(quiet)
         out = [
             {
                 "ident": ident,
@@ -482,13 +501,24 @@ class Console:
                 "silent": silent,
                 "channels": tracker.channels(ident, minute),
             }
-            for _, (ident, owner, connected, last_seen, last_publish, last_5m, last_1h, silent) in rows[
-                offset : offset + limit
-            ]
+            for _, (ident, owner, connected, last_seen, last_publish, last_5m, last_1h, silent) in page
         ]
         return _json(
-            {**self._scope(), "time": now, "total": len(rows), "silent": silent_count, "offset": offset, "sensors": out}
+            {**self._scope(), "time": now, "total": total, "silent": silent_count, "offset": offset, "sensors": out}
         )
+
+    def _quiet_order(self, owners: dict[str, str], column: int) -> list[str]:
+        """Key idents in the order of ``column`` for rows with nothing but an ident and
+        an owner: by owner for the owner column, else by ident. Made once per key list."""
+        by_owner = column == SENSOR_COLUMNS["owner"]
+        cached = self._quiet_orders.get(by_owner)
+        if cached is None or cached[0] is not owners:
+            if by_owner:
+                order = sorted(owners, key=lambda i: _sort_key(_quiet_row(i, owners[i], False), column))
+            else:
+                order = sorted(owners)
+            cached = self._quiet_orders[by_owner] = (owners, order)
+        return cached[1]
 
     async def channels(self, request: web.Request) -> web.StreamResponse:
         """Every channel of a key, published lately or used by a live connection, by name.
@@ -728,6 +758,18 @@ async def _slices(items: list[T]) -> AsyncIterator[T]:
         if i and not i % SLICE:
             await asyncio.sleep(0)
         yield item
+
+
+def _quiet_row(ident: str, owner: str, silent: bool) -> tuple[Any, ...]:
+    """The Sensors row of a key never seen: (ident, owner, connected, last_seen,
+    last_publish, last_5m, last_1h, silent), as the view builds for the others."""
+    return (ident, owner, 0, None, None, 0, 0, silent)
+
+
+def _sort_key(row: tuple[Any, ...], column: int) -> tuple[Any, ...]:
+    """Sort key of a Sensors row: None before every number and string of its column, then the ident."""
+    value = row[column]
+    return (value is not None, value if value is not None else 0, row[0])
 
 
 def _number(request: web.Request, name: str, default: float) -> float:

@@ -118,7 +118,7 @@ def test_events_ring_is_bounded_and_keeps_the_newest(broker: Broker) -> None:
         log.removeHandler(t)
     assert len(t.events) == tracker_mod.MAX_EVENTS
     assert t.events[-1]["message"] == f"revoked {tracker_mod.MAX_EVENTS + 49}"
-    assert t.connected_at == {"10.0.0.2:1": t.connected_at["10.0.0.2:1"]}
+    assert all(e["event"] == "revoked" for e in t.events)  # a connect is not an event of the ring
 
 
 def test_sessions_are_bounded_and_expire() -> None:

@@ -34,6 +34,7 @@ import contextlib
 import logging
 import math
 import ssl
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -134,6 +135,7 @@ class Connection(asyncio.Protocol):
         "_turn_pending",
         "_write",
         "broker",
+        "connected_at",
         "peer",
         "peer_host",
         "received_bytes",
@@ -162,6 +164,7 @@ class Connection(asyncio.Protocol):
         )
         self.received_bytes = 0
         self.sent_bytes = 0
+        self.connected_at = 0.0  # wall clock of the accept (the console shows it)
         self._lost = False
         self._lingering = False
         self._linger_bytes = 0
@@ -227,6 +230,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         assert self.transport is not None
+        self.connected_at = time.time()
         self._write = self.transport.write
         broker = self.broker
         peername = transport.get_extra_info("peername")

@@ -399,7 +399,7 @@ class Console:
                     "peer": conn.peer,
                     "ident": conn.ident,
                     "owner": conn.owner,
-                    "since": self.tracker.connected_at.get(conn.peer),
+                    "since": conn.connected_at,
                     "tls": transport is not None and transport.get_extra_info("ssl_object") is not None,
                     "subscriptions": sorted(c.decode("utf-8", "backslashreplace") for c in conn.subscriptions),
                     "publish": {

@@ -92,7 +92,6 @@ class Tracker(logging.Handler):
         self.pairs: OrderedDict[tuple[str, str], Activity] = OrderedDict()
         self.idents: OrderedDict[str, Activity] = OrderedDict()  # all channels of an ident
         self.channels_of: dict[str, dict[str, None]] = {}  # ident → its channels in pairs
-        self.connected_at: dict[str, float] = {}  # peer → wall clock of its connect
         self._seq = 0
         self._primed = False
         # Per connection: its publish count per channel at the last poll.
@@ -111,15 +110,10 @@ class Tracker(logging.Handler):
 
     def _record(self, event: str, record: logging.LogRecord) -> None:
         # Every handshake logs three records: keep their path short.
-        now = record.created
-        peer_s = _opt(getattr(record, "peer", None))
-        ident_s = _opt(getattr(record, "ident", None))
         if event == "connected":
-            if peer_s is not None:
-                self.connected_at[peer_s] = now
-            return
-        if event == "closed" and peer_s is not None:
-            self.connected_at.pop(peer_s, None)
+            return  # the connection holds its own connect time
+        now = record.created
+        ident_s = _opt(getattr(record, "ident", None))
         if ident_s is not None and (event == "authenticated" or event == "closed"):
             self.seen(ident_s, now)
         if event == "auth_failed" and ident_s is None and record.args:
@@ -127,6 +121,7 @@ class Tracker(logging.Handler):
             args = record.args if isinstance(record.args, tuple) else (record.args,)
             ident_s = str(args[0])
         if event in NOTABLE:
+            peer_s = _opt(getattr(record, "peer", None))
             self._seq += 1
             reason = getattr(record, "reason", None)
             self.events.append(
@@ -175,10 +170,6 @@ class Tracker(logging.Handler):
         self.scan(gone, now)
         for conn in gone:
             del self._counted[conn]
-        if len(self.connected_at) > len(live):  # a close we did not hear of
-            peers = {c.peer for c in live}
-            for peer in [p for p in self.connected_at if p not in peers]:
-                del self.connected_at[peer]
         self._primed = True
 
     def scan(self, conns: list[Any], now: float | None = None) -> None:

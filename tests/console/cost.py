@@ -6,7 +6,8 @@ Not a test (CI asserts no speed): run it by hand on a quiet machine::
 
 Each round starts a fresh broker without ``--admin`` and one with it (in
 alternating order), and runs ``hpfeeds-bench pubsub-100 connect-50`` against
-it. With the console on, a poller reads views every 2 s: ``page`` (the
+it; as in benchmarks/compare, the broker runs on core 0 and the load on core 1
+(with two cores or more). With the console on, a poller reads views every 2 s: ``page`` (the
 default) what an open page reads, the tab shown (Sensors, the first and the
 heaviest); ``all`` more than any page, every view (sensors, connections,
 channels, keys, events) each time. Prints the median of each figure and the
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import statistics
 import subprocess
 import tempfile
@@ -51,6 +53,17 @@ def poll(base: str, token: str, views: tuple[str, ...], stop: threading.Event, c
         stop.wait(2.0)
 
 
+def pin_process(pid: int, cpu: int) -> None:
+    """Every thread of ``pid`` (and those it starts later) on core ``cpu``."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(task), {cpu})
+
+
+def pinning() -> bool:
+    """As benchmarks/compare: the broker on core 0, the load on core 1, when there are two cores."""
+    return len(os.sched_getaffinity(0)) >= 2
+
+
 def run_once(workdir: Path, console: bool, duration: float, views: tuple[str, ...]) -> dict[str, dict]:
     port = free_port()
     args = ["--bind", f"127.0.0.1:{port}", "--auth", str(workdir / "users.json")]
@@ -61,6 +74,9 @@ def run_once(workdir: Path, console: bool, duration: float, views: tuple[str, ..
     stop, polled = threading.Event(), [0]
     try:
         broker.wait_ready()
+        pinned = pinning()
+        if pinned:
+            pin_process(broker.proc.pid, 0)
         poller = None
         if console:
             wait_for_port(admin_port, proc=broker.proc)
@@ -74,6 +90,7 @@ def run_once(workdir: Path, console: bool, duration: float, views: tuple[str, ..
             capture_output=True,
             text=True,
             timeout=duration * 10 + 60,
+            preexec_fn=(lambda: os.sched_setaffinity(0, {1})) if pinned else None,
         ).stdout
         stop.set()
         if poller is not None:

@@ -283,11 +283,25 @@ def test_stalled_subscriber_does_not_stop_a_second_one(start_broker) -> None:
         import threading
 
         got: list[int] = []
-        t = threading.Thread(target=lambda: got.extend(int(m.payload[:8]) for m in healthy.messages(n, timeout=30)))
+
+        # The second subscriber is read in a thread, message by message.
+        def read_each() -> None:
+            deadline = time.monotonic() + 30
+            while len(got) < n and time.monotonic() < deadline:
+                frame = healthy.next_frame(max(0.01, deadline - time.monotonic()))
+                got.append(int(frame.payload[:8]))  # type: ignore[union-attr]
+
+        t = threading.Thread(target=read_each, daemon=True)
         t.start()
+        # A subscriber that keeps up: the publisher stays at most 200 messages
+        # (800 KB) ahead of what it has read, well inside its 4 MB hard bound,
+        # however slowly a loaded machine runs the reading thread.
+        deadline = time.monotonic() + 30
         for i in range(n):
+            while i - len(got) > 200 and t.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.001)
             pub.publish("chan1", b"%08d" % i + payload)
         t.join(40)
-        assert got == list(range(n))
+        assert got == list(range(n)), b.log()[-3000:]
         b.wait_log("slow_consumer", timeout=10)
     stalled_client.close()

@@ -420,3 +420,21 @@ def test_key_views_show_a_change_made_outside_once_the_store_reports_it(tmp_path
         assert idents == ["existing-sensor", "newcomer"]
         sensors = c.get("/api/v1/sensors").body
         assert "newcomer" in json.dumps(sensors)
+
+
+def test_a_sensor_that_publishes_and_leaves_between_two_polls_is_counted(console: Console) -> None:
+    """Publish counters are read every 2 s; a connection that closes between two
+    reads (a cron job, a one-shot ``hpfeeds publish``) is read as it closes."""
+    c = console.admin()
+    secret = c.post("/api/v1/keys", {"ident": "sensor-brief", "pubchans": ["feed"]}).body["secret"]
+    wait_key_usable(console, "sensor-brief", secret)
+    for _ in range(3):
+        with sensor(console, "sensor-brief", secret) as client:
+            publish(client, "feed", "one", "two")
+
+    def sensor_row() -> dict:
+        return next(s for s in c.get("/api/v1/sensors").body["sensors"] if s["ident"] == "sensor-brief")
+
+    wait_until(lambda: sensor_row()["last_5m"] >= 6, timeout=6, what="6 messages in the last 5 minutes")
+    assert sensor_row()["last_5m"] == 6
+    assert sensor_row()["channels"]["feed"]["last_5m"] == 6

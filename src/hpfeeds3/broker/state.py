@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from . import metrics
@@ -70,6 +70,9 @@ class Broker:
         self.retired_recv_fill: dict[str, int] = {}
         self.retired_total_recv = 0
         self.retired_total_sent = 0
+        # Called with each connection as it closes, before its counts are
+        # folded (the console reads its publish counters one last time).
+        self.closing_hooks: list[Callable[[Connection], None]] = []
 
     @property
     def unauthenticated(self) -> int:
@@ -193,6 +196,11 @@ class Broker:
 
     def retire(self, conn: Connection) -> None:
         """Fold a closed connection's counts into the totals."""
+        for hook in self.closing_hooks:
+            try:
+                hook(conn)
+            except Exception:  # an observer's bug must not break the close
+                log.exception("internal error in a closing hook")
         self.retired_total_recv += conn.received_bytes
         self.retired_total_sent += conn.sent_bytes
         ident = conn.ident

@@ -55,6 +55,7 @@ async def start_admin(broker: Broker, config: AdminConfig) -> Callable[[], Await
     if broker_log.getEffectiveLevel() > logging.INFO:
         broker_log.setLevel(logging.INFO)
     broker_log.addHandler(console.tracker)
+    broker.closing_hooks.append(console.tracker.closed)
 
     runner = web.AppRunner(console.app(), handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
@@ -65,6 +66,7 @@ async def start_admin(broker: Broker, config: AdminConfig) -> Callable[[], Await
     except OSError as exc:
         await runner.cleanup()
         broker_log.removeHandler(console.tracker)
+        broker.closing_hooks.remove(console.tracker.closed)
         broker_log.setLevel(old_level)
         raise ConfigError(f"--admin {shown}: cannot listen: {exc.strerror or exc}") from None
     poll = asyncio.get_running_loop().create_task(_poll(console))
@@ -76,6 +78,7 @@ async def start_admin(broker: Broker, config: AdminConfig) -> Callable[[], Await
             await poll
         console.watches.stop_all()
         broker_log.removeHandler(console.tracker)
+        broker.closing_hooks.remove(console.tracker.closed)
         broker_log.setLevel(old_level)
         await runner.cleanup()
 

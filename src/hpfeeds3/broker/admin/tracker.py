@@ -12,7 +12,7 @@ Two feeds, neither on the message hot path:
   counters (kept by the broker for its metrics) and adds what grew since the
   last poll to one-minute buckets (at most 60 per pair), from which come the
   messages in the last 5 minutes and the last hour: no per-message work is
-  added.
+  added. ``closed()`` reads a connection once more as it closes.
 
 Memory is bounded: at most ``MAX_PAIRS`` (ident, channel) pairs and
 ``MAX_IDENTS`` idents are remembered; the least recently active go first.
@@ -158,7 +158,7 @@ class Tracker(logging.Handler):
         between, so 10,000 connections never stall message delivery for long.
         Each connection's counts are compared with its own counts at the last
         poll, so a slice boundary cannot count a message twice; a connection
-        that closed is read one last time (its counters stay on the object).
+        that closed is read as it closes (``closed``, a hook of the broker's close).
         """
         conns = list(self.broker.connections)
         for start in range(0, len(conns), POLL_SLICE):
@@ -171,6 +171,12 @@ class Tracker(logging.Handler):
         for conn in gone:
             del self._counted[conn]
         self._primed = True
+
+    def closed(self, conn: Any) -> None:
+        """``conn`` is closing: count what it published since the last poll, now
+        (one that lived between two polls would otherwise never be read)."""
+        self.scan([conn])
+        self._counted.pop(conn, None)
 
     def scan(self, conns: list[Any], now: float | None = None) -> None:
         now = time.time() if now is None else now

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -17,10 +18,13 @@ from urllib.parse import quote
 import pytest
 import trustme
 
+from hpfeeds3.broker.admin.api import Console as ApiConsole
+from hpfeeds3.broker.admin.tokens import TokenFile, parse_tokens
 from hpfeeds3.broker.admin.tokens import main as token_main
-from hpfeeds3.broker.admin.tokens import parse_tokens
+from hpfeeds3.broker.auth import build_authenticator
 from hpfeeds3.broker.cli import build_parser, config_from_args
-from hpfeeds3.broker.config import ConfigError
+from hpfeeds3.broker.config import BrokerConfig, ConfigError
+from hpfeeds3.broker.state import Broker
 from tests.support.broker import BIN, BrokerProcess, free_port
 
 from .conftest import (
@@ -107,6 +111,34 @@ def test_viewer_sees_but_cannot_change(console: Console) -> None:
             assert viewer.post(path, body).status == 403, path
         assert viewer.get("/api/v1/watch?channel=honeypot.events").status == 403
     admin = console.client(console.admin_token)
+    assert [k["ident"] for k in admin.get("/api/v1/keys").body["keys"]] == ["existing-sensor"]
+
+
+def post_routes(tokens: Path) -> list[str]:
+    """Every POST path of the console's app, read from its router."""
+    loop = asyncio.new_event_loop()
+    try:
+        broker = Broker(BrokerConfig(auth=("env",)), build_authenticator(("env",)), loop)
+        app = ApiConsole(broker, TokenFile(str(tokens)), secure_cookie=False).app()
+        return sorted({route.resource.canonical for route in app.router.routes() if route.method == "POST"})
+    finally:
+        loop.close()
+
+
+def test_a_viewer_gets_403_from_every_post_route_but_login_and_logout(console: Console) -> None:
+    """Enumerated from the router, so a route added later is covered by itself."""
+    changes = [path for path in post_routes(console.tokens_path) if path not in ("/login", "/logout")]
+    assert {"/api/v1/keys", "/api/v1/watch", "/api/v1/watch/stop", "/api/v1/connections/close"} <= set(changes)
+    admin = console.admin()
+    assert admin.post("/api/v1/watch", {"channel": "honeypot.events"}).status == 200
+    for viewer in (console.client(console.viewer_token), console.client()):
+        if viewer.bearer is None:
+            assert viewer.login(console.viewer_token).status == 200
+        for path in changes:
+            body = {"ident": "existing-sensor", "channel": "honeypot.events", "id": "1", "pubchans": ["x"]}
+            assert viewer.post(path, body).status == 403, path
+    # The admin's watch is still running.
+    assert admin.get("/api/v1/watch?channel=honeypot.events").status == 200
     assert [k["ident"] for k in admin.get("/api/v1/keys").body["keys"]] == ["existing-sensor"]
 
 

@@ -125,6 +125,15 @@ def test_hostile_network_text_cannot_forge_a_line(capture, fmt: str) -> None:
         assert record["msg"] == f"denied {evil}"
 
 
+def test_a_hostile_field_value_without_spaces_is_escaped_in_text(capture) -> None:
+    """A value with no space, quote or ``=`` is written unquoted: it must still be escaped."""
+    stream, log = capture
+    configure_logging("text", stream=stream)
+    log.info("denied", extra={"ident": "x\nFORGED\u2028y", "channel": b"c\r\x1b[31m"})
+    (line,) = lines(stream)
+    assert line.endswith(" denied ident=x\\x0aFORGED\\u2028y channel=c\\x0d\\x1b[31m"), line
+
+
 def test_text_does_not_repeat_what_the_message_says(capture) -> None:
     stream, log = capture
     configure_logging("text", stream=stream)

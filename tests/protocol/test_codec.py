@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import subprocess
 import sys
 import tracemalloc
@@ -23,6 +24,7 @@ from hpfeeds3.protocol import (
     MalformedFrame,
     ProtocolError,
     Publish,
+    PublishRun,
     Subscribe,
     UnexpectedOpcode,
     Unsubscribe,
@@ -133,11 +135,61 @@ def test_limits_are_configurable() -> None:
         decoder.feed(encode_publish(b"a", b"b", b"x" * 92))
 
 
+def test_frame_exactly_at_the_cap_is_accepted() -> None:
+    frame = encode_publish(b"a", b"b", b"x" * 40)
+    limits = FrameLimits(max_publish_frame_bytes=len(frame))
+    assert Decoder.for_broker(limits).feed(frame) == [Publish(b"a", b"b", b"x" * 40)]
+    [run] = Decoder.for_broker(limits, runs=True).feed(frame * 3)
+    assert isinstance(run, PublishRun) and run.frames == 3 and run.data == frame * 3
+    with pytest.raises(FrameTooLarge):
+        Decoder.for_broker(FrameLimits(max_publish_frame_bytes=len(frame) - 1)).feed(frame)
+
+
+def test_over_cap_publish_after_a_valid_one_in_the_same_read_is_refused() -> None:
+    """A frame that would continue a run is checked against the cap like the first one."""
+    decoder = Decoder.for_broker(FrameLimits(max_publish_frame_bytes=100), runs=True)
+    decoder.receive(encode_publish(b"a", b"b", b"x" * 10) + encode_publish(b"a", b"b", b"x" * 200))
+    first = decoder.next_item()
+    assert isinstance(first, PublishRun) and first.frames == 1
+    with pytest.raises(FrameTooLarge):
+        decoder.next_item()
+
+
+@settings(max_examples=300)
+@given(
+    st.integers(min_value=12, max_value=120),
+    st.lists(st.tuples(st.sampled_from([b"c", b"d"]), st.integers(0, 150)), min_size=1, max_size=12),
+    st.booleans(),
+)
+def test_no_frame_over_the_cap_comes_out_of_one_read(cap: int, shape: list, runs: bool) -> None:
+    """Small limits, so over-cap frames are generated: the frames before the
+    first one over the cap come out, then ``FrameTooLarge``; never a frame over it."""
+    frames = [encode_publish(b"a", channel, b"x" * n) for channel, n in shape]
+    decoder = Decoder.for_broker(FrameLimits(max_publish_frame_bytes=cap), runs=runs)
+    decoder.receive(b"".join(frames))
+    out: list[bytes] = []
+    raised = False
+    try:
+        while (item := decoder.next_item()) is not None:
+            out.append(item.data if isinstance(item, PublishRun) else encode(item))
+    except FrameTooLarge:
+        raised = True
+    fitting = list(itertools.takewhile(lambda f: len(f) <= cap, frames))
+    assert b"".join(out) == b"".join(fitting)
+    assert raised == (len(fitting) < len(frames))
+
+
 def test_encoders_refuse_fields_that_do_not_fit() -> None:
     with pytest.raises(ValueError):
         encode_publish(b"x" * 256, b"c", b"")
     with pytest.raises(ValueError):
         encode_auth(b"id", b"short")
+
+
+def test_sign_is_sha1_of_nonce_then_secret() -> None:
+    # Known answers (printf 'abcdsecret' | sha1sum): SHA1(nonce + secret), as every hpfeeds client computes it.
+    assert sign(b"abcd", b"secret").hex() == "ee895c4fcd00f02507835e0e9554441bd8888388"
+    assert sign(b"\x01\x02\x03\x04", b"s3cr3t").hex() == "bc723f7cdecbeb4c0b33ee9e3c32b1346c4257dd"
 
 
 def test_challenge_sign_and_verify() -> None:

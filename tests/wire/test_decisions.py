@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from hpfeeds3.protocol import HEADER, encode_auth, encode_publish, encode_subscribe, sign
+from tests.conftest import USERS
 from tests.support.broker import BrokerProcess, RawClient, confirm_subscribed
 
 
@@ -60,6 +61,19 @@ def test_denied_subscribe_gets_error_and_connection_stays_open(broker) -> None:
             confirm_subscribed(pub, "chan1", c)  # nothing else came
             pub.publish("chan1", b"allowed")
         assert c.messages(1)[0].payload == b"allowed"
+
+
+def test_a_key_may_not_subscribe_to_a_channel_it_may_only_publish_to(start_broker) -> None:
+    sensor = {"secret": "sensor-secret", "pubchans": ["events", "status"], "subchans": ["status"]}
+    b = start_broker(users={**USERS, "sensor": sensor})
+    with RawClient(b.port) as c:
+        c.auth("sensor", "sensor-secret")
+        c.subscribe("events")
+        c.publish("events", b"not for the sensor")
+        c.subscribe("status")
+        c.publish("status", b"after")  # frames of one connection are handled in order
+        assert c.expect_error() == "accessfail: sensor may not subscribe to channel 'events'"
+        assert [m.payload for m in c.messages(1)] == [b"after"]
 
 
 def test_denied_publish_has_no_effect_and_connection_stays_open(broker) -> None:

@@ -78,6 +78,22 @@ def test_pipelined_publish_with_fin_is_delivered(broker: BrokerProcess) -> None:
             assert msg.payload == b"then-fin"
 
 
+def test_a_subscriber_that_arrives_after_a_publish_gets_the_next_messages(broker: BrokerProcess) -> None:
+    """The channel's fan-out is built by the first publish; a later SUBSCRIBE must join it."""
+    with RawClient(broker.port) as first, RawClient(broker.port) as late, RawClient(broker.port) as pub:
+        first.auth("bob", "bob-secret")
+        first.subscribe("chan1")
+        pub.auth("alice", "alice-secret")
+        confirm_subscribed(pub, "chan1", first)
+        pub.publish("chan1", b"before")
+        assert first.messages(1)[0].payload == b"before"
+        late.auth("reader", "reader-secret")
+        late.subscribe("chan1")
+        confirm_subscribed(pub, "chan1", first, late)
+        pub.publish("chan1", b"after")
+        assert first.messages(1)[0].payload == late.messages(1)[0].payload == b"after"
+
+
 def test_unsubscribe_stops_delivery(broker: BrokerProcess) -> None:
     with RawClient(broker.port) as sub, RawClient(broker.port) as pub:
         sub.auth("bob", "bob-secret")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import selectors
 import socket
 import ssl
@@ -36,7 +37,7 @@ from hpfeeds3.protocol import (
     encode_unsubscribe,
     sign,
 )
-from tests.support.broker import RawClient, free_port
+from tests.support.broker import RawClient, confirm_subscribed, free_port
 
 from .support import (
     Canary,
@@ -691,6 +692,41 @@ def test_parked_partial_frames_hold_at_most_the_bound(reliable_broker) -> None:
     assert growth <= PARTIAL_RSS_GROWTH
     assert isinstance(delivered, Publish) and delivered.payload == payload
     assert stats.lost == 0 and stats.received == stats.sent and canary.errors == []
+
+
+def test_past_the_partial_frames_bound_the_largest_holder_is_closed(reliable_broker) -> None:
+    """Five connections park 100 KiB of a frame each; a sixth parks 700 KiB and
+    takes the total past --max-partial-frames 1M: the sixth is closed (not the
+    small ones, which would also bring the total back under the bound) and each
+    small one still delivers its frame when it finishes it."""
+    b = reliable_broker("--max-partial-frames", "1M", "--min-receive-rate", "1")  # no deadline in this test
+    held_small, held_large = 100 * 1024, 700 * 1024
+    small_frame = encode_publish(b"alice", b"chan1", b"s" * (2 * held_small))
+    large_frame = encode_publish(b"bob", b"chan1", b"L" * (900 * 1024))
+    with RawClient(b.port) as reader, RawClient(b.port) as probe:
+        reader.auth("reader", "reader-secret")
+        reader.subscribe("chan1")
+        confirm_subscribed(probe.auth("alice", "alice-secret"), "chan1", reader)
+        small = [authed(b.port, "alice") for _ in range(5)]
+        large = authed(b.port, "bob")
+        try:
+            for s in small:
+                s.sendall(small_frame[:held_small])
+            held = "hpfeeds_broker_connection_receive_buffer_size"
+            samples = wait_metric(b.exporter_port, lambda m: metric(m, held, ident="alice") == 5 * held_small)
+            assert metric(samples, held, ident="alice") == 5 * held_small
+            large.sendall(large_frame[:held_large])
+            assert first_error(large) == (
+                f"limit: incomplete frames hold more than {MiB} bytes: the largest are closed"
+            )
+            log = b.wait_log("bytes held in an incomplete frame")
+            assert re.findall(r"closing \S+ \((\w+)\): \d+ bytes held", log) == ["bob"]
+            for s in small:
+                s.sendall(small_frame[held_small:])
+            assert [m.payload for m in reader.messages(5)] == [small_frame[-2 * held_small :]] * 5
+        finally:
+            for s in [*small, large]:
+                s.close()
 
 
 MIN_RATE = 1024  # --min-receive-rate, bytes/s

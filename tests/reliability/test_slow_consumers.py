@@ -14,6 +14,7 @@ after the soft window (flags shrunk to seconds to keep the test fast).
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import struct
 import threading
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 from hpfeeds3.protocol import encode_publish, encode_subscribe
+from tests.support.broker import RawClient, confirm_subscribed
 
 from .support import MiB, PeakSampler, Probe, _authed_socket, metric, record, scrape, speed_bound, wait_close_reason
 
@@ -214,6 +216,39 @@ def test_stalled_subscriber_is_cut_and_healthy_ones_lose_nothing(reliable_broker
     speed_bound("stalled_subscriber", "throughput_ratio", tput_stalled / tput_base, at_least=0.95)
     assert growth <= 32 * MiB * 1.1
     assert metric(samples, "hpfeeds_broker_slow_consumers_total") == 1
+
+
+def test_the_hard_bound_cuts_a_burst_at_the_delivery_that_crosses_it(reliable_broker) -> None:
+    """A subscriber that stops reading, a publisher that bursts 32 MiB at once
+    (each 64 KiB message on chan1 its own delivery: a chan2 frame between two
+    ends the run). The subscriber is cut with at most the hard bound plus one
+    delivery queued, as the broker logs it: no check interval lets more pile up."""
+    hard = 2 * MiB
+    b = reliable_broker("--send-buffer-hard", "2M", "--send-buffer-soft", "1M")
+    message = encode_publish(b"alice", b"chan1", b"m" * (64 * 1024))
+    burst = (message + encode_publish(b"alice", b"chan2", b"-")) * 512
+    with RawClient(b.port, rcvbuf=4096) as stalled, RawClient(b.port) as pub:
+        stalled.auth("reader", "reader-secret")
+        stalled.subscribe("chan1")
+        pub.auth("alice", "alice-secret")
+        confirm_subscribed(pub, "chan1", stalled)  # from here on it reads nothing
+        stalled_port = stalled.sock.getsockname()[1]
+        t0 = time.monotonic()
+        pub.send(burst)
+        reason = wait_close_reason(b, stalled_port, timeout=15)
+        cut_after = time.monotonic() - t0
+    log = b.wait_log("outgoing buffer over its hard bound")
+    queued = [int(n) for n in re.findall(r"outgoing buffer over its hard bound, (\d+) bytes queued", log)]
+    record(
+        "hard_bound_burst",
+        hard_bound_bytes=hard,
+        delivery_bytes=len(message),
+        burst_bytes=len(burst),
+        queued_at_cut_bytes=queued,
+        cut_after_s=round(cut_after, 2),
+    )
+    assert reason == "slow_consumer"
+    assert len(queued) == 1 and hard < queued[0] <= hard + len(message), queued
 
 
 def test_stall_timeout_cuts_a_subscriber_that_drains_nothing(reliable_broker) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -135,36 +137,47 @@ def test_env_backend_reads_the_spec_variables() -> None:
     assert run(auth.lookup("other")) is None
 
 
-def test_json_backend_reloads_on_change_and_keeps_last_good_data(tmp_path: Path) -> None:
+def test_json_backend_reloads_on_change_and_keeps_last_good_data(tmp_path: Path, caplog) -> None:
     path = tmp_path / "users.json"
     path.write_text(json.dumps({"a": {"owner": "o", "secret": "s1", "pubchans": [], "subchans": ["x"]}}))
 
-    async def wait_for(auth: JsonStore, ident: str, secret: str | None) -> None:
-        for _ in range(100):
-            key = await auth.lookup(ident)
-            if (key.secret if key else None) == secret:
+    def keys_file(ident: str, secret: str) -> str:
+        return json.dumps({ident: {"owner": "o", "secret": secret, "pubchans": [], "subchans": []}})
+
+    async def until(done: Callable[[], Awaitable[bool]], text: str) -> None:
+        """Write ``text`` until ``done()``: the watcher may not be watching yet right after start."""
+        for i in range(200):
+            if i % 10 == 0:
+                path.write_text(text)
+            if await done():
                 return
             await asyncio.sleep(0.05)
-        raise AssertionError(f"{ident} never became {secret}")
+        raise AssertionError(f"not reached after writing {text!r}")
+
+    async def has(auth: JsonStore, ident: str, secret: str) -> bool:
+        key = await auth.lookup(ident)
+        return key is not None and key.secret == secret
 
     async def scenario() -> None:
         auth = JsonStore(str(path))
         await auth.start()
-        await asyncio.sleep(0.3)  # let the watcher start
         assert (await auth.lookup("a")).secret == "s1"  # type: ignore[union-attr]
-        path.write_text(json.dumps({"b": {"owner": "o", "secret": "s2", "pubchans": [], "subchans": []}}))
-        await wait_for(auth, "b", "s2")
+        await until(lambda: has(auth, "b", "s2"), keys_file("b", "s2"))
         assert await auth.lookup("a") is None
-        path.write_text("{ broken")
-        await asyncio.sleep(0.6)
+        caplog.clear()
+
+        async def broken_file_read() -> bool:
+            return "keeping the last good keys: cannot reload" in caplog.text
+
+        await until(broken_file_read, "{ broken")
         assert (await auth.lookup("b")).secret == "s2"  # type: ignore[union-attr]
         # The watcher outlives the broken file: the next good one is read.
-        path.write_text(json.dumps({"c": {"owner": "o", "secret": "s3", "pubchans": [], "subchans": []}}))
-        await wait_for(auth, "c", "s3")
+        await until(lambda: has(auth, "c", "s3"), keys_file("c", "s3"))
         assert await auth.lookup("b") is None
         await auth.close()
 
-    run(scenario())
+    with caplog.at_level(logging.INFO, logger="hpfeeds3"):
+        run(scenario())
 
 
 def test_json_backend_missing_or_broken_file_at_start_is_a_config_error(tmp_path: Path) -> None:

@@ -3,13 +3,11 @@ that stops reading costs bounded memory, a NATS that is not there is said so."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from hpfeeds3.protocol import MiB
 from tests.cluster.nodes import Collector, healthz, metric, start_node, wait_linked, write_keys
-from tests.support.broker import RawClient
+from tests.support.broker import RawClient, confirm_subscribed
 from tests.support.nats import NatsServer
 
 # The largest payload key n0 may publish on "plain": body = str8(ident) + str8(channel) + payload = 1 MiB.
@@ -27,7 +25,6 @@ def test_largest_frames_cross_nodes_whole_and_in_order(tmp_path, max_payload) ->
             wait_linked(node)
         sub = RawClient(b.port, timeout=60).auth("n1", "n1-secret")
         sub.subscribe("plain")
-        time.sleep(1.0)  # b's NATS subscription is in place
         payloads = []
         for i in range(6):
             if i % 2:
@@ -36,6 +33,7 @@ def test_largest_frames_cross_nodes_whole_and_in_order(tmp_path, max_payload) ->
                 payloads.append(str(i).encode())
         with RawClient(a.port, timeout=60) as pub:
             pub.auth("n0", "n0-secret")
+            confirm_subscribed(pub, "plain", sub)  # b's NATS subscription is in place
             for p in payloads:
                 pub.publish("plain", p)
             got = [m.payload for m in sub.messages(len(payloads), timeout=30)]

@@ -14,7 +14,7 @@ from hpfeeds3.broker.backplane.subjects import channel_to_subject
 from hpfeeds3.broker.backplane.wire import headers
 from hpfeeds3.protocol import encode_error, encode_publish
 from tests.cluster.nodes import healthz, metric, nats_publish, start_node, wait_linked, write_keys
-from tests.support.broker import RawClient
+from tests.support.broker import RawClient, confirm_subscribed
 from tests.support.nats import NatsServer, operator_mode
 
 REJECTED = "hpfeeds_broker_cluster_rejected_total"
@@ -27,8 +27,8 @@ def cross_node_delivery_works(a, b) -> None:
     with RawClient(b.port) as sub, RawClient(a.port) as pub:
         sub.auth("n1", "n1-secret")
         sub.subscribe("plain")
-        time.sleep(1.0)  # b's NATS subscription is in place
         pub.auth("n0", "n0-secret")
+        confirm_subscribed(pub, "plain", sub)  # b's NATS subscription is in place
         pub.publish("plain", b"across")
         got = sub.messages(1)[0]
         assert (got.ident, got.channel, got.payload) == (b"n0", b"plain", b"across")
@@ -44,7 +44,8 @@ def test_only_whole_publish_frames_of_the_subjects_channel_are_delivered(tmp_pat
         with RawClient(b.port) as sub, RawClient(a.port) as pub:
             sub.auth("n1", "n1-secret")
             sub.subscribe("plain")
-            time.sleep(1.0)
+            pub.auth("n0", "n0-secret")
+            confirm_subscribed(pub, "plain", sub)  # b's NATS subscription is in place
             forged = "feedfacefeedface"
             subject = channel_to_subject(b"plain")
             frame = encode_publish(b"trusted-sensor", b"plain", b"injected")
@@ -58,7 +59,6 @@ def test_only_whole_publish_frames_of_the_subjects_channel_are_delivered(tmp_pat
                     (subject, frame + frame, headers(forged, 3, 1)),
                 ],
             )
-            pub.auth("n0", "n0-secret")
             pub.publish("plain", b"genuine")
             got = sub.messages(1)[0]
             assert (got.ident, got.payload) == (b"n0", b"genuine")
@@ -179,7 +179,10 @@ def test_nats_over_tls_with_client_certificates(tmp_path: Path) -> None:
     try:
         cross_node_delivery_works(a, b)
         no_cert.wait_ready()
-        time.sleep(2.0)
+        deadline = time.monotonic() + 15
+        while not any(said in no_cert.log() for said in ("unreachable", "refused our credentials", "NATS error")):
+            assert time.monotonic() < deadline, f"no failed link logged:\n{no_cert.log()[-2000:]}"
+            time.sleep(0.05)
         assert healthz(no_cert)["status"] == "degraded"
         assert "linked to NATS" not in no_cert.log()
     finally:

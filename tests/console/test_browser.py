@@ -195,7 +195,9 @@ def test_viewer_sees_but_cannot_change(browser: Any, console: Console) -> None:
         assert browser.find_elements(By.ID, form) == [], form
     assert browser.find_elements(By.CSS_SELECTOR, "#keys-table button, nav button[data-tab=watch]") == []
     tab(browser, "connections")
-    assert browser.find_elements(By.CSS_SELECTOR, "#connections-table button") == []
+    with sensor(console, "existing-sensor", "s3cret"):  # a connection an admin could close
+        wait(browser, lambda d: any(r[1] == "existing-sensor" for r in rows(d, "connections-table")))
+        assert browser.find_elements(By.CSS_SELECTOR, "#connections-table button") == []
     # The page's own session cannot change anything either: the API says 403.
     status = browser.execute_async_script(
         """

@@ -34,8 +34,8 @@ def test_the_busiest_address_follows_removals() -> None:
 def test_over_the_per_address_bound_the_oldest_of_that_address_is_closed() -> None:
     pool: PreAuthPool[str] = PreAuthPool(limit_total=100, limit_per_group=2)
     pool.admit("b1", "10.0.0.2")
-    pool.admit("a1", "10.0.0.1")
-    pool.admit("a2", "10.0.0.1")
+    assert pool.admit("a1", "10.0.0.1") == (None, "")
+    assert pool.admit("a2", "10.0.0.1") == (None, "")  # at the bound, not over it
     assert pool.admit("a3", "10.0.0.1") == ("a1", "address")
 
 

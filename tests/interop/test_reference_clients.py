@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.support.broker import BrokerProcess
+from tests.reliability.support import wait_subscribed
+from tests.support.broker import BrokerProcess, free_port
 from tests.support.reference import popen_reference_cli, run_reference_cli, run_reference_python, stopping
 
 BLOCKING_SUBSCRIBER = r"""
@@ -50,8 +51,7 @@ host, port, ident, secret, chan, n, ca = sys.argv[1:]
 async def main():
     ctx = ssl.create_default_context(cafile=ca) if ca else None
     async with ClientSession(host, int(port), ident, secret, ssl=ctx) as client:
-        client.subscribe(chan)
-        await asyncio.sleep(0.3)
+        client.subscribe(chan)  # handled before the publishes that follow it on this connection
         for i in range(int(n)):
             client.publish(chan, b"async-%d" % i)
         got = []
@@ -64,15 +64,19 @@ asyncio.run(main())
 
 
 @pytest.fixture(params=["plain", "tls"])
-def setup(request, start_broker, tmp_path: Path) -> tuple[BrokerProcess, str]:
+def setup(request, start_broker, tmp_path: Path) -> tuple[BrokerProcess, str, int]:
+    """(broker, CA file or "", the port of its /metrics)."""
+    exporter = free_port()
+    metrics = ("--exporter", f"127.0.0.1:{exporter}")
     if request.param == "plain":
-        return start_broker(), ""
+        return start_broker(*metrics), "", exporter
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
     cert.private_key_pem.write_to_path(str(tmp_path / "broker.key"))
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "broker.crt"))
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    return start_broker("--tlscert", "broker.crt", "--tlskey", "broker.key"), str(tmp_path / "ca.pem")
+    broker = start_broker("--tlscert", "broker.crt", "--tlskey", "broker.key", *metrics)
+    return broker, str(tmp_path / "ca.pem"), exporter
 
 
 def args(broker: BrokerProcess, ident: str, secret: str, n: int, ca: str) -> list[str]:
@@ -80,7 +84,7 @@ def args(broker: BrokerProcess, ident: str, secret: str, n: int, ca: str) -> lis
 
 
 def test_reference_blocking_client_publishes_and_subscribes(setup) -> None:
-    broker, ca = setup
+    broker, ca, exporter = setup
     exe_code = BLOCKING_SUBSCRIBER
     from tests.support.reference import ensure_reference_venv
 
@@ -95,7 +99,7 @@ def test_reference_blocking_client_publishes_and_subscribes(setup) -> None:
     with stopping(sub):
         assert sub.stdout is not None
         assert sub.stdout.readline().strip() == b"READY"
-        time.sleep(0.5)  # the subscription reaches the broker
+        wait_subscribed(exporter, "bob", "chan1", 1)
         pub = run_reference_python(BLOCKING_PUBLISHER, args(broker, "alice", "alice-secret", 20, ca))
         assert pub.stdout.startswith(b"OK"), pub
         out, _err = sub.communicate(timeout=20)
@@ -104,7 +108,7 @@ def test_reference_blocking_client_publishes_and_subscribes(setup) -> None:
 
 
 def test_reference_asyncio_client_round_trip_with_self_delivery(setup) -> None:
-    broker, ca = setup
+    broker, ca, _ = setup
     r = run_reference_python(ASYNCIO_ROUND_TRIP, args(broker, "alice", "alice-secret", 50, ca))
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     got = json.loads(r.stdout.decode().strip().splitlines()[-1])
@@ -112,7 +116,7 @@ def test_reference_asyncio_client_round_trip_with_self_delivery(setup) -> None:
 
 
 def test_reference_cli_publish_and_subscribe(setup) -> None:
-    broker, ca = setup
+    broker, ca, exporter = setup
     tls = ["--tls", "--tlscert", ca] if ca else []
     common = ["--host", "127.0.0.1", "-p", str(broker.port), *tls]
     sub = popen_reference_cli(["subscribe", *common, "-i", "bob", "-s", "bob-secret", "-c", "chan1"])
@@ -121,7 +125,7 @@ def test_reference_cli_publish_and_subscribe(setup) -> None:
         assert sub.stdout is not None
         line = sub.stdout.readline()
         assert b"connected to hpfeeds" in line, line
-        time.sleep(0.5)
+        wait_subscribed(exporter, "bob", "chan1", 1)
         r = run_reference_cli(["publish", *common, "-i", "alice", "-s", "alice-secret", "-c", "chan1", "hello", "cli"])
         assert r.returncode == 0, r.stderr
         assert b"got error" not in r.stdout
@@ -131,7 +135,7 @@ def test_reference_cli_publish_and_subscribe(setup) -> None:
 
 
 def test_reference_cli_sees_auth_failure(setup) -> None:
-    broker, ca = setup
+    broker, ca, _ = setup
     tls = ["--tls", "--tlscert", ca] if ca else []
     r = run_reference_cli(
         ["subscribe", "--host", "127.0.0.1", "-p", str(broker.port), *tls, "-i", "alice", "-s", "wrong", "-c", "chan1"],

@@ -166,6 +166,17 @@ def wait_metric(port: int, done: Callable[[dict[tuple[str, str], float]], bool],
         time.sleep(0.1)
 
 
+def wait_subscribed(port: int, ident: str, channel: str, n: int, timeout: float = 10.0) -> None:
+    """Instead of sleeping: until the broker's /metrics (exporter ``port``) counts ``n``
+    subscriptions of ``ident`` to ``channel``, each in place in the router."""
+
+    def counted(samples: dict[tuple[str, str], float]) -> float:
+        return metric(samples, "hpfeeds_broker_subscriptions", chan=channel, ident=ident)  # as exposed: sorted
+
+    samples = wait_metric(port, lambda s: counted(s) == n, timeout)
+    assert counted(samples) == n, f"{counted(samples)} subscriptions of {ident} to {channel}, not {n}"
+
+
 def metric_sum(samples: dict[tuple[str, str], float], name: str) -> float:
     return sum(v for (n, _), v in samples.items() if n == name)
 

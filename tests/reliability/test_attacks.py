@@ -51,6 +51,7 @@ from .support import (
     speed_bound,
     wait_close_reason,
     wait_metric,
+    wait_subscribed,
 )
 
 CLOSED = "hpfeeds_broker_connections_closed_total"
@@ -274,7 +275,10 @@ def test_tls_handshakes_count_against_the_pre_auth_pool(reliable_broker, tmp_pat
             threads = [threading.Thread(target=flood, args=(src,)) for src in ("127.0.0.2", "127.0.0.3")]
             for t in threads:
                 t.start()
-            time.sleep(0.1)  # the flood is under way
+            deadline = time.monotonic() + 10
+            while sampler.peak_unauthenticated == 0:  # the flood is under way
+                assert time.monotonic() < deadline, "the flood opened no pre-auth connection"
+                time.sleep(0.01)
             legit_thread = threading.Thread(target=sensor)
             legit_thread.start()
             for t in [*threads, legit_thread]:
@@ -761,7 +765,11 @@ def test_a_trickled_frame_is_closed_at_its_deadline(reliable_broker) -> None:
     reader = authed(b.port, "reader")
     reader.sendall(encode_subscribe(b"reader", b"chan1"))
     slow, good = authed(b.port, "alice"), authed(b.port, "alice")
-    time.sleep(0.2)  # authenticated (nothing comes back on success)
+    # Authenticated (nothing comes back on success) and subscribed, as the broker counts them.
+    authenticated = "hpfeeds_client_authenticated_connections"
+    samples = wait_metric(b.exporter_port, lambda m: metric(m, authenticated, ident="alice", owner="alice") == 2)
+    assert metric(samples, authenticated, ident="alice", owner="alice") == 2
+    wait_subscribed(b.exporter_port, "reader", "chan1", 1)
     overhead = 5 + 1 + len(b"alice") + 1 + len(b"chan1")
     slow_frame = encode_publish(b"alice", b"chan1", b"s" * (TRICKLED_FRAME - overhead))
     good_frame = encode_publish(b"alice", b"chan1", b"g" * (TRICKLED_FRAME - overhead))

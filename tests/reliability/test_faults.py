@@ -22,8 +22,22 @@ from hpfeeds3.client import BlockingClient
 from hpfeeds3.protocol import Decoder, Error, encode_subscribe
 from tests.support.broker import BrokerProcess, RawClient, confirm_subscribed, free_port, sqlite_add_key
 
-from .support import Canary, _authed_socket, metric, percentile, raise_nofile, record, scrape, speed_bound
+from .support import (
+    Canary,
+    MiB,
+    _authed_socket,
+    metric,
+    percentile,
+    raise_nofile,
+    record,
+    scrape,
+    speed_bound,
+    wait_metric,
+    wait_subscribed,
+)
 from .test_slow_consumers import publish
+
+QUEUED = "hpfeeds_broker_connection_send_buffer_size"
 
 KEYS = {
     "alice": ("alice-secret", ["chan1"], ["chan1"]),
@@ -74,7 +88,10 @@ def test_kill_9_mid_stream_then_restart_keeps_sqlite_intact_and_clients_reconnec
             reader.start()
             publisher = threading.Thread(target=publish, args=(port, 2000, 1.0), daemon=True)
             publisher.start()
-            time.sleep(0.5)
+            deadline = time.monotonic() + 10
+            while not got:  # mid-stream: messages are flowing
+                assert time.monotonic() < deadline, "no message reached the subscriber"
+                time.sleep(0.02)
             b.proc.kill()  # SIGKILL mid-stream
             b.proc.wait(5)
             killed_with = b.proc.returncode
@@ -187,10 +204,12 @@ def test_sigterm_under_load_with_a_stalled_subscriber_exits_0_within_the_drain(t
     healthy.subscribe("chan1")
     publisher = threading.Thread(target=publish, args=(b.port, 5000, 5.0), daemon=True)
     try:
-        time.sleep(0.2)
+        wait_subscribed(b.exporter_port, "reader", "chan1", 1)  # type: ignore[attr-defined]
+        wait_subscribed(b.exporter_port, "bob", "chan1", 1)  # type: ignore[attr-defined]
         publisher.start()
-        time.sleep(2.0)  # several MiB queued for the stalled one (below the 32 MiB bound)
-        queued = metric(scrape(b.exporter_port), "hpfeeds_broker_connection_send_buffer_size", ident="reader")  # type: ignore[attr-defined]
+        # Several MiB queued for the stalled one (below the 32 MiB bound).
+        samples = wait_metric(b.exporter_port, lambda m: metric(m, QUEUED, ident="reader") >= 2 * MiB, timeout=15)  # type: ignore[attr-defined]
+        queued = metric(samples, QUEUED, ident="reader")
         t0 = time.monotonic()
         b.proc.send_signal(signal.SIGTERM)
         rc = b.proc.wait(drain_s + 5)

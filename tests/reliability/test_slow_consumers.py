@@ -24,7 +24,18 @@ from dataclasses import dataclass
 from hpfeeds3.protocol import encode_publish, encode_subscribe
 from tests.support.broker import RawClient, confirm_subscribed
 
-from .support import MiB, PeakSampler, Probe, _authed_socket, metric, record, scrape, speed_bound, wait_close_reason
+from .support import (
+    MiB,
+    PeakSampler,
+    Probe,
+    _authed_socket,
+    metric,
+    record,
+    scrape,
+    speed_bound,
+    wait_close_reason,
+    wait_subscribed,
+)
 
 RATE = 10_000
 PAYLOAD = 1024
@@ -138,7 +149,7 @@ class Run:
 def run_load(b, stalled: socket.socket | None = None, seconds: float = RUN_S) -> Run:
     probe = Probe(b.pid)
     healthy = [Healthy(b.port) for _ in range(HEALTHY)]
-    time.sleep(0.3)  # subscriptions in place
+    wait_subscribed(b.exporter_port, "bob", "chan1", HEALTHY)
     for h in healthy:
         h.start()
     with PeakSampler(probe) as peak:
@@ -152,6 +163,7 @@ def run_load(b, stalled: socket.socket | None = None, seconds: float = RUN_S) ->
         h.stop.set()
         h.join(2)
         h.sock.close()
+    wait_subscribed(b.exporter_port, "bob", "chan1", 0)  # gone before the next run counts its own
     return Run(sent, healthy, elapsed, peak.peak)
 
 
@@ -165,6 +177,7 @@ def test_stalled_subscriber_is_cut_and_healthy_ones_lose_nothing(reliable_broker
     stalled = _authed_socket(b.port, "reader", "reader-secret", rcvbuf=4096)
     stalled.sendall(encode_subscribe(b"reader", b"chan1"))
     stalled_port = stalled.getsockname()[1]
+    wait_subscribed(b.exporter_port, "reader", "chan1", 1)
     rss_mid = probe.rss()
     t_start = time.monotonic()
     cut_at: list[float] = []
@@ -259,7 +272,7 @@ def test_stall_timeout_cuts_a_subscriber_that_drains_nothing(reliable_broker) ->
     stalled = _authed_socket(b.port, "reader", "reader-secret", rcvbuf=4096)
     stalled.sendall(encode_subscribe(b"reader", b"chan1"))
     port = stalled.getsockname()[1]
-    time.sleep(0.2)
+    wait_subscribed(b.exporter_port, "reader", "chan1", 1)
     t0 = time.monotonic()
     # 6 s: the queue stays below the 32 MiB hard bound; the soft window is 60 s.
     publisher = threading.Thread(target=publish, args=(b.port, rate, 6.0), daemon=True)
@@ -307,7 +320,7 @@ def test_slow_but_alive_subscriber_survives_a_burst_and_is_cut_only_after_the_so
     rate_msgs = 2000
     half_rate_bytes = rate_msgs * FRAME_LEN / 2
     slow = Healthy(b.port, ident="reader", rcvbuf=16384, rate_bytes=half_rate_bytes)
-    time.sleep(0.3)
+    wait_subscribed(b.exporter_port, "reader", "chan1", 1)
     slow.start()
     # A 1 s burst at 3x the reader's rate: the queue peaks over the soft bound
     # for less than the window, then drains.

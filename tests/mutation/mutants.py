@@ -1,0 +1,213 @@
+"""Realistic bugs, each with the tests that must catch it (``tests/mutation/run.py`` applies them).
+
+A mutant is one or more exact text replacements in one file. ``original`` must
+occur exactly once in that file (``test_mutants.py`` checks it, so this list
+does not rot when the code moves: update the text with the code). ``tests``
+are pytest node ids or files, run with ``-x`` against a copy of the tree
+carrying the bug: a failing run kills the mutant.
+
+Add a mutant when a bug got past the suite: the bug as it was, and the test
+written for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the repository root
+    edits: tuple[tuple[str, str], ...]  # (original, replacement), applied in order
+    tests: tuple[str, ...]
+    why: str  # the bug, as a user would feel it
+
+
+def mutant(name: str, path: str, original: str, replacement: str, *tests: str, why: str) -> Mutant:
+    return Mutant(name, path, ((original, replacement),), tests, why)
+
+
+CODEC = "src/hpfeeds3/protocol/codec.py"
+SESSION = "src/hpfeeds3/broker/session.py"
+ROUTER = "src/hpfeeds3/broker/router.py"
+ADMISSION = "src/hpfeeds3/broker/admission.py"
+RATELIMIT = "src/hpfeeds3/broker/ratelimit.py"
+
+MUTANTS: tuple[Mutant, ...] = (
+    # --- protocol -----------------------------------------------------------------------
+    mutant(
+        "codec-run-uncapped",
+        CODEC,
+        "or not overhead <= length <= max_publish",
+        "or not overhead <= length",
+        "tests/protocol/test_codec.py",
+        why="a PUBLISH that continues a run in the same read has no size cap",
+    ),
+    Mutant(
+        "codec-cap-exclusive",
+        CODEC,
+        (
+            ("if not HEADER_LEN <= length <= max_len[opcode]:", "if not HEADER_LEN <= length < max_len[opcode]:"),
+            ("    if length > cap:", "    if length >= cap:"),
+        ),
+        ("tests/protocol/test_codec.py",),
+        why="a frame exactly at the cap is refused",
+    ),
+    mutant(
+        "codec-empty-channel",
+        CODEC,
+        "if not n or not m or c + m > frame_end:",
+        "if not n or c + m > frame_end:",
+        "tests/protocol/test_codec.py",
+        why="a PUBLISH with an empty channel name is accepted",
+    ),
+    mutant(
+        "sign-secret-first",
+        "src/hpfeeds3/protocol/auth.py",
+        "hashlib.sha1(nonce + secret)",
+        "hashlib.sha1(secret + nonce)",
+        "tests/protocol/test_codec.py",
+        why="the AUTH digest is SHA1(secret + nonce): no other hpfeeds client can log in",
+    ),
+    mutant(
+        "verify-anything",
+        "src/hpfeeds3/protocol/auth.py",
+        "return hmac.compare_digest(sign(nonce, secret), digest)",
+        "return True",
+        "tests/protocol/test_codec.py",
+        why="any digest authenticates",
+    ),
+    # --- permissions and fan-out (wire) -----------------------------------------------------
+    mutant(
+        "subscribe-with-pubchans",
+        SESSION,
+        "elif channel not in self.subchans:",
+        "elif channel not in self.subchans | self.pubchans:",
+        "tests/wire/test_decisions.py",
+        why="a key may subscribe to a channel it may only publish to",
+    ),
+    mutant(
+        "publish-any-channel",
+        SESSION,
+        "if run.ident != self.ident_bytes or channel not in self.pubchans:",
+        "if run.ident != self.ident_bytes:",
+        "tests/wire/test_decisions.py",
+        why="a key may publish to any channel",
+    ),
+    mutant(
+        "publish-spoofed-ident",
+        SESSION,
+        "if run.ident != self.ident_bytes or channel not in self.pubchans:",
+        "if channel not in self.pubchans:",
+        "tests/wire/test_decisions.py",
+        why="a client may publish as another ident",
+    ),
+    mutant(
+        "subscribe-keeps-fanout",
+        ROUTER,
+        "members[sub] = None\n        self._fanout.pop(channel, None)",
+        "members[sub] = None",
+        "tests/wire/test_pubsub.py",
+        why="a subscriber that arrives after a channel's first publish gets nothing",
+    ),
+    mutant(
+        "unsubscribe-keeps-fanout",
+        ROUTER,
+        "del members[sub]\n        self._fanout.pop(channel, None)",
+        "del members[sub]",
+        "tests/wire/test_pubsub.py",
+        why="an UNSUBSCRIBE does not stop delivery",
+    ),
+    # --- limits -------------------------------------------------------------------------
+    mutant(
+        "preauth-evicts-first-address",
+        ADMISSION,
+        "busiest = next(iter(self._groups_by_count[self._max_count]))",
+        "busiest = next(iter(self._by_group))",
+        "tests/broker/test_admission.py",
+        why="at the total pre-auth bound the first address's connection is closed, not the busiest's",
+    ),
+    mutant(
+        "preauth-per-address-off-by-one",
+        ADMISSION,
+        "if len(members) > self.limit_per_group:",
+        "if len(members) >= self.limit_per_group:",
+        "tests/broker/test_admission.py",
+        why="an address gets one pre-auth slot fewer than --max-unauthenticated-per-address",
+    ),
+    mutant(
+        "limiter-window-never-slides",
+        RATELIMIT,
+        "while failures and failures[0] < window_start:",
+        "while False:",
+        "tests/broker/test_ratelimit.py",
+        why="failed AUTHs never leave the window: one failure every 30 s is blocked after 15",
+    ),
+    mutant(
+        "limiter-blocks-one-late",
+        RATELIMIT,
+        "if len(failures) < self.limit or self.blocked(key, now):",
+        "if len(failures) <= self.limit or self.blocked(key, now):",
+        "tests/broker/test_ratelimit.py",
+        why="a guesser gets one more try than the limit",
+    ),
+    mutant(
+        "partial-frames-close-smallest",
+        "src/hpfeeds3/broker/state.py",
+        "key=lambda kv: kv[1], reverse=True",
+        "key=lambda kv: kv[1]",
+        "tests/reliability/test_attacks.py::test_past_the_partial_frames_bound_the_largest_holder_is_closed",
+        why="past --max-partial-frames the smallest holders are closed, not the largest",
+    ),
+    mutant(
+        "hard-bound-ten-times-loose",
+        "src/hpfeeds3/broker/connection.py",
+        "transport.get_write_buffer_size() > self.broker.send_hard_bytes:",
+        "transport.get_write_buffer_size() > 10 * self.broker.send_hard_bytes:",
+        "tests/reliability/test_slow_consumers.py::test_the_hard_bound_cuts_a_burst_at_the_delivery_that_crosses_it",
+        why="a burst piles up to 10x the hard bound before a stalled subscriber is cut",
+    ),
+    # --- what reaches people -------------------------------------------------------------
+    mutant(
+        "log-field-unescaped",
+        "src/hpfeeds3/broker/logs.py",
+        "                value = escape(value)\n",
+        "",
+        "tests/ops/test_logs.py",
+        why="an ident or channel with a newline forges a text log line",
+    ),
+    mutant(
+        "viewer-stops-watch",
+        "src/hpfeeds3/broker/admin/api.py",
+        "async def watch_stop(self, request: web.Request) -> web.StreamResponse:\n        self._admin(request)",
+        "async def watch_stop(self, request: web.Request) -> web.StreamResponse:",
+        "tests/console/test_api.py::test_a_viewer_gets_403_from_every_post_route_but_login_and_logout",
+        why="a viewer may stop an admin's watch",
+    ),
+    mutant(
+        "viewer-sees-disconnect",
+        "src/hpfeeds3/broker/admin/static/app.js",
+        '      if (isAdmin()) {\n        const b = el("button", "Disconnect");',
+        '      if (true) {\n        const b = el("button", "Disconnect");',
+        "tests/console/test_browser.py::test_viewer_sees_but_cannot_change",
+        why="a viewer's page shows Disconnect buttons",
+    ),
+    # --- key stores and tools -------------------------------------------------------------
+    mutant(
+        "json-store-drops-keys-on-broken-file",
+        "src/hpfeeds3/broker/auth/jsonfile.py",
+        "self.path, e)\n            return set()",
+        "self.path, e)\n            self._keys = {}\n            return set()",
+        "tests/broker/test_auth_backends.py",
+        why="a JSON key file saved half-written locks every sensor out",
+    ),
+    mutant(
+        "bench-storm-always-skipped",
+        "src/hpfeeds3/bench/storm.py",
+        "    if resume and not target.tls:",
+        "    if not target.tls:",
+        "tests/bench/test_smoke.py::test_storm_keys_are_written_into_the_broker_s_sqlite_store",
+        why="hpfeeds-bench skips every storm over plain TCP",
+    ),
+)

@@ -3,9 +3,11 @@ a real PostgreSQL (``pgserver``)."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import time
+import urllib.request
 from pathlib import Path
 
 from tests.cluster.nodes import CHANNELS, Collector, healthz, metric, probe_until_seen, start_node, wait_linked
@@ -71,7 +73,15 @@ def test_three_nodes_exactly_once_in_order_with_awkward_channel_names(tmp_path, 
                 assert s.got[(f"n{i}", channel)] == list(range(c, n, len(CHANNELS)))
 
 
-def test_nats_outage_local_delivery_goes_on_and_losses_are_counted(tmp_path, nats, cluster_keys) -> None:
+def nats_subscriptions(monitor_port: int) -> int:
+    """Subscriptions the NATS server holds, from its monitoring endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{monitor_port}/subsz", timeout=5) as r:
+        return int(json.load(r)["num_subscriptions"])
+
+
+def test_nats_outage_local_delivery_goes_on_and_losses_are_counted(tmp_path, cluster_keys) -> None:
+    monitor = free_port()
+    nats = NatsServer(tmp_path, extra=f"http: 127.0.0.1:{monitor}\n").start()
     a, b = start_node(tmp_path, nats.url, cluster_keys), start_node(tmp_path, nats.url, cluster_keys)
     try:
         for node in (a, b):
@@ -81,6 +91,7 @@ def test_nats_outage_local_delivery_goes_on_and_losses_are_counted(tmp_path, nat
         sub_b = Collector(b.port, "n1", ["plain"])
         pub = RawClient(a.port).auth("n0", "n0-secret")
         probe_until_seen([pub], "plain", [sub_a, sub_b])
+        subscribed = nats_subscriptions(monitor)  # both nodes' subscriptions, in place
         seq = 0
 
         def publish_for(seconds: float) -> None:
@@ -101,12 +112,18 @@ def test_nats_outage_local_delivery_goes_on_and_losses_are_counted(tmp_path, nat
             time.sleep(0.1)
         resumed_within = 10 - (deadline - time.monotonic())
         assert healthz(a)["status"] == healthz(b)["status"] == "serving"
-        # Not probed: a probe b misses before it re-subscribes would count as lost.
-        time.sleep(1.0)
+        # Not probed (a probe b misses before it re-subscribes would count as lost):
+        # the restarted NATS holds every subscription again.
+        deadline = time.monotonic() + 10
+        while nats_subscriptions(monitor) < subscribed:
+            assert time.monotonic() < deadline, f"{nats_subscriptions(monitor)} of {subscribed} NATS subscriptions back"
+            time.sleep(0.05)
         publish_for(1.0)
         sub_a.wait_count(seq)
-        sub_b.wait_count(seq - 400, timeout=10)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while sub_b.got.get(("n0", "plain"), [-1])[-1] != seq - 1:  # the last one crossed
+            assert time.monotonic() < deadline, "cross-node delivery did not resume"
+            time.sleep(0.05)
         local = sub_a.got[("n0", "plain")]
         remote = sub_b.got[("n0", "plain")]
         assert local == list(range(seq)), "local delivery lost messages"
@@ -123,6 +140,7 @@ def test_nats_outage_local_delivery_goes_on_and_losses_are_counted(tmp_path, nat
     finally:
         a.stop()
         b.stop()
+        nats.stop()
 
 
 def test_nats_down_at_start_serves_locally_then_joins(tmp_path, cluster_keys) -> None:

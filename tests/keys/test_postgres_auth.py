@@ -33,6 +33,19 @@ async def next_change(changes: AsyncIterator[set[str] | None], timeout_s: float 
     return await asyncio.wait_for(anext(changes), timeout_s)
 
 
+async def listening(dsn: str, timeout_s: float = 10.0) -> None:
+    """Instead of sleeping: until a session of this database has run its LISTEN (as the server shows it)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + timeout_s
+        query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query ILIKE 'LISTEN %'"
+        while not await conn.fetchval(query):
+            assert time.monotonic() < deadline, "nothing LISTENs"
+            await asyncio.sleep(0.02)
+    finally:
+        await conn.close()
+
+
 @pytest.fixture(scope="module")
 def own_server() -> Iterator[PostgresServer]:
     server = PostgresServer.start_new()
@@ -145,7 +158,7 @@ def test_changes_yields_idents_changed_by_another_connection(postgres_dsn: str) 
         try:
             # start listening, then change rows from elsewhere
             first = asyncio.ensure_future(next_change(changes))
-            await asyncio.sleep(0.3)
+            await listening(postgres_dsn)
             conn = await asyncpg.connect(postgres_dsn)
             try:
                 await conn.execute(
@@ -186,7 +199,7 @@ def test_changes_survives_a_database_restart_and_says_recheck_all(own_server: Po
         changes = auth.changes()
         try:
             pending = asyncio.ensure_future(next_change(changes, timeout_s=15))
-            await asyncio.sleep(0.3)
+            await listening(dsn)
             await asyncio.to_thread(own_server.stop)
             await asyncio.sleep(0.5)
             await asyncio.to_thread(own_server.start)
@@ -246,7 +259,7 @@ def test_a_read_only_role_can_serve_a_table_made_by_its_owner(postgres_server: P
         try:
             assert await auth.lookup("sensor1") == KEY
             pending = asyncio.ensure_future(next_change(changes))
-            await asyncio.sleep(0.3)
+            await listening(dsn)
             await asyncio.to_thread(run_keys_revoke, dsn)
             assert await pending == {"sensor1"}
             key = await auth.lookup("sensor1")

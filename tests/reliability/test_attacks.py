@@ -336,15 +336,21 @@ ATTACK_OUTSTANDING = 32
 
 
 def during_attack(
-    attack: Callable[[], None], stop: threading.Event, sensor: Callable[[int, str], None], sources: Sequence[str]
+    attack: Callable[[], None],
+    stop: threading.Event,
+    sensor: Callable[[int, str], None],
+    sources: Sequence[str],
+    holding: Callable[[], bool],
 ) -> None:
-    """``attack`` in a thread for ATTACK_S; from 0.5 s on (the attacker holds its share by
-    then), one ``sensor(i, source)`` thread per source, spread over the next ATTACK_S - 1 s."""
+    """``attack`` in a thread for ATTACK_S; once ``holding()`` (the attacker holds its
+    share), one ``sensor(i, source)`` thread per source, spread over the next ATTACK_S - 1 s."""
     flood = threading.Thread(target=attack)
     t0 = time.monotonic()
     flood.start()
     try:
-        time.sleep(0.5)
+        while not holding():
+            assert time.monotonic() < t0 + 10, "the attack never took its share"
+            time.sleep(0.01)
         sensors = []
         for i, source in enumerate(sources):
             t = threading.Thread(target=sensor, args=(i, source))
@@ -413,7 +419,8 @@ def test_one_address_cannot_take_every_pre_auth_slot(reliable_broker) -> None:
                 frame = round_trip(sock, "alice", "alice-secret", "chan1", f"sensor {i}".encode())
         results[i] = (frame, attempts, time.perf_counter() - t0)
 
-    during_attack(attack, stop, sensor, SENSORS)
+    # At its share once the broker closes its oldest to make room.
+    during_attack(attack, stop, sensor, SENSORS, lambda: attacker["closed_by_broker"] > 0)
     samples = wait_metric(
         b.exporter_port, lambda s: metric(s, CLOSED, reason="too_many_unauthenticated") >= attacker["closed_by_broker"]
     )
@@ -492,7 +499,8 @@ def test_sensors_get_in_at_the_connection_limit(reliable_broker, attack_kind: st
 
     sources = ("127.0.0.3",) * 6 + (BOTNET[0],) * 6
     try:
-        during_attack(attack, stop, sensor, sources)
+        # At the limit once more have been opened than it and the not-yet-greeted ones.
+        during_attack(attack, stop, sensor, sources, lambda: len(held) > LIMIT_CONNECTIONS + ATTACK_OUTSTANDING)
         samples = scrape(b.exporter_port)
     finally:
         for s in held:
@@ -637,7 +645,7 @@ def test_parked_partial_frames_hold_at_most_the_bound(reliable_broker) -> None:
     assert len(frame) == MiB
     parked: list[socket.socket] = []
     send_failed = 0
-    time.sleep(0.3)
+    wait_subscribed(b.exporter_port, "reader", "chan1", 1)
     rss_before = probe.rss()
     try:
         with PeakSampler(probe) as peak:

@@ -14,7 +14,7 @@ import time
 
 from hpfeeds3.protocol import HEADER, encode_auth
 
-from .support import MiB, PeakSampler, Probe, metric, raise_nofile, record, scrape
+from .support import MiB, PeakSampler, Probe, metric, raise_nofile, record, scrape, wait_metric
 
 WAVE = 1000
 AUTH_TIMEOUT_S = 4.0
@@ -89,7 +89,9 @@ def test_pre_auth_floods_cost_at_most_64_mib(reliable_broker) -> None:
             # Wave 2 first, so both waves are open at the same time.
             t_stall = time.monotonic()
             stallers = _connect_all(b.port, WAVE)
-            time.sleep(0.5)
+            # Every one accepted (the pre-auth gauge counts it) before its half AUTH.
+            unauthenticated = "hpfeeds_broker_unauthenticated_connections"
+            wait_metric(b.exporter_port, lambda m: metric(m, unauthenticated) >= WAVE, timeout=15)
             for s in stallers:
                 with contextlib.suppress(OSError):
                     s.send(half_auth)

@@ -6,8 +6,9 @@ subscribers) on one broker. Prints one JSON object with what it saw.
 - Publishers publish at a fixed total rate, each to its own channel
   (``s<publisher>``); payload = (publisher, epoch, seq). A publisher
   that reconnects (churn) starts a new epoch.
-- Stable subscribers subscribe before publishing starts and never change:
-  they must receive every message of every epoch published to their channel.
+- Stable subscribers (ident ``stable``) subscribe before publishing starts
+  (the broker's /metrics counts each one first) and never change: they must
+  receive every message of every epoch published to their channel.
 - Churning subscribers switch to a channel they have not used on this
   connection every few seconds (UNSUBSCRIBE + SUBSCRIBE) and reconnect at
   random: per subscription, each sender's sequence must have no gap and no
@@ -37,6 +38,10 @@ from hpfeeds3.protocol import (
     encode_unsubscribe,
     sign,
 )
+
+from .support import scrape
+
+SUBSCRIPTIONS = "hpfeeds_broker_subscriptions"
 
 STAMP = struct.Struct(">IIQ")  # publisher, epoch, seq
 
@@ -112,12 +117,13 @@ async def subscriber(
 ) -> None:
     rng = random.Random(n)
     while time.monotonic() < end + (1.5 if stable else 0):
-        reader, writer, decoder = await connect(args.port, b"sub", b"sub-secret")
+        ident = b"stable" if stable else b"sub"
+        reader, writer, decoder = await connect(args.port, ident, ident + b"-secret")
         stats.connects += 1
         used: set[bytes] = set()
         channel = f"s{n % args.publishers if stable else rng.randrange(args.channels)}".encode()
         used.add(channel)
-        writer.write(encode_subscribe(b"sub", channel))
+        writer.write(encode_subscribe(ident, channel))
         if stable:
             expect[n] = (channel, defaultdict(list))
         last: dict[tuple[bytes, int, int], int] = {}
@@ -169,6 +175,18 @@ async def subscriber(
         stats.reconnects += 1
 
 
+def wait_stable_subscribed(exporter: int, n: int, timeout: float = 30.0) -> None:
+    """Until the broker counts every stable subscription (ident ``stable``) on /metrics."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(exporter)
+        count = sum(v for (name, labels), v in samples.items() if name == SUBSCRIPTIONS and 'ident="stable"' in labels)
+        if count == n:
+            return
+        assert time.monotonic() < deadline, f"{count} of {n} stable subscriptions in place"
+        time.sleep(0.05)
+
+
 async def main_async(args: argparse.Namespace) -> dict:
     stats = Stats()
     start, ready = asyncio.Event(), asyncio.Event()
@@ -186,7 +204,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         if n % 50 == 49:
             await asyncio.sleep(0.05)
     await asyncio.wait_for(ready.wait(), 30)
-    await asyncio.sleep(1.0)  # every stable subscription processed
+    await asyncio.to_thread(wait_stable_subscribed, args.exporter, args.stable)
     tasks += [asyncio.create_task(publisher(n, args, stats, start, end)) for n in range(args.publishers)]
     start.set()
     publishing_from = time.monotonic()
@@ -224,6 +242,7 @@ async def main_async(args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--exporter", type=int, required=True, help="the broker's /metrics port")
     p.add_argument("--seconds", type=float, default=60)
     p.add_argument("--clients", type=int, default=1000)
     p.add_argument("--publishers", type=int, default=200)

@@ -28,6 +28,7 @@ CHANNELS = 800
 USERS = {
     "pub": {"secret": "pub-secret", "pubchans": [f"s{i}" for i in range(CHANNELS)], "subchans": []},
     "sub": {"secret": "sub-secret", "pubchans": [], "subchans": [f"s{i}" for i in range(CHANNELS)]},
+    "stable": {"secret": "stable-secret", "pubchans": [], "subchans": [f"s{i}" for i in range(CHANNELS)]},
     "canary": {"secret": "canary-secret", "pubchans": ["canary"], "subchans": ["canary"]},
 }
 
@@ -55,6 +56,8 @@ def test_soak_1000_clients_with_churn(reliable_broker) -> None:
             "tests.reliability.soak_load",
             "--port",
             str(b.port),
+            "--exporter",
+            str(b.exporter_port),
             "--seconds",
             str(SOAK_S),
         ],

@@ -202,6 +202,10 @@ def _options(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Options
         parser.error("an ident is needed: -i/--ident or HPFEEDS_IDENT")
     if secret is None:
         parser.error("a secret is needed: -s/--secret or HPFEEDS_SECRET")
+    if not secret:
+        # Typically -s "$SECRET" in a shell that never set SECRET: sending the
+        # empty secret would only earn "authentication failed".
+        parser.error('the secret is empty (-s ""): is its variable set in this shell?')
     channels = tuple(getattr(ns, "channels", None) or ())
     if not channels:
         parser.error("at least one channel is needed: -c/--chan")

@@ -148,3 +148,16 @@ def test_python_client_raises_the_broker_error_without_also_logging_it(
 def test_publish_help_names_its_units() -> None:
     out = " ".join(hpfeeds("publish", "--help").stdout.decode().split())
     assert "--wait SECONDS" in out and "(default 0.5 s)" in out and "--timeout SECONDS" in out
+
+
+@pytest.mark.parametrize("action", ["publish", "subscribe"])
+def test_empty_secret_is_a_usage_error_naming_the_shell(action: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # `-s "$SENSOR_SECRET"` in a shell where the variable was never set: say so,
+    # rather than send the empty secret and report "authentication failed".
+    # No broker is needed: nothing may be sent.
+    payload = ["x"] if action == "publish" else []
+    with pytest.raises(SystemExit) as exited:
+        cli.main([action, "-p", "1", "-i", "sensor1", "-s", "", "-c", "c", *payload])
+    assert exited.value.code == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "secret is empty" in err and "this shell" in err, err

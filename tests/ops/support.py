@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -30,6 +31,24 @@ PYTHON = sys.executable
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 20.0  # above the broker's 10 s shutdown drain
+
+
+def copy_checkout(target: Path) -> Path:
+    """Copy the checkout's files (tracked and new, as in the working tree; no venv, no caches) to ``target``."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout.split(b"\0")
+    for raw in filter(None, listed):
+        name = raw.decode()
+        source = REPO / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return target
 
 
 def free_port() -> int:

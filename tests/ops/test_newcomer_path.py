@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from .support import REPO, free_port, running_broker
+from .support import REPO, copy_checkout, free_port, running_broker
 
 README = REPO / "README.md"
 OPERATIONS = REPO / "docs" / "operations.md"
@@ -63,21 +63,7 @@ def the_one(lines: list[str], pattern: str) -> str:
 @pytest.fixture(scope="session")
 def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of this checkout's files (tracked and new, as they are now), without any venv."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-        timeout=60,
-    ).stdout.split(b"\0")
-    target = tmp_path_factory.mktemp("newcomer") / "hpfeeds3"
-    for raw in filter(None, listed):
-        name = raw.decode()
-        source = REPO / name
-        if source.is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target / name)
-    return target
+    return copy_checkout(tmp_path_factory.mktemp("newcomer") / "hpfeeds3")
 
 
 @pytest.fixture(scope="session")

@@ -209,3 +209,21 @@ def test_unreachable_postgresql_warning_is_a_whole_sentence(tmp_path: Path) -> N
     (warning,) = [line for line in log.splitlines() if "not reachable at start" in line]
     assert warning.endswith("until it is reachable (retrying in the background)"), warning
     assert "pw" not in warning, "the password is redacted"
+
+
+def test_console_token_command_runs_without_a_warning(tmp_path: Path) -> None:
+    # docs/console.md's first command. Importing the console package must not
+    # import the tokens module first (runpy's "found in sys.modules" warning).
+    from .support import PYTHON
+
+    result = subprocess.run(
+        [PYTHON, "-W", "error", "-m", "hpfeeds3.broker.admin.tokens", "alice", "admin"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"alice admin sha256:[0-9a-f]{64}\n", result.stdout), result.stdout
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("token (shown once): "), result.stderr

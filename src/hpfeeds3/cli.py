@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import concurrent.futures
 import json
 import logging
 import os
 import socket
 import ssl
 import sys
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -348,15 +350,48 @@ async def _subscribe(opts: Options, as_json: bool, count: int | None, out: Binar
 # --- publish ------------------------------------------------------------------------------
 
 
-async def _stdin_lines(stream: BinaryIO) -> AsyncIterator[bytes]:
-    """Lines of ``stream`` without their ``\\n`` (or ``\\r\\n``), read off the loop thread."""
+async def _chunks(stream: BinaryIO) -> AsyncIterator[bytes]:
+    """``stream``'s bytes as they come, read off the loop thread.
+
+    A daemon thread reads the descriptor with ``os.read``: at a terminal the
+    read blocks until a line or Ctrl-D, and Ctrl-C must end the command all
+    the same. A thread of the default executor would be waited for at exit
+    (Ctrl-C ignored until Ctrl-D), and one reading through the buffered
+    ``sys.stdin.buffer`` holds its lock, which aborts the interpreter's exit
+    ("Fatal Python error: _enter_buffered_busy"). One chunk is in flight at a
+    time: the thread reads the next when the previous one was taken.
+    """
     loop = asyncio.get_running_loop()
-    read = getattr(stream, "read1", stream.read)
-    rest = b""
+    fd = stream.fileno()
+    queue: asyncio.Queue[bytes | OSError] = asyncio.Queue(maxsize=1)
+
+    def read() -> None:
+        while True:
+            try:
+                chunk: bytes | OSError = os.read(fd, STDIN_CHUNK_BYTES)
+            except OSError as exc:
+                chunk = exc
+            try:
+                asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
+            except (RuntimeError, concurrent.futures.CancelledError):
+                return  # the command ended meanwhile
+            if not chunk or isinstance(chunk, OSError):
+                return
+
+    threading.Thread(target=read, name="hpfeeds-input", daemon=True).start()
     while True:
-        chunk = await loop.run_in_executor(None, read, STDIN_CHUNK_BYTES)
+        chunk = await queue.get()
+        if isinstance(chunk, OSError):
+            raise CliError(EXIT_ERROR, f"cannot read {getattr(stream, 'name', 'input')}: {chunk.strerror or chunk}")
         if not chunk:
-            break
+            return
+        yield chunk
+
+
+async def _stdin_lines(stream: BinaryIO) -> AsyncIterator[bytes]:
+    """Lines of ``stream`` without their ``\\n`` (or ``\\r\\n``)."""
+    rest = b""
+    async for chunk in _chunks(stream):
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()
         for line in lines:
@@ -387,7 +422,7 @@ async def _payloads(ns: argparse.Namespace) -> AsyncIterator[bytes]:
     elif file_arg is not None:
         stream = _open_input(file_arg)
         try:
-            yield await asyncio.get_running_loop().run_in_executor(None, stream.read)
+            yield b"".join([chunk async for chunk in _chunks(stream)])
         finally:
             if stream is not sys.stdin.buffer:
                 stream.close()

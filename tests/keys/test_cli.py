@@ -82,6 +82,55 @@ def test_list_is_an_aligned_table_without_secrets(keys: Keys, store_spec: str) -
     ]
 
 
+def store_an_invalid_key(spec: str, ident: str) -> None:
+    """A key row with an empty secret, written past the key commands (as SQL or an editor would)."""
+    if spec.startswith("sqlite:"):
+        import sqlite3
+
+        db = sqlite3.connect(spec.removeprefix("sqlite:"))
+        with db:
+            db.execute(
+                "insert into authkeys (owner, ident, secret, pubchans, subchans) values ('', ?, '', '[]', '[]')",
+                (ident,),
+            )
+        db.close()
+    elif spec.endswith(".json"):
+        doc = json.loads(Path(spec).read_text())
+        doc[ident] = {"owner": "", "secret": "", "pubchans": [], "subchans": []}
+        Path(spec).write_text(json.dumps(doc))
+    else:
+        import asyncio
+
+        import asyncpg
+
+        async def insert() -> None:
+            db = await asyncpg.connect(spec)
+            try:
+                await db.execute(
+                    "INSERT INTO authkeys (owner, ident, secret, pubchans, subchans) VALUES ('', $1, '', '[]', '[]')",
+                    ident,
+                )
+            finally:
+                await db.close()
+
+        asyncio.run(insert())
+
+
+def test_list_shows_the_valid_keys_and_names_the_invalid_ones(keys: Keys, store_spec: str) -> None:
+    keys("add", "good1", "--secret", "SECRET1", "--pub", "p", "--auth", store_spec)
+    keys("add", "good2", "--secret", "SECRET2", "--sub", "s", "--auth", store_spec)
+    store_an_invalid_key(store_spec, "broken")
+    r = keys("list", "--auth", store_spec)
+    assert r.code == ExitCode.OK, r
+    assert [line.split()[0] for line in r.out.splitlines()] == ["IDENT", "good1", "good2"], r.out
+    (line,) = r.err.splitlines()
+    assert "'broken'" in line and "secret must not be empty" in line, r.err
+    r = keys("list", "--json", "--auth", store_spec)
+    assert r.code == ExitCode.OK, r
+    assert [k["ident"] for k in json.loads(r.out)] == ["good1", "good2"]
+    assert "'broken'" in r.err
+
+
 def test_show_text_json_and_secret_on_request(keys: Keys, store_spec: str) -> None:
     keys("add", "s1", "--owner", "o", "--pub", "p", "--secret", "SECRET", "--auth", store_spec)
     r = keys("show", "s1", "--auth", store_spec)

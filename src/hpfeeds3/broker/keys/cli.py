@@ -46,7 +46,8 @@ exit codes:
   4  no such ident
   5  store unreachable, cannot be created, locked (beyond a 5 s wait) or not a key store
   6  invalid ident, secret or channel name (empty, not text, or over 255 bytes of UTF-8),
-     or a stored key that is not valid
+     or a stored key that is not valid (list shows the valid keys, names the others on
+     stderr and exits 0)
 """
 
 EPILOG = (
@@ -158,9 +159,19 @@ def cmd_add(args: argparse.Namespace) -> None:
         _note("the secret above is shown only once; keys rotate makes a new one")
 
 
+def _naming(ident: str, err: Exception) -> str:
+    """``err``'s text, with the ident in front unless it names it already."""
+    return str(err) if repr(ident) in str(err) else f"ident {ident!r}: {err}"
+
+
 def cmd_list(args: argparse.Namespace) -> None:
+    invalid: list[str] = []
     with open_store(args.auth) as store:
-        keys = store.keys()
+        # The valid keys are listed; each invalid one is named on stderr (the
+        # broker answers "no such key" for it), so one bad row hides nothing.
+        keys = store.keys(skip_invalid=lambda ident, err: invalid.append(_naming(ident, err)))
+    for line in invalid:
+        _note(f"{PROG}: not a valid key, refused by the broker ({line}); update, rotate or remove fixes it")
     if args.json:
         print(json.dumps([_public(k) for k in keys], indent=2, ensure_ascii=False))
     elif keys:

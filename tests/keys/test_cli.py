@@ -7,13 +7,14 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from hpfeeds3.broker.auth.base import AccessKey
 from hpfeeds3.broker.keys import ExitCode, open_store
+from tests.support.terminal import CTRL_C, Terminal
 
 from .conftest import Result
 
@@ -374,3 +375,51 @@ def test_generated_secrets_never_start_with_a_dash() -> None:
     secrets_ = [generate_secret() for _ in range(2000)]
     assert not [s for s in secrets_ if s.startswith("-")]
     assert all(len(s) >= SECRET_BYTES for s in secrets_)
+
+
+@pytest.fixture
+def keys_at_a_terminal(tmp_path: Path) -> Iterator[Callable[..., Terminal]]:
+    """``hpfeeds-broker keys --auth sqlite:... ARGS`` at a pseudo-terminal."""
+    started: list[Terminal] = []
+    broker = str(Path(sys.executable).parent / "hpfeeds-broker")
+
+    def start(*args: str) -> Terminal:
+        terminal = Terminal([broker, "keys", "--auth", f"sqlite:{tmp_path / 'keys.db'}", *args], cwd=str(tmp_path))
+        started.append(terminal)
+        return terminal
+
+    yield start
+    for terminal in started:
+        terminal.close()
+
+
+def test_secret_from_a_terminal_is_prompted_for_and_not_echoed(
+    keys_at_a_terminal: Callable[..., Terminal], tmp_path: Path
+) -> None:
+    terminal = keys_at_a_terminal("add", "sensor1", "--pub", "p", "--secret", "-")
+    terminal.read_until(b"secret for 'sensor1'")
+    terminal.type(b"typed-secret-1\n")
+    code, err = terminal.wait(30)
+    assert code == ExitCode.OK, err
+    assert b"typed-secret-1" not in terminal.screen, terminal.screen
+    key = stored(f"sqlite:{tmp_path / 'keys.db'}", "sensor1")
+    assert key is not None and key.secret == "typed-secret-1"
+
+
+@pytest.mark.parametrize(
+    ("args", "prompt"),
+    [(["add", "s1", "--secret", "-"], b"secret for 's1'"), (["import", "-"], b"Ctrl-D")],
+    ids=["add", "import"],
+)
+def test_ctrl_c_at_a_terminal_prompt_exits_130_without_a_traceback(
+    keys_at_a_terminal: Callable[..., Terminal], args: list[str], prompt: bytes
+) -> None:
+    terminal = keys_at_a_terminal(*args)
+    if args[0] == "import":
+        terminal.stderr_until(prompt)
+    else:
+        terminal.read_until(prompt)
+    terminal.type(CTRL_C)
+    code, err = terminal.wait(30)
+    assert code == 130, err
+    assert "Traceback" not in err, err

@@ -33,6 +33,7 @@ class Terminal:
     def __init__(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None) -> None:
         self.master, slave = os.openpty()
         self.screen = b""  # everything the terminal showed (echo and stdout)
+        self.stderr = b""
         try:
             self.proc = subprocess.Popen(
                 list(argv),
@@ -52,25 +53,36 @@ class Terminal:
 
     def read_until(self, needle: bytes, timeout: float = 10.0) -> bytes:
         """What the terminal showed, once it holds ``needle``."""
+        return self._until(self.master, "screen", needle, timeout)
+
+    def stderr_until(self, needle: bytes, timeout: float = 10.0) -> bytes:
+        """What the command wrote to stderr, once it holds ``needle``."""
+        assert self.proc.stderr is not None
+        return self._until(self.proc.stderr.fileno(), "stderr", needle, timeout)
+
+    def _until(self, fd: int, name: str, needle: bytes, timeout: float) -> bytes:
         deadline = time.monotonic() + timeout
-        while needle not in self.screen:
+        while needle not in getattr(self, name):
             remaining = deadline - time.monotonic()
-            assert remaining > 0, f"{needle!r} not shown in {timeout} s; the terminal shows {self.screen!r}"
-            if select.select([self.master], [], [], remaining)[0]:
+            assert remaining > 0, f"{needle!r} not in {name} after {timeout} s: {getattr(self, name)!r}"
+            if select.select([fd], [], [], remaining)[0]:
                 try:
-                    self.screen += os.read(self.master, 65536)
-                except OSError:  # EIO: the command closed its side
-                    assert needle in self.screen, f"{needle!r} never shown; the terminal showed {self.screen!r}"
-        return self.screen
+                    chunk = os.read(fd, 65536)
+                except OSError:  # EIO: the command closed its side of the terminal
+                    chunk = b""
+                assert chunk, f"{needle!r} never in {name}: {getattr(self, name)!r}"
+                setattr(self, name, getattr(self, name) + chunk)
+        return bytes(getattr(self, name))
 
     def wait(self, timeout: float) -> tuple[int | None, str]:
-        """The exit status (``None`` if still running after ``timeout``) and stderr so far."""
+        """The exit status (``None`` if still running after ``timeout``) and all of stderr."""
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             return None, ""
         assert self.proc.stderr is not None
-        return self.proc.returncode, self.proc.stderr.read().decode(errors="replace")
+        self.stderr += self.proc.stderr.read()
+        return self.proc.returncode, self.stderr.decode(errors="replace")
 
     def close(self) -> None:
         if self.proc.poll() is None:

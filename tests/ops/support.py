@@ -87,7 +87,9 @@ class RawClient(SharedRawClient):
 class BrokerProcess:
     """A broker started from an argv, in a working directory, with an environment."""
 
-    def __init__(self, argv: Sequence[str], cwd: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, argv: Sequence[str], cwd: Path, env: Mapping[str, str] | None = None, *, new_session: bool = False
+    ) -> None:
         self.argv = list(argv)
         self.cwd = cwd
         self.log_path = cwd / "broker.log"
@@ -95,7 +97,13 @@ class BrokerProcess:
         base.update(env or {})
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            self.argv, cwd=cwd, env=base, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+            self.argv,
+            cwd=cwd,
+            env=base,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=new_session,  # its own process group, as a shell job or a systemd unit
         )
 
     def log(self) -> str:
@@ -132,6 +140,15 @@ class BrokerProcess:
                 last = exc
             time.sleep(0.1)
         raise AssertionError(f"broker not serving on {port} after {START_TIMEOUT_S} s ({last}):\n{self.log()}")
+
+    def kill_group(self) -> None:
+        """SIGKILL to the broker's process group (``new_session``), if any of it is left."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.wait(5)
+        if not self._log.closed:
+            self._log.close()
 
     def stop(self) -> int:
         """SIGTERM (what ``docker stop`` sends), then the exit status; killed if it hangs."""

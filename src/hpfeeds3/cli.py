@@ -62,7 +62,7 @@ subscribe output:
   With --json: one object per line, {{"channel", "ident", "payload"}} with the
   payload as text when it is valid UTF-8, else {{"channel", "ident",
   "payload_b64"}}. The subscriber reconnects (and re-subscribes) by itself if
-  the connection drops; Ctrl-C exits 0.
+  the connection drops, saying so on stderr; Ctrl-C exits 0.
 
 publish:
   the payload is the arguments joined by spaces (as the reference command),
@@ -262,7 +262,7 @@ def _failure(exc: BaseException, opts: Options) -> CliError:
         silence = "closed the connection" if "without a byte" in str(exc) else f"sent nothing in {opts.timeout_s:g} s"
         return CliError(EXIT_CONNECT, f"cannot connect to {where}: the broker {silence}: is this a TLS port? try --tls")
     if isinstance(exc, ConnectionLost):
-        return CliError(EXIT_CONNECT, f"{where}: {exc}")
+        return CliError(EXIT_CONNECT, str(exc) if where in str(exc) else f"{where}: {exc}")
     if isinstance(exc, TimeoutError):
         return CliError(EXIT_CONNECT, f"cannot connect to {where}: timed out after {opts.timeout_s:g} s")
     if isinstance(exc, ssl.SSLError):
@@ -469,8 +469,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(getattr(ns, "debug", False))
     logging.basicConfig(format="hpfeeds: %(message)s", stream=sys.stderr)
     # The command prints its own one-line errors; the client's log adds
-    # connection events with -v and everything with --debug.
-    level = logging.DEBUG if debug else logging.INFO if opts.verbose else logging.CRITICAL
+    # connection events with -v and everything with --debug. A subscriber
+    # also says when it lost the broker and is reconnecting (a warning): it
+    # is not silent for minutes while nothing can arrive.
+    quiet = logging.WARNING if ns.action == "subscribe" else logging.CRITICAL
+    level = logging.DEBUG if debug else logging.INFO if opts.verbose else quiet
     logging.getLogger("hpfeeds3.client").setLevel(level)
 
     out: BinaryIO | None = None

@@ -111,7 +111,8 @@ class JsonStore:
         try:
             self._keys = self._read_serving()
         except (OSError, KeyStoreError) as e:
-            raise ConfigError(f"JSON auth file {self.path!r}: {e}") from e
+            reason = str(e).removeprefix(f"{self.path}: ")  # the path is said once, here
+            raise ConfigError(f"JSON auth file {self.path!r}: {reason}") from e
         log.info("loaded %d keys from %s", len(self._keys), self.path)
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 

@@ -319,3 +319,25 @@ def test_readme_then_client_and_console_docs_in_order(fresh_venv: Path, checkout
             assert '"sensor1"' in out or ('"secret"' in out and '"removed"' in out), out
         assert console.stop() == 0
         assert "Traceback" not in console.log(), console.log()
+
+
+def test_wheel_recipe_builds_and_installs_with_the_system_python(
+    fresh_venv: Path, checkout: Path, tmp_path: Path
+) -> None:
+    # docs/operations.md "Installing", run in a bare shell: python3 is the
+    # system's (on Debian and Ubuntu an externally managed Python, whose pip
+    # refuses to install outside a virtual environment).
+    lines = command_lines(OPERATIONS, "## Installing")
+    (build,) = [line for line in lines if "-m build" in line]
+    (install,) = [line for line in lines if ".whl" in line]
+    shell(build, checkout, timeout=INSTALL_TIMEOUT_S)
+    (wheel,) = (checkout / "dist").glob("hpfeeds3-*.whl")
+    assert wheel.name in install, (wheel.name, install)
+    target = tmp_path / "target"
+    target.mkdir()
+    shutil.copy2(wheel, target / wheel.name)
+    shell(install, target, timeout=INSTALL_TIMEOUT_S)
+    version = subprocess.run(
+        [str(target / ".venv/bin/hpfeeds-broker"), "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert version.returncode == 0 and version.stdout.startswith("hpfeeds-broker "), version

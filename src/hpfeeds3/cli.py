@@ -48,6 +48,7 @@ DEFAULT_WAIT_S = 0.5
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_FINISH_S = 5.0  # publish: how long the broker may take to close after our half-close
 STDIN_CHUNK_BYTES = 64 * 1024
+INPUT_POLL_S = 0.2  # how often the input thread, waiting for the sender, checks that the command goes on
 
 EPILOG = f"""\
 environment:
@@ -362,30 +363,45 @@ async def _chunks(stream: BinaryIO) -> AsyncIterator[bytes]:
     time: the thread reads the next when the previous one was taken.
     """
     loop = asyncio.get_running_loop()
-    fd = stream.fileno()
+    # The thread's own descriptor: closing ``stream`` cannot hand its number
+    # to another file the thread would then read.
+    fd = os.dup(stream.fileno())
     queue: asyncio.Queue[bytes | OSError] = asyncio.Queue(maxsize=1)
+    stop = threading.Event()
 
     def read() -> None:
-        while True:
-            try:
-                chunk: bytes | OSError = os.read(fd, STDIN_CHUNK_BYTES)
-            except OSError as exc:
-                chunk = exc
-            try:
-                asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
-            except (RuntimeError, concurrent.futures.CancelledError):
-                return  # the command ended meanwhile
-            if not chunk or isinstance(chunk, OSError):
-                return
+        try:
+            while not stop.is_set():
+                try:
+                    chunk: bytes | OSError = os.read(fd, STDIN_CHUNK_BYTES)
+                except OSError as exc:
+                    chunk = exc
+                put = asyncio.run_coroutine_threadsafe(queue.put(chunk), loop)
+                while not stop.is_set():
+                    try:
+                        put.result(timeout=INPUT_POLL_S)
+                        break
+                    except concurrent.futures.TimeoutError:
+                        continue
+                if not chunk or isinstance(chunk, OSError):
+                    return
+        except (RuntimeError, concurrent.futures.CancelledError):
+            return  # the loop closed: the command ended meanwhile
+        finally:
+            os.close(fd)
 
     threading.Thread(target=read, name="hpfeeds-input", daemon=True).start()
-    while True:
-        chunk = await queue.get()
-        if isinstance(chunk, OSError):
-            raise CliError(EXIT_ERROR, f"cannot read {getattr(stream, 'name', 'input')}: {chunk.strerror or chunk}")
-        if not chunk:
-            return
-        yield chunk
+    try:
+        while True:
+            chunk = await queue.get()
+            if isinstance(chunk, OSError):
+                name = getattr(stream, "name", "input")
+                raise CliError(EXIT_ERROR, f"cannot read {name}: {chunk.strerror or chunk}")
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        stop.set()
 
 
 async def _stdin_lines(stream: BinaryIO) -> AsyncIterator[bytes]:

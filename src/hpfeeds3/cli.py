@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import concurrent.futures
 import json
 import logging
 import os
 import socket
 import ssl
 import sys
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -46,6 +48,7 @@ DEFAULT_WAIT_S = 0.5
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_FINISH_S = 5.0  # publish: how long the broker may take to close after our half-close
 STDIN_CHUNK_BYTES = 64 * 1024
+INPUT_POLL_S = 0.2  # how often the input thread, waiting for the sender, checks that the command goes on
 
 EPILOG = f"""\
 environment:
@@ -60,7 +63,7 @@ subscribe output:
   With --json: one object per line, {{"channel", "ident", "payload"}} with the
   payload as text when it is valid UTF-8, else {{"channel", "ident",
   "payload_b64"}}. The subscriber reconnects (and re-subscribes) by itself if
-  the connection drops; Ctrl-C exits 0.
+  the connection drops, saying so on stderr; Ctrl-C exits 0.
 
 publish:
   the payload is the arguments joined by spaces (as the reference command),
@@ -202,6 +205,10 @@ def _options(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Options
         parser.error("an ident is needed: -i/--ident or HPFEEDS_IDENT")
     if secret is None:
         parser.error("a secret is needed: -s/--secret or HPFEEDS_SECRET")
+    if not secret:
+        # Typically -s "$SECRET" in a shell that never set SECRET: sending the
+        # empty secret would only earn "authentication failed".
+        parser.error('the secret is empty (-s ""): is its variable set in this shell?')
     channels = tuple(getattr(ns, "channels", None) or ())
     if not channels:
         parser.error("at least one channel is needed: -c/--chan")
@@ -256,7 +263,7 @@ def _failure(exc: BaseException, opts: Options) -> CliError:
         silence = "closed the connection" if "without a byte" in str(exc) else f"sent nothing in {opts.timeout_s:g} s"
         return CliError(EXIT_CONNECT, f"cannot connect to {where}: the broker {silence}: is this a TLS port? try --tls")
     if isinstance(exc, ConnectionLost):
-        return CliError(EXIT_CONNECT, f"{where}: {exc}")
+        return CliError(EXIT_CONNECT, str(exc) if where in str(exc) else f"{where}: {exc}")
     if isinstance(exc, TimeoutError):
         return CliError(EXIT_CONNECT, f"cannot connect to {where}: timed out after {opts.timeout_s:g} s")
     if isinstance(exc, ssl.SSLError):
@@ -344,15 +351,63 @@ async def _subscribe(opts: Options, as_json: bool, count: int | None, out: Binar
 # --- publish ------------------------------------------------------------------------------
 
 
-async def _stdin_lines(stream: BinaryIO) -> AsyncIterator[bytes]:
-    """Lines of ``stream`` without their ``\\n`` (or ``\\r\\n``), read off the loop thread."""
+async def _chunks(stream: BinaryIO) -> AsyncIterator[bytes]:
+    """``stream``'s bytes as they come, read off the loop thread.
+
+    A daemon thread reads the descriptor with ``os.read``: at a terminal the
+    read blocks until a line or Ctrl-D, and Ctrl-C must end the command all
+    the same. A thread of the default executor would be waited for at exit
+    (Ctrl-C ignored until Ctrl-D), and one reading through the buffered
+    ``sys.stdin.buffer`` holds its lock, which aborts the interpreter's exit
+    ("Fatal Python error: _enter_buffered_busy"). One chunk is in flight at a
+    time: the thread reads the next when the previous one was taken.
+    """
     loop = asyncio.get_running_loop()
-    read = getattr(stream, "read1", stream.read)
+    # The thread's own descriptor: closing ``stream`` cannot hand its number
+    # to another file the thread would then read.
+    fd = os.dup(stream.fileno())
+    queue: asyncio.Queue[bytes | OSError] = asyncio.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    chunk: bytes | OSError = os.read(fd, STDIN_CHUNK_BYTES)
+                except OSError as exc:
+                    chunk = exc
+                put = asyncio.run_coroutine_threadsafe(queue.put(chunk), loop)
+                while not stop.is_set():
+                    try:
+                        put.result(timeout=INPUT_POLL_S)
+                        break
+                    except concurrent.futures.TimeoutError:
+                        continue
+                if not chunk or isinstance(chunk, OSError):
+                    return
+        except (RuntimeError, concurrent.futures.CancelledError):
+            return  # the loop closed: the command ended meanwhile
+        finally:
+            os.close(fd)
+
+    threading.Thread(target=read, name="hpfeeds-input", daemon=True).start()
+    try:
+        while True:
+            chunk = await queue.get()
+            if isinstance(chunk, OSError):
+                name = getattr(stream, "name", "input")
+                raise CliError(EXIT_ERROR, f"cannot read {name}: {chunk.strerror or chunk}")
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        stop.set()
+
+
+async def _stdin_lines(stream: BinaryIO) -> AsyncIterator[bytes]:
+    """Lines of ``stream`` without their ``\\n`` (or ``\\r\\n``)."""
     rest = b""
-    while True:
-        chunk = await loop.run_in_executor(None, read, STDIN_CHUNK_BYTES)
-        if not chunk:
-            break
+    async for chunk in _chunks(stream):
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()
         for line in lines:
@@ -383,7 +438,7 @@ async def _payloads(ns: argparse.Namespace) -> AsyncIterator[bytes]:
     elif file_arg is not None:
         stream = _open_input(file_arg)
         try:
-            yield await asyncio.get_running_loop().run_in_executor(None, stream.read)
+            yield b"".join([chunk async for chunk in _chunks(stream)])
         finally:
             if stream is not sys.stdin.buffer:
                 stream.close()
@@ -430,8 +485,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(getattr(ns, "debug", False))
     logging.basicConfig(format="hpfeeds: %(message)s", stream=sys.stderr)
     # The command prints its own one-line errors; the client's log adds
-    # connection events with -v and everything with --debug.
-    level = logging.DEBUG if debug else logging.INFO if opts.verbose else logging.CRITICAL
+    # connection events with -v and everything with --debug. A subscriber
+    # also says when it lost the broker and is reconnecting (a warning): it
+    # is not silent for minutes while nothing can arrive.
+    quiet = logging.WARNING if ns.action == "subscribe" else logging.CRITICAL
+    level = logging.DEBUG if debug else logging.INFO if opts.verbose else quiet
     logging.getLogger("hpfeeds3.client").setLevel(level)
 
     out: BinaryIO | None = None

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -148,3 +150,65 @@ def test_python_client_raises_the_broker_error_without_also_logging_it(
 def test_publish_help_names_its_units() -> None:
     out = " ".join(hpfeeds("publish", "--help").stdout.decode().split())
     assert "--wait SECONDS" in out and "(default 0.5 s)" in out and "--timeout SECONDS" in out
+
+
+@pytest.mark.parametrize("action", ["publish", "subscribe"])
+def test_empty_secret_is_a_usage_error_naming_the_shell(action: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # `-s "$SENSOR_SECRET"` in a shell where the variable was never set: say so,
+    # rather than send the empty secret and report "authentication failed".
+    # No broker is needed: nothing may be sent.
+    payload = ["x"] if action == "publish" else []
+    with pytest.raises(SystemExit) as exited:
+        cli.main([action, "-p", "1", "-i", "sensor1", "-s", "", "-c", "c", *payload])
+    assert exited.value.code == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "secret is empty" in err and "this shell" in err, err
+
+
+def test_subscriber_without_v_says_once_that_it_reconnects(tmp_path: pathlib.Path) -> None:
+    import select
+    import signal
+    import time
+
+    broker = our_broker(tmp_path / "broker", USERS).start()
+    proc = subprocess.Popen(
+        [str(BIN / "hpfeeds"), "subscribe", *cli_args(broker), "-c", "chan1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=_env(),
+    )
+    try:
+        # Subscribed once a message published now comes through (nothing is said without -v).
+        deadline = time.monotonic() + 30
+        assert proc.stdout is not None and proc.stderr is not None
+        while not select.select([proc.stdout], [], [], 0.2)[0]:
+            assert time.monotonic() < deadline and proc.poll() is None, os.read(proc.stderr.fileno(), 65536)
+            hpfeeds("publish", *cli_args(broker), "-c", "chan1", "--wait", "0", "ping")
+        broker.stop()
+        said = b""
+        while b"reconnecting" not in said:
+            assert time.monotonic() < deadline + 30 and proc.poll() is None, said
+            if select.select([proc.stderr], [], [], 0.5)[0]:
+                said += os.read(proc.stderr.fileno(), 65536)
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        broker.stop()
+    lines = (said + rest).decode().splitlines()
+    assert proc.returncode == 0, lines
+    assert len(lines) == 1, lines
+    assert re.fullmatch(rf"hpfeeds: connection to {broker.host}:{broker.port} lost \(.*\); reconnecting", lines[0])
+
+
+def test_a_lost_connection_names_the_address_once() -> None:
+    from hpfeeds3.client import ConnectionLost
+
+    opts = cli.Options("127.0.0.1", 10000, "i", "s", ("c",), False, None, None, 1.0, False)
+    lost = cli._failure(ConnectionLost("connection to 127.0.0.1:10000 lost: reset by peer"), opts)
+    assert (lost.code, str(lost)) == (cli.EXIT_CONNECT, "connection to 127.0.0.1:10000 lost: reset by peer")
+    other = cli._failure(ConnectionLost("the broker closed the connection"), opts)
+    assert str(other) == "127.0.0.1:10000: the broker closed the connection"

@@ -7,13 +7,14 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from hpfeeds3.broker.auth.base import AccessKey
 from hpfeeds3.broker.keys import ExitCode, open_store
+from tests.support.terminal import CTRL_C, Terminal
 
 from .conftest import Result
 
@@ -80,6 +81,55 @@ def test_list_is_an_aligned_table_without_secrets(keys: Keys, store_spec: str) -
         {"ident": "a-very-long-ident", "owner": "alice", "pubchans": ["p1", "p2"], "subchans": []},
         {"ident": "b", "owner": "", "pubchans": [], "subchans": ["s1"]},
     ]
+
+
+def store_an_invalid_key(spec: str, ident: str) -> None:
+    """A key row with an empty secret, written past the key commands (as SQL or an editor would)."""
+    if spec.startswith("sqlite:"):
+        import sqlite3
+
+        db = sqlite3.connect(spec.removeprefix("sqlite:"))
+        with db:
+            db.execute(
+                "insert into authkeys (owner, ident, secret, pubchans, subchans) values ('', ?, '', '[]', '[]')",
+                (ident,),
+            )
+        db.close()
+    elif spec.endswith(".json"):
+        doc = json.loads(Path(spec).read_text())
+        doc[ident] = {"owner": "", "secret": "", "pubchans": [], "subchans": []}
+        Path(spec).write_text(json.dumps(doc))
+    else:
+        import asyncio
+
+        import asyncpg
+
+        async def insert() -> None:
+            db = await asyncpg.connect(spec)
+            try:
+                await db.execute(
+                    "INSERT INTO authkeys (owner, ident, secret, pubchans, subchans) VALUES ('', $1, '', '[]', '[]')",
+                    ident,
+                )
+            finally:
+                await db.close()
+
+        asyncio.run(insert())
+
+
+def test_list_shows_the_valid_keys_and_names_the_invalid_ones(keys: Keys, store_spec: str) -> None:
+    keys("add", "good1", "--secret", "SECRET1", "--pub", "p", "--auth", store_spec)
+    keys("add", "good2", "--secret", "SECRET2", "--sub", "s", "--auth", store_spec)
+    store_an_invalid_key(store_spec, "broken")
+    r = keys("list", "--auth", store_spec)
+    assert r.code == ExitCode.OK, r
+    assert [line.split()[0] for line in r.out.splitlines()] == ["IDENT", "good1", "good2"], r.out
+    (line,) = r.err.splitlines()
+    assert "'broken'" in line and "secret must not be empty" in line, r.err
+    r = keys("list", "--json", "--auth", store_spec)
+    assert r.code == ExitCode.OK, r
+    assert [k["ident"] for k in json.loads(r.out)] == ["good1", "good2"]
+    assert "'broken'" in r.err
 
 
 def test_show_text_json_and_secret_on_request(keys: Keys, store_spec: str) -> None:
@@ -325,3 +375,51 @@ def test_generated_secrets_never_start_with_a_dash() -> None:
     secrets_ = [generate_secret() for _ in range(2000)]
     assert not [s for s in secrets_ if s.startswith("-")]
     assert all(len(s) >= SECRET_BYTES for s in secrets_)
+
+
+@pytest.fixture
+def keys_at_a_terminal(tmp_path: Path) -> Iterator[Callable[..., Terminal]]:
+    """``hpfeeds-broker keys --auth sqlite:... ARGS`` at a pseudo-terminal."""
+    started: list[Terminal] = []
+    broker = str(Path(sys.executable).parent / "hpfeeds-broker")
+
+    def start(*args: str) -> Terminal:
+        terminal = Terminal([broker, "keys", "--auth", f"sqlite:{tmp_path / 'keys.db'}", *args], cwd=str(tmp_path))
+        started.append(terminal)
+        return terminal
+
+    yield start
+    for terminal in started:
+        terminal.close()
+
+
+def test_secret_from_a_terminal_is_prompted_for_and_not_echoed(
+    keys_at_a_terminal: Callable[..., Terminal], tmp_path: Path
+) -> None:
+    terminal = keys_at_a_terminal("add", "sensor1", "--pub", "p", "--secret", "-")
+    terminal.read_until(b"secret for 'sensor1'")
+    terminal.type(b"typed-secret-1\n")
+    code, err = terminal.wait(30)
+    assert code == ExitCode.OK, err
+    assert b"typed-secret-1" not in terminal.screen, terminal.screen
+    key = stored(f"sqlite:{tmp_path / 'keys.db'}", "sensor1")
+    assert key is not None and key.secret == "typed-secret-1"
+
+
+@pytest.mark.parametrize(
+    ("args", "prompt"),
+    [(["add", "s1", "--secret", "-"], b"secret for 's1'"), (["import", "-"], b"Ctrl-D")],
+    ids=["add", "import"],
+)
+def test_ctrl_c_at_a_terminal_prompt_exits_130_without_a_traceback(
+    keys_at_a_terminal: Callable[..., Terminal], args: list[str], prompt: bytes
+) -> None:
+    terminal = keys_at_a_terminal(*args)
+    if args[0] == "import":
+        terminal.stderr_until(prompt)
+    else:
+        terminal.read_until(prompt)
+    terminal.type(CTRL_C)
+    code, err = terminal.wait(30)
+    assert code == 130, err
+    assert "Traceback" not in err, err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -30,6 +31,24 @@ PYTHON = sys.executable
 
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 20.0  # above the broker's 10 s shutdown drain
+
+
+def copy_checkout(target: Path) -> Path:
+    """Copy the checkout's files (tracked and new, as in the working tree; no venv, no caches) to ``target``."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout.split(b"\0")
+    for raw in filter(None, listed):
+        name = raw.decode()
+        source = REPO / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return target
 
 
 def free_port() -> int:
@@ -68,7 +87,9 @@ class RawClient(SharedRawClient):
 class BrokerProcess:
     """A broker started from an argv, in a working directory, with an environment."""
 
-    def __init__(self, argv: Sequence[str], cwd: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, argv: Sequence[str], cwd: Path, env: Mapping[str, str] | None = None, *, new_session: bool = False
+    ) -> None:
         self.argv = list(argv)
         self.cwd = cwd
         self.log_path = cwd / "broker.log"
@@ -76,7 +97,13 @@ class BrokerProcess:
         base.update(env or {})
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            self.argv, cwd=cwd, env=base, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+            self.argv,
+            cwd=cwd,
+            env=base,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=new_session,  # its own process group, as a shell job or a systemd unit
         )
 
     def log(self) -> str:
@@ -113,6 +140,15 @@ class BrokerProcess:
                 last = exc
             time.sleep(0.1)
         raise AssertionError(f"broker not serving on {port} after {START_TIMEOUT_S} s ({last}):\n{self.log()}")
+
+    def kill_group(self) -> None:
+        """SIGKILL to the broker's process group (``new_session``), if any of it is left."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.wait(5)
+        if not self._log.closed:
+            self._log.close()
 
     def stop(self) -> int:
         """SIGTERM (what ``docker stop`` sends), then the exit status; killed if it hangs."""

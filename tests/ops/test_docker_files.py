@@ -39,7 +39,20 @@ from .support import BROKER, PYTHON, REPO, RawClient, free_port, http_get, runni
 
 DOCKERFILE = REPO / "Dockerfile"
 COMPOSE_DIR = REPO / "deploy" / "compose"
-COMPOSE_FILES = sorted(COMPOSE_DIR.glob("*.yml"))
+COMPOSE_FILES = sorted(COMPOSE_DIR.glob("*.yml"))  # one service "hpfeeds" each: the spec's examples
+# Every compose file in the repository (a YAML file with top-level services),
+# wherever it lives: deploy/cluster/docker-compose.yml once pulled the reference
+# broker because only deploy/compose/ was checked.
+ALL_COMPOSE_FILES = sorted(
+    path
+    for path in REPO.glob("**/*.y*ml")
+    if path.suffix in (".yml", ".yaml")
+    and not any(part.startswith(".") or part in ("node_modules", "build") for part in path.relative_to(REPO).parts)
+    and isinstance(doc := yaml.safe_load(path.read_text()), dict)
+    and "services" in doc
+)
+# What a compose file needs from the operator's environment (deploy/cluster/.env).
+COMPOSE_ENV = {f"NATS_BROKER{i}_PASSWORD": f"password{i}" for i in (1, 2, 3)}
 # Ours, never the spec's jc2k/hpfeeds3-broker (the reference broker on Docker
 # Hub): a name no public registry serves, and built, never pulled.
 IMAGE = "localhost/hpfeeds3-broker"
@@ -89,7 +102,7 @@ def compose(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
         cwd=path.parent,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(path.parent)},
+        env={"PATH": "/usr/bin:/bin", "HOME": str(path.parent), **COMPOSE_ENV},
     )
 
 
@@ -211,10 +224,36 @@ def test_copy_sources_exist_and_are_in_the_build_context() -> None:
 # --- compose files: validation ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
-def test_compose_file_validates(path: Path) -> None:
+def compose_id(path: Path) -> str:
+    return str(path.relative_to(REPO / "deploy")) if path.is_relative_to(REPO / "deploy") else str(path)
+
+
+def test_every_compose_file_is_found() -> None:
+    assert set(COMPOSE_FILES) < set(ALL_COMPOSE_FILES)
+    assert REPO / "deploy/cluster/docker-compose.yml" in ALL_COMPOSE_FILES
+
+
+@pytest.mark.parametrize("path", ALL_COMPOSE_FILES, ids=compose_id)
+def test_compose_file_validates_without_a_warning(path: Path) -> None:
     result = compose(path, "config", "--quiet")
     assert result.returncode == 0, result.stderr
+    # e.g. "the attribute `version` is obsolete, it will be ignored"
+    assert result.stderr.strip() == "", result.stderr
+
+
+@pytest.mark.parametrize("path", ALL_COMPOSE_FILES, ids=compose_id)
+def test_every_service_built_here_is_our_image_never_pulled(path: Path) -> None:
+    services = compose_config(path)["services"]
+    ours = {name: s for name, s in services.items() if "build" in s or "hpfeeds" in s.get("image", "")}
+    assert ours, f"{path.name}: no broker service"
+    for name, service in ours.items():
+        assert service.get("image") == IMAGE, f"{path.name}: {name}: image {service.get('image')!r}"
+        # Without it Compose pulls first and builds only when the pull fails.
+        assert service.get("pull_policy") == "build", f"{path.name}: {name}: pull_policy: build"
+        assert Path(service["build"]["context"]) == REPO, f"{path.name}: {name}"
+    for name, service in services.items():
+        if name not in ours:
+            assert re.fullmatch(r"[\w./-]+:[\w.-]+", service.get("image", "")), f"{path.name}: {name}: a tagged image"
 
 
 def test_compose_rejects_the_spec_volume_name_mistake(tmp_path: Path) -> None:
@@ -235,7 +274,6 @@ def test_every_spec_example_has_a_compose_file() -> None:
 def test_compose_broker_is_our_image_built_from_this_repo_never_pulled(path: Path) -> None:
     service = compose_config(path)["services"]["hpfeeds"]
     assert service["image"] == IMAGE
-    # Without it Compose pulls first and builds only when the pull fails.
     assert service.get("pull_policy") == "build", f"{path.name}: pull_policy: build"
     assert Path(service["build"]["context"]) == REPO
     assert service["build"]["dockerfile"] == "Dockerfile"
@@ -410,3 +448,12 @@ def test_image_command_serves_and_passes_its_healthcheck(tmp_path: Path) -> None
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
 def test_compose_command_serves(path: Path, tmp_path: Path) -> None:
     execute(compose_run(path), tmp_path)
+
+
+def test_files_the_docs_make_in_a_checkout_are_git_ignored() -> None:
+    # Secrets and key stores the README and docs/ create where they are followed.
+    made = ["deploy/cluster/.env", "broker.key", "broker.crt", "users.json", "sensor1.secret", "sqlite.db"]
+    result = subprocess.run(
+        ["git", "check-ignore", "--no-index", *made], cwd=REPO, capture_output=True, text=True, timeout=30
+    )
+    assert sorted(result.stdout.split()) == sorted(made), result.stdout + result.stderr

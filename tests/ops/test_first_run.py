@@ -115,6 +115,10 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ("malformed --auth", 2, "unknown store 'bogus'"),
         ("malformed --bind", 2, "port 99999 is out of range"),
         ("--tlscert without --tlskey", 2, "must be given together"),
+        ("certificate and key swapped", 1, "swapped"),
+        ("--cluster-user alone", 2, "must be given together"),
+        ("--cluster with an http:// URL", 2, "nats://"),
+        ("JSON auth file that does not parse", 1, "not valid JSON"),
     ],
 )
 def test_exit_codes_are_the_ones_help_states(
@@ -135,11 +139,20 @@ def test_exit_codes_are_the_ones_help_states(
         "malformed --auth": ["--bind", bind, "--auth", "bogus"],
         "malformed --bind": ["--bind", "127.0.0.1:99999"],
         "--tlscert without --tlskey": ["--bind", bind, "--tlscert", str(tls_files["crt"])],
-    }[case]
+        "certificate and key swapped": ["--bind", bind, "--tlscert", str(tls_files["key"]),
+                                        "--tlskey", str(tls_files["crt"])],
+        "--cluster-user alone": ["--bind", bind, "--cluster", "nats://127.0.0.1:4222", "--cluster-user", "b1"],
+        "--cluster with an http:// URL": ["--bind", bind, "--cluster", "http://127.0.0.1:4222"],
+        "JSON auth file that does not parse": ["--bind", bind, "--auth", "bad.json"],
+    }[case]  # fmt: skip
+    (tmp_path / "bad.json").write_text('{"a": ')
     result = _run(*args, cwd=tmp_path)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == code, (case, result.stderr)
     assert len(lines) == 1 and lines[0].startswith("hpfeeds-broker: error: ") and says in lines[0], lines
+    # Each thing said once: no file name or address twice in one line.
+    for name in re.findall(r"[\w./-]+\.(?:json|crt|key|db)\b", lines[0]):
+        assert lines[0].count(name) == 1, lines[0]
 
 
 def test_help_states_the_exit_codes(tmp_path: Path) -> None:
@@ -209,3 +222,21 @@ def test_unreachable_postgresql_warning_is_a_whole_sentence(tmp_path: Path) -> N
     (warning,) = [line for line in log.splitlines() if "not reachable at start" in line]
     assert warning.endswith("until it is reachable (retrying in the background)"), warning
     assert "pw" not in warning, "the password is redacted"
+
+
+def test_console_token_command_runs_without_a_warning(tmp_path: Path) -> None:
+    # docs/console.md's first command. Importing the console package must not
+    # import the tokens module first (runpy's "found in sys.modules" warning).
+    from .support import PYTHON
+
+    result = subprocess.run(
+        [PYTHON, "-W", "error", "-m", "hpfeeds3.broker.admin.tokens", "alice", "admin"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"alice admin sha256:[0-9a-f]{64}\n", result.stdout), result.stdout
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("token (shown once): "), result.stderr

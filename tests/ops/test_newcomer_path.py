@@ -1,33 +1,44 @@
-"""A newcomer's path, command by command, as README.md and docs/operations.md
-write it: install from the checkout into a FRESH virtual environment, start the
-broker, add keys, subscribe, publish (three ways), stop.
+"""A newcomer's path, command by command, as README.md and docs/ write it:
+install from the checkout into a FRESH virtual environment, start the broker,
+add keys, subscribe, publish (three ways); then docs/client.md's examples and
+docs/console.md's start against the same broker and keys.
+
+Each documented block runs in a shell of its own, in the checkout, with a
+bare environment (PATH of the system only, nothing from this test run): a
+shell has only what the block itself sets, as a new terminal would. A block
+that runs for ever (a broker, a subscriber) is started in the background.
 
 SLOW: the fresh venv costs about a minute (pip, with its cache). It is made
 once per test session, from a copy of this checkout (the files git knows,
 as they are in the working tree), so the install line runs exactly as written.
 
 The commands are taken from the docs, not retyped; the only rewrites are
-listed in ``localise``: a free loopback port for 10000, ``-n 3 -v`` so the
-subscriber ends, ``cat`` for ``tail -f``, and the venv's ``bin`` on PATH.
+listed in ``localise``: free loopback ports for 10000 and 8080, ``-n N -v``
+so a subscriber ends and says when it is subscribed, ``cat`` for ``tail -f``,
+``python -u`` for a script whose output is read while it runs, and the
+console token the doc calls ``hpfc_...``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from .support import REPO, free_port, running_broker
+from .support import REPO, copy_checkout, free_port, running_broker
 
 README = REPO / "README.md"
 OPERATIONS = REPO / "docs" / "operations.md"
+CLIENT = REPO / "docs" / "client.md"
+CONSOLE = REPO / "docs" / "console.md"
 INSTALL_TIMEOUT_S = 420.0
 STEP_TIMEOUT_S = 60.0
 
@@ -63,21 +74,7 @@ def the_one(lines: list[str], pattern: str) -> str:
 @pytest.fixture(scope="session")
 def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of this checkout's files (tracked and new, as they are now), without any venv."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-        timeout=60,
-    ).stdout.split(b"\0")
-    target = tmp_path_factory.mktemp("newcomer") / "hpfeeds3"
-    for raw in filter(None, listed):
-        name = raw.decode()
-        source = REPO / name
-        if source.is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target / name)
-    return target
+    return copy_checkout(tmp_path_factory.mktemp("newcomer") / "hpfeeds3")
 
 
 @pytest.fixture(scope="session")
@@ -108,10 +105,94 @@ def env_for(venv: Path, **extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def localise(line: str, port: int) -> str:
-    """The doc's command, run here: a free loopback port instead of 10000."""
-    line = line.replace("0.0.0.0:10000", f"127.0.0.1:{port}")
-    return re.sub(r"(-p |, )10000\b", rf"\g<1>{port}", line)
+def localise(line: str, port: int, admin_port: int = 0) -> str:
+    """The doc's command, run here: free loopback ports instead of 10000 (and 8080)."""
+    line = line.replace("0.0.0.0:10000", f"127.0.0.1:{port}").replace("tail -f ", "cat ")
+    line = re.sub(r"(-p |, |HPFEEDS_PORT=)10000\b", rf"\g<1>{port}", line)
+    return line.replace("127.0.0.1:8080", f"127.0.0.1:{admin_port}") if admin_port else line
+
+
+BARE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def bare_env() -> dict[str, str]:
+    """What a new terminal has: the system's PATH, HOME, a locale; no venv, no HPFEEDS_*."""
+    keep = ("HOME", "LANG", "LC_ALL", "TERM", "TMPDIR", "USER")
+    return {"PATH": BARE_PATH, **{k: os.environ[k] for k in keep if k in os.environ}}
+
+
+def shell(block: str, cwd: Path, *, timeout: float = STEP_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    """One documented block in a new shell of its own; any failing command fails it."""
+    result = subprocess.run(
+        ["bash", "-c", "set -eo pipefail\n" + block],
+        cwd=cwd,
+        env=bare_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, f"{block}\nexit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+class Background:
+    """A block that runs until stopped (a subscriber, a script), in a shell of its own."""
+
+    def __init__(self, block: str, cwd: Path, name: str) -> None:
+        self.out, self.err = cwd / f"{name}.out", cwd / f"{name}.err"
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(
+                ["bash", "-c", "set -eo pipefail\n" + block],
+                cwd=cwd,
+                env=bare_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        self.block = block
+
+    def wait_for(self, needle: str, where: str = "err", timeout: float = STEP_TIMEOUT_S) -> str:
+        path = self.err if where == "err" else self.out
+        deadline = time.monotonic() + timeout
+        while needle not in (text := path.read_text(errors="replace")):
+            assert time.monotonic() < deadline and self.proc.poll() is None, (
+                f"{self.block}\nno {needle!r} on std{where} (exit {self.proc.poll()}):\n"
+                f"{self.out.read_text(errors='replace')}\n{self.err.read_text(errors='replace')}"
+            )
+            time.sleep(0.05)
+        return text
+
+    def finish(self, timeout: float = STEP_TIMEOUT_S) -> str:
+        """Its stdout once it ended by itself, exit 0."""
+        code = self.proc.wait(timeout)
+        assert code == 0, f"{self.block}\nexit {code}\n{self.err.read_text(errors='replace')}"
+        return self.out.read_text(errors="replace")
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+def bash_blocks(path: Path, after: str) -> list[str]:
+    """The section's bash and sh blocks, whole, comment lines dropped."""
+    found = []
+    for language in ("bash", "sh"):
+        for block in blocks(path, language, after):
+            lines = (ln.split("  #", 1)[0].rstrip() for ln in block.splitlines())
+            found.append("\n".join(ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")))
+    return found
+
+
+def subscriber(line: str, count: int) -> str:
+    """A documented subscribe line that ends after ``count`` messages and says when it is subscribed."""
+    return re.sub(r"(hpfeeds subscribe [^|]*?)(\s*\||$)", rf"\1 -n {count} -v\2", line, count=1)
 
 
 def test_installed_package_is_this_checkout_with_its_docs(fresh_venv: Path, checkout: Path) -> None:
@@ -133,65 +214,130 @@ def test_installed_package_is_this_checkout_with_its_docs(fresh_venv: Path, chec
     assert (fresh_venv / doc).is_file(), doc
 
 
-def test_readme_commands_in_order(fresh_venv: Path, tmp_path: Path) -> None:
-    port = free_port()
-    running = command_lines(README, "## Running the broker")
-    start = the_one(running, r"^hpfeeds-broker --bind ")
-    keys = [line for line in running if " keys " in line]
-    assert len(keys) == 3 and keys[-1] == "hpfeeds-broker keys list", keys
-    shell = command_lines(README, "## Publishing and subscribing")
-    subscribe = the_one(shell, r"^hpfeeds subscribe ")
-    publish = the_one(shell, r"^hpfeeds publish ")
-    lines = the_one(shell, r"^tail -f events\.log \| hpfeeds publish --lines ")
-    (python_block,) = blocks(README, "python", "## Publishing and subscribing")
+def test_readme_then_client_and_console_docs_in_order(fresh_venv: Path, checkout: Path) -> None:
+    port, admin_port = free_port(), free_port()
+    here = checkout
+    for name in ("sqlite.db", "sensor1.secret", "collector.secret", "console-tokens.txt"):
+        (here / name).unlink(missing_ok=True)
+    with contextlib.ExitStack() as stack:
+        jobs: list[Background] = []
 
-    env = env_for(fresh_venv)
-    workdir = tmp_path / "broker"
-    workdir.mkdir()
-    broker_argv = localise(start, port).split()
-    broker_argv[0] = str(fresh_venv / "bin" / broker_argv[0])
-    with running_broker(broker_argv, workdir, env) as broker:
-        broker.wait_ready(port)
-        assert "hpfeeds3 " in broker.wait_log("broker 'mybroker' serving")
+        @stack.callback
+        def stop_jobs() -> None:
+            for job in jobs:
+                job.stop()
 
-        # keys add prints the secret; the doc exports it for what follows. One
-        # shell runs the rest, in the doc's order, so the variables carry over.
-        (workdir / "events.log").write_text('{"src_ip": "192.0.2.2"}\n')
-        (workdir / "readme_example.py").write_text(localise(python_block, port))
-        if shutil.which("jq"):
-            sub = localise(subscribe, port).replace(" --json", " --json -n 3 -v")
-        else:
-            sub = localise(subscribe, port).replace(" --json | jq .", " --json -n 3 -v")
-        script = textwrap.dedent(
-            f"""\
-            set -eu
-            # A failed step must not leave the background subscriber running.
-            trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
-            {keys[0]}
-            {keys[1]}
-            test -n "$SENSOR_SECRET" && test -n "$COLLECTOR_SECRET"
-            {keys[2]} > keys-list.txt
-            ( {sub} ) > received.txt 2> subscriber.err &
-            for _ in $(seq 1 300); do grep -q "subscribed to" subscriber.err && break; sleep 0.1; done
-            grep -q "subscribed to" subscriber.err
-            {localise(publish, port)}
-            {localise(lines, port).replace("tail -f events.log", "cat events.log")}
-            python readme_example.py
-            wait
-            """
+        def background(block: str, name: str) -> Background:
+            jobs.append(Background(block, here, name))
+            return jobs[-1]
+
+        # --- README, shell 1: the broker ------------------------------------------------
+        running = blocks(README, "bash", "## Running the broker")
+        assert running[0].startswith("# shell 1") and running[1].startswith("# shell 2"), running
+        start, keys = (localise(b, port) for b in bash_blocks(README, "## Running the broker")[:2])
+        assert start.splitlines() == [". .venv/bin/activate", f"hpfeeds-broker --bind 127.0.0.1:{port} --name mybroker"]
+        # exec: the broker is the shell's own process, so SIGTERM (the test's Ctrl-C) reaches it.
+        b = stack.enter_context(
+            running_broker(["bash", "-c", start.replace("\nhpfeeds", "\nexec hpfeeds")], here, bare_env())
         )
-        result = subprocess.run(
-            ["bash", "-c", script], cwd=workdir, env=env, capture_output=True, text=True, timeout=STEP_TIMEOUT_S
-        )
-        assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}\n{broker.log()}"
-        assert broker.stop() == 0
-        log = broker.log()
+        b.wait_ready(port)
+        assert "hpfeeds3 " in b.wait_log("broker 'mybroker' serving")
 
-    listed = (workdir / "keys-list.txt").read_text()
-    assert "sensor1" in listed and "collector" in listed, listed
-    received = (workdir / "received.txt").read_text()
-    assert received.count("src_ip") == 3 and received.count('"sensor1"') == 3, received
-    for ip in ("192.0.2.1", "192.0.2.2"):
-        assert ip in received, received
-    assert log.rstrip().endswith("broker stopped"), log
-    assert "Traceback" not in log and "Traceback" not in result.stderr
+        # --- shell 2: two keys, their secrets into files ---------------------------------
+        listed = shell(keys, here).stdout
+        assert "sensor1" in listed and "collector" in listed, listed
+        for ident in ("sensor1", "collector"):
+            assert len((here / f"{ident}.secret").read_text().strip()) >= 32, ident
+            assert (here / f"{ident}.secret").stat().st_mode & 0o077 == 0, "umask 077: only you read it"
+
+        # --- shell 3: the collector; shell 2: the sensor publishes; the Python example ----
+        collector_block, sensor_block = (
+            localise(b, port) for b in bash_blocks(README, "## Publishing and subscribing")
+        )
+        assert blocks(README, "bash", "## Publishing and subscribing")[0].startswith("# shell 3")
+        sub = background(subscriber(collector_block, 3), "readme-collector")
+        sub.wait_for("subscribed to")
+        (here / "events.log").write_text('{"src_ip": "192.0.2.2"}\n')
+        shell(sensor_block, here)
+        (python_block,) = blocks(README, "python", "## Publishing and subscribing")
+        (here / "example.py").write_text(localise(python_block, port))
+        assert "`. .venv/bin/activate && python example.py`" in README.read_text()
+        shell(". .venv/bin/activate && python example.py", here)
+        received = sub.finish()
+        assert received.count("src_ip") == 3 and received.count('"sensor1"') == 3, received
+        for ip in ("192.0.2.1", "192.0.2.2"):
+            assert ip in received, received
+
+        # --- README, Performance: a bench broker of its own beside the running one -------
+        bench_port = free_port()
+        activate, start_bench, run_bench = bash_blocks(README, "## Performance")[0].splitlines()
+        assert start_bench.endswith(" &") and "--bind 127.0.0.1:10001 " in start_bench, start_bench
+        bench_broker = background(f"{activate}\n{start_bench[:-2].replace('10001', str(bench_port))}", "bench-broker")
+        bench_broker.wait_for(f"listening on tcp://127.0.0.1:{bench_port}", timeout=30)
+        # --smoke: each scenario for a fraction of a second (correctness, not figures).
+        shell(f"{activate}\n{run_bench.replace('10001', str(bench_port))} --smoke", here, timeout=300)
+        bench_broker.stop()
+
+        # --- docs/client.md: the asyncio subscriber, then the command's collector and sensor ---
+        asyncio_block = blocks(CLIENT, "python", "## asyncio")[0]
+        (here / "client_example.py").write_text(localise(asyncio_block, port))
+        script = background(". .venv/bin/activate && python -u client_example.py", "client-asyncio")
+        # It prints nothing until a message comes: the README's sensor publishes until it has one.
+        deadline = time.monotonic() + STEP_TIMEOUT_S
+        while "cowrie.sessions" not in script.out.read_text():
+            assert time.monotonic() < deadline and script.proc.poll() is None, script.err.read_text()
+            shell(sensor_block, here)
+        collector, sensor = (localise(b, port) for b in bash_blocks(CLIENT, "## The `hpfeeds` command")[:2])
+        setup = [ln for ln in collector.splitlines() if "hpfeeds subscribe" not in ln]
+        subscribes = [ln for ln in collector.splitlines() if "hpfeeds subscribe" in ln]
+        assert len(subscribes) == 2, collector
+        subs = [background("\n".join([*setup, subscriber(ln, 3)]), f"client-sub{i}") for i, ln in enumerate(subscribes)]
+        for s in subs:
+            s.wait_for("subscribed to")
+        (here / "event.json").write_text('{"src_ip": "192.0.2.3"}')
+        shell(sensor, here)
+        plain, as_json = (s.finish() for s in subs)
+        assert "cowrie.sessions sensor1 hello world" in plain and "192.0.2.3" in plain, plain
+        assert '"hello world"' in as_json and "192.0.2.3" in as_json, as_json
+        script.wait_for("b'hello world'", where="out")
+        script.stop()
+
+        # --- docs/console.md: the same broker and store again, with the console -----------
+        assert b.stop() == 0, b.log()
+        assert b.log().rstrip().endswith("broker stopped"), b.log()
+        assert "Traceback" not in b.log(), b.log()
+        lines = localise(bash_blocks(CONSOLE, "# Operator console")[0], port, admin_port).splitlines()
+        assert lines[0] == ". .venv/bin/activate" and "admin.tokens" in lines[1], lines
+        token = shell("\n".join(lines[:2]), here).stderr.split("token (shown once): ", 1)[1].split()[0]
+        console = stack.enter_context(running_broker(["bash", "-c", f"{lines[0]}\nexec {lines[2]}"], here, bare_env()))
+        console.wait_ready(port)
+        console.wait_log(f"console on http://127.0.0.1:{admin_port}/")
+        for block in bash_blocks(CONSOLE, "## API"):
+            block = localise(block, port, admin_port).replace("hpfc_...", token)
+            assert block.startswith(f"T={token}\n"), block
+            out = shell(block, here).stdout
+            assert '"sensor1"' in out or ('"secret"' in out and '"removed"' in out), out
+        assert console.stop() == 0
+        assert "Traceback" not in console.log(), console.log()
+
+
+def test_wheel_recipe_builds_and_installs_with_the_system_python(
+    fresh_venv: Path, checkout: Path, tmp_path: Path
+) -> None:
+    # docs/operations.md "Installing", run in a bare shell: python3 is the
+    # system's (on Debian and Ubuntu an externally managed Python, whose pip
+    # refuses to install outside a virtual environment).
+    lines = command_lines(OPERATIONS, "## Installing")
+    (build,) = [line for line in lines if "-m build" in line]
+    (install,) = [line for line in lines if ".whl" in line]
+    shell(build, checkout, timeout=INSTALL_TIMEOUT_S)
+    (wheel,) = (checkout / "dist").glob("hpfeeds3-*.whl")
+    assert wheel.name in install, (wheel.name, install)
+    target = tmp_path / "target"
+    target.mkdir()
+    shutil.copy2(wheel, target / wheel.name)
+    shell(install, target, timeout=INSTALL_TIMEOUT_S)
+    version = subprocess.run(
+        [str(target / ".venv/bin/hpfeeds-broker"), "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert version.returncode == 0 and version.stdout.startswith("hpfeeds-broker "), version

@@ -5,11 +5,15 @@ closes every connection with reason ``shutdown`` and exits 0."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
 import struct
 import time
+from pathlib import Path
+
+import pytest
 
 from hpfeeds3.protocol import Publish, encode_publish
 from tests.support.broker import RawClient, confirm_subscribed, free_port
@@ -73,3 +77,58 @@ def test_sigterm_drains_queued_output_refuses_new_connections_and_reports_stoppi
     assert re.search(r"closed 127\.0\.0\.1:\d+ \(reader\): shutdown", log), log[-2000:]
     assert rc == 0
     assert "broker stopped" in log
+
+
+# --- an orderly stop says nothing alarming ------------------------------------------
+
+
+def _warnings(log: str) -> list[str]:
+    return [line for line in log.splitlines() if re.search(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback", line)]
+
+
+def _serving(broker, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while broker.log().count("serving") < count:
+        assert time.monotonic() < deadline and broker.proc.poll() is None, broker.log()
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("workers", "how"),
+    [(1, "SIGTERM"), (2, "SIGTERM"), (2, "SIGINT to the group")],
+    ids=["cluster-sigterm", "workers-sigterm", "workers-ctrl-c"],
+)
+def test_clean_stop_of_a_cluster_broker_logs_no_warning(tmp_path: Path, workers: int, how: str) -> None:
+    # SIGINT to the whole process group is Ctrl-C at a terminal (and what
+    # systemd's default KillMode=control-group does with SIGTERM): the
+    # workers get it at the same time as the supervisor.
+    from tests.support.nats import NatsServer
+
+    from .support import BROKER, BrokerProcess
+
+    nats = NatsServer(tmp_path).start()
+    try:
+        argv = [str(BROKER), "--bind", f"127.0.0.1:{free_port()}", "--auth", "sqlite:" + str(tmp_path / "k.db"),
+                "--cluster", nats.url]  # fmt: skip
+        if workers > 1:
+            argv += ["--workers", str(workers)]
+        broker = BrokerProcess(argv, tmp_path, new_session=True)
+        try:
+            _serving(broker, workers)
+            broker.wait_log("linked to NATS", timeout=30)
+            deadline = time.monotonic() + 30
+            while broker.log().count("linked to NATS") < workers:
+                assert time.monotonic() < deadline, broker.log()
+                time.sleep(0.05)
+            if how == "SIGTERM":
+                broker.proc.send_signal(signal.SIGTERM)
+            else:
+                os.killpg(broker.proc.pid, signal.SIGINT)
+            assert broker.stop() == 0, broker.log()
+        finally:
+            broker.kill_group()
+        log = broker.log()
+    finally:
+        nats.stop()
+    assert log.count("broker stopped") == workers, log
+    assert not _warnings(log), "\n".join(_warnings(log))

@@ -87,3 +87,16 @@ def test_unit_command_serves_and_logs_json(tmp_path: Path) -> None:
     authenticated = next(r for r in records if r.get("event") == "authenticated")
     assert authenticated["ident"] == "ident" and authenticated["peer"].startswith("127.0.0.1:")
     assert not any("secret" in json.dumps(r) for r in records), "a secret reached the log"
+
+
+def test_tls_variant_says_a_renewal_needs_a_restart() -> None:
+    # LoadCredential= hands the broker a copy made at start: its reload-on-change
+    # watches that copy, which a renewal never touches. Unit and docs must say so.
+    text = UNIT.read_text()
+    tls = [line for line in text.splitlines() if "LoadCredential" in line or "TLS" in line or "restart" in line]
+    assert any(line.startswith("#LoadCredential=") for line in tls), tls
+    assert "try-restart hpfeeds-broker" in text
+    docs = (REPO / "docs" / "operations.md").read_text()
+    assert "systemctl try-restart hpfeeds-broker" in docs
+    readme = (REPO / "README.md").read_text()
+    assert "reloaded when the files change" not in readme or "LoadCredential" in readme

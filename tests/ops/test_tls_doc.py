@@ -4,6 +4,7 @@ and its client commands connect (the documented IP replaced by 127.0.0.1)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -64,17 +65,19 @@ def test_documented_tls_setup_works_by_ip_and_by_name(tmp_path: Path) -> None:
     argv[0] = str(BROKER)
     (tmp_path / "keys.json").write_text('{"sensor1": {"secret": "s", "pubchans": ["cowrie.sessions"], "subchans": []}}')
     argv += ["--auth", "keys.json"]
-    clients = [c for c in commands if c.startswith("hpfeeds publish")]
-    assert [c.split()[3] for c in clients] == [DOC_IP, DOC_NAME], clients
+    # The README's secret file (a sensor's shell has only what it reads itself).
+    prefix = "HPFEEDS_SECRET=$(cat sensor1.secret) hpfeeds publish "
+    clients = [c.removeprefix(prefix) for c in commands if c.startswith(prefix)]
+    assert [c.split()[1] for c in clients] == [DOC_IP, DOC_NAME], clients
 
     with running_broker(argv, tmp_path) as broker:
 
         def publish(command: str, *extra: str) -> subprocess.CompletedProcess[str]:
-            args = shlex.split(command.replace('"$SENSOR_SECRET"', "s"))[1:]
-            args = [a if a not in (DOC_IP, DOC_NAME) else "127.0.0.1" for a in args]
+            args = [a if a not in (DOC_IP, DOC_NAME) else "127.0.0.1" for a in shlex.split(command)]
             return subprocess.run(
-                [str(HPFEEDS), *args, "-p", str(port), "--wait", "0.1", *extra],
+                [str(HPFEEDS), "publish", *args, "-p", str(port), "--wait", "0.1", *extra],
                 cwd=tmp_path,
+                env={**os.environ, "HPFEEDS_SECRET": "s"},
                 capture_output=True,
                 text=True,
                 timeout=60,

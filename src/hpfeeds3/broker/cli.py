@@ -330,7 +330,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         auth_limits=AuthLimits(**{field: getattr(args, f"auth_{field}") for _, field, _ in AUTH_LIMIT_FLAGS}),
         debug=args.debug,
         log_format=args.log_format,
-        cluster=tuple(u.strip() for u in (args.cluster or "").split(",") if u.strip()),
+        cluster=_cluster_urls(args.cluster or ""),
         cluster_auth=cluster_auth,
         reuse_port=args.workers > 1 or args.reuse_port,
         admin=admin,
@@ -358,6 +358,14 @@ _CLUSTER_AUTH_FLAGS = (
 )
 
 
+def _cluster_urls(text: str) -> tuple[str, ...]:
+    urls = tuple(u.strip() for u in text.split(",") if u.strip())
+    for url in urls:  # nats-py would try to resolve "http" as a host name
+        if "://" in url and url.split("://", 1)[0].lower() not in ("nats", "tls", "ws", "wss"):
+            raise UsageError(f"--cluster {url!r}: a NATS URL is nats://HOST:4222 (or tls://, ws://, wss://)")
+    return urls
+
+
 def _cluster_auth(args: argparse.Namespace) -> ClusterAuth:
     auth = ClusterAuth(
         user=args.cluster_user,
@@ -371,13 +379,13 @@ def _cluster_auth(args: argparse.Namespace) -> ClusterAuth:
     )
     given = [flag for field, flag in _CLUSTER_AUTH_FLAGS if getattr(auth, field)]
     if given and not args.cluster:
-        raise ConfigError("the --cluster-* options need --cluster")
+        raise UsageError("the --cluster-* options need --cluster")
     if bool(auth.user) != bool(auth.password_file):
-        raise ConfigError("--cluster-user and --cluster-password-file must be given together")
+        raise UsageError("--cluster-user and --cluster-password-file must be given together")
     if bool(auth.tls_cert) != bool(auth.tls_key):
-        raise ConfigError("--cluster-tls-cert and --cluster-tls-key must be given together")
+        raise UsageError("--cluster-tls-cert and --cluster-tls-key must be given together")
     if sum(bool(x) for x in (auth.user, auth.token_file, auth.nkey_file, auth.creds_file)) > 1:
-        raise ConfigError("give one NATS sign-in: a user, a token, an NKey or a credentials file")
+        raise UsageError("give one NATS sign-in: a user, a token, an NKey or a credentials file")
     for field, flag in _CLUSTER_AUTH_FLAGS[1:]:
         if getattr(auth, field):
             _readable(getattr(auth, field), flag)

@@ -58,8 +58,20 @@ def make_tls_context(cert: str, key: str) -> ssl.SSLContext:
     try:
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"cannot load TLS certificate {cert!r} / key {key!r}: {e}") from e
+        raise ConfigError(f"cannot load TLS certificate {cert!r} / key {key!r}: {_swapped(cert, key) or e}") from e
     return ctx
+
+
+def _swapped(cert: str, key: str) -> str | None:
+    """Why loading failed when the two files were given the wrong way round (OpenSSL says only "PEM lib")."""
+    try:
+        with open(cert, "rb") as c, open(key, "rb") as k:
+            cert_text, key_text = c.read(1 << 16), k.read(1 << 16)
+    except OSError:
+        return None
+    if b"PRIVATE KEY-----" in cert_text and b"CERTIFICATE-----" in key_text:
+        return "swapped: the certificate file holds a private key and the key file a certificate"
+    return None
 
 
 def _reload_pair(ctx: ssl.SSLContext, cert: str, key: str) -> None:

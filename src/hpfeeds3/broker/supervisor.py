@@ -121,6 +121,11 @@ class Supervisor:
         status = 0
         while not self.stopping:
             time.sleep(POLL_S)
+            if self.stopping:
+                # Ctrl-C at a terminal, or a stop of the whole group (systemd's
+                # default): the workers got the signal too and are exiting;
+                # that is the stop, not deaths to restart.
+                break
             now = time.monotonic()
             for i, proc in enumerate(self.procs):
                 if proc is None:

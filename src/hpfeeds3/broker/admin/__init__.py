@@ -13,15 +13,15 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-
 from ..config import AdminConfig, ConfigError
-from .api import Console
-from .tokens import TokenFile
-from .tracker import POLL_S
 
 if TYPE_CHECKING:
     from ..state import Broker
+    from .api import Console
+
+# The console's modules are imported when it starts, not with the package:
+# `python -m hpfeeds3.broker.admin.tokens` runs the tokens module, which must
+# not be imported first (runpy warns of "unpredictable behaviour" if it is).
 
 log = logging.getLogger("hpfeeds3.broker.admin")
 
@@ -30,6 +30,8 @@ SHUTDOWN_TIMEOUT_S = 2.0
 
 
 async def _poll(console: Console) -> None:
+    from .tracker import POLL_S
+
     while True:
         try:
             await console.tracker.poll()
@@ -41,6 +43,11 @@ async def _poll(console: Console) -> None:
 
 async def start_admin(broker: Broker, config: AdminConfig) -> Callable[[], Awaitable[None]]:
     """Serve the console on ``config``'s address; ``ConfigError`` if it cannot."""
+    from aiohttp import web
+
+    from .api import Console
+    from .tokens import TokenFile
+
     tokens = TokenFile(config.tokens)
     ssl_ctx = None
     if config.cert and config.key:

@@ -631,7 +631,7 @@ class Console:
         except (InvalidKey, BadArguments) as e:
             raise ApiError(400, str(e)) from None
         except NoSuchIdent as e:
-            raise ApiError(404, f"no such ident: {e}") from None
+            raise ApiError(404, str(e)) from None  # "no such ident: 'x'"
         except (IdentExists, ReadOnlyKeys) as e:
             raise ApiError(409, str(e)) from None
         except StoreUnavailable as e:

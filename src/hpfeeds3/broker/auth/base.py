@@ -115,6 +115,10 @@ class InvalidKey(KeyStoreError):
     exit_code = ExitCode.INVALID_KEY
 
 
+# Called with an invalid stored key's ident and what is wrong with it.
+SkipInvalid = Callable[[str, InvalidKey], None]
+
+
 class WouldBlock(Exception):
     """``lookup_now`` cannot answer without waiting: use ``await lookup``."""
 
@@ -309,8 +313,10 @@ class KeyWriter(Protocol):
 
     async def close(self) -> None: ...
 
-    async def keys(self) -> list[AccessKey]:
-        """All keys, sorted by ident; ``InvalidKey`` names the first invalid one."""
+    async def keys(self, *, skip_invalid: SkipInvalid | None = None) -> list[AccessKey]:
+        """All keys, sorted by ident; ``InvalidKey`` names the first invalid one,
+        unless ``skip_invalid`` is given: each invalid key's ident and error go
+        to it, and the valid keys are returned."""
         ...
 
     async def get(self, ident: str) -> AccessKey | None:

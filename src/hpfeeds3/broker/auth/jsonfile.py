@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 
 from ..config import ConfigError
-from .base import AccessKey, IdentExists, InvalidKeyLog, KeyStoreError, NoSuchIdent, StoreUnavailable
+from .base import AccessKey, IdentExists, InvalidKeyLog, KeyStoreError, NoSuchIdent, SkipInvalid, StoreUnavailable
 from .records import dump_keys, parse_keys
 
 log = logging.getLogger("hpfeeds3.broker.auth.json")
@@ -111,7 +111,8 @@ class JsonStore:
         try:
             self._keys = self._read_serving()
         except (OSError, KeyStoreError) as e:
-            raise ConfigError(f"JSON auth file {self.path!r}: {e}") from e
+            reason = str(e).removeprefix(f"{self.path}: ")  # the path is said once, here
+            raise ConfigError(f"JSON auth file {self.path!r}: {reason}") from e
         log.info("loaded %d keys from %s", len(self._keys), self.path)
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
@@ -184,10 +185,10 @@ class JsonStore:
         except OSError as err:
             raise StoreUnavailable(f"{self.path}: {err.strerror or err}") from None
 
-    def _load(self) -> dict[str, AccessKey]:
+    def _load(self, skip_invalid: SkipInvalid | None = None) -> dict[str, AccessKey]:
         with self._errors(), open(self.path, encoding="utf-8") as f:
             text = f.read()
-        return {k.ident: k for k in parse_keys(text, self.path)}
+        return {k.ident: k for k in parse_keys(text, self.path, skip_invalid=skip_invalid)}
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[dict[str, AccessKey]]:
@@ -197,8 +198,8 @@ class JsonStore:
             yield keys
             write_atomic(self.path, dump_keys(keys.values()))
 
-    async def keys(self) -> list[AccessKey]:
-        return sorted(self._load().values(), key=lambda k: k.ident)
+    async def keys(self, *, skip_invalid: SkipInvalid | None = None) -> list[AccessKey]:
+        return sorted(self._load(skip_invalid).values(), key=lambda k: k.ident)
 
     async def get(self, ident: str) -> AccessKey | None:
         return self._load().get(ident)

@@ -47,8 +47,10 @@ from .base import (
     AccessKey,
     AuthUnavailable,
     IdentExists,
+    InvalidKey,
     InvalidKeyLog,
     NoSuchIdent,
+    SkipInvalid,
     StoreUnavailable,
     decode_row,
     encode_channels,
@@ -446,9 +448,17 @@ class PostgresStore:
 
         return await self._bounded(go())
 
-    async def keys(self) -> list[AccessKey]:
+    async def keys(self, *, skip_invalid: SkipInvalid | None = None) -> list[AccessKey]:
         async def query(db: asyncpg.Connection) -> list[AccessKey]:
-            return [row_to_key(r) for r in await db.fetch(_SELECT_ALL)]
+            keys = []
+            for row in await db.fetch(_SELECT_ALL):
+                try:
+                    keys.append(row_to_key(row))
+                except InvalidKey as err:
+                    if skip_invalid is None:
+                        raise
+                    skip_invalid(row["ident"] if isinstance(row["ident"], str) else repr(row["ident"]), err)
+            return keys
 
         return await self._read(query, [])
 

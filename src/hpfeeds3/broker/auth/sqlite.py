@@ -40,8 +40,10 @@ from .base import (
     AccessKey,
     AuthUnavailable,
     IdentExists,
+    InvalidKey,
     InvalidKeyLog,
     NoSuchIdent,
+    SkipInvalid,
     StoreUnavailable,
     WouldBlock,
     decode_row,
@@ -281,14 +283,22 @@ class SqliteStore:
         return await asyncio.to_thread(go)
 
     @staticmethod
-    def _rows(db: sqlite3.Connection, ident: str | None = None) -> list[AccessKey]:
-        """Valid keys, the first row of each ident; ``InvalidKey`` names the first invalid one."""
+    def _rows(
+        db: sqlite3.Connection, ident: str | None = None, skip_invalid: SkipInvalid | None = None
+    ) -> list[AccessKey]:
+        """Valid keys, the first row of each ident; ``InvalidKey`` names the first invalid one (see ``keys``)."""
         if not has_table(db):
             return []
         rows = db.execute(_SELECT_ALL).fetchall() if ident is None else db.execute(LOOKUP_SQL, (ident,)).fetchall()
         first: dict[str, AccessKey] = {}
         for row in rows:
-            key = row_to_key(row)
+            try:
+                key = row_to_key(row)
+            except InvalidKey as err:
+                if skip_invalid is None:
+                    raise
+                skip_invalid(row[0] if isinstance(row[0], str) else repr(row[0]), err)
+                continue
             first.setdefault(key.ident, key)
         return list(first.values())
 
@@ -296,8 +306,8 @@ class SqliteStore:
     def _exists(db: sqlite3.Connection, ident: str) -> bool:
         return has_table(db) and db.execute("select 1 from authkeys where ident = ?", (ident,)).fetchone() is not None
 
-    async def keys(self) -> list[AccessKey]:
-        return sorted(await self._run(self._rows), key=lambda k: k.ident)
+    async def keys(self, *, skip_invalid: SkipInvalid | None = None) -> list[AccessKey]:
+        return sorted(await self._run(lambda db: self._rows(db, None, skip_invalid)), key=lambda k: k.ident)
 
     async def get(self, ident: str) -> AccessKey | None:
         found = await self._run(lambda db: self._rows(db, ident))

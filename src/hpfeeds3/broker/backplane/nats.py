@@ -291,7 +291,7 @@ class NatsBackplane:
         )
 
     async def _on_disconnected(self) -> None:
-        if self.connected:
+        if self.connected and not self._stopping:  # closing it ourselves is no loss
             log.warning("cluster: NATS link lost; local delivery continues, cross-node messages are not forwarded")
         self.connected = False
         self.status = "disconnected"

@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
-from ..auth.base import AccessKey, BadArguments, KeyWriter
+from ..auth.base import AccessKey, BadArguments, KeyWriter, SkipInvalid
 from ..auth.spec import open_backend, parse_spec
 
 T = TypeVar("T")
@@ -37,8 +37,8 @@ class BlockingStore:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             return pool.submit(self._loop.run_until_complete, work).result()
 
-    def keys(self) -> list[AccessKey]:
-        return self._run(self.store.keys())
+    def keys(self, *, skip_invalid: SkipInvalid | None = None) -> list[AccessKey]:
+        return self._run(self.store.keys(skip_invalid=skip_invalid))
 
     def get(self, ident: str) -> AccessKey | None:
         return self._run(self.store.get(ident))

@@ -8,6 +8,7 @@ stderr. Every failure is one line on stderr and an exit code from ``ExitCode``.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import sys
 from collections.abc import Iterable, Sequence
@@ -31,6 +32,7 @@ from ..auth.spec import parse_spec
 from .blocking import open_store
 
 PROG = "hpfeeds-broker keys"
+EXIT_INTERRUPTED = 130  # Ctrl-C, e.g. at the prompt of --secret - or import -
 
 STORE_HELP = (
     "the key store, written like the broker's --auth: sqlite (./sqlite.db, the default), "
@@ -46,7 +48,9 @@ exit codes:
   4  no such ident
   5  store unreachable, cannot be created, locked (beyond a 5 s wait) or not a key store
   6  invalid ident, secret or channel name (empty, not text, or over 255 bytes of UTF-8),
-     or a stored key that is not valid
+     or a stored key that is not valid (list shows the valid keys, names the others on
+     stderr and exits 0)
+  130  interrupted (Ctrl-C)
 """
 
 EPILOG = (
@@ -82,12 +86,16 @@ def _note(text: str) -> None:
     print(text, file=sys.stderr)
 
 
-def _read_secret(value: str | None) -> str | None:
-    """``--secret S`` as given; ``--secret -`` reads one line from stdin (keeps it out of ``ps``)."""
+def _read_secret(value: str | None, ident: str) -> str | None:
+    """``--secret S`` as given; ``--secret -`` reads one line from stdin (keeps it out of ``ps``),
+    at a terminal after a prompt and without echo."""
     if value is None:
         return None
     if value == "-":
-        value = sys.stdin.readline().rstrip("\r\n")
+        if sys.stdin.isatty():
+            value = getpass.getpass(f"secret for {ident!r} (not shown): ")
+        else:
+            value = sys.stdin.readline().rstrip("\r\n")
     if value == "":
         raise InvalidKey("secret must not be empty")
     return value
@@ -129,6 +137,8 @@ def _looks_like_sqlite(path: str) -> bool:
 def _read_source(source: str) -> list[AccessKey]:
     """Keys from ``import``'s argument: ``-`` (stdin), a JSON file, or any store spec."""
     if source == "-":
+        if sys.stdin.isatty():
+            _note("reading keys (JSON) from the terminal: end with Ctrl-D on a line of its own, Ctrl-C cancels")
         return parse_keys(sys.stdin.read(), "stdin")
     if source.startswith(("sqlite:", "postgresql://", "postgres://")) or source == "sqlite":
         with open_store(source) as store:
@@ -148,7 +158,7 @@ def _read_source(source: str) -> list[AccessKey]:
 
 
 def cmd_add(args: argparse.Namespace) -> None:
-    given = _read_secret(args.secret)
+    given = _read_secret(args.secret, args.ident)
     key = make_key(args.ident, given or generate_secret(), args.owner, args.pub or (), args.sub or ())
     with open_store(args.auth, create=True) as store:
         store.add(key)
@@ -158,9 +168,19 @@ def cmd_add(args: argparse.Namespace) -> None:
         _note("the secret above is shown only once; keys rotate makes a new one")
 
 
+def _naming(ident: str, err: Exception) -> str:
+    """``err``'s text, with the ident in front unless it names it already."""
+    return str(err) if repr(ident) in str(err) else f"ident {ident!r}: {err}"
+
+
 def cmd_list(args: argparse.Namespace) -> None:
+    invalid: list[str] = []
     with open_store(args.auth) as store:
-        keys = store.keys()
+        # The valid keys are listed; each invalid one is named on stderr (the
+        # broker answers "no such key" for it), so one bad row hides nothing.
+        keys = store.keys(skip_invalid=lambda ident, err: invalid.append(_naming(ident, err)))
+    for line in invalid:
+        _note(f"{PROG}: not a valid key, refused by the broker ({line}); update, rotate or remove fixes it")
     if args.json:
         print(json.dumps([_public(k) for k in keys], indent=2, ensure_ascii=False))
     elif keys:
@@ -234,7 +254,7 @@ def cmd_update(args: argparse.Namespace) -> None:
 
 
 def cmd_rotate(args: argparse.Namespace) -> None:
-    given = _read_secret(args.secret)
+    given = _read_secret(args.secret, args.ident)
     secret = given or generate_secret()
     with open_store(args.auth) as store:
         store.modify(args.ident, lambda key: replace(key, secret=secret))
@@ -314,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sub", nargs=nargs, action="extend" if nargs == "+" else "store", metavar="CHANNEL",
                        help=f"channel(s) to {verb} for subscribing")  # fmt: skip
 
-    secret_help = "use this secret instead of generating one ('-' reads it from stdin)"
+    secret_help = "use this secret instead of generating one ('-' reads it from stdin; at a terminal, without echo)"
 
     p = command("add", "add an ident; prints the generated secret once", cmd_add)
     p.add_argument("ident")
@@ -388,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except BrokenPipeError:
         return ExitCode.OK
+    except KeyboardInterrupt:
+        print(file=sys.stderr)  # past the ^C the terminal shows
+        return EXIT_INTERRUPTED
     return ExitCode.OK
 
 

@@ -30,6 +30,7 @@ from .client import (
     Client,
     ClientError,
     ConnectionLost,
+    Kicked,
     Message,
     NoGreeting,
 )
@@ -63,7 +64,9 @@ subscribe output:
   With --json: one object per line, {{"channel", "ident", "payload"}} with the
   payload as text when it is valid UTF-8, else {{"channel", "ident",
   "payload_b64"}}. The subscriber reconnects (and re-subscribes) by itself if
-  the connection drops, saying so on stderr; Ctrl-C exits 0.
+  the connection drops or an operator disconnects it, saying so on stderr; a
+  channel refused at the start exits 5, one refused after a reconnect is
+  named on stderr and the others go on. Ctrl-C exits 0.
 
 publish:
   the payload is the arguments joined by spaces (as the reference command),
@@ -76,7 +79,7 @@ exit status:
   {EXIT_OK}  success
   {EXIT_ERROR}  other error (an unexpected ERROR from the broker, unreadable file, message too big)
   {EXIT_USAGE}  bad usage
-  {EXIT_CONNECT}  cannot connect (refused, unreachable, timeout, TLS) or connection lost
+  {EXIT_CONNECT}  cannot connect (refused, unreachable, timeout, TLS) or connection lost (or kicked)
   {EXIT_AUTH}  authentication failed
   {EXIT_DENIED}  channel access denied
   {EXIT_INTERRUPTED}  publish interrupted by Ctrl-C
@@ -257,6 +260,8 @@ def _failure(exc: BaseException, opts: Options) -> CliError:
         return CliError(EXIT_AUTH, f"authentication failed: {exc.message}")
     if isinstance(exc, AccessDenied):
         return CliError(EXIT_DENIED, f"access denied: {exc.message}")
+    if isinstance(exc, Kicked):
+        return CliError(EXIT_CONNECT, f"{where}: disconnected by the broker's operator: {exc.message}")
     if isinstance(exc, BrokerError):
         return CliError(EXIT_ERROR, f"broker error: {exc.message}")
     if isinstance(exc, NoGreeting):
@@ -323,7 +328,8 @@ async def _subscribe(opts: Options, as_json: bool, count: int | None, out: Binar
     try:
         await client.subscribe(*opts.channels)
         await client.connect()
-        # Refusals of AUTH or of a channel are fatal for the command.
+        # Refusals of AUTH or of a channel at the start are fatal for the
+        # command; a channel refused after a reconnect is a warning of the client.
         await client.wait_ready()
         if opts.verbose:
             _say(f"subscribed to {', '.join(opts.channels)} on {opts.host}:{opts.port} (broker {client.broker_name})")
@@ -486,8 +492,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="hpfeeds: %(message)s", stream=sys.stderr)
     # The command prints its own one-line errors; the client's log adds
     # connection events with -v and everything with --debug. A subscriber
-    # also says when it lost the broker and is reconnecting (a warning): it
-    # is not silent for minutes while nothing can arrive.
+    # also prints the client's warnings: that it lost the broker and is
+    # reconnecting (it is not silent for minutes while nothing can arrive),
+    # a kick, a channel refused after a reconnect.
     quiet = logging.WARNING if ns.action == "subscribe" else logging.CRITICAL
     level = logging.DEBUG if debug else logging.INFO if opts.verbose else quiet
     logging.getLogger("hpfeeds3.client").setLevel(level)

@@ -17,6 +17,7 @@ from .errors import (
     ClientClosed,
     ClientError,
     ConnectionLost,
+    Kicked,
     NoGreeting,
     PublishQueueFull,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "ClientClosed",
     "ClientError",
     "ConnectionLost",
+    "Kicked",
     "Message",
     "NoGreeting",
     "PublishQueueFull",

@@ -49,6 +49,7 @@ from .errors import (
     ClientClosed,
     ClientError,
     ConnectionLost,
+    Kicked,
     NoGreeting,
     PublishQueueFull,
     classify,
@@ -98,6 +99,9 @@ class _Connection(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self.received_any = False  # a byte arrived (a TLS port sends none to a plain client)
+        #: Channels re-subscribed by the client itself on this (re)connection:
+        #: subscribed on an earlier connection, not by a call the owner awaits.
+        self.resubscribed: set[bytes] = set()
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -280,10 +284,13 @@ class Client:
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
         self.max_buffered_messages = max_buffered_messages
-        self._on_error = on_error
+        self.on_error = on_error
+        """Where ERRORs go instead of the iteration; may be set or changed at any time."""
         self._limits = limits
 
         self._subscriptions: dict[bytes, None] = {}  # an ordered set
+        self._sent_subscriptions: set[bytes] = set()  # written on some connection already
+        self._refused: dict[str, AccessDenied] = {}
         self._pending: collections.deque[bytes] = collections.deque()
         self._pending_bytes = 0
         self._inbox: collections.deque[Message | BrokerError] = collections.deque()
@@ -321,6 +328,17 @@ class Client:
     @property
     def subscriptions(self) -> list[str]:
         return [to_text(c) for c in self._subscriptions]
+
+    @property
+    def refused_channels(self) -> dict[str, AccessDenied]:
+        """Channels the broker refused when the client subscribed them again
+        after a reconnect (on the latest connection), with the refusal.
+
+        Such a refusal is not raised (the other channels go on): it is handed to
+        ``on_error``, or else logged once as a warning. The client asks for
+        the channel again at every reconnect, in case it was granted again.
+        """
+        return dict(self._refused)
 
     async def connect(self, *, retry: bool = False) -> None:
         """Open the connection and authenticate.
@@ -361,6 +379,7 @@ class Client:
             self._subscriptions[c] = None
         conn = self._conn
         if frames and conn is not None and conn.alive:
+            self._sent_subscriptions.update(new)
             conn.writelines(frames)
             await conn.drain()
 
@@ -370,6 +389,8 @@ class Client:
         gone = [c for c in (to_bytes(c, "channel") for c in channels) if c in self._subscriptions]
         for c in gone:
             del self._subscriptions[c]
+            self._sent_subscriptions.discard(c)
+            self._refused.pop(to_text(c), None)
         conn = self._conn
         if gone and conn is not None and conn.alive:
             conn.writelines([encode_unsubscribe(self._ident, c) for c in gone])
@@ -592,6 +613,9 @@ class Client:
             return
         chunks = [encode_auth(self._ident, sign(info.nonce, self._secret))]
         chunks += [encode_subscribe(self._ident, c) for c in self._subscriptions]
+        conn.resubscribed = self._sent_subscriptions & self._subscriptions.keys()
+        self._sent_subscriptions.update(self._subscriptions)
+        self._refused.clear()
         chunks += self._pending
         conn.writelines(chunks)
         sent = len(self._pending)
@@ -619,7 +643,17 @@ class Client:
             self._reading_paused = None
         if time.monotonic() - conn.started >= STABLE_CONNECTION_S:
             self._attempt = 0
-        refusal = next((e for e in conn.errors if isinstance(e, AuthenticationFailed | AccessDenied)), None)
+        # A refusal right before the close: the reference broker closes after
+        # denying a channel. (Ours keeps the connection; an earlier refusal
+        # says nothing about a later loss.)
+        last = conn.errors[-1] if conn.errors else None
+        refusal = last if isinstance(last, AuthenticationFailed | AccessDenied) else None
+        kick = next((e for e in conn.errors if isinstance(e, Kicked)), None)
+        if isinstance(refusal, AccessDenied) and refusal.channel in self._refused and self.reconnect:
+            # A channel it had re-subscribed: drop it, keep the others.
+            self._subscriptions.pop(refusal.channel.encode("utf-8", "surrogateescape"), None)
+            log.warning("broker closed after refusing channel %r; reconnecting without it", refusal.channel)
+            refusal = None
         if self._closing:
             pass
         elif refusal is not None:
@@ -629,9 +663,20 @@ class Client:
         elif self._finishing:
             pass  # finish() asked for this close
         elif not self.reconnect:
-            self._set_fatal(ConnectionLost(f"connection to {self.host}:{self.port} lost{f': {exc}' if exc else ''}"))
+            lost = f"connection to {self.host}:{self.port} lost{f': {exc}' if exc else ''}"
+            self._set_fatal(kick or ConnectionLost(lost))
         else:
-            log.warning("connection to %s:%s lost (%s); reconnecting", self.host, self.port, exc or "closed by broker")
+            if kick is not None:
+                # The key is still good: come back, with the backoff as after any loss.
+                log.warning(
+                    "disconnected from %s:%s by the broker's operator (%s); reconnecting",
+                    self.host,
+                    self.port,
+                    kick.message,
+                )
+            else:
+                why = exc or "closed by broker"
+                log.warning("connection to %s:%s lost (%s); reconnecting", self.host, self.port, why)
             self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
         self._wake()
 
@@ -667,11 +712,23 @@ class Client:
         log.debug("broker error: %s", err.message)
         if isinstance(err, AuthenticationFailed):
             self._set_fatal(err)
-        if self._on_error is not None:
+        # Not the owner's doing, so not raised: a kick (the reconnect says so)
+        # and a channel refused when the client re-subscribed it itself.
+        automatic = isinstance(err, Kicked) or self._refused_again(conn, err)
+        if self.on_error is not None:
             try:
-                self._on_error(err)
+                self.on_error(err)
             except Exception:
                 log.exception("on_error callback raised")
+        elif automatic:
+            if isinstance(err, AccessDenied):
+                log.warning(
+                    "channel %r refused after reconnecting to %s:%s (%s); the other channels go on",
+                    err.channel,
+                    self.host,
+                    self.port,
+                    err.message,
+                )
         elif not isinstance(err, AuthenticationFailed):
             if self._unread_errors >= MAX_UNREAD_ERRORS:
                 log.warning("broker error not kept (%d unread already): %s", MAX_UNREAD_ERRORS, err.message)
@@ -679,6 +736,16 @@ class Client:
             self._inbox.append(err)
             self._unread_errors += 1
         self._wake()
+
+    def _refused_again(self, conn: _Connection, err: BrokerError) -> bool:
+        """Is ``err`` the refusal of a channel the client re-subscribed on ``conn``?"""
+        if not isinstance(err, AccessDenied) or err.action != "subscribe" or err.channel is None:
+            return False
+        channel = err.channel.encode("utf-8", "surrogateescape")
+        if channel not in conn.resubscribed:
+            return False
+        self._refused[err.channel] = err
+        return True
 
     def _pop_inbox(self) -> Message | BrokerError | None:
         if not self._inbox:

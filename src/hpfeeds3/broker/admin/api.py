@@ -419,7 +419,7 @@ class Console:
         async for conn in _slices(list(self.broker.connections)):
             if str(id(conn)) == body.get("id"):
                 self.audit(request, f"disconnected {conn.peer}", ident=conn.ident)
-                conn.close(CloseReason.REVOKED, "disconnected by an operator")
+                conn.close(CloseReason.KICKED, "disconnected by an operator")
                 return _json({"closed": conn.peer})
         return _error(404, "no such connection")
 

@@ -1,0 +1,75 @@
+"""`hpfeeds subscribe` after a kick and after a channel refused on a reconnect:
+it says so on stderr and goes on (a real broker, its console and sqlite keys)."""
+
+from __future__ import annotations
+
+import select
+import time
+
+from hpfeeds3.client import BlockingClient
+from tests.cli.test_cli import TIMEOUT_S, Subscriber, _wait_stderr
+from tests.client.test_kick_and_refusal import A, B, SqliteBroker, _kick, kick_console, sqlite_broker
+from tests.console.conftest import Console
+
+__all__ = ["kick_console", "sqlite_broker"]  # fixtures
+
+
+def _publish_until_printed(sub: Subscriber, port: int, key: tuple[str, str], channel: str, text: str) -> bytes:
+    """Publish ``text`` on ``channel`` until the subscriber prints it (bounded); its line."""
+    assert sub.proc.stdout is not None
+    deadline = time.monotonic() + TIMEOUT_S
+    with BlockingClient("127.0.0.1", port, *key) as sensor:
+        while time.monotonic() < deadline:
+            assert sub.proc.poll() is None, f"the subscriber exited: {sub.proc.stderr.read()!r}"  # type: ignore[union-attr]
+            sensor.publish(channel, text)
+            ready, _, _ = select.select([sub.proc.stdout], [], [], 0.2)
+            if ready:
+                line = sub.proc.stdout.readline()
+                if text.encode() in line:
+                    return line
+    raise AssertionError(f"{text!r} not printed within {TIMEOUT_S} s")
+
+
+def test_subscribe_comes_back_after_a_kick(kick_console: Console) -> None:
+    console = kick_console
+    sub = Subscriber(
+        [
+            "--host",
+            "127.0.0.1",
+            "-p",
+            str(console.port),
+            "-i",
+            "collector",
+            "-s",
+            "collector-secret",
+            "-c",
+            "honeypot.events",
+        ]
+    )
+    try:
+        _kick(console, "collector")
+        said = _wait_stderr(sub.proc, b"operator")
+        assert b"kicked: disconnected by an operator" in said and b"reconnecting" in said
+        line = _publish_until_printed(sub, console.port, ("existing-sensor", "s3cret"), "honeypot.events", "back")
+        assert line == b"honeypot.events existing-sensor back\n"
+    finally:
+        sub.proc.kill()
+        sub.proc.wait()
+
+
+def test_subscribe_keeps_the_other_channels_when_one_is_refused_after_a_restart(sqlite_broker: SqliteBroker) -> None:
+    broker = sqlite_broker
+    sub = Subscriber(
+        ["--host", "127.0.0.1", "-p", str(broker.port), "-i", "collector", "-s", "collector-secret", "-c", A, "-c", B]
+    )
+    try:
+        broker.revoke_subscription("collector", B)
+        broker.stop()
+        broker.start()
+        said = _wait_stderr(sub.proc, b"refused")
+        assert repr(B).encode() in said and b"the other channels go on" in said
+        line = _publish_until_printed(sub, broker.port, ("sensor", "sensor-secret"), A, "still flowing")
+        assert line == f"{A} sensor still flowing\n".encode()
+    finally:
+        sub.proc.kill()
+        sub.proc.wait()

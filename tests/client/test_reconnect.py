@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 
 import pytest
 
-from hpfeeds3.client import Backoff, Client, ConnectionLost, Message, PublishQueueFull
+from hpfeeds3.client import Backoff, Client, ConnectionLost, Message, PublishQueueFull, make_ssl_context
 from tests.client.brokers import KINDS, TESTER, BrokerPool, client_for
 from tests.support.reference import HOST
 
@@ -40,6 +41,11 @@ class Gate:
             self._server.close()
         for w in list(self._writers):
             w.close()
+
+    def drop(self) -> None:
+        """Cut every connection through the gate (the broker stays up)."""
+        for w in list(self._writers):
+            w.transport.abort()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.shut:
@@ -185,3 +191,59 @@ def test_connect_retry_waits_for_a_broker_that_starts_late(broker_pool: BrokerPo
         asyncio.run(scenario())
     finally:
         broker.stop()
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"])
+def test_a_tls_reconnect_resumes_the_previous_session(
+    version: ssl.TLSVersion, broker_pool: BrokerPool, channel: str
+) -> None:
+    broker = broker_pool.get("hpfeeds3", tls=True)
+
+    async def scenario() -> None:
+        gate = Gate(broker.port)
+        await gate.start()
+        ctx = make_ssl_context(str(broker.tls_ca))
+        ctx.minimum_version = ctx.maximum_version = version
+        client = Client(HOST, gate.port, *TESTER, ssl_context=ctx, server_hostname="localhost", backoff=FAST)
+        try:
+            await client.subscribe(channel)
+            await client.connect()
+            assert client.tls_session_reused is False  # nothing to resume yet
+            for n in (2, 3):
+                gate.drop()
+                await _until(lambda: client.connected and client.connection_count == n, f"reconnect {n}")  # noqa: B023
+                assert client.tls_session_reused is True, f"reconnect {n} made a full handshake"
+            await client.publish(channel, b"over the resumed session")
+            assert (await _take(client, 1))[0].payload == b"over the resumed session"
+        finally:
+            await client.close()
+            await gate.close()
+
+    asyncio.run(scenario())
+
+
+def test_tls_resumption_can_be_turned_off(broker_pool: BrokerPool) -> None:
+    broker = broker_pool.get("hpfeeds3", tls=True)
+
+    async def scenario() -> None:
+        gate = Gate(broker.port)
+        await gate.start()
+        client = Client(
+            HOST,
+            gate.port,
+            *TESTER,
+            cafile=str(broker.tls_ca),
+            server_hostname="localhost",
+            backoff=FAST,
+            tls_resumption=False,
+        )
+        try:
+            await client.connect()
+            gate.drop()
+            await _until(lambda: client.connected and client.connection_count == 2, "the reconnect")
+            assert client.tls_session_reused is False
+        finally:
+            await client.close()
+            await gate.close()
+
+    asyncio.run(scenario())

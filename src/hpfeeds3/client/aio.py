@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import logging
 import socket
 import ssl
@@ -80,6 +81,35 @@ def make_ssl_context(cafile: str | None = None) -> ssl.SSLContext:
     """A client TLS context that verifies the broker: against ``cafile`` if given,
     else the system's trusted CAs; the host name is checked."""
     return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
+
+
+# --- TLS session resumption ------------------------------------------------------------
+#
+# asyncio's create_connection has no ``session`` argument: its SSLProtocol
+# builds the SSLObject with ``context.wrap_bio(incoming, outgoing, ...)``
+# synchronously inside create_connection, before the handshake starts. So the
+# context's ``sslobject_class`` (the documented hook for what wrap_bio
+# returns) is one that takes the session to resume from a context variable
+# the client sets around its create_connection: it is seen only by that
+# task's connection, never by another client sharing the context.
+
+_RESUME: contextvars.ContextVar[ssl.SSLSession | None] = contextvars.ContextVar("hpfeeds3_resume", default=None)
+
+
+class _ResumingSSLObject(ssl.SSLObject):
+    """An ``SSLObject`` that resumes the session in ``_RESUME`` when one is set."""
+
+    @classmethod
+    def _create(cls, *args: Any, session: ssl.SSLSession | None = None, **kwargs: Any) -> ssl.SSLObject:
+        create = super()._create  # type: ignore[misc]  # ssl's constructor, not in the stubs
+        return create(*args, session=session or _RESUME.get(), **kwargs)  # type: ignore[no-any-return]
+
+
+def _resumable(ctx: ssl.SSLContext) -> bool:
+    """Let ``ctx`` resume sessions for the client; False if it has an ``SSLObject`` class of its own."""
+    if ctx.sslobject_class is ssl.SSLObject:
+        ctx.sslobject_class = _ResumingSSLObject
+    return ctx.sslobject_class is _ResumingSSLObject
 
 
 class _Connection(asyncio.Protocol):
@@ -233,6 +263,9 @@ class Client:
     written, in order. Authentication failure is never retried (it is fatal),
     nor is an access denial that the broker follows with a close (the
     reference broker does; ours keeps the connection and the client carries on).
+    An operator's kick (``Kicked``) is reconnected after, logged once. A
+    reconnect over TLS resumes the previous session (``tls_resumption``;
+    ``tls_session_reused`` says whether the latest one did).
 
     **Errors.** ERROR frames become ``BrokerError`` (``AuthenticationFailed``,
     ``AccessDenied``). With ``on_error`` they are passed to that callback (called
@@ -266,6 +299,7 @@ class Client:
         max_buffered_messages: int = DEFAULT_MAX_BUFFERED_MESSAGES,
         on_error: ErrorCallback | None = None,
         limits: FrameLimits = DEFAULT_LIMITS,
+        tls_resumption: bool = True,
     ) -> None:
         self.host = host
         self.port = port
@@ -276,6 +310,14 @@ class Client:
             ssl_context = make_ssl_context(cafile)
         self._ssl = ssl_context
         self._server_hostname = server_hostname
+        # A reconnect resumes the previous connection's TLS session (no
+        # certificate signature or key exchange); the broker falls back to a
+        # full handshake by itself when it cannot resume.
+        self._resume_tls = tls_resumption and ssl_context is not None and _resumable(ssl_context)
+        self._tls_session: ssl.SSLSession | None = None
+        self.tls_session_reused: bool | None = None
+        """Whether the latest connection resumed the TLS session of the one before
+        (``None`` without TLS)."""
         self.reconnect = reconnect
         self.backoff = backoff or Backoff()
         self.connect_timeout_s = connect_timeout_s
@@ -580,9 +622,13 @@ class Client:
             kwargs["server_hostname"] = self._server_hostname or self.host
             kwargs["ssl_handshake_timeout"] = self.connect_timeout_s
         self._opening += 1
+        resume = _RESUME.set(self._tls_session if self._resume_tls else None)
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                await loop.create_connection(lambda: conn, self.host, self.port, **kwargs)
+                try:
+                    await loop.create_connection(lambda: conn, self.host, self.port, **kwargs)
+                finally:
+                    _RESUME.reset(resume)
                 await conn.handshake  # _handshake() has run inside data_received
         except NoGreeting:
             conn.abort()
@@ -624,6 +670,10 @@ class Client:
         conn.ready = True
         self._conn = conn
         self.connection_count += 1
+        tls = conn.transport.get_extra_info("ssl_object") if conn.transport is not None else None
+        if tls is not None:
+            self.tls_session_reused = tls.session_reused
+            self._keep_tls_session(tls)
         self.broker_name = conn.broker_name
         log.info(
             "connected to %s:%s (broker %r), %d subscriptions, %d queued publishes sent",
@@ -635,10 +685,20 @@ class Client:
         )
         self._wake()
 
+    def _keep_tls_session(self, tls: ssl.SSLObject) -> None:
+        # TLS 1.3 tickets come after the handshake: the session is read again
+        # when the connection ends, so the latest ticket is the one resumed.
+        session = tls.session
+        if session is not None and (session.has_ticket or session.id):
+            self._tls_session = session
+
     def _connection_lost(self, conn: _Connection, exc: Exception | None) -> None:
         if conn is not self._conn:
             return  # a connect attempt that failed; _open reports it
         self._conn = None
+        tls = conn.transport.get_extra_info("ssl_object") if conn.transport is not None else None
+        if tls is not None:
+            self._keep_tls_session(tls)
         if self._reading_paused is conn:
             self._reading_paused = None
         if time.monotonic() - conn.started >= STABLE_CONNECTION_S:

@@ -4,12 +4,21 @@ it says so on stderr and goes on (a real broker, its console and sqlite keys).""
 from __future__ import annotations
 
 import select
+import subprocess
 import time
 
 from hpfeeds3.client import BlockingClient
-from tests.cli.test_cli import TIMEOUT_S, Subscriber, _wait_stderr
-from tests.client.test_kick_and_refusal import A, B, SqliteBroker, _kick, kick_console, sqlite_broker
-from tests.console.conftest import Console
+from tests.cli.test_cli import HPFEEDS, TIMEOUT_S, Subscriber, _env, _wait_stderr
+from tests.client.test_kick_and_refusal import (
+    A,
+    B,
+    SqliteBroker,
+    _connection_ids,
+    _kick,
+    kick_console,
+    sqlite_broker,
+)
+from tests.console.conftest import Console, wait_until
 
 __all__ = ["kick_console", "sqlite_broker"]  # fixtures
 
@@ -73,3 +82,28 @@ def test_subscribe_keeps_the_other_channels_when_one_is_refused_after_a_restart(
     finally:
         sub.proc.kill()
         sub.proc.wait()
+
+
+def test_publish_kicked_exits_3_saying_so(kick_console: Console) -> None:
+    console = kick_console
+    args = ["--host", "127.0.0.1", "-p", str(console.port), "-i", "existing-sensor", "-s", "s3cret"]
+    proc = subprocess.Popen(
+        [HPFEEDS, "publish", *args, "-c", "honeypot.events", "--lines"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+    )
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(b"one\n")
+        proc.stdin.flush()
+        _kick(console, "existing-sensor")
+        wait_until(lambda: not _connection_ids(console, "existing-sensor"), TIMEOUT_S, "the kick done")
+        _, err = proc.communicate(b"two\n", timeout=TIMEOUT_S)
+        assert proc.returncode == 3, err
+        assert err.count(b"\n") == 1 and b"disconnected by the broker's operator: kicked:" in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -14,12 +14,16 @@ import pytest
 
 from hpfeeds3.client import AccessDenied, Backoff, BlockingClient, BrokerError, Client, Kicked, Message
 from hpfeeds3.client.errors import classify
+from tests.client.brokers import BrokerPool
+from tests.client.test_reconnect import Gate
 from tests.console.conftest import Console, console_broker, wait_until
 from tests.support.broker import BROKER_BIN, BrokerProcess, free_port, sqlite_add_key
+from tests.support.reference import HOST, reference_broker
 
 TIMEOUT_S = 20.0
 FAST = Backoff(initial_s=0.05, max_s=0.2)
 A, B = "collector.a", "collector.b"
+SENSOR_KEY = {"secret": "s", "pubchans": [A, B], "subchans": []}
 
 
 def _connection_ids(console: Console, ident: str) -> list[str]:
@@ -241,3 +245,46 @@ def test_kicked_is_neither_an_authentication_failure_nor_a_denial() -> None:
     err = classify("kicked: disconnected by an operator")
     assert type(err) is Kicked
     assert not isinstance(classify("authfail: access key for x was removed"), Kicked)
+
+
+def test_the_reference_broker_closing_after_a_refused_channel_keeps_the_others(
+    broker_pool: BrokerPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reference broker closes after a denial: the client drops that channel and reconnects with the others."""
+    caplog.set_level(logging.INFO, "hpfeeds3.client")
+    both = {"collector": {"secret": "c", "pubchans": [], "subchans": [A, B]}, "sensor": SENSOR_KEY}
+    only_a = {"collector": {"secret": "c", "pubchans": [], "subchans": [A]}, "sensor": SENSOR_KEY}
+    before = reference_broker(broker_pool.workdir / "refused-before", both).start()
+    after = reference_broker(broker_pool.workdir / "refused-after", only_a).start()
+
+    async def scenario() -> None:
+        gate = Gate(before.port)
+        await gate.start()
+        client = Client(HOST, gate.port, "collector", "c", backoff=FAST)
+        try:
+            await client.subscribe(A, B)
+            await client.connect()
+            await client.wait_ready(0.2)
+            gate.target_port = after.port  # the key lost B while the client was away
+            gate.drop()
+            async with asyncio.timeout(TIMEOUT_S):
+                while client.subscriptions != [A] or not client.connected:
+                    await asyncio.sleep(0.01)
+            sensor = Client(HOST, after.port, "sensor", "s", reconnect=False)
+            try:
+                await sensor.connect()
+                message = await _crossed(sensor, client, A, b"a after")
+            finally:
+                await sensor.close()
+            assert (message.channel, message.payload) == (A, b"a after")
+        finally:
+            await client.close()
+            await gate.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        before.stop()
+        after.stop()
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and repr(B) in r.getMessage()]
+    assert any("reconnecting without it" in text for text in said), said

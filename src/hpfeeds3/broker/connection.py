@@ -10,9 +10,15 @@ slow-consumer policy.
 Rules kept here:
 - A subscriber that cannot keep up is cut (``slow_consumer``) before it costs
   memory or slows anyone else: see ``_watch_backlog``.
-- Every entry point (a read, the end of a lookup, a timer, a delivery) runs
-  inside the internal-error boundary: an exception closes this connection
-  alone with ``internal_error`` (ERROR to the client, traceback in the log).
+- Every entry point runs inside one internal-error boundary: the asyncio
+  callbacks are decorated with ``guarded``, every timer is scheduled through
+  ``_call_later``/``_call_soon`` (which wrap their target), the router calls
+  ``internal_error`` when a delivery raises, and the broker's per-connection
+  loops do the same. An exception closes this connection alone with
+  ``internal_error`` (ERROR to the client, traceback in the log).
+  ``tests/broker/test_guarded_boundary.py`` enumerates them.
+- The hard bound of the outgoing buffer is checked at every delivery while the
+  transport reports a backlog, whatever the backlog timer does.
 - When one read holds more work than one loop turn should do, reading is
   paused and the rest is handled in later turns, in order.
 - A connection counts from accept: a TLS listener accepts plain TCP and the
@@ -31,12 +37,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..protocol import encode_info, new_nonce
 from . import metrics
@@ -68,6 +75,28 @@ log = logging.getLogger("hpfeeds3.broker.connection")
 _AUTHING_BUFFER_MARGIN = 65536
 # Closed for what other connections did, not for their own bytes: no linger.
 _CLOSED_FOR_ROOM = frozenset({CloseReason.TOO_MANY_CONNECTIONS, CloseReason.TOO_MANY_UNAUTHENTICATED})
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def guarded(where: str) -> Callable[[_Method], _Method]:
+    """The boundary around an asyncio callback: an exception closes this connection
+    alone with ``internal_error`` (logged with ``where``)."""
+
+    def wrap(method: _Method) -> _Method:
+        @functools.wraps(method)
+        def guarded_method(self: Connection, *args: Any) -> Any:
+            try:
+                return method(self, *args)
+            except Exception:
+                self.internal_error(where)
+                return None
+
+        guarded_method.__guarded__ = where  # type: ignore[attr-defined]
+        return guarded_method  # type: ignore[return-value]
+
+    return wrap
 
 
 def _write_after_close(data: bytes) -> None:
@@ -118,6 +147,7 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "_auth_deadline",
         "_backlog_timer",
+        "_backlogged",
         "_eof_pending",
         "_group",
         "_held",
@@ -175,6 +205,7 @@ class Connection(asyncio.Protocol):
         self._turn_pending = False
         self._auth_deadline: asyncio.TimerHandle | None = None
         self._backlog_timer: asyncio.TimerHandle | None = None
+        self._backlogged = False  # the transport is over its high-water mark
         self._soft_since: float | None = None
         self._last_progress = 0.0
         self._last_queued = 0
@@ -227,6 +258,7 @@ class Connection(asyncio.Protocol):
 
     # --- asyncio.Protocol ----------------------------------------------------
 
+    @guarded("accepting the connection")
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         assert self.transport is not None
@@ -266,7 +298,7 @@ class Connection(asyncio.Protocol):
             # The handshake runs in this connection (tls.py), on its own deadline.
             self._tls_session = TlsSession(self._tls)
             self._write = self._write_tls
-            self._auth_deadline = broker.loop.call_later(
+            self._auth_deadline = self._call_later(
                 broker.config.limits.tls_handshake_timeout_s, self._on_handshake_timeout
             )
             return
@@ -280,7 +312,7 @@ class Connection(asyncio.Protocol):
             self._auth_deadline.cancel()  # the TLS handshake's
         self.transport.set_write_buffer_limits(high=BACKLOG_HIGH_BYTES, low=BACKLOG_LOW_BYTES)
         self._write(encode_info(broker.name_bytes, self.session.nonce))
-        self._auth_deadline = broker.loop.call_later(broker.config.limits.auth_timeout_s, self._on_auth_timeout)
+        self._auth_deadline = self._call_later(broker.config.limits.auth_timeout_s, self._on_auth_timeout)
 
     def _write_tls(self, data: bytes) -> None:
         assert self.transport is not None and self._tls_session is not None
@@ -356,6 +388,7 @@ class Connection(asyncio.Protocol):
             )
         self.close(CloseReason.TOO_MANY_UNAUTHENTICATED, message)
 
+    @guarded("handling received data")
     def data_received(self, data: bytes) -> None:
         session = self.session
         if session.state == CLOSED:
@@ -366,13 +399,9 @@ class Connection(asyncio.Protocol):
             return
         tls = self._tls_session
         if tls is not None:
-            try:
-                decrypted = self._tls_received(tls, data)
-                if tls.closed_by_peer:
-                    self._tls_closed_by_peer(tls, decrypted)
-                    return
-            except Exception:
-                self._internal_error("decrypting received data")
+            decrypted = self._tls_received(tls, data)
+            if tls.closed_by_peer:
+                self._tls_closed_by_peer(tls, decrypted)
                 return
             if not decrypted:
                 return
@@ -385,17 +414,14 @@ class Connection(asyncio.Protocol):
         if session.state == CLOSED:
             return
         self.received_bytes += len(data)
-        try:
-            if session.receive(data):
-                self._yield_turn()
-            elif session.state == AUTHING and session.buffered > self._authing_buffer_cap():
-                # Reading is paused during a lookup; a transport may still hand over what it had.
-                metrics.LIMIT_REJECTIONS.labels("pre_auth_buffer").inc()
-                self.close(CloseReason.FRAME_TOO_LARGE, "too much data before authentication completed")
-            if session.pending_frame_bytes or self._held:
-                self._watch_partial_frame()
-        except Exception:
-            self._internal_error("handling received data")
+        if session.receive(data):
+            self._yield_turn()
+        elif session.state == AUTHING and session.buffered > self._authing_buffer_cap():
+            # Reading is paused during a lookup; a transport may still hand over what it had.
+            metrics.LIMIT_REJECTIONS.labels("pre_auth_buffer").inc()
+            self.close(CloseReason.FRAME_TOO_LARGE, "too much data before authentication completed")
+        if session.pending_frame_bytes or self._held:
+            self._watch_partial_frame()
 
     def _watch_partial_frame(self) -> None:
         """A frame's header has arrived and not its body: time it, and report the bytes held."""
@@ -411,9 +437,7 @@ class Connection(asyncio.Protocol):
                 self._partial_timer.cancel()
             self._partial_start = start
             rate = self.broker.config.limits.min_receive_rate_bytes
-            self._partial_timer = self.broker.loop.call_later(
-                PARTIAL_FRAME_GRACE_S + pending / rate, self._on_partial_deadline
-            )
+            self._partial_timer = self._call_later(PARTIAL_FRAME_GRACE_S + pending / rate, self._on_partial_deadline)
         held = session.buffered
         if held != self._held:
             self._held = held
@@ -430,29 +454,27 @@ class Connection(asyncio.Protocol):
 
     def _on_partial_deadline(self) -> None:
         self._partial_timer = None
-        try:
-            pending = self.session.pending_frame_bytes
-            rate = self.broker.config.limits.min_receive_rate_bytes
-            metrics.LIMIT_REJECTIONS.labels("min_receive_rate").inc()
-            log.warning(
-                "closing %s (%s): a %d-byte frame did not arrive at %d bytes/s",
-                self.peer,
-                self.ident,
-                pending,
-                rate,
-                extra={"event": "slow_producer", "peer": self.peer, "ident": self.ident, "reason": "slow_producer"},
-            )
-            self.close(
-                CloseReason.SLOW_PRODUCER,
-                f"a {pending}-byte frame did not arrive within {PARTIAL_FRAME_GRACE_S + pending / rate:.0f} s "
-                f"(at least {rate} bytes/s)",
-            )
-        except Exception:
-            self._internal_error("enforcing the receive rate")
+        pending = self.session.pending_frame_bytes
+        rate = self.broker.config.limits.min_receive_rate_bytes
+        metrics.LIMIT_REJECTIONS.labels("min_receive_rate").inc()
+        log.warning(
+            "closing %s (%s): a %d-byte frame did not arrive at %d bytes/s",
+            self.peer,
+            self.ident,
+            pending,
+            rate,
+            extra={"event": "slow_producer", "peer": self.peer, "ident": self.ident, "reason": "slow_producer"},
+        )
+        self.close(
+            CloseReason.SLOW_PRODUCER,
+            f"a {pending}-byte frame did not arrive within {PARTIAL_FRAME_GRACE_S + pending / rate:.0f} s "
+            f"(at least {rate} bytes/s)",
+        )
 
     def _authing_buffer_cap(self) -> int:
         return self.broker.frame_limits.max_publish_frame_bytes + _AUTHING_BUFFER_MARGIN
 
+    @guarded("handling the client's EOF")
     def eof_received(self) -> bool:
         # Half-close: frames already received (AUTH + PUBLISH + FIN in one
         # segment) are still handled; the transport closes once they are done.
@@ -463,6 +485,7 @@ class Connection(asyncio.Protocol):
             return True
         return False
 
+    @guarded("closing the connection")
     def connection_lost(self, exc: Exception | None) -> None:
         if self._lost:
             return
@@ -499,17 +522,23 @@ class Connection(asyncio.Protocol):
             {"event": "closed", "peer": self.peer, "ident": session.ident, "reason": reason.value},
         )
 
+    @guarded("watching the outgoing buffer")
     def pause_writing(self) -> None:
         # The subscriber's queue passed the backlog mark: watch its progress.
+        # The flag first: the hard bound is checked at every delivery from now on,
+        # whatever happens to the timer.
+        self._backlogged = True
         if self._backlog_timer is None and self.session.state != CLOSED:
             now = self.broker.loop.time()
             self._last_progress = now
             self._last_queued = self.write_buffer_size()
             self._sent_at_check = self.sent_bytes
             metrics.SEND_BUFFER_DEADLINE_START.labels(self.ident or "").inc()
-            self._backlog_timer = self.broker.loop.call_later(BACKLOG_CHECK_S, self._watch_backlog)
+            self._backlog_timer = self._call_later(BACKLOG_CHECK_S, self._watch_backlog)
 
+    @guarded("watching the outgoing buffer")
     def resume_writing(self) -> None:
+        self._backlogged = False
         if self._backlog_timer is not None:
             self._backlog_timer.cancel()
             self._backlog_timer = None
@@ -523,12 +552,12 @@ class Connection(asyncio.Protocol):
         assert transport is not None
         self._write(data)
         self.sent_bytes += len(data)
-        if self._backlog_timer is not None and transport.get_write_buffer_size() > self.broker.send_hard_bytes:
+        if self._backlogged and transport.get_write_buffer_size() > self.broker.send_hard_bytes:
             self._cut_slow_consumer("outgoing buffer over its hard bound")
 
     def delivery_failed(self) -> None:
         """``deliver`` raised during a fan-out: close this subscriber alone."""
-        self._internal_error("delivering to this subscriber")
+        self.internal_error("delivering to this subscriber")
 
     # --- the session's actions -------------------------------------------------------
 
@@ -581,7 +610,7 @@ class Connection(asyncio.Protocol):
             else:
                 self._resume_reading()
         except Exception:
-            self._internal_error("finishing AUTH")
+            self.internal_error("finishing AUTH")
 
     def _rate_limited(self, ident: str) -> bool:
         """Refuse (and return True) when this address, or this address and ident, is blocked."""
@@ -648,7 +677,7 @@ class Connection(asyncio.Protocol):
             transport.close()
             if transport.get_write_buffer_size():
                 # A peer that does not read must not keep the socket forever.
-                self.broker.loop.call_later(CLOSE_FLUSH_S, transport.abort)
+                self._call_later(CLOSE_FLUSH_S, transport.abort)
             return
         # The ERROR, then the sending side shut down (plain TCP), then linger:
         # what the client still sends is read and discarded, so closing does
@@ -662,7 +691,7 @@ class Connection(asyncio.Protocol):
         self.broker.lingering[self] = None
         with contextlib.suppress(RuntimeError, AttributeError):  # not paused, or a transport that cannot
             transport.resume_reading()
-        self.broker.loop.call_later(CLOSE_LINGER_S, self._end_linger)
+        self._call_later(CLOSE_LINGER_S, self._end_linger)
 
     def cut_linger(self) -> None:
         """The connection limit is reached and this is the oldest lingering connection: end it now."""
@@ -689,19 +718,16 @@ class Connection(asyncio.Protocol):
         self._turn_pending = True
         assert self.transport is not None
         self.transport.pause_reading()
-        self.broker.loop.call_soon(self._continue_turn)
+        self._call_soon(self._continue_turn)
 
     def _continue_turn(self) -> None:
         self._turn_pending = False
-        try:
-            if self.session.state != READY:
-                return
-            if self.session.resume():
-                self._yield_turn()
-            else:
-                self._resume_reading()
-        except Exception:
-            self._internal_error("handling received data")
+        if self.session.state != READY:
+            return
+        if self.session.resume():
+            self._yield_turn()
+        else:
+            self._resume_reading()
 
     def _resume_reading(self) -> None:
         transport = self.transport
@@ -714,12 +740,22 @@ class Connection(asyncio.Protocol):
 
     # --- timers ------------------------------------------------------------------------------
 
+    def _call_later(self, delay: float, target: Callable[[], object]) -> asyncio.TimerHandle:
+        """Every timer of a connection is scheduled here: its target runs inside the boundary."""
+        return self.broker.loop.call_later(delay, self._run_guarded, target)
+
+    def _call_soon(self, target: Callable[[], object]) -> None:
+        self.broker.loop.call_soon(self._run_guarded, target)
+
+    def _run_guarded(self, target: Callable[[], object]) -> None:
+        try:
+            target()
+        except Exception:
+            self.internal_error(f"running {getattr(target, '__name__', 'a timer')}")
+
     def _on_auth_timeout(self) -> None:
         self._auth_deadline = None
-        try:
-            self.session.auth_timeout(self.broker.config.limits.auth_timeout_s)
-        except Exception:
-            self._internal_error("enforcing the AUTH deadline")
+        self.session.auth_timeout(self.broker.config.limits.auth_timeout_s)
 
     def _watch_backlog(self) -> None:
         """Runs every BACKLOG_CHECK_S while the subscriber is backlogged."""
@@ -747,9 +783,11 @@ class Connection(asyncio.Protocol):
         elif self._soft_since is not None and now - self._soft_since >= limits.send_buffer_soft_window_s:
             self._cut_slow_consumer(f"outgoing buffer over its soft bound for {limits.send_buffer_soft_window_s:g} s")
         else:
-            self._backlog_timer = broker.loop.call_later(BACKLOG_CHECK_S, self._watch_backlog)
+            self._backlog_timer = self._call_later(BACKLOG_CHECK_S, self._watch_backlog)
 
     def _cut_slow_consumer(self, why: str) -> None:
+        if self.session.state == CLOSED:
+            return
         metrics.SLOW_CONSUMERS.inc()
         queued = self.write_buffer_size()
         log.warning(
@@ -769,8 +807,9 @@ class Connection(asyncio.Protocol):
         """Close with a recorded reason; ``message`` goes out in an ERROR frame first."""
         self.session.close(reason, message, abort=abort)
 
-    def _internal_error(self, where: str) -> None:
-        """The boundary: a bug while handling this connection closes it alone."""
+    def internal_error(self, where: str) -> None:
+        """The boundary: a bug while handling this connection closes it alone.
+        Called inside the ``except`` block (the traceback is logged)."""
         log.exception(
             "internal error while %s for %s (%s); closing this connection",
             where,

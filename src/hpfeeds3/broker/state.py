@@ -103,9 +103,12 @@ class Broker:
                 limit,
                 extra={"event": "slow_producer", "peer": victim.peer, "ident": victim.ident, "reason": "slow_producer"},
             )
-            victim.close(
-                CloseReason.SLOW_PRODUCER, f"incomplete frames hold more than {limit} bytes: the largest are closed"
-            )
+            try:
+                victim.close(
+                    CloseReason.SLOW_PRODUCER, f"incomplete frames hold more than {limit} bytes: the largest are closed"
+                )
+            except Exception:
+                victim.internal_error("closing a holder of incomplete frames")
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """/healthz: 200 while serving (``degraded`` while a cluster link is down), else 503."""
@@ -233,7 +236,10 @@ class Broker:
             except AuthUnavailable:
                 continue  # keep sessions while the store cannot answer
             for conn in list(self.by_ident.get(ident, ())):
-                self._apply_change(conn, key)
+                try:
+                    self._apply_change(conn, key)
+                except Exception:
+                    conn.internal_error("applying a key change")
 
     def _apply_change(self, conn: Connection, key: AccessKey | None) -> None:
         if key is None or key.secret != conn.secret_seen:
@@ -271,11 +277,14 @@ class Broker:
                     t.pause_reading()
         deadline = self.loop.time() + drain_s
         while self.loop.time() < deadline:
-            if not any(c.write_buffer_size() for c in self.connections):
+            if not any(_queued(c) for c in list(self.connections)):
                 break
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
-            conn.close(CloseReason.SHUTDOWN, None, abort=conn.write_buffer_size() > 0)
+            try:
+                conn.close(CloseReason.SHUTDOWN, None, abort=conn.write_buffer_size() > 0)
+            except Exception:
+                conn.internal_error("closing at shutdown")
         # Let connection_lost callbacks run.
         for _ in range(20):
             if not self.connections:
@@ -283,3 +292,12 @@ class Broker:
             await asyncio.sleep(0.01)
         for task in list(self._tasks):
             task.cancel()
+
+
+def _queued(conn: Connection) -> int:
+    """Bytes queued to ``conn``; a fault closes it alone (then nothing is waited for)."""
+    try:
+        return conn.write_buffer_size()
+    except Exception:
+        conn.internal_error("reading the outgoing buffer at shutdown")
+        return 0

@@ -62,8 +62,12 @@ class Recorder:
         )
         self.log.append(("authenticated", key.ident))
 
-    def auth_failed(self, ident: str) -> None:
-        self.log.append(("auth_failed", ident))
+    def auth_failed(self, ident: str | None, shown: str, why: str) -> None:
+        if ident is not None:  # what feeds the failed-AUTH limiter
+            self.log.append(("auth_failed", ident))
+
+    def auth_unavailable(self, shown: str, why: str) -> None:
+        self.log.append(("auth_unavailable", shown))
 
     def left_pre_auth(self) -> None:
         self.pre_auth_left += 1

@@ -49,7 +49,18 @@ from ..protocol import encode_info, new_nonce
 from . import metrics
 from .admission import address_group
 from .auth import AccessKey, AuthUnavailable, WouldBlock
-from .logs import info_event
+from .events import (
+    AuthBlocked,
+    Authenticated,
+    AuthFailed,
+    Closed,
+    Connected,
+    KeyStoreUnavailable,
+    Refused,
+    SlowConsumerCut,
+    SlowProducer,
+    TlsFailed,
+)
 from .metrics import PublishStats
 from .reasons import CloseReason
 from .session import AUTHING, CLOSED, READY, Session
@@ -133,7 +144,10 @@ class _Detached:
     def authenticated(self, key: AccessKey) -> None:
         pass
 
-    def auth_failed(self, ident: str) -> None:
+    def auth_failed(self, ident: str | None, shown: str, why: str) -> None:
+        pass
+
+    def auth_unavailable(self, shown: str, why: str) -> None:
         pass
 
     def left_pre_auth(self) -> None:
@@ -166,6 +180,7 @@ class Connection(asyncio.Protocol):
         "_write",
         "broker",
         "connected_at",
+        "id",
         "peer",
         "peer_host",
         "received_bytes",
@@ -176,6 +191,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, broker: Broker, tls: ssl.SSLContext | None = None) -> None:
         self.broker = broker
+        self.id = broker.next_connection_id()  # never reused in this process
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.peer_host = "?"
@@ -249,6 +265,11 @@ class Connection(asyncio.Protocol):
     def close_reason(self) -> CloseReason | None:
         return self.session.close_reason
 
+    @property
+    def tls(self) -> bool:
+        """The client speaks TLS (terminated in this connection)."""
+        return self._tls is not None
+
     def write_buffer_size(self) -> int:
         t = self.transport
         return t.get_write_buffer_size() if t is not None and not t.is_closing() else 0
@@ -275,7 +296,7 @@ class Connection(asyncio.Protocol):
         # In the pre-auth pool until left_pre_auth, exactly once.
         evict, bound = broker.pre_auth.admit(self, self._group)
         metrics.CONNECTION_MADE.inc()
-        info_event(log, f"connected from {self.peer}", {"event": "connected", "peer": self.peer})
+        broker.emit(Connected(self.peer, self.id))
 
         if len(broker.connections) > broker.max_connections and evict is None:
             # At the connection limit (the descriptor limit) room is made: the
@@ -288,6 +309,7 @@ class Connection(asyncio.Protocol):
                 evict, bound = broker.pre_auth.oldest_of_busiest(), "connections"
                 if evict is None or evict is self:
                     metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
+                    broker.emit(Refused(self.peer, self.id, "max_connections"))
                     self.close(
                         CloseReason.TOO_MANY_CONNECTIONS, f"too many connections (limit {broker.max_connections})"
                     )
@@ -348,15 +370,9 @@ class Connection(asyncio.Protocol):
                 self.transport.close()
 
     def _tls_failed(self, why: str, tls: TlsSession) -> None:
-        reason = CloseReason.TLS_HANDSHAKE_FAILED if not tls.established else CloseReason.BAD_FRAME
-        log.info(
-            "TLS %s with %s failed: %s",
-            "handshake" if not tls.established else "record",
-            self.peer,
-            why,
-            extra={"event": "tls_failed", "peer": self.peer, "reason": reason.value},
-        )
-        self.session.close(reason, None, abort=True)
+        event = TlsFailed(self.peer, why, tls.established)
+        self.broker.emit(event)
+        self.session.close(CloseReason(event.reason), None, abort=True)
 
     def _on_handshake_timeout(self) -> None:
         self._auth_deadline = None
@@ -372,13 +388,14 @@ class Connection(asyncio.Protocol):
         limits = self.broker.config.limits
         if bound == "connections":
             metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
+            self.broker.emit(Refused(self.peer, self.id, "max_connections"))
             limit = self.broker.max_connections
             message = f"too many connections (limit {limit}): the oldest unauthenticated is closed"
             self.close(CloseReason.TOO_MANY_CONNECTIONS, message)
             return
-        metrics.LIMIT_REJECTIONS.labels(
-            "max_unauthenticated" if bound == "total" else "max_unauthenticated_per_address"
-        ).inc()
+        label = "max_unauthenticated" if bound == "total" else "max_unauthenticated_per_address"
+        metrics.LIMIT_REJECTIONS.labels(label).inc()
+        self.broker.emit(Refused(self.peer, self.id, label))
         if bound == "total":
             message = f"too many unauthenticated connections (limit {limits.max_unauthenticated}): the oldest is closed"
         else:
@@ -457,13 +474,8 @@ class Connection(asyncio.Protocol):
         pending = self.session.pending_frame_bytes
         rate = self.broker.config.limits.min_receive_rate_bytes
         metrics.LIMIT_REJECTIONS.labels("min_receive_rate").inc()
-        log.warning(
-            "closing %s (%s): a %d-byte frame did not arrive at %d bytes/s",
-            self.peer,
-            self.ident,
-            pending,
-            rate,
-            extra={"event": "slow_producer", "peer": self.peer, "ident": self.ident, "reason": "slow_producer"},
+        self.broker.emit(
+            SlowProducer(self.peer, self.ident, f"a {pending}-byte frame did not arrive at {rate} bytes/s")
         )
         self.close(
             CloseReason.SLOW_PRODUCER,
@@ -516,11 +528,7 @@ class Connection(asyncio.Protocol):
         reason = session.close_reason or CloseReason.CONNECTION_RESET
         metrics.LOST_BY_IDENT(ident).inc()
         metrics.CLOSED_BY_REASON(reason.value).inc()
-        info_event(
-            log,
-            f"closed {self.peer} ({ident}): {reason.value}" if ident else f"closed {self.peer}: {reason.value}",
-            {"event": "closed", "peer": self.peer, "ident": session.ident, "reason": reason.value},
-        )
+        broker.emit(Closed(self.peer, self.id, session.ident, reason, session.publish_stats))
 
     @guarded("watching the outgoing buffer")
     def pause_writing(self) -> None:
@@ -621,19 +629,18 @@ class Connection(asyncio.Protocol):
         self.session.rate_limited(math.ceil(limiter.blocked_for(self.peer_host, ident, broker.loop.time())))
         return True
 
-    def auth_failed(self, ident: str) -> None:
+    def auth_failed(self, ident: str | None, shown: str, why: str) -> None:
         broker = self.broker
+        broker.emit(AuthFailed(self.peer, shown, why))
         limiter = broker.auth_limiter
-        if not limiter.enabled:
+        if not limiter.enabled or ident is None:
             return
         block = limiter.record_failure(self.peer_host, ident, broker.loop.time())
         if block is not None:
-            log.warning(
-                "refusing for %g s: %s",
-                limiter.limits.block_s,
-                block,
-                extra={"event": "auth_blocked", "peer": self.peer, "reason": "auth_rate_limited"},
-            )
+            broker.emit(AuthBlocked(self.peer, limiter.limits.block_s, block))
+
+    def auth_unavailable(self, shown: str, why: str) -> None:
+        self.broker.emit(KeyStoreUnavailable(self.peer, shown, why))
 
     def authenticated(self, key: AccessKey) -> None:
         broker = self.broker
@@ -643,11 +650,7 @@ class Connection(asyncio.Protocol):
         self.apply_key(key)
         broker.by_ident_add(self)
         metrics.READY_BY_IDENT(key.ident).inc()
-        info_event(
-            log,
-            f"{self.peer} authenticated as {key.ident}",
-            {"event": "authenticated", "peer": self.peer, "ident": key.ident},
-        )
+        broker.emit(Authenticated(self.peer, self.id, key.ident))
 
     def apply_key(self, key: AccessKey) -> set[bytes]:
         """Take the key's channels; returns the subscriptions they no longer allow (now dropped).
@@ -789,15 +792,7 @@ class Connection(asyncio.Protocol):
         if self.session.state == CLOSED:
             return
         metrics.SLOW_CONSUMERS.inc()
-        queued = self.write_buffer_size()
-        log.warning(
-            "cutting slow consumer %s (%s): %s, %d bytes queued",
-            self.peer,
-            self.ident,
-            why,
-            queued,
-            extra={"event": "slow_consumer", "peer": self.peer, "ident": self.ident, "reason": "slow_consumer"},
-        )
+        self.broker.emit(SlowConsumerCut(self.peer, self.ident, why, self.write_buffer_size()))
         # Its queue is stuck, so an ERROR behind it would never arrive: abort.
         self.close(CloseReason.SLOW_CONSUMER, None, abort=True)
 

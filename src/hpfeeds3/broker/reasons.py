@@ -24,6 +24,7 @@ class CloseReason(StrEnum):
     SLOW_PRODUCER = "slow_producer"  # a frame arrived too slowly, or partial frames held too much memory
     TLS_HANDSHAKE_FAILED = "tls_handshake_failed"  # no (valid) TLS handshake within its deadline
     REVOKED = "revoked"  # the key was removed or its secret rotated
+    KICKED = "kicked"  # an operator disconnected it (the console)
     SHUTDOWN = "shutdown"  # the broker is stopping
     INTERNAL_ERROR = "internal_error"  # a bug: traceback logged, this connection only
 
@@ -44,6 +45,7 @@ ERROR_TOKEN = {
     CloseReason.TOO_MANY_UNAUTHENTICATED: "limit",
     CloseReason.SLOW_PRODUCER: "limit",
     CloseReason.REVOKED: "authfail",
+    CloseReason.KICKED: "authfail",
     CloseReason.SHUTDOWN: "shutdown",
     CloseReason.INTERNAL_ERROR: "internal",
 }

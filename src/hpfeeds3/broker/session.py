@@ -89,8 +89,12 @@ class Actions(Protocol):
     def authenticated(self, key: AccessKey) -> None:
         """The session became READY with ``key`` (set its channels with ``set_channels``)."""
 
-    def auth_failed(self, ident: str) -> None:
-        """A verified AUTH failed for this text ident (feeds the failed-AUTH limiter)."""
+    def auth_failed(self, ident: str | None, shown: str, why: str) -> None:
+        """A verified AUTH failed (``why``: unknown_ident or wrong_secret); ``ident`` is
+        the text ident when valid UTF-8 (feeds the failed-AUTH limiter), ``shown`` it escaped."""
+
+    def auth_unavailable(self, shown: str, why: str) -> None:
+        """The key store could not answer for ``shown`` (the ident, escaped)."""
 
     def left_pre_auth(self) -> None:
         """The session left PRE_AUTH/AUTHING (ready or closed): exactly once."""
@@ -291,16 +295,7 @@ class Session:
             shown = printable(self.ident_bytes)
             # One metric reason for both: /metrics must not tell which idents exist.
             metrics.AUTH_FAILURES.labels("auth_failed").inc()
-            if self._ident_text is not None:
-                self.actions.auth_failed(self._ident_text)
-            why = "unknown_ident" if key is None else "wrong_secret"
-            log.info(
-                "authentication failed for %s from %s (%s)",
-                shown,
-                self.peer,
-                why,
-                extra={"event": "auth_failed", "peer": self.peer, "ident": shown, "reason": why},
-            )
+            self.actions.auth_failed(self._ident_text, shown, "unknown_ident" if key is None else "wrong_secret")
             self._refuse(CloseReason.AUTH_FAILED, f"Authentication failed for {shown}", "invalid-secret")
             return False
         self.ident = key.ident
@@ -317,7 +312,7 @@ class Session:
         if self.state != AUTHING:
             return
         ident = printable(self.ident_bytes)
-        log.warning("auth store unavailable for %s from %s: %s", ident, self.peer, why)
+        self.actions.auth_unavailable(ident, why)
         metrics.AUTH_FAILURES.labels("store_unavailable").inc()
         self._refuse(
             CloseReason.AUTH_UNAVAILABLE,

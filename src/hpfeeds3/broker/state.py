@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from . import metrics
 from .admission import PreAuthPool
 from .auth import AccessKey, Authenticator, AuthUnavailable, SyncLookup, WouldBlock
 from .config import BrokerConfig
+from .events import Event, Revoked, SlowProducer, log_event
 from .metrics import PublishStats
 from .ratelimit import AuthFailureLimiter
 from .reasons import CloseReason
@@ -70,9 +72,28 @@ class Broker:
         self.retired_recv_fill: dict[str, int] = {}
         self.retired_total_recv = 0
         self.retired_total_sent = 0
-        # Called with each connection as it closes, before its counts are
-        # folded (the console reads its publish counters one last time).
-        self.closing_hooks: list[Callable[[Connection], None]] = []
+        # Observers of broker events (events.py): the log lines, the console's tracker.
+        self._observers: list[Callable[[Event], None]] = [log_event]
+        self._ids = itertools.count(1)
+
+    def next_connection_id(self) -> int:
+        return next(self._ids)
+
+    # --- events ---------------------------------------------------------------------
+
+    def observe(self, observer: Callable[[Event], None]) -> None:
+        """Call ``observer`` with every broker event from now on (on the event loop)."""
+        self._observers.append(observer)
+
+    def unobserve(self, observer: Callable[[Event], None]) -> None:
+        self._observers.remove(observer)
+
+    def emit(self, event: Event) -> None:
+        for observer in self._observers:
+            try:
+                observer(event)
+            except Exception:  # an observer's bug must not break the broker
+                log.exception("internal error in an observer of %s", event.kind.value)
 
     @property
     def unauthenticated(self) -> int:
@@ -94,15 +115,8 @@ class Broker:
             if self.partial_bytes <= limit:
                 break
             metrics.LIMIT_REJECTIONS.labels("max_partial_frames").inc()
-            log.warning(
-                "closing %s (%s): %d bytes held in an incomplete frame, %d over all connections (limit %d)",
-                victim.peer,
-                victim.ident,
-                size,
-                self.partial_bytes,
-                limit,
-                extra={"event": "slow_producer", "peer": victim.peer, "ident": victim.ident, "reason": "slow_producer"},
-            )
+            why = f"{size} bytes held in an incomplete frame, {self.partial_bytes} over all connections (limit {limit})"
+            self.emit(SlowProducer(victim.peer, victim.ident, why))
             try:
                 victim.close(
                     CloseReason.SLOW_PRODUCER, f"incomplete frames hold more than {limit} bytes: the largest are closed"
@@ -199,11 +213,6 @@ class Broker:
 
     def retire(self, conn: Connection) -> None:
         """Fold a closed connection's counts into the totals."""
-        for hook in self.closing_hooks:
-            try:
-                hook(conn)
-            except Exception:  # an observer's bug must not break the close
-                log.exception("internal error in a closing hook")
         self.retired_total_recv += conn.received_bytes
         self.retired_total_sent += conn.sent_bytes
         ident = conn.ident
@@ -244,25 +253,13 @@ class Broker:
     def _apply_change(self, conn: Connection, key: AccessKey | None) -> None:
         if key is None or key.secret != conn.secret_seen:
             why = "key removed" if key is None else "secret rotated"
-            log.warning(
-                "revoking %s (%s): %s",
-                conn.peer,
-                conn.ident,
-                why,
-                extra={"event": "revoked", "peer": conn.peer, "ident": conn.ident, "reason": "revoked"},
-            )
+            self.emit(Revoked(conn.peer, conn.ident or "", why))
             metrics.REVOCATIONS.labels("closed").inc()
             conn.close(CloseReason.REVOKED, f"access key for {conn.ident} was {why.split()[-1]}")
             return
         lost = conn.apply_key(key)
         if lost:
-            log.warning(
-                "unsubscribing %s (%s) from revoked channel(s) %s",
-                conn.peer,
-                conn.ident,
-                ", ".join(sorted(printable(c) for c in lost)),
-                extra={"event": "revoked", "peer": conn.peer, "ident": conn.ident, "reason": "channel_revoked"},
-            )
+            self.emit(Revoked(conn.peer, conn.ident or "", "", tuple(sorted(printable(c) for c in lost))))
             metrics.REVOCATIONS.labels("unsubscribed").inc()
 
     # --- shutdown ----------------------------------------------------------------------

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiohttp import web
 
 from .. import metrics
+from ..events import AdminChange, AdminLoginFailed, AuthBlocked
 from ..keys import BadArguments, IdentExists, InvalidKey, NoSuchIdent, StoreUnavailable
 from ..ratelimit import AuthFailureLimiter, AuthLimits
 from ..reasons import CloseReason
@@ -179,20 +180,9 @@ class Console:
         metrics.CONSOLE_LOGINS.labels("failed").inc()
         address = self._address(request)
         block = self.limiter.record_failure(address, "", time.monotonic())
-        log.warning(
-            "console %s failed from %s",
-            how,
-            address,
-            extra={"event": "admin_login_failed", "peer": address, "reason": how},
-        )
+        self.broker.emit(AdminLoginFailed(address, how))
         if block is not None:
-            log.warning(
-                "console: refusing %s for %g s: %s",
-                address,
-                LOGIN_BLOCK_S,
-                block,
-                extra={"event": "auth_blocked", "peer": address, "reason": "console_login_rate_limited"},
-            )
+            self.broker.emit(AuthBlocked(address, LOGIN_BLOCK_S, block, console=True))
 
     def _blocked(self, request: web.Request) -> bool:
         if self.limiter.blocked(self._address(request), "", time.monotonic()):
@@ -210,13 +200,7 @@ class Console:
     def audit(self, request: web.Request, what: str, *, ident: str | None = None, channel: str | None = None) -> None:
         principal = request[PRINCIPAL]
         metrics.CONSOLE_CHANGES.inc()
-        log.info(
-            "console: %s (%s) %s",
-            principal.name,
-            principal.role,
-            what,
-            extra={"event": "admin_change", "peer": self._address(request), "ident": ident, "channel": channel},
-        )
+        self.broker.emit(AdminChange(self._address(request), principal.name, principal.role, what, ident, channel))
 
     # --- middleware ------------------------------------------------------------------
 
@@ -392,15 +376,14 @@ class Console:
         rows.sort(key=itemgetter(0, 1))
         out = []
         for _, _, conn in rows[offset : offset + limit]:
-            transport = conn.transport
             out.append(
                 {
-                    "id": str(id(conn)),
+                    "id": str(conn.id),
                     "peer": conn.peer,
                     "ident": conn.ident,
                     "owner": conn.owner,
                     "since": conn.connected_at,
-                    "tls": transport is not None and transport.get_extra_info("ssl_object") is not None,
+                    "tls": conn.tls,
                     "subscriptions": sorted(c.decode("utf-8", "backslashreplace") for c in conn.subscriptions),
                     "publish": {
                         c.decode("utf-8", "backslashreplace"): {"messages": st.count, "bytes": st.bytes}
@@ -417,9 +400,9 @@ class Console:
         self._admin(request)
         body = await self._body(request)
         async for conn in _slices(list(self.broker.connections)):
-            if str(id(conn)) == body.get("id"):
+            if str(conn.id) == body.get("id"):
                 self.audit(request, f"disconnected {conn.peer}", ident=conn.ident)
-                conn.close(CloseReason.REVOKED, "disconnected by an operator")
+                conn.close(CloseReason.KICKED, "disconnected by an operator")
                 return _json({"closed": conn.peer})
         return _error(404, "no such connection")
 

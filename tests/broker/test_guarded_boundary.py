@@ -22,6 +22,7 @@ import hpfeeds3.broker.connection as connection_module
 from hpfeeds3.broker import metrics
 from hpfeeds3.broker.config import Limits
 from hpfeeds3.broker.connection import Connection
+from hpfeeds3.broker.session import Session
 from hpfeeds3.broker.state import Broker
 
 from ..support.broker import RawClient
@@ -48,20 +49,20 @@ def _wait(predicate, timeout: float = 10.0) -> bool:
 
 
 def _conn_of(broker: Broker, ident: str) -> list[Connection]:
-    return [c for c in list(broker.connections) if c.ident == ident]
+    return [c for c in list(broker.connections) if c.session.ident == ident]
 
 
 def _stalled_subscriber(broker: Broker, port: int) -> RawClient:
     """``bad`` subscribed to chan1 with a 4 KiB receive window, never reading."""
     stalled = RawClient(port, rcvbuf=4096).auth("bad", "b")
     stalled.subscribe("chan1")
-    assert _wait(lambda: any(b"chan1" in c.subscriptions for c in _conn_of(broker, "bad")))
+    assert _wait(lambda: any(b"chan1" in c.session.subscriptions for c in _conn_of(broker, "bad")))
     return stalled
 
 
 def _open(broker: Broker, ident: str) -> list[Connection]:
     """``ident``'s connections not closed yet (a closed one may linger a moment)."""
-    return [c for c in _conn_of(broker, ident) if c.close_reason is None]
+    return [c for c in _conn_of(broker, ident) if c.session.close_reason is None]
 
 
 def _flood_until_gone(broker: Broker, port: int, ident: str, limit_bytes: int, watched: threading.Event) -> int:
@@ -191,14 +192,14 @@ def test_recheck_isolates_each_connection(tmp_path, monkeypatch) -> None:
         assert _wait(lambda: len(_conn_of(broker, "alice")) == 3)  # the probes are gone
         conns = _conn_of(broker, "alice")
         victim = conns[0]
-        real = Connection.apply_key
+        real = Session.apply_key
 
-        def faulty_apply(self: Connection, key):  # type: ignore[no-untyped-def]
-            if self is victim:
+        def faulty_apply(self: Session, key):  # type: ignore[no-untyped-def]
+            if self is victim.session:
                 raise RuntimeError("injected fault in a recheck")
             return real(self, key)
 
-        monkeypatch.setattr(Connection, "apply_key", faulty_apply)
+        monkeypatch.setattr(Session, "apply_key", faulty_apply)
         before = closed_internal()
         done = asyncio.run_coroutine_threadsafe(broker.recheck({"alice"}), broker.loop)
         done.result(10)  # the fault does not escape the recheck

@@ -38,6 +38,7 @@ class Counters:
 
     def __init__(self, ident: str) -> None:
         self.id = next(Counters._ids)
+        self.session = self  # the tracker reads the session's ident and counters
         self.ident = ident
         self.peer = f"{ident}:1"
         self.publish_stats: dict[bytes, PublishStats] = {}

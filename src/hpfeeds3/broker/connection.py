@@ -50,9 +50,7 @@ from . import metrics
 from .admission import address_group
 from .auth import AccessKey, AuthUnavailable, WouldBlock
 from .events import (
-    AuthBlocked,
     Authenticated,
-    AuthFailed,
     Closed,
     Connected,
     KeyStoreUnavailable,
@@ -61,9 +59,9 @@ from .events import (
     SlowProducer,
     TlsFailed,
 )
-from .metrics import PublishStats
 from .reasons import CloseReason
-from .session import AUTHING, CLOSED, READY, Session
+from .session import AUTHING, CLOSED, READY, NeedKey, Session
+from .text import printable
 from .tls import TlsSession
 from .tuning import (
     BACKLOG_CHECK_S,
@@ -115,7 +113,7 @@ def _write_after_close(data: bytes) -> None:
 
 
 class _Detached:
-    """The session's actions once its connection is lost: nothing happens.
+    """The session's output once its connection is lost: nothing happens.
 
     A closed session no longer acts (its methods return early), but it must
     not point back at its connection: the two would form a reference cycle,
@@ -129,30 +127,6 @@ class _Detached:
     def close_transport(self, reason: CloseReason, error: bytes | None, abort: bool) -> None:
         pass
 
-    def publish(self, channel: bytes, data: bytes, frames: int) -> int:
-        return 0
-
-    def subscribe(self, channel: bytes) -> None:
-        pass
-
-    def unsubscribe(self, channel: bytes) -> None:
-        pass
-
-    def lookup(self, ident: str) -> None:
-        pass
-
-    def authenticated(self, key: AccessKey) -> None:
-        pass
-
-    def auth_failed(self, ident: str | None, shown: str, why: str) -> None:
-        pass
-
-    def auth_unavailable(self, shown: str, why: str) -> None:
-        pass
-
-    def left_pre_auth(self) -> None:
-        pass
-
 
 _DETACHED = _Detached()
 
@@ -163,7 +137,6 @@ class Connection(asyncio.Protocol):
         "_backlog_timer",
         "_backlogged",
         "_eof_pending",
-        "_group",
         "_held",
         "_last_progress",
         "_last_queued",
@@ -180,6 +153,7 @@ class Connection(asyncio.Protocol):
         "_write",
         "broker",
         "connected_at",
+        "group",
         "id",
         "peer",
         "peer_host",
@@ -198,10 +172,11 @@ class Connection(asyncio.Protocol):
         self._tls = tls
         self._tls_session: TlsSession | None = None
         self._write: Callable[[bytes], None] = self._write_unconnected
-        self._group = "?"  # address group for the pre-auth pool (admission.py)
+        self.group = "?"  # address group for the pre-auth pool (admission.py)
         limits = broker.config.limits
-        self.session = Session(
+        self.session: Session[Connection] = Session(
             self,
+            broker,
             new_nonce(),
             broker.frame_limits,
             max_subscriptions=limits.max_subscriptions,
@@ -227,43 +202,7 @@ class Connection(asyncio.Protocol):
         self._last_queued = 0
         self._sent_at_check = 0
 
-    # --- what the rest of the broker reads (metrics, revocation, shutdown) -------
-
-    @property
-    def ident(self) -> str | None:
-        return self.session.ident
-
-    @property
-    def owner(self) -> str:
-        return self.session.owner
-
-    @property
-    def nonce(self) -> bytes:
-        return self.session.nonce
-
-    @property
-    def secret_seen(self) -> str:
-        return self.session.secret_seen
-
-    @property
-    def subscriptions(self) -> set[bytes]:
-        return self.session.subscriptions
-
-    @property
-    def publish_stats(self) -> dict[bytes, PublishStats]:
-        return self.session.publish_stats
-
-    @property
-    def pubchans(self) -> frozenset[bytes]:
-        return self.session.pubchans
-
-    @property
-    def subchans(self) -> frozenset[bytes]:
-        return self.session.subchans
-
-    @property
-    def close_reason(self) -> CloseReason | None:
-        return self.session.close_reason
+    # --- what the rest of the broker reads (the session holds the client's state) -------
 
     @property
     def tls(self) -> bool:
@@ -273,9 +212,6 @@ class Connection(asyncio.Protocol):
     def write_buffer_size(self) -> int:
         t = self.transport
         return t.get_write_buffer_size() if t is not None and not t.is_closing() else 0
-
-    def read_buffer_size(self) -> int:
-        return self.session.buffered
 
     # --- asyncio.Protocol ----------------------------------------------------
 
@@ -290,30 +226,17 @@ class Connection(asyncio.Protocol):
         if isinstance(peername, tuple) and len(peername) >= 2:
             host = self.peer_host = peername[0]
             self.peer = f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"
-            self._group = address_group(host)
+            self.group = address_group(host)
         self.session.peer = self.peer
-        broker.connections.add(self)
-        # In the pre-auth pool until left_pre_auth, exactly once.
-        evict, bound = broker.pre_auth.admit(self, self._group)
+        # Counted, and in the pre-auth pool until it leaves it, exactly once.
+        evict, bound = broker.admit(self)
         metrics.CONNECTION_MADE.inc()
         broker.emit(Connected(self.peer, self.id))
-
-        if len(broker.connections) > broker.max_connections and evict is None:
-            # At the connection limit (the descriptor limit) room is made: the
-            # oldest connection lingering after its closing ERROR is cut, else the
-            # oldest pre-auth connection of the busiest address is closed, as at
-            # the pre-auth bounds. The newcomer is refused only when neither exists.
-            if broker.lingering:
-                next(iter(broker.lingering)).cut_linger()
-            else:
-                evict, bound = broker.pre_auth.oldest_of_busiest(), "connections"
-                if evict is None or evict is self:
-                    metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
-                    broker.emit(Refused(self.peer, self.id, "max_connections"))
-                    self.close(
-                        CloseReason.TOO_MANY_CONNECTIONS, f"too many connections (limit {broker.max_connections})"
-                    )
-                    return
+        if evict is self:
+            metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
+            broker.emit(Refused(self.peer, self.id, "max_connections"))
+            self.close(CloseReason.TOO_MANY_CONNECTIONS, f"too many connections (limit {broker.max_connections})")
+            return
         if evict is not None:
             evict.evicted(bound)
         if self._tls is not None:
@@ -431,9 +354,12 @@ class Connection(asyncio.Protocol):
         if session.state == CLOSED:
             return
         self.received_bytes += len(data)
-        if session.receive(data):
+        work = session.receive(data)
+        if work is True:
             self._yield_turn()
-        elif session.state == AUTHING and session.buffered > self._authing_buffer_cap():
+        elif work is not False:
+            self._lookup(work)
+        if session.state == AUTHING and session.buffered > self._authing_buffer_cap():
             # Reading is paused during a lookup; a transport may still hand over what it had.
             metrics.LIMIT_REJECTIONS.labels("pre_auth_buffer").inc()
             self.close(CloseReason.FRAME_TOO_LARGE, "too much data before authentication completed")
@@ -475,7 +401,7 @@ class Connection(asyncio.Protocol):
         rate = self.broker.config.limits.min_receive_rate_bytes
         metrics.LIMIT_REJECTIONS.labels("min_receive_rate").inc()
         self.broker.emit(
-            SlowProducer(self.peer, self.ident, f"a {pending}-byte frame did not arrive at {rate} bytes/s")
+            SlowProducer(self.peer, self.session.ident, f"a {pending}-byte frame did not arrive at {rate} bytes/s")
         )
         self.close(
             CloseReason.SLOW_PRODUCER,
@@ -511,19 +437,14 @@ class Connection(asyncio.Protocol):
                 log.exception("internal error while closing %s", self.peer)
         self._cancel_timers()
         self._release_partial()
-        broker.lingering.pop(self, None)
-        if self in broker.connections:
-            broker.connections.discard(self)
-            broker.retire(self)
-            if session.ident is not None:
-                broker.by_ident_discard(self)
+        broker.forget(self)
         # Break every cycle through this connection (transport <-> protocol,
         # including the transport's bound write; session <-> connection) so a
         # closed connection is freed by reference counting, not by a later
         # (long) cyclic GC pass.
         self.transport = None
         self._write = _write_after_close
-        session.actions = _DETACHED
+        session.output = _DETACHED  # type: ignore[assignment]
         ident = session.ident or ""
         reason = session.close_reason or CloseReason.CONNECTION_RESET
         metrics.LOST_BY_IDENT(ident).inc()
@@ -541,7 +462,7 @@ class Connection(asyncio.Protocol):
             self._last_progress = now
             self._last_queued = self.write_buffer_size()
             self._sent_at_check = self.sent_bytes
-            metrics.SEND_BUFFER_DEADLINE_START.labels(self.ident or "").inc()
+            metrics.SEND_BUFFER_DEADLINE_START.labels(self.session.ident or "").inc()
             self._backlog_timer = self._call_later(BACKLOG_CHECK_S, self._watch_backlog)
 
     @guarded("watching the outgoing buffer")
@@ -551,7 +472,7 @@ class Connection(asyncio.Protocol):
             self._backlog_timer.cancel()
             self._backlog_timer = None
             self._soft_since = None
-            metrics.SEND_BUFFER_DEADLINE_RECOVER.labels(self.ident or "").inc()
+            metrics.SEND_BUFFER_DEADLINE_RECOVER.labels(self.session.ident or "").inc()
 
     # --- the router's side ------------------------------------------------------
 
@@ -567,28 +488,19 @@ class Connection(asyncio.Protocol):
         """``deliver`` raised during a fan-out: close this subscriber alone."""
         self.internal_error("delivering to this subscriber")
 
-    # --- the session's actions -------------------------------------------------------
+    # --- the session's output -----------------------------------------------------------
 
     def send(self, data: bytes) -> None:
         self._write(data)
 
-    def publish(self, channel: bytes, data: bytes, frames: int) -> int:
-        return self.broker.router.publish(channel, data, frames)
+    # --- AUTH: the key the session asked for (NeedKey) ------------------------------------
 
-    def subscribe(self, channel: bytes) -> None:
-        self.broker.router.subscribe(channel, self)
-
-    def unsubscribe(self, channel: bytes) -> None:
-        self.broker.router.unsubscribe(channel, self)
-
-    def left_pre_auth(self) -> None:
-        self.broker.pre_auth.remove(self, self._group)
-
-    def lookup(self, ident: str) -> None:
+    def _lookup(self, need: NeedKey) -> None:
         """The key at once when the store can answer without waiting (sqlite,
         env, JSON); otherwise pause reading and finish in a task (PostgreSQL, a
         locked sqlite). Either way, pipelined frames wait in the session."""
         broker = self.broker
+        ident = need.ident
         if self._rate_limited(ident):
             return  # refused without a lookup or a verification: guessing costs nothing
         try:
@@ -599,67 +511,52 @@ class Connection(asyncio.Protocol):
             broker.spawn(self._lookup_later(ident))
             return
         except AuthUnavailable as e:
-            self.session.key_unavailable(str(e))
+            self._key_unavailable(str(e))
             return
-        if self.session.key_found(key):
-            self._yield_turn()
+        self._key_found(key)
 
     async def _lookup_later(self, ident: str) -> None:
         try:
             try:
                 key = await self.broker.lookup(ident)
             except AuthUnavailable as e:
-                self.session.key_unavailable(str(e))
+                self._key_unavailable(str(e))
                 return
             if self.session.state != AUTHING or self._rate_limited(ident):
                 return  # closed meanwhile, or blocked by failures that finished while we looked
-            if self.session.key_found(key):
-                self._yield_turn()
-            else:
-                self._resume_reading()
+            self._key_found(key)
+            self._resume_reading()
         except Exception:
             self.internal_error("finishing AUTH")
 
-    def _rate_limited(self, ident: str) -> bool:
-        """Refuse (and return True) when this address, or this address and ident, is blocked."""
-        broker = self.broker
-        limiter = broker.auth_limiter
-        if not limiter.enabled or not limiter.blocked(self.peer_host, ident, broker.loop.time()):
-            return False
-        self.session.rate_limited(math.ceil(limiter.blocked_for(self.peer_host, ident, broker.loop.time())))
-        return True
-
-    def auth_failed(self, ident: str | None, shown: str, why: str) -> None:
-        broker = self.broker
-        broker.emit(AuthFailed(self.peer, shown, why))
-        limiter = broker.auth_limiter
-        if not limiter.enabled or ident is None:
+    def _key_found(self, key: AccessKey | None) -> None:
+        session = self.session
+        if not session.key_found(key):
             return
-        block = limiter.record_failure(self.peer_host, ident, broker.loop.time())
-        if block is not None:
-            broker.emit(AuthBlocked(self.peer, limiter.limits.block_s, block))
-
-    def auth_unavailable(self, shown: str, why: str) -> None:
-        self.broker.emit(KeyStoreUnavailable(self.peer, shown, why))
-
-    def authenticated(self, key: AccessKey) -> None:
-        broker = self.broker
+        assert key is not None
         if self._auth_deadline is not None:
             self._auth_deadline.cancel()
             self._auth_deadline = None
-        self.apply_key(key)
-        broker.by_ident_add(self)
+        broker = self.broker
+        broker.authenticated(self)
         metrics.READY_BY_IDENT(key.ident).inc()
         broker.emit(Authenticated(self.peer, self.id, key.ident))
+        if session.resume():  # the frames that came behind the AUTH
+            self._yield_turn()
 
-    def apply_key(self, key: AccessKey) -> set[bytes]:
-        """Take the key's channels; returns the subscriptions they no longer allow (now dropped).
+    def _key_unavailable(self, why: str) -> None:
+        session = self.session
+        if session.state == AUTHING:
+            self.broker.emit(KeyStoreUnavailable(self.peer, printable(session.ident_bytes), why))
+        session.key_unavailable(why)
 
-        The channel sets are shared across the connections of one key: 10,000
-        sensors with the same 50 channels hold one set, not 10,000.
-        """
-        broker = self.broker
-        return self.session.set_channels(broker.channel_set(key.pubchans), broker.channel_set(key.subchans))
+    def _rate_limited(self, ident: str) -> bool:
+        """Refuse (and return True) when this address, or this address and ident, is blocked."""
+        block_s = self.broker.auth_blocked_for(self.peer_host, ident)
+        if not block_s:
+            return False
+        self.session.rate_limited(math.ceil(block_s))
+        return True
 
     def close_transport(self, reason: CloseReason, error: bytes | None, abort: bool) -> None:
         self._cancel_timers()
@@ -691,14 +588,14 @@ class Connection(asyncio.Protocol):
         if transport.can_write_eof():
             transport.write_eof()
         self._lingering = True
-        self.broker.lingering[self] = None
+        self.broker.lingering_add(self)
         with contextlib.suppress(RuntimeError, AttributeError):  # not paused, or a transport that cannot
             transport.resume_reading()
         self._call_later(CLOSE_LINGER_S, self._end_linger)
 
     def cut_linger(self) -> None:
         """The connection limit is reached and this is the oldest lingering connection: end it now."""
-        self.broker.lingering.pop(self, None)
+        self.broker.lingering_discard(self)
         metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
         if self.transport is not None and not self._lost:
             self.transport.abort()
@@ -727,7 +624,7 @@ class Connection(asyncio.Protocol):
         self._turn_pending = False
         if self.session.state != READY:
             return
-        if self.session.resume():
+        if self.session.resume() is True:
             self._yield_turn()
         else:
             self._resume_reading()
@@ -792,7 +689,7 @@ class Connection(asyncio.Protocol):
         if self.session.state == CLOSED:
             return
         metrics.SLOW_CONSUMERS.inc()
-        self.broker.emit(SlowConsumerCut(self.peer, self.ident, why, self.write_buffer_size()))
+        self.broker.emit(SlowConsumerCut(self.peer, self.session.ident, why, self.write_buffer_size()))
         # Its queue is stuck, so an ERROR behind it would never arrive: abort.
         self.close(CloseReason.SLOW_CONSUMER, None, abort=True)
 

@@ -18,11 +18,12 @@ from . import metrics
 from .admission import PreAuthPool
 from .auth import AccessKey, Authenticator, AuthUnavailable, SyncLookup, WouldBlock
 from .config import BrokerConfig
-from .events import Event, Revoked, SlowProducer, log_event
+from .events import AuthBlocked, AuthFailed, Event, Revoked, SlowProducer, log_event
 from .metrics import PublishStats
 from .ratelimit import AuthFailureLimiter
 from .reasons import CloseReason
 from .router import Router
+from .session import Refusal
 from .text import printable
 from .tuning import AUTH_LOOKUP_ATTEMPTS, AUTH_LOOKUP_TIMEOUT_S, MAX_CHANNEL_SETS
 
@@ -33,7 +34,13 @@ log = logging.getLogger("hpfeeds3.broker")
 
 
 class Broker:
-    """Shared state of one broker process: what every Connection reaches."""
+    """Shared state of one broker process: what every Connection reaches.
+
+    It is the sessions' ``session.Port`` (publish, subscribe, unsubscribe,
+    channel interning, leaving the pre-auth pool, a failed AUTH, a refusal
+    counted), and connections reach its state through methods (``admit``,
+    ``authenticated``, ``forget``, ``lingering_add``...), not its containers.
+    """
 
     def __init__(self, config: BrokerConfig, authenticator: Authenticator, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
@@ -116,7 +123,7 @@ class Broker:
                 break
             metrics.LIMIT_REJECTIONS.labels("max_partial_frames").inc()
             why = f"{size} bytes held in an incomplete frame, {self.partial_bytes} over all connections (limit {limit})"
-            self.emit(SlowProducer(victim.peer, victim.ident, why))
+            self.emit(SlowProducer(victim.peer, victim.session.ident, why))
             try:
                 victim.close(
                     CloseReason.SLOW_PRODUCER, f"incomplete frames hold more than {limit} bytes: the largest are closed"
@@ -138,6 +145,87 @@ class Broker:
         return (200 if self.state == "serving" else 503), body
 
     # --- called by connections ---------------------------------------------------
+
+    def admit(self, conn: Connection) -> tuple[Connection | None, str]:
+        """Count ``conn`` from its accept and put it in the pre-auth pool. Returns the
+        connection that must make room and the bound reached (``address``,
+        ``total``, ``connections``), or ``(None, "")``; ``conn`` itself when it is refused.
+
+        At the connection limit (the descriptor limit) room is made: the oldest
+        connection lingering after its closing ERROR is cut, else the oldest
+        pre-auth connection of the busiest address is closed, as at the pre-auth
+        bounds. The newcomer is refused only when neither exists."""
+        self.connections.add(conn)
+        evict, bound = self.pre_auth.admit(conn, conn.group)
+        if len(self.connections) > self.max_connections and evict is None:
+            if self.lingering:
+                next(iter(self.lingering)).cut_linger()
+            else:
+                evict, bound = self.pre_auth.oldest_of_busiest(), "connections"
+                if evict is None:
+                    evict = conn
+        return evict, bound
+
+    def authenticated(self, conn: Connection) -> None:
+        """``conn``'s session is READY: index it by ident (revocation)."""
+        ident = conn.session.ident
+        assert ident is not None
+        self.by_ident.setdefault(ident, set()).add(conn)
+
+    def forget(self, conn: Connection) -> None:
+        """``conn`` is lost: out of every table, its counts folded into the totals."""
+        self.lingering.pop(conn, None)
+        if conn not in self.connections:
+            return
+        self.connections.discard(conn)
+        self.retire(conn)
+        ident = conn.session.ident
+        if ident is not None:
+            group = self.by_ident.get(ident)
+            if group is not None:
+                group.discard(conn)
+                if not group:
+                    del self.by_ident[ident]
+
+    def lingering_add(self, conn: Connection) -> None:
+        self.lingering[conn] = None
+
+    def lingering_discard(self, conn: Connection) -> None:
+        self.lingering.pop(conn, None)
+
+    def auth_blocked_for(self, host: str, ident: str) -> float:
+        """Seconds the failed-AUTH limiter still blocks this address (or address and ident); 0: not blocked."""
+        limiter = self.auth_limiter
+        if not limiter.enabled:
+            return 0.0
+        now = self.loop.time()
+        return limiter.blocked_for(host, ident, now) if limiter.blocked(host, ident, now) else 0.0
+
+    # --- session.Port ---------------------------------------------------------------
+
+    def publish(self, channel: bytes, data: bytes, frames: int) -> int:
+        return self.router.publish(channel, data, frames)
+
+    def subscribe(self, channel: bytes, output: Connection) -> None:
+        self.router.subscribe(channel, output)
+
+    def unsubscribe(self, channel: bytes, output: Connection) -> None:
+        self.router.unsubscribe(channel, output)
+
+    def left_pre_auth(self, output: Connection) -> None:
+        self.pre_auth.remove(output, output.group)
+
+    def auth_failed(self, output: Connection, ident: str | None, shown: str, why: str) -> None:
+        self.emit(AuthFailed(output.peer, shown, why))
+        limiter = self.auth_limiter
+        if not limiter.enabled or ident is None:
+            return
+        block = limiter.record_failure(output.peer_host, ident, self.loop.time())
+        if block is not None:
+            self.emit(AuthBlocked(output.peer, limiter.limits.block_s, block))
+
+    def refused(self, refusal: Refusal, ident: str | None) -> None:
+        metrics.count_refusal(refusal, ident)
 
     def channel_set(self, channels: tuple[str, ...]) -> frozenset[bytes]:
         """The channels of a key as the bytes the hot path compares, one shared set per distinct list."""
@@ -199,28 +287,17 @@ class Broker:
             raise AuthUnavailable(str(e)) from e
         raise AuthUnavailable(f"the key store changed during each of {AUTH_LOOKUP_ATTEMPTS} lookups")
 
-    def by_ident_add(self, conn: Connection) -> None:
-        assert conn.ident is not None
-        self.by_ident.setdefault(conn.ident, set()).add(conn)
-
-    def by_ident_discard(self, conn: Connection) -> None:
-        assert conn.ident is not None
-        group = self.by_ident.get(conn.ident)
-        if group is not None:
-            group.discard(conn)
-            if not group:
-                del self.by_ident[conn.ident]
-
     def retire(self, conn: Connection) -> None:
         """Fold a closed connection's counts into the totals."""
         self.retired_total_recv += conn.received_bytes
         self.retired_total_sent += conn.sent_bytes
-        ident = conn.ident
+        session = conn.session
+        ident = session.ident
         if ident is None:
             return
         self.retired_send_fill[ident] = self.retired_send_fill.get(ident, 0) + conn.sent_bytes
         self.retired_recv_fill[ident] = self.retired_recv_fill.get(ident, 0) + conn.received_bytes
-        for chan, st in conn.publish_stats.items():
+        for chan, st in session.publish_stats.items():
             key = (ident, chan.decode("utf-8", "backslashreplace"))
             if key not in self.retired_publish:
                 self.retired_publish[key] = PublishStats()
@@ -251,15 +328,17 @@ class Broker:
                     conn.internal_error("applying a key change")
 
     def _apply_change(self, conn: Connection, key: AccessKey | None) -> None:
-        if key is None or key.secret != conn.secret_seen:
+        session = conn.session
+        ident = session.ident or ""
+        if key is None or key.secret != session.secret_seen:
             why = "key removed" if key is None else "secret rotated"
-            self.emit(Revoked(conn.peer, conn.ident or "", why))
+            self.emit(Revoked(conn.peer, ident, why))
             metrics.REVOCATIONS.labels("closed").inc()
-            conn.close(CloseReason.REVOKED, f"access key for {conn.ident} was {why.split()[-1]}")
+            conn.close(CloseReason.REVOKED, f"access key for {ident} was {why.split()[-1]}")
             return
-        lost = conn.apply_key(key)
+        lost = session.apply_key(key)
         if lost:
-            self.emit(Revoked(conn.peer, conn.ident or "", "", tuple(sorted(printable(c) for c in lost))))
+            self.emit(Revoked(conn.peer, ident, "", tuple(sorted(printable(c) for c in lost))))
             metrics.REVOCATIONS.labels("unsubscribed").inc()
 
     # --- shutdown ----------------------------------------------------------------------

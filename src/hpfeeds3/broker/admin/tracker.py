@@ -173,9 +173,10 @@ class Tracker:
     def scan(self, conns: list[Any], now: float | None = None) -> None:
         now = time.time() if now is None else now
         for conn in conns:
-            ident = conn.ident
+            session = conn.session
+            ident = session.ident
             if ident is not None:
-                self._count(conn.id, ident, conn.publish_stats, now)
+                self._count(conn.id, ident, session.publish_stats, now)
 
     def _count(self, conn_id: int, ident: str, published: Mapping[bytes, Any], now: float) -> None:
         minute = int(now // 60)

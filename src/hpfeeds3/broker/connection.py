@@ -59,6 +59,7 @@ from .events import (
     SlowProducer,
     TlsFailed,
 )
+from .policies import Linger, SlowConsumerWatch
 from .reasons import CloseReason
 from .session import AUTHING, CLOSED, READY, NeedKey, Session
 from .text import printable
@@ -71,7 +72,6 @@ from .tuning import (
     CLOSE_FLUSH_S,
     CLOSE_LINGER_BYTES,
     CLOSE_LINGER_S,
-    PARTIAL_FRAME_GRACE_S,
 )
 
 if TYPE_CHECKING:
@@ -138,18 +138,14 @@ class Connection(asyncio.Protocol):
         "_backlogged",
         "_eof_pending",
         "_held",
-        "_last_progress",
-        "_last_queued",
-        "_linger_bytes",
-        "_lingering",
+        "_linger",
         "_lost",
         "_partial_start",
         "_partial_timer",
-        "_sent_at_check",
-        "_soft_since",
         "_tls",
         "_tls_session",
         "_turn_pending",
+        "_watch",
         "_write",
         "broker",
         "connected_at",
@@ -187,8 +183,7 @@ class Connection(asyncio.Protocol):
         self.sent_bytes = 0
         self.connected_at = 0.0  # wall clock of the accept (the console shows it)
         self._lost = False
-        self._lingering = False
-        self._linger_bytes = 0
+        self._linger: Linger | None = None  # after a closing ERROR
         self._held = 0  # bytes of an incomplete frame reported to the broker
         self._partial_start = -1  # stream offset of the incomplete frame being timed
         self._partial_timer: asyncio.TimerHandle | None = None
@@ -197,10 +192,7 @@ class Connection(asyncio.Protocol):
         self._auth_deadline: asyncio.TimerHandle | None = None
         self._backlog_timer: asyncio.TimerHandle | None = None
         self._backlogged = False  # the transport is over its high-water mark
-        self._soft_since: float | None = None
-        self._last_progress = 0.0
-        self._last_queued = 0
-        self._sent_at_check = 0
+        self._watch: SlowConsumerWatch | None = None  # while backlogged
 
     # --- what the rest of the broker reads (the session holds the client's state) -------
 
@@ -333,8 +325,8 @@ class Connection(asyncio.Protocol):
         session = self.session
         if session.state == CLOSED:
             # Lingering after an ERROR: read and discard, a bounded amount.
-            self._linger_bytes += len(data)
-            if self._linger_bytes > CLOSE_LINGER_BYTES and self.transport is not None:
+            linger = self._linger
+            if (linger is None or not linger.read(len(data))) and self.transport is not None:
                 self.transport.abort()
             return
         tls = self._tls_session
@@ -379,8 +371,9 @@ class Connection(asyncio.Protocol):
             if self._partial_timer is not None:
                 self._partial_timer.cancel()
             self._partial_start = start
-            rate = self.broker.config.limits.min_receive_rate_bytes
-            self._partial_timer = self._call_later(PARTIAL_FRAME_GRACE_S + pending / rate, self._on_partial_deadline)
+            self._partial_timer = self._call_later(
+                self.broker.receive_rate.allowed_s(pending), self._on_partial_deadline
+            )
         held = session.buffered
         if held != self._held:
             self._held = held
@@ -398,16 +391,10 @@ class Connection(asyncio.Protocol):
     def _on_partial_deadline(self) -> None:
         self._partial_timer = None
         pending = self.session.pending_frame_bytes
-        rate = self.broker.config.limits.min_receive_rate_bytes
+        rate = self.broker.receive_rate
         metrics.LIMIT_REJECTIONS.labels("min_receive_rate").inc()
-        self.broker.emit(
-            SlowProducer(self.peer, self.session.ident, f"a {pending}-byte frame did not arrive at {rate} bytes/s")
-        )
-        self.close(
-            CloseReason.SLOW_PRODUCER,
-            f"a {pending}-byte frame did not arrive within {PARTIAL_FRAME_GRACE_S + pending / rate:.0f} s "
-            f"(at least {rate} bytes/s)",
-        )
+        self.broker.emit(SlowProducer(self.peer, self.session.ident, rate.why(pending)))
+        self.close(CloseReason.SLOW_PRODUCER, rate.error(pending))
 
     def _authing_buffer_cap(self) -> int:
         return self.broker.frame_limits.max_publish_frame_bytes + _AUTHING_BUFFER_MARGIN
@@ -416,7 +403,7 @@ class Connection(asyncio.Protocol):
     def eof_received(self) -> bool:
         # Half-close: frames already received (AUTH + PUBLISH + FIN in one
         # segment) are still handled; the transport closes once they are done.
-        if self._lingering:
+        if self._linger is not None:
             return False  # the client read our ERROR and closed: done
         if self.session.state == AUTHING or self._turn_pending:
             self._eof_pending = True
@@ -458,10 +445,10 @@ class Connection(asyncio.Protocol):
         # whatever happens to the timer.
         self._backlogged = True
         if self._backlog_timer is None and self.session.state != CLOSED:
-            now = self.broker.loop.time()
-            self._last_progress = now
-            self._last_queued = self.write_buffer_size()
-            self._sent_at_check = self.sent_bytes
+            broker = self.broker
+            self._watch = SlowConsumerWatch(
+                broker.backlog_bounds, broker.loop.time(), self.write_buffer_size(), self.sent_bytes
+            )
             metrics.SEND_BUFFER_DEADLINE_START.labels(self.session.ident or "").inc()
             self._backlog_timer = self._call_later(BACKLOG_CHECK_S, self._watch_backlog)
 
@@ -471,7 +458,7 @@ class Connection(asyncio.Protocol):
         if self._backlog_timer is not None:
             self._backlog_timer.cancel()
             self._backlog_timer = None
-            self._soft_since = None
+            self._watch = None
             metrics.SEND_BUFFER_DEADLINE_RECOVER.labels(self.session.ident or "").inc()
 
     # --- the router's side ------------------------------------------------------
@@ -587,7 +574,7 @@ class Connection(asyncio.Protocol):
             transport.write(tls.close_notify())
         if transport.can_write_eof():
             transport.write_eof()
-        self._lingering = True
+        self._linger = Linger(CLOSE_LINGER_BYTES)
         self.broker.lingering_add(self)
         with contextlib.suppress(RuntimeError, AttributeError):  # not paused, or a transport that cannot
             transport.resume_reading()
@@ -658,30 +645,14 @@ class Connection(asyncio.Protocol):
         self.session.auth_timeout(self.broker.config.limits.auth_timeout_s)
 
     def _watch_backlog(self) -> None:
-        """Runs every BACKLOG_CHECK_S while the subscriber is backlogged."""
+        """Runs every BACKLOG_CHECK_S while the subscriber is backlogged (policies.SlowConsumerWatch)."""
         self._backlog_timer = None
-        if self.session.state == CLOSED or self.transport is None or self.transport.is_closing():
+        transport, watch = self.transport, self._watch
+        if self.session.state == CLOSED or transport is None or transport.is_closing() or watch is None:
             return
-        broker = self.broker
-        limits = broker.config.limits
-        now = broker.loop.time()
-        queued = self.transport.get_write_buffer_size()
-        added = self.sent_bytes - self._sent_at_check
-        drained = self._last_queued + added - queued
-        self._last_queued, self._sent_at_check = queued, self.sent_bytes
-        if drained > 0:
-            self._last_progress = now
-        if queued >= limits.send_buffer_soft_bytes:
-            if self._soft_since is None:
-                self._soft_since = now
-        else:
-            self._soft_since = None
-        if queued > limits.send_buffer_hard_bytes:
-            self._cut_slow_consumer("outgoing buffer over its hard bound")
-        elif now - self._last_progress >= limits.send_stall_timeout_s:
-            self._cut_slow_consumer(f"nothing drained for {limits.send_stall_timeout_s:g} s")
-        elif self._soft_since is not None and now - self._soft_since >= limits.send_buffer_soft_window_s:
-            self._cut_slow_consumer(f"outgoing buffer over its soft bound for {limits.send_buffer_soft_window_s:g} s")
+        why = watch.check(self.broker.loop.time(), transport.get_write_buffer_size(), self.sent_bytes)
+        if why is not None:
+            self._cut_slow_consumer(why)
         else:
             self._backlog_timer = self._call_later(BACKLOG_CHECK_S, self._watch_backlog)
 

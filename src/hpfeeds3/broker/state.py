@@ -20,12 +20,13 @@ from .auth import AccessKey, Authenticator, AuthUnavailable, SyncLookup, WouldBl
 from .config import BrokerConfig
 from .events import AuthBlocked, AuthFailed, Event, Revoked, SlowProducer, log_event
 from .metrics import PublishStats
+from .policies import BacklogBounds, ReceiveRate
 from .ratelimit import AuthFailureLimiter
 from .reasons import CloseReason
 from .router import Router
 from .session import Refusal
 from .text import printable
-from .tuning import AUTH_LOOKUP_ATTEMPTS, AUTH_LOOKUP_TIMEOUT_S, MAX_CHANNEL_SETS
+from .tuning import AUTH_LOOKUP_ATTEMPTS, AUTH_LOOKUP_TIMEOUT_S, MAX_CHANNEL_SETS, PARTIAL_FRAME_GRACE_S
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -55,6 +56,14 @@ class Broker:
         self.name_bytes = config.name.encode("utf-8")[:255]
         self.frame_limits = config.limits.frame_limits()
         self.send_hard_bytes = config.limits.send_buffer_hard_bytes
+        # The connections' clock-driven policies (policies.py), fed loop.time() by them.
+        self.backlog_bounds = BacklogBounds(
+            hard_bytes=config.limits.send_buffer_hard_bytes,
+            soft_bytes=config.limits.send_buffer_soft_bytes,
+            soft_window_s=config.limits.send_buffer_soft_window_s,
+            stall_timeout_s=config.limits.send_stall_timeout_s,
+        )
+        self.receive_rate = ReceiveRate(config.limits.min_receive_rate_bytes, PARTIAL_FRAME_GRACE_S)
         self.max_connections = config.limits.max_connections
         self.connections: set[Connection] = set()
         self.by_ident: dict[str, set[Connection]] = {}

@@ -1,15 +1,18 @@
 """Connection: the ``asyncio.Protocol`` around one client's ``Session``.
 
 The session (``session.py``) decides everything about the client's frames;
-this class only moves bytes and carries out its actions: it owns the
-transport, the timers (AUTH deadline, backlog watch), the key-store lookup
-(at once when the store can answer without waiting, else in a task with
-reading paused), the failed-AUTH limiter, and the outgoing buffer with its
-slow-consumer policy.
+this class is its ``Output`` (``send``, ``close_transport``) and moves bytes:
+it owns the transport and TLS, the timers (AUTH deadline, backlog watch,
+receive deadline, linger), and answers the session's ``NeedKey`` with a
+key-store lookup (at once when the store can answer without waiting, else in
+a task with reading paused). The broker side of the session is ``Broker``
+(its ``Port``); the clock-driven decisions are ``policies.py`` objects fed
+``loop.time()``; what happens is reported as typed events (``Broker.emit``).
 
 Rules kept here:
 - A subscriber that cannot keep up is cut (``slow_consumer``) before it costs
-  memory or slows anyone else: see ``_watch_backlog``.
+  memory or slows anyone else: see ``_watch_backlog`` and
+  ``policies.SlowConsumerWatch``.
 - Every entry point runs inside one internal-error boundary: the asyncio
   callbacks are decorated with ``guarded``, every timer is scheduled through
   ``_call_later``/``_call_soon`` (which wrap their target), the router calls
@@ -59,6 +62,7 @@ from .events import (
     SlowProducer,
     TlsFailed,
 )
+from .metrics import Limit
 from .policies import Linger, SlowConsumerWatch
 from .reasons import CloseReason
 from .session import AUTHING, CLOSED, READY, NeedKey, Session
@@ -225,8 +229,8 @@ class Connection(asyncio.Protocol):
         metrics.CONNECTION_MADE.inc()
         broker.emit(Connected(self.peer, self.id))
         if evict is self:
-            metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
-            broker.emit(Refused(self.peer, self.id, "max_connections"))
+            metrics.limit_rejected(Limit.MAX_CONNECTIONS)
+            broker.emit(Refused(self.peer, self.id, Limit.MAX_CONNECTIONS))
             self.close(CloseReason.TOO_MANY_CONNECTIONS, f"too many connections (limit {broker.max_connections})")
             return
         if evict is not None:
@@ -293,7 +297,7 @@ class Connection(asyncio.Protocol):
         self._auth_deadline = None
         tls = self._tls_session
         if tls is not None and not tls.established and self.session.state != CLOSED:
-            metrics.LIMIT_REJECTIONS.labels("tls_handshake_timeout").inc()
+            metrics.limit_rejected(Limit.TLS_HANDSHAKE_TIMEOUT)
             limit = self.broker.config.limits.tls_handshake_timeout_s
             self._tls_failed(f"no handshake within {limit:g} s", tls)
 
@@ -302,14 +306,14 @@ class Connection(asyncio.Protocol):
         pre-auth connection (of its address, or of the busiest address): it makes room."""
         limits = self.broker.config.limits
         if bound == "connections":
-            metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
-            self.broker.emit(Refused(self.peer, self.id, "max_connections"))
+            metrics.limit_rejected(Limit.MAX_CONNECTIONS)
+            self.broker.emit(Refused(self.peer, self.id, Limit.MAX_CONNECTIONS))
             limit = self.broker.max_connections
             message = f"too many connections (limit {limit}): the oldest unauthenticated is closed"
             self.close(CloseReason.TOO_MANY_CONNECTIONS, message)
             return
-        label = "max_unauthenticated" if bound == "total" else "max_unauthenticated_per_address"
-        metrics.LIMIT_REJECTIONS.labels(label).inc()
+        label = Limit.MAX_UNAUTHENTICATED if bound == "total" else Limit.MAX_UNAUTHENTICATED_PER_ADDRESS
+        metrics.limit_rejected(label)
         self.broker.emit(Refused(self.peer, self.id, label))
         if bound == "total":
             message = f"too many unauthenticated connections (limit {limits.max_unauthenticated}): the oldest is closed"
@@ -353,7 +357,7 @@ class Connection(asyncio.Protocol):
             self._lookup(work)
         if session.state == AUTHING and session.buffered > self._authing_buffer_cap():
             # Reading is paused during a lookup; a transport may still hand over what it had.
-            metrics.LIMIT_REJECTIONS.labels("pre_auth_buffer").inc()
+            metrics.limit_rejected(Limit.PRE_AUTH_BUFFER)
             self.close(CloseReason.FRAME_TOO_LARGE, "too much data before authentication completed")
         if session.pending_frame_bytes or self._held:
             self._watch_partial_frame()
@@ -392,7 +396,7 @@ class Connection(asyncio.Protocol):
         self._partial_timer = None
         pending = self.session.pending_frame_bytes
         rate = self.broker.receive_rate
-        metrics.LIMIT_REJECTIONS.labels("min_receive_rate").inc()
+        metrics.limit_rejected(Limit.MIN_RECEIVE_RATE)
         self.broker.emit(SlowProducer(self.peer, self.session.ident, rate.why(pending)))
         self.close(CloseReason.SLOW_PRODUCER, rate.error(pending))
 
@@ -583,7 +587,7 @@ class Connection(asyncio.Protocol):
     def cut_linger(self) -> None:
         """The connection limit is reached and this is the oldest lingering connection: end it now."""
         self.broker.lingering_discard(self)
-        metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
+        metrics.limit_rejected(Limit.MAX_CONNECTIONS)
         if self.transport is not None and not self._lost:
             self.transport.abort()
 

@@ -5,9 +5,12 @@ with ``Broker.observe``: the log lines (``log_event``, always registered) and,
 with ``--admin``, the console's tracker. Nothing parses log records; an
 observer reads the event's fields.
 
-Every event has a ``kind`` (the ``event=`` field of its log line), a log
-``level`` and ``text()`` (the line's message). Connection ids count up from 1
-in each broker process and are never reused.
+Events are values: observers read them and never change them (they are
+plain slotted dataclasses, not frozen ones, because three are made on every
+handshake and a frozen one costs several times more to build). Every event
+has a ``kind`` (the ``event=`` field of its log line), a log ``level`` and
+``text()`` (the line's message). Connection ids count up from 1 in each
+broker process and are never reused.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ _BROKER = "hpfeeds3.broker"
 _ADMIN = "hpfeeds3.broker.admin"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     kind: ClassVar[Kind]
     level: ClassVar[int] = logging.INFO
@@ -77,7 +80,7 @@ class Event:
         return out
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Connected(Event):
     kind = Kind.CONNECTED
     conn_id: int
@@ -86,7 +89,7 @@ class Connected(Event):
         return f"connected from {self.peer}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Authenticated(Event):
     kind = Kind.AUTHENTICATED
     conn_id: int
@@ -100,7 +103,7 @@ class Authenticated(Event):
         return f"{self.peer} authenticated as {self.who}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AuthFailed(Event):
     """A verified AUTH failed. ``shown``: the ident as sent, escaped for a log or a page."""
 
@@ -120,7 +123,7 @@ class AuthFailed(Event):
         return f"authentication failed for {self.shown} from {self.peer} ({self.why})"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class KeyStoreUnavailable(Event):
     kind = Kind.AUTH_UNAVAILABLE
     level = logging.WARNING
@@ -135,7 +138,7 @@ class KeyStoreUnavailable(Event):
         return f"auth store unavailable for {self.shown} from {self.peer}: {self.why}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AuthBlocked(Event):
     """Failed AUTHs (or console logins) from ``peer`` reached the limiter's bound."""
 
@@ -155,7 +158,7 @@ class AuthBlocked(Event):
         return f"refusing for {self.block_s:g} s: {self.block}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Refused(Event):
     """A connection closed to keep a limit (``limit``: the metric's label), with no log line of its own."""
 
@@ -171,7 +174,7 @@ class Refused(Event):
         return f"refused {self.peer}: {self.limit}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Closed(Event):
     kind = Kind.CLOSED
     conn_id: int
@@ -197,7 +200,7 @@ class Closed(Event):
         return f"closed {self.peer}: {self.why.value}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Revoked(Event):
     """A key change reached a live session: closed (key removed, secret rotated) or
     unsubscribed from ``channels`` taken away."""
@@ -223,7 +226,7 @@ class Revoked(Event):
         return f"revoking {self.peer} ({self.who}): {self.why}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Cut(Event):
     """A connection closed for what it costs the others (its kind is the reason)."""
 
@@ -242,7 +245,7 @@ class _Cut(Event):
         return {"event": self.kind.value, "peer": self.peer, "ident": self.who, "reason": self.kind.value}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SlowConsumerCut(_Cut):
     kind = Kind.SLOW_CONSUMER
     level = logging.WARNING
@@ -252,7 +255,7 @@ class SlowConsumerCut(_Cut):
         return f"cutting slow consumer {self.peer} ({self.who}): {self.why}, {self.queued} bytes queued"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SlowProducer(_Cut):
     """A frame arrived too slowly, or incomplete frames held too much memory; ``why`` says which."""
 
@@ -263,7 +266,7 @@ class SlowProducer(_Cut):
         return f"closing {self.peer} ({self.who}): {self.why}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TlsFailed(Event):
     kind = Kind.TLS_FAILED
     why: str
@@ -277,7 +280,7 @@ class TlsFailed(Event):
         return f"TLS {'record' if self.established else 'handshake'} with {self.peer} failed: {self.why}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AdminLoginFailed(Event):
     kind = Kind.ADMIN_LOGIN_FAILED
     level = logging.WARNING
@@ -292,7 +295,7 @@ class AdminLoginFailed(Event):
         return f"console {self.how} failed from {self.peer}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AdminChange(Event):
     """An operator changed something through the console (the audit line)."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
@@ -78,26 +79,47 @@ CLOSED_BY_REASON = Children(CONNECTIONS_CLOSED)
 AUTH_FAILURES = Counter("hpfeeds_broker_auth_failures", "Failed authentications, by reason", ["reason"])
 LIMIT_REJECTIONS = Counter("hpfeeds_broker_limit_rejections", "Frames or connections refused by a limit", ["limit"])
 
+
+class Limit(StrEnum):
+    """The label values of hpfeeds_broker_limit_rejections_total: one per limit that refuses."""
+
+    MAX_MESSAGE_SIZE = "max_message_size"
+    MAX_CONNECTIONS = "max_connections"
+    MAX_UNAUTHENTICATED = "max_unauthenticated"
+    MAX_UNAUTHENTICATED_PER_ADDRESS = "max_unauthenticated_per_address"
+    MIN_RECEIVE_RATE = "min_receive_rate"
+    MAX_PARTIAL_FRAMES = "max_partial_frames"
+    PRE_AUTH_BUFFER = "pre_auth_buffer"
+    TLS_HANDSHAKE_TIMEOUT = "tls_handshake_timeout"
+    MAX_SUBSCRIPTIONS = "max_subscriptions"
+    MAX_DENIALS = "max_denials"
+    AUTH_FAILURES = "auth_failures"
+
+
+def limit_rejected(limit: Limit) -> None:
+    LIMIT_REJECTIONS.labels(limit.value).inc()
+
+
 # What each refusal the session reports counts: (connection_error by its
 # value, auth_failures reason, limit_rejections limit).
-REFUSALS: dict[Refusal, tuple[bool, str | None, str | None]] = {
+REFUSALS: dict[Refusal, tuple[bool, str | None, Limit | None]] = {
     Refusal.NO_PUB_PERMISSION: (True, None, None),
     Refusal.NO_SUB_PERMISSION: (True, None, None),
     Refusal.IDENT_MISMATCH_PUB: (True, None, None),
     Refusal.IDENT_MISMATCH_SUB: (True, None, None),
     Refusal.IDENT_MISMATCH_UNSUB: (True, None, None),
-    Refusal.MAX_SUBSCRIPTIONS: (False, None, "max_subscriptions"),
-    Refusal.TOO_MANY_DENIALS: (False, None, "max_denials"),
+    Refusal.MAX_SUBSCRIPTIONS: (False, None, Limit.MAX_SUBSCRIPTIONS),
+    Refusal.TOO_MANY_DENIALS: (False, None, Limit.MAX_DENIALS),
     Refusal.FIRST_NOT_AUTH: (True, None, None),
     Refusal.SECOND_AUTH: (True, None, None),
     # One auth_failures reason for an unknown ident and a wrong secret: /metrics
     # must not tell which idents exist.
     Refusal.AUTH_FAILED: (True, "auth_failed", None),
     Refusal.AUTH_UNAVAILABLE: (True, "store_unavailable", None),
-    Refusal.AUTH_RATE_LIMITED: (True, "rate_limited", "auth_failures"),
+    Refusal.AUTH_RATE_LIMITED: (True, "rate_limited", Limit.AUTH_FAILURES),
     Refusal.AUTH_TIMEOUT: (True, "timeout", None),
     Refusal.BAD_FRAME: (True, None, None),
-    Refusal.FRAME_TOO_LARGE: (True, None, "max_message_size"),
+    Refusal.FRAME_TOO_LARGE: (True, None, Limit.MAX_MESSAGE_SIZE),
 }
 
 
@@ -108,7 +130,7 @@ def count_refusal(refusal: Refusal, ident: str | None) -> None:
     if auth_reason is not None:
         AUTH_FAILURES.labels(auth_reason).inc()
     if limit is not None:
-        LIMIT_REJECTIONS.labels(limit).inc()
+        limit_rejected(limit)
 
 
 SLOW_CONSUMERS = Counter("hpfeeds_broker_slow_consumers", "Subscribers cut because they could not keep up")

@@ -327,35 +327,36 @@ class Session(Generic[_O]):
         self._deny(f"identfail: {verb} as {quoted(ident)} refused; this connection is {quoted(self.ident_bytes)}")
 
     def _control(self, frame: Auth | Publish | Subscribe | Unsubscribe) -> None:
-        if isinstance(frame, Subscribe):
-            channel = frame.channel
-            if frame.ident != self.ident_bytes:
-                self._deny_spoof("subscribe", frame.ident, Refusal.IDENT_MISMATCH_SUB)
-            elif channel not in self.subchans:
-                self.port.refused(Refusal.NO_SUB_PERMISSION, self.ident)
-                self._deny(f"accessfail: {printable(self.ident_bytes)} may not subscribe to channel {quoted(channel)}")
-            elif channel not in self.subscriptions:
-                if len(self.subscriptions) >= self._max_subscriptions:
-                    self.port.refused(Refusal.MAX_SUBSCRIPTIONS, self.ident)
-                    self._deny(
-                        f"limit: subscription to {quoted(channel)} refused; at most "
-                        f"{self._max_subscriptions} channels per connection"
-                    )
-                    return
-                self.subscriptions.add(channel)
-                self.port.subscribe(channel, self.output)
-        elif isinstance(frame, Unsubscribe):
-            if frame.ident != self.ident_bytes:
-                self._deny_spoof("unsubscribe", frame.ident, Refusal.IDENT_MISMATCH_UNSUB)
-            elif frame.channel in self.subscriptions:
-                self.subscriptions.discard(frame.channel)
-                self.port.unsubscribe(frame.channel, self.output)
-        elif isinstance(frame, Auth):
-            self._refuse(
-                CloseReason.SECOND_AUTH, "already authenticated; a second AUTH is refused", Refusal.SECOND_AUTH
-            )
-        else:  # pragma: no cover - the decoder yields runs for PUBLISH and refuses every other opcode
-            raise AssertionError(frame)
+        """A READY session's control frames: the one ``match`` of the broker's direction."""
+        match frame:
+            case Subscribe(ident=ident, channel=channel):
+                if ident != self.ident_bytes:
+                    self._deny_spoof("subscribe", ident, Refusal.IDENT_MISMATCH_SUB)
+                elif channel not in self.subchans:
+                    self.port.refused(Refusal.NO_SUB_PERMISSION, self.ident)
+                    shown = printable(self.ident_bytes)
+                    self._deny(f"accessfail: {shown} may not subscribe to channel {quoted(channel)}")
+                elif channel not in self.subscriptions:
+                    if len(self.subscriptions) >= self._max_subscriptions:
+                        self.port.refused(Refusal.MAX_SUBSCRIPTIONS, self.ident)
+                        self._deny(
+                            f"limit: subscription to {quoted(channel)} refused; at most "
+                            f"{self._max_subscriptions} channels per connection"
+                        )
+                        return
+                    self.subscriptions.add(channel)
+                    self.port.subscribe(channel, self.output)
+            case Unsubscribe(ident=ident, channel=channel):
+                if ident != self.ident_bytes:
+                    self._deny_spoof("unsubscribe", ident, Refusal.IDENT_MISMATCH_UNSUB)
+                elif channel in self.subscriptions:
+                    self.subscriptions.discard(channel)
+                    self.port.unsubscribe(channel, self.output)
+            case Auth():
+                message = "already authenticated; a second AUTH is refused"
+                self._refuse(CloseReason.SECOND_AUTH, message, Refusal.SECOND_AUTH)
+            case _:  # pragma: no cover - the decoder yields runs for PUBLISH and refuses every other opcode
+                raise AssertionError(frame)
 
     # --- AUTH -----------------------------------------------------------------------
 

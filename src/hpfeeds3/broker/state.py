@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 from . import metrics
 from .admission import PreAuthPool
 from .auth import AccessKey, Authenticator, AuthUnavailable, SyncLookup, WouldBlock
+from .backplane import Backplane
 from .config import BrokerConfig
 from .events import AuthBlocked, AuthFailed, Event, Revoked, SlowProducer, log_event
-from .metrics import PublishStats
+from .metrics import Limit, PublishStats
 from .policies import BacklogBounds, ReceiveRate
 from .ratelimit import AuthFailureLimiter
 from .reasons import CloseReason
@@ -80,7 +81,7 @@ class Broker:
         # connection limit the oldest is cut to make room (connection.py).
         self.lingering: dict[Connection, None] = {}
         self.state = "starting"  # starting | serving | stopping
-        self.backplane: Any = None
+        self.backplane: Backplane | None = None  # --cluster: set once, by attach_backplane
         self._tasks: set[asyncio.Task[Any]] = set()
         # Counts of closed connections, so counters never go backwards.
         self.retired_publish: dict[tuple[str, str], PublishStats] = {}
@@ -111,6 +112,13 @@ class Broker:
             except Exception:  # an observer's bug must not break the broker
                 log.exception("internal error in an observer of %s", event.kind.value)
 
+    def attach_backplane(self, backplane: Backplane) -> None:
+        """The cluster link (``--cluster``): the router forwards through it from now on. Once."""
+        if self.backplane is not None:
+            raise RuntimeError("the broker already has a backplane")
+        self.backplane = backplane
+        self.router.attach(backplane)
+
     @property
     def unauthenticated(self) -> int:
         return self.pre_auth.total
@@ -130,7 +138,7 @@ class Broker:
         for victim, size in sorted(self.partial_holders.items(), key=lambda kv: kv[1], reverse=True):
             if self.partial_bytes <= limit:
                 break
-            metrics.LIMIT_REJECTIONS.labels("max_partial_frames").inc()
+            metrics.limit_rejected(Limit.MAX_PARTIAL_FRAMES)
             why = f"{size} bytes held in an incomplete frame, {self.partial_bytes} over all connections (limit {limit})"
             self.emit(SlowProducer(victim.peer, victim.session.ident, why))
             try:

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..auth.base import AccessKey, BadArguments, KeyStoreError, KeyWriter, NoSuchIdent, check_channels, make_key
 from ..auth.records import generate_secret
-from ..auth.spec import open_backend, parse_spec
+from ..auth.spec import backend, open_backend, parse_spec
 
 __all__ = ["ConsoleKeys", "KeyStoreError", "ReadOnlyKeys"]
 
@@ -37,7 +37,7 @@ def writable_spec(auth_specs: Iterable[str]) -> str | None:
             kind = parse_spec(spec).kind
         except BadArguments:
             continue
-        if kind != "env":
+        if backend(kind).writable:
             return spec
     return None
 

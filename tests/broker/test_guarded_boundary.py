@@ -261,6 +261,37 @@ def test_hold_partial_isolates_each_connection(tmp_path, monkeypatch) -> None:
         second.close()
 
 
+def test_a_fault_while_evicting_closes_the_evicted_connection_alone(tmp_path, monkeypatch) -> None:
+    """At the per-address pre-auth bound the oldest is closed to admit the newcomer;
+    a fault while closing it closes that one (internal_error), not the newcomer."""
+    limits = Limits(max_unauthenticated_per_address=2, shutdown_drain_s=0.5)
+    with broker_in_thread(tmp_path, limits) as (broker, port):
+        oldest = RawClient(port)
+        oldest.read_info()
+        second = RawClient(port)
+        second.read_info()
+        assert _wait(lambda: len(broker.connections) == 2)
+        victim = min(broker.connections, key=lambda c: c.id)
+        real = Connection.close
+
+        def faulty_close(self: Connection, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if self is victim:
+                raise RuntimeError("injected fault in evicting")
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Connection, "close", faulty_close)
+        before = closed_internal()
+        with RawClient(port) as newcomer:
+            newcomer.read_info()
+            assert counted(before + 1)
+            assert victim not in broker.connections
+            newcomer.auth("alice", "a")
+            newcomer.publish("chan1", b"in")  # served: not closed by the fault
+            assert _wait(lambda: any(c.session.ident == "alice" for c in list(broker.connections)))
+        for c in (oldest, second):
+            c.close()
+
+
 def test_every_protocol_method_and_timer_target_is_guarded() -> None:
     for name in PROTOCOL_METHODS:
         method = getattr(Connection, name)

@@ -57,7 +57,6 @@ from .events import (
     Closed,
     Connected,
     KeyStoreUnavailable,
-    Refused,
     SlowConsumerCut,
     SlowProducer,
     TlsFailed,
@@ -224,17 +223,11 @@ class Connection(asyncio.Protocol):
             self.peer = f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"
             self.group = address_group(host)
         self.session.peer = self.peer
-        # Counted, and in the pre-auth pool until it leaves it, exactly once.
-        evict, bound = broker.admit(self)
         metrics.CONNECTION_MADE.inc()
         broker.emit(Connected(self.peer, self.id))
-        if evict is self:
-            metrics.limit_rejected(Limit.MAX_CONNECTIONS)
-            broker.emit(Refused(self.peer, self.id, Limit.MAX_CONNECTIONS))
-            self.close(CloseReason.TOO_MANY_CONNECTIONS, f"too many connections (limit {broker.max_connections})")
-            return
-        if evict is not None:
-            evict.evicted(bound)
+        # Counted, and in the pre-auth pool until it leaves it, exactly once.
+        if not broker.admit(self):
+            return  # refused at the connection limit: closed
         if self._tls is not None:
             # The handshake runs in this connection (tls.py), on its own deadline.
             self._tls_session = TlsSession(self._tls)
@@ -300,29 +293,6 @@ class Connection(asyncio.Protocol):
             metrics.limit_rejected(Limit.TLS_HANDSHAKE_TIMEOUT)
             limit = self.broker.config.limits.tls_handshake_timeout_s
             self._tls_failed(f"no handshake within {limit:g} s", tls)
-
-    def evicted(self, bound: str) -> None:
-        """A bound (``address``, ``total``, or ``connections``) is reached and this is the oldest
-        pre-auth connection (of its address, or of the busiest address): it makes room."""
-        limits = self.broker.config.limits
-        if bound == "connections":
-            metrics.limit_rejected(Limit.MAX_CONNECTIONS)
-            self.broker.emit(Refused(self.peer, self.id, Limit.MAX_CONNECTIONS))
-            limit = self.broker.max_connections
-            message = f"too many connections (limit {limit}): the oldest unauthenticated is closed"
-            self.close(CloseReason.TOO_MANY_CONNECTIONS, message)
-            return
-        label = Limit.MAX_UNAUTHENTICATED if bound == "total" else Limit.MAX_UNAUTHENTICATED_PER_ADDRESS
-        metrics.limit_rejected(label)
-        self.broker.emit(Refused(self.peer, self.id, label))
-        if bound == "total":
-            message = f"too many unauthenticated connections (limit {limits.max_unauthenticated}): the oldest is closed"
-        else:
-            message = (
-                f"too many unauthenticated connections from this address "
-                f"(limit {limits.max_unauthenticated_per_address}): the oldest is closed"
-            )
-        self.close(CloseReason.TOO_MANY_UNAUTHENTICATED, message)
 
     @guarded("handling received data")
     def data_received(self, data: bytes) -> None:

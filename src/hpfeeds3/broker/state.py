@@ -19,7 +19,7 @@ from .admission import PreAuthPool
 from .auth import AccessKey, Authenticator, AuthUnavailable, SyncLookup, WouldBlock
 from .backplane import Backplane
 from .config import BrokerConfig
-from .events import AuthBlocked, AuthFailed, Event, Revoked, SlowProducer, log_event
+from .events import AuthBlocked, AuthFailed, Event, Refused, Revoked, SlowProducer, log_event
 from .metrics import Limit, PublishStats
 from .policies import BacklogBounds, ReceiveRate
 from .ratelimit import AuthFailureLimiter
@@ -163,15 +163,16 @@ class Broker:
 
     # --- called by connections ---------------------------------------------------
 
-    def admit(self, conn: Connection) -> tuple[Connection | None, str]:
-        """Count ``conn`` from its accept and put it in the pre-auth pool. Returns the
-        connection that must make room and the bound reached (``address``,
-        ``total``, ``connections``), or ``(None, "")``; ``conn`` itself when it is refused.
+    def admit(self, conn: Connection) -> bool:
+        """Count ``conn`` from its accept and put it in the pre-auth pool, making room at
+        a bound; False when ``conn`` itself is refused (and closed).
 
-        At the connection limit (the descriptor limit) room is made: the oldest
-        connection lingering after its closing ERROR is cut, else the oldest
-        pre-auth connection of the busiest address is closed, as at the pre-auth
-        bounds. The newcomer is refused only when neither exists."""
+        At a pre-auth bound the oldest pre-auth connection (of the address, or
+        of the busiest address) is closed. At the connection limit (the
+        descriptor limit) the oldest connection lingering after its closing
+        ERROR is cut, else the oldest pre-auth connection of the busiest
+        address is closed. The newcomer is refused only when neither exists.
+        A fault while closing another connection closes that one alone."""
         self.connections.add(conn)
         evict, bound = self.pre_auth.admit(conn, conn.group)
         if len(self.connections) > self.max_connections and evict is None:
@@ -179,9 +180,37 @@ class Broker:
                 next(iter(self.lingering)).cut_linger()
             else:
                 evict, bound = self.pre_auth.oldest_of_busiest(), "connections"
-                if evict is None:
-                    evict = conn
-        return evict, bound
+                if evict is None or evict is conn:
+                    message = f"too many connections (limit {self.max_connections})"
+                    self._make_room(conn, Limit.MAX_CONNECTIONS, CloseReason.TOO_MANY_CONNECTIONS, message)
+                    return False
+        if evict is not None:
+            try:
+                self._evict(evict, bound)
+            except Exception:
+                evict.internal_error("making room for a new connection")
+        return True
+
+    def _evict(self, conn: Connection, bound: str) -> None:
+        limits = self.config.limits
+        if bound == "connections":
+            message = f"too many connections (limit {self.max_connections}): the oldest unauthenticated is closed"
+            self._make_room(conn, Limit.MAX_CONNECTIONS, CloseReason.TOO_MANY_CONNECTIONS, message)
+        elif bound == "total":
+            message = f"too many unauthenticated connections (limit {limits.max_unauthenticated}): the oldest is closed"
+            self._make_room(conn, Limit.MAX_UNAUTHENTICATED, CloseReason.TOO_MANY_UNAUTHENTICATED, message)
+        else:
+            message = (
+                f"too many unauthenticated connections from this address "
+                f"(limit {limits.max_unauthenticated_per_address}): the oldest is closed"
+            )
+            limit = Limit.MAX_UNAUTHENTICATED_PER_ADDRESS
+            self._make_room(conn, limit, CloseReason.TOO_MANY_UNAUTHENTICATED, message)
+
+    def _make_room(self, conn: Connection, limit: Limit, reason: CloseReason, message: str) -> None:
+        metrics.limit_rejected(limit)
+        self.emit(Refused(conn.peer, conn.id, limit))
+        conn.close(reason, message)
 
     def authenticated(self, conn: Connection) -> None:
         """``conn``'s session is READY: index it by ident (revocation)."""

@@ -231,6 +231,18 @@ def test_drain_and_close_isolates_each_connection(tmp_path, monkeypatch) -> None
             s.close()
 
 
+def _fail_to_close(monkeypatch, victim: Connection, what: str) -> None:
+    """``victim.close`` raises; every other connection closes as usual."""
+    real = Connection.close
+
+    def faulty_close(self: Connection, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self is victim:
+            raise RuntimeError(f"injected fault in {what}")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Connection, "close", faulty_close)
+
+
 def test_hold_partial_isolates_each_connection(tmp_path, monkeypatch) -> None:
     """Past the partial-frame bound the largest holder is closed; a fault while
     closing it closes it alone (internal_error), not the connection whose read
@@ -242,14 +254,7 @@ def test_hold_partial_isolates_each_connection(tmp_path, monkeypatch) -> None:
         first.send(header + b"\x05alice" + b"z" * 60_000)
         assert _wait(lambda: broker.partial_bytes >= 60_000)
         victim = next(iter(broker.partial_holders))
-        real = Connection.close
-
-        def faulty_close(self: Connection, *args, **kwargs):  # type: ignore[no-untyped-def]
-            if self is victim:
-                raise RuntimeError("injected fault in closing a holder")
-            return real(self, *args, **kwargs)
-
-        monkeypatch.setattr(Connection, "close", faulty_close)
+        _fail_to_close(monkeypatch, victim, "closing a holder")
         before = closed_internal()
         second = RawClient(port).auth("alice", "a")
         second.send(header + b"\x05alice" + b"z" * 50_000)
@@ -272,14 +277,7 @@ def test_a_fault_while_evicting_closes_the_evicted_connection_alone(tmp_path, mo
         second.read_info()
         assert _wait(lambda: len(broker.connections) == 2)
         victim = min(broker.connections, key=lambda c: c.id)
-        real = Connection.close
-
-        def faulty_close(self: Connection, *args, **kwargs):  # type: ignore[no-untyped-def]
-            if self is victim:
-                raise RuntimeError("injected fault in evicting")
-            return real(self, *args, **kwargs)
-
-        monkeypatch.setattr(Connection, "close", faulty_close)
+        _fail_to_close(monkeypatch, victim, "evicting")
         before = closed_internal()
         with RawClient(port) as newcomer:
             newcomer.read_info()

@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 
 import hpfeeds3.broker.connection as connection_module
+import hpfeeds3.broker.state as state_module
 from hpfeeds3.broker import metrics
 from hpfeeds3.broker.config import Limits
 from hpfeeds3.broker.connection import Connection
+from hpfeeds3.broker.policies import ReceiveRate
 from hpfeeds3.broker.session import Session
 from hpfeeds3.broker.state import Broker
 
@@ -288,6 +290,24 @@ def test_a_fault_while_evicting_closes_the_evicted_connection_alone(tmp_path, mo
             assert _wait(lambda: any(c.session.ident == "alice" for c in list(broker.connections)))
         for c in (oldest, second):
             c.close()
+
+
+def test_a_fault_in_the_receive_deadline_timer_closes_that_connection_alone(tmp_path, monkeypatch) -> None:
+    """A timer target (the receive-rate deadline) that raises: internal_error for
+    its connection, the others served."""
+    monkeypatch.setattr(state_module, "PARTIAL_FRAME_GRACE_S", 0.2)
+    monkeypatch.setattr(ReceiveRate, "error", _raise("the receive deadline"))
+    with broker_in_thread(tmp_path) as (_broker, port):
+        sub = confirmed_subscriber(port, "alice", "a")
+        before = closed_internal()
+        with RawClient(port).auth("alice", "a") as trickler:
+            trickler.send(struct.pack(">IB", 1000, 3) + b"\x05alice")  # a frame begun, never finished
+            assert [getattr(f, "message", None) for f in trickler.expect_closed(10)] == [ERROR_TEXT]
+        assert counted(before + 1)
+        with RawClient(port).auth("alice", "a") as pub:
+            pub.publish("chan1", b"still")
+            assert sub.messages(1)[0].payload == b"still"
+        sub.close()
 
 
 def test_every_protocol_method_and_timer_target_is_guarded() -> None:

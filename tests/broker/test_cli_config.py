@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
+from hpfeeds3.broker.auth.spec import ACCEPTED, BACKENDS, parse_spec
 from hpfeeds3.broker.cli import AUTH_LIMIT_FLAGS, LIMIT_FLAGS, build_parser, config_from_args
-from hpfeeds3.broker.config import ConfigError, Endpoint, Limits, parse_endpoint, parse_host_port
+from hpfeeds3.broker.config import ConfigError, Endpoint, Limits, limit_fields, parse_endpoint, parse_host_port
+from hpfeeds3.broker.supervisor import HOST_WIDE_LIMITS
 
 
 def config(*argv: str):
@@ -14,6 +19,27 @@ def config(*argv: str):
 
 def test_every_limit_field_has_a_flag() -> None:
     assert {field for _, field, _ in LIMIT_FLAGS} == set(Limits.__dataclass_fields__)
+
+
+def test_the_workers_division_follows_the_limits_declared_host_wide() -> None:
+    declared = {(f.metadata["flag"], f.name) for f in limit_fields() if f.metadata["host_wide"]}
+    divided = {(flag, name) for flag, group, name in HOST_WIDE_LIMITS if group == "limits"}
+    assert divided == declared
+
+
+def test_the_security_limits_table_names_every_limit_flag() -> None:
+    text = (Path(__file__).parents[2] / "SECURITY.md").read_text()
+    table = text[text.index("| threat | limit (default) | flag |") :].split("\n\n")[0]
+    flags = set(re.findall(r"`(--[a-z-]+)`", table))
+    assert {f.metadata["flag"] for f in limit_fields()} <= flags
+    assert {flag for flag, _, _ in AUTH_LIMIT_FLAGS} <= flags
+
+
+def test_help_shows_each_limit_with_its_default() -> None:
+    text = " ".join(build_parser().format_help().split())
+    assert "cut a subscriber at once above this many queued bytes (default 32M)" in text
+    assert "accept -> AUTH verified (default 5 s)" in text
+    assert "channels per connection (default 1024)" in text
 
 
 def test_limit_flags_reach_the_config() -> None:
@@ -88,3 +114,13 @@ def test_endpoint_strings_as_the_reference_writes_them() -> None:
     assert parse_host_port(":9431") == ("0.0.0.0", 9431)
     with pytest.raises(ConfigError):
         parse_host_port("nonsense")
+
+
+def test_auth_help_and_errors_list_every_backend_of_the_table() -> None:
+    text = build_parser().epilog or ""
+    for b in BACKENDS:
+        for form, what in b.forms:
+            assert form in text and what in text
+            assert form in ACCEPTED
+    with pytest.raises(ConfigError, match=re.escape("expected sqlite, sqlite:PATH, env, PATH.json or postgresql://")):
+        parse_spec("mysql://x")

@@ -126,7 +126,7 @@ def test_a_subscriber_whose_delivery_fails_is_closed_and_the_others_still_receiv
     real_deliver = Connection.deliver
 
     def faulty_deliver(self: Connection, data: bytes) -> None:
-        if self.ident == "bad":
+        if self.session.ident == "bad":
             raise RuntimeError("injected fault in a delivery")
         real_deliver(self, data)
 

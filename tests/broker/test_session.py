@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
+from hpfeeds3.broker.auth import AccessKey
 from hpfeeds3.broker.reasons import CloseReason
-from hpfeeds3.broker.session import AUTHING, CLOSED, PRE_AUTH, READY
+from hpfeeds3.broker.session import AUTHING, CLOSED, PRE_AUTH, READY, Refusal
 from hpfeeds3.protocol import (
     HEADER,
     OP_PUBLISH,
@@ -67,9 +72,12 @@ def test_frames_behind_auth_wait_for_a_slow_lookup_then_run_in_order() -> None:
     assert session.state == AUTHING
     assert rec.log == [("lookup", "alice")]
     assert session.buffered == len(encode_subscribe(b"alice", b"chan2") + pub)
-    more = session.key_found(rec.keys["alice"])
-    assert not more
-    assert rec.log[1:] == [("authenticated", "alice"), ("subscribe", b"chan2"), ("publish", b"chan1", pub, 1)]
+    # The answer does not re-enter the caller: key_found makes the session READY and
+    # returns; the frames behind the AUTH run at the caller's resume.
+    assert session.key_found(rec.keys["alice"]) is True
+    assert session.state == READY and rec.log == [("lookup", "alice")]
+    assert session.resume() is False
+    assert rec.log[1:] == [("subscribe", b"chan2"), ("publish", b"chan1", pub, 1)]
 
 
 def test_an_answer_after_close_is_ignored() -> None:
@@ -194,7 +202,7 @@ def test_close_before_auth_gives_back_pre_auth_once() -> None:
 def test_revoked_channel_unsubscribes() -> None:
     session, rec = make_session()
     drain(session, auth_frame() + encode_subscribe(b"alice", b"chan1") + encode_subscribe(b"alice", b"chan2"))
-    lost = session.set_channels(frozenset({b"chan1"}), frozenset({b"chan1"}))
+    lost = session.apply_key(AccessKey("alice", "s3cret", "owner", ("chan1",), ("chan1",)))
     assert lost == {b"chan2"}
     assert session.subscriptions == {b"chan1"}
     assert rec.log[-1] == ("unsubscribe", b"chan2")
@@ -221,3 +229,32 @@ def test_error_texts_escape_control_and_line_breaking_characters() -> None:
     drain(session, encode_publish(b"alice", "a\x00b\u2028c\x85d".encode(), b"x"))
     text = rec.log[-1][1][5:].decode()
     assert text == "accessfail: alice may not publish to channel 'a\\x00b\\u2028c\\x85d'"
+
+
+def test_refusals_are_reported_as_values() -> None:
+    session, rec = make_session(max_denials=2)
+    drain(session, auth_frame() + encode_publish(b"mallory", b"chan1", b"x") + encode_subscribe(b"alice", b"nope"))
+    drain(session, encode_publish(b"alice", b"nope", b"x"))
+    assert rec.refusals == [
+        Refusal.IDENT_MISMATCH_PUB,
+        Refusal.NO_SUB_PERMISSION,
+        Refusal.NO_PUB_PERMISSION,
+        Refusal.TOO_MANY_DENIALS,
+    ]
+    assert session.close_reason is CloseReason.TOO_MANY_DENIALS
+
+
+def test_importing_the_session_loads_the_protocol_and_the_standard_library_only() -> None:
+    """No metrics, key stores, TLS or event loop behind the session: the modules of
+    this project it loads are protocol/ and two leaf modules of plain text."""
+    code = (
+        "import json, sys, hpfeeds3.broker.session; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('hpfeeds3', 'prometheus_client', 'sqlite3', 'ssl', 'asyncio', 'aiohttp', 'nats'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    allowed = {"hpfeeds3", "hpfeeds3.broker", "hpfeeds3.broker.session", "hpfeeds3.broker.reasons"}
+    allowed.add("hpfeeds3.broker.text")
+    loaded = json.loads(out)
+    assert "hpfeeds3.broker.session" in loaded
+    assert [m for m in loaded if m not in allowed and not m.startswith("hpfeeds3.protocol")] == []

@@ -25,7 +25,7 @@ from hpfeeds3.broker.auth import build_authenticator
 from hpfeeds3.broker.cli import build_parser, config_from_args
 from hpfeeds3.broker.config import BrokerConfig, ConfigError
 from hpfeeds3.broker.state import Broker
-from tests.support.broker import BIN, BrokerProcess, free_port
+from tests.support.broker import BIN, BrokerProcess, RawClient, free_port
 
 from .conftest import (
     Console,
@@ -300,10 +300,47 @@ def test_admin_disconnects_a_client_and_rotation_closes_its_sessions(console: Co
         assert c.post("/api/v1/connections/close", {"id": conn["id"]}).body == {"closed": conn["peer"]}
         wait_until(lambda: not _conn_of(c, "existing-sensor"), what="connection closed")
     assert "disconnected " + conn["peer"] in console.broker.wait_log("event=admin_change")
+    # Counted and logged as an operator's disconnect, not as a revoked key.
+    assert f"closed {conn['peer']} (existing-sensor): kicked" in console.broker.wait_log(": kicked")
     with sensor(console, "existing-sensor", "s3cret"):
         wait_until(lambda: _conn_of(c, "existing-sensor"), what="connection listed")
         assert c.post("/api/v1/keys/rotate", {"ident": "existing-sensor"}).status == 200
         wait_until(lambda: not _conn_of(c, "existing-sensor"), what="closed after rotation")
+
+
+def test_a_connection_id_is_never_reused(console: Console) -> None:
+    """Connections are named by a counter: the id of a closed connection never names another."""
+    c = console.admin()
+    ids = []
+    for _ in range(5):
+        with sensor(console, "existing-sensor", "s3cret"):
+            conn = wait_until(lambda: _conn_of(c, "existing-sensor"), what="connection listed")[0]
+            ids.append(int(conn["id"]))
+        wait_until(lambda: not _conn_of(c, "existing-sensor"), what="connection closed")
+    assert ids == sorted(set(ids)), ids
+
+
+def test_a_tls_client_is_listed_as_tls(tmp_path: Path) -> None:
+    """TLS terminates inside the connection: the Connections view says so."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "b.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "bk.pem"))
+    tls_port = free_port()
+    endpoint = f"tls:port={tls_port}:interface=127.0.0.1:cert={tmp_path / 'b.pem'}:key={tmp_path / 'bk.pem'}"
+    with console_broker(tmp_path, "-e", endpoint) as console:
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        c = console.admin()
+        with RawClient(tls_port, tls=ctx) as tls_client, RawClient(console.port) as plain:
+            tls_client.auth("existing-sensor", "s3cret")
+            plain.auth("existing-sensor", "s3cret")
+            conns = wait_until(lambda: len(_conn_of(c, "existing-sensor")) == 2 and _conn_of(c, "existing-sensor"))
+            by_port = {int(x["peer"].rsplit(":", 1)[1]): x["tls"] for x in conns}
+            assert by_port == {
+                tls_client.sock.getsockname()[1]: True,
+                plain.sock.getsockname()[1]: False,
+            }
 
 
 def test_failed_auth_events_by_address_and_ident(console: Console) -> None:

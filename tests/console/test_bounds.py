@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Iterator
 
 import pytest
@@ -16,7 +15,9 @@ from hpfeeds3.broker.admin.tracker import Tracker
 from hpfeeds3.broker.admin.watch import Watches
 from hpfeeds3.broker.auth import build_authenticator
 from hpfeeds3.broker.config import BrokerConfig
+from hpfeeds3.broker.events import Closed, Connected, Revoked
 from hpfeeds3.broker.metrics import PublishStats
+from hpfeeds3.broker.reasons import CloseReason
 from hpfeeds3.broker.state import Broker
 from hpfeeds3.protocol import encode_publish
 
@@ -31,9 +32,13 @@ def broker() -> Iterator[Broker]:
 
 
 class Counters:
-    """What the tracker reads of a connection: its ident, peer and per-channel publish counters."""
+    """What the tracker reads of a connection: its id, ident, peer and per-channel publish counters."""
+
+    _ids = iter(range(1, 1_000_000))
 
     def __init__(self, ident: str) -> None:
+        self.id = next(Counters._ids)
+        self.session = self  # the tracker reads the session's ident and counters
         self.ident = ident
         self.peer = f"{ident}:1"
         self.publish_stats: dict[bytes, PublishStats] = {}
@@ -73,9 +78,10 @@ def test_minutes_windows(broker: Broker) -> None:
     poll(broker, t, t0 + 6 * 60 + 2)
     new.published(b"c", 2)
     broker.connections.discard(new)
+    t.closed(Closed(new.peer, new.id, "new", CloseReason.CLIENT_CLOSED, new.publish_stats), t0 + 6 * 60 + 3)
     poll(broker, t, t0 + 6 * 60 + 4)
     assert t.channels("new", minute(t0 + 6 * 60 + 4))["c"]["last_5m"] == 6
-    assert not any(c is new for c in t._counted)
+    assert new.id not in t._counted
 
 
 def test_poll_reads_many_connections_in_slices(broker: Broker) -> None:
@@ -107,17 +113,12 @@ def test_pairs_idents_and_buckets_are_bounded(broker: Broker, monkeypatch: pytes
 
 def test_events_ring_is_bounded_and_keeps_the_newest(broker: Broker) -> None:
     t = Tracker(broker)
-    log = logging.getLogger("hpfeeds3.broker.test-console-bounds")
-    log.addHandler(t)
-    log.setLevel(logging.INFO)
-    try:
-        for i in range(tracker_mod.MAX_EVENTS + 50):
-            log.warning("revoked %d", i, extra={"event": "revoked", "peer": f"10.0.0.1:{i}", "ident": "x"})
-        log.info("not notable", extra={"event": "connected", "peer": "10.0.0.2:1"})
-    finally:
-        log.removeHandler(t)
+    broker.observe(t.observe)
+    for i in range(tracker_mod.MAX_EVENTS + 50):
+        broker.emit(Revoked(f"10.0.0.1:{i}", "x", "key removed"))
+    broker.emit(Connected("10.0.0.2:1", 1))
     assert len(t.events) == tracker_mod.MAX_EVENTS
-    assert t.events[-1]["message"] == f"revoked {tracker_mod.MAX_EVENTS + 49}"
+    assert t.events[-1]["message"] == f"revoking 10.0.0.1:{tracker_mod.MAX_EVENTS + 49} (x): key removed"
     assert all(e["event"] == "revoked" for e in t.events)  # a connect is not an event of the ring
 
 

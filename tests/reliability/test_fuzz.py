@@ -237,10 +237,10 @@ def test_connection_hot_path_never_raises_and_keeps_the_router_consistent(pieces
         for c in (observer, conn):
             c.connection_made(FakeTransport())  # type: ignore[arg-type]
             t = c.transport
-            c.data_received(encode_auth(b"alice", sign(c.nonce, b"s")))
+            c.data_received(encode_auth(b"alice", sign(c.session.nonce, b"s")))
             for _ in range(5):
                 loop.run_until_complete(asyncio.sleep(0))
-            assert c.ident == "alice" and t.reading  # type: ignore[union-attr]
+            assert c.session.ident == "alice" and t.reading  # type: ignore[union-attr]
         observer.data_received(encode_subscribe(b"alice", b"chan1"))
         stream = b"".join(pieces)
         cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
@@ -254,12 +254,12 @@ def test_connection_hot_path_never_raises_and_keeps_the_router_consistent(pieces
                 loop.run_until_complete(asyncio.sleep(0))  # let deferred turns run
         closing = conn.transport.is_closing()  # type: ignore[union-attr]
         if closing:
-            assert conn.close_reason in _PROTOCOL_CLOSES, conn.close_reason
-            assert not conn.subscriptions
-        assert conn.subscriptions <= {b"chan1", b"chan2"}
+            assert conn.session.close_reason in _PROTOCOL_CLOSES, conn.session.close_reason
+            assert not conn.session.subscriptions
+        assert conn.session.subscriptions <= {b"chan1", b"chan2"}
         for channel in (b"chan1", b"chan2"):
             subs = broker.router.subscribers(channel)
-            assert (conn in subs) == (channel in conn.subscriptions)
+            assert (conn in subs) == (channel in conn.session.subscriptions)
         assert observer in broker.router.subscribers(b"chan1")
         # Everything the observer got is well-formed: valid PUBLISH frames of alice on chan1.
         for frame in Decoder.for_client().feed(bytes(observer.transport.out)):  # type: ignore[union-attr]
@@ -282,11 +282,11 @@ def test_many_runs_in_one_read_are_delivered_in_order_across_loop_turns() -> Non
         sub, pub = Connection(broker), Connection(broker)
         for c in (sub, pub):
             c.connection_made(FakeTransport())  # type: ignore[arg-type]
-        sub.data_received(encode_auth(b"alice", sign(sub.nonce, b"s")) + encode_subscribe(b"alice", b"chan1"))
+        sub.data_received(encode_auth(b"alice", sign(sub.session.nonce, b"s")) + encode_subscribe(b"alice", b"chan1"))
         loop.run_until_complete(asyncio.sleep(0.01))
         # Alternating channels: every frame starts a new run and is checked fully.
         frames = [encode_publish(b"alice", (b"chan1", b"chan2")[i % 2], b"%d" % i) for i in range(5000)]
-        pub.data_received(encode_auth(b"alice", sign(pub.nonce, b"s")) + b"".join(frames))
+        pub.data_received(encode_auth(b"alice", sign(pub.session.nonce, b"s")) + b"".join(frames))
         assert pub.eof_received() is True  # FIN in the same segment as AUTH
         for _ in range(50):
             loop.run_until_complete(asyncio.sleep(0))

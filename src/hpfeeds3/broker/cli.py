@@ -13,8 +13,10 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..protocol import MiB
+from .auth.spec import forms_help
 from .config import (
     AdminConfig,
     AuthLimits,
@@ -24,6 +26,7 @@ from .config import (
     Endpoint,
     Limits,
     UsageError,
+    limit_fields,
     parse_endpoint,
     parse_host_port,
 )
@@ -33,13 +36,9 @@ log = logging.getLogger("hpfeeds3.broker")
 _DEFAULTS = Limits()
 _AUTH_DEFAULTS = AuthLimits()
 
-EPILOG = """\
+EPILOG = f"""\
 auth backends (--auth, repeatable; the first that knows an ident wins):
-  sqlite              ./sqlite.db, the reference broker's authkeys table (default)
-  sqlite:PATH         another sqlite file
-  env                 HPFEEDS_<IDENT>_SECRET, _PUBCHANS, _SUBCHANS, _OWNER (ident lower-case)
-  PATH.json           {"ident": {"owner", "secret", "pubchans", "subchans"}}, reloaded on change
-  postgresql://...    a shared PostgreSQL store
+{forms_help()}
 
 manage access keys without SQL:  hpfeeds-broker keys --help
 
@@ -51,79 +50,28 @@ exit status:
 """
 
 
-# Every limit of PROTOCOL.md has a flag: flag, Limits field, help. The unit
-# (and so the parser and metavar) comes from the field's suffix: _bytes, _s, or
-# a plain count.
-LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = (
-    ("--max-message-size", "max_message_bytes", "largest PUBLISH body: ident + channel + payload (default 1M)"),
-    ("--auth-timeout", "auth_timeout_s", "accept -> AUTH verified (default %(default)s)"),
-    ("--tls-handshake-timeout", "tls_handshake_timeout_s", "TLS handshake deadline (default %(default)s)"),
+def _shown_default(name: str, default: Any) -> str:
+    """A limit's default as --help shows it: sizes as 1M or 16K, the rest as argparse does."""
+    if name.endswith("_bytes"):
+        for unit, size in (("M", MiB), ("K", 1024)):
+            if default % size == 0:
+                return f"{default // size}{unit}"
+        return str(default)
+    return "%(default)s"
+
+
+# Every limit has a flag: flag, Limits field, help, derived from the fields of
+# config.Limits (where each limit is declared once). The unit (and so the
+# parser and metavar) comes from the field's suffix: _bytes, _s, or a plain count.
+LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = tuple(
     (
-        "--max-connections",
-        "max_connections",
-        "concurrent connections, also kept below the open-files limit; at the limit a connection lingering "
-        "after its closing ERROR, else the oldest unauthenticated one (of the busiest address), is closed to "
-        "make room (default %(default)s)",
-    ),
-    (
-        "--max-unauthenticated",
-        "max_unauthenticated",
-        "connections that have not authenticated yet, TLS handshakes included; at the limit the oldest "
-        "is closed (default %(default)s)",
-    ),
-    (
-        "--max-unauthenticated-per-address",
-        "max_unauthenticated_per_address",
-        "of those, from one address (IPv6: one /64); at the limit that address's oldest is closed "
-        "(default %(default)s)",
-    ),
-    (
-        "--min-receive-rate",
-        "min_receive_rate_bytes",
-        "bytes per second a frame must at least arrive at once its header has come, after a 5 s grace (default 16K)",
-    ),
-    (
-        "--max-partial-frames",
-        "max_partial_frames_bytes",
-        "bytes held in incomplete frames over all connections; past it the connections holding the most "
-        "are closed (default 128M)",
-    ),
-    (
-        "--send-buffer-hard",
-        "send_buffer_hard_bytes",
-        "cut a subscriber at once above this many queued bytes (default 32M)",
-    ),
-    (
-        "--send-buffer-soft",
-        "send_buffer_soft_bytes",
-        "cut a subscriber above this many queued bytes for --send-buffer-soft-window (default 8M)",
-    ),
-    ("--send-buffer-soft-window", "send_buffer_soft_window_s", "(default %(default)s)"),
-    (
-        "--send-stall-timeout",
-        "send_stall_timeout_s",
-        "cut a subscriber when nothing drained for this long while bytes are queued (default %(default)s)",
-    ),
-    ("--max-subscriptions", "max_subscriptions", "channels per connection (default %(default)s)"),
-    (
-        "--max-denials",
-        "max_denials",
-        "refused frames answered with ERROR before the connection is closed (default %(default)s)",
-    ),
-    (
-        "--revocation-poll",
-        "revocation_poll_s",
-        "how often the sqlite store is checked for removed keys, rotated secrets and revoked channels, "
-        "which then reach live sessions (default %(default)s; JSON files and PostgreSQL notify at once)",
-    ),
-    ("--shutdown-drain", "shutdown_drain_s", "on SIGTERM/SIGINT, time to flush queued output (default %(default)s)"),
-    (
-        "--cluster-outbox",
-        "cluster_outbox_bytes",
-        "with --cluster, bytes queued for other nodes while NATS is slow; past it messages are counted as "
-        "unforwarded, not queued (default 64M)",
-    ),
+        f.metadata["flag"],
+        f.name,
+        " ".join(filter(None, (f.metadata["help"], f"(default {_shown_default(f.name, f.default)})"))),
+    )
+    for f in limit_fields()
 )
+_ZERO_OK = frozenset(f.name for f in limit_fields() if f.metadata["zero_ok"])
 
 # flag, AuthLimits field, help (per_* fields are counts where 0 disables the limit).
 AUTH_LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = (
@@ -149,7 +97,7 @@ AUTH_LIMIT_FLAGS: tuple[tuple[str, str, str], ...] = (
 def _limit_type(field: str) -> tuple[Callable[[str], float], str]:
     if field.endswith("_bytes"):
         return _size, "BYTES"
-    if field == "shutdown_drain_s":
+    if field in _ZERO_OK:
         return _non_negative, "SECONDS"
     if field.endswith("_s"):
         return _positive(float), "SECONDS"

@@ -1,13 +1,14 @@
 """Broker configuration: one frozen object, built from flags, passed down.
 
-Every limit is named here with its unit and a sentence; PROTOCOL.md's
-"Limits" table is the source of the defaults.
+Every limit is declared once, as a field of ``Limits`` with its flag, default,
+help and whether ``--workers`` divides it (``limit``); ``limit_fields`` lists them.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from ..protocol import HEADER_LEN, FrameLimits, MiB
 from .ratelimit import AuthLimits
@@ -21,50 +22,88 @@ class UsageError(ConfigError):
     """A flag's value is malformed, whatever the machine: exit 2, as argparse's own errors."""
 
 
+def limit(default: Any, flag: str, help: str, *, host_wide: bool = False, zero_ok: bool = False) -> Any:
+    """A field of ``Limits``, declared once: its default, its flag and the flag's help
+    (``--help`` shows the default after it), and whether it is meant for the whole
+    host (``--workers`` divides it over the workers: ``supervisor.HOST_WIDE_LIMITS``,
+    checked against this by a test). The unit comes from the field's name:
+    ``_bytes``, ``_s`` (seconds), else a count; ``zero_ok``: 0 is accepted."""
+    return field(default=default, metadata={"flag": flag, "help": help, "host_wide": host_wide, "zero_ok": zero_ok})
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
-    # Largest PUBLISH body (ident + channel + payload): the reference's 1 MiB,
-    # since reference clients reject bigger frames.
-    max_message_bytes: int = 1 * MiB
-    # Accept → AUTH verified; a silent client is closed after this.
-    auth_timeout_s: float = 5.0
-    # TLS handshake must finish within this (asyncio's 60 s default is too long).
-    tls_handshake_timeout_s: float = 10.0
-    # Concurrent connections; also kept below the open-files limit at start.
-    max_connections: int = 10_000
-    # Connections that have not authenticated yet (a TLS handshake in progress
-    # included); bounds pre-auth memory. At the bound the oldest is closed.
-    max_unauthenticated: int = 1_024
-    # ... of them from one address (IPv6: one /64): one host never takes the
-    # whole pool. At the bound that address's oldest is closed.
-    max_unauthenticated_per_address: int = 64
-    # A frame whose header has arrived must arrive at least this fast (bytes
-    # per second, after a few seconds' grace), or the connection is closed
-    # (slow_producer): a trickled frame cannot pin its buffer for ever.
-    min_receive_rate_bytes: int = 16 * 1024
-    # Bytes held in incomplete frames over all connections; past it the
-    # connections holding the most are closed (slow_producer).
-    max_partial_frames_bytes: int = 128 * MiB
-    # Subscriber outgoing buffer: cut at once above the hard bound ...
-    send_buffer_hard_bytes: int = 32 * MiB
-    # ... or when above the soft bound for longer than the soft window ...
-    send_buffer_soft_bytes: int = 8 * MiB
-    send_buffer_soft_window_s: float = 60.0
-    # ... or when nothing at all has drained for this long while bytes are queued.
-    send_stall_timeout_s: float = 10.0
-    # Channels one connection may subscribe to.
-    max_subscriptions: int = 1_024
-    # Denied PUBLISH/SUBSCRIBE (or spoofed ident) answered with ERROR before we close.
-    max_denials: int = 100
-    # How often a polled key store (sqlite) is checked for changes that revoke
-    # live sessions; JSON files are watched and PostgreSQL notifies at once.
-    revocation_poll_s: float = 1.0
-    # SIGTERM/SIGINT: time given to flush queued output before closing.
-    shutdown_drain_s: float = 10.0
-    # Bytes of local messages queued for other nodes while NATS is slow to
-    # take them (--cluster); past it they are not queued but counted as
-    # unforwarded, and the receivers count the gap as lost.
-    cluster_outbox_bytes: int = 64 * MiB
+    """Every operator limit: the flag table (``cli.LIMIT_FLAGS``), the ``--workers``
+    division and the limits tables of SECURITY.md and docs/protocol.md are
+    derived from or checked against these fields (``tests/broker/test_cli_config.py``)."""
+
+    # Reference clients reject bigger frames than the reference's 1 MiB.
+    max_message_bytes: int = limit(1 * MiB, "--max-message-size", "largest PUBLISH body: ident + channel + payload")
+    auth_timeout_s: float = limit(5.0, "--auth-timeout", "accept -> AUTH verified")
+    # asyncio's 60 s default is too long.
+    tls_handshake_timeout_s: float = limit(10.0, "--tls-handshake-timeout", "TLS handshake deadline")
+    max_connections: int = limit(
+        10_000,
+        "--max-connections",
+        "concurrent connections, also kept below the open-files limit; at the limit a connection lingering "
+        "after its closing ERROR, else the oldest unauthenticated one (of the busiest address), is closed to "
+        "make room",
+        host_wide=True,
+    )
+    # Bounds pre-auth memory.
+    max_unauthenticated: int = limit(
+        1_024,
+        "--max-unauthenticated",
+        "connections that have not authenticated yet, TLS handshakes included; at the limit the oldest is closed",
+        host_wide=True,
+    )
+    # One host never takes the whole pool.
+    max_unauthenticated_per_address: int = limit(
+        64,
+        "--max-unauthenticated-per-address",
+        "of those, from one address (IPv6: one /64); at the limit that address's oldest is closed",
+    )
+    # A trickled frame cannot pin its buffer for ever (slow_producer).
+    min_receive_rate_bytes: int = limit(
+        16 * 1024,
+        "--min-receive-rate",
+        "bytes per second a frame must at least arrive at once its header has come, after a 5 s grace",
+    )
+    max_partial_frames_bytes: int = limit(
+        128 * MiB,
+        "--max-partial-frames",
+        "bytes held in incomplete frames over all connections; past it the connections holding the most are closed",
+    )
+    send_buffer_hard_bytes: int = limit(
+        32 * MiB, "--send-buffer-hard", "cut a subscriber at once above this many queued bytes"
+    )
+    send_buffer_soft_bytes: int = limit(
+        8 * MiB, "--send-buffer-soft", "cut a subscriber above this many queued bytes for --send-buffer-soft-window"
+    )
+    send_buffer_soft_window_s: float = limit(60.0, "--send-buffer-soft-window", "")
+    send_stall_timeout_s: float = limit(
+        10.0, "--send-stall-timeout", "cut a subscriber when nothing drained for this long while bytes are queued"
+    )
+    max_subscriptions: int = limit(1_024, "--max-subscriptions", "channels per connection")
+    max_denials: int = limit(100, "--max-denials", "refused frames answered with ERROR before the connection is closed")
+    # Live sessions of a removed key, a rotated secret or a revoked channel.
+    revocation_poll_s: float = limit(
+        1.0,
+        "--revocation-poll",
+        "how often the sqlite store is checked for removed keys, rotated secrets and revoked channels, "
+        "which then reach live sessions (JSON files and PostgreSQL notify at once)",
+    )
+    shutdown_drain_s: float = limit(
+        10.0, "--shutdown-drain", "on SIGTERM/SIGINT, time to flush queued output", zero_ok=True
+    )
+    # Past it local messages are not queued for other nodes but counted as unforwarded.
+    cluster_outbox_bytes: int = limit(
+        64 * MiB,
+        "--cluster-outbox",
+        "with --cluster, bytes queued for other nodes while NATS is slow; past it messages are counted as "
+        "unforwarded, not queued",
+        host_wide=True,
+    )
 
     def frame_limits(self) -> FrameLimits:
         return FrameLimits(max_publish_frame_bytes=HEADER_LEN + self.max_message_bytes)
@@ -185,3 +224,8 @@ def parse_endpoint(value: str, default_host: str = "0.0.0.0") -> Endpoint:
         cert=cert,
         key=key,
     )
+
+
+def limit_fields() -> tuple[Any, ...]:
+    """The ``dataclasses.Field`` of every limit, in declaration order (``metadata``: flag, help, ...)."""
+    return fields(Limits)

@@ -1,18 +1,27 @@
 """Connection: the ``asyncio.Protocol`` around one client's ``Session``.
 
 The session (``session.py``) decides everything about the client's frames;
-this class only moves bytes and carries out its actions: it owns the
-transport, the timers (AUTH deadline, backlog watch), the key-store lookup
-(at once when the store can answer without waiting, else in a task with
-reading paused), the failed-AUTH limiter, and the outgoing buffer with its
-slow-consumer policy.
+this class is its ``Output`` (``send``, ``close_transport``) and moves bytes:
+it owns the transport and TLS, the timers (AUTH deadline, backlog watch,
+receive deadline, linger), and answers the session's ``NeedKey`` with a
+key-store lookup (at once when the store can answer without waiting, else in
+a task with reading paused). The broker side of the session is ``Broker``
+(its ``Port``); the clock-driven decisions are ``policies.py`` objects fed
+``loop.time()``; what happens is reported as typed events (``Broker.emit``).
 
 Rules kept here:
 - A subscriber that cannot keep up is cut (``slow_consumer``) before it costs
-  memory or slows anyone else: see ``_watch_backlog``.
-- Every entry point (a read, the end of a lookup, a timer, a delivery) runs
-  inside the internal-error boundary: an exception closes this connection
-  alone with ``internal_error`` (ERROR to the client, traceback in the log).
+  memory or slows anyone else: see ``_watch_backlog`` and
+  ``policies.SlowConsumerWatch``.
+- Every entry point runs inside one internal-error boundary: the asyncio
+  callbacks are decorated with ``guarded``, every timer is scheduled through
+  ``_call_later``/``_call_soon`` (which wrap their target), the router calls
+  ``internal_error`` when a delivery raises, and the broker's per-connection
+  loops do the same. An exception closes this connection alone with
+  ``internal_error`` (ERROR to the client, traceback in the log).
+  ``tests/broker/test_guarded_boundary.py`` enumerates them.
+- The hard bound of the outgoing buffer is checked at every delivery while the
+  transport reports a backlog, whatever the backlog timer does.
 - When one read holds more work than one loop turn should do, reading is
   paused and the rest is handled in later turns, in order.
 - A connection counts from accept: a TLS listener accepts plain TCP and the
@@ -31,21 +40,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..protocol import encode_info, new_nonce
 from . import metrics
 from .admission import address_group
 from .auth import AccessKey, AuthUnavailable, WouldBlock
-from .logs import info_event
-from .metrics import PublishStats
+from .events import (
+    Authenticated,
+    Closed,
+    Connected,
+    KeyStoreUnavailable,
+    SlowConsumerCut,
+    SlowProducer,
+    TlsFailed,
+)
+from .metrics import Limit
+from .policies import Linger, SlowConsumerWatch
 from .reasons import CloseReason
-from .session import AUTHING, CLOSED, READY, Session
+from .session import AUTHING, CLOSED, READY, NeedKey, Session
+from .text import printable
 from .tls import TlsSession
 from .tuning import (
     BACKLOG_CHECK_S,
@@ -55,7 +75,6 @@ from .tuning import (
     CLOSE_FLUSH_S,
     CLOSE_LINGER_BYTES,
     CLOSE_LINGER_S,
-    PARTIAL_FRAME_GRACE_S,
 )
 
 if TYPE_CHECKING:
@@ -70,12 +89,34 @@ _AUTHING_BUFFER_MARGIN = 65536
 _CLOSED_FOR_ROOM = frozenset({CloseReason.TOO_MANY_CONNECTIONS, CloseReason.TOO_MANY_UNAUTHENTICATED})
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def guarded(where: str) -> Callable[[_Method], _Method]:
+    """The boundary around an asyncio callback: an exception closes this connection
+    alone with ``internal_error`` (logged with ``where``)."""
+
+    def wrap(method: _Method) -> _Method:
+        @functools.wraps(method)
+        def guarded_method(self: Connection, *args: Any) -> Any:
+            try:
+                return method(self, *args)
+            except Exception:
+                self.internal_error(where)
+                return None
+
+        guarded_method.__guarded__ = where  # type: ignore[attr-defined]
+        return guarded_method  # type: ignore[return-value]
+
+    return wrap
+
+
 def _write_after_close(data: bytes) -> None:
     """What a connection writes once it is lost: nothing."""
 
 
 class _Detached:
-    """The session's actions once its connection is lost: nothing happens.
+    """The session's output once its connection is lost: nothing happens.
 
     A closed session no longer acts (its methods return early), but it must
     not point back at its connection: the two would form a reference cycle,
@@ -89,27 +130,6 @@ class _Detached:
     def close_transport(self, reason: CloseReason, error: bytes | None, abort: bool) -> None:
         pass
 
-    def publish(self, channel: bytes, data: bytes, frames: int) -> int:
-        return 0
-
-    def subscribe(self, channel: bytes) -> None:
-        pass
-
-    def unsubscribe(self, channel: bytes) -> None:
-        pass
-
-    def lookup(self, ident: str) -> None:
-        pass
-
-    def authenticated(self, key: AccessKey) -> None:
-        pass
-
-    def auth_failed(self, ident: str) -> None:
-        pass
-
-    def left_pre_auth(self) -> None:
-        pass
-
 
 _DETACHED = _Detached()
 
@@ -118,24 +138,22 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "_auth_deadline",
         "_backlog_timer",
+        "_backlogged",
         "_eof_pending",
-        "_group",
         "_held",
-        "_last_progress",
-        "_last_queued",
-        "_linger_bytes",
-        "_lingering",
+        "_linger",
         "_lost",
         "_partial_start",
         "_partial_timer",
-        "_sent_at_check",
-        "_soft_since",
         "_tls",
         "_tls_session",
         "_turn_pending",
+        "_watch",
         "_write",
         "broker",
         "connected_at",
+        "group",
+        "id",
         "peer",
         "peer_host",
         "received_bytes",
@@ -146,16 +164,18 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, broker: Broker, tls: ssl.SSLContext | None = None) -> None:
         self.broker = broker
+        self.id = broker.next_connection_id()  # never reused in this process
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.peer_host = "?"
         self._tls = tls
         self._tls_session: TlsSession | None = None
         self._write: Callable[[bytes], None] = self._write_unconnected
-        self._group = "?"  # address group for the pre-auth pool (admission.py)
+        self.group = "?"  # address group for the pre-auth pool (admission.py)
         limits = broker.config.limits
-        self.session = Session(
+        self.session: Session[Connection] = Session(
             self,
+            broker,
             new_nonce(),
             broker.frame_limits,
             max_subscriptions=limits.max_subscriptions,
@@ -166,8 +186,7 @@ class Connection(asyncio.Protocol):
         self.sent_bytes = 0
         self.connected_at = 0.0  # wall clock of the accept (the console shows it)
         self._lost = False
-        self._lingering = False
-        self._linger_bytes = 0
+        self._linger: Linger | None = None  # after a closing ERROR
         self._held = 0  # bytes of an incomplete frame reported to the broker
         self._partial_start = -1  # stream offset of the incomplete frame being timed
         self._partial_timer: asyncio.TimerHandle | None = None
@@ -175,58 +194,23 @@ class Connection(asyncio.Protocol):
         self._turn_pending = False
         self._auth_deadline: asyncio.TimerHandle | None = None
         self._backlog_timer: asyncio.TimerHandle | None = None
-        self._soft_since: float | None = None
-        self._last_progress = 0.0
-        self._last_queued = 0
-        self._sent_at_check = 0
+        self._backlogged = False  # the transport is over its high-water mark
+        self._watch: SlowConsumerWatch | None = None  # while backlogged
 
-    # --- what the rest of the broker reads (metrics, revocation, shutdown) -------
+    # --- what the rest of the broker reads (the session holds the client's state) -------
 
     @property
-    def ident(self) -> str | None:
-        return self.session.ident
-
-    @property
-    def owner(self) -> str:
-        return self.session.owner
-
-    @property
-    def nonce(self) -> bytes:
-        return self.session.nonce
-
-    @property
-    def secret_seen(self) -> str:
-        return self.session.secret_seen
-
-    @property
-    def subscriptions(self) -> set[bytes]:
-        return self.session.subscriptions
-
-    @property
-    def publish_stats(self) -> dict[bytes, PublishStats]:
-        return self.session.publish_stats
-
-    @property
-    def pubchans(self) -> frozenset[bytes]:
-        return self.session.pubchans
-
-    @property
-    def subchans(self) -> frozenset[bytes]:
-        return self.session.subchans
-
-    @property
-    def close_reason(self) -> CloseReason | None:
-        return self.session.close_reason
+    def tls(self) -> bool:
+        """The client speaks TLS (terminated in this connection)."""
+        return self._tls is not None
 
     def write_buffer_size(self) -> int:
         t = self.transport
         return t.get_write_buffer_size() if t is not None and not t.is_closing() else 0
 
-    def read_buffer_size(self) -> int:
-        return self.session.buffered
-
     # --- asyncio.Protocol ----------------------------------------------------
 
+    @guarded("accepting the connection")
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         assert self.transport is not None
@@ -237,36 +221,18 @@ class Connection(asyncio.Protocol):
         if isinstance(peername, tuple) and len(peername) >= 2:
             host = self.peer_host = peername[0]
             self.peer = f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"
-            self._group = address_group(host)
+            self.group = address_group(host)
         self.session.peer = self.peer
-        broker.connections.add(self)
-        # In the pre-auth pool until left_pre_auth, exactly once.
-        evict, bound = broker.pre_auth.admit(self, self._group)
         metrics.CONNECTION_MADE.inc()
-        info_event(log, f"connected from {self.peer}", {"event": "connected", "peer": self.peer})
-
-        if len(broker.connections) > broker.max_connections and evict is None:
-            # At the connection limit (the descriptor limit) room is made: the
-            # oldest connection lingering after its closing ERROR is cut, else the
-            # oldest pre-auth connection of the busiest address is closed, as at
-            # the pre-auth bounds. The newcomer is refused only when neither exists.
-            if broker.lingering:
-                next(iter(broker.lingering)).cut_linger()
-            else:
-                evict, bound = broker.pre_auth.oldest_of_busiest(), "connections"
-                if evict is None or evict is self:
-                    metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
-                    self.close(
-                        CloseReason.TOO_MANY_CONNECTIONS, f"too many connections (limit {broker.max_connections})"
-                    )
-                    return
-        if evict is not None:
-            evict.evicted(bound)
+        broker.emit(Connected(self.peer, self.id))
+        # Counted, and in the pre-auth pool until it leaves it, exactly once.
+        if not broker.admit(self):
+            return  # refused at the connection limit: closed
         if self._tls is not None:
             # The handshake runs in this connection (tls.py), on its own deadline.
             self._tls_session = TlsSession(self._tls)
             self._write = self._write_tls
-            self._auth_deadline = broker.loop.call_later(
+            self._auth_deadline = self._call_later(
                 broker.config.limits.tls_handshake_timeout_s, self._on_handshake_timeout
             )
             return
@@ -280,7 +246,7 @@ class Connection(asyncio.Protocol):
             self._auth_deadline.cancel()  # the TLS handshake's
         self.transport.set_write_buffer_limits(high=BACKLOG_HIGH_BYTES, low=BACKLOG_LOW_BYTES)
         self._write(encode_info(broker.name_bytes, self.session.nonce))
-        self._auth_deadline = broker.loop.call_later(broker.config.limits.auth_timeout_s, self._on_auth_timeout)
+        self._auth_deadline = self._call_later(broker.config.limits.auth_timeout_s, self._on_auth_timeout)
 
     def _write_tls(self, data: bytes) -> None:
         assert self.transport is not None and self._tls_session is not None
@@ -316,63 +282,32 @@ class Connection(asyncio.Protocol):
                 self.transport.close()
 
     def _tls_failed(self, why: str, tls: TlsSession) -> None:
-        reason = CloseReason.TLS_HANDSHAKE_FAILED if not tls.established else CloseReason.BAD_FRAME
-        log.info(
-            "TLS %s with %s failed: %s",
-            "handshake" if not tls.established else "record",
-            self.peer,
-            why,
-            extra={"event": "tls_failed", "peer": self.peer, "reason": reason.value},
-        )
-        self.session.close(reason, None, abort=True)
+        event = TlsFailed(self.peer, why, tls.established)
+        self.broker.emit(event)
+        self.session.close(CloseReason(event.reason), None, abort=True)
 
     def _on_handshake_timeout(self) -> None:
         self._auth_deadline = None
         tls = self._tls_session
         if tls is not None and not tls.established and self.session.state != CLOSED:
-            metrics.LIMIT_REJECTIONS.labels("tls_handshake_timeout").inc()
+            metrics.limit_rejected(Limit.TLS_HANDSHAKE_TIMEOUT)
             limit = self.broker.config.limits.tls_handshake_timeout_s
             self._tls_failed(f"no handshake within {limit:g} s", tls)
 
-    def evicted(self, bound: str) -> None:
-        """A bound (``address``, ``total``, or ``connections``) is reached and this is the oldest
-        pre-auth connection (of its address, or of the busiest address): it makes room."""
-        limits = self.broker.config.limits
-        if bound == "connections":
-            metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
-            limit = self.broker.max_connections
-            message = f"too many connections (limit {limit}): the oldest unauthenticated is closed"
-            self.close(CloseReason.TOO_MANY_CONNECTIONS, message)
-            return
-        metrics.LIMIT_REJECTIONS.labels(
-            "max_unauthenticated" if bound == "total" else "max_unauthenticated_per_address"
-        ).inc()
-        if bound == "total":
-            message = f"too many unauthenticated connections (limit {limits.max_unauthenticated}): the oldest is closed"
-        else:
-            message = (
-                f"too many unauthenticated connections from this address "
-                f"(limit {limits.max_unauthenticated_per_address}): the oldest is closed"
-            )
-        self.close(CloseReason.TOO_MANY_UNAUTHENTICATED, message)
-
+    @guarded("handling received data")
     def data_received(self, data: bytes) -> None:
         session = self.session
         if session.state == CLOSED:
             # Lingering after an ERROR: read and discard, a bounded amount.
-            self._linger_bytes += len(data)
-            if self._linger_bytes > CLOSE_LINGER_BYTES and self.transport is not None:
+            linger = self._linger
+            if (linger is None or not linger.read(len(data))) and self.transport is not None:
                 self.transport.abort()
             return
         tls = self._tls_session
         if tls is not None:
-            try:
-                decrypted = self._tls_received(tls, data)
-                if tls.closed_by_peer:
-                    self._tls_closed_by_peer(tls, decrypted)
-                    return
-            except Exception:
-                self._internal_error("decrypting received data")
+            decrypted = self._tls_received(tls, data)
+            if tls.closed_by_peer:
+                self._tls_closed_by_peer(tls, decrypted)
                 return
             if not decrypted:
                 return
@@ -385,17 +320,17 @@ class Connection(asyncio.Protocol):
         if session.state == CLOSED:
             return
         self.received_bytes += len(data)
-        try:
-            if session.receive(data):
-                self._yield_turn()
-            elif session.state == AUTHING and session.buffered > self._authing_buffer_cap():
-                # Reading is paused during a lookup; a transport may still hand over what it had.
-                metrics.LIMIT_REJECTIONS.labels("pre_auth_buffer").inc()
-                self.close(CloseReason.FRAME_TOO_LARGE, "too much data before authentication completed")
-            if session.pending_frame_bytes or self._held:
-                self._watch_partial_frame()
-        except Exception:
-            self._internal_error("handling received data")
+        work = session.receive(data)
+        if work is True:
+            self._yield_turn()
+        elif work is not False:
+            self._lookup(work)
+        if session.state == AUTHING and session.buffered > self._authing_buffer_cap():
+            # Reading is paused during a lookup; a transport may still hand over what it had.
+            metrics.limit_rejected(Limit.PRE_AUTH_BUFFER)
+            self.close(CloseReason.FRAME_TOO_LARGE, "too much data before authentication completed")
+        if session.pending_frame_bytes or self._held:
+            self._watch_partial_frame()
 
     def _watch_partial_frame(self) -> None:
         """A frame's header has arrived and not its body: time it, and report the bytes held."""
@@ -410,9 +345,8 @@ class Connection(asyncio.Protocol):
             if self._partial_timer is not None:
                 self._partial_timer.cancel()
             self._partial_start = start
-            rate = self.broker.config.limits.min_receive_rate_bytes
-            self._partial_timer = self.broker.loop.call_later(
-                PARTIAL_FRAME_GRACE_S + pending / rate, self._on_partial_deadline
+            self._partial_timer = self._call_later(
+                self.broker.receive_rate.allowed_s(pending), self._on_partial_deadline
             )
         held = session.buffered
         if held != self._held:
@@ -430,39 +364,27 @@ class Connection(asyncio.Protocol):
 
     def _on_partial_deadline(self) -> None:
         self._partial_timer = None
-        try:
-            pending = self.session.pending_frame_bytes
-            rate = self.broker.config.limits.min_receive_rate_bytes
-            metrics.LIMIT_REJECTIONS.labels("min_receive_rate").inc()
-            log.warning(
-                "closing %s (%s): a %d-byte frame did not arrive at %d bytes/s",
-                self.peer,
-                self.ident,
-                pending,
-                rate,
-                extra={"event": "slow_producer", "peer": self.peer, "ident": self.ident, "reason": "slow_producer"},
-            )
-            self.close(
-                CloseReason.SLOW_PRODUCER,
-                f"a {pending}-byte frame did not arrive within {PARTIAL_FRAME_GRACE_S + pending / rate:.0f} s "
-                f"(at least {rate} bytes/s)",
-            )
-        except Exception:
-            self._internal_error("enforcing the receive rate")
+        pending = self.session.pending_frame_bytes
+        rate = self.broker.receive_rate
+        metrics.limit_rejected(Limit.MIN_RECEIVE_RATE)
+        self.broker.emit(SlowProducer(self.peer, self.session.ident, rate.why(pending)))
+        self.close(CloseReason.SLOW_PRODUCER, rate.error(pending))
 
     def _authing_buffer_cap(self) -> int:
         return self.broker.frame_limits.max_publish_frame_bytes + _AUTHING_BUFFER_MARGIN
 
+    @guarded("handling the client's EOF")
     def eof_received(self) -> bool:
         # Half-close: frames already received (AUTH + PUBLISH + FIN in one
         # segment) are still handled; the transport closes once they are done.
-        if self._lingering:
+        if self._linger is not None:
             return False  # the client read our ERROR and closed: done
         if self.session.state == AUTHING or self._turn_pending:
             self._eof_pending = True
             return True
         return False
 
+    @guarded("closing the connection")
     def connection_lost(self, exc: Exception | None) -> None:
         if self._lost:
             return
@@ -476,45 +398,42 @@ class Connection(asyncio.Protocol):
                 log.exception("internal error while closing %s", self.peer)
         self._cancel_timers()
         self._release_partial()
-        broker.lingering.pop(self, None)
-        if self in broker.connections:
-            broker.connections.discard(self)
-            broker.retire(self)
-            if session.ident is not None:
-                broker.by_ident_discard(self)
+        broker.forget(self)
         # Break every cycle through this connection (transport <-> protocol,
         # including the transport's bound write; session <-> connection) so a
         # closed connection is freed by reference counting, not by a later
         # (long) cyclic GC pass.
         self.transport = None
         self._write = _write_after_close
-        session.actions = _DETACHED
+        session.output = _DETACHED  # type: ignore[assignment]
         ident = session.ident or ""
         reason = session.close_reason or CloseReason.CONNECTION_RESET
         metrics.LOST_BY_IDENT(ident).inc()
         metrics.CLOSED_BY_REASON(reason.value).inc()
-        info_event(
-            log,
-            f"closed {self.peer} ({ident}): {reason.value}" if ident else f"closed {self.peer}: {reason.value}",
-            {"event": "closed", "peer": self.peer, "ident": session.ident, "reason": reason.value},
-        )
+        broker.emit(Closed(self.peer, self.id, session.ident, reason, session.publish_stats))
 
+    @guarded("watching the outgoing buffer")
     def pause_writing(self) -> None:
         # The subscriber's queue passed the backlog mark: watch its progress.
+        # The flag first: the hard bound is checked at every delivery from now on,
+        # whatever happens to the timer.
+        self._backlogged = True
         if self._backlog_timer is None and self.session.state != CLOSED:
-            now = self.broker.loop.time()
-            self._last_progress = now
-            self._last_queued = self.write_buffer_size()
-            self._sent_at_check = self.sent_bytes
-            metrics.SEND_BUFFER_DEADLINE_START.labels(self.ident or "").inc()
-            self._backlog_timer = self.broker.loop.call_later(BACKLOG_CHECK_S, self._watch_backlog)
+            broker = self.broker
+            self._watch = SlowConsumerWatch(
+                broker.backlog_bounds, broker.loop.time(), self.write_buffer_size(), self.sent_bytes
+            )
+            metrics.SEND_BUFFER_DEADLINE_START.labels(self.session.ident or "").inc()
+            self._backlog_timer = self._call_later(BACKLOG_CHECK_S, self._watch_backlog)
 
+    @guarded("watching the outgoing buffer")
     def resume_writing(self) -> None:
+        self._backlogged = False
         if self._backlog_timer is not None:
             self._backlog_timer.cancel()
             self._backlog_timer = None
-            self._soft_since = None
-            metrics.SEND_BUFFER_DEADLINE_RECOVER.labels(self.ident or "").inc()
+            self._watch = None
+            metrics.SEND_BUFFER_DEADLINE_RECOVER.labels(self.session.ident or "").inc()
 
     # --- the router's side ------------------------------------------------------
 
@@ -523,35 +442,26 @@ class Connection(asyncio.Protocol):
         assert transport is not None
         self._write(data)
         self.sent_bytes += len(data)
-        if self._backlog_timer is not None and transport.get_write_buffer_size() > self.broker.send_hard_bytes:
+        if self._backlogged and transport.get_write_buffer_size() > self.broker.send_hard_bytes:
             self._cut_slow_consumer("outgoing buffer over its hard bound")
 
     def delivery_failed(self) -> None:
         """``deliver`` raised during a fan-out: close this subscriber alone."""
-        self._internal_error("delivering to this subscriber")
+        self.internal_error("delivering to this subscriber")
 
-    # --- the session's actions -------------------------------------------------------
+    # --- the session's output -----------------------------------------------------------
 
     def send(self, data: bytes) -> None:
         self._write(data)
 
-    def publish(self, channel: bytes, data: bytes, frames: int) -> int:
-        return self.broker.router.publish(channel, data, frames)
+    # --- AUTH: the key the session asked for (NeedKey) ------------------------------------
 
-    def subscribe(self, channel: bytes) -> None:
-        self.broker.router.subscribe(channel, self)
-
-    def unsubscribe(self, channel: bytes) -> None:
-        self.broker.router.unsubscribe(channel, self)
-
-    def left_pre_auth(self) -> None:
-        self.broker.pre_auth.remove(self, self._group)
-
-    def lookup(self, ident: str) -> None:
+    def _lookup(self, need: NeedKey) -> None:
         """The key at once when the store can answer without waiting (sqlite,
         env, JSON); otherwise pause reading and finish in a task (PostgreSQL, a
         locked sqlite). Either way, pipelined frames wait in the session."""
         broker = self.broker
+        ident = need.ident
         if self._rate_limited(ident):
             return  # refused without a lookup or a verification: guessing costs nothing
         try:
@@ -562,72 +472,52 @@ class Connection(asyncio.Protocol):
             broker.spawn(self._lookup_later(ident))
             return
         except AuthUnavailable as e:
-            self.session.key_unavailable(str(e))
+            self._key_unavailable(str(e))
             return
-        if self.session.key_found(key):
-            self._yield_turn()
+        self._key_found(key)
 
     async def _lookup_later(self, ident: str) -> None:
         try:
             try:
                 key = await self.broker.lookup(ident)
             except AuthUnavailable as e:
-                self.session.key_unavailable(str(e))
+                self._key_unavailable(str(e))
                 return
             if self.session.state != AUTHING or self._rate_limited(ident):
                 return  # closed meanwhile, or blocked by failures that finished while we looked
-            if self.session.key_found(key):
-                self._yield_turn()
-            else:
-                self._resume_reading()
+            self._key_found(key)
+            self._resume_reading()
         except Exception:
-            self._internal_error("finishing AUTH")
+            self.internal_error("finishing AUTH")
 
-    def _rate_limited(self, ident: str) -> bool:
-        """Refuse (and return True) when this address, or this address and ident, is blocked."""
-        broker = self.broker
-        limiter = broker.auth_limiter
-        if not limiter.enabled or not limiter.blocked(self.peer_host, ident, broker.loop.time()):
-            return False
-        self.session.rate_limited(math.ceil(limiter.blocked_for(self.peer_host, ident, broker.loop.time())))
-        return True
-
-    def auth_failed(self, ident: str) -> None:
-        broker = self.broker
-        limiter = broker.auth_limiter
-        if not limiter.enabled:
+    def _key_found(self, key: AccessKey | None) -> None:
+        session = self.session
+        if not session.key_found(key):
             return
-        block = limiter.record_failure(self.peer_host, ident, broker.loop.time())
-        if block is not None:
-            log.warning(
-                "refusing for %g s: %s",
-                limiter.limits.block_s,
-                block,
-                extra={"event": "auth_blocked", "peer": self.peer, "reason": "auth_rate_limited"},
-            )
-
-    def authenticated(self, key: AccessKey) -> None:
-        broker = self.broker
+        assert key is not None
         if self._auth_deadline is not None:
             self._auth_deadline.cancel()
             self._auth_deadline = None
-        self.apply_key(key)
-        broker.by_ident_add(self)
-        metrics.READY_BY_IDENT(key.ident).inc()
-        info_event(
-            log,
-            f"{self.peer} authenticated as {key.ident}",
-            {"event": "authenticated", "peer": self.peer, "ident": key.ident},
-        )
-
-    def apply_key(self, key: AccessKey) -> set[bytes]:
-        """Take the key's channels; returns the subscriptions they no longer allow (now dropped).
-
-        The channel sets are shared across the connections of one key: 10,000
-        sensors with the same 50 channels hold one set, not 10,000.
-        """
         broker = self.broker
-        return self.session.set_channels(broker.channel_set(key.pubchans), broker.channel_set(key.subchans))
+        broker.authenticated(self)
+        metrics.READY_BY_IDENT(key.ident).inc()
+        broker.emit(Authenticated(self.peer, self.id, key.ident))
+        if session.resume():  # the frames that came behind the AUTH
+            self._yield_turn()
+
+    def _key_unavailable(self, why: str) -> None:
+        session = self.session
+        if session.state == AUTHING:
+            self.broker.emit(KeyStoreUnavailable(self.peer, printable(session.ident_bytes), why))
+        session.key_unavailable(why)
+
+    def _rate_limited(self, ident: str) -> bool:
+        """Refuse (and return True) when this address, or this address and ident, is blocked."""
+        block_s = self.broker.auth_blocked_for(self.peer_host, ident)
+        if not block_s:
+            return False
+        self.session.rate_limited(math.ceil(block_s))
+        return True
 
     def close_transport(self, reason: CloseReason, error: bytes | None, abort: bool) -> None:
         self._cancel_timers()
@@ -648,7 +538,7 @@ class Connection(asyncio.Protocol):
             transport.close()
             if transport.get_write_buffer_size():
                 # A peer that does not read must not keep the socket forever.
-                self.broker.loop.call_later(CLOSE_FLUSH_S, transport.abort)
+                self._call_later(CLOSE_FLUSH_S, transport.abort)
             return
         # The ERROR, then the sending side shut down (plain TCP), then linger:
         # what the client still sends is read and discarded, so closing does
@@ -658,16 +548,16 @@ class Connection(asyncio.Protocol):
             transport.write(tls.close_notify())
         if transport.can_write_eof():
             transport.write_eof()
-        self._lingering = True
-        self.broker.lingering[self] = None
+        self._linger = Linger(CLOSE_LINGER_BYTES)
+        self.broker.lingering_add(self)
         with contextlib.suppress(RuntimeError, AttributeError):  # not paused, or a transport that cannot
             transport.resume_reading()
-        self.broker.loop.call_later(CLOSE_LINGER_S, self._end_linger)
+        self._call_later(CLOSE_LINGER_S, self._end_linger)
 
     def cut_linger(self) -> None:
         """The connection limit is reached and this is the oldest lingering connection: end it now."""
-        self.broker.lingering.pop(self, None)
-        metrics.LIMIT_REJECTIONS.labels("max_connections").inc()
+        self.broker.lingering_discard(self)
+        metrics.limit_rejected(Limit.MAX_CONNECTIONS)
         if self.transport is not None and not self._lost:
             self.transport.abort()
 
@@ -689,19 +579,16 @@ class Connection(asyncio.Protocol):
         self._turn_pending = True
         assert self.transport is not None
         self.transport.pause_reading()
-        self.broker.loop.call_soon(self._continue_turn)
+        self._call_soon(self._continue_turn)
 
     def _continue_turn(self) -> None:
         self._turn_pending = False
-        try:
-            if self.session.state != READY:
-                return
-            if self.session.resume():
-                self._yield_turn()
-            else:
-                self._resume_reading()
-        except Exception:
-            self._internal_error("handling received data")
+        if self.session.state != READY:
+            return
+        if self.session.resume() is True:
+            self._yield_turn()
+        else:
+            self._resume_reading()
 
     def _resume_reading(self) -> None:
         transport = self.transport
@@ -714,52 +601,40 @@ class Connection(asyncio.Protocol):
 
     # --- timers ------------------------------------------------------------------------------
 
+    def _call_later(self, delay: float, target: Callable[[], object]) -> asyncio.TimerHandle:
+        """Every timer of a connection is scheduled here: its target runs inside the boundary."""
+        return self.broker.loop.call_later(delay, self._run_guarded, target)
+
+    def _call_soon(self, target: Callable[[], object]) -> None:
+        self.broker.loop.call_soon(self._run_guarded, target)
+
+    def _run_guarded(self, target: Callable[[], object]) -> None:
+        try:
+            target()
+        except Exception:
+            self.internal_error(f"running {getattr(target, '__name__', 'a timer')}")
+
     def _on_auth_timeout(self) -> None:
         self._auth_deadline = None
-        try:
-            self.session.auth_timeout(self.broker.config.limits.auth_timeout_s)
-        except Exception:
-            self._internal_error("enforcing the AUTH deadline")
+        self.session.auth_timeout(self.broker.config.limits.auth_timeout_s)
 
     def _watch_backlog(self) -> None:
-        """Runs every BACKLOG_CHECK_S while the subscriber is backlogged."""
+        """Runs every BACKLOG_CHECK_S while the subscriber is backlogged (policies.SlowConsumerWatch)."""
         self._backlog_timer = None
-        if self.session.state == CLOSED or self.transport is None or self.transport.is_closing():
+        transport, watch = self.transport, self._watch
+        if self.session.state == CLOSED or transport is None or transport.is_closing() or watch is None:
             return
-        broker = self.broker
-        limits = broker.config.limits
-        now = broker.loop.time()
-        queued = self.transport.get_write_buffer_size()
-        added = self.sent_bytes - self._sent_at_check
-        drained = self._last_queued + added - queued
-        self._last_queued, self._sent_at_check = queued, self.sent_bytes
-        if drained > 0:
-            self._last_progress = now
-        if queued >= limits.send_buffer_soft_bytes:
-            if self._soft_since is None:
-                self._soft_since = now
+        why = watch.check(self.broker.loop.time(), transport.get_write_buffer_size(), self.sent_bytes)
+        if why is not None:
+            self._cut_slow_consumer(why)
         else:
-            self._soft_since = None
-        if queued > limits.send_buffer_hard_bytes:
-            self._cut_slow_consumer("outgoing buffer over its hard bound")
-        elif now - self._last_progress >= limits.send_stall_timeout_s:
-            self._cut_slow_consumer(f"nothing drained for {limits.send_stall_timeout_s:g} s")
-        elif self._soft_since is not None and now - self._soft_since >= limits.send_buffer_soft_window_s:
-            self._cut_slow_consumer(f"outgoing buffer over its soft bound for {limits.send_buffer_soft_window_s:g} s")
-        else:
-            self._backlog_timer = broker.loop.call_later(BACKLOG_CHECK_S, self._watch_backlog)
+            self._backlog_timer = self._call_later(BACKLOG_CHECK_S, self._watch_backlog)
 
     def _cut_slow_consumer(self, why: str) -> None:
+        if self.session.state == CLOSED:
+            return
         metrics.SLOW_CONSUMERS.inc()
-        queued = self.write_buffer_size()
-        log.warning(
-            "cutting slow consumer %s (%s): %s, %d bytes queued",
-            self.peer,
-            self.ident,
-            why,
-            queued,
-            extra={"event": "slow_consumer", "peer": self.peer, "ident": self.ident, "reason": "slow_consumer"},
-        )
+        self.broker.emit(SlowConsumerCut(self.peer, self.session.ident, why, self.write_buffer_size()))
         # Its queue is stuck, so an ERROR behind it would never arrive: abort.
         self.close(CloseReason.SLOW_CONSUMER, None, abort=True)
 
@@ -769,8 +644,9 @@ class Connection(asyncio.Protocol):
         """Close with a recorded reason; ``message`` goes out in an ERROR frame first."""
         self.session.close(reason, message, abort=abort)
 
-    def _internal_error(self, where: str) -> None:
-        """The boundary: a bug while handling this connection closes it alone."""
+    def internal_error(self, where: str) -> None:
+        """The boundary: a bug while handling this connection closes it alone.
+        Called inside the ``except`` block (the traceback is logged)."""
         log.exception(
             "internal error while %s for %s (%s); closing this connection",
             where,

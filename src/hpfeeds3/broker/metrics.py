@@ -11,14 +11,16 @@ their label child in a dict (``Children``), not through ``labels()``.
 
 from __future__ import annotations
 
-import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from .session import PublishStats, Refusal
 
 if TYPE_CHECKING:
     from .state import Broker
@@ -76,6 +78,61 @@ LOST_BY_IDENT = Children(CONNECTION_LOST)
 CLOSED_BY_REASON = Children(CONNECTIONS_CLOSED)
 AUTH_FAILURES = Counter("hpfeeds_broker_auth_failures", "Failed authentications, by reason", ["reason"])
 LIMIT_REJECTIONS = Counter("hpfeeds_broker_limit_rejections", "Frames or connections refused by a limit", ["limit"])
+
+
+class Limit(StrEnum):
+    """The label values of hpfeeds_broker_limit_rejections_total: one per limit that refuses."""
+
+    MAX_MESSAGE_SIZE = "max_message_size"
+    MAX_CONNECTIONS = "max_connections"
+    MAX_UNAUTHENTICATED = "max_unauthenticated"
+    MAX_UNAUTHENTICATED_PER_ADDRESS = "max_unauthenticated_per_address"
+    MIN_RECEIVE_RATE = "min_receive_rate"
+    MAX_PARTIAL_FRAMES = "max_partial_frames"
+    PRE_AUTH_BUFFER = "pre_auth_buffer"
+    TLS_HANDSHAKE_TIMEOUT = "tls_handshake_timeout"
+    MAX_SUBSCRIPTIONS = "max_subscriptions"
+    MAX_DENIALS = "max_denials"
+    AUTH_FAILURES = "auth_failures"
+
+
+def limit_rejected(limit: Limit) -> None:
+    LIMIT_REJECTIONS.labels(limit.value).inc()
+
+
+# What each refusal the session reports counts: (connection_error by its
+# value, auth_failures reason, limit_rejections limit).
+REFUSALS: dict[Refusal, tuple[bool, str | None, Limit | None]] = {
+    Refusal.NO_PUB_PERMISSION: (True, None, None),
+    Refusal.NO_SUB_PERMISSION: (True, None, None),
+    Refusal.IDENT_MISMATCH_PUB: (True, None, None),
+    Refusal.IDENT_MISMATCH_SUB: (True, None, None),
+    Refusal.IDENT_MISMATCH_UNSUB: (True, None, None),
+    Refusal.MAX_SUBSCRIPTIONS: (False, None, Limit.MAX_SUBSCRIPTIONS),
+    Refusal.TOO_MANY_DENIALS: (False, None, Limit.MAX_DENIALS),
+    Refusal.FIRST_NOT_AUTH: (True, None, None),
+    Refusal.SECOND_AUTH: (True, None, None),
+    # One auth_failures reason for an unknown ident and a wrong secret: /metrics
+    # must not tell which idents exist.
+    Refusal.AUTH_FAILED: (True, "auth_failed", None),
+    Refusal.AUTH_UNAVAILABLE: (True, "store_unavailable", None),
+    Refusal.AUTH_RATE_LIMITED: (True, "rate_limited", Limit.AUTH_FAILURES),
+    Refusal.AUTH_TIMEOUT: (True, "timeout", None),
+    Refusal.BAD_FRAME: (True, None, None),
+    Refusal.FRAME_TOO_LARGE: (True, None, Limit.MAX_MESSAGE_SIZE),
+}
+
+
+def count_refusal(refusal: Refusal, ident: str | None) -> None:
+    error, auth_reason, limit = REFUSALS[refusal]
+    if error:
+        CONNECTION_ERROR.labels(ident or "", refusal.value).inc()
+    if auth_reason is not None:
+        AUTH_FAILURES.labels(auth_reason).inc()
+    if limit is not None:
+        limit_rejected(limit)
+
+
 SLOW_CONSUMERS = Counter("hpfeeds_broker_slow_consumers", "Subscribers cut because they could not keep up")
 REVOCATIONS = Counter(
     "hpfeeds_broker_revocations", "Live sessions cut back after their key changed in the store", ["action"]
@@ -110,24 +167,6 @@ BUILD_INFO = Gauge("hpfeeds_broker_build_info", "Build information", ["version"]
 # Publish sizes are bucketed by bit length (powers of two); these are the
 # reference's histogram buckets, all powers of two from 1 KiB to 4 MiB.
 SIZE_BUCKETS = tuple(1 << n for n in range(10, 23))
-
-
-class PublishStats:
-    """Publishes of one ident to one channel: plain ints bumped on the hot path."""
-
-    __slots__ = ("bits", "bytes", "count")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.bytes = 0
-        # bits[n]: payloads whose (size - 1) has bit_length n, i.e. 2**(n-1) < size <= 2**n
-        # (size 0 and 1 land in bits[1] and bits[0]); so "size <= 2**k" is sum(bits[:k+1]).
-        self.bits = [0] * 64
-
-    def merge(self, other: PublishStats) -> None:
-        self.count += other.count
-        self.bytes += other.bytes
-        self.bits = list(map(operator.add, self.bits, other.bits))
 
 
 def _histogram_buckets(stats: PublishStats) -> list[tuple[str, float]]:
@@ -182,18 +221,19 @@ class BrokerCollector(Collector):
         for c in conns:
             total_recv += c.received_bytes
             total_sent += c.sent_bytes
-            ident = c.ident
+            session = c.session
+            ident = session.ident
             if ident is None:
                 continue
-            authed[(ident, c.owner)] += 1
+            authed[(ident, session.owner)] += 1
             queued = c.write_buffer_size()
             send_buf[ident] += queued
-            recv_buf[ident] += c.read_buffer_size()
+            recv_buf[ident] += session.buffered
             send_fill[ident] += c.sent_bytes
             recv_fill[ident] += c.received_bytes
-            for chan, st in list(c.publish_stats.items()):
+            for chan, st in list(session.publish_stats.items()):
                 publish[(ident, _text(chan))].merge(st)
-            for chan in list(c.subscriptions):
+            for chan in list(session.subscriptions):
                 subscriptions[(ident, _text(chan))] += 1
 
         g = GaugeMetricFamily(

@@ -214,9 +214,8 @@ async def serve(
                 outbox_bytes=config.limits.cluster_outbox_bytes,
                 auth=config.cluster_auth,
             )
-            broker.router.attach(backplane)
+            broker.attach_backplane(backplane)
             await backplane.start()
-            broker.backplane = backplane
             cleanups.append(backplane.close)
 
         if config.exporter is not None:

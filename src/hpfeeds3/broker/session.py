@@ -3,8 +3,22 @@
 Bytes and events in, actions out. The session owns the connection's state
 machine and every decision about the client's frames; it has no sockets, no
 event loop and no clock, so it is tested with plain bytes (``tests/broker``).
+Importing it loads ``protocol/`` and the standard library only (a test
+checks): no metrics, no key stores, no TLS.
+
+Its seam is narrow:
+
+- an ``Output`` (``send``, ``close_transport``): the connection's transport;
+- a ``Port`` to the broker (publish, subscribe, unsubscribe, channel
+  interning, leaving the pre-auth pool, a failed AUTH, a refusal counted):
+  ``state.Broker`` implements it;
+- values returned, not callbacks: ``receive``/``resume`` return ``NeedKey``
+  when an AUTH needs its key (the caller looks it up and answers with
+  ``key_found``, which never re-enters the caller), and every refused frame
+  or connection is reported as a ``Refusal`` the broker counts.
+
 The ``asyncio.Protocol`` around it (``connection.Connection``) feeds it reads,
-timer expiries and key-store answers, and carries out its ``Actions``.
+timer expiries and key-store answers.
 
 States::
 
@@ -28,7 +42,8 @@ States::
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from enum import Enum
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from ..protocol import (
     CLIENT_TO_BROKER,
@@ -45,9 +60,6 @@ from ..protocol import (
     encode_error,
     verify,
 )
-from . import metrics
-from .auth import AccessKey
-from .metrics import PublishStats
 from .reasons import ERROR_TOKEN, CloseReason
 from .text import printable, quoted
 
@@ -67,8 +79,51 @@ _DUMMY_SECRET = b"\x00unknown-ident\x00" * 2
 DELIVERIES_PER_WORK_UNIT = 16
 
 
-class Actions(Protocol):
-    """What a session asks of the I/O around it."""
+class Refusal(Enum):
+    """A refused frame or connection, as the session reports it (``Port.refused``);
+    ``metrics.REFUSALS`` says what each one counts."""
+
+    NO_PUB_PERMISSION = "no-pub-permission"
+    NO_SUB_PERMISSION = "no-sub-permission"
+    IDENT_MISMATCH_PUB = "ident-mismatch-pub"
+    IDENT_MISMATCH_SUB = "ident-mismatch-sub"
+    IDENT_MISMATCH_UNSUB = "ident-mismatch-unsub"
+    MAX_SUBSCRIPTIONS = "max-subscriptions"
+    TOO_MANY_DENIALS = "too-many-denials"
+    FIRST_NOT_AUTH = "invalid-first-message"
+    SECOND_AUTH = "second-auth"
+    AUTH_FAILED = "invalid-secret"
+    AUTH_UNAVAILABLE = "auth-unavailable"
+    AUTH_RATE_LIMITED = "auth-rate-limited"
+    AUTH_TIMEOUT = "auth-timeout"
+    BAD_FRAME = "bad_frame"
+    FRAME_TOO_LARGE = "frame_too_large"
+
+
+class NeedKey(NamedTuple):
+    """An AUTH arrived: look up the key of ``ident``, then call ``key_found`` (or
+    ``key_unavailable``/``rate_limited``), now or later."""
+
+    ident: str
+
+
+class Key(Protocol):
+    """What the session reads of an access key (``auth.AccessKey``)."""
+
+    @property
+    def ident(self) -> str: ...
+    @property
+    def owner(self) -> str | None: ...
+    @property
+    def secret(self) -> str: ...
+    @property
+    def pubchans(self) -> tuple[str, ...]: ...
+    @property
+    def subchans(self) -> tuple[str, ...]: ...
+
+
+class Output(Protocol):
+    """The session's way out to its client: the connection's transport."""
 
     def send(self, data: bytes) -> None:
         """Write ``data`` to the client."""
@@ -76,27 +131,54 @@ class Actions(Protocol):
     def close_transport(self, reason: CloseReason, error: bytes | None, abort: bool) -> None:
         """The session is closed: flush ``error`` (an ERROR frame) if given, then close (or abort)."""
 
+
+_O = TypeVar("_O", bound=Output)
+_O_in = TypeVar("_O_in", bound=Output, contravariant=True)
+
+
+class Port(Protocol[_O_in]):
+    """The session's way into the broker (``state.Broker``); ``output`` names the connection."""
+
     def publish(self, channel: bytes, data: bytes, frames: int) -> int:
         """Fan ``frames`` whole PUBLISH frames out to ``channel``; returns the deliveries made."""
 
-    def subscribe(self, channel: bytes) -> None: ...
+    def subscribe(self, channel: bytes, output: _O_in) -> None: ...
 
-    def unsubscribe(self, channel: bytes) -> None: ...
+    def unsubscribe(self, channel: bytes, output: _O_in) -> None: ...
 
-    def lookup(self, ident: str) -> None:
-        """Find the key of ``ident``; answer with ``key_found``/``key_unavailable``/``refuse``, now or later."""
+    def channel_set(self, channels: tuple[str, ...]) -> frozenset[bytes]:
+        """A key's channels as the bytes the hot path compares (one shared set per distinct list)."""
 
-    def authenticated(self, key: AccessKey) -> None:
-        """The session became READY with ``key`` (set its channels with ``set_channels``)."""
-
-    def auth_failed(self, ident: str) -> None:
-        """A verified AUTH failed for this text ident (feeds the failed-AUTH limiter)."""
-
-    def left_pre_auth(self) -> None:
+    def left_pre_auth(self, output: _O_in) -> None:
         """The session left PRE_AUTH/AUTHING (ready or closed): exactly once."""
 
+    def auth_failed(self, output: _O_in, ident: str | None, shown: str, why: str) -> None:
+        """A verified AUTH failed (``why``: unknown_ident or wrong_secret); ``ident`` is
+        the text ident when valid UTF-8 (feeds the failed-AUTH limiter), ``shown`` it escaped."""
 
-class Session:
+    def refused(self, refusal: Refusal, ident: str | None) -> None:
+        """Count a refusal (the metrics of ``metrics.REFUSALS``)."""
+
+
+class PublishStats:
+    """Publishes of one ident to one channel: plain ints bumped on the hot path."""
+
+    __slots__ = ("bits", "bytes", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.bytes = 0
+        # bits[n]: payloads whose (size - 1) has bit_length n, i.e. 2**(n-1) < size <= 2**n
+        # (size 0 and 1 land in bits[1] and bits[0]); so "size <= 2**k" is sum(bits[:k+1]).
+        self.bits = [0] * 64
+
+    def merge(self, other: PublishStats) -> None:
+        self.count += other.count
+        self.bytes += other.bytes
+        self.bits = [a + b for a, b in zip(self.bits, other.bits, strict=True)]
+
+
+class Session(Generic[_O]):
     __slots__ = (
         "_budget",
         "_decoder",
@@ -105,13 +187,14 @@ class Session:
         "_ident_text",
         "_max_denials",
         "_max_subscriptions",
-        "actions",
         "close_reason",
         "ident",
         "ident_bytes",
         "nonce",
+        "output",
         "owner",
         "peer",
+        "port",
         "pubchans",
         "publish_stats",
         "secret_seen",
@@ -122,7 +205,8 @@ class Session:
 
     def __init__(
         self,
-        actions: Actions,
+        output: _O,
+        port: Port[_O],
         nonce: bytes,
         frame_limits: FrameLimits,
         *,
@@ -131,7 +215,8 @@ class Session:
         budget: int,
         peer: str = "?",
     ) -> None:
-        self.actions = actions
+        self.output = output
+        self.port = port
         self.nonce = nonce
         self.peer = peer
         self.state = PRE_AUTH
@@ -164,15 +249,16 @@ class Session:
         """Declared length of the frame whose header has arrived and body has not (else 0)."""
         return self._decoder.pending_frame_bytes
 
-    def receive(self, data: bytes) -> bool:
-        """Handle a read; True when work is left for a later turn (pause reading, then ``resume``)."""
+    def receive(self, data: bytes) -> bool | NeedKey:
+        """Handle a read; True when work is left for a later turn (pause reading, then
+        ``resume``); ``NeedKey`` when an AUTH waits for its key."""
         self._decoder.receive(data)
         if self.state == AUTHING:
             return False  # frames behind AUTH wait for the key
         return self.resume()
 
-    def resume(self) -> bool:
-        """Handle buffered frames up to the budget; True when some are left."""
+    def resume(self) -> bool | NeedKey:
+        """Handle buffered frames up to the budget; True when some are left, ``NeedKey`` at an AUTH."""
         decoder = self._decoder
         work = 0
         budget = self._budget
@@ -192,10 +278,10 @@ class Session:
                 item = decoder.next_item()
                 if item is not None:
                     assert isinstance(item, Auth)  # the decoder accepts nothing else here
-                    self._start_auth(item)
+                    return self._start_auth(item)
         except UnexpectedOpcode as e:
             if self.state == PRE_AUTH:
-                self._refuse(CloseReason.NOT_AUTHENTICATED, "first message was not AUTH", "invalid-first-message")
+                self._refuse(CloseReason.NOT_AUTHENTICATED, "first message was not AUTH", Refusal.FIRST_NOT_AUTH)
             else:
                 self._protocol_error(e)
         except ProtocolError as e:
@@ -227,51 +313,54 @@ class Session:
             bits = stats.bits
             for n in lens:
                 bits[(n - 1).bit_length()] += 1
-        return self.actions.publish(channel, run.data, frames)
+        return self.port.publish(channel, run.data, frames)
 
     def _deny_publish(self, ident: bytes, channel: bytes) -> None:
         if ident != self.ident_bytes:
-            self._deny_spoof("publish", ident, "ident-mismatch-pub")
+            self._deny_spoof("publish", ident, Refusal.IDENT_MISMATCH_PUB)
         else:
-            metrics.CONNECTION_ERROR.labels(self.ident or "", "no-pub-permission").inc()
+            self.port.refused(Refusal.NO_PUB_PERMISSION, self.ident)
             self._deny(f"accessfail: {printable(self.ident_bytes)} may not publish to channel {quoted(channel)}")
 
-    def _deny_spoof(self, verb: str, ident: bytes, category: str) -> None:
-        metrics.CONNECTION_ERROR.labels(self.ident or "", category).inc()
+    def _deny_spoof(self, verb: str, ident: bytes, refusal: Refusal) -> None:
+        self.port.refused(refusal, self.ident)
         self._deny(f"identfail: {verb} as {quoted(ident)} refused; this connection is {quoted(self.ident_bytes)}")
 
     def _control(self, frame: Auth | Publish | Subscribe | Unsubscribe) -> None:
-        if isinstance(frame, Subscribe):
-            channel = frame.channel
-            if frame.ident != self.ident_bytes:
-                self._deny_spoof("subscribe", frame.ident, "ident-mismatch-sub")
-            elif channel not in self.subchans:
-                metrics.CONNECTION_ERROR.labels(self.ident or "", "no-sub-permission").inc()
-                self._deny(f"accessfail: {printable(self.ident_bytes)} may not subscribe to channel {quoted(channel)}")
-            elif channel not in self.subscriptions:
-                if len(self.subscriptions) >= self._max_subscriptions:
-                    metrics.LIMIT_REJECTIONS.labels("max_subscriptions").inc()
-                    self._deny(
-                        f"limit: subscription to {quoted(channel)} refused; at most "
-                        f"{self._max_subscriptions} channels per connection"
-                    )
-                    return
-                self.subscriptions.add(channel)
-                self.actions.subscribe(channel)
-        elif isinstance(frame, Unsubscribe):
-            if frame.ident != self.ident_bytes:
-                self._deny_spoof("unsubscribe", frame.ident, "ident-mismatch-unsub")
-            elif frame.channel in self.subscriptions:
-                self.subscriptions.discard(frame.channel)
-                self.actions.unsubscribe(frame.channel)
-        elif isinstance(frame, Auth):
-            self._refuse(CloseReason.SECOND_AUTH, "already authenticated; a second AUTH is refused", "second-auth")
-        else:  # pragma: no cover - the decoder yields runs for PUBLISH and refuses every other opcode
-            raise AssertionError(frame)
+        """A READY session's control frames: the one ``match`` of the broker's direction."""
+        match frame:
+            case Subscribe(ident=ident, channel=channel):
+                if ident != self.ident_bytes:
+                    self._deny_spoof("subscribe", ident, Refusal.IDENT_MISMATCH_SUB)
+                elif channel not in self.subchans:
+                    self.port.refused(Refusal.NO_SUB_PERMISSION, self.ident)
+                    shown = printable(self.ident_bytes)
+                    self._deny(f"accessfail: {shown} may not subscribe to channel {quoted(channel)}")
+                elif channel not in self.subscriptions:
+                    if len(self.subscriptions) >= self._max_subscriptions:
+                        self.port.refused(Refusal.MAX_SUBSCRIPTIONS, self.ident)
+                        self._deny(
+                            f"limit: subscription to {quoted(channel)} refused; at most "
+                            f"{self._max_subscriptions} channels per connection"
+                        )
+                        return
+                    self.subscriptions.add(channel)
+                    self.port.subscribe(channel, self.output)
+            case Unsubscribe(ident=ident, channel=channel):
+                if ident != self.ident_bytes:
+                    self._deny_spoof("unsubscribe", ident, Refusal.IDENT_MISMATCH_UNSUB)
+                elif channel in self.subscriptions:
+                    self.subscriptions.discard(channel)
+                    self.port.unsubscribe(channel, self.output)
+            case Auth():
+                message = "already authenticated; a second AUTH is refused"
+                self._refuse(CloseReason.SECOND_AUTH, message, Refusal.SECOND_AUTH)
+            case _:  # pragma: no cover - the decoder yields runs for PUBLISH and refuses every other opcode
+                raise AssertionError(frame)
 
     # --- AUTH -----------------------------------------------------------------------
 
-    def _start_auth(self, frame: Auth) -> None:
+    def _start_auth(self, frame: Auth) -> NeedKey | bool:
         self.state = AUTHING
         self.ident_bytes = frame.ident
         self._digest = frame.digest
@@ -279,79 +368,70 @@ class Session:
             self._ident_text = frame.ident.decode("utf-8")
         except UnicodeDecodeError:
             self.key_found(None)  # can never match a key; costs what a wrong secret costs
-            return
-        self.actions.lookup(self._ident_text)
+            return False
+        return NeedKey(self._ident_text)
 
-    def key_found(self, key: AccessKey | None) -> bool:
-        """The key store's answer for the ident of the AUTH; True when work is left (see ``receive``)."""
+    def key_found(self, key: Key | None) -> bool:
+        """The key store's answer for the ident of the AUTH. True: verified, the session
+        is READY with the key's channels (the caller records it, then calls ``resume``
+        for the frames behind the AUTH); False: refused, or closed meanwhile."""
         if self.state != AUTHING:
             return False  # closed (timeout, shutdown) while the store looked
         secret = key.secret.encode("utf-8") if key is not None else _DUMMY_SECRET
         if key is None or not verify(self.nonce, secret, self._digest):
             shown = printable(self.ident_bytes)
             # One metric reason for both: /metrics must not tell which idents exist.
-            metrics.AUTH_FAILURES.labels("auth_failed").inc()
-            if self._ident_text is not None:
-                self.actions.auth_failed(self._ident_text)
             why = "unknown_ident" if key is None else "wrong_secret"
-            log.info(
-                "authentication failed for %s from %s (%s)",
-                shown,
-                self.peer,
-                why,
-                extra={"event": "auth_failed", "peer": self.peer, "ident": shown, "reason": why},
-            )
-            self._refuse(CloseReason.AUTH_FAILED, f"Authentication failed for {shown}", "invalid-secret")
+            self.port.auth_failed(self.output, self._ident_text, shown, why)
+            self._refuse(CloseReason.AUTH_FAILED, f"Authentication failed for {shown}", Refusal.AUTH_FAILED)
             return False
         self.ident = key.ident
         self.owner = key.owner or ""
         self.secret_seen = key.secret
         self.state = READY
         self._decoder.accept(CLIENT_TO_BROKER)
-        self.actions.left_pre_auth()
-        self.actions.authenticated(key)
-        return self.resume()
+        self.port.left_pre_auth(self.output)
+        self.apply_key(key)
+        return True
 
     def key_unavailable(self, why: str) -> None:
         """The key store could not answer."""
         if self.state != AUTHING:
             return
-        ident = printable(self.ident_bytes)
-        log.warning("auth store unavailable for %s from %s: %s", ident, self.peer, why)
-        metrics.AUTH_FAILURES.labels("store_unavailable").inc()
         self._refuse(
             CloseReason.AUTH_UNAVAILABLE,
-            f"Authentication failed for {ident}: the key store is unavailable, try again later",
-            "auth-unavailable",
+            f"Authentication failed for {printable(self.ident_bytes)}: the key store is unavailable, try again later",
+            Refusal.AUTH_UNAVAILABLE,
         )
 
     def rate_limited(self, block_s: float) -> None:
         """Refused without a lookup or a verification: this address (or address and ident) is
         blocked for ``block_s`` more seconds."""
-        metrics.AUTH_FAILURES.labels("rate_limited").inc()
-        metrics.LIMIT_REJECTIONS.labels("auth_failures").inc()
         self._refuse(
             CloseReason.AUTH_RATE_LIMITED,
             f"Authentication failed for {printable(self.ident_bytes)}: too many failed attempts, "
             f"try again in {block_s:g} s",
-            "auth-rate-limited",
+            Refusal.AUTH_RATE_LIMITED,
         )
 
     def auth_timeout(self, timeout_s: float) -> None:
         if self.state in (PRE_AUTH, AUTHING):
-            metrics.AUTH_FAILURES.labels("timeout").inc()
-            self._refuse(CloseReason.AUTH_TIMEOUT, f"no valid AUTH within {timeout_s:g} s", "auth-timeout")
+            self._refuse(CloseReason.AUTH_TIMEOUT, f"no valid AUTH within {timeout_s:g} s", Refusal.AUTH_TIMEOUT)
 
     # --- changes from the key store (revocation) ---------------------------------------
 
-    def set_channels(self, pubchans: frozenset[bytes], subchans: frozenset[bytes]) -> set[bytes]:
-        """New permissions; returns the subscriptions they take away (already unsubscribed)."""
-        self.pubchans = pubchans
-        self.subchans = subchans
+    def apply_key(self, key: Key) -> set[bytes]:
+        """Take the key's channels; returns the subscriptions they no longer allow (now dropped).
+
+        The channel sets are interned by the broker: 10,000 sensors with the
+        same 50 channels hold one set, not 10,000."""
+        port = self.port
+        self.pubchans = port.channel_set(key.pubchans)
+        self.subchans = subchans = port.channel_set(key.subchans)
         lost = self.subscriptions - subchans
         for channel in lost:
             self.subscriptions.discard(channel)
-            self.actions.unsubscribe(channel)
+            port.unsubscribe(channel, self.output)
         return lost
 
     # --- refusing and closing ---------------------------------------------------------------
@@ -360,21 +440,20 @@ class Session:
         """A refused frame: ERROR, no effect, connection stays open up to the denial cap."""
         self._denials += 1
         if self._denials > self._max_denials:
-            metrics.LIMIT_REJECTIONS.labels("max_denials").inc()
+            self.port.refused(Refusal.TOO_MANY_DENIALS, self.ident)
             self.close(CloseReason.TOO_MANY_DENIALS, f"more than {self._max_denials} refused frames on this connection")
             return
         log.debug("%s (%s): %s", self.peer, self.ident, message)
-        self.actions.send(encode_error(message))
+        self.output.send(encode_error(message))
 
     def _protocol_error(self, e: ProtocolError) -> None:
-        reason = CloseReason.FRAME_TOO_LARGE if e.reason == "frame_too_large" else CloseReason.BAD_FRAME
-        if reason is CloseReason.FRAME_TOO_LARGE:
-            metrics.LIMIT_REJECTIONS.labels("max_message_size").inc()
-        metrics.CONNECTION_ERROR.labels(self.ident or "", reason.value).inc()
-        self.close(reason, str(e))
+        if e.reason == "frame_too_large":
+            self._refuse(CloseReason.FRAME_TOO_LARGE, str(e), Refusal.FRAME_TOO_LARGE)
+        else:
+            self._refuse(CloseReason.BAD_FRAME, str(e), Refusal.BAD_FRAME)
 
-    def _refuse(self, reason: CloseReason, message: str, category: str) -> None:
-        metrics.CONNECTION_ERROR.labels(self.ident or "", category).inc()
+    def _refuse(self, reason: CloseReason, message: str, refusal: Refusal) -> None:
+        self.port.refused(refusal, self.ident)
         self.close(reason, message)
 
     def close(self, reason: CloseReason, message: str | None, *, abort: bool = False) -> None:
@@ -385,13 +464,14 @@ class Session:
         self.state = CLOSED
         self.close_reason = reason
         self._decoder = Decoder(_AUTH_ONLY, runs=True)  # drop what was buffered
+        output, port = self.output, self.port
         if was != READY:
-            self.actions.left_pre_auth()
+            port.left_pre_auth(output)
         for channel in self.subscriptions:
-            self.actions.unsubscribe(channel)
+            port.unsubscribe(channel, output)
         self.subscriptions = set()
         error = None
         if message is not None and not abort:
             token = ERROR_TOKEN.get(reason, "error")
             error = encode_error(message if message.startswith(f"{token}:") else f"{token}: {message}")
-        self.actions.close_transport(reason, error, abort)
+        output.close_transport(reason, error, abort)

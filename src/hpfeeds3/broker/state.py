@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -16,13 +17,17 @@ from typing import TYPE_CHECKING, Any
 from . import metrics
 from .admission import PreAuthPool
 from .auth import AccessKey, Authenticator, AuthUnavailable, SyncLookup, WouldBlock
+from .backplane import Backplane
 from .config import BrokerConfig
-from .metrics import PublishStats
+from .events import AuthBlocked, AuthFailed, Event, Refused, Revoked, SlowProducer, log_event
+from .metrics import Limit, PublishStats
+from .policies import BacklogBounds, ReceiveRate
 from .ratelimit import AuthFailureLimiter
 from .reasons import CloseReason
 from .router import Router
+from .session import Refusal
 from .text import printable
-from .tuning import AUTH_LOOKUP_ATTEMPTS, AUTH_LOOKUP_TIMEOUT_S, MAX_CHANNEL_SETS
+from .tuning import AUTH_LOOKUP_ATTEMPTS, AUTH_LOOKUP_TIMEOUT_S, MAX_CHANNEL_SETS, PARTIAL_FRAME_GRACE_S
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -31,7 +36,13 @@ log = logging.getLogger("hpfeeds3.broker")
 
 
 class Broker:
-    """Shared state of one broker process: what every Connection reaches."""
+    """Shared state of one broker process: what every Connection reaches.
+
+    It is the sessions' ``session.Port`` (publish, subscribe, unsubscribe,
+    channel interning, leaving the pre-auth pool, a failed AUTH, a refusal
+    counted), and connections reach its state through methods (``admit``,
+    ``authenticated``, ``forget``, ``lingering_add``...), not its containers.
+    """
 
     def __init__(self, config: BrokerConfig, authenticator: Authenticator, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
@@ -46,6 +57,14 @@ class Broker:
         self.name_bytes = config.name.encode("utf-8")[:255]
         self.frame_limits = config.limits.frame_limits()
         self.send_hard_bytes = config.limits.send_buffer_hard_bytes
+        # The connections' clock-driven policies (policies.py), fed loop.time() by them.
+        self.backlog_bounds = BacklogBounds(
+            hard_bytes=config.limits.send_buffer_hard_bytes,
+            soft_bytes=config.limits.send_buffer_soft_bytes,
+            soft_window_s=config.limits.send_buffer_soft_window_s,
+            stall_timeout_s=config.limits.send_stall_timeout_s,
+        )
+        self.receive_rate = ReceiveRate(config.limits.min_receive_rate_bytes, PARTIAL_FRAME_GRACE_S)
         self.max_connections = config.limits.max_connections
         self.connections: set[Connection] = set()
         self.by_ident: dict[str, set[Connection]] = {}
@@ -62,7 +81,7 @@ class Broker:
         # connection limit the oldest is cut to make room (connection.py).
         self.lingering: dict[Connection, None] = {}
         self.state = "starting"  # starting | serving | stopping
-        self.backplane: Any = None
+        self.backplane: Backplane | None = None  # --cluster: set once, by attach_backplane
         self._tasks: set[asyncio.Task[Any]] = set()
         # Counts of closed connections, so counters never go backwards.
         self.retired_publish: dict[tuple[str, str], PublishStats] = {}
@@ -70,9 +89,35 @@ class Broker:
         self.retired_recv_fill: dict[str, int] = {}
         self.retired_total_recv = 0
         self.retired_total_sent = 0
-        # Called with each connection as it closes, before its counts are
-        # folded (the console reads its publish counters one last time).
-        self.closing_hooks: list[Callable[[Connection], None]] = []
+        # Observers of broker events (events.py): the log lines, the console's tracker.
+        self._observers: list[Callable[[Event], None]] = [log_event]
+        self._ids = itertools.count(1)
+
+    def next_connection_id(self) -> int:
+        return next(self._ids)
+
+    # --- events ---------------------------------------------------------------------
+
+    def observe(self, observer: Callable[[Event], None]) -> None:
+        """Call ``observer`` with every broker event from now on (on the event loop)."""
+        self._observers.append(observer)
+
+    def unobserve(self, observer: Callable[[Event], None]) -> None:
+        self._observers.remove(observer)
+
+    def emit(self, event: Event) -> None:
+        for observer in self._observers:
+            try:
+                observer(event)
+            except Exception:  # an observer's bug must not break the broker
+                log.exception("internal error in an observer of %s", event.kind.value)
+
+    def attach_backplane(self, backplane: Backplane) -> None:
+        """The cluster link (``--cluster``): the router forwards through it from now on. Once."""
+        if self.backplane is not None:
+            raise RuntimeError("the broker already has a backplane")
+        self.backplane = backplane
+        self.router.attach(backplane)
 
     @property
     def unauthenticated(self) -> int:
@@ -93,19 +138,15 @@ class Broker:
         for victim, size in sorted(self.partial_holders.items(), key=lambda kv: kv[1], reverse=True):
             if self.partial_bytes <= limit:
                 break
-            metrics.LIMIT_REJECTIONS.labels("max_partial_frames").inc()
-            log.warning(
-                "closing %s (%s): %d bytes held in an incomplete frame, %d over all connections (limit %d)",
-                victim.peer,
-                victim.ident,
-                size,
-                self.partial_bytes,
-                limit,
-                extra={"event": "slow_producer", "peer": victim.peer, "ident": victim.ident, "reason": "slow_producer"},
-            )
-            victim.close(
-                CloseReason.SLOW_PRODUCER, f"incomplete frames hold more than {limit} bytes: the largest are closed"
-            )
+            metrics.limit_rejected(Limit.MAX_PARTIAL_FRAMES)
+            why = f"{size} bytes held in an incomplete frame, {self.partial_bytes} over all connections (limit {limit})"
+            self.emit(SlowProducer(victim.peer, victim.session.ident, why))
+            try:
+                victim.close(
+                    CloseReason.SLOW_PRODUCER, f"incomplete frames hold more than {limit} bytes: the largest are closed"
+                )
+            except Exception:
+                victim.internal_error("closing a holder of incomplete frames")
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """/healthz: 200 while serving (``degraded`` while a cluster link is down), else 503."""
@@ -121,6 +162,116 @@ class Broker:
         return (200 if self.state == "serving" else 503), body
 
     # --- called by connections ---------------------------------------------------
+
+    def admit(self, conn: Connection) -> bool:
+        """Count ``conn`` from its accept and put it in the pre-auth pool, making room at
+        a bound; False when ``conn`` itself is refused (and closed).
+
+        At a pre-auth bound the oldest pre-auth connection (of the address, or
+        of the busiest address) is closed. At the connection limit (the
+        descriptor limit) the oldest connection lingering after its closing
+        ERROR is cut, else the oldest pre-auth connection of the busiest
+        address is closed. The newcomer is refused only when neither exists.
+        A fault while closing another connection closes that one alone."""
+        self.connections.add(conn)
+        evict, bound = self.pre_auth.admit(conn, conn.group)
+        if len(self.connections) > self.max_connections and evict is None:
+            if self.lingering:
+                next(iter(self.lingering)).cut_linger()
+            else:
+                evict, bound = self.pre_auth.oldest_of_busiest(), "connections"
+                if evict is None or evict is conn:
+                    message = f"too many connections (limit {self.max_connections})"
+                    self._make_room(conn, Limit.MAX_CONNECTIONS, CloseReason.TOO_MANY_CONNECTIONS, message)
+                    return False
+        if evict is not None:
+            try:
+                self._evict(evict, bound)
+            except Exception:
+                evict.internal_error("making room for a new connection")
+        return True
+
+    def _evict(self, conn: Connection, bound: str) -> None:
+        limits = self.config.limits
+        if bound == "connections":
+            message = f"too many connections (limit {self.max_connections}): the oldest unauthenticated is closed"
+            self._make_room(conn, Limit.MAX_CONNECTIONS, CloseReason.TOO_MANY_CONNECTIONS, message)
+        elif bound == "total":
+            message = f"too many unauthenticated connections (limit {limits.max_unauthenticated}): the oldest is closed"
+            self._make_room(conn, Limit.MAX_UNAUTHENTICATED, CloseReason.TOO_MANY_UNAUTHENTICATED, message)
+        else:
+            message = (
+                f"too many unauthenticated connections from this address "
+                f"(limit {limits.max_unauthenticated_per_address}): the oldest is closed"
+            )
+            limit = Limit.MAX_UNAUTHENTICATED_PER_ADDRESS
+            self._make_room(conn, limit, CloseReason.TOO_MANY_UNAUTHENTICATED, message)
+
+    def _make_room(self, conn: Connection, limit: Limit, reason: CloseReason, message: str) -> None:
+        metrics.limit_rejected(limit)
+        self.emit(Refused(conn.peer, conn.id, limit))
+        conn.close(reason, message)
+
+    def authenticated(self, conn: Connection) -> None:
+        """``conn``'s session is READY: index it by ident (revocation)."""
+        ident = conn.session.ident
+        assert ident is not None
+        self.by_ident.setdefault(ident, set()).add(conn)
+
+    def forget(self, conn: Connection) -> None:
+        """``conn`` is lost: out of every table, its counts folded into the totals."""
+        self.lingering.pop(conn, None)
+        if conn not in self.connections:
+            return
+        self.connections.discard(conn)
+        self.retire(conn)
+        ident = conn.session.ident
+        if ident is not None:
+            group = self.by_ident.get(ident)
+            if group is not None:
+                group.discard(conn)
+                if not group:
+                    del self.by_ident[ident]
+
+    def lingering_add(self, conn: Connection) -> None:
+        self.lingering[conn] = None
+
+    def lingering_discard(self, conn: Connection) -> None:
+        self.lingering.pop(conn, None)
+
+    def auth_blocked_for(self, host: str, ident: str) -> float:
+        """Seconds the failed-AUTH limiter still blocks this address (or address and ident); 0: not blocked."""
+        limiter = self.auth_limiter
+        if not limiter.enabled:
+            return 0.0
+        now = self.loop.time()
+        return limiter.blocked_for(host, ident, now) if limiter.blocked(host, ident, now) else 0.0
+
+    # --- session.Port ---------------------------------------------------------------
+
+    def publish(self, channel: bytes, data: bytes, frames: int) -> int:
+        return self.router.publish(channel, data, frames)
+
+    def subscribe(self, channel: bytes, output: Connection) -> None:
+        self.router.subscribe(channel, output)
+
+    def unsubscribe(self, channel: bytes, output: Connection) -> None:
+        self.router.unsubscribe(channel, output)
+
+    def left_pre_auth(self, output: Connection) -> None:
+        self.pre_auth.remove(output, output.group)
+
+    def auth_failed(self, output: Connection, ident: str | None, shown: str, why: str) -> None:
+        self.emit(AuthFailed(output.peer, shown, why))
+        limiter = self.auth_limiter
+        if not limiter.enabled or ident is None:
+            return
+        block = limiter.record_failure(output.peer_host, ident, self.loop.time())
+        if block is not None:
+            self.emit(AuthBlocked(output.peer, limiter.limits.block_s, block))
+
+    def refused(self, refusal: Refusal, ident: str | None) -> None:
+        metrics.count_refusal(refusal, ident)
 
     def channel_set(self, channels: tuple[str, ...]) -> frozenset[bytes]:
         """The channels of a key as the bytes the hot path compares, one shared set per distinct list."""
@@ -182,33 +333,17 @@ class Broker:
             raise AuthUnavailable(str(e)) from e
         raise AuthUnavailable(f"the key store changed during each of {AUTH_LOOKUP_ATTEMPTS} lookups")
 
-    def by_ident_add(self, conn: Connection) -> None:
-        assert conn.ident is not None
-        self.by_ident.setdefault(conn.ident, set()).add(conn)
-
-    def by_ident_discard(self, conn: Connection) -> None:
-        assert conn.ident is not None
-        group = self.by_ident.get(conn.ident)
-        if group is not None:
-            group.discard(conn)
-            if not group:
-                del self.by_ident[conn.ident]
-
     def retire(self, conn: Connection) -> None:
         """Fold a closed connection's counts into the totals."""
-        for hook in self.closing_hooks:
-            try:
-                hook(conn)
-            except Exception:  # an observer's bug must not break the close
-                log.exception("internal error in a closing hook")
         self.retired_total_recv += conn.received_bytes
         self.retired_total_sent += conn.sent_bytes
-        ident = conn.ident
+        session = conn.session
+        ident = session.ident
         if ident is None:
             return
         self.retired_send_fill[ident] = self.retired_send_fill.get(ident, 0) + conn.sent_bytes
         self.retired_recv_fill[ident] = self.retired_recv_fill.get(ident, 0) + conn.received_bytes
-        for chan, st in conn.publish_stats.items():
+        for chan, st in session.publish_stats.items():
             key = (ident, chan.decode("utf-8", "backslashreplace"))
             if key not in self.retired_publish:
                 self.retired_publish[key] = PublishStats()
@@ -233,30 +368,23 @@ class Broker:
             except AuthUnavailable:
                 continue  # keep sessions while the store cannot answer
             for conn in list(self.by_ident.get(ident, ())):
-                self._apply_change(conn, key)
+                try:
+                    self._apply_change(conn, key)
+                except Exception:
+                    conn.internal_error("applying a key change")
 
     def _apply_change(self, conn: Connection, key: AccessKey | None) -> None:
-        if key is None or key.secret != conn.secret_seen:
+        session = conn.session
+        ident = session.ident or ""
+        if key is None or key.secret != session.secret_seen:
             why = "key removed" if key is None else "secret rotated"
-            log.warning(
-                "revoking %s (%s): %s",
-                conn.peer,
-                conn.ident,
-                why,
-                extra={"event": "revoked", "peer": conn.peer, "ident": conn.ident, "reason": "revoked"},
-            )
+            self.emit(Revoked(conn.peer, ident, why))
             metrics.REVOCATIONS.labels("closed").inc()
-            conn.close(CloseReason.REVOKED, f"access key for {conn.ident} was {why.split()[-1]}")
+            conn.close(CloseReason.REVOKED, f"access key for {ident} was {why.split()[-1]}")
             return
-        lost = conn.apply_key(key)
+        lost = session.apply_key(key)
         if lost:
-            log.warning(
-                "unsubscribing %s (%s) from revoked channel(s) %s",
-                conn.peer,
-                conn.ident,
-                ", ".join(sorted(printable(c) for c in lost)),
-                extra={"event": "revoked", "peer": conn.peer, "ident": conn.ident, "reason": "channel_revoked"},
-            )
+            self.emit(Revoked(conn.peer, ident, "", tuple(sorted(printable(c) for c in lost))))
             metrics.REVOCATIONS.labels("unsubscribed").inc()
 
     # --- shutdown ----------------------------------------------------------------------
@@ -271,11 +399,14 @@ class Broker:
                     t.pause_reading()
         deadline = self.loop.time() + drain_s
         while self.loop.time() < deadline:
-            if not any(c.write_buffer_size() for c in self.connections):
+            if not any(_queued(c) for c in list(self.connections)):
                 break
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
-            conn.close(CloseReason.SHUTDOWN, None, abort=conn.write_buffer_size() > 0)
+            try:
+                conn.close(CloseReason.SHUTDOWN, None, abort=conn.write_buffer_size() > 0)
+            except Exception:
+                conn.internal_error("closing at shutdown")
         # Let connection_lost callbacks run.
         for _ in range(20):
             if not self.connections:
@@ -283,3 +414,12 @@ class Broker:
             await asyncio.sleep(0.01)
         for task in list(self._tasks):
             task.cancel()
+
+
+def _queued(conn: Connection) -> int:
+    """Bytes queued to ``conn``; a fault closes it alone (then nothing is waited for)."""
+    try:
+        return conn.write_buffer_size()
+    except Exception:
+        conn.internal_error("reading the outgoing buffer at shutdown")
+        return 0

@@ -29,6 +29,7 @@ from .frames import (
     OP_UNSUBSCRIBE,
     STR8_MAX,
     FrameLimits,
+    Opcode,
 )
 
 _pack_header = HEADER.pack
@@ -145,32 +146,35 @@ def _read_str8(buf: bytes, pos: int, end: int, what: str) -> tuple[bytes, int]:
 
 
 def parse_body(opcode: int, buf: bytes, start: int, end: int) -> Frame:
-    """Parse the body ``buf[start:end]`` of a frame whose header was accepted."""
-    if opcode == OP_PUBLISH:
-        ident, pos = _read_str8(buf, start, end, "ident")
-        channel, pos = _read_str8(buf, pos, end, "channel")
-        return Publish(ident, channel, buf[pos:end])
-    if opcode in (OP_SUBSCRIBE, OP_UNSUBSCRIBE):
-        ident, pos = _read_str8(buf, start, end, "ident")
-        if pos >= end:
-            raise MalformedFrame("channel is empty")
-        channel = buf[pos:end]
-        return Subscribe(ident, channel) if opcode == OP_SUBSCRIBE else Unsubscribe(ident, channel)
-    if opcode == OP_AUTH:
-        ident, pos = _read_str8(buf, start, end, "ident")
-        if end - pos != DIGEST_LEN:
-            raise MalformedFrame(f"AUTH digest is {end - pos} bytes, not {DIGEST_LEN}")
-        return Auth(ident, buf[pos:end])
-    if opcode == OP_INFO:
-        if start >= end:
-            raise MalformedFrame("broker name missing")
-        n = buf[start]
-        if start + 1 + n > end:
-            raise MalformedFrame("broker name runs past the end of the frame")
-        return Info(buf[start + 1 : start + 1 + n], buf[start + 1 + n : end])
-    if opcode == OP_ERROR:
-        return Error(buf[start:end].decode("utf-8", "replace"))
-    raise UnexpectedOpcode(opcode)
+    """Parse the body ``buf[start:end]`` of a frame whose header was accepted: the one
+    ``match`` over opcodes (which a side may receive is the decoder's ``accept``)."""
+    match opcode:
+        case Opcode.PUBLISH:
+            ident, pos = _read_str8(buf, start, end, "ident")
+            channel, pos = _read_str8(buf, pos, end, "channel")
+            return Publish(ident, channel, buf[pos:end])
+        case Opcode.SUBSCRIBE | Opcode.UNSUBSCRIBE:
+            ident, pos = _read_str8(buf, start, end, "ident")
+            if pos >= end:
+                raise MalformedFrame("channel is empty")
+            channel = buf[pos:end]
+            return Subscribe(ident, channel) if opcode == OP_SUBSCRIBE else Unsubscribe(ident, channel)
+        case Opcode.AUTH:
+            ident, pos = _read_str8(buf, start, end, "ident")
+            if end - pos != DIGEST_LEN:
+                raise MalformedFrame(f"AUTH digest is {end - pos} bytes, not {DIGEST_LEN}")
+            return Auth(ident, buf[pos:end])
+        case Opcode.INFO:
+            if start >= end:
+                raise MalformedFrame("broker name missing")
+            n = buf[start]
+            if start + 1 + n > end:
+                raise MalformedFrame("broker name runs past the end of the frame")
+            return Info(buf[start + 1 : start + 1 + n], buf[start + 1 + n : end])
+        case Opcode.ERROR:
+            return Error(buf[start:end].decode("utf-8", "replace"))
+        case _:
+            raise UnexpectedOpcode(opcode)
 
 
 def check_header(length: int, opcode: int, max_len: tuple[int, ...]) -> None:

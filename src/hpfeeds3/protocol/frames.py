@@ -24,6 +24,8 @@ STR8_MAX = 255
 
 
 class Opcode(IntEnum):
+    """The opcodes, spelled once; the ``OP_*`` names are the same numbers as plain ints."""
+
     ERROR = 0
     INFO = 1
     AUTH = 2
@@ -32,12 +34,12 @@ class Opcode(IntEnum):
     UNSUBSCRIBE = 5
 
 
-OP_ERROR = 0
-OP_INFO = 1
-OP_AUTH = 2
-OP_PUBLISH = 3
-OP_SUBSCRIBE = 4
-OP_UNSUBSCRIBE = 5
+OP_ERROR = int(Opcode.ERROR)
+OP_INFO = int(Opcode.INFO)
+OP_AUTH = int(Opcode.AUTH)
+OP_PUBLISH = int(Opcode.PUBLISH)
+OP_SUBSCRIBE = int(Opcode.SUBSCRIBE)
+OP_UNSUBSCRIBE = int(Opcode.UNSUBSCRIBE)
 
 #: Opcodes each side may receive. A broker receiving INFO or ERROR, or a client
 #: receiving AUTH, is talking to something that is not an hpfeeds peer.

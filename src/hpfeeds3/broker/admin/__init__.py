@@ -1,7 +1,7 @@
 """The operator console: a JSON API and a web page on their own listener (``--admin HOST:PORT``).
 
-``start_admin(broker, config)`` binds the listener, attaches the tracker to
-the broker's logger and starts the counter poll; it returns the async stop
+``start_admin(broker, config)`` binds the listener, registers the tracker as
+an observer of the broker's events and starts the counter poll; it returns the async stop
 function. See docs/console.md for the API, the token file and the roles.
 """
 
@@ -55,14 +55,7 @@ async def start_admin(broker: Broker, config: AdminConfig) -> Callable[[], Await
 
         ssl_ctx = make_tls_context(config.cert, config.key)
     console = Console(broker, tokens, secure_cookie=ssl_ctx is not None)
-    # The tracker learns of connection events from the broker's own log records,
-    # which are at INFO: make sure they are made.
-    broker_log = logging.getLogger("hpfeeds3.broker")
-    old_level = broker_log.level
-    if broker_log.getEffectiveLevel() > logging.INFO:
-        broker_log.setLevel(logging.INFO)
-    broker_log.addHandler(console.tracker)
-    broker.closing_hooks.append(console.tracker.closed)
+    broker.observe(console.tracker.observe)
 
     runner = web.AppRunner(console.app(), handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
@@ -72,9 +65,7 @@ async def start_admin(broker: Broker, config: AdminConfig) -> Callable[[], Await
         await web.TCPSite(runner, host or None, port, ssl_context=ssl_ctx, reuse_address=True).start()
     except OSError as exc:
         await runner.cleanup()
-        broker_log.removeHandler(console.tracker)
-        broker.closing_hooks.remove(console.tracker.closed)
-        broker_log.setLevel(old_level)
+        broker.unobserve(console.tracker.observe)
         raise ConfigError(f"--admin {shown}: cannot listen: {exc.strerror or exc}") from None
     poll = asyncio.get_running_loop().create_task(_poll(console))
     log.info("console on %s://%s/", "https" if ssl_ctx else "http", shown)
@@ -84,9 +75,8 @@ async def start_admin(broker: Broker, config: AdminConfig) -> Callable[[], Await
         with contextlib.suppress(asyncio.CancelledError):
             await poll
         console.watches.stop_all()
-        broker_log.removeHandler(console.tracker)
-        broker.closing_hooks.remove(console.tracker.closed)
-        broker_log.setLevel(old_level)
+        broker.unobserve(console.tracker.observe)
+        await console.keys.close()
         await runner.cleanup()
 
     return stop

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiohttp import web
 
 from .. import metrics
+from ..events import AdminChange, AdminLoginFailed, AuthBlocked
 from ..keys import BadArguments, IdentExists, InvalidKey, NoSuchIdent, StoreUnavailable
 from ..ratelimit import AuthFailureLimiter, AuthLimits
 from ..reasons import CloseReason
@@ -179,20 +180,9 @@ class Console:
         metrics.CONSOLE_LOGINS.labels("failed").inc()
         address = self._address(request)
         block = self.limiter.record_failure(address, "", time.monotonic())
-        log.warning(
-            "console %s failed from %s",
-            how,
-            address,
-            extra={"event": "admin_login_failed", "peer": address, "reason": how},
-        )
+        self.broker.emit(AdminLoginFailed(address, how))
         if block is not None:
-            log.warning(
-                "console: refusing %s for %g s: %s",
-                address,
-                LOGIN_BLOCK_S,
-                block,
-                extra={"event": "auth_blocked", "peer": address, "reason": "console_login_rate_limited"},
-            )
+            self.broker.emit(AuthBlocked(address, LOGIN_BLOCK_S, block, console=True))
 
     def _blocked(self, request: web.Request) -> bool:
         if self.limiter.blocked(self._address(request), "", time.monotonic()):
@@ -210,13 +200,7 @@ class Console:
     def audit(self, request: web.Request, what: str, *, ident: str | None = None, channel: str | None = None) -> None:
         principal = request[PRINCIPAL]
         metrics.CONSOLE_CHANGES.inc()
-        log.info(
-            "console: %s (%s) %s",
-            principal.name,
-            principal.role,
-            what,
-            extra={"event": "admin_change", "peer": self._address(request), "ident": ident, "channel": channel},
-        )
+        self.broker.emit(AdminChange(self._address(request), principal.name, principal.role, what, ident, channel))
 
     # --- middleware ------------------------------------------------------------------
 
@@ -386,25 +370,25 @@ class Console:
         q = request.query.get("q", "")
         rows: list[tuple[str, str, Any]] = []
         async for conn in _slices(list(self.broker.connections)):
-            ident = conn.ident or ""
+            ident = conn.session.ident or ""
             if not q or q in ident or q in conn.peer:
                 rows.append((ident, conn.peer, conn))
         rows.sort(key=itemgetter(0, 1))
         out = []
         for _, _, conn in rows[offset : offset + limit]:
-            transport = conn.transport
+            session = conn.session
             out.append(
                 {
-                    "id": str(id(conn)),
+                    "id": str(conn.id),
                     "peer": conn.peer,
-                    "ident": conn.ident,
-                    "owner": conn.owner,
+                    "ident": session.ident,
+                    "owner": session.owner,
                     "since": conn.connected_at,
-                    "tls": transport is not None and transport.get_extra_info("ssl_object") is not None,
-                    "subscriptions": sorted(c.decode("utf-8", "backslashreplace") for c in conn.subscriptions),
+                    "tls": conn.tls,
+                    "subscriptions": sorted(c.decode("utf-8", "backslashreplace") for c in session.subscriptions),
                     "publish": {
                         c.decode("utf-8", "backslashreplace"): {"messages": st.count, "bytes": st.bytes}
-                        for c, st in list(conn.publish_stats.items())
+                        for c, st in list(session.publish_stats.items())
                     },
                     "received_bytes": conn.received_bytes,
                     "sent_bytes": conn.sent_bytes,
@@ -417,8 +401,8 @@ class Console:
         self._admin(request)
         body = await self._body(request)
         async for conn in _slices(list(self.broker.connections)):
-            if str(id(conn)) == body.get("id"):
-                self.audit(request, f"disconnected {conn.peer}", ident=conn.ident)
+            if str(conn.id) == body.get("id"):
+                self.audit(request, f"disconnected {conn.peer}", ident=conn.session.ident)
                 conn.close(CloseReason.KICKED, "disconnected by an operator")
                 return _json({"closed": conn.peer})
         return _error(404, "no such connection")
@@ -438,8 +422,9 @@ class Console:
         owners, _ = await self._key_index()
         live: dict[str, list[str]] = {}
         async for conn in _slices(list(self.broker.connections)):
-            if conn.ident is not None:
-                live.setdefault(conn.ident, []).append(conn.peer)
+            ident = conn.session.ident
+            if ident is not None:
+                live.setdefault(ident, []).append(conn.peer)
         tracker = self.tracker
         # Idents with something to show (connected, published or seen since the
         # console started) get a row each. The rest, keys never seen (most of a
@@ -530,7 +515,7 @@ class Console:
         offset, limit = _page(request)
         _, key_channels = await self._key_index()
         pairs = list(self.tracker.pairs.items())
-        conns = [c for c in self.broker.connections if c.ident is not None]
+        conns = [c for c in self.broker.connections if c.session.ident is not None]
         used: dict[Any, tuple[list[str], list[str]]] = {}  # conn -> its channels as text
         names = set(key_channels)
         names.update(channel for (_, channel), _ in pairs)
@@ -538,8 +523,8 @@ class Console:
             if start:
                 await asyncio.sleep(0)
             for conn in conns[start : start + SLICE]:
-                subscribed = [c.decode("utf-8", "backslashreplace") for c in conn.subscriptions]
-                published = [c.decode("utf-8", "backslashreplace") for c in conn.publish_stats]
+                subscribed = [c.decode("utf-8", "backslashreplace") for c in conn.session.subscriptions]
+                published = [c.decode("utf-8", "backslashreplace") for c in conn.session.publish_stats]
                 used[conn] = (subscribed, published)
                 names.update(subscribed)
                 names.update(published)
@@ -563,10 +548,10 @@ class Console:
         for conn, (subscribed, published) in used.items():
             for c in subscribed:
                 if c in chans:
-                    chans[c]["subscribers"].add(conn.ident)
+                    chans[c]["subscribers"].add(conn.session.ident)
             for c in published:
                 if c in chans:
-                    chans[c]["publishers"].add(conn.ident)
+                    chans[c]["publishers"].add(conn.session.ident)
         out = []
         for name in page:
             e = chans[name]

@@ -1,10 +1,13 @@
 """The console's one way into the key store: the layer ``hpfeeds-broker keys`` uses.
 
-Every key-store call of the console is here. Stores are synchronous, so each
-operation opens the store, does one thing and closes it on a worker thread,
-exactly as one ``keys`` command would; the broker's change detection (sqlite
-poll, JSON watch, PostgreSQL notify) then applies the change to live sessions,
-and ``ConsoleKeys`` also asks the broker to re-check the ident at once.
+Every key-store call of the console is here. The store's writer (the object
+``hpfeeds-broker keys`` uses, ``auth.base.KeyWriter``) is opened once, at the
+first call, and its coroutines are awaited on the broker's loop, one
+operation at a time (sqlite's run on a worker thread, PostgreSQL's are
+asynchronous, JSON's read and write one small file); ``close`` closes it when
+the console stops. The broker's change detection (sqlite poll, JSON watch,
+PostgreSQL notify) then applies a change to live sessions, and ``ConsoleKeys``
+also asks the broker to re-check the ident at once.
 
 The store written is the first ``--auth`` that can be written (sqlite, JSON or
 PostgreSQL); with only ``env`` the keys are read-only.
@@ -13,14 +16,13 @@ PostgreSQL); with only ``env`` the keys are read-only.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
-from ..auth.base import AccessKey, BadArguments, KeyStoreError, NoSuchIdent, check_channels, make_key
+from ..auth.base import AccessKey, BadArguments, KeyStoreError, KeyWriter, NoSuchIdent, check_channels, make_key
 from ..auth.records import generate_secret
-from ..auth.spec import parse_spec
-from ..keys import BlockingStore, open_store
+from ..auth.spec import backend, open_backend, parse_spec
 
 __all__ = ["ConsoleKeys", "KeyStoreError", "ReadOnlyKeys"]
 
@@ -35,7 +37,7 @@ def writable_spec(auth_specs: Iterable[str]) -> str | None:
             kind = parse_spec(spec).kind
         except BadArguments:
             continue
-        if kind != "env":
+        if backend(kind).writable:
             return spec
     return None
 
@@ -48,21 +50,30 @@ class ConsoleKeys:
     def __init__(self, auth_specs: Iterable[str], recheck: Callable[[set[str]], None]) -> None:
         self.spec = writable_spec(auth_specs)
         self._recheck = recheck
+        self._store: KeyWriter | None = None
+        self._one_at_a_time = asyncio.Lock()
 
     @property
     def writable(self) -> bool:
         return self.spec is not None
 
-    async def _run(self, op: Callable[[BlockingStore], Any]) -> Any:
+    async def _run(self, op: Callable[[KeyWriter], Awaitable[Any]]) -> Any:
         spec = self.spec
         if spec is None:
             raise ReadOnlyKeys("no writable key store: --auth is env only")
+        async with self._one_at_a_time:
+            store = self._store
+            if store is None:
+                store = open_backend(parse_spec(spec))
+                await store.open(create=False)  # a failure is tried again at the next call
+                self._store = store
+            return await op(store)
 
-        def work() -> Any:
-            with open_store(spec) as store:
-                return op(store)
-
-        return await asyncio.to_thread(work)
+    async def close(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            async with self._one_at_a_time:
+                await store.close()
 
     async def all(self) -> list[AccessKey]:
         if self.spec is None:
@@ -103,11 +114,11 @@ class ConsoleKeys:
         return key
 
     async def remove(self, ident: str) -> AccessKey:
-        def remove(store: BlockingStore) -> AccessKey:
-            key = store.get(ident)
+        async def remove(store: KeyWriter) -> AccessKey:
+            key = await store.get(ident)
             if key is None:
                 raise NoSuchIdent(ident)
-            store.remove(ident)
+            await store.remove(ident)
             return key
 
         key: AccessKey = await self._run(remove)

@@ -2,17 +2,17 @@
 
 Two feeds, neither on the message hot path:
 
-- a ``logging.Handler`` on the ``hpfeeds3.broker`` logger sees every
-  connection event the broker logs anyway (``event=connected``,
-  ``authenticated``, ``closed``, ``auth_failed``, ``auth_blocked``,
-  ``slow_consumer``, ``revoked``, and the console's own ``admin_change``); the
-  notable ones go into a ring of at most ``MAX_EVENTS``, and connects and
-  closes mark when an ident was last seen;
+- ``observe`` is an observer of the broker's typed events (``events.py``,
+  ``Broker.observe``): the notable ones (failed AUTHs, blocks, slow consumers,
+  revocations, and the console's own changes and failed logins) go into a
+  ring of at most ``MAX_EVENTS``, and authentications and closes mark when an
+  ident was last seen;
 - ``poll()`` (every ``POLL_S``) reads each connection's per-channel publish
   counters (kept by the broker for its metrics) and adds what grew since the
   last poll to one-minute buckets (at most 60 per pair), from which come the
   messages in the last 5 minutes and the last hour: no per-message work is
-  added. ``closed()`` reads a connection once more as it closes.
+  added. A ``Closed`` event carries the connection's final counters: it is
+  read once more as it closes.
 
 Memory is bounded: at most ``MAX_PAIRS`` (ident, channel) pairs and
 ``MAX_IDENTS`` idents are remembered; the least recently active go first.
@@ -25,10 +25,11 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..logs import field_value
+from ..events import Closed, Event, Kind
 
 if TYPE_CHECKING:
     from ..state import Broker
@@ -47,7 +48,9 @@ POLL_SLICE = 200
 BUCKETS = 60
 
 # Events shown in the Events view (connects and clean closes are too many).
-NOTABLE = frozenset({"auth_failed", "auth_blocked", "slow_consumer", "revoked", "admin_change", "admin_login_failed"})
+NOTABLE = frozenset(
+    {Kind.AUTH_FAILED, Kind.AUTH_BLOCKED, Kind.SLOW_CONSUMER, Kind.REVOKED, Kind.ADMIN_CHANGE, Kind.ADMIN_LOGIN_FAILED}
+)
 
 
 @dataclass(slots=True)
@@ -83,9 +86,8 @@ class Activity:
         return {"last_publish": self.last_publish or None, "last_5m": last_5m, "last_1h": last_1h}
 
 
-class Tracker(logging.Handler):
+class Tracker:
     def __init__(self, broker: Broker) -> None:
-        super().__init__(level=logging.INFO)
         self.broker = broker
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self.last_seen: OrderedDict[str, float] = OrderedDict()
@@ -94,47 +96,38 @@ class Tracker(logging.Handler):
         self.channels_of: dict[str, dict[str, None]] = {}  # ident → its channels in pairs
         self._seq = 0
         self._primed = False
-        # Per connection: its publish count per channel at the last poll.
-        self._counted: dict[Any, dict[bytes, int]] = {}
+        # Per connection id: its publish count per channel at the last poll.
+        self._counted: dict[int, dict[bytes, int]] = {}
 
-    # --- the log feed ------------------------------------------------------------
+    # --- the event feed ------------------------------------------------------------
 
-    def emit(self, record: logging.LogRecord) -> None:
-        event = getattr(record, "event", None)
-        if event is None:
-            return
-        try:
-            self._record(str(event), record)
-        except Exception:  # never let the console break the broker's logging
-            self.handleError(record)
-
-    def _record(self, event: str, record: logging.LogRecord) -> None:
-        # Every handshake logs three records: keep their path short.
-        if event == "connected":
+    def observe(self, event: Event) -> None:
+        """A broker event (an observer registered with ``Broker.observe``)."""
+        # Every handshake makes three events: keep their path short.
+        kind = event.kind
+        if kind is Kind.CONNECTED:
             return  # the connection holds its own connect time
-        now = record.created
-        ident_s = _opt(getattr(record, "ident", None))
-        if ident_s is not None and (event == "authenticated" or event == "closed"):
-            self.seen(ident_s, now)
-        if event == "auth_failed" and ident_s is None and record.args:
-            # The failed ident is the message's first argument (already escaped).
-            args = record.args if isinstance(record.args, tuple) else (record.args,)
-            ident_s = str(args[0])
-        if event in NOTABLE:
-            peer_s = _opt(getattr(record, "peer", None))
+        now = time.time()
+        if kind is Kind.AUTHENTICATED or kind is Kind.CLOSED:
+            ident = event.ident
+            if ident is not None:
+                self.seen(ident, now)
+            if type(event) is Closed:
+                self.closed(event)
+            return
+        if kind in NOTABLE:
             self._seq += 1
-            reason = getattr(record, "reason", None)
             self.events.append(
                 {
                     "id": self._seq,
                     "time": now,
-                    "event": event,
-                    "level": record.levelname.lower(),
-                    "peer": peer_s,
-                    "ident": ident_s,
-                    "channel": _opt(getattr(record, "channel", None)),
-                    "reason": _opt(reason),
-                    "message": record.getMessage(),
+                    "event": kind.value,
+                    "level": logging.getLevelName(event.level).lower(),
+                    "peer": event.peer,
+                    "ident": event.ident,
+                    "channel": event.channel,
+                    "reason": event.reason,
+                    "message": event.text(),
                 }
             )
 
@@ -158,46 +151,47 @@ class Tracker(logging.Handler):
         between, so 10,000 connections never stall message delivery for long.
         Each connection's counts are compared with its own counts at the last
         poll, so a slice boundary cannot count a message twice; a connection
-        that closed is read as it closes (``closed``, a hook of the broker's close).
+        that closed is read as it closes (``closed``, on its ``Closed`` event).
         """
         conns = list(self.broker.connections)
         for start in range(0, len(conns), POLL_SLICE):
             if start:
                 await asyncio.sleep(0)
             self.scan(conns[start : start + POLL_SLICE], now)
-        live = self.broker.connections
-        gone = [c for c in self._counted if c not in live]
-        self.scan(gone, now)
-        for conn in gone:
-            del self._counted[conn]
+        live = {c.id for c in conns}  # forget any whose Closed event never came
+        for conn_id in [i for i in self._counted if i not in live]:
+            del self._counted[conn_id]
         self._primed = True
 
-    def closed(self, conn: Any) -> None:
-        """``conn`` is closing: count what it published since the last poll, now
+    def closed(self, event: Closed, now: float | None = None) -> None:
+        """A connection closed: count what it published since the last poll, now
         (one that lived between two polls would otherwise never be read)."""
-        self.scan([conn])
-        self._counted.pop(conn, None)
+        if event.who is not None:
+            self._count(event.conn_id, event.who, event.published, time.time() if now is None else now)
+        self._counted.pop(event.conn_id, None)
 
     def scan(self, conns: list[Any], now: float | None = None) -> None:
         now = time.time() if now is None else now
-        minute = int(now // 60)
-        counted = self._counted
         for conn in conns:
-            ident = conn.ident
-            if ident is None:
+            session = conn.session
+            ident = session.ident
+            if ident is not None:
+                self._count(conn.id, ident, session.publish_stats, now)
+
+    def _count(self, conn_id: int, ident: str, published: Mapping[bytes, Any], now: float) -> None:
+        minute = int(now // 60)
+        last = self._counted.get(conn_id)
+        if last is None:
+            last = self._counted[conn_id] = {}
+        for chan, st in list(published.items()):
+            count = st.count
+            before = last.get(chan)
+            if before == count:
                 continue
-            last = counted.get(conn)
-            if last is None:
-                last = counted[conn] = {}
-            for chan, st in list(conn.publish_stats.items()):
-                count = st.count
-                before = last.get(chan)
-                if before == count:
-                    continue
-                last[chan] = count
-                if before is None and not self._primed:
-                    continue  # published before the console started: no minute
-                self._add(ident, chan, count - (before or 0), minute, now)
+            last[chan] = count
+            if before is None and not self._primed:
+                continue  # published before the console started: no minute
+            self._add(ident, chan, count - (before or 0), minute, now)
 
     def _add(self, ident: str, chan: bytes, delta: int, minute: int, now: float) -> None:
         channel = chan.decode("utf-8", "backslashreplace")
@@ -236,9 +230,3 @@ class Tracker(logging.Handler):
             if act is not None:
                 out[channel] = act.view(minute)
         return out
-
-
-def _opt(value: object) -> str | None:
-    if value is None or type(value) is str:
-        return value  # type: ignore[return-value]
-    return field_value(value)

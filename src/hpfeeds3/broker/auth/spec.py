@@ -9,8 +9,10 @@
 ==============================  ===============================================
 
 A spec is taken as written: no surrounding spaces, no empty path. Adding a
-backend is one module, and one line in ``_BACKENDS`` naming how its spec
-looks and where its class is.
+backend is one module, and one ``Backend`` in ``BACKENDS`` naming how its spec
+looks, where its class is, and the forms its spec takes, from which the
+accepted forms of every error and the ``--auth`` help of ``hpfeeds-broker``
+are derived.
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ from typing import Any
 from ..redact import redact_url
 from .base import BadSpec, KeyReader
 from .sqlite import DEFAULT_PATH
-
-ACCEPTED = "sqlite, sqlite:PATH, env, PATH.json or postgresql://user:password@host:port/db"
 
 
 def _sqlite(spec: str) -> str | None:
@@ -49,19 +49,75 @@ def _json(spec: str) -> str | None:
     return spec if spec.lower().endswith(".json") and spec.strip() == spec else None
 
 
-# One line per backend: its kind, how a spec names it (the target, or None),
-# and "module:Class", imported only when used (asyncpg only for PostgreSQL).
-_BACKENDS: tuple[tuple[str, Callable[[str], str | None], str], ...] = (
-    ("sqlite", _sqlite, "sqlite:SqliteStore"),
-    ("env", _env, "env:EnvStore"),
-    ("postgresql", _postgresql, "postgres:PostgresStore"),
-    ("json", _json, "jsonfile:JsonStore"),
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """One key store: its kind, how a spec names it (the target, or None), where its
+    class is ("module:Class", imported only when used: asyncpg only for PostgreSQL),
+    whether ``keys`` and the console can write it, and its spec forms with a line each."""
+
+    kind: str
+    match: Callable[[str], str | None]
+    where: str
+    writable: bool
+    forms: tuple[tuple[str, str], ...]
+
+
+BACKENDS: tuple[Backend, ...] = (
+    Backend(
+        "sqlite",
+        _sqlite,
+        "sqlite:SqliteStore",
+        True,
+        (
+            ("sqlite", "./sqlite.db, the reference broker's authkeys table (default)"),
+            ("sqlite:PATH", "another sqlite file"),
+        ),
+    ),
+    Backend(
+        "env",
+        _env,
+        "env:EnvStore",
+        False,
+        (("env", "HPFEEDS_<IDENT>_SECRET, _PUBCHANS, _SUBCHANS, _OWNER (ident lower-case)"),),
+    ),
+    Backend(
+        "postgresql",
+        _postgresql,
+        "postgres:PostgresStore",
+        True,
+        (("postgresql://user:password@host:port/db", "a shared PostgreSQL store"),),
+    ),
+    Backend(
+        "json",
+        _json,
+        "jsonfile:JsonStore",
+        True,
+        (("PATH.json", '{"ident": {"owner", "secret", "pubchans", "subchans"}}, reloaded on change'),),
+    ),
 )
+_ORDER = ("sqlite", "env", "json", "postgresql")  # as the forms are listed to people
+_FORMS = [form for kind in _ORDER for b in BACKENDS if b.kind == kind for form in b.forms]
+ACCEPTED = ", ".join(f for f, _ in _FORMS[:-1]) + f" or {_FORMS[-1][0]}"
+
+
+def backend(kind: str) -> Backend:
+    return next(b for b in BACKENDS if b.kind == kind)
+
+
+def forms_help(indent: str = "  ", width: int = 20) -> str:
+    """The spec forms, one line each (a long form on a line of its own), for a --help epilog."""
+    lines = []
+    for form, what in _FORMS:
+        if len(form) < width:
+            lines.append(f"{indent}{form:<{width}}{what}")
+        else:
+            lines += [f"{indent}{form}", f"{indent}{'':<{width}}{what}"]
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True, slots=True)
 class StoreSpec:
-    kind: str  # a kind of _BACKENDS
+    kind: str  # a kind of BACKENDS
     target: str  # a path, a DSN, or "" for env
 
     def describe(self) -> str:
@@ -70,10 +126,10 @@ class StoreSpec:
 
 def parse_spec(spec: str) -> StoreSpec:
     """Parse one store spec; ``BadSpec`` (a ``ConfigError``) names the accepted forms."""
-    for kind, match, _where in _BACKENDS:
-        target = match(spec)
+    for b in BACKENDS:
+        target = b.match(spec)
         if target is not None:
-            return StoreSpec(kind, target)
+            return StoreSpec(b.kind, target)
     raise BadSpec(f"unknown store {redact_url(spec)!r}: expected {ACCEPTED}")
 
 
@@ -84,8 +140,7 @@ def open_backend(spec: str | StoreSpec, *, poll_s: float = 1.0) -> Any:
     often a polled store (sqlite) checks for changes.
     """
     parsed = parse_spec(spec) if isinstance(spec, str) else spec
-    where = next(where for kind, _match, where in _BACKENDS if kind == parsed.kind)
-    module_name, _, class_name = where.partition(":")
+    module_name, _, class_name = backend(parsed.kind).where.partition(":")
     cls = getattr(importlib.import_module(f"{__package__}.{module_name}"), class_name)
     return cls.from_spec(parsed.target, poll_s=poll_s)
 

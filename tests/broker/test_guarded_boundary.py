@@ -1,0 +1,332 @@
+"""One guarded boundary: every asyncio callback and timer target of a Connection.
+
+Faults are injected into a real in-process broker (raw-socket clients): a bug
+in any entry point closes that connection alone with ``internal_error``; the
+subscriber's hard bound holds whatever its backlog timer does; the broker's
+per-connection loops (revocation, shutdown, partial-frame accounting) isolate
+each connection. A source check enumerates the Protocol methods and timer
+targets and fails if one is not wrapped.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import inspect
+import struct
+import threading
+import time
+from pathlib import Path
+
+import hpfeeds3.broker.connection as connection_module
+import hpfeeds3.broker.state as state_module
+from hpfeeds3.broker import metrics
+from hpfeeds3.broker.config import Limits
+from hpfeeds3.broker.connection import Connection
+from hpfeeds3.broker.policies import ReceiveRate
+from hpfeeds3.broker.session import Session
+from hpfeeds3.broker.state import Broker
+
+from ..support.broker import RawClient
+from .test_internal_errors import ERROR_TEXT, broker_in_thread, closed_internal, confirmed_subscriber, counted
+
+MiB = 1024 * 1024
+PROTOCOL_METHODS = (
+    "connection_made",
+    "data_received",
+    "eof_received",
+    "connection_lost",
+    "pause_writing",
+    "resume_writing",
+)
+
+
+def _wait(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _conn_of(broker: Broker, ident: str) -> list[Connection]:
+    return [c for c in list(broker.connections) if c.session.ident == ident]
+
+
+def _stalled_subscriber(broker: Broker, port: int) -> RawClient:
+    """``bad`` subscribed to chan1 with a 4 KiB receive window, never reading."""
+    stalled = RawClient(port, rcvbuf=4096).auth("bad", "b")
+    stalled.subscribe("chan1")
+    assert _wait(lambda: any(b"chan1" in c.session.subscriptions for c in _conn_of(broker, "bad")))
+    return stalled
+
+
+def _open(broker: Broker, ident: str) -> list[Connection]:
+    """``ident``'s connections not closed yet (a closed one may linger a moment)."""
+    return [c for c in _conn_of(broker, ident) if c.session.close_reason is None]
+
+
+def _flood_until_gone(broker: Broker, port: int, ident: str, limit_bytes: int, watched: threading.Event) -> int:
+    """Publish 64 KiB messages on chan1 until ``ident``'s connection is gone or
+    ``limit_bytes`` were published; returns the bytes published. First a backlog
+    (over the transport's high-water mark, under the hard bound) until the
+    backlog watch has run once (``watched``)."""
+    payload = b"x" * 65536
+    sent = 0
+    with RawClient(port).auth("alice", "a") as pub:
+        while not watched.wait(0.02):
+            assert sent < 12 * MiB, "the backlog watch never ran"
+            pub.publish("chan1", payload)
+            sent += len(payload)
+        while _open(broker, ident) and sent < limit_bytes:
+            pub.publish("chan1", payload)
+            sent += len(payload)
+            if sent % (1 * MiB) == 0:
+                time.sleep(0.01)  # let the broker's loop run the timers
+        _wait(lambda: not _open(broker, ident), 5.0)
+    return sent
+
+
+def test_a_fault_in_the_backlog_watch_does_not_lift_the_hard_bound(tmp_path, monkeypatch) -> None:
+    """The watch fails after clearing its timer: the subscriber is closed, not left
+    open with its queue growing past the hard bound."""
+
+    watched = threading.Event()
+
+    def faulty_watch(self: Connection) -> None:
+        self._backlog_timer = None  # as the real watch does first
+        watched.set()
+        raise RuntimeError("injected fault in the backlog watch")
+
+    monkeypatch.setattr(Connection, "_watch_backlog", faulty_watch)
+    limits = Limits(send_buffer_hard_bytes=16 * MiB, send_buffer_soft_bytes=1000, shutdown_drain_s=0.5)
+    with broker_in_thread(tmp_path, limits) as (broker, port):
+        stalled = _stalled_subscriber(broker, port)
+        sent = _flood_until_gone(broker, port, "bad", 60 * MiB, watched)
+        assert not _open(broker, "bad"), f"subscriber still open after {sent} bytes over a 16 MiB hard bound"
+        stalled.close()
+
+
+def test_the_hard_bound_holds_when_the_backlog_watch_never_runs_again(tmp_path, monkeypatch) -> None:
+    """A watch that stops itself without a fault (a bug that returns early): the
+    hard bound is checked at every delivery all the same."""
+
+    watched = threading.Event()
+
+    def silent_watch(self: Connection) -> None:
+        self._backlog_timer = None
+        watched.set()
+
+    monkeypatch.setattr(Connection, "_watch_backlog", silent_watch)
+    before = metrics.CONNECTIONS_CLOSED.labels("slow_consumer")._value.get()
+    limits = Limits(send_buffer_hard_bytes=16 * MiB, shutdown_drain_s=0.5)
+    with broker_in_thread(tmp_path, limits) as (broker, port):
+        stalled = _stalled_subscriber(broker, port)
+        sent = _flood_until_gone(broker, port, "bad", 60 * MiB, watched)
+        assert not _open(broker, "bad"), f"subscriber still open after {sent} bytes over a 16 MiB hard bound"
+        assert sent < 40 * MiB
+        assert _wait(lambda: metrics.CONNECTIONS_CLOSED.labels("slow_consumer")._value.get() == before + 1)
+        stalled.close()
+
+
+class _Faulty:
+    """A metric family whose child raises: a fault inside a callback's own code."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def labels(self, *args: object) -> object:
+        raise RuntimeError(f"injected fault in {self.what}")
+
+
+def test_a_fault_in_pause_writing_closes_that_subscriber_alone(tmp_path, monkeypatch) -> None:
+    limits = Limits(send_buffer_hard_bytes=16 * MiB, shutdown_drain_s=0.5)
+    with broker_in_thread(tmp_path, limits) as (broker, port):
+        good = confirmed_subscriber(port, "alice", "a")
+        stalled = _stalled_subscriber(broker, port)
+        monkeypatch.setattr(metrics, "SEND_BUFFER_DEADLINE_START", _Faulty("pause_writing"))
+        before = closed_internal()
+        payload = b"y" * 65536
+        sent = 0
+        with RawClient(port).auth("alice", "a") as pub:
+            while _open(broker, "bad") and sent < 60 * MiB:
+                pub.publish("chan1", payload)
+                sent += len(payload)
+                assert good.messages(1)[0].payload == payload  # the good one keeps up
+        assert not _open(broker, "bad"), f"subscriber still open after {sent} bytes over a 16 MiB hard bound"
+        assert sent < 40 * MiB
+        assert counted(before + 1)
+        good.close()
+        stalled.close()
+
+
+def test_a_fault_in_connection_made_closes_that_connection_alone(tmp_path, monkeypatch) -> None:
+    with broker_in_thread(tmp_path) as (broker, port):
+        sub = confirmed_subscriber(port, "alice", "a")
+        before = closed_internal()
+        monkeypatch.setattr(connection_module, "address_group", _raise("connection_made"))
+        with RawClient(port) as victim:
+            victim.sock.settimeout(5)
+            frames = victim.expect_closed()
+            assert [getattr(f, "message", None) for f in frames][-1:] == [ERROR_TEXT]
+        assert counted(before + 1)
+        monkeypatch.undo()
+        with RawClient(port).auth("alice", "a") as pub:
+            pub.publish("chan1", b"still")
+            assert sub.messages(1)[0].payload == b"still"
+        assert _wait(lambda: len(broker.connections) == 1)  # the victim left no trace
+        sub.close()
+
+
+def _raise(what: str):
+    def fault(*args: object, **kwargs: object) -> object:
+        raise RuntimeError(f"injected fault in {what}")
+
+    return fault
+
+
+def test_recheck_isolates_each_connection(tmp_path, monkeypatch) -> None:
+    """A fault while applying a key change to one connection closes it alone; the
+    others of the same ident are still re-checked."""
+    with broker_in_thread(tmp_path) as (broker, port):
+        subs = [confirmed_subscriber(port, "alice", "a") for _ in range(3)]
+        assert _wait(lambda: len(_conn_of(broker, "alice")) == 3)  # the probes are gone
+        conns = _conn_of(broker, "alice")
+        victim = conns[0]
+        real = Session.apply_key
+
+        def faulty_apply(self: Session, key):  # type: ignore[no-untyped-def]
+            if self is victim.session:
+                raise RuntimeError("injected fault in a recheck")
+            return real(self, key)
+
+        monkeypatch.setattr(Session, "apply_key", faulty_apply)
+        before = closed_internal()
+        done = asyncio.run_coroutine_threadsafe(broker.recheck({"alice"}), broker.loop)
+        done.result(10)  # the fault does not escape the recheck
+        assert counted(before + 1)
+        assert victim not in broker.connections
+        assert all(c in broker.connections for c in conns[1:])
+        for s in subs:
+            s.close()
+
+
+def test_drain_and_close_isolates_each_connection(tmp_path, monkeypatch) -> None:
+    with broker_in_thread(tmp_path) as (broker, port):
+        subs = [confirmed_subscriber(port, "alice", "a") for _ in range(3)]
+        assert _wait(lambda: len(_conn_of(broker, "alice")) == 3)  # the probes are gone
+        victim = _conn_of(broker, "alice")[0]
+        real = Connection.write_buffer_size
+
+        def faulty_size(self: Connection) -> int:
+            if self is victim:
+                raise RuntimeError("injected fault in shutdown")
+            return real(self)
+
+        monkeypatch.setattr(Connection, "write_buffer_size", faulty_size)
+        done = asyncio.run_coroutine_threadsafe(broker.drain_and_close(0.2), broker.loop)
+        done.result(10)
+        assert _wait(lambda: not broker.connections)
+        for s in subs:
+            assert s.expect_closed(5) is not None
+            s.close()
+
+
+def _fail_to_close(monkeypatch, victim: Connection, what: str) -> None:
+    """``victim.close`` raises; every other connection closes as usual."""
+    real = Connection.close
+
+    def faulty_close(self: Connection, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self is victim:
+            raise RuntimeError(f"injected fault in {what}")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Connection, "close", faulty_close)
+
+
+def test_hold_partial_isolates_each_connection(tmp_path, monkeypatch) -> None:
+    """Past the partial-frame bound the largest holder is closed; a fault while
+    closing it closes it alone (internal_error), not the connection whose read
+    went over the bound."""
+    limits = Limits(max_partial_frames_bytes=100_000, shutdown_drain_s=0.5)
+    header = struct.pack(">IB", 200_000, 3)  # a PUBLISH declaring 200,000 bytes
+    with broker_in_thread(tmp_path, limits) as (broker, port):
+        first = RawClient(port).auth("alice", "a")
+        first.send(header + b"\x05alice" + b"z" * 60_000)
+        assert _wait(lambda: broker.partial_bytes >= 60_000)
+        victim = next(iter(broker.partial_holders))
+        _fail_to_close(monkeypatch, victim, "closing a holder")
+        before = closed_internal()
+        second = RawClient(port).auth("alice", "a")
+        second.send(header + b"\x05alice" + b"z" * 50_000)
+        assert counted(before + 1)
+        assert _wait(lambda: victim not in broker.connections)
+        assert len(_conn_of(broker, "alice")) == 1  # the second holder is within the bound: still open
+        assert broker.partial_bytes <= 100_000
+        first.close()
+        second.close()
+
+
+def test_a_fault_while_evicting_closes_the_evicted_connection_alone(tmp_path, monkeypatch) -> None:
+    """At the per-address pre-auth bound the oldest is closed to admit the newcomer;
+    a fault while closing it closes that one (internal_error), not the newcomer."""
+    limits = Limits(max_unauthenticated_per_address=2, shutdown_drain_s=0.5)
+    with broker_in_thread(tmp_path, limits) as (broker, port):
+        oldest = RawClient(port)
+        oldest.read_info()
+        second = RawClient(port)
+        second.read_info()
+        assert _wait(lambda: len(broker.connections) == 2)
+        victim = min(broker.connections, key=lambda c: c.id)
+        _fail_to_close(monkeypatch, victim, "evicting")
+        before = closed_internal()
+        with RawClient(port) as newcomer:
+            newcomer.read_info()
+            assert counted(before + 1)
+            assert victim not in broker.connections
+            newcomer.auth("alice", "a")
+            newcomer.publish("chan1", b"in")  # served: not closed by the fault
+            assert _wait(lambda: any(c.session.ident == "alice" for c in list(broker.connections)))
+        for c in (oldest, second):
+            c.close()
+
+
+def test_a_fault_in_the_receive_deadline_timer_closes_that_connection_alone(tmp_path, monkeypatch) -> None:
+    """A timer target (the receive-rate deadline) that raises: internal_error for
+    its connection, the others served."""
+    monkeypatch.setattr(state_module, "PARTIAL_FRAME_GRACE_S", 0.2)
+    monkeypatch.setattr(ReceiveRate, "error", _raise("the receive deadline"))
+    with broker_in_thread(tmp_path) as (_broker, port):
+        sub = confirmed_subscriber(port, "alice", "a")
+        before = closed_internal()
+        with RawClient(port).auth("alice", "a") as trickler:
+            trickler.send(struct.pack(">IB", 1000, 3) + b"\x05alice")  # a frame begun, never finished
+            assert [getattr(f, "message", None) for f in trickler.expect_closed(10)] == [ERROR_TEXT]
+        assert counted(before + 1)
+        with RawClient(port).auth("alice", "a") as pub:
+            pub.publish("chan1", b"still")
+            assert sub.messages(1)[0].payload == b"still"
+        sub.close()
+
+
+def test_every_protocol_method_and_timer_target_is_guarded() -> None:
+    for name in PROTOCOL_METHODS:
+        method = getattr(Connection, name)
+        assert getattr(method, "__guarded__", None), f"Connection.{name} is not wrapped by the boundary"
+    # Timers: every call_later / call_soon in connection.py is inside the one
+    # helper that wraps its target.
+    source = Path(inspect.getsourcefile(connection_module) or "").read_text()
+    tree = ast.parse(source)
+    allowed = {"_call_later", "_call_soon"}
+    for func in ast.walk(tree):
+        if not isinstance(func, ast.FunctionDef):
+            continue
+        for node in ast.walk(func):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("call_later", "call_soon", "call_at")
+                and func.name not in allowed
+            ):
+                raise AssertionError(f"{func.name} schedules a timer outside the guarded helpers")

@@ -116,6 +116,23 @@ def test_messages_come_back_in_order_in_bounded_chunks(open_log: OpenLog) -> Non
     assert got == list(range(33, sent))
 
 
+def test_a_chunk_gathers_many_small_records_up_to_its_bound(open_log: OpenLog) -> None:
+    log = open_log()
+    log.follow("collector", CHANNEL)
+    for i in range(300):
+        log.append(CHANNEL, message(i), 1)  # one record each
+    assert log.sync()
+    reader = log.open_reader(CHANNEL, 0)
+    frame = len(message(0))
+    chunk = reader.read(100 * frame)
+    assert chunk is not None and chunk.frames == 100 and len(chunk.data) == 100 * frame
+    assert numbers(chunk.data) == list(range(100))
+    chunk = reader.read(1 << 20)
+    assert chunk is not None and numbers(chunk.data) == list(range(100, 300))
+    assert reader.read(1 << 20) is None
+    reader.close()
+
+
 def test_a_reader_that_caught_up_gets_what_is_written_later(open_log: OpenLog) -> None:
     log = open_log()
     log.follow("collector", CHANNEL)
@@ -226,6 +243,25 @@ def test_max_bytes_drops_the_oldest_for_that_key_only_counted_exactly(open_log: 
     assert away.dropped + len(got) == total
     assert away.messages == total - position
     assert log.backlog("reading").dropped == 0
+
+
+def test_a_reader_whose_segments_are_dropped_under_it_goes_on_and_counts_them(open_log: OpenLog) -> None:
+    log = open_log(segment_bytes=8192, max_bytes=32 * 1024)
+    log.follow("away", CHANNEL)
+    total = 1000
+    for i in range(0, total, 10):
+        append_run(log, i, 10)
+    assert log.sync()
+    reader = log.open_reader(CHANNEL, 0)
+    first = reader.read(2000)
+    assert first is not None
+    got = numbers(first.data)
+    assert log.maintain() and log.backlog("away").dropped > len(got)  # segments ahead of the reader deleted
+    while (chunk := reader.read(2000)) is not None:
+        got.extend(numbers(chunk.data))
+    reader.close()
+    assert got == sorted(set(got)) and got[-1] == total - 1
+    assert len(got) + reader.skipped == total  # every message read or counted as passed over, never both
 
 
 def test_max_age_drops_old_segments_for_every_key_counted_exactly(open_log: OpenLog, clock: Clock) -> None:

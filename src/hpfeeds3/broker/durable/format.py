@@ -103,11 +103,14 @@ def decode_header(raw: bytes) -> RecordHeader | None:
     return RecordHeader(length, first_seq, count, time_ms, crc)
 
 
-def check_record(raw_header: bytes, header: RecordHeader, payload: bytes) -> bool:
+Bytes = bytes | bytearray | memoryview
+
+
+def check_record(raw_header: bytes, header: RecordHeader, payload: Bytes) -> bool:
     return len(payload) == header.length and zlib.crc32(payload, zlib.crc32(raw_header[:_CRC_OFFSET])) == header.crc
 
 
-def frame_ends(data: bytes, start: int = 0) -> Iterator[int]:
+def frame_ends(data: Bytes, start: int = 0) -> Iterator[int]:
     """The offset after each hpfeeds frame in ``data`` (whole frames, as the broker received them)."""
     end = len(data)
     at = start

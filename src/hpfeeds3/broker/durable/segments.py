@@ -53,6 +53,7 @@ from .format import (
     CHANNEL_FILE,
     HEADER_BYTES,
     INDEX_EVERY_BYTES,
+    RecordHeader,
     channel_dirname,
     check_record,
     decode_header,
@@ -72,6 +73,8 @@ POSITIONS_FILE = "positions.json"
 LOG_EVERY_S = 60.0
 # Bound applied and files checked at least this often even when sync_interval_s is shorter.
 MAINTENANCE_EVERY_S = 1.0
+# A reader holds this much of a segment in memory (or one record, when larger).
+READ_BLOCK_BYTES = 256 * 1024
 # How long close() waits for the writer to write what is queued.
 CLOSE_TIMEOUT_S = 30.0
 
@@ -705,19 +708,23 @@ def _needed(segments: list[Segment], position: int) -> list[Segment]:
 
 
 class SegmentReader:
-    """Reads a channel's log from ``start``, one record in memory at a time."""
+    """Reads a channel's log from ``start`` in blocks: at most ``READ_BLOCK_BYTES``
+    (or one record, when larger) of the file in memory at a time."""
 
     def __init__(self, log_: SegmentLog, channel: _Channel, start: int) -> None:
         self._log = log_
         self._channel = channel
-        self._position = start
+        self._position = start  # the next message read returns
+        self.skipped = 0  # messages passed over since the start (dropped, or never stored)
+        self._unreported = 0  # ... not yet reported in a Chunk
+        self._segment: Segment | None = None
         self._fd = -1
-        self._path = ""
-        self._offset = 0  # of the next record in the open segment
-        self._payload = b""  # the record being returned, from _at
+        self._offset = 0  # file offset of the next record
+        self._buffer = memoryview(b"")
+        self._buffer_at = 0  # file offset of _buffer[0]
+        self._payload = memoryview(b"")  # the current record's frames, from _at
         self._at = 0
-        self._payload_end_seq = 0
-        self._skipped = 0
+        self._payload_seq = 0  # sequence number of the frame at _at
 
     @property
     def position(self) -> int:
@@ -727,90 +734,141 @@ class SegmentReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        self._segment = None
+        self._buffer = self._payload = memoryview(b"")
 
     def read(self, max_bytes: int) -> Chunk | None:
-        if self._at >= len(self._payload) and not self._load():
-            return None
-        start = self._at
-        frames = 0
-        end = start
-        for frame_end in frame_ends(self._payload, start):
-            if frames and frame_end - start > max_bytes:
-                break
-            end = frame_end
-            frames += 1
-        self._at = end
+        parts: list[memoryview] = []
+        size = frames = 0
         first = self._position
-        self._position += frames
-        skipped, self._skipped = self._skipped, 0
-        return Chunk(bytes(self._payload[start:end]), first, self._position, frames, skipped)
-
-    def _skip_to(self, seq: int) -> None:
-        if seq > self._position:
-            self._skipped += seq - self._position
-            self._position = seq
-
-    def _load(self) -> bool:
-        """Load the record holding the position; ``False`` when everything written was read."""
-        self._payload, self._at = b"", 0
         while True:
-            ch = self._channel
-            with self._log._lock:
-                segments = list(ch.segments)
-                written = ch.written_seq
-                sizes = {s.path: s.size for s in segments}
-            if not segments:
-                self._skip_to(written)
+            if self._at >= len(self._payload):
+                if not self._next_record():
+                    break
+                gap = self._payload_seq - self._position
+                if gap > 0:
+                    if frames:
+                        break  # a chunk is contiguous: the gap starts the next one
+                    self._skip(gap)
+                    first = self._position
+            start = self._at
+            full = False
+            for end in frame_ends(self._payload, start):
+                if frames and size + (end - start) > max_bytes:
+                    full = True
+                    break
+                self._at = end
+                frames += 1
+                self._position += 1
+                self._payload_seq += 1
+            if self._at > start:
+                parts.append(self._payload[start : self._at])
+                size += self._at - start
+            if full:
+                break
+        if not frames:
+            return None
+        skipped, self._unreported = self._unreported, 0
+        return Chunk(b"".join(parts), first, self._position, frames, skipped)
+
+    def _skip(self, count: int) -> None:
+        self._position += count
+        self.skipped += count
+        self._unreported += count
+
+    def _next_record(self) -> bool:
+        """Load the next record holding messages at or after the position; ``False``: all written was read."""
+        while True:
+            segment = self._segment
+            if segment is None and not self._open_for_position():
                 return False
-            if self._position < segments[0].first_seq:
-                self._skip_to(segments[0].first_seq)
-            i = max(0, bisect.bisect_right([s.first_seq for s in segments], self._position) - 1)
-            segment = segments[i]
-            later = segments[i + 1] if i + 1 < len(segments) else None
-            if segment.path != self._path and not self._open(segment):
+            segment = self._segment
+            assert segment is not None
+            with self._log._lock:
+                size = segment.size
+                written = self._channel.written_seq
+                later = self._later(segment)
+            found = self._record(size)
+            if found is None:
+                # the end of this segment's data (or a record a failed write left): go on
                 if later is None:
+                    if self._offset >= size and written > self._position:
+                        self._skip(written - self._position)  # numbers given up at the tail
                     return False
-                self._skip_to(later.first_seq)
+                if later.first_seq > self._position:
+                    self._skip(later.first_seq - self._position)
+                self._open(later)
                 continue
-            size = sizes[segment.path]
-            header = None
-            if self._offset + HEADER_BYTES <= size:
-                raw = os.pread(self._fd, HEADER_BYTES, self._offset)
-                header = decode_header(raw)
-                if header is not None and self._offset + header.size <= size:
-                    payload = os.pread(self._fd, header.length, self._offset + HEADER_BYTES)
-                    if not check_record(raw, header, payload):
-                        header = None
-                else:
-                    header = None
-            if header is None:
-                # the end of this segment (or a record a failed write left): go on with the next
-                if later is None:
-                    if self._offset >= size:
-                        self._skip_to(written)  # sequence numbers given up at the tail
-                    return False
-                self._skip_to(later.first_seq)
-                continue
-            self._offset += header.size
+            header, payload = found
             if header.end_seq <= self._position:
                 continue
-            self._skip_to(header.first_seq)
             at = 0
-            for _ in range(self._position - header.first_seq):
+            for _ in range(max(0, self._position - header.first_seq)):
                 at = next(frame_ends(payload, at))
             self._payload, self._at = payload, at
+            self._payload_seq = max(header.first_seq, self._position)
             return True
 
+    def _record(self, size: int) -> tuple[RecordHeader, memoryview] | None:
+        """The record at ``_offset`` if it is whole and intact below ``size``; advances past it."""
+        offset = self._offset
+        if offset + HEADER_BYTES > size:
+            return None
+        raw = self._bytes(offset, HEADER_BYTES, size)
+        header = decode_header(bytes(raw))
+        if header is None or offset + header.size > size:
+            return None
+        payload = self._bytes(offset + HEADER_BYTES, header.length, size)
+        if not check_record(bytes(raw), header, payload):
+            return None
+        self._offset = offset + header.size
+        return header, payload
+
+    def _bytes(self, offset: int, length: int, size: int) -> memoryview:
+        """``length`` bytes of the open segment at ``offset``, from the buffer (refilled when short)."""
+        start = offset - self._buffer_at
+        if start < 0 or start + length > len(self._buffer):
+            want = min(max(READ_BLOCK_BYTES, length + HEADER_BYTES), size - offset)
+            self._buffer = memoryview(os.pread(self._fd, want, offset))
+            self._buffer_at = offset
+            start = 0
+        return self._buffer[start : start + length]
+
+    def _later(self, segment: Segment) -> Segment | None:
+        """Under the lock: the segment after ``segment`` in the channel, if any."""
+        segments = self._channel.segments
+        i = bisect.bisect_right([s.first_seq for s in segments], segment.first_seq)
+        return segments[i] if i < len(segments) else None
+
+    def _open_for_position(self) -> bool:
+        for _attempt in range(3):  # a segment deleted between the look and the open: look again
+            with self._log._lock:
+                segments = list(self._channel.segments)
+                written = self._channel.written_seq
+            if not segments:
+                if written > self._position:
+                    self._skip(written - self._position)
+                return False
+            if self._position < segments[0].first_seq:
+                self._skip(segments[0].first_seq - self._position)
+            i = max(0, bisect.bisect_right([s.first_seq for s in segments], self._position) - 1)
+            if self._open(segments[i]):
+                return True
+        return False
+
     def _open(self, segment: Segment) -> bool:
-        self.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._segment = None
+        self._buffer = memoryview(b"")
         try:
             self._fd = os.open(segment.path, os.O_RDONLY)
         except OSError as e:
-            if e.errno != errno.ENOENT:
+            if e.errno != errno.ENOENT:  # a segment deleted meanwhile is passed over
                 log.warning("durable log: cannot read %s: %s", segment.path, e.strerror or e)
-            self._path = ""
             return False
-        self._path = segment.path
+        self._segment = segment
         # the sparse index: the last entry at or before the position
         i = bisect.bisect_right([seq for seq, _ in segment.index], self._position) - 1
         self._offset = segment.index[i][1] if i >= 0 else 0

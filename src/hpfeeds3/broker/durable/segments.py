@@ -53,6 +53,7 @@ from .format import (
     CHANNEL_FILE,
     HEADER_BYTES,
     INDEX_EVERY_BYTES,
+    RECORD_MAX_BYTES,
     RecordHeader,
     channel_dirname,
     check_record,
@@ -426,15 +427,36 @@ class SegmentLog:
         now_ms = int(self._clock() * 1000)
         records: list[tuple[int, int, bytes]] = []
         given_up = 0
+        # consecutive runs are merged into records of up to RECORD_MAX_BYTES (an eighth of
+        # a segment at most): one header and one checksum per record, not per run
+        # (runs of one message are common)
+        limit = min(RECORD_MAX_BYTES, self.config.segment_bytes // 8)
+        group: list[bytes] = []
+        group_first = group_end = group_bytes = 0
+
+        def close_group() -> None:
+            data = group[0] if len(group) == 1 else b"".join(group)
+            first = group_first
+            for payload, count in split_records(data, group_end - group_first, limit):
+                records.append((first, count, encode_record(first, count, now_ms, payload)))
+                first += count
+            group.clear()
+
         while ch.pending:
             first, frames, data = ch.pending.popleft()
             if not data:
                 given_up = first + frames  # not queued (counted as overflow by append)
                 continue
             self._done_bytes += len(data)
-            for payload, count in split_records(data, frames):
-                records.append((first, count, encode_record(first, count, now_ms, payload)))
-                first += count
+            if group and (first != group_end or group_bytes + len(data) > limit):
+                close_group()
+            if not group:
+                group_first, group_bytes = first, 0
+            group.append(data)
+            group_end = first + frames
+            group_bytes += len(data)
+        if group:
+            close_group()
         batch: list[tuple[int, int, bytes]] = []
         batch_bytes = 0
         index: list[tuple[int, int]] = []
@@ -725,6 +747,7 @@ class SegmentReader:
         self._payload = memoryview(b"")  # the current record's frames, from _at
         self._at = 0
         self._payload_seq = 0  # sequence number of the frame at _at
+        self._payload_end = 0  # the position after the record's last frame
 
     @property
     def position(self) -> int:
@@ -753,14 +776,22 @@ class SegmentReader:
                     first = self._position
             start = self._at
             full = False
-            for end in frame_ends(self._payload, start):
-                if frames and size + (end - start) > max_bytes:
-                    full = True
-                    break
-                self._at = end
-                frames += 1
-                self._position += 1
-                self._payload_seq += 1
+            if size + len(self._payload) - start <= max_bytes:
+                # the rest of the record fits: no need to walk its frames
+                self._at = len(self._payload)
+                left = self._payload_end - self._payload_seq
+                frames += left
+                self._position += left
+                self._payload_seq += left
+            if self._at == start:
+                for end in frame_ends(self._payload, start):
+                    if frames and size + (end - start) > max_bytes:
+                        full = True
+                        break
+                    self._at = end
+                    frames += 1
+                    self._position += 1
+                    self._payload_seq += 1
             if self._at > start:
                 parts.append(self._payload[start : self._at])
                 size += self._at - start
@@ -807,6 +838,7 @@ class SegmentReader:
                 at = next(frame_ends(payload, at))
             self._payload, self._at = payload, at
             self._payload_seq = max(header.first_seq, self._position)
+            self._payload_end = header.end_seq
             return True
 
     def _record(self, size: int) -> tuple[RecordHeader, memoryview] | None:

@@ -370,6 +370,21 @@ def test_a_position_saved_ahead_of_the_log_is_brought_back_to_its_end(open_log: 
     assert append_run(log, 10, 1) == 11
 
 
+@pytest.mark.parametrize("text", ["", "[]", '{"positions": [["a"]]}', '{"positions": [], "dropped": 3}', "{"])
+def test_a_broken_positions_file_is_logged_and_every_key_starts_from_the_end(
+    open_log: OpenLog, tmp_path: Path, text: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = open_log()
+    log.follow("a", CHANNEL)
+    append_run(log, 0, 10)
+    assert log.sync()
+    log.close()
+    (tmp_path / "data" / "durable" / "positions.json").write_text(text)
+    log = open_log()
+    assert log.position("a", CHANNEL) is None and log.written(CHANNEL) == 10
+    assert "positions" in caplog.text
+
+
 def test_a_second_process_cannot_use_the_same_directory(open_log: OpenLog) -> None:
     open_log()
     with pytest.raises(ConfigError, match="in use"):

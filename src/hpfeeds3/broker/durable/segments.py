@@ -244,14 +244,21 @@ class SegmentLog:
         except (OSError, ValueError) as e:
             log.error("durable log: cannot read %s (%s); every key starts from the end", path, e)
             return
-        for ident, channel_hex, seq in doc.get("positions", []):
-            name = bytes.fromhex(channel_hex)
+        try:
+            entries = [
+                (str(ident), bytes.fromhex(channel_hex), int(seq)) for ident, channel_hex, seq in doc["positions"]
+            ]
+            dropped = {str(k): int(v) for k, v in doc["dropped"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            log.error("durable log: %s is not a positions file (%r); every key starts from the end", path, e)
+            return
+        for ident, name, seq in entries:
             channel = self._channel(name)
             low = channel.segments[0].first_seq if channel.segments else channel.written_seq
             # A position ahead of what was written (saved after a crash lost the tail) is the end.
-            self._positions[(ident, name)] = min(max(int(seq), low), channel.written_seq)
+            self._positions[(ident, name)] = min(max(seq, low), channel.written_seq)
             self._followers[name] = self._followers.get(name, 0) + 1
-        self._dropped = {str(k): int(v) for k, v in doc.get("dropped", {}).items()}
+        self._dropped = dropped
 
     def _channel(self, name: bytes) -> _Channel:
         channel = self._channels.get(name)

@@ -449,3 +449,46 @@ def test_config_refuses_bounds_that_cannot_work(tmp_path: Path) -> None:
         DurableConfig(max_bytes=1 << 20, segment_bytes=2 << 20)
     with pytest.raises(ConfigError):
         DurableConfig(sync_interval_s=-1)
+
+
+def test_append_write_and_replay_rates_are_recorded(open_log: OpenLog) -> None:
+    """Every message of runs of 1 and of 10 reads back; the rates are printed (-s), not asserted."""
+    import time
+
+    log = open_log()
+    figures = []
+    total = 0
+    for run in (1, 10):
+        channel = b"rate-%d" % run
+        log.follow("collector", channel)
+        frame = message(0, 100, channel)
+        data = frame * run
+        count = 200_000
+        t0 = time.perf_counter()
+        in_append = 0.0
+        for i in range(count // run):
+            a = time.perf_counter()
+            log.append(channel, data, run)
+            in_append += time.perf_counter() - a
+            if i % 1000 == 999:
+                assert log.sync(60)  # paced: the writer's rate, not the pending bound
+        assert log.sync(60)
+        wrote = time.perf_counter() - t0
+        reader = log.open_reader(channel, 0)
+        t0 = time.perf_counter()
+        read = 0
+        while (chunk := reader.read(256 * 1024)) is not None:
+            read += chunk.frames
+        replay = time.perf_counter() - t0
+        reader.close()
+        assert read == count
+        total += count
+        figures.append(
+            f"runs of {run:>2}: append {in_append / count * 1e9:5.0f} ns/msg on the caller, "
+            f"written {count / wrote / 1e6:.2f} M msg/s, replay read {count / replay / 1e6:.2f} M msg/s "
+            f"({len(frame)} B frames)"
+        )
+    stats = log.stats()
+    assert stats.unstored == 0 and stats.appended == total
+    print(f"\ndurable log: {stats.disk_bytes / total:.1f} B on disk per message")
+    print("\n".join(figures))

@@ -276,3 +276,30 @@ def test_postgres_role_that_cannot_read_durable_keys_is_served_without_them(
 
     asyncio.run(go())
     assert "cannot read durable_keys" in caplog.text
+
+
+def test_postgres_database_made_before_durable_keys_gets_the_table_at_start(postgres_server: PostgresServer) -> None:
+    dsn = postgres_server.new_database()
+    database = dsn.rsplit("/", 1)[1]
+    postgres_server.psql(
+        "CREATE TABLE authkeys (id serial PRIMARY KEY, owner TEXT, ident TEXT, secret TEXT, pubchans TEXT,"
+        " subchans TEXT); INSERT INTO authkeys (owner, ident, secret, pubchans, subchans)"
+        " VALUES ('', 'col', 's', '[]', '[\"c\"]');",
+        database,
+    )
+
+    async def go() -> None:
+        store = PostgresStore(dsn)
+        await store.start()  # as the owner: durable_keys and its trigger are made
+        try:
+            assert await store.lookup("col") == key("col")
+            conn = await asyncpg.connect(dsn)
+            try:
+                await conn.execute("INSERT INTO durable_keys (ident) VALUES ('col')")
+            finally:
+                await conn.close()
+            assert await store.lookup("col") == key("col", durable=True)
+        finally:
+            await store.close()
+
+    asyncio.run(go())

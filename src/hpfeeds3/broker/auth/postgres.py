@@ -185,8 +185,9 @@ async def ensure_schema(conn: asyncpg.Connection) -> bool:
         if not has_table:
             raise
         log.warning(
-            "postgres: cannot create the change trigger on authkeys (%s); "
-            "live sessions will not see key changes until its owner writes a key with `hpfeeds-broker keys`",
+            "postgres: cannot create the change trigger on authkeys, or durable_keys and its trigger (%s); "
+            "until the owner writes a key with `hpfeeds-broker keys`, live sessions may not see key changes "
+            "and no key is durable",
             err,
         )
         return False

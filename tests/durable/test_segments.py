@@ -442,6 +442,30 @@ def test_a_write_error_degrades_the_store_counts_and_never_raises(tmp_path: Path
     assert os.path.getsize(next(iter((tmp_path / "data" / "durable" / "channels").glob("*/*.seg")))) <= 64 * 1024
 
 
+def test_appends_beyond_the_pending_bound_are_counted_not_queued(open_log: OpenLog) -> None:
+    log = open_log(max_pending_bytes=50)  # smaller than one message: none is queued
+    log.follow("a", CHANNEL)
+    assert append_run(log, 0, 3) == 3
+    assert append_run(log, 3, 2) == 5
+    assert log.sync()
+    stats = log.stats()
+    assert stats.appended == stats.unstored == 5 and stats.disk_bytes == 0
+    assert log.written(CHANNEL) == 5
+    reader = log.open_reader(CHANNEL, 0)
+    assert reader.read(1 << 20) is None and reader.skipped == 5
+    reader.close()
+
+
+def test_sync_after_every_write_when_the_interval_is_zero(open_log: OpenLog) -> None:
+    log = open_log(sync_interval_s=0)
+    log.follow("a", CHANNEL)
+    for i in range(0, 50, 5):
+        append_run(log, i, 5)
+    assert log.sync()
+    assert read_all(log, 0)[0] == list(range(50))
+    assert not log.stats().degraded
+
+
 def test_config_refuses_bounds_that_cannot_work(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         DurableConfig(max_bytes=0)

@@ -34,18 +34,21 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TC
 
 MESSAGE = 1000  # bytes per message in these tests
 RECEIVE_BUFFER = 64 * 1024
+SEND_BUFFER = 1024 * 1024
 WAIT_S = 10.0
 
 
 @contextlib.contextmanager
 def connected_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    """(sender, receiver) over 127.0.0.1; the receiver's buffer is small and fixed."""
+    """(sender, receiver) over 127.0.0.1; the receiver's buffer small, the sender's large, both fixed."""
     listener = socket.create_server(("127.0.0.1", 0))
     receiver = socket.socket()
     receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
     try:
         receiver.connect(listener.getsockname())
         sender, _ = listener.accept()
+        # a fixed, large send buffer: after the receiver reads a little, more is still in flight
+        sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         try:
             yield sender, receiver
         finally:

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 import trustme
@@ -272,3 +273,61 @@ def test_under_tls_the_position_is_never_past_what_was_acknowledged() -> None:
             assert tracker.positions()[b"c"] <= truth  # never a skip
         wait_until(lambda: tracker.sample(sender) and tracker.positions()[b"c"] >= 75, "what was read counted")
         client_socket.close()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_an_asyncio_transports_socket_can_be_sampled_also_after_the_peer_reset(loop_kind: str) -> None:
+    import asyncio
+
+    tracker = AckTracker(overlap_bytes=0)
+    tracker.start(b"c", 0)
+
+    async def go() -> None:
+        transports: list[asyncio.Transport] = []
+        lost = asyncio.get_running_loop().create_future()
+        got = 0
+
+        class Sender(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                writer = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
+                transports.append(writer)
+                for i in range(1, 301):
+                    writer.write(b"m" * MESSAGE)
+                    tracker.wrote(MESSAGE, channel=b"c", position=i)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                # the socket is still open here: the last sample is taken at close
+                tracker.sample(transports[0].get_extra_info("socket"))
+                lost.set_result(exc)
+
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Sender, "127.0.0.1", 0)
+        # the collector: a plain socket that reads 40 messages from its kernel and no more
+        # (a StreamReader would drain the kernel's buffer into its own, and close with FIN)
+        receiver = socket.socket()
+        receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        receiver.setblocking(False)
+        try:
+            await loop.sock_connect(receiver, server.sockets[0].getsockname())
+            async with asyncio.timeout(WAIT_S):
+                while got < 40 * MESSAGE:
+                    got += len(await loop.sock_recv(receiver, 40 * MESSAGE - got))
+            sock = transports[0].get_extra_info("socket")  # asyncio's TransportSocket, uvloop's PseudoSocket
+            deadline = time.monotonic() + WAIT_S
+            while tracker.acked_plain <= 40 * MESSAGE and time.monotonic() < deadline:
+                tracker.sample(sock)
+                await asyncio.sleep(0.005)
+            assert tracker.positions()[b"c"] >= 40
+        finally:
+            receiver.close()  # unread data: RST
+        exc = await asyncio.wait_for(lost, WAIT_S)
+        assert isinstance(exc, ConnectionResetError)
+        assert 40 < tracker.positions()[b"c"] < 300  # acknowledged beyond what was read
+        server.close()
+        await server.wait_closed()
+
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        uvloop.run(go())
+    else:
+        asyncio.run(go())

@@ -39,6 +39,7 @@ import enum
 import socket
 import struct
 from collections import deque
+from typing import Protocol, overload
 
 # struct tcp_info (uapi/linux/tcp.h): tcpi_bytes_acked is the u64 at byte 120.
 _TCP_INFO_BYTES = 256
@@ -51,6 +52,18 @@ _SIOCOUTQ = 0x5411
 MAX_MARKS = 16_384
 
 
+class SocketLike(Protocol):
+    """A socket, or what a transport's ``get_extra_info("socket")`` gives (asyncio's and uvloop's)."""
+
+    def fileno(self) -> int: ...
+
+    @overload
+    def getsockopt(self, level: int, option: int) -> int: ...
+
+    @overload
+    def getsockopt(self, level: int, option: int, buflen: int) -> bytes: ...
+
+
 class CloseKind(enum.Enum):
     CLEAN = "clean"  # the peer closed with FIN: what it acknowledged, it read
     ABORTIVE = "abortive"  # RST, timeout, a cut, a close by the broker: apply the overlap
@@ -61,7 +74,7 @@ def close_kind(*, peer_fin: bool, reset: bool, closed_by_broker: bool) -> CloseK
     return CloseKind.CLEAN if peer_fin and not reset and not closed_by_broker else CloseKind.ABORTIVE
 
 
-def tcp_bytes_acked(sock: socket.socket) -> int | None:
+def tcp_bytes_acked(sock: SocketLike) -> int | None:
     """``tcpi_bytes_acked`` (Linux 4.1+), or ``None`` where the kernel or OS does not have it."""
     option = getattr(socket, "TCP_INFO", None)
     if option is None:
@@ -75,7 +88,7 @@ def tcp_bytes_acked(sock: socket.socket) -> int | None:
     return int(_BYTES_ACKED.unpack_from(info, _BYTES_ACKED_OFFSET)[0])
 
 
-def unacked_in_kernel(sock: socket.socket) -> int | None:
+def unacked_in_kernel(sock: SocketLike) -> int | None:
     """``SIOCOUTQ``: bytes in the kernel's send queue not yet acknowledged; ``None`` where it is missing."""
     try:
         import fcntl
@@ -89,7 +102,7 @@ def unacked_in_kernel(sock: socket.socket) -> int | None:
     return int(struct.unpack("i", raw)[0])
 
 
-def acked_wire_bytes(sock: socket.socket, wire_written: int, buffered: int) -> tuple[int, bool]:
+def acked_wire_bytes(sock: SocketLike, wire_written: int, buffered: int) -> tuple[int, bool]:
     """Bytes of the stream the peer acknowledged, and whether the kernel said so exactly.
 
     ``wire_written``: every byte handed to the transport since the connection
@@ -159,7 +172,7 @@ class AckTracker:
             _, channel, position = marks.popleft()
             self._floor[channel] = position
 
-    def sample(self, sock: socket.socket, buffered: int = 0) -> bool:
+    def sample(self, sock: SocketLike, buffered: int = 0) -> bool:
         """Read the socket's acknowledgement now; ``False`` where only an estimate exists (not Linux)."""
         acked, exact = acked_wire_bytes(sock, self.wire_written, buffered)
         self.acknowledged(acked)

@@ -137,3 +137,30 @@ def test_chain_with_postgresql_down_serves_the_idents_sqlite_knows(keys: Keys, t
             )
         log = broker.wait_log("hpfeeds:***@")
     assert "hpfeeds:***@" in log and "hunter" not in log
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "json"])
+def test_a_durable_key_is_served_like_any_other_and_turning_it_on_keeps_its_session(
+    keys: Keys, tmp_path: Path, kind: str
+) -> None:
+    spec = f"sqlite:{tmp_path / 'sqlite.db'}" if kind == "sqlite" else str(tmp_path / "keys.json")
+    pub_secret = keys("add", "sensor", "--pub", "events", "--auth", spec).out.strip()
+    sub_secret = keys("add", "collector", "--sub", "events", "spare", "--durable", "--auth", spec).out.strip()
+    with running_broker(tmp_path, "--auth", spec) as broker:
+        port = broker.port
+        assert port is not None
+        with RawClient(port) as pub, RawClient(port) as sub:
+            pub.auth("sensor", pub_secret)
+            sub.auth("collector", sub_secret)
+            sub.subscribe("events")
+            sub.subscribe("spare")
+            sub.expect_silence(0.2)
+            pub.publish("events", b"one")
+            assert [m.payload for m in sub.messages(1)] == [b"one"]
+            # the flag changes (the broker rechecks the live session), then a channel is
+            # revoked: once that is seen, the flag's change was applied too, and kept the session
+            assert keys("update", "collector", "--no-durable", "--auth", spec).code == 0
+            assert keys("revoke", "collector", "--sub", "spare", "--auth", spec).code == 0
+            broker.wait_log("unsubscribing", timeout=REVOCATION_BOUND_S)
+            pub.publish("events", b"two")
+            assert [m.payload for m in sub.messages(1)] == [b"two"]

@@ -63,23 +63,24 @@ def test_add_existing_ident_fails_and_changes_nothing(keys: Keys, store_spec: st
 def test_list_is_an_aligned_table_without_secrets(keys: Keys, store_spec: str) -> None:
     keys("add", "a-very-long-ident", "--owner", "alice", "--pub", "p1", "p2", "--secret", "SECRET1",
          "--auth", store_spec)  # fmt: skip
-    keys("add", "b", "--secret", "SECRET2", "--sub", "s1", "--auth", store_spec)
+    keys("add", "b", "--secret", "SECRET2", "--sub", "s1", "--durable", "--auth", store_spec)
     r = keys("list", "--auth", store_spec)
     assert r.code == 0
     assert "SECRET" not in r.out
     lines = r.out.splitlines()
-    assert lines[0].split() == ["IDENT", "OWNER", "PUBCHANS", "SUBCHANS"]
+    assert lines[0].split() == ["IDENT", "OWNER", "DURABLE", "PUBCHANS", "SUBCHANS"]
     assert lines[1].startswith("a-very-long-ident  alice")
     assert lines[2].startswith("b ")
     # columns line up
     assert lines[0].index("OWNER") == lines[1].index("alice") == lines[2].index("-")
+    assert lines[0].index("DURABLE") == lines[1].index("no") == lines[2].index("yes")
     assert lines[0].index("PUBCHANS") == lines[1].index("p1, p2")
 
     r = keys("list", "--json", "--auth", store_spec)
     doc = json.loads(r.out)
     assert doc == [
-        {"ident": "a-very-long-ident", "owner": "alice", "pubchans": ["p1", "p2"], "subchans": []},
-        {"ident": "b", "owner": "", "pubchans": [], "subchans": ["s1"]},
+        {"ident": "a-very-long-ident", "owner": "alice", "pubchans": ["p1", "p2"], "subchans": [], "durable": False},
+        {"ident": "b", "owner": "", "pubchans": [], "subchans": ["s1"], "durable": True},
     ]
 
 
@@ -137,7 +138,7 @@ def test_show_text_json_and_secret_on_request(keys: Keys, store_spec: str) -> No
     r = keys("show", "s1", "--auth", store_spec)
     assert r.code == 0 and "SECRET" not in r.out and "pubchans: p" in r.out
     r = keys("show", "s1", "--json", "--auth", store_spec)
-    assert json.loads(r.out) == {"ident": "s1", "owner": "o", "pubchans": ["p"], "subchans": []}
+    assert json.loads(r.out) == {"ident": "s1", "owner": "o", "pubchans": ["p"], "subchans": [], "durable": False}
     r = keys("show", "s1", "--json", "--show-secret", "--auth", store_spec)
     assert json.loads(r.out)["secret"] == "SECRET"
     assert keys("show", "nope", "--auth", store_spec).code == ExitCode.NO_SUCH_IDENT

@@ -80,6 +80,11 @@ def test_round_trip_sqlite_json_postgres_sqlite_keeps_every_key(keys: Keys, tmp_
 
 
 INDEX = ("authkeys_ident", "CREATE INDEX authkeys_ident on authkeys (ident)")
+# The durable flags: a table of their own, beside the reference's.
+DURABLE_TABLE = [
+    ("durable_keys", "CREATE TABLE durable_keys (ident TEXT primary key not null)"),
+    ("sqlite_autoindex_durable_keys_1", None),
+]
 
 
 def test_reference_sqlite_db_is_read_and_written_without_table_change(keys: Keys, tmp_path: Path) -> None:
@@ -93,6 +98,9 @@ def test_reference_sqlite_db_is_read_and_written_without_table_change(keys: Keys
     assert keys("add", "fresh", "--secret", "x", "--pub", "a", "--auth", spec).code == 0
     # the tables are the reference's still; a write adds only the index on ident
     assert schema(db) == sorted([*before, INDEX])
+    # the first durable key adds a table of its own
+    assert keys("update", "fresh", "--durable", "--auth", spec).code == 0
+    assert schema(db) == sorted([*before, INDEX, *DURABLE_TABLE])
     # rows are in the reference's encoding: JSON lists in TEXT columns
     conn = sqlite3.connect(db)
     row = conn.execute("select owner, secret, pubchans, subchans from authkeys where ident = 'fresh'").fetchone()

@@ -46,6 +46,14 @@ async def listening(dsn: str, timeout_s: float = 10.0) -> None:
         await conn.close()
 
 
+def make_reader_role(server: PostgresServer) -> None:
+    """The role ``hpfeeds_reader`` (LOGIN, no grants of its own), once per server."""
+    server.psql(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'hpfeeds_reader') THEN "
+        "CREATE ROLE hpfeeds_reader LOGIN; END IF; END $$;"
+    )
+
+
 @pytest.fixture(scope="module")
 def own_server() -> Iterator[PostgresServer]:
     server = PostgresServer.start_new()
@@ -244,10 +252,7 @@ def test_unresponsive_database_times_out_within_the_lookup_bound() -> None:
 def test_a_read_only_role_can_serve_a_table_made_by_its_owner(postgres_server: PostgresServer) -> None:
     dsn = postgres_server.new_database()
     database = dsn.rsplit("/", 1)[1]
-    postgres_server.psql(
-        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'hpfeeds_reader') THEN "
-        "CREATE ROLE hpfeeds_reader LOGIN; END IF; END $$;"
-    )
+    make_reader_role(postgres_server)
     add(dsn)  # as the owner: creates table and trigger
     postgres_server.psql("GRANT SELECT ON authkeys TO hpfeeds_reader", database)
     reader_dsn = f"postgresql://hpfeeds_reader@127.0.0.1:{postgres_server.port}/{database}"
@@ -282,10 +287,7 @@ def test_a_read_only_role_starts_without_the_trigger_and_warns(
 ) -> None:
     dsn = postgres_server.new_database()
     database = dsn.rsplit("/", 1)[1]
-    postgres_server.psql(
-        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'hpfeeds_reader') THEN "
-        "CREATE ROLE hpfeeds_reader LOGIN; END IF; END $$;"
-    )
+    make_reader_role(postgres_server)
     postgres_server.psql(
         "CREATE TABLE authkeys (id serial PRIMARY KEY,"
         " owner TEXT, ident TEXT, secret TEXT, pubchans TEXT, subchans TEXT);"

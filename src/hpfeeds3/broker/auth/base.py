@@ -48,6 +48,9 @@ class AccessKey:
     owner: str = ""
     pubchans: tuple[str, ...] = ()
     subchans: tuple[str, ...] = ()
+    # Opt-in per key: the broker keeps what this key may read while it is away
+    # (docs/durable.md). Stored beside the key, never in the reference's columns.
+    durable: bool = False
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -160,11 +163,12 @@ def make_key(
     owner: object = "",
     pubchans: Iterable[object] = (),
     subchans: Iterable[object] = (),
+    durable: object = False,
 ) -> AccessKey:
     """A validated ``AccessKey``; ``InvalidKey`` says what is wrong (without the secret).
 
-    Valid: a text ident, a non-empty text secret, text (or no) owner, and
-    channel names that are non-empty text.
+    Valid: a text ident, a non-empty text secret, text (or no) owner,
+    channel names that are non-empty text, and a boolean ``durable``.
     """
     ident = check_name("ident", ident)
     if not isinstance(secret, str):
@@ -175,12 +179,15 @@ def make_key(
         owner = ""
     if not isinstance(owner, str):
         raise InvalidKey(f"ident {ident!r}: owner must be text, got {_kind(owner)}")
+    if not isinstance(durable, bool):
+        raise InvalidKey(f"ident {ident!r}: durable must be true or false, got {_kind(durable)}")
     return AccessKey(
         ident=ident,
         secret=secret,
         owner=owner,
         pubchans=check_channels(f"ident {ident!r}: publish channel", pubchans),
         subchans=check_channels(f"ident {ident!r}: subscribe channel", subchans),
+        durable=durable,
     )
 
 
@@ -216,8 +223,13 @@ def encode_channels(channels: Iterable[str]) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def decode_row(ident: object, secret: object, owner: object, pubchans: object, subchans: object) -> AccessKey:
+def decode_row(
+    ident: object, secret: object, owner: object, pubchans: object, subchans: object, durable: object = False
+) -> AccessKey:
     """A key from the ``authkeys`` columns (sqlite, PostgreSQL); ``InvalidKey`` if it is not one.
+
+    ``durable`` is whether the ident has a row in ``durable_keys`` (a table of
+    its own, so the reference broker's ``authkeys`` stays as it is).
 
     Every AUTH decodes its row: the same columns give the same (immutable)
     key, so validating a key with many channels costs once, not per AUTH.
@@ -229,6 +241,7 @@ def decode_row(ident: object, secret: object, owner: object, pubchans: object, s
         owner,
         decode_channels(name, "pubchans", pubchans),
         decode_channels(name, "subchans", subchans),
+        bool(durable),
     )
 
 

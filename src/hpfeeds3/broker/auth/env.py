@@ -2,8 +2,9 @@
 
 Schema: ident ``james`` is the variables ``HPFEEDS_JAMES_SECRET`` (required),
 ``HPFEEDS_JAMES_PUBCHANS`` and ``HPFEEDS_JAMES_SUBCHANS`` (comma-separated)
-and ``HPFEEDS_JAMES_OWNER`` (default: the ident): the variable names carry
-the ident upper-cased, as the reference maps it.
+``HPFEEDS_JAMES_OWNER`` (default: the ident) and ``HPFEEDS_JAMES_DURABLE``
+(``1``/``true``/``yes`` or ``0``/``false``/``no``; default no): the variable
+names carry the ident upper-cased, as the reference maps it.
 
 Only the canonical spelling matches: an env ident is lower-case ASCII
 letters, digits, ``_``, ``-`` and ``.``, so each variable set is exactly one
@@ -31,8 +32,22 @@ def variable_prefix(ident: str) -> str | None:
     return f"HPFEEDS_{ident.upper()}_"
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
 def _channels(value: str) -> list[str]:
     return [c.strip() for c in value.split(",") if c.strip()]
+
+
+def _flag(value: str) -> object:
+    """``HPFEEDS_<IDENT>_DURABLE``: a bool, or the text itself (``make_key`` refuses it)."""
+    word = value.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    return value
 
 
 class EnvStore:
@@ -75,6 +90,7 @@ class EnvStore:
                 env.get(prefix + "OWNER", ident),
                 _channels(env.get(prefix + "PUBCHANS", "")),
                 _channels(env.get(prefix + "SUBCHANS", "")),
+                _flag(env.get(prefix + "DURABLE", "")),
             )
         except InvalidKey as e:
             self._invalid.report(ident, e)

@@ -22,9 +22,12 @@ Reader contracts:
   lookups answer ``AuthUnavailable`` until the database answers. Only a
   permanent mistake (malformed DSN, wrong password, no such database) makes
   ``start()`` raise ``ConfigError``.
-- Changes: a trigger on ``authkeys`` sends ``NOTIFY hpfeeds_authkeys`` with the
-  ident of every inserted, updated or deleted row (TRUNCATE sends an empty
-  payload). ``changes()`` LISTENs on a dedicated connection and yields sets of
+- Durable keys: the idents in a table of their own, ``durable_keys (ident)``,
+  joined at lookup; ``authkeys`` keeps the reference's columns. A role that
+  may not read ``durable_keys`` is served with no durable key (a warning says so).
+- Changes: triggers on ``authkeys`` and ``durable_keys`` send ``NOTIFY
+  hpfeeds_authkeys`` with the ident of every inserted, updated or deleted row
+  (TRUNCATE sends an empty payload). ``changes()`` LISTENs on a dedicated connection and yields sets of
   changed idents, or ``None`` ("anything may have changed, recheck every
   session") after it had to reconnect, since notifications sent while it was
   disconnected are lost.
@@ -104,6 +107,7 @@ DO $$ BEGIN
         CREATE INDEX IF NOT EXISTS authkeys_ident ON authkeys (ident);
     END IF;
 END $$;
+CREATE TABLE IF NOT EXISTS durable_keys (ident TEXT PRIMARY KEY);
 CREATE OR REPLACE FUNCTION hpfeeds_authkeys_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
@@ -121,24 +125,38 @@ BEGIN
     RETURN NULL;
 END
 $$;
-DROP TRIGGER IF EXISTS hpfeeds_authkeys_notify ON authkeys;
-CREATE TRIGGER hpfeeds_authkeys_notify AFTER INSERT OR UPDATE OR DELETE ON authkeys
+""" + "".join(
+    f"""DROP TRIGGER IF EXISTS hpfeeds_{table}_notify ON {table};
+CREATE TRIGGER hpfeeds_{table}_notify AFTER INSERT OR UPDATE OR DELETE ON {table}
     FOR EACH ROW EXECUTE FUNCTION hpfeeds_authkeys_notify();
-DROP TRIGGER IF EXISTS hpfeeds_authkeys_notify_truncate ON authkeys;
-CREATE TRIGGER hpfeeds_authkeys_notify_truncate AFTER TRUNCATE ON authkeys
+DROP TRIGGER IF EXISTS hpfeeds_{table}_notify_truncate ON {table};
+CREATE TRIGGER hpfeeds_{table}_notify_truncate AFTER TRUNCATE ON {table}
     FOR EACH STATEMENT EXECUTE FUNCTION hpfeeds_authkeys_notify();
 """
+    for table in ("authkeys", "durable_keys")
+)
 
 _SCHEMA_STATE_SQL = f"""
 SELECT to_regclass('authkeys') IS NOT NULL,
        (SELECT count(*) FROM pg_trigger
          WHERE tgrelid = to_regclass('authkeys')
            AND tgname IN ('hpfeeds_authkeys_notify', 'hpfeeds_authkeys_notify_truncate')) = 2
+   AND (SELECT count(*) FROM pg_trigger
+         WHERE tgrelid = to_regclass('durable_keys')
+           AND tgname IN ('hpfeeds_durable_keys_notify', 'hpfeeds_durable_keys_notify_truncate')) = 2
    AND {_HAS_IDENT_INDEX}
 """
 
-LOOKUP_SQL = "SELECT ident, secret, owner, pubchans, subchans FROM authkeys WHERE ident = $1 ORDER BY id LIMIT 1"
-_SELECT_ALL = "SELECT DISTINCT ON (ident) ident, secret, owner, pubchans, subchans FROM authkeys ORDER BY ident, id"
+_COLUMNS = "ident, secret, owner, pubchans, subchans"
+_DURABLE = "EXISTS (SELECT 1 FROM durable_keys d WHERE d.ident = authkeys.ident) AS durable"
+# With durable_keys, and without it (a role that may not read it, a table not made yet).
+LOOKUP_SQL = f"SELECT {_COLUMNS}, {_DURABLE} FROM authkeys WHERE ident = $1 ORDER BY id LIMIT 1"
+PLAIN_LOOKUP_SQL = f"SELECT {_COLUMNS}, false AS durable FROM authkeys WHERE ident = $1 ORDER BY id LIMIT 1"
+_SELECT_ALL = f"SELECT DISTINCT ON (ident) {_COLUMNS}, {_DURABLE} FROM authkeys ORDER BY ident, id"
+_PLAIN_SELECT_ALL = f"SELECT DISTINCT ON (ident) {_COLUMNS}, false AS durable FROM authkeys ORDER BY ident, id"
+# Whether this role may read durable_keys (false when the table is missing).
+_DURABLE_READABLE = """SELECT CASE WHEN to_regclass('durable_keys') IS NULL THEN false
+    ELSE has_table_privilege(to_regclass('durable_keys')::oid, 'SELECT') END"""
 _INSERT = "INSERT INTO authkeys (owner, ident, secret, pubchans, subchans) VALUES ($1, $2, $3, $4, $5)"
 _UPDATE = "UPDATE authkeys SET owner = $1, secret = $3, pubchans = $4, subchans = $5 WHERE ident = $2"
 
@@ -169,8 +187,9 @@ async def ensure_schema(conn: asyncpg.Connection) -> bool:
         if not has_table:
             raise
         log.warning(
-            "postgres: cannot create the change trigger on authkeys (%s); "
-            "live sessions will not see key changes until its owner writes a key with `hpfeeds-broker keys`",
+            "postgres: cannot create the change trigger on authkeys, or durable_keys and its trigger (%s); "
+            "until the owner writes a key with `hpfeeds-broker keys`, live sessions may not see key changes "
+            "and no key is durable",
             err,
         )
         return False
@@ -179,7 +198,7 @@ async def ensure_schema(conn: asyncpg.Connection) -> bool:
 
 def row_to_key(row: asyncpg.Record) -> AccessKey:
     """The codec: ``InvalidKey`` for a row that is not a valid key."""
-    return decode_row(row["ident"], row["secret"], row["owner"], row["pubchans"], row["subchans"])
+    return decode_row(row["ident"], row["secret"], row["owner"], row["pubchans"], row["subchans"], row["durable"])
 
 
 def _encodable(text: str) -> bool:
@@ -212,6 +231,7 @@ class PostgresStore:
         self._prepare_task: asyncio.Task[None] | None = None
         self._listeners: set[asyncpg.Connection] = set()
         self._closed = False
+        self._lookup_sql = LOOKUP_SQL  # PLAIN_LOOKUP_SQL while durable_keys cannot be read
 
     @classmethod
     def from_spec(cls, target: str, *, poll_s: float = 1.0) -> PostgresStore:
@@ -253,6 +273,10 @@ class PostgresStore:
         assert self._pool is not None
         async with self._pool.acquire() as conn:
             await ensure_schema(conn)
+            readable = await conn.fetchval(_DURABLE_READABLE)
+        self._lookup_sql = LOOKUP_SQL if readable else PLAIN_LOOKUP_SQL
+        if not readable:
+            log.warning("postgres %s: this role cannot read durable_keys; no key is durable", self.name)
 
     async def _prepare_forever(self) -> None:
         delay = RETRY_MIN_S
@@ -312,7 +336,15 @@ class PostgresStore:
                 break
             try:
                 async with asyncio.timeout(left):
-                    row = await pool.fetchrow(LOOKUP_SQL, ident)
+                    row = await pool.fetchrow(self._lookup_sql, ident)
+            except (asyncpg.UndefinedTableError, asyncpg.InsufficientPrivilegeError) as e:
+                if self._lookup_sql == PLAIN_LOOKUP_SQL:
+                    err = e
+                    break
+                # durable_keys dropped or its grant revoked since start: serve without it
+                log.warning("postgres %s: cannot read durable_keys (%s); no key is durable", self.name, self._why(e))
+                self._lookup_sql = PLAIN_LOOKUP_SQL
+                continue
             except TimeoutError as e:
                 err = e
                 break
@@ -432,11 +464,13 @@ class PostgresStore:
             raise StoreUnavailable(f"{self.name}: not open")
         return self._conn
 
-    async def _read(self, query: Callable[[asyncpg.Connection], Awaitable[T]], empty: T) -> T:
+    async def _read(self, query: Callable[[asyncpg.Connection, bool], Awaitable[T]], empty: T) -> T:
+        """``query(db, durable)``: ``durable`` is whether this role may read ``durable_keys``."""
+
         async def go() -> T:
             if not await self._db.fetchval("SELECT to_regclass('authkeys') IS NOT NULL"):
                 return empty
-            return await query(self._db)
+            return await query(self._db, bool(await self._db.fetchval(_DURABLE_READABLE)))
 
         return await self._bounded(go())
 
@@ -449,9 +483,9 @@ class PostgresStore:
         return await self._bounded(go())
 
     async def keys(self, *, skip_invalid: SkipInvalid | None = None) -> list[AccessKey]:
-        async def query(db: asyncpg.Connection) -> list[AccessKey]:
+        async def query(db: asyncpg.Connection, durable: bool) -> list[AccessKey]:
             keys = []
-            for row in await db.fetch(_SELECT_ALL):
+            for row in await db.fetch(_SELECT_ALL if durable else _PLAIN_SELECT_ALL):
                 try:
                     keys.append(row_to_key(row))
                 except InvalidKey as err:
@@ -463,8 +497,8 @@ class PostgresStore:
         return await self._read(query, [])
 
     async def get(self, ident: str) -> AccessKey | None:
-        async def query(db: asyncpg.Connection) -> AccessKey | None:
-            row = await db.fetchrow(LOOKUP_SQL, ident)
+        async def query(db: asyncpg.Connection, durable: bool) -> AccessKey | None:
+            row = await db.fetchrow(LOOKUP_SQL if durable else PLAIN_LOOKUP_SQL, ident)
             return None if row is None else row_to_key(row)
 
         return await self._read(query, None)
@@ -477,6 +511,7 @@ class PostgresStore:
                 await db.execute(_INSERT, *_args(key))
             except asyncpg.UniqueViolationError:
                 raise IdentExists(key.ident) from None
+            await _set_durable(db, [(key.ident, key.durable)])
 
         await self._write(body)
 
@@ -488,6 +523,7 @@ class PostgresStore:
             new = change(row_to_key(row))
             assert new.ident == ident, "modify must keep the ident"
             await db.execute(_UPDATE, *_args(new))
+            await _set_durable(db, [(new.ident, new.durable)])
             return new
 
         return await self._write(body)
@@ -496,6 +532,7 @@ class PostgresStore:
         async def body(db: asyncpg.Connection) -> None:
             if await db.execute("DELETE FROM authkeys WHERE ident = $1", ident) == "DELETE 0":
                 raise NoSuchIdent(ident)
+            await _set_durable(db, [(ident, False)])
 
         await self._write(body)
 
@@ -511,9 +548,26 @@ class PostgresStore:
                 raise IdentExists(clash)
             await db.executemany(_UPDATE, [_args(k) for k in new if k.ident in existing])
             await db.executemany(_INSERT, [_args(k) for k in new if k.ident not in existing])
+            await _set_durable(db, [(k.ident, k.durable) for k in new])
             return len(new)
 
         return await self._write(body)
+
+
+async def _set_durable(db: asyncpg.Connection, flags: Iterable[tuple[str, bool]]) -> None:
+    """Each key's row in ``durable_keys``: present when durable, absent when not.
+
+    A database whose ``durable_keys`` could not be made (a role that may write
+    ``authkeys`` but not create tables) still takes keys that are not durable."""
+    flags = list(flags)
+    if not any(durable for _, durable in flags) and not await db.fetchval(
+        "SELECT to_regclass('durable_keys') IS NOT NULL"
+    ):
+        return
+    await db.executemany(
+        "INSERT INTO durable_keys (ident) VALUES ($1) ON CONFLICT DO NOTHING", [(i,) for i, d in flags if d]
+    )
+    await db.executemany("DELETE FROM durable_keys WHERE ident = $1", [(i,) for i, d in flags if not d])
 
 
 def _args(key: AccessKey) -> tuple[str, str, str, str, str]:

@@ -4,6 +4,8 @@ Our format (the JSON store, ``keys export``), a mapping of ident to key::
 
     {"sensor1": {"owner": "alice", "secret": "...", "pubchans": ["cowrie.sessions"], "subchans": []}}
 
+with ``"durable": true`` on a durable key (written only then; absent is false).
+
 Also accepted (the JSON store read by the broker, ``keys import``): a list of
 key objects (a JSON array, or one object per line as ``mongoexport`` writes
 it) with our field names or the MongoDB-era ones (``identifier``, ``secret``,
@@ -50,6 +52,8 @@ def key_to_record(key: AccessKey, *, with_secret: bool = True) -> dict[str, Any]
         record["secret"] = key.secret
     record["pubchans"] = list(key.pubchans)
     record["subchans"] = list(key.subchans)
+    if key.durable:
+        record["durable"] = True
     return record
 
 
@@ -82,6 +86,7 @@ def key_from_record(record: object, ident: object = None) -> AccessKey:
         _field(record, ("owner",), ""),
         decode_channels(name, "publish channels", _field(record, _PUB_FIELDS)),
         decode_channels(name, "subscribe channels", _field(record, _SUB_FIELDS)),
+        _field(record, ("durable",), False),
     )
 
 

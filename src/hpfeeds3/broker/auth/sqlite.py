@@ -8,6 +8,12 @@ an existing file gets a plain one (the reference's table may hold two rows
 for one ident), and the table itself is never altered. A file the broker may
 only read is served without the index (a warning says so).
 
+Durable keys are the idents listed in a table of their own, ``durable_keys``,
+created by the first write of a durable key, so ``authkeys`` keeps the
+reference's columns and the reference broker reads the file as before. A
+lookup joins it; a file without it has no durable key (the broker looks
+again whenever the file changes).
+
 Codec: a row is a key only if ``make_key`` accepts it (text ident, non-empty
 text secret, channel lists of non-empty text); the broker answers "no such
 key" for any other row and logs why once. Two rows for one ident: the first
@@ -62,12 +68,17 @@ REFERENCE_SCHEMA = (
     "create table if not exists authkeys (id integer primary key autoincrement,"
     " owner TEXT, ident TEXT, secret TEXT, pubchans TEXT, subchans TEXT)",
 )
+DURABLE_SCHEMA = "create table if not exists durable_keys (ident TEXT primary key not null)"
 NEW_IDENT_INDEX = "create unique index if not exists authkeys_ident on authkeys (ident)"
 IDENT_INDEX = "create index if not exists authkeys_ident on authkeys (ident)"
 
 _COLUMNS = "ident, secret, owner, pubchans, subchans"
-LOOKUP_SQL = f"select {_COLUMNS} from authkeys where ident = ? order by id limit 1"
-_SELECT_ALL = f"select {_COLUMNS} from authkeys order by id"
+_DURABLE = "exists (select 1 from durable_keys d where d.ident = authkeys.ident)"
+# Without durable_keys (no durable key yet: the file is as the reference made it), and with it.
+LOOKUP_SQL = f"select {_COLUMNS}, 0 from authkeys where ident = ? order by id limit 1"
+DURABLE_LOOKUP_SQL = f"select {_COLUMNS}, {_DURABLE} from authkeys where ident = ? order by id limit 1"
+_DURABLE_SELECT_ALL = f"select {_COLUMNS}, {_DURABLE} from authkeys order by id"
+_SELECT_ALL = f"select {_COLUMNS}, 0 from authkeys order by id"
 
 # How long a lookup waits (in a thread) for a writer's lock before "unavailable".
 LOCKED_TIMEOUT_S = 2.0
@@ -75,7 +86,7 @@ LOCKED_TIMEOUT_S = 2.0
 BUSY_TIMEOUT_S = 5.0
 DEFAULT_PATH = "sqlite.db"
 
-Row = tuple[object, object, object, object, object]
+Row = tuple[object, object, object, object, object, object]
 
 
 def create_private(path: str) -> None:
@@ -89,9 +100,14 @@ def create_private(path: str) -> None:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
 
 
-def has_table(db: sqlite3.Connection) -> bool:
-    row = db.execute("select 1 from sqlite_master where type = 'table' and name = 'authkeys'").fetchone()
+def has_table(db: sqlite3.Connection, name: str = "authkeys") -> bool:
+    row = db.execute("select 1 from sqlite_master where type = 'table' and name = ?", (name,)).fetchone()
     return row is not None
+
+
+def lookup_sql(db: sqlite3.Connection) -> str:
+    """The lookup for this file: with ``durable_keys`` when it has that table."""
+    return DURABLE_LOOKUP_SQL if has_table(db, "durable_keys") else LOOKUP_SQL
 
 
 def ensure_schema(db: sqlite3.Connection) -> None:
@@ -129,6 +145,7 @@ class SqliteStore:
         self.poll_s = poll_s
         self.busy_timeout_s = busy_timeout_s
         self._inline: sqlite3.Connection | None = None
+        self._lookup_sql = LOOKUP_SQL  # DURABLE_LOOKUP_SQL once the file has durable_keys
         self._local = threading.local()
         self._invalid = InvalidKeyLog(self.description)
         self._db: sqlite3.Connection | None = None  # the writer's
@@ -158,6 +175,7 @@ class SqliteStore:
                 db.close()
             # timeout=0: never wait inline for a writer's lock; fall back to a thread.
             self._inline = sqlite3.connect(self.path, timeout=0, check_same_thread=False, isolation_level=None)
+            self._lookup_sql = lookup_sql(self._inline)
         except sqlite3.Error as e:
             raise ConfigError(f"cannot open sqlite auth database {self.path!r}: {e}") from e
 
@@ -188,7 +206,7 @@ class SqliteStore:
         if conn is None:
             raise AuthUnavailable(f"{self.description}: not started")
         try:
-            row = conn.execute(LOOKUP_SQL, (ident,)).fetchone()
+            row = conn.execute(self._lookup_sql, (ident,)).fetchone()
         except sqlite3.OperationalError as e:
             if _busy(e):
                 raise WouldBlock from e
@@ -206,8 +224,16 @@ class SqliteStore:
             if version is None:
                 continue  # locked or briefly unavailable: try at the next poll
             if last is not None and version != last:
+                self._refresh_lookup_sql()  # keys may have made durable_keys (or SQL dropped it)
                 yield None
             last = version
+
+    def _refresh_lookup_sql(self) -> None:
+        conn = self._inline
+        if conn is None:
+            return
+        with contextlib.suppress(sqlite3.Error):
+            self._lookup_sql = lookup_sql(conn)
 
     def _data_version(self) -> int | None:
         conn = self._inline
@@ -224,7 +250,7 @@ class SqliteStore:
         try:
             if conn is None:
                 conn = self._local.conn = sqlite3.connect(self.path, timeout=self.locked_timeout_s)
-            row: Row | None = conn.execute(LOOKUP_SQL, (ident,)).fetchone()
+            row: Row | None = conn.execute(self._lookup_sql, (ident,)).fetchone()
             return row
         except sqlite3.Error as e:
             raise AuthUnavailable(f"{self.description}: {e}") from e
@@ -289,7 +315,11 @@ class SqliteStore:
         """Valid keys, the first row of each ident; ``InvalidKey`` names the first invalid one (see ``keys``)."""
         if not has_table(db):
             return []
-        rows = db.execute(_SELECT_ALL).fetchall() if ident is None else db.execute(LOOKUP_SQL, (ident,)).fetchall()
+        durable = has_table(db, "durable_keys")
+        if ident is None:
+            rows = db.execute(_DURABLE_SELECT_ALL if durable else _SELECT_ALL).fetchall()
+        else:
+            rows = db.execute(DURABLE_LOOKUP_SQL if durable else LOOKUP_SQL, (ident,)).fetchall()
         first: dict[str, AccessKey] = {}
         for row in rows:
             try:
@@ -314,18 +344,29 @@ class SqliteStore:
         return found[0] if found else None
 
     @staticmethod
-    def _insert(db: sqlite3.Connection, key: AccessKey) -> None:
+    def _set_durable(db: sqlite3.Connection, key: AccessKey) -> None:
+        """The key's row in ``durable_keys``; the table is made for the first durable key."""
+        if key.durable:
+            db.execute(DURABLE_SCHEMA)
+            db.execute("insert or ignore into durable_keys (ident) values (?)", (key.ident,))
+        elif has_table(db, "durable_keys"):
+            db.execute("delete from durable_keys where ident = ?", (key.ident,))
+
+    @classmethod
+    def _insert(cls, db: sqlite3.Connection, key: AccessKey) -> None:
         db.execute(
             "insert into authkeys (owner, ident, secret, pubchans, subchans) values (?, ?, ?, ?, ?)",
             (key.owner, key.ident, key.secret, encode_channels(key.pubchans), encode_channels(key.subchans)),
         )
+        cls._set_durable(db, key)
 
-    @staticmethod
-    def _update(db: sqlite3.Connection, key: AccessKey) -> None:
+    @classmethod
+    def _update(cls, db: sqlite3.Connection, key: AccessKey) -> None:
         db.execute(
             "update authkeys set owner = ?, secret = ?, pubchans = ?, subchans = ? where ident = ?",
             (key.owner, key.secret, encode_channels(key.pubchans), encode_channels(key.subchans), key.ident),
         )
+        cls._set_durable(db, key)
 
     async def add(self, key: AccessKey) -> None:
         def work(db: sqlite3.Connection) -> None:
@@ -352,6 +393,8 @@ class SqliteStore:
             if not self._exists(db, ident):
                 raise NoSuchIdent(ident)
             db.execute("delete from authkeys where ident = ?", (ident,))
+            if has_table(db, "durable_keys"):
+                db.execute("delete from durable_keys where ident = ?", (ident,))
 
         await self._run(work, write=True)
 

@@ -39,6 +39,11 @@ STORE_HELP = (
     "sqlite:PATH, PATH.json, postgresql://user:password@host:port/db"
 )
 
+DURABLE_HELP = (
+    "durable: the broker keeps what the key may read while it is away and replays it when it comes back "
+    "(see docs/durable.md)"
+)
+
 EXIT_CODES = """\
 exit codes:
   0  success
@@ -66,6 +71,7 @@ Changes apply to the broker's next connection; no restart needed.
 examples:
   {PROG} add sensor1 --owner alice --pub cowrie.sessions dionaea.capture
   {PROG} grant collector --sub cowrie.sessions
+  {PROG} update collector --durable
   {PROG} list --auth postgresql://hpfeeds:secret@db.example/hpfeeds
   {PROG} export --auth sqlite:old/sqlite.db --to keys.json
   {PROG} import keys.json --auth postgresql://hpfeeds:secret@db.example/hpfeeds
@@ -105,16 +111,22 @@ def _fmt_channels(channels: Iterable[str]) -> str:
     return ", ".join(channels) or "-"
 
 
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
 def _table(keys: Sequence[AccessKey], out: TextIO) -> None:
-    rows = [("IDENT", "OWNER", "PUBCHANS", "SUBCHANS")]
-    rows += [(k.ident, k.owner or "-", _fmt_channels(k.pubchans), _fmt_channels(k.subchans)) for k in keys]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    rows = [("IDENT", "OWNER", "DURABLE", "PUBCHANS", "SUBCHANS")]
+    rows += [
+        (k.ident, k.owner or "-", _yes(k.durable), _fmt_channels(k.pubchans), _fmt_channels(k.subchans)) for k in keys
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
-        print("  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[3]]).rstrip(), file=out)
+        print("  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[4]]).rstrip(), file=out)
 
 
 def _public(key: AccessKey, *, with_secret: bool = False) -> dict[str, object]:
-    return {"ident": key.ident, **key_to_record(key, with_secret=with_secret)}
+    return {"ident": key.ident, **key_to_record(key, with_secret=with_secret), "durable": key.durable}
 
 
 def _show(key: AccessKey, out: TextIO, *, with_secret: bool = False) -> None:
@@ -124,6 +136,7 @@ def _show(key: AccessKey, out: TextIO, *, with_secret: bool = False) -> None:
         print(f"secret:   {key.secret}", file=out)
     print(f"pubchans: {_fmt_channels(key.pubchans)}", file=out)
     print(f"subchans: {_fmt_channels(key.subchans)}", file=out)
+    print(f"durable:  {_yes(key.durable)}", file=out)
 
 
 def _looks_like_sqlite(path: str) -> bool:
@@ -159,7 +172,7 @@ def _read_source(source: str) -> list[AccessKey]:
 
 def cmd_add(args: argparse.Namespace) -> None:
     given = _read_secret(args.secret, args.ident)
-    key = make_key(args.ident, given or generate_secret(), args.owner, args.pub or (), args.sub or ())
+    key = make_key(args.ident, given or generate_secret(), args.owner, args.pub or (), args.sub or (), args.durable)
     with open_store(args.auth, create=True) as store:
         store.add(key)
         _note(f"added {key.ident!r} to {store.description}")
@@ -235,8 +248,8 @@ def cmd_revoke(args: argparse.Namespace) -> None:
 
 
 def cmd_update(args: argparse.Namespace) -> None:
-    if args.owner is None and args.pub is None and args.sub is None:
-        raise BadArguments("update: give --owner, --pub or --sub")
+    if args.owner is None and args.pub is None and args.sub is None and args.durable is None:
+        raise BadArguments("update: give --owner, --pub, --sub, --durable or --no-durable")
     pub = None if args.pub is None else check_channels("publish channel", args.pub)
     sub = None if args.sub is None else check_channels("subscribe channel", args.sub)
 
@@ -246,6 +259,7 @@ def cmd_update(args: argparse.Namespace) -> None:
             owner=key.owner if args.owner is None else args.owner,
             pubchans=key.pubchans if pub is None else pub,
             subchans=key.subchans if sub is None else sub,
+            durable=key.durable if args.durable is None else args.durable,
         )
 
     with open_store(args.auth) as store:
@@ -341,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--owner", default="", help="who the key belongs to (free text)")
     channels(p, "allow")
     p.add_argument("--secret", help=secret_help)
+    p.add_argument("--durable", action="store_true", help=DURABLE_HELP)
 
     p = command("list", "list idents, owners and channels (never secrets)", cmd_list)
     p.add_argument("--json", action="store_true", help="a JSON list instead of a table")
@@ -358,10 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ident")
     channels(p, "take away")
 
-    p = command("update", "replace the owner or a whole channel list", cmd_update)
+    p = command("update", "replace the owner or a whole channel list, or turn durable on or off", cmd_update)
     p.add_argument("ident")
     p.add_argument("--owner")
     channels(p, "set (replacing the list; none for empty)", nargs="*")
+    p.add_argument("--durable", action=argparse.BooleanOptionalAction, default=None, help=DURABLE_HELP)
 
     p = command("rotate", "give an ident a new secret; prints it", cmd_rotate)
     p.add_argument("ident")

@@ -1,0 +1,518 @@
+"""The local durable log on real files: order, bounded reads, bounds and exact
+drop counts, segment deletion, restart recovery, torn tails, write errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from hpfeeds3.broker.config import ConfigError
+from hpfeeds3.broker.durable import DurableConfig, DurableLog, SegmentLog
+from hpfeeds3.broker.durable.format import HEADER_BYTES, RECORD_MAX_BYTES, frame_ends, segment_seq
+from hpfeeds3.protocol.codec import encode_publish
+
+CHANNEL = b"cowrie.sessions"
+
+OpenLog = Callable[..., SegmentLog]
+
+
+class Clock:
+    """Wall-clock seconds the test moves by hand (record times, max age)."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def message(i: int, size: int = 100, channel: bytes = CHANNEL) -> bytes:
+    """PUBLISH frame ``i``: its number first, padded to ``size`` bytes of payload."""
+    return encode_publish(b"sensor", channel, f"{i:08d}".encode().ljust(size, b"."))
+
+
+def numbers(data: bytes) -> list[int]:
+    out, start = [], 0
+    for end in frame_ends(data):
+        frame = data[start:end]
+        payload = frame[5 + 1 + len(b"sensor") + 1 + len(CHANNEL) :]
+        out.append(int(payload[:8]))
+        start = end
+    return out
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def open_log(tmp_path: Path, clock: Clock) -> Iterator[OpenLog]:
+    opened: list[SegmentLog] = []
+
+    def go(**options: object) -> SegmentLog:
+        config = DurableConfig(data_dir=str(tmp_path / "data"), **options)  # type: ignore[arg-type]
+        log = SegmentLog.open(config, clock=clock)
+        opened.append(log)
+        return log
+
+    yield go
+    for log in opened:
+        log.close()
+
+
+def append_run(log: SegmentLog, first: int, count: int, size: int = 100, channel: bytes = CHANNEL) -> int:
+    data = b"".join(message(i, size, channel) for i in range(first, first + count))
+    return log.append(channel, data, count)
+
+
+def read_all(log: SegmentLog, start: int = 0, max_bytes: int = 4096, channel: bytes = CHANNEL) -> tuple[list[int], int]:
+    """Every message from ``start``, checking each chunk's bound and numbering; and the messages skipped."""
+    reader = log.open_reader(channel, start)
+    got: list[int] = []
+    skipped = 0
+    try:
+        while (chunk := reader.read(max_bytes)) is not None:
+            assert chunk.frames >= 1
+            assert len(chunk.data) <= max_bytes or chunk.frames == 1
+            assert chunk.end_seq - chunk.first_seq == chunk.frames == len(numbers(chunk.data))
+            skipped += chunk.skipped
+            got.extend(numbers(chunk.data))
+    finally:
+        reader.close()
+    return got, skipped
+
+
+def segment_files(tmp_path: Path) -> list[Path]:
+    return sorted(
+        p for p in (tmp_path / "data" / "durable" / "channels").glob("*/*") if segment_seq(p.name) is not None
+    )
+
+
+def test_the_segment_log_is_a_durable_log(open_log: OpenLog) -> None:
+    assert isinstance(open_log(), DurableLog)
+
+
+def test_messages_come_back_in_order_in_bounded_chunks(open_log: OpenLog) -> None:
+    log = open_log()
+    log.follow("collector", CHANNEL)
+    sent = 0
+    for run in (1, 7, 50, 1, 300, 2):
+        assert append_run(log, sent, run) == sent + run
+        sent += run
+    assert log.sync()
+    assert log.written(CHANNEL) == sent
+    got, skipped = read_all(log, 0, max_bytes=1000)
+    assert got == list(range(sent)) and skipped == 0
+    # from any position, mid-run too
+    got, _ = read_all(log, 33, max_bytes=1000)
+    assert got == list(range(33, sent))
+
+
+def test_a_chunk_gathers_many_small_records_up_to_its_bound(open_log: OpenLog) -> None:
+    log = open_log()
+    log.follow("collector", CHANNEL)
+    for i in range(300):
+        log.append(CHANNEL, message(i), 1)  # one record each
+    assert log.sync()
+    reader = log.open_reader(CHANNEL, 0)
+    frame = len(message(0))
+    chunk = reader.read(100 * frame)
+    assert chunk is not None and chunk.frames == 100 and len(chunk.data) == 100 * frame
+    assert numbers(chunk.data) == list(range(100))
+    chunk = reader.read(1 << 20)
+    assert chunk is not None and numbers(chunk.data) == list(range(100, 300))
+    assert reader.read(1 << 20) is None
+    reader.close()
+
+
+def test_a_reader_that_caught_up_gets_what_is_written_later(open_log: OpenLog) -> None:
+    log = open_log()
+    log.follow("collector", CHANNEL)
+    append_run(log, 0, 10)
+    assert log.sync()
+    reader = log.open_reader(CHANNEL, 0)
+    chunk = reader.read(1 << 20)
+    assert chunk is not None and numbers(chunk.data) == list(range(10))
+    assert reader.read(1 << 20) is None
+    append_run(log, 10, 5)
+    assert log.sync()
+    chunk = reader.read(1 << 20)
+    assert chunk is not None and numbers(chunk.data) == list(range(10, 15)) and reader.position == 15
+    reader.close()
+
+
+def test_large_runs_are_split_and_a_frame_larger_than_a_record_is_read_whole(open_log: OpenLog) -> None:
+    log = open_log()
+    log.follow("collector", CHANNEL)
+    append_run(log, 0, 400, size=2000)  # ~800 KB in one run: several records
+    big = message(400, size=RECORD_MAX_BYTES + 1000)
+    log.append(CHANNEL, big, 1)
+    append_run(log, 401, 3)
+    assert log.sync()
+    reader = log.open_reader(CHANNEL, 0)
+    got: list[int] = []
+    largest = 0
+    while (chunk := reader.read(64 * 1024)) is not None:
+        largest = max(largest, len(chunk.data))
+        got.extend(numbers(chunk.data))
+    reader.close()
+    assert got == list(range(404))
+    assert largest == len(big)  # the one frame above the chunk size, alone
+
+
+def test_each_message_is_stored_once_whatever_the_number_of_followers(tmp_path: Path, clock: Clock) -> None:
+    sizes = []
+    for followers in (1, 5):
+        config = DurableConfig(data_dir=str(tmp_path / f"d{followers}"))
+        log = SegmentLog.open(config, clock=clock)
+        try:
+            for k in range(followers):
+                log.follow(f"collector{k}", CHANNEL)
+            append_run(log, 0, 200)
+            assert log.sync()
+            sizes.append(log.stats().disk_bytes)
+        finally:
+            log.close()
+    assert sizes[0] == sizes[1] > 200 * 100
+
+
+def test_a_channel_no_key_follows_is_not_wanted(open_log: OpenLog) -> None:
+    log = open_log()
+    assert not log.wants(CHANNEL)
+    log.follow("collector", CHANNEL)
+    assert log.wants(CHANNEL) and not log.wants(b"other")
+    log.unfollow("collector")
+    assert not log.wants(CHANNEL)
+
+
+def test_segments_are_deleted_once_every_position_passed_them(open_log: OpenLog, tmp_path: Path) -> None:
+    log = open_log(segment_bytes=8192, max_bytes=1 << 30)
+    log.follow("a", CHANNEL)
+    log.follow("b", CHANNEL)
+    for i in range(0, 600, 10):
+        append_run(log, i, 10)
+    assert log.sync() and log.maintain()
+    many = len(segment_files(tmp_path))
+    assert many > 5
+    log.commit("a", CHANNEL, 600)
+    assert log.maintain()
+    assert len(segment_files(tmp_path)) == many  # b still needs them all
+    log.commit("b", CHANNEL, 300)
+    assert log.maintain()
+    left = segment_files(tmp_path)
+    assert 1 < len(left) < many
+    assert segment_seq(left[0].name) <= 300  # type: ignore[operator]
+    got, skipped = read_all(log, 300)
+    assert got == list(range(300, 600)) and skipped == 0
+    log.commit("b", CHANNEL, 600)
+    assert log.maintain()
+    assert len(segment_files(tmp_path)) == 1  # the one being written
+    assert log.backlog("a").dropped == log.backlog("b").dropped == 0
+
+
+def test_max_bytes_drops_the_oldest_for_that_key_only_counted_exactly(open_log: OpenLog) -> None:
+    limit = 64 * 1024
+    log = open_log(segment_bytes=8192, max_bytes=limit)
+    log.follow("away", CHANNEL)
+    log.follow("reading", CHANNEL)
+    total = 2000
+    for i in range(0, total, 20):
+        append_run(log, i, 20)
+        if i % 200 == 0:
+            assert log.sync()
+            log.commit("reading", CHANNEL, log.written(CHANNEL))
+    assert log.sync()
+    log.commit("reading", CHANNEL, total)
+    assert log.maintain()
+    away = log.backlog("away")
+    assert away.bytes <= limit
+    position = log.position("away", CHANNEL)
+    assert position is not None and position > 0
+    # exact: every message is either dropped (counted) or still readable, none both
+    assert away.dropped == position
+    got, skipped = read_all(log, position)
+    assert got == list(range(position, total)) and skipped == 0
+    assert away.dropped + len(got) == total
+    assert away.messages == total - position
+    assert log.backlog("reading").dropped == 0
+
+
+def test_a_reader_whose_segments_are_dropped_under_it_goes_on_and_counts_them(open_log: OpenLog) -> None:
+    log = open_log(segment_bytes=8192, max_bytes=32 * 1024)
+    log.follow("away", CHANNEL)
+    total = 1000
+    for i in range(0, total, 10):
+        append_run(log, i, 10)
+    assert log.sync()
+    reader = log.open_reader(CHANNEL, 0)
+    first = reader.read(2000)
+    assert first is not None
+    got = numbers(first.data)
+    assert log.maintain() and log.backlog("away").dropped > len(got)  # segments ahead of the reader deleted
+    while (chunk := reader.read(2000)) is not None:
+        got.extend(numbers(chunk.data))
+    reader.close()
+    assert got == sorted(set(got)) and got[-1] == total - 1
+    assert len(got) + reader.skipped == total  # every message read or counted as passed over, never both
+
+
+def test_max_age_drops_old_segments_for_every_key_counted_exactly(open_log: OpenLog, clock: Clock) -> None:
+    log = open_log(segment_bytes=8192, max_age_s=60.0)
+    log.follow("a", CHANNEL)
+    log.follow("b", CHANNEL)
+    append_run(log, 0, 300)  # at t0: several segments
+    assert log.sync()
+    log.commit("b", CHANNEL, 100)
+    clock.now += 30
+    assert log.maintain()
+    assert log.backlog("a").dropped == 0
+    assert log.backlog("a").oldest_age_s == pytest.approx(30.0)
+    clock.now += 31  # everything written at t0 is now older than 60 s
+    assert log.maintain()
+    # the last segment expired whole too: nothing is left, and every message is counted
+    assert log.backlog("a").dropped == 300
+    assert log.backlog("b").dropped == 200
+    assert log.position("a", CHANNEL) == log.position("b", CHANNEL) == 300
+    assert log.backlog("a").messages == 0
+    append_run(log, 300, 5)
+    assert log.sync()
+    assert read_all(log, 300)[0] == list(range(300, 305))
+
+
+def test_restart_recovers_segments_positions_drop_counts_and_numbering(open_log: OpenLog, tmp_path: Path) -> None:
+    log = open_log(segment_bytes=8192, max_bytes=32 * 1024)
+    log.follow("a", CHANNEL)
+    log.follow("b", b"other")
+    for i in range(0, 500, 25):
+        append_run(log, i, 25)
+    append_run(log, 0, 7, channel=b"other")
+    assert log.sync() and log.maintain()
+    dropped = log.backlog("a").dropped
+    assert dropped > 0
+    log.commit("b", b"other", 3)
+    position = log.position("a", CHANNEL)
+    log.close()
+
+    log = open_log(segment_bytes=8192, max_bytes=32 * 1024)
+    assert log.written(CHANNEL) == 500 and log.written(b"other") == 7
+    assert log.position("a", CHANNEL) == position and log.position("b", b"other") == 3
+    assert log.backlog("a").dropped == dropped
+    assert log.wants(CHANNEL) and log.wants(b"other")  # captured again before the keys come back
+    assert read_all(log, position)[0] == list(range(position, 500))  # type: ignore[arg-type]
+    assert append_run(log, 500, 10) == 510
+    assert log.sync()
+    assert read_all(log, 495)[0] == list(range(495, 510))
+
+
+def test_a_torn_tail_is_detected_and_cut_on_reopen(open_log: OpenLog, tmp_path: Path) -> None:
+    log = open_log()
+    log.follow("a", CHANNEL)
+    append_run(log, 0, 40)
+    append_run(log, 40, 10)
+    assert log.sync()
+    log.close()
+    (segment,) = segment_files(tmp_path)
+    good = segment.stat().st_size
+    # a crash in the middle of writing the next record: its header and part of its body
+    with open(segment, "ab") as f:
+        f.write(segment.read_bytes()[: HEADER_BYTES + 50])
+
+    log = open_log()
+    assert segment.stat().st_size == good
+    assert log.written(CHANNEL) == 50
+    assert read_all(log, 0)[0] == list(range(50))
+    append_run(log, 50, 5)
+    assert log.sync()
+    assert read_all(log, 0)[0] == list(range(55))
+
+
+def test_a_corrupt_record_in_the_last_segment_ends_it_there(open_log: OpenLog, tmp_path: Path) -> None:
+    log = open_log()
+    log.follow("a", CHANNEL)
+    append_run(log, 0, 10)
+    assert log.sync()
+    first_record = segment_files(tmp_path)[0].stat().st_size
+    append_run(log, 10, 10)
+    append_run(log, 20, 10)
+    assert log.sync()
+    log.close()
+    (segment,) = segment_files(tmp_path)
+    data = bytearray(segment.read_bytes())
+    data[first_record + HEADER_BYTES + 7] ^= 0xFF  # a bit flip in the second record's payload
+    segment.write_bytes(bytes(data))
+
+    log = open_log()
+    assert log.written(CHANNEL) == 10
+    assert segment.stat().st_size == first_record
+    assert read_all(log, 0)[0] == list(range(10))
+
+
+def test_a_position_saved_ahead_of_the_log_is_brought_back_to_its_end(open_log: OpenLog, tmp_path: Path) -> None:
+    log = open_log()
+    log.follow("a", CHANNEL)
+    append_run(log, 0, 10)
+    assert log.sync()
+    log.close()
+    positions = tmp_path / "data" / "durable" / "positions.json"
+    doc = json.loads(positions.read_text())
+    doc["positions"][0][2] = 99  # saved after messages the crash did not let reach the file
+    positions.write_text(json.dumps(doc))
+    log = open_log()
+    assert log.position("a", CHANNEL) == 10
+    assert append_run(log, 10, 1) == 11
+
+
+@pytest.mark.parametrize("text", ["", "[]", '{"positions": [["a"]]}', '{"positions": [], "dropped": 3}', "{"])
+def test_a_broken_positions_file_is_logged_and_every_key_starts_from_the_end(
+    open_log: OpenLog, tmp_path: Path, text: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = open_log()
+    log.follow("a", CHANNEL)
+    append_run(log, 0, 10)
+    assert log.sync()
+    log.close()
+    (tmp_path / "data" / "durable" / "positions.json").write_text(text)
+    log = open_log()
+    assert log.position("a", CHANNEL) is None and log.written(CHANNEL) == 10
+    assert "positions" in caplog.text
+
+
+def test_a_second_process_cannot_use_the_same_directory(open_log: OpenLog) -> None:
+    open_log()
+    with pytest.raises(ConfigError, match="in use"):
+        open_log()
+
+
+WRITER_UNDER_FILE_SIZE_LIMIT = textwrap.dedent(
+    """
+    import json, resource, signal, sys
+    from hpfeeds3.broker.durable import DurableConfig, SegmentLog
+    from hpfeeds3.protocol.codec import encode_publish
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+    log = SegmentLog.open(DurableConfig(data_dir=sys.argv[1], segment_bytes=1 << 20))
+    log.follow("a", b"c")
+    for i in range(200):
+        frame = encode_publish(b"sensor", b"c", b"%08d" % i + b"." * 992)
+        log.append(b"c", frame, 1)  # never raises
+        if i % 10 == 9:
+            log.sync()
+    log.sync()
+    stats = log.stats()
+    reader = log.open_reader(b"c", 0)
+    got, skipped = [], 0
+    while (chunk := reader.read(1 << 16)) is not None:
+        skipped += chunk.skipped
+        start = 0
+        for end in __import__("hpfeeds3.broker.durable.format", fromlist=["x"]).frame_ends(chunk.data):
+            got.append(int(chunk.data[start:end][-1000:-992]))
+            start = end
+    reader.close()
+    print(json.dumps({"degraded": stats.degraded, "error": stats.last_error, "appended": stats.appended,
+                      "unstored": stats.unstored, "got": got, "skipped": skipped}))
+    log.close()
+    """
+)
+
+
+def test_a_write_error_degrades_the_store_counts_and_never_raises(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-c", WRITER_UNDER_FILE_SIZE_LIMIT, str(tmp_path / "data")],
+        capture_output=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr.decode()
+    out = json.loads(r.stdout)
+    assert out["degraded"] and "File too large" in out["error"]
+    assert out["appended"] == 200
+    stored = out["got"]
+    # what was stored is intact and in order; everything else is counted, nothing both
+    assert stored == list(range(len(stored))) and 0 < len(stored) < 200
+    assert out["unstored"] == 200 - len(stored)
+    assert b"cannot write" in r.stderr
+    assert os.path.getsize(next(iter((tmp_path / "data" / "durable" / "channels").glob("*/*.seg")))) <= 64 * 1024
+
+
+def test_appends_beyond_the_pending_bound_are_counted_not_queued(open_log: OpenLog) -> None:
+    log = open_log(max_pending_bytes=50)  # smaller than one message: none is queued
+    log.follow("a", CHANNEL)
+    assert append_run(log, 0, 3) == 3
+    assert append_run(log, 3, 2) == 5
+    assert log.sync()
+    stats = log.stats()
+    assert stats.appended == stats.unstored == 5 and stats.disk_bytes == 0
+    assert log.written(CHANNEL) == 5
+    reader = log.open_reader(CHANNEL, 0)
+    assert reader.read(1 << 20) is None and reader.skipped == 5
+    reader.close()
+
+
+def test_sync_after_every_write_when_the_interval_is_zero(open_log: OpenLog) -> None:
+    log = open_log(sync_interval_s=0)
+    log.follow("a", CHANNEL)
+    for i in range(0, 50, 5):
+        append_run(log, i, 5)
+    assert log.sync()
+    assert read_all(log, 0)[0] == list(range(50))
+    assert not log.stats().degraded
+
+
+def test_config_refuses_bounds_that_cannot_work(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        DurableConfig(max_bytes=0)
+    with pytest.raises(ConfigError):
+        DurableConfig(max_bytes=1 << 20, segment_bytes=2 << 20)
+    with pytest.raises(ConfigError):
+        DurableConfig(sync_interval_s=-1)
+
+
+def test_append_write_and_replay_rates_are_recorded(open_log: OpenLog) -> None:
+    """Every message of runs of 1 and of 10 reads back; the rates are printed (-s), not asserted."""
+    import time
+
+    log = open_log()
+    figures = []
+    total = 0
+    for run in (1, 10):
+        channel = b"rate-%d" % run
+        log.follow("collector", channel)
+        frame = message(0, 100, channel)
+        data = frame * run
+        count = 200_000
+        t0 = time.perf_counter()
+        in_append = 0.0
+        for i in range(count // run):
+            a = time.perf_counter()
+            log.append(channel, data, run)
+            in_append += time.perf_counter() - a
+            if i % 1000 == 999:
+                assert log.sync(60)  # paced: the writer's rate, not the pending bound
+        assert log.sync(60)
+        wrote = time.perf_counter() - t0
+        reader = log.open_reader(channel, 0)
+        t0 = time.perf_counter()
+        read = 0
+        while (chunk := reader.read(256 * 1024)) is not None:
+            read += chunk.frames
+        replay = time.perf_counter() - t0
+        reader.close()
+        assert read == count
+        total += count
+        figures.append(
+            f"runs of {run:>2}: append {in_append / count * 1e9:5.0f} ns/msg on the caller, "
+            f"written {count / wrote / 1e6:.2f} M msg/s, replay read {count / replay / 1e6:.2f} M msg/s "
+            f"({len(frame)} B frames)"
+        )
+    stats = log.stats()
+    assert stats.unstored == 0 and stats.appended == total
+    print(f"\ndurable log: {stats.disk_bytes / total:.1f} B on disk per message")
+    print("\n".join(figures))

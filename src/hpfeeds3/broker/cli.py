@@ -216,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     # Set by the --workers supervisor on its workers.
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help="log frame-level detail")
+    p.add_argument(
+        "--data-dir",
+        metavar="PATH",
+        default="hpfeeds-data",
+        help="the broker's state on disk: durable channel logs and positions, the console's activity history "
+        "(default: ./hpfeeds-data)",
+    )
     p.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format (default: text)")
 
     g = p.add_argument_group("limits")
@@ -282,6 +289,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         cluster_auth=cluster_auth,
         reuse_port=args.workers > 1 or args.reuse_port,
         admin=admin,
+        data_dir=args.data_dir,
     )
 
 

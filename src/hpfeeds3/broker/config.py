@@ -174,6 +174,10 @@ class BrokerConfig:
     reuse_port: bool = False
     # The operator console (--admin); None: off.
     admin: AdminConfig | None = None
+    # The broker's own state on disk (--data-dir): durable channel logs and
+    # positions, the console's activity history. Relative to the working
+    # directory, beside the default ./sqlite.db.
+    data_dir: str = "hpfeeds-data"
 
 
 def parse_host_port(value: str, what: str = "--bind") -> tuple[str, int]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import USERS
-from tests.support.broker import BROKER_BIN, BrokerProcess, RawClient, free_port, wait_for_port, write_users_json
+from tests.support.broker import BROKER_BIN, BrokerProcess, RawClient, free_port, free_ports, wait_for_port, write_users_json
 
 
 def listening(port: int) -> str:
@@ -56,7 +56,10 @@ def test_bind_to_the_ipv6_wildcard(tmp_path: Path) -> None:
             s.bind(("::1", 0))
     except OSError:
         pytest.skip("no IPv6 loopback")
-    port = free_port()
+    # Below the ephemeral range: [::] also takes the port on every IPv4 and IPv6
+    # address, so any outgoing connection on this machine that happens to use
+    # it (another test's client, on any loopback address) would refuse the bind.
+    port = free_ports(1)
     write_users_json(tmp_path / "users.json", USERS)
     b = BrokerProcess(["--bind", f"[::]:{port}", "--auth", "users.json"], cwd=tmp_path, port=port)
     try:

@@ -5,7 +5,9 @@ Contract:
 - One record is one line on stderr, in both formats. Text that came from the
   network (idents, channel names, peer-sent text) may hold newlines, control
   characters or Unicode line separators: every non-printable character is
-  escaped (``text.escape``), so a client can never forge a log line.
+  escaped (``text.one_line`` for the message, whose client text was escaped
+  where it was quoted; ``text.escape`` for field values, which also doubles a
+  client's backslash), so a client can never forge a log line.
 - Structured fields travel as ``extra=`` attributes of the record; only the
   names in ``FIELDS`` are ever written, so a secret passed by mistake (or any
   other attribute) never reaches the log::
@@ -49,7 +51,7 @@ import threading
 import time
 from typing import Any, TextIO
 
-from .text import escape
+from .text import escape, one_line
 
 # Record attributes written when present, in this order.
 FIELDS: tuple[str, ...] = ("event", "peer", "ident", "owner", "channel", "reason", "limit")
@@ -126,13 +128,15 @@ class TextFormatter(logging.Formatter):
         # Written for speed (every connection formats three lines): the
         # record's own attributes read once, strings taken as they are.
         message = record.getMessage()
-        line = f"{_timestamp(record)} {record.levelname} {record.name} {escape(message)}"
+        line = f"{_timestamp(record)} {record.levelname} {record.name} {one_line(message)}"
         attributes = record.__dict__
         for name in FIELDS:
             value = attributes.get(name)
             if value is None:
                 continue
-            if value.__class__ is not str:
+            if value.__class__ is bytes:
+                value = value.decode("utf-8", "surrogateescape")  # escape() writes an invalid byte as \xNN
+            elif value.__class__ is not str:
                 value = field_value(value)
             if value:
                 if value in message and _says(message, value):

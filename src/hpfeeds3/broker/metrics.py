@@ -253,6 +253,14 @@ class BrokerCollector(Collector):
             deliveries.add_metric([_text(chan)], n)
         yield deliveries
 
+        from .logs import dropped_lines
+
+        yield CounterMetricFamily(
+            "hpfeeds_broker_log_lines_dropped",
+            "Log lines dropped because the log output did not keep up (logs.MAX_QUEUED_RECORDS)",
+            value=dropped_lines(),
+        )
+
 
 def _text(channel: bytes) -> str:
     return channel.decode("utf-8", "backslashreplace")

@@ -13,9 +13,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-
 from ..config import AdminConfig, ConfigError
+from ..exporter import CONSOLE_MAX_CONNECTIONS, make_runner, start_site
 from .api import Console
 from .tokens import TokenFile
 from .tracker import POLL_S
@@ -57,12 +56,12 @@ async def start_admin(broker: Broker, config: AdminConfig) -> Callable[[], Await
     broker_log.addHandler(console.tracker)
     broker.closing_hooks.append(console.tracker.closed)
 
-    runner = web.AppRunner(console.app(), handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    runner = make_runner(console.app(), SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     host, port = config.host, config.port
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        await web.TCPSite(runner, host or None, port, ssl_context=ssl_ctx, reuse_address=True).start()
+        await start_site(runner, "console", host, port, max_connections=CONSOLE_MAX_CONNECTIONS, ssl_context=ssl_ctx)
     except OSError as exc:
         await runner.cleanup()
         broker_log.removeHandler(console.tracker)

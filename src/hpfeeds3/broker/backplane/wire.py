@@ -301,6 +301,8 @@ class Inbound:
         part = hdrs.get(H_PART)
         if self.key is not None:
             sent = hdrs.get(H_SIG, "")
+            if len(sent) != 32:  # no signature: refused before hashing the payload
+                return Rejected.SIGNATURE
             wanted = signature(self.key, channel, origin, seq_text, count_text, part or "", data)
             if not hmac.compare_digest(sent.encode("ascii", "replace"), wanted.encode()):
                 return Rejected.SIGNATURE

@@ -9,8 +9,8 @@ Headers:
   the first frame carried;
 - ``Hpfeeds-Count``: how many frames (1 for the parts of a split frame);
 - ``Hpfeeds-Part``: ``i/n`` on the parts of a split frame only;
-- ``Hpfeeds-Sig``: with a cluster key (``--cluster-key-file``), a keyed
-  BLAKE2b of the other headers, the channel and the payload.
+- ``Hpfeeds-Sig``: with a cluster key (``--cluster-key-file``), an
+  HMAC-SHA256 of the other headers, the channel and the payload.
 
 Anyone who can publish on NATS can send anything, so ``Inbound`` trusts
 nothing it did not check: a message is delivered only as whole, well-formed
@@ -103,12 +103,12 @@ def cluster_key(secret: bytes) -> bytes:
 
 
 def signature(key: bytes, channel: bytes, origin: str, seq: str, count: str, part: str, data: bytes) -> str:
-    """A keyed BLAKE2b (stdlib, about as fast as SHA-1) of what a message says."""
-    h = hashlib.blake2b(key=key, digest_size=16)
-    h.update(f"{origin} {seq} {count} {part} {len(channel)}\n".encode())
+    """HMAC-SHA256 of what a message says, its first 128 bits in hex (SHA-256 runs
+    at about 1.7 GB/s a core with the CPU's SHA instructions: 0.16 ms per 256 KiB)."""
+    h = hmac.new(key, f"{origin} {seq} {count} {part} {len(channel)}\n".encode(), hashlib.sha256)
     h.update(channel)
     h.update(data)
-    return h.hexdigest()
+    return h.hexdigest()[:32]
 
 
 def headers(

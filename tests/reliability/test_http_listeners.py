@@ -9,10 +9,12 @@ the exporter's) left the broker at 600/600 descriptors and 0/5 sensors served.
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 from pathlib import Path
 
 import pytest
+import trustme
 
 from hpfeeds3.broker.exporter import (
     CONSOLE_MAX_CONNECTIONS,
@@ -46,24 +48,36 @@ def settled_fds(probe: Probe, timeout: float = 5.0) -> int:
     return last
 
 
-def http_answers(port: int, path: str, timeout: float = 2.0) -> bool:
-    """Whether ``GET path`` on ``port`` gets a status line."""
+def http_answers(port: int, path: str, tls: ssl.SSLContext | None = None, timeout: float = 2.0) -> bool:
+    """Whether ``GET path`` on ``port`` (over TLS with ``tls``) gets a status line."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+            s = tls.wrap_socket(raw, server_hostname="127.0.0.1") if tls is not None else raw
             s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
             return s.recv(64).startswith(b"HTTP/1.1 ")
     except OSError:
         return False
 
 
-@pytest.mark.parametrize("target", ["console", "exporter"])
+@pytest.mark.parametrize("target", ["console", "console_tls", "exporter"])
 def test_silent_sockets_on_an_http_port_leave_the_broker_its_descriptors(tmp_path: Path, target: str) -> None:
+    """A TLS console counts a connection from accept too: silent sockets never
+    finish a handshake, and must not take descriptors while they wait."""
     raise_nofile()
     write_users_json(tmp_path / "users.json", RELIABILITY_USERS)
     write_tokens(tmp_path / "tokens.txt")
     port, exporter, console = free_port(), free_port(), free_port()
     args = ["--bind", f"127.0.0.1:{port}", "--auth", "users.json", "--exporter", f"127.0.0.1:{exporter}"]
     args += ["--admin", f"127.0.0.1:{console}", "--admin-tokens", "tokens.txt"]
+    tls = None
+    if target == "console_tls":
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1")
+        cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "c.pem"))
+        cert.private_key_pem.write_to_path(str(tmp_path / "k.pem"))
+        args += ["--admin-tlscert", "c.pem", "--admin-tlskey", "k.pem"]
+        tls = ssl.create_default_context()
+        ca.configure_trust(tls)
     b = BrokerProcess(args, cwd=tmp_path, port=port, nofile=(NOFILE, NOFILE))
     held: list[socket.socket] = []
     try:
@@ -71,7 +85,7 @@ def test_silent_sockets_on_an_http_port_leave_the_broker_its_descriptors(tmp_pat
         wait_for_port(console, proc=b.proc)
         probe = Probe(b.proc.pid)
         before = probe.fds()
-        http_port, path = (console, "/") if target == "console" else (exporter, "/healthz")
+        http_port, path = (exporter, "/healthz") if target == "exporter" else (console, "/")
         for _ in range(SILENT):  # each connected (the handshake done) before the next
             try:
                 held.append(connect_from("127.0.0.1", http_port, timeout=2))
@@ -88,11 +102,11 @@ def test_silent_sockets_on_an_http_port_leave_the_broker_its_descriptors(tmp_pat
                 pass
         # The silent ones are closed at the header deadline: the listener serves again.
         start = time.monotonic()
-        while not http_answers(http_port, path) and time.monotonic() - start < HTTP_HEADER_TIMEOUT_S + 10:
+        while not http_answers(http_port, path, tls) and time.monotonic() - start < HTTP_HEADER_TIMEOUT_S + 10:
             time.sleep(0.2)
         recovered_s = time.monotonic() - start
-        answers = http_answers(http_port, path)
-        cap = CONSOLE_MAX_CONNECTIONS if target == "console" else EXPORTER_MAX_CONNECTIONS
+        answers = http_answers(http_port, path, tls)
+        cap = EXPORTER_MAX_CONNECTIONS if target == "exporter" else CONSOLE_MAX_CONNECTIONS
         record(
             "http_listener_descriptors",
             target=target,

@@ -35,6 +35,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import gzip
 import json
 import logging
@@ -56,7 +57,7 @@ EXPORTER_MAX_CONNECTIONS = 16
 CONSOLE_MAX_CONNECTIONS = 64
 # A connection's request headers must have arrived this long after accept
 # (its TLS handshake included), or it is closed.
-HTTP_HEADER_TIMEOUT_S = 10.0
+HTTP_HEADER_TIMEOUT_S = 10
 # An idle keep-alive connection is closed after this long.
 HTTP_KEEPALIVE_S = 5.0
 # How often a listener at its cap says so in the log.
@@ -128,24 +129,33 @@ class _Listener:
 class _Guarded(asyncio.Protocol):
     """Stands between the transport and aiohttp's protocol: counts the connection
     from accept, refuses it past the cap, runs its TLS handshake, and closes it
-    if its request headers do not arrive in time."""
+    if its request headers do not arrive in time.
+
+    TLS: the handshake is asyncio's own ``SSLProtocol`` (the one ``start_tls``
+    uses), put on the accepted transport here, in ``connection_made``, so no
+    byte can reach this protocol before it (uvloop starts reading right after
+    ``connection_made``, whatever it paused). It calls ``connection_made`` again
+    with the decrypted transport once the handshake is done."""
 
     def __init__(self, listener: _Listener) -> None:
         self.listener = listener
         self.inner: asyncio.Protocol | None = None
-        self.transport: asyncio.Transport | None = None
+        self.raw: asyncio.Transport | None = None  # the accepted socket's transport
         self.deadline: asyncio.TimerHandle | None = None
-        self.early: list[bytes] = []
-        self.handshake: asyncio.Task[None] | None = None
+        self.handshaking = False
         self.tail = b""  # the last bytes of the headers so far (their end may span two reads)
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, base)  # a stream transport (uvloop's are not subclasses)
+        if self.handshaking:  # the TLS handshake is done: ``transport`` is the decrypted one
+            self.handshaking = False
+            self._start(transport)
+            return
         listener = self.listener
-        self.transport = transport
+        self.raw = transport
+        loop = asyncio.get_running_loop()
         if len(listener.open) >= listener.max_connections:
             listener.refused.inc()
-            loop = asyncio.get_running_loop()
             if loop.time() - listener.logged >= _CAP_LOG_INTERVAL_S:
                 listener.logged = loop.time()
                 log.warning(
@@ -158,30 +168,32 @@ class _Guarded(asyncio.Protocol):
             transport.abort()  # the descriptor back at once
             return
         listener.open.add(self)
-        loop = asyncio.get_running_loop()
         self.deadline = loop.call_later(HTTP_HEADER_TIMEOUT_S, self._expired)
         if listener.ssl_context is None:
             self._start(transport)
-        else:
-            self.handshake = loop.create_task(self._handshake(transport))
-
-    async def _handshake(self, transport: asyncio.Transport) -> None:
-        try:
-            tls = await asyncio.get_running_loop().start_tls(
-                transport,
-                self,
-                self.listener.ssl_context,
-                server_side=True,
-                ssl_handshake_timeout=HTTP_HEADER_TIMEOUT_S,
-            )
-        except Exception:  # a failed or timed-out handshake, a peer gone: this connection only
-            transport.abort()
-            self._forget()
             return
-        if tls is None or self not in self.listener.open:
-            return  # closed meanwhile
-        self.transport = tls
-        self._start(tls)
+        self.handshaking = True
+        waiter = loop.create_future()
+        waiter.add_done_callback(self._handshake_done)
+        tls = asyncio.sslproto.SSLProtocol(
+            loop, self, listener.ssl_context, waiter, server_side=True, ssl_handshake_timeout=HTTP_HEADER_TIMEOUT_S
+        )
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+
+    def _handshake_done(self, waiter: asyncio.Future[None]) -> None:
+        failed = waiter.cancelled() or waiter.exception() is not None
+        # A connection lost during the handshake (aborted at the deadline, or the
+        # peer left) completes the waiter without an error: still handshaking.
+        if failed or self.handshaking:
+            self.handshaking = False
+            self._forget()
+
+    def _start(self, transport: asyncio.Transport) -> None:
+        server = self.listener.runner.server
+        assert server is not None
+        self.inner = server()
+        self.inner.connection_made(transport)
 
     def _forget(self) -> None:
         self.listener.open.discard(self)
@@ -189,19 +201,10 @@ class _Guarded(asyncio.Protocol):
             self.deadline.cancel()
             self.deadline = None
 
-    def _start(self, transport: asyncio.Transport) -> None:
-        server = self.listener.runner.server
-        assert server is not None
-        self.inner = server()
-        self.inner.connection_made(transport)
-        for data in self.early:
-            self.inner.data_received(data)
-        self.early.clear()
-
     def _expired(self) -> None:
         self.deadline = None
-        if self.transport is not None:
-            self.transport.abort()
+        if self.raw is not None:
+            self.raw.abort()
 
     def data_received(self, data: bytes) -> None:
         if self.deadline is not None:
@@ -211,9 +214,7 @@ class _Guarded(asyncio.Protocol):
                 self.deadline = None
             else:
                 self.tail = seen[-3:]
-        if self.inner is None:
-            self.early.append(data)
-        else:
+        if self.inner is not None:
             self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:

@@ -29,9 +29,9 @@ the expected one (ahead or behind) is not trusted: that message is rejected
 (``jump``) and its number held; only a next message that continues from it
 moves the baseline, so one forged number can no longer make every later real
 message look replayed (and a baseline moved by forged messages comes back
-with the real node's next two). With a cluster key, a message whose signature does not verify is
-rejected (``signature``) before it touches any table: only a holder of the
-key (a broker) can set an origin's state.
+with the real node's next two). With a cluster key, a message whose
+signature does not verify is rejected (``signature``) before it touches any
+table: only a holder of the key (a broker) can set an origin's state.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ H_SIG = "Hpfeeds-Sig"
 # broker process per subscribed channel; an evicted one only loses its
 # baseline (the next message starts a fresh one, a gap then goes uncounted).
 INBOUND_ENTRIES = 16_384
-# How far ahead of the expected sequence number a message is trusted: about a
+# How far from the expected sequence number a message is trusted: about a
 # minute of one busy channel's frames. A longer link outage costs the first
 # message after it (rejected as a jump; the next one re-baselines).
 SEQUENCE_WINDOW = 1 << 22
@@ -89,7 +89,7 @@ class Rejected(StrEnum):
     CHANNEL = "channel"  # a frame's channel is not the one the subject encodes
     SEQUENCE = "sequence"  # its sequence number goes backwards (replayed or duplicated)
     REASSEMBLY_FULL = "reassembly_full"  # too many split frames in flight at once
-    JUMP = "jump"  # its sequence number is too far ahead to trust (held until the next confirms it)
+    JUMP = "jump"  # its sequence number is too far from the expected one to trust (held until the next confirms it)
     SIGNATURE = "signature"  # no or wrong cluster-key signature (with --cluster-key-file)
 
 

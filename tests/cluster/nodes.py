@@ -32,6 +32,43 @@ def start_node(tmp_path: Path, nats_url: str, auth: str, *extra: str) -> BrokerP
     return b
 
 
+def start_linked(tmp_path: Path, nats_url: str, auth: str, *extra: str) -> BrokerProcess:
+    """``start_node``, once serving and linked to NATS."""
+    b = start_node(tmp_path, nats_url, auth, *extra)
+    try:
+        b.wait_ready()
+        wait_linked(b)
+    except BaseException:
+        b.stop()
+        raise
+    return b
+
+
+def seen_on_nats(url: str, publisher: RawClient, channel: str = "plain", timeout: float = 10.0) -> dict[str, str]:
+    """The headers of a message from ``publisher``'s node, as any NATS client allowed ``hpfeeds.>`` reads them."""
+
+    async def run() -> dict[str, str]:
+        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5)
+        try:
+            sub = await nc.subscribe("hpfeeds.>")
+            await nc.flush(5)
+            deadline = time.monotonic() + timeout
+            while True:
+                publisher.publish(channel, b"seen on NATS")
+                try:
+                    msg = await sub.next_msg(timeout=0.5)
+                except nats.errors.TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise
+                    continue
+                assert msg.headers is not None
+                return dict(msg.headers)
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
 def metric(b: BrokerProcess, name: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{b.exporter_port}/metrics", timeout=5).read().decode()  # type: ignore[attr-defined]
     for line in text.splitlines():

@@ -34,6 +34,8 @@ def test_password_and_tls_files_reach_the_config(tmp_path) -> None:
         (["--cluster", "nats://n", "--cluster-tls-cert", "PW"], "must be given together"),
         (["--cluster", "nats://n", "--cluster-token-file", "PW", "--cluster-nkey", "PW"], "one NATS sign-in"),
         (["--cluster", "nats://n", "--cluster-token-file", "/nonexistent/token"], "cannot read --cluster-token-file"),
+        (["--cluster-key-file", "PW"], "need --cluster"),
+        (["--cluster", "nats://n", "--cluster-key-file", "/nonexistent/key"], "cannot read --cluster-key-file"),
     ],
 )
 def test_wrong_cluster_flags_are_refused_with_one_line(tmp_path, argv, message) -> None:
@@ -41,3 +43,13 @@ def test_wrong_cluster_flags_are_refused_with_one_line(tmp_path, argv, message) 
     argv = [a.replace("PW", str(tmp_path / "pw")) for a in argv]
     with pytest.raises(ConfigError, match=message):
         parse(*argv)
+
+
+def test_a_short_cluster_key_is_refused(tmp_path) -> None:
+    from hpfeeds3.broker.backplane.nats import load_cluster_key
+
+    (tmp_path / "key").write_text("short\n")
+    with pytest.raises(ConfigError, match="at least 16"):
+        load_cluster_key(str(tmp_path / "key"))
+    (tmp_path / "key").write_text("0123456789abcdef0123456789abcdef\n")
+    assert load_cluster_key(str(tmp_path / "key")) == load_cluster_key(str(tmp_path / "key"))

@@ -13,7 +13,7 @@ import trustme
 from hpfeeds3.broker.backplane.subjects import channel_to_subject
 from hpfeeds3.broker.backplane.wire import headers
 from hpfeeds3.protocol import encode_error, encode_publish
-from tests.cluster.nodes import healthz, metric, nats_publish, start_node, wait_linked, write_keys
+from tests.cluster.nodes import healthz, metric, nats_publish, seen_on_nats, start_node, wait_linked, write_keys
 from tests.support.broker import RawClient, confirm_subscribed
 from tests.support.nats import NatsServer, operator_mode
 
@@ -189,3 +189,54 @@ def test_nats_over_tls_with_client_certificates(tmp_path: Path) -> None:
         for node in (a, b, no_cert):
             node.stop()
         nats.stop()
+
+
+def test_with_a_cluster_key_a_nats_client_cannot_speak_as_a_broker(tmp_path, nats) -> None:
+    """Brokers sharing ``--cluster-key-file`` sign every message; a NATS client
+    without the key cannot publish as one of them, even with a real origin or a
+    real message's signature, and a broker with another key is not heard."""
+    keys = write_keys(tmp_path, ["plain"])
+    (tmp_path / "cluster.key").write_text(os.urandom(32).hex() + "\n")
+    (tmp_path / "other.key").write_text(os.urandom(32).hex() + "\n")
+    a = start_node(tmp_path, nats.url, keys, "--cluster-key-file", "cluster.key")
+    b = start_node(tmp_path, nats.url, keys, "--cluster-key-file", "cluster.key")
+    c = start_node(tmp_path, nats.url, keys, "--cluster-key-file", "other.key")
+    try:
+        cross_node_delivery_works(a, b)
+        c.wait_ready()
+        wait_linked(c)
+        with RawClient(b.port) as sub, RawClient(a.port) as pub, RawClient(c.port) as stranger:
+            sub.auth("n1", "n1-secret")
+            sub.subscribe("plain")
+            pub.auth("n0", "n0-secret")
+            signed = seen_on_nats(nats.url, pub)
+            origin = signed["Hpfeeds-Origin"]
+            sub.messages(1)  # the one b got of those
+            while True:  # and any other copy still on its way
+                try:
+                    sub.next_frame(0.5)
+                except TimeoutError:
+                    break
+            subject = channel_to_subject(b"plain")
+            forged = encode_publish(b"n0", b"plain", b"injected")
+            seq = int(signed["Hpfeeds-Seq"]) + 1000
+            nats_publish(
+                nats.url,
+                [
+                    (subject, forged, headers(origin, seq, 1)),  # a real origin, unsigned
+                    (subject, forged, {**signed, "Hpfeeds-Seq": str(seq + 1)}),  # a real signature, other content
+                ],
+            )
+            stranger.auth("n2", "n2-secret")
+            stranger.publish("plain", b"from another key")
+            pub.publish("plain", b"genuine")
+            got = sub.messages(1)[0]
+            assert (got.ident, got.payload) == (b"n0", b"genuine")
+            sub.expect_silence(0.5)
+        deadline = time.monotonic() + 5
+        while metric(b, f'{REJECTED}{{reason="signature"}}') < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert metric(b, f'{REJECTED}{{reason="signature"}}') == 3
+    finally:
+        for node in (a, b, c):
+            node.stop()

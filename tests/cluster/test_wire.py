@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hpfeeds3.broker.backplane.wire import Accepted, Inbound, Rejected, headers, split
+from hpfeeds3.broker.backplane.wire import Accepted, Inbound, Rejected, cluster_key, headers, split
 from hpfeeds3.broker.redact import redact_url
 from hpfeeds3.protocol import DEFAULT_LIMITS, MiB, encode_auth, encode_error, encode_publish, encode_subscribe
 
@@ -50,7 +50,7 @@ def test_small_frames_around_a_big_one_keep_their_order_and_sequence_numbers() -
     got = send(rx, data, 10, 51, 4096)
     assert b"".join(a.data for a in got) == data
     assert sum(a.count for a in got) == 51
-    assert rx.expected[(ORIGIN, b"c")] == 61
+    assert rx.expected(ORIGIN, b"c") == 61
 
 
 def test_what_fits_is_one_message() -> None:
@@ -134,7 +134,7 @@ def test_unsubscribing_forgets_the_channel() -> None:
     rx.receive(b"c", headers(ORIGIN, 5, 1), pub(b"a"))
     rx.receive(b"c", headers(ORIGIN, 0, 1, (0, 2)), b"\0" * 10)
     rx.forget(b"c")
-    assert rx.expected == {} and rx.partial_bytes == 0
+    assert len(rx) == 0 and rx.partial_bytes == 0
     got = rx.receive(b"c", headers(ORIGIN, 9, 1), pub(b"b"))
     assert isinstance(got, Accepted) and got.missed == 0
 
@@ -151,3 +151,70 @@ def test_unsubscribing_forgets_the_channel() -> None:
 )
 def test_urls_are_logged_without_credentials(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+def test_entries_are_bounded_least_recently_used_first() -> None:
+    """200 fake origins on a table of 100: the table holds 100, and a real origin
+    that keeps sending keeps its baseline."""
+    rx = Inbound(DEFAULT_LIMITS, DEFAULT_LIMITS.max_publish_frame_bytes, max_entries=100)
+    for i in range(200):
+        assert isinstance(rx.receive(b"c", headers(ORIGIN, i, 1), pub(b"real")), Accepted)
+        assert isinstance(rx.receive(b"c", headers(f"{i:016x}", 0, 1), pub(b"fake")), Accepted)
+        assert len(rx) <= 100
+    assert rx.expected(ORIGIN, b"c") == 200
+    assert rx.evicted == 201 - 100  # fakes only: the real origin, used at every turn, is never the oldest
+    assert rx.expected("0000000000000000", b"c") is None
+
+
+def test_split_frames_in_flight_are_evicted_with_their_entry() -> None:
+    rx = Inbound(DEFAULT_LIMITS, DEFAULT_LIMITS.max_publish_frame_bytes, max_entries=10)
+    for i in range(30):
+        rx.receive(b"c", headers(f"{i:016x}", 0, 1, (0, 3)), b"\0" * 1000)
+    assert len(rx) == 10 and rx.partial_bytes == 10 * 1000
+
+
+def test_forgetting_a_channel_touches_its_entries_only() -> None:
+    rx = inbound()
+    for i in range(50):
+        rx.receive(b"c", headers(f"{i:016x}", 0, 1), pub(b"x"))
+        rx.receive(b"d", headers(f"{i:016x}", 0, 1), pub(b"x", channel=b"d"))
+    rx.forget(b"c")
+    assert len(rx) == 50
+    assert rx.expected(ORIGIN, b"c") is None and rx.expected("0000000000000000", b"d") == 1
+    rx.forget(b"d")
+    assert len(rx) == 0
+
+
+def test_a_sequence_jump_beyond_the_window_is_not_trusted() -> None:
+    """One message with a real origin and sequence number 9e17 no longer makes the
+    origin's later messages look replayed: it is rejected and only held."""
+    rx = Inbound(DEFAULT_LIMITS, DEFAULT_LIMITS.max_publish_frame_bytes, window=1000)
+    assert isinstance(rx.receive(b"c", headers(ORIGIN, 0, 1), pub(b"a")), Accepted)
+    assert rx.receive(b"c", headers(ORIGIN, 9 * 10**17, 1), pub(b"forged")) == Rejected.JUMP
+    got = [rx.receive(b"c", headers(ORIGIN, i, 1), pub(b"real")) for i in range(1, 21)]
+    assert all(isinstance(g, Accepted) and g.missed == 0 for g in got)
+    # A long gap that is real: the first message after it is held, the next one confirms it.
+    assert rx.receive(b"c", headers(ORIGIN, 5000, 1), pub(b"after")) == Rejected.JUMP
+    after = rx.receive(b"c", headers(ORIGIN, 5001, 1), pub(b"after"))
+    assert isinstance(after, Accepted) and after.missed == 5001 - 21
+
+
+def test_with_a_cluster_key_only_signed_messages_are_accepted() -> None:
+    key = cluster_key(b"0123456789abcdef0123456789abcdef")
+    rx = Inbound(DEFAULT_LIMITS, DEFAULT_LIMITS.max_publish_frame_bytes, key=key)
+    data = pub(b"a")
+    assert rx.receive(b"c", headers(ORIGIN, 0, 1), data) == Rejected.SIGNATURE
+    assert (
+        rx.receive(
+            b"c", headers(ORIGIN, 0, 1, key=cluster_key(b"another key, 16+ bytes"), channel=b"c", data=data), data
+        )
+        == Rejected.SIGNATURE
+    )
+    signed = headers(ORIGIN, 0, 1, key=key, channel=b"c", data=data)
+    assert rx.receive(b"c", {**signed, "Hpfeeds-Seq": "9"}, data) == Rejected.SIGNATURE
+    assert rx.receive(b"c", signed, pub(b"b")) == Rejected.SIGNATURE
+    assert len(rx) == 0  # nothing unsigned reached the tables
+    assert isinstance(rx.receive(b"c", signed, data), Accepted)
+    parts = list(split(BIG, 1, 1, 256 * 1024))
+    got = [rx.receive(b"c", headers(ORIGIN, s, n, part, key=key, channel=b"c", data=p), p) for p, s, n, part in parts]
+    assert isinstance(got[-1], Accepted) and got[-1].data == BIG

@@ -122,13 +122,24 @@ def test_events_ring_is_bounded_and_keeps_the_newest(broker: Broker) -> None:
     assert all(e["event"] == "revoked" for e in t.events)  # a connect is not an event of the ring
 
 
-def test_sessions_are_bounded_and_expire() -> None:
-    s = Sessions(ttl_s=3600, max_sessions=3)
-    made = [s.create(Principal(f"p{i}", "viewer")) for i in range(5)]
-    assert len(s) == 3
+def test_sessions_are_bounded_per_token_and_expire() -> None:
+    s = Sessions(ttl_s=3600, max_per_token=3)
+    admin = s.create(Principal("alice", "admin"))
+    made = [s.create(Principal("grafana", "viewer")) for i in range(5)]
+    assert len(s) == 4 and s.count("grafana") == 3
+    assert made[0] is not None and made[4] is not None and admin is not None
     assert s.get(made[0].id) is None and s.get(made[4].id) is made[4]
+    assert s.get(admin.id) is admin  # another token's logins never end this one's session
     expired = Sessions(ttl_s=0.0)
-    assert expired.get(expired.create(Principal("p", "admin")).id) is None
+    gone = expired.create(Principal("p", "admin"))
+    assert gone is not None and expired.get(gone.id) is None
+
+
+def test_successful_logins_are_limited_per_token() -> None:
+    s = Sessions(logins_per_token=3, login_window_s=3600)
+    assert all(s.create(Principal("grafana", "viewer")) for _ in range(3))
+    assert s.create(Principal("grafana", "viewer")) is None
+    assert s.create(Principal("alice", "admin")) is not None
 
 
 def test_watches_are_bounded_and_keep_the_last_messages(broker: Broker) -> None:

@@ -205,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--cluster-tls-cert", metavar="PATH", help="client certificate (PEM) for NATS over TLS")
     c.add_argument("--cluster-tls-key", metavar="PATH", help="client private key (PEM) for --cluster-tls-cert")
+    c.add_argument(
+        "--cluster-key-file",
+        metavar="PATH",
+        help="file holding the cluster key (the same on every broker, 16+ bytes): messages are signed with it and "
+        "unsigned ones dropped, so a NATS client that is not a broker cannot speak as one",
+    )
     p.add_argument(
         "--workers",
         type=_positive(int),
@@ -311,6 +317,7 @@ _CLUSTER_AUTH_FLAGS = (
     ("tls_ca", "--cluster-tls-ca"),
     ("tls_cert", "--cluster-tls-cert"),
     ("tls_key", "--cluster-tls-key"),
+    ("key_file", "--cluster-key-file"),
 )
 
 
@@ -332,6 +339,7 @@ def _cluster_auth(args: argparse.Namespace) -> ClusterAuth:
         tls_ca=args.cluster_tls_ca,
         tls_cert=args.cluster_tls_cert,
         tls_key=args.cluster_tls_key,
+        key_file=args.cluster_key_file,
     )
     given = [flag for field, flag in _CLUSTER_AUTH_FLAGS if getattr(auth, field)]
     if given and not args.cluster:

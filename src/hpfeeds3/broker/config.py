@@ -141,6 +141,7 @@ class ClusterAuth:
     tls_ca: str | None = None  # verify the NATS server against this CA (else the system's)
     tls_cert: str | None = None  # client certificate, for a server that verifies clients
     tls_key: str | None = None
+    key_file: str | None = None  # the cluster key every broker signs its messages with
 
     def wants_tls(self) -> bool:
         return bool(self.tls_ca or self.tls_cert)

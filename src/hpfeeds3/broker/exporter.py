@@ -20,24 +20,48 @@ Contract:
   are serialised and never compete with the default executor (auth lookups).
 - A port that cannot be bound is the operator's mistake: ``ConfigError`` naming
   the address, raised before the broker reports itself as serving.
+- The broker's HTTP listeners (this one and the console's) run in the
+  broker's process, so whatever their ports receive must not take the
+  descriptors its clients need: ``start_site`` holds at most
+  ``max_connections`` at once (counted from accept, TLS handshake included;
+  the caps are kept out of the clients' share of the open-files limit,
+  ``http_reserved_fds``), closes a connection whose request headers have not
+  arrived ``HTTP_HEADER_TIMEOUT_S`` after accept, and an idle keep-alive
+  connection after ``HTTP_KEEPALIVE_S`` (aiohttp's default is an hour).
+  Past the cap a new connection is closed at once, counted in
+  ``hpfeeds_broker_limit_rejections_total{limit="<name>_connections"}``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import gzip
 import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
+from . import metrics
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
+
+# Connections the exporter holds at once (a few Prometheus servers scrape it).
+EXPORTER_MAX_CONNECTIONS = 16
+# Connections the console holds at once (browser tabs open about six each, and scripts).
+CONSOLE_MAX_CONNECTIONS = 64
+# A connection's request headers must have arrived this long after accept
+# (its TLS handshake included), or it is closed.
+HTTP_HEADER_TIMEOUT_S = 10
+# An idle keep-alive connection is closed after this long.
+HTTP_KEEPALIVE_S = 5.0
+# How often a listener at its cap says so in the log.
+_CAP_LOG_INTERVAL_S = 60.0
 
 HealthCallback = Callable[[], tuple[int, dict[str, Any]]]
 
@@ -79,6 +103,172 @@ class Exporter:
         finally:
             # wait=False: a collection in progress finishes on its own; nothing waits for it.
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def http_reserved_fds(exporter: bool, console: bool) -> int:
+    """Descriptors kept for the HTTP listeners that are on, out of the clients' share."""
+    return (EXPORTER_MAX_CONNECTIONS if exporter else 0) + (CONSOLE_MAX_CONNECTIONS if console else 0)
+
+
+class _Listener:
+    """One HTTP listener's open connections and cap."""
+
+    def __init__(self, name: str, runner: web.AppRunner, max_connections: int, ssl_context: Any) -> None:
+        self.name = name
+        self.runner = runner
+        self.max_connections = max_connections
+        self.ssl_context = ssl_context
+        self.open: set[_Guarded] = set()
+        self.refused = metrics.LIMIT_REJECTIONS.labels(metrics.Limit(f"{name}_connections").value)
+        self.logged = -_CAP_LOG_INTERVAL_S
+
+    def __call__(self) -> asyncio.Protocol:
+        return _Guarded(self)
+
+
+class _Guarded(asyncio.Protocol):
+    """Stands between the transport and aiohttp's protocol: counts the connection
+    from accept, refuses it past the cap, runs its TLS handshake, and closes it
+    if its request headers do not arrive in time.
+
+    TLS: the handshake is asyncio's own ``SSLProtocol`` (the one ``start_tls``
+    uses), put on the accepted transport here, in ``connection_made``, so no
+    byte can reach this protocol before it (uvloop starts reading right after
+    ``connection_made``, whatever it paused). It calls ``connection_made`` again
+    with the decrypted transport once the handshake is done."""
+
+    def __init__(self, listener: _Listener) -> None:
+        self.listener = listener
+        self.inner: asyncio.Protocol | None = None
+        self.raw: asyncio.Transport | None = None  # the accepted socket's transport
+        self.deadline: asyncio.TimerHandle | None = None
+        self.handshaking = False
+        self.tail = b""  # the last bytes of the headers so far (their end may span two reads)
+
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base)  # a stream transport (uvloop's are not subclasses)
+        if self.handshaking:  # the TLS handshake is done: ``transport`` is the decrypted one
+            self.handshaking = False
+            self._start(transport)
+            return
+        listener = self.listener
+        self.raw = transport
+        loop = asyncio.get_running_loop()
+        if len(listener.open) >= listener.max_connections:
+            listener.refused.inc()
+            if loop.time() - listener.logged >= _CAP_LOG_INTERVAL_S:
+                listener.logged = loop.time()
+                log.warning(
+                    "%s: %d connections open, refusing more (more refusals counted in "
+                    "hpfeeds_broker_limit_rejections_total, logged again in %g s)",
+                    listener.name,
+                    len(listener.open),
+                    _CAP_LOG_INTERVAL_S,
+                )
+            transport.abort()  # the descriptor back at once
+            return
+        listener.open.add(self)
+        self.deadline = loop.call_later(HTTP_HEADER_TIMEOUT_S, self._expired)
+        if listener.ssl_context is None:
+            self._start(transport)
+            return
+        self.handshaking = True
+        waiter = loop.create_future()
+        waiter.add_done_callback(self._handshake_done)
+        tls = asyncio.sslproto.SSLProtocol(
+            loop, self, listener.ssl_context, waiter, server_side=True, ssl_handshake_timeout=HTTP_HEADER_TIMEOUT_S
+        )
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+
+    def _handshake_done(self, waiter: asyncio.Future[None]) -> None:
+        failed = waiter.cancelled() or waiter.exception() is not None
+        # A connection lost during the handshake (aborted at the deadline, or the
+        # peer left) completes the waiter without an error: still handshaking.
+        if failed or self.handshaking:
+            self.handshaking = False
+            self._forget()
+
+    def _start(self, transport: asyncio.Transport) -> None:
+        server = self.listener.runner.server
+        assert server is not None
+        self.inner = server()
+        self.inner.connection_made(transport)
+
+    def _forget(self) -> None:
+        self.listener.open.discard(self)
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def _expired(self) -> None:
+        self.deadline = None
+        if self.raw is not None:
+            self.raw.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self.deadline is not None:
+            seen = self.tail + data
+            if b"\r\n\r\n" in seen:
+                self.deadline.cancel()
+                self.deadline = None
+            else:
+                self.tail = seen[-3:]
+        if self.inner is not None:
+            self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._forget()
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
+
+
+class _GuardedSite(web.TCPSite):
+    """``web.TCPSite`` whose connections go through a ``_Listener`` (its TLS included)."""
+
+    def __init__(self, runner: web.AppRunner, host: str | None, port: int, listener: _Listener) -> None:
+        super().__init__(runner, host, port, reuse_address=True)
+        self._listener = listener
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._listener, self._host, self._port, backlog=self._backlog, reuse_address=True
+        )
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+
+
+def make_runner(app: web.Application, shutdown_timeout_s: float) -> web.AppRunner:
+    """aiohttp's runner for a broker HTTP listener: no signal handling (the broker
+    owns SIGTERM), no access log (a line per request would drown the connection
+    events), a short keep-alive."""
+    return web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=shutdown_timeout_s,
+        keepalive_timeout=HTTP_KEEPALIVE_S,
+    )
+
+
+async def start_site(
+    runner: web.AppRunner, name: str, host: str, port: int, *, max_connections: int, ssl_context: Any = None
+) -> None:
+    """Listen on ``host:port`` for ``runner`` through a ``_Listener`` (see the module's contract); OSError if not."""
+    listener = _Listener(name, runner, max_connections, ssl_context)
+    await _GuardedSite(runner, host or None, port, listener).start()
 
 
 def _render(registry: CollectorRegistry, compress: bool) -> bytes:
@@ -137,18 +327,11 @@ async def start_exporter(
     Raises ``ConfigError`` naming the address when it cannot be bound.
     """
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpfeeds-exporter")
-    # handle_signals=False: the broker owns SIGTERM/SIGINT.
-    # access_log=None: one log line per scrape would drown the connection events.
-    runner = web.AppRunner(
-        make_app(health, registry, executor),
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-    )
+    runner = make_runner(make_app(health, registry, executor), SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        await web.TCPSite(runner, host or None, port, reuse_address=True).start()
+        await start_site(runner, "exporter", host, port, max_connections=EXPORTER_MAX_CONNECTIONS)
     except OSError as exc:
         await runner.cleanup()
         executor.shutdown(wait=False)

@@ -5,7 +5,9 @@ Contract:
 - One record is one line on stderr, in both formats. Text that came from the
   network (idents, channel names, peer-sent text) may hold newlines, control
   characters or Unicode line separators: every non-printable character is
-  escaped (``text.escape``), so a client can never forge a log line.
+  escaped (``text.one_line`` for the message, whose client text was escaped
+  where it was quoted; ``text.escape`` for field values, which also doubles a
+  client's backslash), so a client can never forge a log line.
 - Structured fields travel as ``extra=`` attributes of the record; only the
   names in ``FIELDS`` are ever written, so a secret passed by mistake (or any
   other attribute) never reaches the log::
@@ -31,6 +33,14 @@ Contract:
   ``stop_logging()`` (run at exit too) writes every record still queued, so
   no line is lost at shutdown; ``flush_logging()`` waits until the queue is
   written.
+- The queue is bounded: a sink that stops reading (a stuck journald or log
+  shipper, a full pipe) must not grow the broker. Past ``MAX_QUEUED_RECORDS``
+  records are dropped and counted (``dropped_lines()``, the metric
+  ``hpfeeds_broker_log_lines_dropped_total``), and once the sink takes lines
+  again one line says how many were dropped. Shutdown waits for a stalled
+  sink at most ``STOP_WAIT_S``; the lines still queued then are lost (and the
+  writer writes to the descriptor directly, so a thread stuck in a write
+  never holds a lock the interpreter needs at exit).
 - Field values may be ``str``, ``bytes`` (decoded as UTF-8, invalid bytes
   escaped), a ``(host, port)`` tuple (``host:port``), an enum (its value) or
   anything with a ``str()``.
@@ -43,13 +53,14 @@ import enum
 import json
 import logging
 import logging.handlers
+import os
 import queue
 import sys
 import threading
 import time
 from typing import Any, TextIO
 
-from .text import escape
+from .text import escape, one_line
 
 # Record attributes written when present, in this order.
 FIELDS: tuple[str, ...] = ("event", "peer", "ident", "owner", "channel", "reason", "limit")
@@ -126,13 +137,15 @@ class TextFormatter(logging.Formatter):
         # Written for speed (every connection formats three lines): the
         # record's own attributes read once, strings taken as they are.
         message = record.getMessage()
-        line = f"{_timestamp(record)} {record.levelname} {record.name} {escape(message)}"
+        line = f"{_timestamp(record)} {record.levelname} {record.name} {one_line(message)}"
         attributes = record.__dict__
         for name in FIELDS:
             value = attributes.get(name)
             if value is None:
                 continue
-            if value.__class__ is not str:
+            if value.__class__ is bytes:
+                value = value.decode("utf-8", "surrogateescape")  # escape() writes an invalid byte as \xNN
+            elif value.__class__ is not str:
                 value = field_value(value)
             if value:
                 if value in message and _says(message, value):
@@ -179,11 +192,22 @@ class _DeferredHandler(logging.handlers.QueueHandler):
     ``extra=`` are values (strings, bytes, tuples, enums).
     """
 
+    def __init__(self, pipeline: _Pipeline) -> None:
+        super().__init__(pipeline.queue)  # type: ignore[arg-type]
+        self.pipeline = pipeline
+        self._qsize = pipeline.queue.qsize
+
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         if record.args:
             record.msg = record.getMessage()
             record.args = None
         return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        if self._qsize() >= MAX_QUEUED_RECORDS:
+            self.pipeline.drop()
+            return
+        self.queue.put_nowait(record)
 
 
 # The writer thread wakes this often and writes every record queued meanwhile
@@ -192,6 +216,48 @@ class _DeferredHandler(logging.handlers.QueueHandler):
 # more than formatting the line; a log line may be this late, no more.
 _WRITE_INTERVAL_S = 0.02
 _STOP = object()
+# Records waiting for the writer at most (about 1 KiB each): a burst of ten
+# thousand connections' lines while the sink is slow for a second fits; a sink
+# stalled for longer costs dropped lines, not memory.
+MAX_QUEUED_RECORDS = 8_192
+# How long shutdown waits for the writer to write what is queued.
+STOP_WAIT_S = 2.0
+
+_dropped_before = 0  # lines dropped by pipelines stopped earlier in this process
+
+
+def dropped_lines() -> int:
+    """Log lines dropped so far because the queue was full (the sink did not keep up)."""
+    pipeline = _pipeline
+    return _dropped_before + (pipeline.dropped if pipeline is not None else 0)
+
+
+def _raw_writer(stream: TextIO) -> Any:
+    """``os.write`` on the stream's descriptor when it has one (after flushing
+    what the stream buffered), else the stream's own ``write`` and ``flush``.
+
+    A thread blocked in ``os.write`` holds no lock of the ``io`` stack, so an
+    interpreter exiting around a stalled sink does not wait for it."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = -1
+    if fd < 0:
+
+        def write_stream(text: str) -> None:
+            stream.write(text)
+            stream.flush()
+
+        return write_stream
+    stream.flush()
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+
+    def write_fd(text: str) -> None:
+        view = memoryview(text.encode(encoding, "backslashreplace"))
+        while view:
+            view = view[os.write(fd, view) :]
+
+    return write_fd
 
 
 class _Pipeline:
@@ -205,11 +271,19 @@ class _Pipeline:
 
     def __init__(self, writer: logging.StreamHandler[TextIO]) -> None:
         self.writer = writer
+        self._write_text = _raw_writer(writer.stream)
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.handler = _DeferredHandler(self.queue)  # type: ignore[arg-type]
+        self.handler = _DeferredHandler(self)
         setattr(self.handler, _HANDLER_FLAG, True)
+        self.dropped = 0  # records dropped at the bound (any thread, under _drop_lock)
+        self._reported = 0  # of those, how many a "dropped" line has told (writer thread)
+        self._drop_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="hpfeeds3-log-writer", daemon=True)
         self.thread.start()
+
+    def drop(self) -> None:
+        with self._drop_lock:
+            self.dropped += 1
 
     def _run(self) -> None:
         get_nowait = self.queue.get_nowait
@@ -220,7 +294,7 @@ class _Pipeline:
                     batch.append(get_nowait())
                 except queue.Empty:
                     break
-            if batch and self._write(batch):
+            if (batch or self.dropped != self._reported) and self._write(batch):
                 return
             time.sleep(_WRITE_INTERVAL_S)
 
@@ -238,12 +312,15 @@ class _Pipeline:
                 stop = True
             else:
                 flushed.append(item)
+        dropped = self.dropped - self._reported
+        if dropped:  # the sink took the last batch: say what it missed
+            self._reported += dropped
+            lines.append(writer.format(_dropped_record(dropped)))
         if lines:
             try:
-                writer.stream.write("\n".join(lines) + "\n")
-                writer.flush()
+                self._write_text("\n".join(lines) + "\n")
             except Exception:
-                writer.handleError(batch[0])
+                writer.handleError(batch[0] if batch else _dropped_record(dropped))
         for event in flushed:
             event.set()
         return stop
@@ -253,13 +330,19 @@ class _Pipeline:
         self.queue.put(done)
         done.wait()
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
         """Write what is queued, in order, and stop the thread; the writer then
-        takes the queue handler's place and writes each record at once."""
+        takes the queue handler's place and writes each record at once.
+
+        False if the sink did not take the queued lines within ``STOP_WAIT_S``:
+        the queue handler is then removed and nothing more is written."""
         self.queue.put(_STOP)
-        self.thread.join()  # every record queued before the stop mark is written
-        setattr(self.writer, _HANDLER_FLAG, True)
+        self.thread.join(STOP_WAIT_S)  # every record queued before the stop mark is written
         root = logging.getLogger()
+        if self.thread.is_alive():  # the sink is stalled: stop logging rather than wait
+            root.handlers = [h for h in root.handlers if h is not self.handler]
+            return False
+        setattr(self.writer, _HANDLER_FLAG, True)
         # One assignment: a record logged meanwhile goes to one of the two, never both.
         root.handlers = [self.writer if h is self.handler else h for h in root.handlers]
         while True:  # records queued by another thread after the stop mark
@@ -269,6 +352,7 @@ class _Pipeline:
                 break
             if isinstance(item, logging.LogRecord):
                 self.writer.handle(item)
+        return True
 
 
 _pipeline: _Pipeline | None = None
@@ -375,6 +459,18 @@ _new_record = object.__new__
 _start_time: float = logging._startTime  # type: ignore[attr-defined]
 
 
+def _dropped_record(n: int) -> logging.LogRecord:
+    return logging.LogRecord(
+        "hpfeeds3.broker.logs",
+        logging.WARNING,
+        "(unknown file)",
+        0,
+        f"{n} log lines dropped: the log output did not keep up (hpfeeds_broker_log_lines_dropped_total)",
+        None,
+        None,
+    )
+
+
 def flush_logging() -> None:
     """Wait until every record logged so far has been written."""
     pipeline = _pipeline
@@ -385,9 +481,10 @@ def flush_logging() -> None:
 def stop_logging() -> None:
     """Write every queued record and stop the logging thread; later records are
     written directly. Idempotent; safe to call when nothing was configured."""
-    global _pipeline
+    global _pipeline, _dropped_before
     with _pipeline_lock:
         pipeline, _pipeline = _pipeline, None
     if pipeline is not None:
-        pipeline.stop()
-        pipeline.writer.flush()
+        _dropped_before += pipeline.dropped
+        if pipeline.stop():
+            pipeline.writer.flush()

@@ -94,6 +94,8 @@ class Limit(StrEnum):
     MAX_SUBSCRIPTIONS = "max_subscriptions"
     MAX_DENIALS = "max_denials"
     AUTH_FAILURES = "auth_failures"
+    CONSOLE_CONNECTIONS = "console_connections"  # the --admin listener's connection cap
+    EXPORTER_CONNECTIONS = "exporter_connections"  # the --exporter listener's connection cap
 
 
 def limit_rejected(limit: Limit) -> None:
@@ -292,6 +294,14 @@ class BrokerCollector(Collector):
         for chan, n in list(broker.router.deliveries.items()):
             deliveries.add_metric([_text(chan)], n)
         yield deliveries
+
+        from .logs import dropped_lines
+
+        yield CounterMetricFamily(
+            "hpfeeds_broker_log_lines_dropped",
+            "Log lines dropped because the log output did not keep up (logs.MAX_QUEUED_RECORDS)",
+            value=dropped_lines(),
+        )
 
 
 def _text(channel: bytes) -> str:

@@ -143,8 +143,9 @@ def set_keepalive(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
 
 
-def raise_nofile_limit(max_connections: int) -> int:
-    """Raise the soft open-files limit to the hard one; return the effective connection cap."""
+def raise_nofile_limit(max_connections: int, reserved: int = 0) -> int:
+    """Raise the soft open-files limit to the hard one; return the effective connection cap
+    (``reserved`` more descriptors kept out of it: the HTTP listeners' caps)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = max(soft, 1 << 20)
@@ -152,7 +153,7 @@ def raise_nofile_limit(max_connections: int) -> int:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
-    return max(1, min(max_connections, soft - RESERVED_FDS))
+    return max(1, min(max_connections, soft - RESERVED_FDS - reserved))
 
 
 async def serve(
@@ -169,7 +170,11 @@ async def serve(
     auth = authenticator or build_authenticator(config.auth, poll_s=config.limits.revocation_poll_s)
     await auth.start()
     broker = Broker(config, auth, loop)
-    broker.max_connections = raise_nofile_limit(config.limits.max_connections)
+    from .exporter import http_reserved_fds
+
+    broker.max_connections = raise_nofile_limit(
+        config.limits.max_connections, http_reserved_fds(config.exporter is not None, config.admin is not None)
+    )
     cleanups: list[Callable[[], Awaitable[None] | None]] = [auth.close]
 
     from .. import __version__

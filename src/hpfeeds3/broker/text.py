@@ -7,7 +7,9 @@ categories C (controls, format characters such as U+200E, surrogates,
 unassigned) and Z (line and paragraph separators, other spaces) except the
 ASCII space — is written as a Python escape (``\\x85``, ``\\u2028``), so no
 client can break a line, forge one for a tool that splits on Unicode line
-breaks, or hide text from a reader.
+breaks, or hide text from a reader. A backslash the client sent is written
+twice (``\\\\``), so an ident typed as the four characters ``\\x00`` never
+reads like an escaped NUL; invalid UTF-8 bytes are written ``\\xff``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ MAX_QUOTED_CHARS = 300
 
 def _escape_char(c: str) -> str:
     code = ord(c)
+    if c == "\\":
+        return "\\\\"
+    if 0xDC80 <= code <= 0xDCFF:  # an invalid byte, as decoded with surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
     if code < 0x100:
         return f"\\x{code:02x}"
     if code < 0x10000:
@@ -26,15 +32,27 @@ def _escape_char(c: str) -> str:
 
 
 def escape(text: str) -> str:
-    """``text`` with every non-printable character (categories C and Z but the space) escaped."""
-    if text.isprintable():  # the common case, decided in C
+    """Client text: every non-printable character (categories C and Z but the space) and backslash escaped."""
+    if text.isprintable() and "\\" not in text:  # the common case, decided in C
+        return text
+    return "".join(c if c.isprintable() and c != "\\" else _escape_char(c) for c in text)
+
+
+def one_line(text: str) -> str:
+    """A whole log line made safe: non-printable characters escaped, backslashes kept.
+
+    For text that holds client text already passed through ``escape`` (whose
+    backslashes must not be doubled again) or none at all."""
+    if text.isprintable():
         return text
     return "".join(c if c.isprintable() else _escape_char(c) for c in text)
 
 
 def printable(value: bytes) -> str:
     """Client-chosen bytes as safe text: invalid UTF-8 and non-printable characters escaped, length capped."""
-    return escape(value.decode("utf-8", "backslashreplace")[:MAX_QUOTED_CHARS])
+    # surrogateescape: each invalid byte becomes one lone surrogate, which
+    # escape() writes as \xNN (a backslash the client sent is doubled).
+    return escape(value.decode("utf-8", "surrogateescape")[:MAX_QUOTED_CHARS])
 
 
 def quoted(value: bytes) -> str:

@@ -43,8 +43,7 @@ async def _poll(console: Console) -> None:
 
 async def start_admin(broker: Broker, config: AdminConfig) -> Callable[[], Awaitable[None]]:
     """Serve the console on ``config``'s address; ``ConfigError`` if it cannot."""
-    from aiohttp import web
-
+    from ..exporter import CONSOLE_MAX_CONNECTIONS, make_runner, start_site
     from .api import Console
     from .tokens import TokenFile
 
@@ -57,12 +56,12 @@ async def start_admin(broker: Broker, config: AdminConfig) -> Callable[[], Await
     console = Console(broker, tokens, secure_cookie=ssl_ctx is not None)
     broker.observe(console.tracker.observe)
 
-    runner = web.AppRunner(console.app(), handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    runner = make_runner(console.app(), SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     host, port = config.host, config.port
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        await web.TCPSite(runner, host or None, port, ssl_context=ssl_ctx, reuse_address=True).start()
+        await start_site(runner, "console", host, port, max_connections=CONSOLE_MAX_CONNECTIONS, ssl_context=ssl_ctx)
     except OSError as exc:
         await runner.cleanup()
         broker.unobserve(console.tracker.observe)

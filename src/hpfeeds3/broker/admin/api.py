@@ -255,16 +255,23 @@ class Console:
             return _error(429, "too many failed logins from this address; try later")
         if request.content_type != "application/json":
             return _error(415, "send application/json")
-        body = await self._body(request)
+        try:
+            body = await self._body(request)
+        except ApiError:
+            self._failed(request, "login")  # a body no browser sends: a failed attempt like any other
+            raise
         token = body.get("token")
         self._reload_tokens()
         principal = self.tokens.check(token) if isinstance(token, str) else None
         if principal is None:
             self._failed(request, "login")
             return _error(401, "unknown token")
-        metrics.CONSOLE_LOGINS.labels("ok").inc()
         self.sessions.end(request.cookies.get(COOKIE))
         session = self.sessions.create(principal)
+        if session is None:  # this token logged in too often lately (sessions.LOGINS_PER_TOKEN)
+            metrics.CONSOLE_LOGINS.labels("blocked").inc()
+            return _error(429, "too many logins with this token; try later")
+        metrics.CONSOLE_LOGINS.labels("ok").inc()
         log.info(
             "console: %s (%s) logged in from %s",
             principal.name,
@@ -316,7 +323,7 @@ class Console:
             raise ApiError(413, f"body larger than {MAX_BODY_BYTES} bytes")
         try:
             body = json.loads(raw or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
             raise ApiError(400, "body is not JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "body must be a JSON object")

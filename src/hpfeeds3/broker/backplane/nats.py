@@ -15,7 +15,12 @@ Contract:
 - Nothing from NATS is trusted: only whole, well-formed PUBLISH frames whose
   channel is the one their subject encodes, from a broker's headers, are
   delivered; the rest is dropped, counted by reason and logged once per
-  origin per minute.
+  origin per minute. With ``--cluster-key-file`` every message is signed with
+  the cluster key and one that does not verify is dropped before it changes
+  anything, so a NATS client that is not a broker cannot speak as one.
+- The receive path yields to the event loop every ``RECEIVE_BATCH`` messages
+  of a subscription, so a flood from NATS delays local clients by a batch at
+  most; what it can make the broker hold is bounded (``wire.Inbound``).
 - Bounded: the outbox holds at most ``outbox_bytes`` (past it messages are
   counted as unforwarded, as when the link is down); split frames being
   reassembled, the NATS client's buffers and its per-subscription queues are
@@ -59,9 +64,20 @@ from ..tuning import (
     CLUSTER_SUB_PENDING_BYTES,
 )
 from .subjects import channel_to_subject
-from .wire import Accepted, Inbound, Rejected, headers, new_origin, split
+from .wire import MIN_CLUSTER_KEY_BYTES, Accepted, Inbound, Rejected, cluster_key, headers, new_origin, split
 
 log = logging.getLogger("hpfeeds3.broker.cluster")
+
+# Messages received (and handled by one subscription's callback) before the
+# event loop runs others: nats-py parses every message of its buffer, and hands
+# a subscription's queued messages over, without a turn in between, so a flood
+# from NATS would otherwise hold the loop (local canary median 0.17 -> 11 ms).
+RECEIVE_BATCH = 16
+# Messages a subscription may hold unread (nats-py's default is 524,288, and
+# its byte bound counts payloads only: 200,000 one-byte messages, a few
+# hundred bytes of headers each, held 170 MiB). Past it nats-py drops them;
+# the sequence gap counts them as lost.
+SUB_PENDING_MSGS = 8_192
 
 
 class _OncePer:
@@ -86,6 +102,45 @@ class _OncePer:
 def _read_secret(path: str) -> str:
     with open(path, encoding="utf-8") as f:
         return f.read().strip()
+
+
+def pace_receiving(nc: Any, batch: int = RECEIVE_BATCH) -> None:
+    """Make nats-py's reader give the event loop a turn every ``batch`` messages.
+
+    Its parser awaits ``_process_msg`` for each message of a read, and its read
+    returns at once while its buffer holds data, so nothing else runs while
+    NATS keeps sending. That method is the one place every received message
+    passes; it is wrapped on this connection (a nats-py without it is left as
+    it is)."""
+    process = getattr(nc, "_process_msg", None)
+    if process is None:
+        return
+    handled = 0
+
+    async def paced(*args: Any) -> None:
+        nonlocal handled
+        await process(*args)
+        handled += 1
+        if handled >= batch:
+            handled = 0
+            await asyncio.sleep(0)
+
+    nc._process_msg = paced
+
+
+def load_cluster_key(path: str) -> bytes:
+    """The signing key from ``--cluster-key-file``; ``ConfigError`` if unreadable or short."""
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"--cluster-key-file: cannot read {path!r}: {e.strerror}") from None
+    if len(secret) < MIN_CLUSTER_KEY_BYTES:
+        raise ConfigError(
+            f"--cluster-key-file {path!r}: the key is {len(secret)} bytes, at least {MIN_CLUSTER_KEY_BYTES} are "
+            "needed (e.g. openssl rand -hex 32)"
+        )
+    return cluster_key(secret)
 
 
 def connect_options(servers: Sequence[str], auth: ClusterAuth) -> dict[str, Any]:
@@ -131,7 +186,10 @@ class NatsBackplane:
         self.connected = False
         self.status = "connecting"
         self.outbox_limit = outbox_bytes
-        self._options = connect_options(self.servers, auth or ClusterAuth())
+        auth = auth or ClusterAuth()
+        self._options = connect_options(self.servers, auth)
+        # With a cluster key every message is signed, and unsigned ones are rejected.
+        self._key = load_cluster_key(auth.key_file) if auth.key_file else None
         self._nc: Any = None
         self._ever_linked = False
         # (channel, frames, sequence number of the first frame, frame count)
@@ -144,7 +202,7 @@ class NatsBackplane:
         self._reconcile = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._seq_out: dict[bytes, int] = {}
-        self.inbound = Inbound(limits, CLUSTER_REASSEMBLY_FRAMES * limits.max_publish_frame_bytes)
+        self.inbound = Inbound(limits, CLUSTER_REASSEMBLY_FRAMES * limits.max_publish_frame_bytes, key=self._key)
         # Log lines about what other nodes (or anyone on NATS) send: once per origin per minute.
         self._log_reject = _OncePer(CLUSTER_REJECT_LOG_INTERVAL_S, CLUSTER_REJECT_LOG_ORIGINS)
         self._log_lost = _OncePer(CLUSTER_REJECT_LOG_INTERVAL_S, CLUSTER_REJECT_LOG_ORIGINS)
@@ -271,6 +329,7 @@ class NatsBackplane:
                 return
             nc.options["allow_reconnect"] = True
             nc.options["max_reconnect_attempts"] = -1
+            pace_receiving(nc)
             self._nc = nc
             self._mark_connected()
             self._reconcile.set()
@@ -302,6 +361,15 @@ class NatsBackplane:
         self._reconcile.set()
 
     async def _on_error(self, e: Exception) -> None:
+        if type(e).__name__ == "SlowConsumerError":
+            # One per message dropped by a full subscription queue: a flood, so kept cheap.
+            if self._log_error_kind("SlowConsumerError"):
+                log.warning(
+                    "cluster: messages from NATS arrive faster than this node handles them; the excess is "
+                    "dropped (counted as lost by the sequence gaps), logged again in %g s",
+                    CLUSTER_REJECT_LOG_INTERVAL_S,
+                )
+            return
         self._log_error(e)
 
     def _log_error(self, e: Exception) -> None:
@@ -358,6 +426,7 @@ class NatsBackplane:
                         channel_to_subject(channel),
                         cb=self._receiver(channel),
                         pending_bytes_limit=CLUSTER_SUB_PENDING_BYTES,
+                        pending_msgs_limit=SUB_PENDING_MSGS,
                     )
                 except Exception as e:
                     log.warning("cluster: cannot subscribe to %s: %s", printable(channel), escape(str(e)))
@@ -368,8 +437,14 @@ class NatsBackplane:
         deliver = self.deliver
         receive = self.inbound.receive
         wanted = self._wanted
+        handled = 0
 
         async def on_message(msg: Any) -> None:
+            nonlocal handled
+            handled += 1
+            if handled >= RECEIVE_BATCH:
+                handled = 0
+                await asyncio.sleep(0)  # let local clients (and other subscriptions) run
             if channel not in wanted:
                 # Still arriving while the subscription is torn down: nobody
                 # here wants it, and it must not set a stale sequence baseline.
@@ -445,7 +520,10 @@ class NatsBackplane:
                     if piece_seq == failed:
                         continue  # the rest of a split frame whose first parts could not be sent
                     try:
-                        await nc.publish(subject, piece, headers=headers(self.origin, piece_seq, piece_count, part))
+                        hdrs = headers(
+                            self.origin, piece_seq, piece_count, part, key=self._key, channel=channel, data=piece
+                        )
+                        await nc.publish(subject, piece, headers=hdrs)
                     except Exception as e:
                         failed = piece_seq
                         self._unforwarded(piece_count, "publish_failed")

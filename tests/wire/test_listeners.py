@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import USERS
-from tests.support.broker import BROKER_BIN, BrokerProcess, RawClient, free_port, free_ports, wait_for_port, write_users_json
+from tests.support.broker import (
+    BROKER_BIN,
+    BrokerProcess,
+    RawClient,
+    free_port,
+    free_ports,
+    wait_for_port,
+    write_users_json,
+)
 
 
 def listening(port: int) -> str:

@@ -72,7 +72,8 @@ class Limits:
     max_partial_frames_bytes: int = limit(
         128 * MiB,
         "--max-partial-frames",
-        "bytes held in incomplete frames over all connections; past it the connections holding the most are closed",
+        "bytes held in incomplete frames over all connections; past it connections of the ident (then address group) "
+        "holding the most are closed",
     )
     send_buffer_hard_bytes: int = limit(
         32 * MiB, "--send-buffer-hard", "cut a subscriber at once above this many queued bytes"

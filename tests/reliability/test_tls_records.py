@@ -12,11 +12,14 @@ publish→deliver latency meanwhile.
 from __future__ import annotations
 
 import contextlib
+import socket
+import ssl
 import time
 from pathlib import Path
 from typing import cast
 
 import psutil
+import pytest
 
 from hpfeeds3.protocol import Decoder, Error, Frame, Info, Publish, encode_auth, encode_publish, encode_subscribe, sign
 
@@ -199,3 +202,35 @@ def test_small_records_are_delivered_at_a_small_multiple_of_plain_tcp(reliable_b
         small_over_full_records=round(cost["tls_small_records"] / max(cost["tls_16k_records"], 1e-6), 1),
     )
     assert set(cost) == {"tcp", "tls_16k_records", "tls_small_records"}
+
+
+FRAMES_BEHIND_FIN = 8
+
+
+@pytest.mark.parametrize("ending", ["fin", "close_notify"])
+def test_frames_in_flight_behind_a_tls_clients_close_are_all_delivered(reliable_broker, tmp_path: Path, ending) -> None:
+    """AUTH and 8 x 512 KiB PUBLISH over TLS in one write, then at once a FIN (or a
+    close_notify): more than one turn's worth of records, decrypted over later
+    turns, and every frame is delivered before the broker closes the connection."""
+    b, tls_port, ca = _tls_broker(reliable_broker, tmp_path)
+    subscriber = authed(b.port, "bob")
+    subscriber.sendall(encode_subscribe(b"bob", b"chan1"))
+    wait_subscribed(b.exporter_port, "bob", "chan1", 1)
+    ctx = ssl.create_default_context(cafile=ca)
+    payloads = [bytes([65 + i]) * (UPLOAD - 17) for i in range(FRAMES_BEHIND_FIN)]
+    with ctx.wrap_socket(
+        socket.create_connection(("127.0.0.1", tls_port), timeout=10), server_hostname="localhost"
+    ) as s:
+        info = Decoder.for_client().feed(s.recv(4096))[0]
+        assert isinstance(info, Info)
+        auth = encode_auth(b"alice", sign(info.nonce, b"alice-secret"))
+        s.sendall(auth + b"".join(encode_publish(b"alice", b"chan1", p) for p in payloads))
+        if ending == "fin":
+            s.shutdown(socket.SHUT_WR)
+        else:
+            s.unwrap()
+        decoder, pending = Decoder.for_client(), cast(list[Frame], [])
+        subscriber.settimeout(30)
+        got = [read_frame(subscriber, decoder, pending) for _ in payloads]
+    subscriber.close()
+    assert [g.payload if isinstance(g, Publish) else g for g in got] == payloads

@@ -25,7 +25,7 @@ from hpfeeds3.protocol import Decoder, Error, Frame, Info, Publish, encode_auth,
 
 from .support import Canary, CanaryStats, metric, record, speed_bound, wait_metric, wait_subscribed
 from .test_attacks import CLOSED, authed, read_frame, readable, tls_endpoint
-from .tls13 import RecordClient
+from .tls13 import ALERT, RecordClient
 
 REASON = "tls_records_without_data"
 KEY_UPDATES = 60_000  # about 1.5 MiB in one burst
@@ -234,3 +234,23 @@ def test_frames_in_flight_behind_a_tls_clients_close_are_all_delivered(reliable_
         got = [read_frame(subscriber, decoder, pending) for _ in payloads]
     subscriber.close()
     assert [g.payload if isinstance(g, Publish) else g for g in got] == payloads
+
+
+def test_bytes_behind_a_close_notify_do_not_keep_the_connection_open(reliable_broker, tmp_path: Path) -> None:
+    """An authenticated client's close_notify with bytes behind it in the same
+    write: the broker answers and closes (the bytes are not waited on)."""
+    b, tls_port, ca = _tls_broker(reliable_broker, tmp_path)
+    client, info = _client(tls_port, ca, tmp_path, "closenotify")
+    try:
+        _auth(client, info, "alice")
+        client.send(client.record(encode_subscribe(b"alice", b"chan1")))
+        wait_subscribed(b.exporter_port, "alice", "chan1", 1)
+        # close_notify, then more than one feed step of a record that never ends
+        client.send(client.record(bytes([1, 0]), ALERT) + b"\x17\x03\x03\x40\x00" + b"j" * 8192)
+        client.sock.settimeout(10)
+        ended = b""
+        while chunk := client.sock.recv(65536):
+            ended += chunk
+    finally:
+        client.close()
+    assert ended  # the broker's close_notify came, then EOF

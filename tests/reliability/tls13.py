@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
+ALERT = 0x15
 APPLICATION_DATA = 0x17
 HANDSHAKE = 0x16
 # A KeyUpdate handshake message, update_not_requested (RFC 8446 §4.6.3).

@@ -279,6 +279,7 @@ class Connection(asyncio.Protocol):
         """The client's close_notify: handle what came before it, answer it (clients wait
         for ours), then treat it as EOF."""
         tls.closed_by_peer = False  # once
+        tls.discard()  # nothing after close_notify counts
         if last:
             self._received_plain(last)
         if self.transport is not None and not self._lost:

@@ -23,7 +23,10 @@ Rules kept here:
 - The hard bound of the outgoing buffer is checked at every delivery while the
   transport reports a backlog, whatever the backlog timer does.
 - When one read holds more work than one loop turn should do, reading is
-  paused and the rest is handled in later turns, in order.
+  paused and the rest is handled in later turns, in order. Under TLS the
+  decryption itself is in that budget (``_tls_feed``: a bounded amount a
+  turn, the rest after the session's own work), and records that bring too
+  little plaintext close the connection (``tls_records_without_data``).
 - A connection counts from accept: a TLS listener accepts plain TCP and the
   handshake runs here (``tls.TlsSession``, with its deadline), so sockets in
   a handshake count against ``--max-connections`` and the pre-auth pool.

@@ -155,10 +155,18 @@ MUTANTS: tuple[Mutant, ...] = (
     mutant(
         "partial-frames-close-smallest",
         "src/hpfeeds3/broker/state.py",
-        "key=lambda kv: kv[1], reverse=True",
-        "key=lambda kv: kv[1]",
+        "ident = max(by_ident, key=by_ident.__getitem__)",
+        "ident = min(by_ident, key=by_ident.__getitem__)",
         "tests/reliability/test_attacks.py::test_past_the_partial_frames_bound_the_largest_holder_is_closed",
-        why="past --max-partial-frames the smallest holders are closed, not the largest",
+        why="past --max-partial-frames the ident holding the least loses a connection, not the one holding the most",
+    ),
+    mutant(
+        "tls-records-without-data-unbounded",
+        "src/hpfeeds3/broker/tls.py",
+        "if self._debt > self._max_debt:",
+        "if self._debt > 1000 * self._max_debt:",
+        "tests/broker/test_tls_session.py::test_records_without_data_past_the_bound_raise",
+        why="a client's KeyUpdates or one-byte TLS records are decrypted without end",
     ),
     mutant(
         "hard-bound-ten-times-loose",

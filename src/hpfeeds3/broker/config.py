@@ -72,7 +72,16 @@ class Limits:
     max_partial_frames_bytes: int = limit(
         128 * MiB,
         "--max-partial-frames",
-        "bytes held in incomplete frames over all connections; past it the connections holding the most are closed",
+        "bytes held in incomplete frames over all connections; past it connections of the ident (then address group) "
+        "holding the most are closed",
+    )
+    # KeyUpdates, empty or one-byte records: a record's work for no plaintext (tls.py).
+    max_tls_records_without_data: int = limit(
+        64,
+        "--max-tls-records-without-data",
+        "TLS records a client may send beyond what their plaintext accounts for (each must bring 16 bytes on "
+        "average: KeyUpdates, empty and tiny records fall short); past it the connection is closed "
+        "(tls_records_without_data)",
     )
     send_buffer_hard_bytes: int = limit(
         32 * MiB, "--send-buffer-hard", "cut a subscriber at once above this many queued bytes"

@@ -23,7 +23,10 @@ Rules kept here:
 - The hard bound of the outgoing buffer is checked at every delivery while the
   transport reports a backlog, whatever the backlog timer does.
 - When one read holds more work than one loop turn should do, reading is
-  paused and the rest is handled in later turns, in order.
+  paused and the rest is handled in later turns, in order. Under TLS the
+  decryption itself is in that budget (``_tls_feed``: a bounded amount a
+  turn, the rest after the session's own work), and records that bring too
+  little plaintext close the connection (``tls_records_without_data``).
 - A connection counts from accept: a TLS listener accepts plain TCP and the
   handshake runs here (``tls.TlsSession``, with its deadline), so sockets in
   a handshake count against ``--max-connections`` and the pre-auth pool.
@@ -64,9 +67,9 @@ from .events import (
 from .metrics import Limit
 from .policies import Linger, SlowConsumerWatch
 from .reasons import CloseReason
-from .session import AUTHING, CLOSED, READY, NeedKey, Session
+from .session import AUTHING, CLOSED, PRE_AUTH, READY, NeedKey, Session
 from .text import printable
-from .tls import TlsSession
+from .tls import RecordsWithoutData, TlsSession
 from .tuning import (
     BACKLOG_CHECK_S,
     BACKLOG_HIGH_BYTES,
@@ -147,6 +150,7 @@ class Connection(asyncio.Protocol):
         "_partial_timer",
         "_tls",
         "_tls_session",
+        "_tls_turn",
         "_turn_pending",
         "_watch",
         "_write",
@@ -170,6 +174,7 @@ class Connection(asyncio.Protocol):
         self.peer_host = "?"
         self._tls = tls
         self._tls_session: TlsSession | None = None
+        self._tls_turn = False  # a later turn goes on decrypting (_continue_tls)
         self._write: Callable[[bytes], None] = self._write_unconnected
         self.group = "?"  # address group for the pre-auth pool (admission.py)
         limits = broker.config.limits
@@ -230,7 +235,7 @@ class Connection(asyncio.Protocol):
             return  # refused at the connection limit: closed
         if self._tls is not None:
             # The handshake runs in this connection (tls.py), on its own deadline.
-            self._tls_session = TlsSession(self._tls)
+            self._tls_session = TlsSession(self._tls, broker.config.limits.max_tls_records_without_data)
             self._write = self._write_tls
             self._auth_deadline = self._call_later(
                 broker.config.limits.tls_handshake_timeout_s, self._on_handshake_timeout
@@ -264,6 +269,9 @@ class Connection(asyncio.Protocol):
         except ssl.SSLError as e:
             self._tls_failed(str(e.reason or e), tls)
             return None
+        except RecordsWithoutData:
+            self._tls_records_without_data(tls)
+            return None
         if reply:
             self.transport.write(reply)
         if not was_established and tls.established:
@@ -274,6 +282,7 @@ class Connection(asyncio.Protocol):
         """The client's close_notify: handle what came before it, answer it (clients wait
         for ours), then treat it as EOF."""
         tls.closed_by_peer = False  # once
+        tls.discard()  # nothing after close_notify counts
         if last:
             self._received_plain(last)
         if self.transport is not None and not self._lost:
@@ -285,6 +294,48 @@ class Connection(asyncio.Protocol):
         event = TlsFailed(self.peer, why, tls.established)
         self.broker.emit(event)
         self.session.close(CloseReason(event.reason), None, abort=True)
+
+    def _tls_records_without_data(self, tls: TlsSession) -> None:
+        limit = self.broker.config.limits.max_tls_records_without_data
+        reason = CloseReason.TLS_RECORDS_WITHOUT_DATA
+        metrics.limit_rejected(Limit.MAX_TLS_RECORDS_WITHOUT_DATA)
+        why = f"too many TLS records without data (more than {limit} beyond what their plaintext accounts for)"
+        self.broker.emit(TlsFailed(self.peer, why, True, reason))
+        tls.discard()
+        self.session.close(reason, f"too many TLS records without data (limit {limit})")
+
+    def _tls_feed(self, tls: TlsSession, data: bytes) -> None:
+        """Decrypt one turn's worth (tls.py); what remains waits, reading paused, for a
+        later turn: this connection's (``_continue_tls``), or after the session's own
+        continuation or key lookup, which resume reading through ``_resume_reading``."""
+        decrypted = self._tls_received(tls, data)
+        if decrypted is None:
+            return
+        if tls.closed_by_peer:
+            self._tls_closed_by_peer(tls, decrypted)
+            return
+        if decrypted:
+            self._received_plain(decrypted)
+        transport = self.transport
+        if not tls.backlogged or self.session.state == CLOSED or transport is None or transport.is_closing():
+            return
+        transport.pause_reading()
+        if not self._turn_pending and self.session.state != AUTHING:
+            self._schedule_tls()
+
+    def _schedule_tls(self) -> None:
+        if not self._tls_turn:
+            self._tls_turn = True
+            self._call_soon(self._continue_tls)
+
+    def _continue_tls(self) -> None:
+        self._tls_turn = False
+        tls = self._tls_session
+        if tls is None or self.session.state == CLOSED or self.transport is None:
+            return
+        self._tls_feed(tls, b"")
+        if not tls.backlogged:
+            self._resume_reading()
 
     def _on_handshake_timeout(self) -> None:
         self._auth_deadline = None
@@ -305,13 +356,8 @@ class Connection(asyncio.Protocol):
             return
         tls = self._tls_session
         if tls is not None:
-            decrypted = self._tls_received(tls, data)
-            if tls.closed_by_peer:
-                self._tls_closed_by_peer(tls, decrypted)
-                return
-            if not decrypted:
-                return
-            data = decrypted
+            self._tls_feed(tls, data)
+            return
         self._received_plain(data)
 
     def _received_plain(self, data: bytes) -> None:
@@ -379,7 +425,8 @@ class Connection(asyncio.Protocol):
         # segment) are still handled; the transport closes once they are done.
         if self._linger is not None:
             return False  # the client read our ERROR and closed: done
-        if self.session.state == AUTHING or self._turn_pending:
+        tls = self._tls_session
+        if self.session.state == AUTHING or self._turn_pending or (tls is not None and tls.backlogged):
             self._eof_pending = True
             return True
         return False
@@ -526,6 +573,8 @@ class Connection(asyncio.Protocol):
         if self._lost or transport is None:
             return
         tls = self._tls_session
+        if tls is not None:
+            tls.discard()  # what waits is never decrypted
         if abort or transport.is_closing() or (tls is not None and not tls.established):
             transport.abort()  # (before a TLS handshake completes there is no way to send an ERROR)
             return
@@ -592,7 +641,12 @@ class Connection(asyncio.Protocol):
 
     def _resume_reading(self) -> None:
         transport = self.transport
-        if self.session.state != READY or self._turn_pending or transport is None or transport.is_closing():
+        state = self.session.state
+        if (state != READY and state != PRE_AUTH) or self._turn_pending or transport is None or transport.is_closing():
+            return
+        tls = self._tls_session
+        if tls is not None and tls.backlogged:
+            self._schedule_tls()  # encrypted bytes first: decrypted in a later turn
             return
         if self._eof_pending:
             transport.close()  # the FIN that came behind the frames, now that every one is handled

@@ -271,9 +271,12 @@ class TlsFailed(Event):
     kind = Kind.TLS_FAILED
     why: str
     established: bool
+    close: CloseReason | None = None  # when not a broken record or handshake
 
     @property
     def reason(self) -> str:
+        if self.close is not None:
+            return self.close.value
         return (CloseReason.BAD_FRAME if self.established else CloseReason.TLS_HANDSHAKE_FAILED).value
 
     def text(self) -> str:

@@ -91,6 +91,7 @@ class Limit(StrEnum):
     MAX_PARTIAL_FRAMES = "max_partial_frames"
     PRE_AUTH_BUFFER = "pre_auth_buffer"
     TLS_HANDSHAKE_TIMEOUT = "tls_handshake_timeout"
+    MAX_TLS_RECORDS_WITHOUT_DATA = "max_tls_records_without_data"
     MAX_SUBSCRIPTIONS = "max_subscriptions"
     MAX_DENIALS = "max_denials"
     AUTH_FAILURES = "auth_failures"

@@ -23,6 +23,7 @@ class CloseReason(StrEnum):
     TOO_MANY_UNAUTHENTICATED = "too_many_unauthenticated"  # pre-auth cap reached: the oldest is closed
     SLOW_PRODUCER = "slow_producer"  # a frame arrived too slowly, or partial frames held too much memory
     TLS_HANDSHAKE_FAILED = "tls_handshake_failed"  # no (valid) TLS handshake within its deadline
+    TLS_RECORDS_WITHOUT_DATA = "tls_records_without_data"  # KeyUpdates, empty or tiny records past the bound
     REVOKED = "revoked"  # the key was removed or its secret rotated
     KICKED = "kicked"  # an operator disconnected it (the console)
     SHUTDOWN = "shutdown"  # the broker is stopping
@@ -44,6 +45,7 @@ ERROR_TOKEN = {
     CloseReason.TOO_MANY_CONNECTIONS: "limit",
     CloseReason.TOO_MANY_UNAUTHENTICATED: "limit",
     CloseReason.SLOW_PRODUCER: "limit",
+    CloseReason.TLS_RECORDS_WITHOUT_DATA: "limit",
     CloseReason.REVOKED: "authfail",
     CloseReason.KICKED: "kicked",
     CloseReason.SHUTDOWN: "shutdown",

@@ -74,9 +74,15 @@ class Broker:
         self.pre_auth: PreAuthPool[Connection] = PreAuthPool(
             limits.max_unauthenticated, limits.max_unauthenticated_per_address
         )
-        # Bytes held in incomplete frames, by connection, and their sum.
-        self.partial_holders: dict[Connection, int] = {}
+        # Bytes held in incomplete frames: by connection (with the ident and
+        # address group they are counted under), their sum, and running sums by
+        # ident (None: not authenticated) and by address group within an ident;
+        # each group's connections in the order of their last change, stalest first.
+        self.partial_holders: dict[Connection, tuple[int, str | None, str]] = {}
         self.partial_bytes = 0
+        self._partial_by_ident: dict[str | None, int] = {}
+        self._partial_by_group: dict[str | None, dict[str, int]] = {}
+        self._partial_members: dict[tuple[str | None, str], dict[Connection, None]] = {}
         # Connections lingering after a closing ERROR, oldest first: at the
         # connection limit the oldest is cut to make room (connection.py).
         self.lingering: dict[Connection, None] = {}
@@ -126,20 +132,42 @@ class Broker:
     def hold_partial(self, conn: Connection, held: int) -> None:
         """``conn`` now holds ``held`` bytes of an incomplete frame (0: none).
 
-        Past ``max_partial_frames_bytes`` over all connections, the ones
-        holding the most are closed (``slow_producer``) until it is met again."""
-        old = self.partial_holders.pop(conn, 0)
+        Past ``max_partial_frames_bytes`` over all connections, connections are
+        closed (``slow_producer``) until it is met again, each time from the
+        ident holding the most (connections not authenticated yet count as one),
+        within it the address group holding the most, and within that the
+        connection whose frame moved last longest ago: a key that parks many
+        frames loses its own connections, not another key's large upload. The
+        victim comes from running sums (a ``max`` over idents, then over that
+        ident's groups), never from a sort of every holder."""
+        if conn in self.partial_holders:
+            self._unhold_partial(conn)
         if held:
-            self.partial_holders[conn] = held
-        self.partial_bytes += held - old
+            ident, group = conn.session.ident, conn.group
+            self.partial_holders[conn] = (held, ident, group)
+            self.partial_bytes += held
+            self._partial_by_ident[ident] = self._partial_by_ident.get(ident, 0) + held
+            groups = self._partial_by_group.setdefault(ident, {})
+            groups[group] = groups.get(group, 0) + held
+            self._partial_members.setdefault((ident, group), {})[conn] = None
         limit = self.config.limits.max_partial_frames_bytes
-        if self.partial_bytes <= limit:
-            return
-        for victim, size in sorted(self.partial_holders.items(), key=lambda kv: kv[1], reverse=True):
-            if self.partial_bytes <= limit:
-                break
+        while self.partial_bytes > limit and self.partial_holders:
+            by_ident = self._partial_by_ident
+            ident = max(by_ident, key=by_ident.__getitem__)
+            ident_bytes = by_ident[ident]
+            groups = self._partial_by_group[ident]
+            group = max(groups, key=groups.__getitem__)
+            victim = next(iter(self._partial_members[(ident, group)]))
+            size = self.partial_holders[victim][0]
+            total = self.partial_bytes
+            # Out of the sums before it is closed: a fault while closing it cannot stall this loop.
+            self._unhold_partial(victim)
             metrics.limit_rejected(Limit.MAX_PARTIAL_FRAMES)
-            why = f"{size} bytes held in an incomplete frame, {self.partial_bytes} over all connections (limit {limit})"
+            owner = "connections not authenticated yet" if ident is None else ident
+            why = (
+                f"{size} bytes held in an incomplete frame; {ident_bytes} by {owner}, the most of any ident, "
+                f"{total} over all connections (limit {limit})"
+            )
             self.emit(SlowProducer(victim.peer, victim.session.ident, why))
             try:
                 victim.close(
@@ -147,6 +175,24 @@ class Broker:
                 )
             except Exception:
                 victim.internal_error("closing a holder of incomplete frames")
+
+    def _unhold_partial(self, conn: Connection) -> None:
+        held, ident, group = self.partial_holders.pop(conn)
+        self.partial_bytes -= held
+        left = self._partial_by_ident[ident] - held
+        groups = self._partial_by_group[ident]
+        members = self._partial_members[(ident, group)]
+        del members[conn]
+        if left:
+            self._partial_by_ident[ident] = left
+            in_group = groups[group] - held
+            if members:
+                groups[group] = in_group
+                return
+            del groups[group]
+        else:
+            del self._partial_by_ident[ident], self._partial_by_group[ident]
+        del self._partial_members[(ident, group)]
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """/healthz: 200 while serving (``degraded`` while a cluster link is down), else 503."""

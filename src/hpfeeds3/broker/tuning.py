@@ -66,6 +66,24 @@ PARTIAL_FRAME_GRACE_S = 5.0
 # delayed by more than a few milliseconds.
 CHECKED_FRAMES_PER_TURN = 1024
 
+# TLS records are decrypted inside the per-turn budget (tls.py). One SSL_read
+# processes every record fed to it, so encrypted bytes are fed in steps of
+# this many: 2 KiB is at most about 75 KeyUpdates (each a key derivation,
+# ~16 us), about 1 ms, before the records-without-data bound is checked.
+TLS_FEED_BYTES = 2048
+# ... and at most this many bytes (one read of the transport) or records a
+# turn per connection; the rest waits, reading paused, for a later turn.
+TLS_BYTES_PER_TURN = 256 * 1024
+TLS_RECORDS_PER_TURN = 1024
+# Plaintext bytes a record must bring on average once the handshake is done;
+# records short of it count against --max-tls-records-without-data. A record
+# costs OpenSSL about 1.3 us whatever it holds, so this bounds the cost per
+# plaintext byte of tiny records (tests/reliability/test_tls_records.py
+# records it). Clients write a frame per record or more, and a frame is at
+# least 8 bytes (SUBSCRIBE with a one-byte ident and channel), 20 or more with
+# real idents and channel names.
+TLS_MIN_RECORD_PLAINTEXT = 16
+
 # --- cluster (the NATS backplane) ---------------------------------------------------
 
 # Retry cadence while NATS is unreachable (first connect and reconnects): a

@@ -25,6 +25,7 @@ class CloseReason(StrEnum):
     TLS_HANDSHAKE_FAILED = "tls_handshake_failed"  # no (valid) TLS handshake within its deadline
     REVOKED = "revoked"  # the key was removed or its secret rotated
     KICKED = "kicked"  # an operator disconnected it (the console)
+    REPLACED = "replaced"  # a newer connection of the same durable key consumes it
     SHUTDOWN = "shutdown"  # the broker is stopping
     INTERNAL_ERROR = "internal_error"  # a bug: traceback logged, this connection only
 
@@ -46,6 +47,7 @@ ERROR_TOKEN = {
     CloseReason.SLOW_PRODUCER: "limit",
     CloseReason.REVOKED: "authfail",
     CloseReason.KICKED: "kicked",
+    CloseReason.REPLACED: "replaced",
     CloseReason.SHUTDOWN: "shutdown",
     CloseReason.INTERNAL_ERROR: "internal",
 }

@@ -316,6 +316,10 @@ class SegmentLog:
     def position(self, ident: str, channel: bytes) -> int | None:
         return self._positions.get((ident, channel))
 
+    def idents(self) -> list[str]:
+        with self._lock:
+            return sorted({ident for ident, _ in self._positions})
+
     def commit(self, ident: str, channel: bytes, position: int) -> None:
         ch = self._channels.get(channel)
         with self._lock:

@@ -14,20 +14,23 @@ import json
 import os
 import random
 import re
+import resource
 import signal
 import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 
 from hpfeeds3.broker.config import BrokerConfig
-from tests.support.broker import BrokerProcess, RawClient, confirm_subscribed, free_port
+from tests.support.broker import BROKER_BIN, BrokerProcess, RawClient, confirm_subscribed, free_port, wait_for_port
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP_INFO positions: Linux")
 
@@ -404,3 +407,84 @@ def test_workers_serve_durable_keys_live_only() -> None:
 
     assert config().durable
     assert not config("--workers", "2", "--cluster", "nats://127.0.0.1:4222").durable
+
+
+def get_json(url: str, token: str | None = None) -> Any:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:  # /healthz answers 503 with its body too
+        return json.loads(e.read())
+
+
+def test_the_console_api_and_healthz_carry_durable_state(tmp_path: Path) -> None:
+    from hpfeeds3.broker.admin.tokens import generate_token, hash_token
+
+    token = generate_token()
+    (tmp_path / "tokens.txt").write_text(f"alice viewer sha256:{hash_token(token)}\n")
+    admin = free_port()
+    console = ("--admin", f"127.0.0.1:{admin}", "--admin-tokens", str(tmp_path / "tokens.txt"))
+    with broker(tmp_path, *console) as b, publisher(b) as p:
+        c = collector(b, tmp_path / "stored.txt")
+        wait_consuming(b)
+        stop(c, signal.SIGKILL)
+        publish(p, 0, 50)
+        deadline = time.monotonic() + 10
+        while metric(b, "hpfeeds_durable_backlog_messages") != 50:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        keys = {k["ident"]: k for k in get_json(f"http://127.0.0.1:{admin}/api/v1/keys", token)["keys"]}
+        state = keys["col"]["durable_state"]
+        assert keys["col"]["durable"] is True and keys["live"]["durable_state"] is None
+        assert state["backlog_messages"] == 50 and state["dropped"] == 0 and not state["consuming"]
+        assert 0 <= state["oldest_unread_age_s"] < 60
+        sensors = get_json(f"http://127.0.0.1:{admin}/api/v1/sensors?q=col", token)["sensors"]
+        assert [s["durable"]["backlog_messages"] for s in sensors if s["ident"] == "col"] == [50]
+        health = get_json(f"http://127.0.0.1:{b.metrics_port}/healthz")  # type: ignore[attr-defined]
+        assert health["status"] == "serving" and health["durable"]["degraded"] is False
+
+
+def test_a_full_disk_keeps_live_traffic_served_and_says_so(tmp_path: Path) -> None:
+    """A file size limit (RLIMIT_FSIZE) stands in for a full disk: writes past it fail with EFBIG."""
+    users(tmp_path / "users.json")
+    port, metrics_port = free_port(), free_port()
+    args = [BROKER_BIN, "--bind", f"127.0.0.1:{port}", "--auth", str(tmp_path / "users.json")]
+    args += ["--data-dir", str(tmp_path / "data"), "--exporter", f"127.0.0.1:{metrics_port}"]
+    limit = 256 * 1024
+    log_path = tmp_path / "broker.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            args,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+        )
+    try:
+        wait_for_port(port, proc=proc)
+        with RawClient(port) as live, RawClient(port) as p:
+            p.auth("sensor", "s")
+            live.auth("live", "l")
+            live.subscribe(CHANNEL)
+            col = RawClient(port)
+            col.auth("col", "c")  # the channel is kept for it from now on
+            col.close()
+            confirm_subscribed(p, CHANNEL, live)
+            for first in range(0, 4000, 500):
+                publish(p, first, 500)
+                got = [int(m.payload[:8]) for m in live.messages(500)]
+                assert got == list(range(first, first + 500)), "live traffic is served whatever the disk does"
+        deadline = time.monotonic() + 10
+        while True:
+            health = get_json(f"http://127.0.0.1:{metrics_port}/healthz")
+            if health["status"] == "degraded":
+                break
+            assert time.monotonic() < deadline, health
+            time.sleep(0.05)
+        assert health["durable"]["degraded"] and health["durable"]["unstored"] > 0
+        assert "File too large" in health["durable"]["last_error"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+    assert "messages are not being stored" in log_path.read_text()

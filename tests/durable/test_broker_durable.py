@@ -55,8 +55,8 @@ def users(path: Path, *, durable: bool = True) -> Path:
     return path
 
 
-def payload(n: int) -> bytes:
-    return f"{n:08d} ".encode().ljust(PAYLOAD_BYTES, b".")
+def payload(n: int, size: int = PAYLOAD_BYTES) -> bytes:
+    return f"{n:08d} ".encode().ljust(size, b".")
 
 
 def start_broker(tmp_path: Path, port: int, *extra: str) -> BrokerProcess:
@@ -107,10 +107,10 @@ def publisher(b: BrokerProcess, tls: ssl.SSLContext | None = None) -> RawClient:
     return p
 
 
-def publish(p: RawClient, first: int, count: int) -> None:
+def publish(p: RawClient, first: int, count: int, size: int = PAYLOAD_BYTES) -> None:
     from hpfeeds3.protocol import encode_publish
 
-    p.send(b"".join(encode_publish(b"sensor", CHANNEL.encode(), payload(n)) for n in range(first, first + count)))
+    p.send(b"".join(encode_publish(b"sensor", CHANNEL.encode(), payload(n, size)) for n in range(first, first + count)))
 
 
 def connections(out: Path) -> list[list[int]]:
@@ -488,3 +488,37 @@ def test_a_full_disk_keeps_live_traffic_served_and_says_so(tmp_path: Path) -> No
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
     assert "messages are not being stored" in log_path.read_text()
+
+
+def test_a_backlog_larger_than_the_send_buffer_bounds_is_replayed_without_a_cut(tmp_path: Path) -> None:
+    """Replay is paced by the transport: 16 MB of backlog (more than the kernel's socket buffers
+    hold) through a 512 KiB hard bound; while the collector does not read, the broker holds at
+    most its high-water mark and one chunk for it."""
+    from hpfeeds3.broker.durable.feed import CHUNK_BYTES
+    from hpfeeds3.broker.tuning import BACKLOG_HIGH_BYTES
+
+    total = 20_000
+    bounds = ("--send-buffer-hard", "512K", "--send-buffer-soft", "384K")
+    with broker(tmp_path, *bounds) as b:
+        c = collector(b, tmp_path / "first.txt")
+        wait_consuming(b)
+        stop(c, signal.SIGKILL)
+        with publisher(b) as p:
+            for first in range(0, total, 1000):
+                publish(p, first, 1000, size=800)
+        with RawClient(b.port, rcvbuf=4096) as slow:
+            slow.auth("col", "c")
+            slow.subscribe(CHANNEL)
+            deadline = time.monotonic() + 10
+            held = 0.0
+            while held < BACKLOG_HIGH_BYTES:  # the transport filled up to its mark: pacing holds it there
+                assert time.monotonic() < deadline, f"the broker never queued up to its mark ({held})"
+                held = metric(b, "hpfeeds_broker_connection_send_buffer_size") or 0.0
+                time.sleep(0.05)
+            for _ in range(10):
+                held = metric(b, "hpfeeds_broker_connection_send_buffer_size") or 0.0
+                assert held <= BACKLOG_HIGH_BYTES + CHUNK_BYTES, f"{held} bytes queued: replay is not paced"
+                time.sleep(0.05)
+            got = [int(m.payload[:8]) for m in slow.messages(total, timeout=60)]
+        assert got == list(range(total))
+        assert "slow_consumer" not in b.log()

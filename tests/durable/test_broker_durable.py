@@ -471,17 +471,18 @@ def test_a_full_disk_keeps_live_traffic_served_and_says_so(tmp_path: Path) -> No
             col.auth("col", "c")  # the channel is kept for it from now on
             col.close()
             confirm_subscribed(p, CHANNEL, live)
-            for first in range(0, 4000, 500):
-                publish(p, first, 500)
-                got = [int(m.payload[:8]) for m in live.messages(500)]
-                assert got == list(range(first, first + 500)), "live traffic is served whatever the disk does"
-        deadline = time.monotonic() + 10
-        while True:
-            health = get_json(f"http://127.0.0.1:{metrics_port}/healthz")
-            if health["status"] == "degraded":
-                break
-            assert time.monotonic() < deadline, health
-            time.sleep(0.05)
+            # 60 KB messages: once the file is within one of its limit, every write fails
+            deadline = time.monotonic() + 20
+            first = 0
+            while True:
+                publish(p, first, 5, size=60_000)
+                got = [int(m.payload[:8]) for m in live.messages(5)]
+                assert got == list(range(first, first + 5)), "live traffic is served whatever the disk does"
+                first += 5
+                health = get_json(f"http://127.0.0.1:{metrics_port}/healthz")
+                if health["status"] == "degraded" and first >= 20:
+                    break
+                assert time.monotonic() < deadline, health
         assert health["durable"]["degraded"] and health["durable"]["unstored"] > 0
         assert "File too large" in health["durable"]["last_error"]
     finally:
@@ -522,3 +523,42 @@ def test_a_backlog_larger_than_the_send_buffer_bounds_is_replayed_without_a_cut(
             got = [int(m.payload[:8]) for m in slow.messages(total, timeout=60)]
         assert got == list(range(total))
         assert "slow_consumer" not in b.log()
+
+
+def test_with_a_cluster_a_collector_back_on_its_broker_misses_what_another_broker_routed(tmp_path: Path) -> None:
+    from tests.support.nats import NatsServer
+
+    out = tmp_path / "stored.txt"
+    nats = NatsServer(tmp_path).start()
+    users(tmp_path / "users.json")
+    a = b = None
+    try:
+        a = start_broker(tmp_path, free_port(), "--cluster", nats.url, "--data-dir", str(tmp_path / "a"))
+        b = start_broker(tmp_path, free_port(), "--cluster", nats.url, "--data-dir", str(tmp_path / "b"))
+        c = collector(b, out)  # the collector's broker is b; the sensor publishes to a
+        wait_consuming(b)
+        stop(c, signal.SIGKILL)
+        with publisher(a) as p:
+            deadline = time.monotonic() + 20
+            n = 0
+            while metric(b, "hpfeeds_durable_backlog_messages") in (None, 0.0):  # b gets the channel from a
+                assert time.monotonic() < deadline, "the other broker never routed the channel here"
+                publish(p, n, 1)
+                n += 1
+                time.sleep(0.05)
+            publish(p, n, 1000 - n)
+        c = collector(b, out)
+        try:
+            deadline = time.monotonic() + 20
+            while not set(range(n, 1000)) <= stored(out):
+                assert time.monotonic() < deadline, f"missing: {sorted(set(range(n, 1000)) - stored(out))[:5]}"
+                time.sleep(0.05)
+        finally:
+            stop(c)
+    finally:
+        for broker_ in (a, b):
+            if broker_ is not None:
+                broker_.stop()
+        nats.stop()
+    conns = [conn for conn in connections(out) if conn]
+    assert conns and conns[-1] == list(range(conns[-1][0], 1000)), "in order, no gap"

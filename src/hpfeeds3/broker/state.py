@@ -136,6 +136,13 @@ class Broker:
         self.durable = durable
         self.router.durable = durable
         durable.set_on_written(self._written_elsewhere)
+        for channel in durable.followed():
+            self.router.subscribe(channel, _KEEP)
+
+    def _keep(self, channel: bytes) -> None:
+        """``channel`` is kept in the log: the router wants it (from other brokers too) while
+        no subscriber is connected."""
+        self.router.subscribe(channel, _KEEP)
 
     def _written_elsewhere(self) -> None:
         """The log's writer thread wrote messages: feed the durable connections on the loop."""
@@ -188,6 +195,7 @@ class Broker:
         # Every channel the key may read is kept from now on, subscribed or not.
         for channel in conn.session.subchans:
             durable.follow(ident, channel)
+            self._keep(channel)
         return feed
 
     def durable_detach(self, conn: Connection, ident: str) -> None:
@@ -524,6 +532,22 @@ class Broker:
             await asyncio.sleep(0.01)
         for task in list(self._tasks):
             task.cancel()
+
+
+class _Keep:
+    """The router's subscriber for channels kept in the durable log: with ``--cluster`` the
+    broker then receives them from other brokers whoever is connected here. Takes nothing."""
+
+    __slots__ = ()
+
+    def deliver(self, data: bytes) -> None:
+        pass
+
+    def delivery_failed(self) -> None:  # pragma: no cover - deliver cannot raise
+        pass
+
+
+_KEEP = _Keep()
 
 
 def _queued(conn: Connection) -> int:

@@ -94,6 +94,10 @@ class DurableLog(Protocol):
 
     def position(self, ident: str, channel: bytes) -> int | None: ...
 
+    def followed(self) -> list[bytes]:
+        """The channels some durable key follows (kept in the log)."""
+        ...
+
     def idents(self) -> list[str]:
         """The keys that have a position on some channel."""
         ...

@@ -318,6 +318,10 @@ class SegmentLog:
     def position(self, ident: str, channel: bytes) -> int | None:
         return self._positions.get((ident, channel))
 
+    def followed(self) -> list[bytes]:
+        with self._lock:
+            return list(self._followers)
+
     def idents(self) -> list[str]:
         with self._lock:
             return sorted({ident for ident, _ in self._positions})

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from hpfeeds3.protocol import Decoder, encode_auth, encode_publish, encode_subscribe, sign
+from hpfeeds3.protocol import Decoder, Info, encode_auth, encode_publish, encode_subscribe, sign
 
 BIN = Path(sys.executable).parent
 
@@ -81,6 +81,7 @@ class Reader(threading.Thread):
         decoder = Decoder.for_client()
         data = self.sock.recv(4096)
         info = decoder.feed(data)[0]
+        assert isinstance(info, Info)
         self.sock.sendall(encode_auth(b"dur", sign(info.nonce, b"dur")) + encode_subscribe(b"dur", b"bench"))
 
     def run(self) -> None:
@@ -140,6 +141,7 @@ def replay(backlog_mib: int) -> dict[str, float]:
         reader.sock.close()  # away: what follows is its backlog
         pub = socket.create_connection(("127.0.0.1", port))
         info = Decoder.for_client().feed(pub.recv(4096))[0]
+        assert isinstance(info, Info)
         pub.sendall(encode_auth(b"bench", sign(info.nonce, b"bench")))
         batch = frame * 1000
         for _ in range(count // 1000):

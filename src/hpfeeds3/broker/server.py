@@ -194,9 +194,6 @@ async def serve(
             else:
                 broker.attach_durable(durable)
                 cleanups.append(lambda: asyncio.to_thread(durable.close))
-                log.info("durable log in %s", durable.root)
-        elif config.reuse_port:
-            log.info("durable log off with --workers: durable keys are served live only (docs/durable.md)")
         bound = (
             list(sockets)
             if sockets is not None
@@ -246,6 +243,11 @@ async def serve(
             cleanups.append(await start_admin(broker, config.admin))
 
         broker.spawn(_watch_auth_changes(broker, auth))
+        # Said once the broker is sure to serve: a start that fails says one line.
+        if broker.durable is not None:
+            log.info("durable log in %s", os.path.join(config.data_dir, "durable"))
+        elif config.reuse_port:
+            log.info("durable log off with --workers: durable keys are served live only (docs/durable.md)")
         log.info(
             "hpfeeds3 %s: broker %r serving; auth %r; at most %d connections",
             __version__,

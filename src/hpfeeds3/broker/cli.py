@@ -296,6 +296,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         reuse_port=args.workers > 1 or args.reuse_port,
         admin=admin,
         data_dir=args.data_dir,
+        durable=args.workers == 1 and not args.reuse_port,
     )
 
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..protocol import HEADER_LEN, FrameLimits, MiB
 from .ratelimit import AuthLimits
+
+if TYPE_CHECKING:
+    from .durable.config import DurableConfig
 
 
 class ConfigError(Exception):
@@ -113,6 +116,27 @@ class Limits:
         "unforwarded, not queued",
         host_wide=True,
     )
+    # Durable keys (docs/durable.md): what the log keeps for each, and what a crash may cost.
+    durable_max_bytes: int = limit(
+        1024 * MiB,
+        "--durable-max-bytes",
+        "per durable key, bytes kept for it over its channels; past it its oldest messages are dropped (counted)",
+    )
+    durable_max_age_s: float = limit(
+        24 * 3600.0, "--durable-max-age", "messages older than this are dropped from the durable log (counted)"
+    )
+    durable_sync_s: float = limit(
+        1.0,
+        "--durable-sync",
+        "fsync the durable log at most this often: what a power loss may cost (0: after every write)",
+        zero_ok=True,
+    )
+    durable_overlap_bytes: int = limit(
+        6 * MiB,
+        "--durable-overlap",
+        "after a durable collector's connection ends without a clean FIN, replay starts this many bytes before "
+        "what its TCP acknowledged (at least its receive buffer): duplicates, not loss",
+    )
 
     def frame_limits(self) -> FrameLimits:
         return FrameLimits(max_publish_frame_bytes=HEADER_LEN + self.max_message_bytes)
@@ -188,6 +212,25 @@ class BrokerConfig:
     # positions, the console's activity history. Relative to the working
     # directory, beside the default ./sqlite.db.
     data_dir: str = "hpfeeds-data"
+    # Durable keys get a durable log under data_dir (the command line turns it
+    # on; off under --workers: each worker would keep its own, and the kernel
+    # spreads a collector's reconnects over the workers, so it could not resume
+    # where it left). Off, a durable key is served like any other.
+    durable: bool = False
+
+    def durable_config(self) -> DurableConfig:
+        from .durable.config import DurableConfig
+
+        limits = self.limits
+        return DurableConfig(
+            data_dir=self.data_dir,
+            max_bytes=limits.durable_max_bytes,
+            max_age_s=limits.durable_max_age_s,
+            sync_interval_s=limits.durable_sync_s,
+            overlap_bytes=limits.durable_overlap_bytes,
+            # a segment is the unit of dropping: an eighth of a key's bound, 4 KiB to 16 MiB
+            segment_bytes=min(limits.durable_max_bytes, max(4096, min(16 * MiB, limits.durable_max_bytes // 8))),
+        )
 
 
 def parse_host_port(value: str, what: str = "--bind") -> tuple[str, int]:

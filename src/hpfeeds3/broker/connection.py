@@ -55,6 +55,8 @@ from ..protocol import encode_info, new_nonce
 from . import metrics
 from .admission import address_group
 from .auth import AccessKey, AuthUnavailable, WouldBlock
+from .durable.feed import SAMPLE_S, DurableFeed
+from .durable.tcpack import CloseKind, SocketLike, close_kind
 from .events import (
     Authenticated,
     Closed,
@@ -148,6 +150,8 @@ class Connection(asyncio.Protocol):
         "_lost",
         "_partial_start",
         "_partial_timer",
+        "_peer_fin",
+        "_sample_timer",
         "_tls",
         "_tls_session",
         "_tls_turn",
@@ -156,6 +160,7 @@ class Connection(asyncio.Protocol):
         "_write",
         "broker",
         "connected_at",
+        "feed",
         "group",
         "id",
         "peer",
@@ -201,6 +206,10 @@ class Connection(asyncio.Protocol):
         self._backlog_timer: asyncio.TimerHandle | None = None
         self._backlogged = False  # the transport is over its high-water mark
         self._watch: SlowConsumerWatch | None = None  # while backlogged
+        # A durable key's connection: its channels come from the log (durable/feed.py).
+        self.feed: DurableFeed | None = None
+        self._peer_fin = False  # the client ended with FIN (or close_notify)
+        self._sample_timer: asyncio.TimerHandle | None = None
 
     # --- what the rest of the broker reads (the session holds the client's state) -------
 
@@ -273,7 +282,7 @@ class Connection(asyncio.Protocol):
             self._tls_records_without_data(tls)
             return None
         if reply:
-            self.transport.write(reply)
+            self._write_wire(reply)
         if not was_established and tls.established:
             self._greet()
         return plain
@@ -286,7 +295,7 @@ class Connection(asyncio.Protocol):
         if last:
             self._received_plain(last)
         if self.transport is not None and not self._lost:
-            self.transport.write(tls.close_notify())
+            self._write_wire(tls.close_notify())
             if not self.eof_received():
                 self.transport.close()
 
@@ -423,6 +432,7 @@ class Connection(asyncio.Protocol):
     def eof_received(self) -> bool:
         # Half-close: frames already received (AUTH + PUBLISH + FIN in one
         # segment) are still handled; the transport closes once they are done.
+        self._peer_fin = True
         if self._linger is not None:
             return False  # the client read our ERROR and closed: done
         tls = self._tls_session
@@ -438,6 +448,12 @@ class Connection(asyncio.Protocol):
         self._lost = True
         broker = self.broker
         session = self.session
+        if self.feed is not None:
+            # The last sample, while the socket is still readable: exact after the
+            # client's FIN, less the overlap after a reset or a close by the broker.
+            self.feed_finish(
+                close_kind(peer_fin=self._peer_fin, reset=exc is not None, closed_by_broker=session.state == CLOSED)
+            )
         if session.state != CLOSED:
             try:
                 session.close(CloseReason.CLIENT_CLOSED if exc is None else CloseReason.CONNECTION_RESET, None)
@@ -481,6 +497,8 @@ class Connection(asyncio.Protocol):
             self._backlog_timer = None
             self._watch = None
             metrics.SEND_BUFFER_DEADLINE_RECOVER.labels(self.session.ident or "").inc()
+        if self.feed is not None:
+            self.feed.pump_soon()
 
     # --- the router's side ------------------------------------------------------
 
@@ -495,6 +513,81 @@ class Connection(asyncio.Protocol):
     def delivery_failed(self) -> None:
         """``deliver`` raised during a fan-out: close this subscriber alone."""
         self.internal_error("delivering to this subscriber")
+
+    # --- a durable key's feed (durable/feed.py) --------------------------------------
+
+    def _start_feed(self, ident: str) -> None:
+        feed = self.broker.durable_attach(self, ident, self._call_soon)
+        if feed is None:
+            return
+        self.feed = feed
+        self._write = self._write_counted  # every byte from now on counts (tcpack)
+        self._sample_timer = self._call_later(SAMPLE_S, self._sample_acks)
+
+    def feed_write(self, data: bytes) -> int:
+        assert self.transport is not None
+        self.sent_bytes += len(data)
+        tls = self._tls_session
+        if tls is None:
+            self.transport.write(data)
+            return len(data)
+        wire = tls.encrypt(data)
+        self.transport.write(wire)
+        return len(wire)
+
+    def _write_counted(self, data: bytes) -> None:
+        wire = self.feed_write(data)
+        self.sent_bytes -= len(data)  # not a delivery
+        if self.feed is not None:
+            self.feed.tracker.wrote(len(data), wire_bytes=wire)
+
+    def _write_wire(self, data: bytes) -> None:
+        """Bytes on the wire outside the session's stream (TLS records of its own)."""
+        assert self.transport is not None
+        self.transport.write(data)
+        if self.feed is not None:
+            self.feed.tracker.wrote_wire(len(data))
+
+    def feed_writable(self) -> bool:
+        t = self.transport
+        return t is not None and not self._backlogged and not t.is_closing() and self.session.state == READY
+
+    def feed_socket(self) -> SocketLike | None:
+        t = self.transport
+        return None if t is None else t.get_extra_info("socket")
+
+    def feed_buffered(self) -> int:
+        t = self.transport
+        return 0 if t is None else t.get_write_buffer_size()
+
+    def feed_pump(self) -> None:
+        """New messages in the log: send what this connection may."""
+        if self.feed is not None:
+            try:
+                self.feed.pump_soon()
+            except Exception:
+                self.internal_error("feeding a durable connection")
+
+    def feed_finish(self, kind: CloseKind) -> None:
+        """Commit this connection's positions (``kind``: how it ended) and stop its feed. Once."""
+        feed = self.feed
+        if feed is None or feed.finished:
+            return
+        if self._sample_timer is not None:
+            self._sample_timer.cancel()
+            self._sample_timer = None
+        try:
+            feed.finish(kind)
+        finally:
+            self.broker.durable_detach(self, feed.ident)
+
+    def _sample_acks(self) -> None:
+        self._sample_timer = None
+        feed = self.feed
+        if feed is None or feed.finished or self.session.state == CLOSED:
+            return
+        feed.sample()
+        self._sample_timer = self._call_later(SAMPLE_S, self._sample_acks)
 
     # --- the session's output -----------------------------------------------------------
 
@@ -547,6 +640,8 @@ class Connection(asyncio.Protocol):
             self._auth_deadline = None
         broker = self.broker
         broker.authenticated(self)
+        if key.durable:
+            self._start_feed(key.ident)
         metrics.READY_BY_IDENT(key.ident).inc()
         broker.emit(Authenticated(self.peer, self.id, key.ident))
         if session.resume():  # the frames that came behind the AUTH
@@ -594,7 +689,7 @@ class Connection(asyncio.Protocol):
         # not reset the connection before it has read the ERROR.
         self._write(error)
         if tls is not None:
-            transport.write(tls.close_notify())
+            self._write_wire(tls.close_notify())
         if transport.can_write_eof():
             transport.write_eof()
         self._linger = Linger(CLOSE_LINGER_BYTES)

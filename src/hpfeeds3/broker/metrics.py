@@ -295,6 +295,44 @@ class BrokerCollector(Collector):
         for chan, n in list(broker.router.deliveries.items()):
             deliveries.add_metric([_text(chan)], n)
         yield deliveries
+        yield from _durable_metrics(broker)
+
+
+# Per durable ident (docs/durable.md): (name, help, kind, field of Broker.durable_state).
+_DURABLE_METRICS = (
+    ("hpfeeds_durable_consuming", "A connection of this durable key consumes its backlog", "gauge", "consuming"),
+    ("hpfeeds_durable_backlog_messages", "Messages kept for this durable key, not yet read", "gauge",
+     "backlog_messages"),
+    ("hpfeeds_durable_backlog_bytes", "Bytes of segments kept for this durable key", "gauge", "backlog_bytes"),
+    ("hpfeeds_durable_oldest_unread_age_seconds", "Age of the oldest message kept for this durable key", "gauge",
+     "oldest_unread_age_s"),
+    ("hpfeeds_durable_replayed", "Messages sent to this durable key from the log", "counter", "replayed"),
+    ("hpfeeds_durable_dropped", "Messages dropped for this durable key by --durable-max-bytes/--durable-max-age",
+     "counter", "dropped"),
+    ("hpfeeds_durable_overlap_duplicates", "Messages sent again to this durable key after an abortive close",
+     "counter", "overlap_duplicates"),
+)  # fmt: skip
+
+
+def _durable_metrics(broker: Broker) -> Iterator[Any]:
+    durable = broker.durable
+    if durable is None:
+        return
+    states = {}
+    for ident in sorted(set(durable.idents()) | set(list(broker.feed_stats))):
+        state = broker.durable_state(ident)
+        if state is not None:
+            states[ident] = state
+    for name, doc, kind, field in _DURABLE_METRICS:
+        values = {ident: state[field] for ident, state in states.items()}
+        yield _gauge(name, doc, values) if kind == "gauge" else _counter(name, doc, values)
+    stats = durable.stats()
+    yield GaugeMetricFamily("hpfeeds_durable_degraded", "The durable log's last write failed", value=stats.degraded)
+    yield CounterMetricFamily(
+        "hpfeeds_durable_unstored", "Messages the durable log could not store (disk full, I/O error)",
+        value=stats.unstored,
+    )  # fmt: skip
+    yield GaugeMetricFamily("hpfeeds_durable_disk_bytes", "Bytes in durable segment files", value=stats.disk_bytes)
 
         from .logs import dropped_lines
 
@@ -309,7 +347,7 @@ def _text(channel: bytes) -> str:
     return channel.decode("utf-8", "backslashreplace")
 
 
-def _gauge(name: str, doc: str, values: dict[str, int]) -> GaugeMetricFamily:
+def _gauge(name: str, doc: str, values: dict[str, int] | dict[str, float]) -> GaugeMetricFamily:
     g = GaugeMetricFamily(name, doc, labels=["ident"])
     for ident, v in values.items():
         g.add_metric([ident], v)

@@ -26,6 +26,7 @@ class CloseReason(StrEnum):
     TLS_RECORDS_WITHOUT_DATA = "tls_records_without_data"  # KeyUpdates, empty or tiny records past the bound
     REVOKED = "revoked"  # the key was removed or its secret rotated
     KICKED = "kicked"  # an operator disconnected it (the console)
+    REPLACED = "replaced"  # a newer connection of the same durable key consumes it
     SHUTDOWN = "shutdown"  # the broker is stopping
     INTERNAL_ERROR = "internal_error"  # a bug: traceback logged, this connection only
 
@@ -48,6 +49,7 @@ ERROR_TOKEN = {
     CloseReason.TLS_RECORDS_WITHOUT_DATA: "limit",
     CloseReason.REVOKED: "authfail",
     CloseReason.KICKED: "kicked",
+    CloseReason.REPLACED: "replaced",
     CloseReason.SHUTDOWN: "shutdown",
     CloseReason.INTERNAL_ERROR: "internal",
 }

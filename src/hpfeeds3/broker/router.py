@@ -18,6 +18,7 @@ from collections import defaultdict
 from typing import Protocol
 
 from .backplane import NULL_BACKPLANE, Backplane
+from .durable.base import DurableLog
 
 
 class Subscriber(Protocol):
@@ -29,7 +30,7 @@ class Subscriber(Protocol):
 
 
 class Router:
-    __slots__ = ("_backplane", "_fanout", "_subs", "deliveries")
+    __slots__ = ("_backplane", "_fanout", "_subs", "deliveries", "durable")
 
     def __init__(self, backplane: Backplane = NULL_BACKPLANE) -> None:
         self._subs: dict[bytes, dict[Subscriber, None]] = {}
@@ -40,6 +41,10 @@ class Router:
         # Other brokers (a null one in a single process): local publishes are
         # forwarded to it; it learns when this node starts/stops needing a channel.
         self._backplane = backplane
+        # The durable log (state.Broker.attach_durable): a channel some durable key
+        # follows is appended here, local or from another broker, before durable
+        # subscribers (fed from the log, not from here) can see it.
+        self.durable: DurableLog | None = None
 
     def attach(self, backplane: Backplane) -> None:
         """Use ``backplane`` from now on (once, at start), telling it the channels already wanted."""
@@ -85,6 +90,9 @@ class Router:
 
         Each delivery is isolated: a subscriber whose ``deliver`` raises is
         told so (it closes itself) and the others still get the frames."""
+        durable = self.durable
+        if durable is not None and durable.wants(channel):
+            durable.append(channel, data, count)
         subs = self._fanout.get(channel)
         if subs is None:
             subs = self._build(channel)

@@ -186,6 +186,19 @@ async def serve(
     servers: list[asyncio.base_events.Server] = []
     served = False
     try:
+        if config.durable:
+            # Recovery reads the last segment of each channel: off the loop.
+            from .durable import SegmentLog
+
+            try:
+                durable = await asyncio.to_thread(SegmentLog.open, config.durable_config())
+            except ConfigError as e:
+                # Another broker holds the directory, or it cannot be written: serve
+                # everything else, and say durable keys lose what they miss.
+                log.warning("%s: durable keys are served live only; give this broker its own --data-dir", e)
+            else:
+                broker.attach_durable(durable)
+                cleanups.append(lambda: asyncio.to_thread(durable.close))
         bound = (
             list(sockets)
             if sockets is not None
@@ -235,6 +248,11 @@ async def serve(
             cleanups.append(await start_admin(broker, config.admin))
 
         broker.spawn(_watch_auth_changes(broker, auth))
+        # Said once the broker is sure to serve: a start that fails says one line.
+        if broker.durable is not None:
+            log.info("durable log in %s", os.path.join(config.data_dir, "durable"))
+        elif config.reuse_port:
+            log.info("durable log off with --workers: durable keys are served live only (docs/durable.md)")
         log.info(
             "hpfeeds3 %s: broker %r serving; auth %r; at most %d connections",
             __version__,

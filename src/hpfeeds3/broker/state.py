@@ -19,6 +19,9 @@ from .admission import PreAuthPool
 from .auth import AccessKey, Authenticator, AuthUnavailable, SyncLookup, WouldBlock
 from .backplane import Backplane
 from .config import BrokerConfig
+from .durable.base import DurableLog
+from .durable.feed import DurableFeed, FeedStats
+from .durable.tcpack import CloseKind
 from .events import AuthBlocked, AuthFailed, Event, Refused, Revoked, SlowProducer, log_event
 from .metrics import Limit, PublishStats
 from .policies import BacklogBounds, ReceiveRate
@@ -98,6 +101,13 @@ class Broker:
         # Observers of broker events (events.py): the log lines, the console's tracker.
         self._observers: list[Callable[[Event], None]] = [log_event]
         self._ids = itertools.count(1)
+        # Durable keys (durable/feed.py): the log, once opened (attach_durable); the
+        # connection consuming each durable ident (one at a time); its counts.
+        self.durable: DurableLog | None = None
+        self.feeds: dict[str, Connection] = {}
+        self.feed_stats: dict[str, FeedStats] = {}
+        self._feed_exact: dict[str, dict[bytes, int]] = {}
+        self._written_pending = False
 
     def next_connection_id(self) -> int:
         return next(self._ids)
@@ -124,6 +134,96 @@ class Broker:
             raise RuntimeError("the broker already has a backplane")
         self.backplane = backplane
         self.router.attach(backplane)
+
+    # --- durable keys ------------------------------------------------------------------
+
+    def attach_durable(self, durable: DurableLog) -> None:
+        """The durable log, opened (off the loop) at start: the router logs what durable keys follow."""
+        self.durable = durable
+        self.router.durable = durable
+        durable.set_on_written(self._written_elsewhere)
+        for channel in durable.followed():
+            self.router.subscribe(channel, _KEEP)
+
+    def _keep(self, channel: bytes) -> None:
+        """``channel`` is kept in the log: the router wants it (from other brokers too) while
+        no subscriber is connected."""
+        self.router.subscribe(channel, _KEEP)
+
+    def _written_elsewhere(self) -> None:
+        """The log's writer thread wrote messages: feed the durable connections on the loop."""
+        if not self._written_pending:
+            self._written_pending = True
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to feed
+                self.loop.call_soon_threadsafe(self._written)
+
+    def _written(self) -> None:
+        self._written_pending = False
+        for conn in list(self.feeds.values()):
+            conn.feed_pump()
+
+    def durable_attach(
+        self, conn: Connection, ident: str, schedule: Callable[[Callable[[], object]], None]
+    ) -> DurableFeed | None:
+        """``conn`` authenticated with a durable key: its feed (``schedule``: the connection's
+        guarded call_soon), replacing (closing) an older connection of the same key, whose
+        positions are committed first."""
+        durable = self.durable
+        if durable is None:
+            return None
+        older = self.feeds.get(ident)
+        if older is not None and older is not conn:
+            older.feed_finish(CloseKind.ABORTIVE)
+            log.info(
+                "durable key %s: %s replaces %s, which is closed",
+                ident,
+                conn.peer,
+                older.peer,
+                extra={"event": "durable_replaced", "ident": ident, "peer": conn.peer},
+            )
+            try:
+                older.close(CloseReason.REPLACED, f"a newer connection of durable key {ident} consumes it")
+            except Exception:
+                older.internal_error("closing a replaced durable connection")
+        stats = self.feed_stats.get(ident)
+        if stats is None:
+            stats = self.feed_stats[ident] = FeedStats()
+        feed = DurableFeed(
+            ident,
+            durable,
+            conn,
+            self.config.limits.durable_overlap_bytes,
+            stats,
+            self._feed_exact.setdefault(ident, {}),
+            schedule,
+        )
+        self.feeds[ident] = conn
+        # Every channel the key may read is kept from now on, subscribed or not.
+        for channel in conn.session.subchans:
+            durable.follow(ident, channel)
+            self._keep(channel)
+        return feed
+
+    def durable_detach(self, conn: Connection, ident: str) -> None:
+        if self.feeds.get(ident) is conn:
+            del self.feeds[ident]
+
+    def durable_state(self, ident: str) -> dict[str, Any] | None:
+        """A durable ident's backlog and counts (the API, the metrics); None without a log or positions."""
+        durable = self.durable
+        if durable is None:
+            return None
+        backlog = durable.backlog(ident)
+        stats = self.feed_stats.get(ident) or FeedStats()
+        return {
+            "consuming": ident in self.feeds,
+            "backlog_messages": backlog.messages,
+            "backlog_bytes": backlog.bytes,
+            "oldest_unread_age_s": round(backlog.oldest_age_s, 3),
+            "dropped": backlog.dropped,
+            "replayed": stats.replayed,
+            "overlap_duplicates": stats.duplicates,
+        }
 
     @property
     def unauthenticated(self) -> int:
@@ -205,6 +305,16 @@ class Broker:
             body["cluster"] = self.backplane.status
             if self.state == "serving" and not self.backplane.connected:
                 body["status"] = "degraded"
+        if self.durable is not None:
+            st = self.durable.stats()
+            body["durable"] = {
+                "degraded": st.degraded,
+                "last_error": st.last_error,
+                "unstored": st.unstored,
+                "disk_bytes": st.disk_bytes,
+            }
+            if self.state == "serving" and st.degraded:
+                body["status"] = "degraded"  # live traffic is served; the log cannot store
         return (200 if self.state == "serving" else 503), body
 
     # --- called by connections ---------------------------------------------------
@@ -299,10 +409,18 @@ class Broker:
         return self.router.publish(channel, data, frames)
 
     def subscribe(self, channel: bytes, output: Connection) -> None:
-        self.router.subscribe(channel, output)
+        feed = output.feed
+        if feed is not None:
+            feed.add(channel)  # fed from the log, not the router
+        else:
+            self.router.subscribe(channel, output)
 
     def unsubscribe(self, channel: bytes, output: Connection) -> None:
-        self.router.unsubscribe(channel, output)
+        feed = output.feed
+        if feed is not None:
+            feed.remove(channel)
+        else:
+            self.router.unsubscribe(channel, output)
 
     def left_pre_auth(self, output: Connection) -> None:
         self.pre_auth.remove(output, output.group)
@@ -460,6 +578,22 @@ class Broker:
             await asyncio.sleep(0.01)
         for task in list(self._tasks):
             task.cancel()
+
+
+class _Keep:
+    """The router's subscriber for channels kept in the durable log: with ``--cluster`` the
+    broker then receives them from other brokers whoever is connected here. Takes nothing."""
+
+    __slots__ = ()
+
+    def deliver(self, data: bytes) -> None:
+        pass
+
+    def delivery_failed(self) -> None:  # pragma: no cover - deliver cannot raise
+        pass
+
+
+_KEEP = _Keep()
 
 
 def _queued(conn: Connection) -> int:

@@ -479,6 +479,8 @@ class Console:
         merged = heapq.merge(rows, quiet_rows, key=itemgetter(0), reverse=descending)
         page = list(itertools.islice(merged, offset, offset + limit))
         total = len(rows) + len(quiet)
+        durable = self.broker.durable
+        followers = frozenset(durable.idents()) if durable is not None else frozenset()
         out = [
             {
                 "ident": ident,
@@ -492,6 +494,7 @@ class Console:
                 "last_1h": last_1h,
                 "silent": silent,
                 "channels": tracker.channels(ident, minute),
+                "durable": self.broker.durable_state(ident) if ident in followers else None,
             }
             for _, (ident, owner, connected, last_seen, last_publish, last_5m, last_1h, silent) in page
         ]
@@ -612,7 +615,12 @@ class Console:
             return _error(503, str(e))
         if q:
             keys = [k for k in keys if q in k.ident or q in k.owner]
-        page = [public(k) for k in keys[offset : offset + limit]]
+        state = self.broker.durable_state
+        # durable_state: backlog, drops, the oldest unread message's age (None: no log)
+        page = [
+            {**public(k), "durable": k.durable, "durable_state": state(k.ident) if k.durable else None}
+            for k in keys[offset : offset + limit]
+        ]
         return _json({"writable": self.keys.writable, "total": len(keys), "offset": offset, "keys": page})
 
     async def _key_change(self, request: web.Request, change: Callable[[dict[str, Any]], Awaitable[Any]]) -> Any:

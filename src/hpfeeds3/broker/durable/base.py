@@ -94,6 +94,14 @@ class DurableLog(Protocol):
 
     def position(self, ident: str, channel: bytes) -> int | None: ...
 
+    def followed(self) -> list[bytes]:
+        """The channels some durable key follows (kept in the log)."""
+        ...
+
+    def idents(self) -> list[str]:
+        """The keys that have a position on some channel."""
+        ...
+
     def commit(self, ident: str, channel: bytes, position: int) -> None:
         """Set ``ident``'s position (from TCP evidence; it may move back for an
         overlap), kept within what the log holds."""

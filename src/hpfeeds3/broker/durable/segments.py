@@ -122,6 +122,7 @@ class SegmentLog:
         self._dropped_unlogged: dict[str, int] = {}
         self._positions_changed = False
         self._on_written: Callable[[], None] | None = None
+        self._new_follow = False  # a key follows a channel it had no position on: save before writing
         self._lock_fd = -1
         self._thread: threading.Thread | None = None
         # counters: each written by one thread only
@@ -300,6 +301,7 @@ class SegmentLog:
                 at = self._positions[(ident, channel)] = ch.next_seq
                 self._followers[channel] = self._followers.get(channel, 0) + 1
                 self._positions_changed = True
+                self._new_follow = True
         return at
 
     def unfollow(self, ident: str, channel: bytes | None = None) -> None:
@@ -315,6 +317,14 @@ class SegmentLog:
 
     def position(self, ident: str, channel: bytes) -> int | None:
         return self._positions.get((ident, channel))
+
+    def followed(self) -> list[bytes]:
+        with self._lock:
+            return list(self._followers)
+
+    def idents(self) -> list[str]:
+        with self._lock:
+            return sorted({ident for ident, _ in self._positions})
 
     def commit(self, ident: str, channel: bytes, position: int) -> None:
         ch = self._channels.get(channel)
@@ -397,6 +407,11 @@ class SegmentLog:
             self._wake.clear()
             stopping = self._stopping
             try:
+                if self._new_follow:
+                    # A new position is saved before the messages appended after it are
+                    # written: a message that reached the file has its follower on disk.
+                    self._new_follow = False
+                    self._save_positions()
                 wrote = self._write_pending()
                 now = time.monotonic()
                 if stopping or now - last_sync >= interval:

@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""What a durable subscriber costs: ``hpfeeds-bench`` pubsub-100 and fanout
+against a fresh broker with no durable key, then with one durable subscriber
+reading the bench channel (interleaved, A B A B ...); the replay rate of a
+large backlog with the broker's peak RSS during it; disk bytes per message.
+
+    .venv/bin/python benchmarks/durable_cost.py [--rounds 2] [--duration 5] [--backlog-mib 256]
+
+Every broker is started fresh in its own temporary directory (data directory
+included); figures are medians over the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from hpfeeds3.protocol import Decoder, Info, encode_auth, encode_publish, encode_subscribe, sign
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@contextlib.contextmanager
+def broker(durable: bool) -> Iterator[tuple[int, subprocess.Popen[bytes], Path]]:
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        keys = tmp / "keys.json"
+        subprocess.run([str(BIN / "hpfeeds-bench"), "--write-json", str(keys)], check=True, capture_output=True)
+        users = json.loads(keys.read_text())
+        if durable:
+            users["dur"] = {"owner": "dur", "secret": "dur", "pubchans": [], "subchans": ["bench"], "durable": True}
+        keys.write_text(json.dumps(users))
+        port = free_port()
+        args = [str(BIN / "hpfeeds-broker"), "--bind", f"127.0.0.1:{port}", "--auth", str(keys)]
+        args += ["--data-dir", str(tmp / "data")]
+        with open(tmp / "broker.log", "wb") as log:
+            proc = subprocess.Popen(args, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 20
+            while "serving" not in (tmp / "broker.log").read_text():
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError((tmp / "broker.log").read_text())
+                time.sleep(0.05)
+            yield port, proc, tmp
+        finally:
+            proc.terminate()
+            proc.wait(20)
+
+
+class Reader(threading.Thread):
+    """A durable collector that reads and counts the bytes."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.received = 0
+        self.stopping = False
+        decoder = Decoder.for_client()
+        data = self.sock.recv(4096)
+        info = decoder.feed(data)[0]
+        assert isinstance(info, Info)
+        self.sock.sendall(encode_auth(b"dur", sign(info.nonce, b"dur")) + encode_subscribe(b"dur", b"bench"))
+
+    def run(self) -> None:
+        # Bytes are counted, not frames: the reader costs little next to the broker.
+        self.sock.settimeout(0.5)
+        while not self.stopping:
+            try:
+                data = self.sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            if not data:
+                return
+            self.received += len(data)
+
+
+def bench(port: int, scenario: str, duration: float) -> float:
+    out = subprocess.run(
+        [str(BIN / "hpfeeds-bench"), "--port", str(port), "--duration", str(duration), "--json-only", scenario],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for line in out.splitlines():
+        record = json.loads(line)
+        if record.get("scenario") == scenario:
+            return float(record["value"])
+    raise RuntimeError(out)
+
+
+def live_cost(rounds: int, duration: float) -> dict[str, dict[str, list[float]]]:
+    figures: dict[str, dict[str, list[float]]] = {"pubsub-100": {}, "fanout": {}}
+    for _ in range(rounds):
+        for scenario in figures:
+            for label in ("no durable key", "one durable subscriber"):
+                with broker(durable=label != "no durable key") as (port, _proc, _tmp):
+                    reader = None
+                    if label != "no durable key":
+                        reader = Reader(port)
+                        reader.start()
+                    try:
+                        value = bench(port, scenario, duration)
+                    finally:
+                        if reader is not None:
+                            reader.stopping = True
+                    figures[scenario].setdefault(label, []).append(value)
+                    print(f"{scenario:10} {label:24} {value:12,.0f}", flush=True)
+    return figures
+
+
+def replay(backlog_mib: int) -> dict[str, float]:
+    payload = b"x" * 100
+    frame = encode_publish(b"bench", b"bench", payload)
+    count = backlog_mib * 1024 * 1024 // len(frame)
+    with broker(durable=True) as (port, proc, tmp):
+        reader = Reader(port)  # the key follows the channel from its AUTH
+        time.sleep(0.5)  # (its AUTH handled: not synchronisation of what is measured)
+        reader.sock.close()  # away: what follows is its backlog
+        pub = socket.create_connection(("127.0.0.1", port))
+        info = Decoder.for_client().feed(pub.recv(4096))[0]
+        assert isinstance(info, Info)
+        pub.sendall(encode_auth(b"bench", sign(info.nonce, b"bench")))
+        batch = frame * 1000
+        for _ in range(count // 1000):
+            pub.sendall(batch)
+        pub.close()
+        segments = tmp / "data" / "durable" / "channels"
+        expected = (count // 1000) * 1000
+        deadline = time.monotonic() + 600
+        while sum(f.stat().st_size for f in segments.rglob("*.seg")) < expected * len(frame):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the backlog was never written")
+            time.sleep(0.2)
+        disk = sum(f.stat().st_size for f in segments.rglob("*.seg"))
+        rss_before = rss_mib(proc.pid)
+        reader = Reader(port)
+        start = time.monotonic()
+        reader.start()
+        peak = rss_before
+        while reader.received < expected * len(frame):
+            peak = max(peak, rss_mib(proc.pid))
+            time.sleep(0.05)
+            if time.monotonic() - start > 600:
+                raise RuntimeError(f"replay stalled at {reader.received} bytes")
+        elapsed = time.monotonic() - start
+        reader.stopping = True
+        return {
+            "messages": expected,
+            "backlog_mib": expected * len(frame) / 2**20,
+            "replay_msgs_per_s": expected / elapsed,
+            "replay_mib_per_s": expected * len(frame) / 2**20 / elapsed,
+            "rss_before_mib": rss_before,
+            "rss_peak_mib": peak,
+            "disk_bytes_per_message": disk / expected,
+            "frame_bytes": len(frame),
+        }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--backlog-mib", type=int, default=256)
+    args = p.parse_args()
+    figures = live_cost(args.rounds, args.duration)
+    for scenario, by_label in figures.items():
+        base = statistics.median(by_label["no durable key"])
+        with_durable = statistics.median(by_label["one durable subscriber"])
+        print(f"{scenario}: median {base:,.0f} without, {with_durable:,.0f} with ({with_durable / base - 1:+.1%})")
+    result = replay(args.backlog_mib)
+    print(json.dumps(result, indent=1))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""A durable key's connection: its channels fed from the log, replay then live.
+
+A connection whose key is durable is not a subscriber of the router: each
+channel it subscribes is read from the channel's log, from the key's
+position, by a ``BacklogReader``; what the log has not written yet reaches it
+when the writer reports it (``Broker``'s ``on_written``). So the backlog and
+the live messages are one ordered stream per channel: no gap, no reordering.
+
+Paced by the transport: ``pump`` writes while the transport is under its
+high-water mark and stops at ``pause_writing``; ``resume_writing`` pumps
+again. At most ``PUMP_BYTES`` are written per loop turn (the rest in a later
+turn), each chunk at most ``CHUNK_BYTES``: memory per durable connection is
+the transport's high-water mark, one chunk and the reader's block, whatever
+the backlog.
+
+Positions follow TCP acknowledgements (``tcpack.AckTracker``): every write
+after the feed starts is counted, sampled every ``SAMPLE_S`` (committed with
+the overlap: the process may die with no chance to look again) and at close
+(exact after a clean FIN, with the overlap otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from .base import BacklogReader, DurableLog
+from .tcpack import AckTracker, CloseKind, SocketLike, tcp_bytes_acked, unacked_in_kernel
+
+log = logging.getLogger("hpfeeds3.broker.durable")
+
+# One read from the log, and the bytes written to a connection per loop turn.
+CHUNK_BYTES = 64 * 1024
+PUMP_BYTES = 256 * 1024
+# How often a live durable connection's acknowledgements are sampled and committed.
+SAMPLE_S = 0.1
+
+
+class FeedOutput(Protocol):
+    """What a feed needs of its connection."""
+
+    def feed_write(self, data: bytes) -> int:
+        """Write ``data``; returns the bytes that went on the wire (ciphertext under TLS)."""
+        ...
+
+    def feed_writable(self) -> bool:
+        """The transport is open and under its high-water mark."""
+        ...
+
+    def feed_socket(self) -> SocketLike | None: ...
+
+    def feed_buffered(self) -> int:
+        """Bytes in the transport's own buffer (not yet in the kernel)."""
+        ...
+
+
+class FeedStats:
+    """Per durable ident, kept by the broker across connections (metrics)."""
+
+    __slots__ = ("duplicates", "replayed")
+
+    def __init__(self) -> None:
+        self.replayed = 0  # messages sent from the log (backlog and live)
+        self.duplicates = 0  # of those, sent again after an abortive close (the overlap)
+
+
+class DurableFeed:
+    def __init__(
+        self,
+        ident: str,
+        durable: DurableLog,
+        output: FeedOutput,
+        overlap_bytes: int,
+        stats: FeedStats,
+        exact: dict[bytes, int],
+        schedule: Callable[[Callable[[], object]], None],
+    ) -> None:
+        self.ident = ident
+        self.log = durable
+        self.output = output
+        self.stats = stats
+        # Per channel: the position proven exactly at the last abortive close; what is
+        # sent again below it is an overlap duplicate.
+        self._exact = exact
+        self._schedule = schedule
+        self._readers: dict[bytes, BacklogReader] = {}
+        self.finished = False
+        self._pump_pending = False
+        self.tracker = AckTracker(overlap_bytes)
+        # Offsets count from the kernel's view of this stream so far (INFO, the TLS
+        # handshake): acknowledged, not yet acknowledged, and still in the transport.
+        sock = output.feed_socket()
+        sent = 0
+        if sock is not None:
+            acked = tcp_bytes_acked(sock)
+            outq = unacked_in_kernel(sock)
+            sent = (acked or 0) + (outq or 0)
+        sent += output.feed_buffered()
+        self.tracker.plain_written = self.tracker.wire_written = sent
+        self.tracker.acked_plain = 0
+
+    @property
+    def channels(self) -> tuple[bytes, ...]:
+        return tuple(self._readers)
+
+    def add(self, channel: bytes) -> None:
+        """Follow ``channel`` for this key (from now, the first time) and replay from its position."""
+        if channel in self._readers or self.finished:
+            return
+        start = self.log.follow(self.ident, channel)
+        self.tracker.start(channel, start)
+        self._readers[channel] = self.log.open_reader(channel, start)
+        self.pump_soon()
+
+    def remove(self, channel: bytes) -> None:
+        """UNSUBSCRIBE: stop sending ``channel``; its position stays (the key still follows it)."""
+        reader = self._readers.pop(channel, None)
+        if reader is not None:
+            reader.close()
+
+    def pump_soon(self) -> None:
+        if not self._pump_pending and not self.finished:
+            self._pump_pending = True
+            self._schedule(self._pump_turn)
+
+    def _pump_turn(self) -> None:
+        self._pump_pending = False
+        if self.pump():
+            self.pump_soon()
+
+    def pump(self) -> bool:
+        """Write what the log has for this connection while the transport takes it;
+        True when there is more and the transport would take it (a later turn)."""
+        output = self.output
+        budget = PUMP_BYTES
+        tracker = self.tracker
+        stats = self.stats
+        progress = True
+        while progress and not self.finished:
+            progress = False
+            for channel, reader in list(self._readers.items()):
+                if budget <= 0:
+                    return output.feed_writable()
+                if not output.feed_writable():
+                    return False
+                chunk = reader.read(CHUNK_BYTES)
+                if chunk is None:
+                    continue
+                progress = True
+                wire = output.feed_write(chunk.data)
+                tracker.wrote(len(chunk.data), wire_bytes=wire, channel=channel, position=chunk.end_seq)
+                budget -= len(chunk.data)
+                stats.replayed += chunk.frames
+                exact = self._exact.get(channel)
+                if exact is not None:
+                    if chunk.first_seq < exact:
+                        stats.duplicates += min(chunk.end_seq, exact) - chunk.first_seq
+                    if chunk.end_seq >= exact:
+                        del self._exact[channel]
+        return False
+
+    def sample(self) -> None:
+        """Commit what the acknowledgements prove now, less the overlap (the process may die next)."""
+        if self.finished:
+            return
+        self._sample()
+        self._commit(self.tracker.positions(CloseKind.ABORTIVE))
+
+    def finish(self, kind: CloseKind) -> None:
+        """The connection ends (``kind``: how): a last sample, positions committed. Once."""
+        if self.finished:
+            return
+        self._sample()
+        self.finished = True
+        positions = self.tracker.positions(kind)
+        self._commit(positions)
+        if kind is CloseKind.ABORTIVE:
+            exact = self.tracker.positions(CloseKind.CLEAN)
+            for channel, position in positions.items():
+                if exact.get(channel, position) > position:
+                    self._exact[channel] = exact[channel]
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+
+    def _sample(self) -> None:
+        sock = self.output.feed_socket()
+        if sock is None:
+            return
+        with contextlib.suppress(OSError, ValueError):  # a socket already closed: keep what was proven
+            self.tracker.sample(sock, self.output.feed_buffered())
+
+    def _commit(self, positions: dict[bytes, int]) -> None:
+        for channel, position in positions.items():
+            self.log.commit(self.ident, channel, position)

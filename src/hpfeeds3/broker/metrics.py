@@ -297,6 +297,14 @@ class BrokerCollector(Collector):
         yield deliveries
         yield from _durable_metrics(broker)
 
+        from .logs import dropped_lines
+
+        yield CounterMetricFamily(
+            "hpfeeds_broker_log_lines_dropped",
+            "Log lines dropped because the log output did not keep up (logs.MAX_QUEUED_RECORDS)",
+            value=dropped_lines(),
+        )
+
 
 # Per durable ident (docs/durable.md): (name, help, kind, field of Broker.durable_state).
 _DURABLE_METRICS = (
@@ -333,14 +341,6 @@ def _durable_metrics(broker: Broker) -> Iterator[Any]:
         value=stats.unstored,
     )  # fmt: skip
     yield GaugeMetricFamily("hpfeeds_durable_disk_bytes", "Bytes in durable segment files", value=stats.disk_bytes)
-
-        from .logs import dropped_lines
-
-        yield CounterMetricFamily(
-            "hpfeeds_broker_log_lines_dropped",
-            "Log lines dropped because the log output did not keep up (logs.MAX_QUEUED_RECORDS)",
-            value=dropped_lines(),
-        )
 
 
 def _text(channel: bytes) -> str:

@@ -272,10 +272,16 @@ def test_lists_are_filtered_sorted_and_paged(console: Console) -> None:
     assert c.get("/api/v1/sensors?q=pot-1").body["total"] == 1
     with sensor(console, "existing-sensor", "s3cret"):
         wait_until(lambda: c.get("/api/v1/connections").body["total"] == 1, what="connection")
+        # Keys never used are a state of their own, not silent; a sensor connected a
+        # moment ago is not silent yet.
         silent = c.get("/api/v1/sensors?silent_after=60&only_silent=1&sort=ident").body
-        assert silent["silent"] == 5 and [s["ident"] for s in silent["sensors"]][:1] == ["pot-0"]
-        assert all(s["silent"] for s in silent["sensors"])
-        assert "existing-sensor" not in [s["ident"] for s in silent["sensors"]]
+        assert silent["silent"] == 0 and silent["sensors"] == []
+        never = c.get("/api/v1/sensors?show=never&sort=ident").body["sensors"]
+        assert [s["ident"] for s in never] == [f"pot-{i}" for i in range(5)]
+        assert {(s["state"], s["role"], s["silent"]) for s in never} == {("never_used", "sensor", False)}
+        active = c.get("/api/v1/sensors?show=active").body["sensors"]
+        assert [(s["ident"], s["state"]) for s in active] == [("existing-sensor", "ok")]
+        assert c.get("/api/v1/sensors?q=POT-1").body["total"] == 1  # case-insensitive
         by_connected = c.get("/api/v1/sensors?sort=-connected&limit=1").body["sensors"]
         assert by_connected[0]["ident"] == "existing-sensor" and by_connected[0]["silent"] is False
         assert c.get("/api/v1/connections?q=nobody").body == {

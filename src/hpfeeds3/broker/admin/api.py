@@ -41,7 +41,7 @@ from ..events import AdminChange, AdminLoginFailed, AuthBlocked
 from ..keys import BadArguments, IdentExists, InvalidKey, NoSuchIdent, StoreUnavailable
 from ..ratelimit import AuthFailureLimiter, AuthLimits
 from ..reasons import CloseReason
-from . import charts
+from . import charts, deploy
 from .activity import DAY, ActivityStore
 from .keystore import ConsoleKeys, KeyStoreError, ReadOnlyKeys, public
 from .sessions import COOKIE, Session, Sessions, csrf_ok
@@ -788,6 +788,30 @@ class Console:
         page = [public(k) for k in keys[offset : offset + limit]]
         return _json({"writable": self.keys.writable, "total": len(keys), "offset": offset, "keys": page})
 
+    def _deploy(self, request: web.Request, key: Any, with_secret: bool) -> dict[str, str]:
+        """Configuration snippets for ``key``: the broker at the host the console was reached
+        by, on its first TLS listener (else its first)."""
+        endpoints = self.broker.config.endpoints
+        endpoint = next((e for e in endpoints if e.kind == "tls"), endpoints[0])
+        host = request.url.host or "BROKER-HOST"
+        secret = key.secret if with_secret else None
+        return deploy.snippets(
+            host, endpoint.port, endpoint.kind == "tls", key.ident, secret, list(key.pubchans), list(key.subchans)
+        )
+
+    async def key_deploy(self, request: web.Request) -> web.StreamResponse:
+        """A key's snippets, its secret left as a placeholder (it is shown once, when made); admin."""
+        self._admin(request)
+        ident = request.query.get("ident", "")
+        try:
+            keys = await self._all_keys()
+        except KeyStoreError as e:
+            return _error(503, str(e))
+        key = next((k for k in keys if k.ident == ident), None)
+        if key is None:
+            return _error(404, "no such ident")
+        return _json({"ident": ident, "deploy": self._deploy(request, key, False)})
+
     async def _key_change(self, request: web.Request, change: Callable[[dict[str, Any]], Awaitable[Any]]) -> Any:
         self._admin(request)
         body = await self._body(request)
@@ -814,7 +838,7 @@ class Console:
                 _strings(body.get("subchans"), "subchans"),
             )
             self.audit(request, f"created key {key.ident!r}", ident=key.ident)
-            return _json({"key": public(key), "secret": key.secret}, 201)
+            return _json({"key": public(key), "secret": key.secret, "deploy": self._deploy(request, key, True)}, 201)
 
         result: web.StreamResponse = await self._key_change(request, change)
         return result
@@ -841,7 +865,7 @@ class Console:
         async def change(body: dict[str, Any]) -> web.StreamResponse:
             key = await self.keys.rotate(_ident(body))
             self.audit(request, f"rotated the secret of {key.ident!r}", ident=key.ident)
-            return _json({"key": public(key), "secret": key.secret})
+            return _json({"key": public(key), "secret": key.secret, "deploy": self._deploy(request, key, True)})
 
         result: web.StreamResponse = await self._key_change(request, change)
         return result
@@ -907,6 +931,7 @@ class Console:
         r.add_get("/api/v1/events", self._shared(self.events))
         r.add_get("/api/v1/chart", self._shared(self.chart, CHART_COST))
         r.add_get("/api/v1/keys", self._shared(self.key_list))
+        r.add_get("/api/v1/keys/deploy", self.key_deploy)
         r.add_post("/api/v1/keys", self.key_create)
         r.add_post("/api/v1/keys/grant", self._channels_change(grant=True))
         r.add_post("/api/v1/keys/revoke", self._channels_change(grant=False))

@@ -18,6 +18,7 @@ from urllib.parse import quote
 import pytest
 import trustme
 
+from hpfeeds3.broker.admin import api as api_mod
 from hpfeeds3.broker.admin.api import Console as ApiConsole
 from hpfeeds3.broker.admin.tokens import TokenFile, parse_tokens
 from hpfeeds3.broker.admin.tokens import main as token_main
@@ -170,9 +171,10 @@ def test_failed_logins_are_rate_limited_and_counted(tmp_path: Path) -> None:
     metrics_port = free_port()
     with console_broker(tmp_path, "--exporter", f"127.0.0.1:{metrics_port}") as console:
         c = console.client()
-        statuses = [c.login(f"hpfc_guess{i}").status for i in range(12)]
-        assert statuses[:10] == [401] * 10
-        assert statuses[10:] == [429, 429]
+        limit = api_mod.LOGIN_FAILURES_PER_ADDRESS
+        statuses = [c.login(f"hpfc_guess{i}").status for i in range(limit + 2)]
+        assert statuses[:limit] == [401] * limit
+        assert statuses[limit:] == [429, 429]
         # Blocked: even the right token is refused from this address for a while, and bearer too.
         assert c.login(console.admin_token).status == 429
         assert console.client("hpfc_wrong").get("/api/v1/sensors").status == 429
@@ -180,8 +182,18 @@ def test_failed_logins_are_rate_limited_and_counted(tmp_path: Path) -> None:
         assert "console login failed" in log
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
             body = r.read().decode()
-        assert 'hpfeeds_broker_console_logins_total{result="failed"} 10.0' in body
+        assert f'hpfeeds_broker_console_logins_total{{result="failed"}} {float(limit)}' in body
         assert 'hpfeeds_broker_console_logins_total{result="blocked"} 4.0' in body
+
+
+def test_a_stale_token_in_a_script_blocks_itself_alone(console: Console) -> None:
+    """A forgotten script with a removed token, from the operator's own address: after
+    LOGIN_FAILURES that token is refused there, and the operator still logs in."""
+    stale = console.client("hpfc_removed_long_ago")
+    statuses = [stale.get("/api/v1/sensors").status for _ in range(api_mod.LOGIN_FAILURES + 5)]
+    assert statuses == [401] * api_mod.LOGIN_FAILURES + [429] * 5
+    assert console.client().login(console.admin_token).status == 200
+    assert console.client(console.viewer_token).get("/api/v1/sensors").status == 200
 
 
 def test_keys_lifecycle_through_the_store_with_audit_lines(console: Console) -> None:

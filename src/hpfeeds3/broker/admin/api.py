@@ -23,6 +23,7 @@ from another origin).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import heapq
 import importlib.resources
 import itertools
@@ -66,8 +67,12 @@ SECURITY_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
 }
-# Failed logins (and bad bearer tokens) per address before it is refused, and for how long.
+# Failed logins (and bad bearer tokens) before they are refused, and for how long:
+# LOGIN_FAILURES with one token from one address refuse that token there (a
+# forgotten script with a removed token blocks itself alone), LOGIN_FAILURES_PER_ADDRESS
+# with any tokens refuse the address. Refused attempts are not counted.
 LOGIN_FAILURES = 10
+LOGIN_FAILURES_PER_ADDRESS = 50
 LOGIN_WINDOW_S = 60.0
 LOGIN_BLOCK_S = 300.0
 # Largest request body accepted.
@@ -166,7 +171,12 @@ class Console:
         self.watches = Watches(broker.router, broker.frame_limits)
         self.keys = ConsoleKeys(broker.config.auth, self._recheck)
         self.limiter = AuthFailureLimiter(
-            AuthLimits(per_ident=0, per_address=LOGIN_FAILURES, window_s=LOGIN_WINDOW_S, block_s=LOGIN_BLOCK_S)
+            AuthLimits(
+                per_ident=LOGIN_FAILURES,
+                per_address=LOGIN_FAILURES_PER_ADDRESS,
+                window_s=LOGIN_WINDOW_S,
+                block_s=LOGIN_BLOCK_S,
+            )
         )
         # (generation read before the list, when, the list); reading a 10,000-key
         # store costs the broker more than the views that show it.
@@ -199,16 +209,17 @@ class Console:
     def _address(self, request: web.Request) -> str:
         return request.remote or "?"
 
-    def _failed(self, request: web.Request, how: str) -> None:
+    def _failed(self, request: web.Request, how: str, token: str) -> None:
         metrics.CONSOLE_LOGINS.labels("failed").inc()
         address = self._address(request)
-        block = self.limiter.record_failure(address, "", time.monotonic())
+        block = self.limiter.record_failure(address, _fingerprint(token), time.monotonic())
         self.broker.emit(AdminLoginFailed(address, how))
         if block is not None:
             self.broker.emit(AuthBlocked(address, LOGIN_BLOCK_S, block, console=True))
 
-    def _blocked(self, request: web.Request) -> bool:
-        if self.limiter.blocked(self._address(request), "", time.monotonic()):
+    def _blocked(self, request: web.Request, token: str) -> bool:
+        """This token from this address, or this address, is refused for now."""
+        if self.limiter.blocked(self._address(request), _fingerprint(token), time.monotonic()):
             metrics.CONSOLE_LOGINS.labels("blocked").inc()
             return True
         return False
@@ -248,12 +259,13 @@ class Console:
         auth = request.headers.get("Authorization", "")
         principal: Principal | None = None
         if auth:
-            if self._blocked(request):
-                return _error(429, "too many failed attempts from this address; try later")
             scheme, _, token = auth.partition(" ")
-            principal = self.tokens.check(token.strip()) if scheme.lower() == "bearer" else None
+            token = token.strip()
+            if self._blocked(request, token):
+                return _error(429, "too many failed attempts with this token from this address; try later")
+            principal = self.tokens.check(token) if scheme.lower() == "bearer" else None
             if principal is None:
-                self._failed(request, "bearer token")
+                self._failed(request, "bearer token", token)
                 return _error(401, "unknown token")
         else:
             session = self.session_of(request)
@@ -338,16 +350,17 @@ class Console:
     # --- login ---------------------------------------------------------------------
 
     async def login(self, request: web.Request) -> web.StreamResponse:
-        if self._blocked(request):
-            return _error(429, "too many failed logins from this address; try later")
         if request.content_type != "application/json":
             return _error(415, "send application/json")
         body = await self._body(request)
         token = body.get("token")
+        token = token if isinstance(token, str) else ""
+        if self._blocked(request, token):
+            return _error(429, "too many failed logins with this token from this address; try later")
         self._reload_tokens()
-        principal = self.tokens.check(token) if isinstance(token, str) else None
+        principal = self.tokens.check(token) if token else None
         if principal is None:
-            self._failed(request, "login")
+            self._failed(request, "login", token)
             return _error(401, "unknown token")
         metrics.CONSOLE_LOGINS.labels("ok").inc()
         self.sessions.end(request.cookies.get(COOKIE))
@@ -949,6 +962,11 @@ async def _slices(items: list[T]) -> AsyncIterator[T]:
         if i and not i % SLICE:
             await asyncio.sleep(0)
         yield item
+
+
+def _fingerprint(token: str) -> str:
+    """What the login limiter counts a token by (not the token itself)."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def _replay(answer: tuple[int, bytes, str, Any]) -> web.Response:

@@ -445,7 +445,7 @@ async function sensors() {
     "sensors-table",
     data.sensors.map((s) => {
       const chans = Object.keys(s.channels)
-        .map((c) => c + ": " + s.channels[c].last_5m)
+        .map((c) => c + " (" + ago(s.channels[c].last_publish) + ")")
         .join(", ");
       const spark = s.state === "never_used" ? "" : chart("ident", s.ident, 60);
       const tr = row([

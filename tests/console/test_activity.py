@@ -188,3 +188,17 @@ def test_a_viewer_in_a_loop_is_paced_not_refused(console: Console) -> None:
     assert v.get("/api/v1/sensors").body == first.body
     statuses = [v.get(f"/api/v1/sensors?offset={i}").status for i in range(20)]  # past the burst
     assert statuses == [200] * 20
+
+
+def test_a_data_directory_that_cannot_be_written_leaves_the_console_working(tmp_path: Path) -> None:
+    """The history's place is taken by a file: said once in the log, the console works from memory."""
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the data directory should be\n")
+    with console_broker(tmp_path, "--data-dir", str(blocked)) as console:
+        c = console.admin()
+        with sensor(console, "existing-sensor", "s3cret") as client:
+            publish(client, "honeypot.events", "one", "two")
+            wait_until(lambda: (r := row(c, "existing-sensor")) and r["last_1h"] == 2, what="counted in memory")
+        log = console.broker.wait_log("console activity history")
+        assert "keeping it in memory only" in log
+        assert log.count("console activity history") == 1

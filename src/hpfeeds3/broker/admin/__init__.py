@@ -62,7 +62,9 @@ async def start_admin(broker: Broker, config: AdminConfig) -> Callable[[], Await
     try:
         await console.tracker.load()
     except Exception as e:  # an unreadable history must not keep the broker down
-        log.error("console activity history %s: %s; starting without it", store.path, e)
+        log.error("console activity history %s: %s; keeping it in memory only", store.path, e)
+        console.tracker.store = None
+        store.close()
     broker.observe(console.tracker.observe)
     broker.refusal_observers.append(console.tracker.refused)
 

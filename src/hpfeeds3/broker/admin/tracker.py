@@ -28,6 +28,7 @@ All other methods run on the broker's event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
@@ -42,6 +43,8 @@ from .activity import DAY, MAX_HISTORY, ActivityStore, Batch, History, Trouble
 
 if TYPE_CHECKING:
     from ..state import Broker
+
+log = logging.getLogger("hpfeeds3.broker.admin")
 
 # Events kept for the Events view.
 MAX_EVENTS = 1_000
@@ -68,7 +71,6 @@ MAX_BLOCKS = 1_000
 REFUSED_REASONS = {
     Refusal.NO_PUB_PERMISSION: "publish to a channel its key does not allow",
     Refusal.IDENT_MISMATCH_PUB: "publish under another ident",
-    Refusal.AUTH_RATE_LIMITED: "blocked address (too many failed AUTHs)",
 }
 FAILED_REASONS = {"wrong_secret": "wrong secret", "unknown_ident": "unknown ident"}
 
@@ -217,19 +219,27 @@ class Tracker:
         return out
 
     async def flush(self, now: float | None = None) -> None:
-        """Write what changed, on the store's thread (one transaction)."""
+        """Write what changed, on the store's thread (one transaction). A store that cannot
+        be written is said once in the log and left: the history goes on in memory."""
         batch = self.batch(time.time() if now is None else now)  # taken even with no store: bounded
-        if self.store is not None and batch:
-            await self._run(self.store.write, batch)
+        store = self.store
+        if store is None or not batch:
+            return
+        try:
+            await self._run(store.write, batch)
+        except Exception as e:
+            log.error("console activity history %s: cannot write (%s); keeping it in memory only", store.path, e)
+            self.store = None
+            with contextlib.suppress(Exception):
+                await self._run(store.close)
 
     async def close(self, now: float | None = None) -> None:
         """Write the last changes and close the store."""
-        if self.store is None:
-            return
         try:
             await self.flush(now)
         finally:
-            await self._run(self.store.close)
+            if self.store is not None:
+                await self._run(self.store.close)
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
@@ -277,7 +287,9 @@ class Tracker:
                 self.blocks.popitem(last=False)
 
     def refused(self, refusal: Refusal, ident: str | None) -> None:
-        """A refused frame or connection (``Broker.refusal_observers``): a sensor's refused publishes."""
+        """A refused frame or connection (``Broker.refusal_observers``): a sensor's refused publishes.
+        Refusals before AUTH have no ident and are not counted here (a claimed ident proves
+        nothing); a blocked address is in the Events view's Blocked table."""
         reason = REFUSED_REASONS.get(refusal)
         if reason is not None and ident is not None:
             self._trouble(ident, time.time(), refused=reason)

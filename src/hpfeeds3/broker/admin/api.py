@@ -47,7 +47,7 @@ from .activity import DAY, ActivityStore
 from .keystore import ConsoleKeys, KeyStoreError, ReadOnlyKeys, public
 from .sessions import COOKIE, Session, Sessions, csrf_ok
 from .tokens import Principal, TokenFile
-from .tracker import NOTABLE, Tracker
+from .tracker import FAILURES, NOTABLE, Tracker
 from .watch import Watches
 
 if TYPE_CHECKING:
@@ -739,17 +739,18 @@ class Console:
             if until > now:
                 host = e["peer"] if e["console"] else (e["peer"] or "?").rsplit(":", 1)[0]
                 blocked[host] = {"address": host, "until": until, "what": "console" if e["console"] else "AUTH"}
-        if kind in ("auth_failed", "admin_login_failed"):
-            shown = failures
+        if kind in FAILURES:
+            source: Any = failures
         elif kind:
-            shown = [e for e in tracker.events if e["event"] == kind]
-        else:
-            shown = heapq.merge(tracker.events, failures, key=itemgetter("id"))  # type: ignore[assignment]
-            shown = list(shown)
-        if kind:
-            shown = [e for e in shown if e["event"] == kind]
-        if q:
-            shown = [e for e in shown if any(q in (e[f] or "").casefold() for f in ("peer", "ident", "message"))]
+            source = tracker.events
+        else:  # both rings, in the order the events came
+            source = heapq.merge(tracker.events, failures, key=itemgetter("id"))
+        shown = [
+            e
+            for e in source
+            if (not kind or e["event"] == kind)
+            and (not q or any(q in (e[f] or "").casefold() for f in ("peer", "ident", "message")))
+        ]
         offset, limit = _page(request)
         newest = shown[::-1]
         return _json(

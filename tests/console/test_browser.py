@@ -247,7 +247,7 @@ def test_hostile_ident_channel_and_payload_render_inert(browser: Any, console: C
         tab(browser, "connections")
         wait(browser, lambda d: any(r[1] == XSS_IDENT and XSS_CHANNEL in r[6] for r in rows(d, "connections-table")))
         tab(browser, "keys")
-        assert row_of(browser, "keys-table", XSS_IDENT)[1] == XSS_PAYLOAD  # type: ignore[index]
+        wait(browser, lambda d: (r := row_of(d, "keys-table", XSS_IDENT)) and r[1] == XSS_PAYLOAD)
         tab(browser, "events")
         wait(browser, lambda d: any(r[3] == XSS_IDENT for r in rows(d, "events-table")))
         tab(browser, "channels")

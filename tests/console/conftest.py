@@ -122,7 +122,9 @@ def write_tokens(path: Path) -> tuple[str, str]:
 def console_broker(tmp_path: Path, *extra: str, scheme: str = "http", store: str = "sqlite") -> Iterator[Console]:
     """A broker with one key in ``store`` (sqlite, json or a PostgreSQL DSN) and the console on.
 
-    Tokens: alice (admin) and grafana (viewer).
+    Tokens: alice (admin) and grafana (viewer). Its data directory is
+    ``tmp_path/hpfeeds-data``: a second broker in the same ``tmp_path`` is a
+    restart (the sqlite keys and the console's activity history are kept).
     """
     existing = {"owner": "ops", "secret": "s3cret", "pubchans": ["honeypot.events"], "subchans": []}
     if store == "json":
@@ -134,7 +136,8 @@ def console_broker(tmp_path: Path, *extra: str, scheme: str = "http", store: str
         db, auth = tmp_path / "unused", store
     else:
         db = tmp_path / "keys.db"
-        sqlite_add_key(db, "existing-sensor", "s3cret", ["honeypot.events"], [], owner="ops")
+        if not db.exists():  # a second broker in the same directory: a restart
+            sqlite_add_key(db, "existing-sensor", "s3cret", ["honeypot.events"], [], owner="ops")
         auth = f"sqlite:{db}"
     tokens_path = tmp_path / "tokens.txt"
     admin, viewer = write_tokens(tokens_path)

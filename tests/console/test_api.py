@@ -18,6 +18,7 @@ from urllib.parse import quote
 import pytest
 import trustme
 
+from hpfeeds3.broker.admin import api as api_mod
 from hpfeeds3.broker.admin.api import Console as ApiConsole
 from hpfeeds3.broker.admin.tokens import TokenFile, parse_tokens
 from hpfeeds3.broker.admin.tokens import main as token_main
@@ -170,9 +171,10 @@ def test_failed_logins_are_rate_limited_and_counted(tmp_path: Path) -> None:
     metrics_port = free_port()
     with console_broker(tmp_path, "--exporter", f"127.0.0.1:{metrics_port}") as console:
         c = console.client()
-        statuses = [c.login(f"hpfc_guess{i}").status for i in range(12)]
-        assert statuses[:10] == [401] * 10
-        assert statuses[10:] == [429, 429]
+        limit = api_mod.LOGIN_FAILURES_PER_ADDRESS
+        statuses = [c.login(f"hpfc_guess{i}").status for i in range(limit + 2)]
+        assert statuses[:limit] == [401] * limit
+        assert statuses[limit:] == [429, 429]
         # Blocked: even the right token is refused from this address for a while, and bearer too.
         assert c.login(console.admin_token).status == 429
         assert console.client("hpfc_wrong").get("/api/v1/sensors").status == 429
@@ -180,8 +182,18 @@ def test_failed_logins_are_rate_limited_and_counted(tmp_path: Path) -> None:
         assert "console login failed" in log
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
             body = r.read().decode()
-        assert 'hpfeeds_broker_console_logins_total{result="failed"} 10.0' in body
+        assert f'hpfeeds_broker_console_logins_total{{result="failed"}} {float(limit)}' in body
         assert 'hpfeeds_broker_console_logins_total{result="blocked"} 4.0' in body
+
+
+def test_a_stale_token_in_a_script_blocks_itself_alone(console: Console) -> None:
+    """A forgotten script with a removed token, from the operator's own address: after
+    LOGIN_FAILURES that token is refused there, and the operator still logs in."""
+    stale = console.client("hpfc_removed_long_ago")
+    statuses = [stale.get("/api/v1/sensors").status for _ in range(api_mod.LOGIN_FAILURES + 5)]
+    assert statuses == [401] * api_mod.LOGIN_FAILURES + [429] * 5
+    assert console.client().login(console.admin_token).status == 200
+    assert console.client(console.viewer_token).get("/api/v1/sensors").status == 200
 
 
 def test_keys_lifecycle_through_the_store_with_audit_lines(console: Console) -> None:
@@ -272,10 +284,16 @@ def test_lists_are_filtered_sorted_and_paged(console: Console) -> None:
     assert c.get("/api/v1/sensors?q=pot-1").body["total"] == 1
     with sensor(console, "existing-sensor", "s3cret"):
         wait_until(lambda: c.get("/api/v1/connections").body["total"] == 1, what="connection")
+        # Keys never used are a state of their own, not silent; a sensor connected a
+        # moment ago is not silent yet.
         silent = c.get("/api/v1/sensors?silent_after=60&only_silent=1&sort=ident").body
-        assert silent["silent"] == 5 and [s["ident"] for s in silent["sensors"]][:1] == ["pot-0"]
-        assert all(s["silent"] for s in silent["sensors"])
-        assert "existing-sensor" not in [s["ident"] for s in silent["sensors"]]
+        assert silent["silent"] == 0 and silent["sensors"] == []
+        never = c.get("/api/v1/sensors?show=never&sort=ident").body["sensors"]
+        assert [s["ident"] for s in never] == [f"pot-{i}" for i in range(5)]
+        assert {(s["state"], s["role"], s["silent"]) for s in never} == {("never_used", "sensor", False)}
+        active = c.get("/api/v1/sensors?show=active").body["sensors"]
+        assert [(s["ident"], s["state"]) for s in active] == [("existing-sensor", "ok")]
+        assert c.get("/api/v1/sensors?q=POT-1").body["total"] == 1  # case-insensitive
         by_connected = c.get("/api/v1/sensors?sort=-connected&limit=1").body["sensors"]
         assert by_connected[0]["ident"] == "existing-sensor" and by_connected[0]["silent"] is False
         assert c.get("/api/v1/connections?q=nobody").body == {

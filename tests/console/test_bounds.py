@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from hpfeeds3.broker.admin import tracker as tracker_mod
 from hpfeeds3.broker.admin import watch as watch_mod
+from hpfeeds3.broker.admin.activity import DAY, ActivityStore
 from hpfeeds3.broker.admin.sessions import Sessions
 from hpfeeds3.broker.admin.tokens import Principal
 from hpfeeds3.broker.admin.tracker import Tracker
 from hpfeeds3.broker.admin.watch import Watches
 from hpfeeds3.broker.auth import build_authenticator
 from hpfeeds3.broker.config import BrokerConfig
-from hpfeeds3.broker.events import Closed, Connected, Revoked
+from hpfeeds3.broker.events import AdminChange, AuthBlocked, AuthFailed, Closed, Connected, Revoked
 from hpfeeds3.broker.metrics import PublishStats
 from hpfeeds3.broker.reasons import CloseReason
+from hpfeeds3.broker.session import Refusal
 from hpfeeds3.broker.state import Broker
 from hpfeeds3.protocol import encode_publish
 
@@ -98,6 +101,7 @@ def test_poll_reads_many_connections_in_slices(broker: Broker) -> None:
 def test_pairs_idents_and_buckets_are_bounded(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tracker_mod, "MAX_PAIRS", 5)
     monkeypatch.setattr(tracker_mod, "MAX_IDENTS", 4)
+    monkeypatch.setattr(tracker_mod, "MAX_HISTORY", 3)
     t = Tracker(broker)
     conns = [Counters(f"s{i}") for i in range(10)]
     broker.connections.update(conns)  # type: ignore[arg-type]
@@ -106,9 +110,14 @@ def test_pairs_idents_and_buckets_are_bounded(broker: Broker, monkeypatch: pytes
         for c in conns:
             c.published(b"c", 1)
         poll(broker, t, minute * 60.0)
-    assert len(t.pairs) == 5 and len(t.last_seen) == 4
-    assert len(t.idents) == 4 and set(t.channels_of) <= {key[0] for key in t.pairs}
-    assert all(len(a.minutes) <= tracker_mod.BUCKETS for a in [*t.pairs.values(), *t.idents.values()])
+    assert len(t.pairs) == 5 and len(t.last_seen) == 4 and len(t.published) == 4
+    assert len(t.idents) == 3 and set(t.channels_of) <= {key[0] for key in t.pairs}
+    assert all(len(a.minutes) <= tracker_mod.BUCKETS for a in t.pairs.values())
+    assert all(len(h.counts) == DAY for h in t.idents.values())
+    # What was dropped is deleted from the store too.
+    batch = t.batch(100 * 60.0)
+    assert {f"s{i}" for i in range(10)} - set(t.idents) <= {i for _, i in batch.forget_history}
+    assert {f"s{i}" for i in range(10)} - set(t.last_seen) <= set(batch.forget_idents)
 
 
 def test_events_ring_is_bounded_and_keeps_the_newest(broker: Broker) -> None:
@@ -120,6 +129,54 @@ def test_events_ring_is_bounded_and_keeps_the_newest(broker: Broker) -> None:
     assert len(t.events) == tracker_mod.MAX_EVENTS
     assert t.events[-1]["message"] == f"revoking 10.0.0.1:{tracker_mod.MAX_EVENTS + 49} (x): key removed"
     assert all(e["event"] == "revoked" for e in t.events)  # a connect is not an event of the ring
+
+
+def test_failed_auths_push_neither_changes_nor_blocks_out_of_view(broker: Broker) -> None:
+    """1,050 wrong AUTHs (anyone can send them) after an operator's change and a block:
+    both are still shown, in their own ring and table."""
+    t = Tracker(broker)
+    broker.observe(t.observe)
+    broker.emit(AdminChange("10.0.0.9", "alice", "admin", "removed key 'x'", "x"))
+    broker.emit(AuthBlocked("10.0.0.7", 300.0, "10.0.0.7"))
+    for i in range(tracker_mod.MAX_EVENTS + 50):
+        broker.emit(AuthFailed(f"10.0.0.7:{i}", "sensor-1", "wrong_secret"))
+    assert [e["event"] for e in t.events] == ["admin_change", "auth_blocked"]
+    assert len(t.failures) == tracker_mod.MAX_EVENTS and "10.0.0.7" in t.blocks
+    assert t.trouble["sensor-1"].failed == tracker_mod.MAX_EVENTS + 50
+    assert t.trouble["sensor-1"].failed_reason == "wrong secret"
+
+
+def test_activity_is_written_in_batches_and_read_back(broker: Broker, tmp_path: Path) -> None:
+    """The history in a real sqlite file: a second tracker (a restart) reads what the first wrote."""
+    t0 = 1_000_000 * 60.0
+    first = Tracker(broker, ActivityStore(str(tmp_path)))
+    s = Counters("s")
+    broker.connections.add(s)  # type: ignore[arg-type]
+    poll(broker, first, t0)
+    s.published(b"c", 3)
+    poll(broker, first, t0 + 1)
+    s.published(b"c", 4)
+    poll(broker, first, t0 + 61)
+    first.refused(Refusal.NO_PUB_PERMISSION, "s")
+    broker.loop.run_until_complete(first.flush(t0 + 61))
+    s.published(b"c", 1)
+    poll(broker, first, t0 + 62)
+    broker.loop.run_until_complete(first.close(t0 + 62))  # writes the last changes
+    assert (tmp_path / "console" / "activity.db").exists()
+
+    again = Tracker(broker, ActivityStore(str(tmp_path)))
+    broker.loop.run_until_complete(again.load(t0 + 120))
+    assert again.published["s"] == t0 + 62 and again.last_seen["s"] == t0 + 62
+    assert again.idents["s"].series(minute(t0 + 120), 3) == [3, 5, 0]
+    assert again.chans["c"].windows(minute(t0 + 120)) == (8, 8)
+    assert again.pairs[("s", "c")].last_publish == t0 + 62
+    assert again.trouble["s"].refused == 1 and again.trouble["s"].refused_reason
+    # A day later the minutes are gone; the last publish stays.
+    later = Tracker(broker, ActivityStore(str(tmp_path)))
+    broker.loop.run_until_complete(later.load(t0 + (DAY + 5) * 60))
+    assert "s" not in later.idents and later.published["s"] == t0 + 62
+    broker.loop.run_until_complete(again.close(t0 + 120))
+    broker.loop.run_until_complete(later.close(t0 + 120))
 
 
 def test_sessions_are_bounded_per_token_and_expire() -> None:

@@ -90,6 +90,18 @@ def click_in_row(browser: Any, table: str, first: str, index: int = 0, label: st
     wait(browser, go)
 
 
+def view(browser: Any, name: str) -> None:
+    """One of the Sensors tab's views (stopped, sensors, collectors, never, all)."""
+    browser.find_element(By.CSS_SELECTOR, f'#sensor-views button[data-view="{name}"]').click()
+    wait(
+        browser,
+        lambda d: (
+            "active"
+            in by_id(d, "sensor-views").find_element(By.CSS_SELECTOR, f'[data-view="{name}"]').get_attribute("class")
+        ),
+    )
+
+
 def fill(browser: Any, field: str, text: str) -> None:
     e = by_id(browser, field)
     e.clear()
@@ -129,21 +141,29 @@ def test_admin_adds_a_key_watches_the_sensor_revokes_and_removes(
 
         # The sensor appears, connected, with its count rising.
         tab(browser, "sensors")
-        first = wait(browser, lambda d: (r := row_of(d, "sensors-table", "sensor-7")) and int(r[5]) >= 3 and r)
-        assert first[2] == "1"
+        view(browser, "all")
+        first = wait(browser, lambda d: (r := row_of(d, "sensors-table", "sensor-7")) and int(r[6]) >= 3 and r)
+        assert first[3] == "1"
         publish(client, "cowrie.sessions", *(f'{{"session": {i}}}' for i in range(3, 10)))
-        wait(browser, lambda d: int(row_of(d, "sensors-table", "sensor-7")[5]) == 10)  # type: ignore[index]
-        silent = row_of(browser, "sensors-table", "existing-sensor")
-        assert silent is not None and by_id(browser, "sensors-table").find_element(By.CSS_SELECTOR, "tr.silent")
-        browser.save_screenshot(str(screenshots / "sensors.png"))
-        # Sorted by the server: Connected, then again for descending.
+        wait(browser, lambda d: int(row_of(d, "sensors-table", "sensor-7")[6]) == 10)  # type: ignore[index]
+        never = row_of(browser, "sensors-table", "existing-sensor")
+        assert never is not None and never[2] == "never used"
+        assert by_id(browser, "sensors-table").find_element(By.CSS_SELECTOR, "tr.never").get_attribute(
+            "data-ident"
+        ) == ("existing-sensor")
+        # Sorted by the server: Connected, then again for descending; the arrow says which.
         for _ in range(2):
             browser.find_element(By.CSS_SELECTOR, '#sensors-table th[data-sort="connected"]').click()
         wait(browser, lambda d: idents(d) == ["sensor-7", "existing-sensor"])
-        by_id(browser, "only-silent").click()
+        arrow = browser.find_element(By.CSS_SELECTOR, '#sensors-table th[data-sort="connected"]')
+        wait(browser, lambda d: "desc" in arrow.get_attribute("class"))
+        browser.save_screenshot(str(screenshots / "sensors.png"))
+        view(browser, "never")
         wait(browser, lambda d: idents(d) == ["existing-sensor"])
-        by_id(browser, "only-silent").click()
-        fill(browser, "sensors-filter", "sensor-7")
+        view(browser, "sensors")
+        wait(browser, lambda d: idents(d) == ["sensor-7"])
+        view(browser, "all")
+        fill(browser, "sensors-filter", "SENSOR-7")  # case-insensitive
         wait(browser, lambda d: idents(d) == ["sensor-7"])
         by_id(browser, "sensors-filter").clear()
 
@@ -173,8 +193,8 @@ def test_admin_adds_a_key_watches_the_sensor_revokes_and_removes(
 
         # Remove the key (two clicks): the connection is closed.
         tab(browser, "keys")
-        click_in_row(browser, "keys-table", "sensor-7", 1, "Remove")
-        click_in_row(browser, "keys-table", "sensor-7", 1, "Really")
+        click_in_row(browser, "keys-table", "sensor-7", 2, "Remove")
+        click_in_row(browser, "keys-table", "sensor-7", 2, "Really")
         wait(browser, lambda d: row_of(d, "keys-table", "sensor-7") is None)
         tab(browser, "connections")
         wait(browser, lambda d: all(r[1] != "sensor-7" for r in rows(d, "connections-table")))
@@ -222,11 +242,12 @@ def test_hostile_ident_channel_and_payload_render_inert(browser: Any, console: C
     with sensor(console, XSS_IDENT, secret) as client:
         publish(client, XSS_CHANNEL, XSS_PAYLOAD)
         tab(browser, "sensors")
+        view(browser, "all")
         wait(browser, lambda d: row_of(d, "sensors-table", XSS_IDENT))
         tab(browser, "connections")
         wait(browser, lambda d: any(r[1] == XSS_IDENT and XSS_CHANNEL in r[6] for r in rows(d, "connections-table")))
         tab(browser, "keys")
-        assert row_of(browser, "keys-table", XSS_IDENT)[1] == XSS_PAYLOAD  # type: ignore[index]
+        wait(browser, lambda d: (r := row_of(d, "keys-table", XSS_IDENT)) and r[1] == XSS_PAYLOAD)
         tab(browser, "events")
         wait(browser, lambda d: any(r[3] == XSS_IDENT for r in rows(d, "events-table")))
         tab(browser, "channels")
@@ -245,5 +266,9 @@ def test_hostile_ident_channel_and_payload_render_inert(browser: Any, console: C
         wait(browser, lambda d: any(r[3] == XSS_PAYLOAD and r[1] == XSS_IDENT for r in rows(d, "watch-table")))
     # Shown as text everywhere; nothing ran, no element was made from it.
     assert browser.execute_script("return window.pwned") is None
-    assert browser.find_elements(By.CSS_SELECTOR, "main img, main script, td img, td script") == []
+    assert browser.find_elements(By.CSS_SELECTOR, "main script, td script") == []
+    # The only images are the broker's own charts.
+    charts = console.base + "/api/v1/chart?"
+    images = browser.find_elements(By.CSS_SELECTOR, "main img, td img")
+    assert all(i.get_attribute("class") == "spark" and i.get_attribute("src").startswith(charts) for i in images)
     assert "&lt;script&gt;" in browser.page_source

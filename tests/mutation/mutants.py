@@ -196,8 +196,8 @@ MUTANTS: tuple[Mutant, ...] = (
     mutant(
         "viewer-sees-disconnect",
         "src/hpfeeds3/broker/admin/static/app.js",
-        '      if (isAdmin()) {\n        const b = el("button", "Disconnect");',
-        '      if (true) {\n        const b = el("button", "Disconnect");',
+        '      if (isAdmin()) {\n        cells.push(\n          confirmButton("Disconnect",',
+        '      if (true) {\n        cells.push(\n          confirmButton("Disconnect",',
         "tests/console/test_browser.py::test_viewer_sees_but_cannot_change",
         why="a viewer's page shows Disconnect buttons",
     ),

@@ -100,6 +100,8 @@ class Broker:
         self.retired_total_sent = 0
         # Observers of broker events (events.py): the log lines, the console's tracker.
         self._observers: list[Callable[[Event], None]] = [log_event]
+        # Told of every refused frame or connection (the console's per-sensor refusals).
+        self.refusal_observers: list[Callable[[Refusal, str | None], None]] = []
         self._ids = itertools.count(1)
         # Durable keys (durable/feed.py): the log, once opened (attach_durable); the
         # connection consuming each durable ident (one at a time); its counts.
@@ -436,6 +438,8 @@ class Broker:
 
     def refused(self, refusal: Refusal, ident: str | None) -> None:
         metrics.count_refusal(refusal, ident)
+        for observer in self.refusal_observers:
+            observer(refusal, ident)
 
     def channel_set(self, channels: tuple[str, ...]) -> frozenset[bytes]:
         """The channels of a key as the bytes the hot path compares, one shared set per distinct list."""

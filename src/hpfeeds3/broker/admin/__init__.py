@@ -36,6 +36,7 @@ async def _poll(console: Console) -> None:
         try:
             await console.tracker.poll()
             console.watches.expire()
+            await console.tracker.flush()
         except Exception:  # a bug here must not end the poll
             log.exception("console poll failed")
         await asyncio.sleep(POLL_S)
@@ -53,8 +54,18 @@ async def start_admin(broker: Broker, config: AdminConfig) -> Callable[[], Await
         from ..server import make_tls_context
 
         ssl_ctx = make_tls_context(config.cert, config.key)
-    console = Console(broker, tokens, secure_cookie=ssl_ctx is not None)
+    from .activity import ActivityStore
+
+    store = ActivityStore(broker.config.data_dir)
+    console = Console(broker, tokens, secure_cookie=ssl_ctx is not None, store=store)
+    try:
+        await console.tracker.load()
+    except Exception as e:  # an unreadable history must not keep the broker down
+        log.error("console activity history %s: %s; keeping it in memory only", store.path, e)
+        console.tracker.store = None
+        store.close()
     broker.observe(console.tracker.observe)
+    broker.refusal_observers.append(console.tracker.refused)
 
     runner = make_runner(console.app(), SHUTDOWN_TIMEOUT_S)
     await runner.setup()
@@ -65,6 +76,8 @@ async def start_admin(broker: Broker, config: AdminConfig) -> Callable[[], Await
     except OSError as exc:
         await runner.cleanup()
         broker.unobserve(console.tracker.observe)
+        broker.refusal_observers.remove(console.tracker.refused)
+        await console.tracker.close()
         raise ConfigError(f"--admin {shown}: cannot listen: {exc.strerror or exc}") from None
     poll = asyncio.get_running_loop().create_task(_poll(console))
     log.info("console on %s://%s/", "https" if ssl_ctx else "http", shown)
@@ -75,6 +88,11 @@ async def start_admin(broker: Broker, config: AdminConfig) -> Callable[[], Await
             await poll
         console.watches.stop_all()
         broker.unobserve(console.tracker.observe)
+        broker.refusal_observers.remove(console.tracker.refused)
+        try:
+            await console.tracker.close()
+        except Exception:
+            log.exception("console activity history: the last write failed")
         await console.keys.close()
         await runner.cleanup()
 

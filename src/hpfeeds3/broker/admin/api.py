@@ -23,6 +23,7 @@ from another origin).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import heapq
 import importlib.resources
 import itertools
@@ -36,14 +37,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiohttp import web
 
 from .. import metrics
+from ..durable.tcpack import unacked_in_kernel
 from ..events import AdminChange, AdminLoginFailed, AuthBlocked
 from ..keys import BadArguments, IdentExists, InvalidKey, NoSuchIdent, StoreUnavailable
 from ..ratelimit import AuthFailureLimiter, AuthLimits
 from ..reasons import CloseReason
+from . import charts, deploy
+from .activity import DAY, ActivityStore
 from .keystore import ConsoleKeys, KeyStoreError, ReadOnlyKeys, public
 from .sessions import COOKIE, Session, Sessions, csrf_ok
 from .tokens import Principal, TokenFile
-from .tracker import Tracker
+from .tracker import FAILURES, NOTABLE, Tracker
 from .watch import Watches
 
 if TYPE_CHECKING:
@@ -63,8 +67,12 @@ SECURITY_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
 }
-# Failed logins (and bad bearer tokens) per address before it is refused, and for how long.
+# Failed logins (and bad bearer tokens) before they are refused, and for how long:
+# LOGIN_FAILURES with one token from one address refuse that token there (a
+# forgotten script with a removed token blocks itself alone), LOGIN_FAILURES_PER_ADDRESS
+# with any tokens refuse the address. Refused attempts are not counted.
 LOGIN_FAILURES = 10
+LOGIN_FAILURES_PER_ADDRESS = 50
 LOGIN_WINDOW_S = 60.0
 LOGIN_BLOCK_S = 300.0
 # Largest request body accepted.
@@ -74,6 +82,17 @@ MAX_BODY_BYTES = 64 * 1024
 # at most this long in any case (a change no feed reported).
 KEYS_CACHE_MAX_S = 30.0
 
+# A view (path and query) is built at most once per VIEW_CACHE_S and the answer
+# shared by every viewer asking meanwhile; what a token may have built beyond
+# that is paced: VIEW_BUILDS_PER_S on average after a burst of VIEW_BUILD_BURST
+# (a chart costs CHART_COST of a build); a request waits its turn, and with
+# VIEW_BUILD_BURST already waiting it gets 429.
+VIEW_CACHE_S = 1.0
+MAX_CACHED_VIEWS = 256
+VIEW_BUILDS_PER_S = 4.0
+VIEW_BUILD_BURST = 12.0
+CHART_COST = 0.05
+
 # Items walked per event-loop turn when a view goes through every connection or key.
 SLICE = 500
 # Rows per page of a list (``limit``): the default and the most.
@@ -81,6 +100,8 @@ DEFAULT_PAGE = 200
 MAX_PAGE = 1_000
 # Publisher and subscriber idents listed per channel (their number is given in full).
 NAMES_PER_CHANNEL = 50
+# Sort columns of the Connections view (index into its rows).
+CONNECTION_COLUMNS = {"ident": 0, "peer": 1, "since": 2, "backlog": 3, "rate": 4}
 # Sort columns of the Sensors view (index into its rows).
 SENSOR_COLUMNS = {
     "ident": 0,
@@ -90,6 +111,7 @@ SENSOR_COLUMNS = {
     "last_publish": 4,
     "last_5m": 5,
     "last_1h": 6,
+    "silent_since": 9,
 }
 
 STATIC = {
@@ -138,26 +160,37 @@ def _strings(value: Any, what: str) -> list[str]:
 class Console:
     """The console's state: tokens, sessions, the tracker, watches, and the key adapter."""
 
-    def __init__(self, broker: Broker, tokens: TokenFile, *, secure_cookie: bool) -> None:
+    def __init__(
+        self, broker: Broker, tokens: TokenFile, *, secure_cookie: bool, store: ActivityStore | None = None
+    ) -> None:
         self.broker = broker
         self.tokens = tokens
         self.secure_cookie = secure_cookie
         self.sessions = Sessions()
-        self.tracker = Tracker(broker)
+        self.tracker = Tracker(broker, store)
         self.watches = Watches(broker.router, broker.frame_limits)
         self.keys = ConsoleKeys(broker.config.auth, self._recheck)
         self.limiter = AuthFailureLimiter(
-            AuthLimits(per_ident=0, per_address=LOGIN_FAILURES, window_s=LOGIN_WINDOW_S, block_s=LOGIN_BLOCK_S)
+            AuthLimits(
+                per_ident=LOGIN_FAILURES,
+                per_address=LOGIN_FAILURES_PER_ADDRESS,
+                window_s=LOGIN_WINDOW_S,
+                block_s=LOGIN_BLOCK_S,
+            )
         )
         # (generation read before the list, when, the list); reading a 10,000-key
         # store costs the broker more than the views that show it.
         self._keys_cache: tuple[Any, float, list[Any]] | None = None
         self._key_writes = 0
         # Derived from one key list (compared by identity): ident -> owner, and every key channel.
-        self._key_derived: tuple[list[Any], dict[str, str], frozenset[str]] | None = None
+        self._key_derived: tuple[list[Any], dict[str, str], frozenset[str], dict[str, str]] | None = None
         # Sensors view: key idents in sort order, by owner (True) or by ident (False).
         self._quiet_orders: dict[bool, tuple[dict[str, str], list[str]]] = {}
         self._token_error = ""
+        # (path, query) -> (when built, the answer once built: status, body, content type, headers)
+        self._views: dict[tuple[str, str], tuple[float, asyncio.Future[tuple[int, bytes, str, Any] | None]]] = {}
+        # token name -> (builds it may still start, when that was counted)
+        self._build_budget: dict[str, tuple[float, float]] = {}
 
     def _recheck(self, idents: set[str]) -> None:
         self.broker.spawn(self.broker.recheck(idents))
@@ -176,16 +209,17 @@ class Console:
     def _address(self, request: web.Request) -> str:
         return request.remote or "?"
 
-    def _failed(self, request: web.Request, how: str) -> None:
+    def _failed(self, request: web.Request, how: str, token: str) -> None:
         metrics.CONSOLE_LOGINS.labels("failed").inc()
         address = self._address(request)
-        block = self.limiter.record_failure(address, "", time.monotonic())
+        block = self.limiter.record_failure(address, _fingerprint(token), time.monotonic())
         self.broker.emit(AdminLoginFailed(address, how))
         if block is not None:
             self.broker.emit(AuthBlocked(address, LOGIN_BLOCK_S, block, console=True))
 
-    def _blocked(self, request: web.Request) -> bool:
-        if self.limiter.blocked(self._address(request), "", time.monotonic()):
+    def _blocked(self, request: web.Request, token: str) -> bool:
+        """This token from this address, or this address, is refused for now."""
+        if self.limiter.blocked(self._address(request), _fingerprint(token), time.monotonic()):
             metrics.CONSOLE_LOGINS.labels("blocked").inc()
             return True
         return False
@@ -225,12 +259,13 @@ class Console:
         auth = request.headers.get("Authorization", "")
         principal: Principal | None = None
         if auth:
-            if self._blocked(request):
-                return _error(429, "too many failed attempts from this address; try later")
             scheme, _, token = auth.partition(" ")
-            principal = self.tokens.check(token.strip()) if scheme.lower() == "bearer" else None
+            token = token.strip()
+            if self._blocked(request, token):
+                return _error(429, "too many failed attempts with this token from this address; try later")
+            principal = self.tokens.check(token) if scheme.lower() == "bearer" else None
             if principal is None:
-                self._failed(request, "bearer token")
+                self._failed(request, "bearer token", token)
                 return _error(401, "unknown token")
         else:
             session = self.session_of(request)
@@ -246,13 +281,75 @@ class Console:
         if changes and request.content_type != "application/json":
             return _error(415, "send application/json")
         request[PRINCIPAL] = principal
-        return await handler(request)
+        if not changes:
+            return await handler(request)
+        try:
+            return await handler(request)
+        finally:
+            self._views.clear()  # the next view shows the change
+
+    def _build_delay(self, name: str, cost: float, now: float) -> float | None:
+        """Seconds token ``name`` waits before its next build of ``cost`` (its budget refills at
+        ``VIEW_BUILDS_PER_S``); None when ``VIEW_BUILD_BURST`` more are already waiting."""
+        tokens, then = self._build_budget.get(name, (VIEW_BUILD_BURST, now))
+        tokens = min(VIEW_BUILD_BURST, tokens + (now - then) * VIEW_BUILDS_PER_S) - cost
+        if tokens < -VIEW_BUILD_BURST:
+            return None
+        self._build_budget[name] = (tokens, now)
+        return max(0.0, -tokens / VIEW_BUILDS_PER_S)
+
+    def _shared(self, handler: Handler, cost: float = 1.0) -> Handler:
+        """``handler`` (a GET view, the same for every role) built once per ``VIEW_CACHE_S``
+        per address, its answer shared; a token's own builds limited (``_may_build``)."""
+
+        async def view(request: web.Request) -> web.StreamResponse:
+            key = (request.path, request.query_string)
+            now = time.monotonic()
+            hit = self._views.get(key)
+            if hit is not None and now - hit[0] < VIEW_CACHE_S:
+                answer = await asyncio.shield(hit[1])
+                if answer is not None:
+                    return _replay(answer)
+            delay = self._build_delay(request[PRINCIPAL].name, cost, now)
+            if delay is None:
+                return web.Response(
+                    status=429,
+                    body=b'{"error":"too many requests for this token; slow down"}',
+                    content_type="application/json",
+                    headers={"Retry-After": "1", "Cache-Control": "no-store"},
+                )
+            if delay:
+                await asyncio.sleep(delay)
+                hit = self._views.get(key)  # another viewer's build, meanwhile
+                if hit is not None and time.monotonic() - hit[0] < VIEW_CACHE_S:
+                    answer = await asyncio.shield(hit[1])
+                    if answer is not None:
+                        return _replay(answer)
+            now = time.monotonic()
+            future: asyncio.Future[tuple[int, bytes, str, Any] | None] = asyncio.get_running_loop().create_future()
+            if len(self._views) >= MAX_CACHED_VIEWS:
+                for old in [k for k, (t, f) in self._views.items() if f.done()][: MAX_CACHED_VIEWS // 2]:
+                    del self._views[old]
+            self._views[key] = (now, future)
+            try:
+                response = await handler(request)
+            except BaseException:
+                future.set_result(None)  # those waiting build their own (and get its error)
+                if self._views.get(key, (0, None))[1] is future:
+                    del self._views[key]
+                raise
+            if isinstance(response, web.Response) and isinstance(response.body, bytes) and response.status == 200:
+                future.set_result((response.status, response.body, response.content_type, dict(response.headers)))
+            else:
+                future.set_result(None)
+                del self._views[key]
+            return response
+
+        return view
 
     # --- login ---------------------------------------------------------------------
 
     async def login(self, request: web.Request) -> web.StreamResponse:
-        if self._blocked(request):
-            return _error(429, "too many failed logins from this address; try later")
         if request.content_type != "application/json":
             return _error(415, "send application/json")
         try:
@@ -261,10 +358,13 @@ class Console:
             self._failed(request, "login")  # a body no browser sends: a failed attempt like any other
             raise
         token = body.get("token")
+        token = token if isinstance(token, str) else ""
+        if self._blocked(request, token):
+            return _error(429, "too many failed logins with this token from this address; try later")
         self._reload_tokens()
-        principal = self.tokens.check(token) if isinstance(token, str) else None
+        principal = self.tokens.check(token) if token else None
         if principal is None:
-            self._failed(request, "login")
+            self._failed(request, "login", token)
             return _error(401, "unknown token")
         self.sessions.end(request.cookies.get(COOKIE))
         session = self.sessions.create(principal)
@@ -355,15 +455,17 @@ class Console:
             log.warning("console: cannot list keys: %s", e)
             return self._keys_cache[2] if self._keys_cache is not None else []
 
-    async def _key_index(self) -> tuple[dict[str, str], frozenset[str]]:
-        """Owners by ident and every channel of a key, built once per key list."""
+    async def _key_index(self) -> tuple[dict[str, str], frozenset[str], dict[str, str]]:
+        """Owners by ident, every channel of a key, and each key's role (``sensor``: it
+        may publish; ``collector``: it only subscribes), built once per key list."""
         keys = await self._key_list()
         index = self._key_derived
         if index is None or index[0] is not keys:
             owners = {k.ident: k.owner for k in keys}
             channels = frozenset(c for k in keys for c in (*k.pubchans, *k.subchans))
-            index = self._key_derived = (keys, owners, channels)
-        return index[1], index[2]
+            roles = {k.ident: "sensor" if k.pubchans else "collector" for k in keys}
+            index = self._key_derived = (keys, owners, channels, roles)
+        return index[1], index[2], index[3]
 
     # --- views -----------------------------------------------------------------------
     #
@@ -373,17 +475,29 @@ class Console:
     # stalls message delivery for long.
 
     async def connections(self, request: web.Request) -> web.StreamResponse:
+        """Live connections by ident (``sort``: ``ident``, ``peer``, ``since``, ``backlog``
+        or ``rate``; ``-`` first: descending). ``backlog_bytes`` is the transport's
+        buffer plus the kernel's send queue (``SIOCOUTQ``, Linux); ``cut_fraction`` how
+        far the transport's buffer is toward the slow-consumer cut (1.0: cut)."""
         offset, limit = _page(request)
-        q = request.query.get("q", "")
-        rows: list[tuple[str, str, Any]] = []
+        q = request.query.get("q", "").casefold()
+        sort = request.query.get("sort", "ident")
+        column = CONNECTION_COLUMNS.get(sort.lstrip("-"))
+        if column is None:
+            raise ApiError(400, f"sort must be one of {', '.join(CONNECTION_COLUMNS)} (- in front: descending)")
+        rates = self.tracker.rates
+        rows: list[tuple[Any, ...]] = []
         async for conn in _slices(list(self.broker.connections)):
             ident = conn.session.ident or ""
-            if not q or q in ident or q in conn.peer:
-                rows.append((ident, conn.peer, conn))
-        rows.sort(key=itemgetter(0, 1))
+            if not q or q in ident.casefold() or q in conn.peer.casefold():
+                queued = conn.write_buffer_size()
+                rows.append((ident, conn.peer, conn.connected_at, queued, rates.get(conn.id, 0.0), conn))
+        rows.sort(key=itemgetter(column, 0, 1), reverse=sort.startswith("-"))
+        hard = self.broker.backlog_bounds.hard_bytes
         out = []
-        for _, _, conn in rows[offset : offset + limit]:
+        for _, _, _, queued, rate, conn in rows[offset : offset + limit]:
             session = conn.session
+            kernel = _kernel_queued(conn)
             out.append(
                 {
                     "id": str(conn.id),
@@ -399,7 +513,11 @@ class Console:
                     },
                     "received_bytes": conn.received_bytes,
                     "sent_bytes": conn.sent_bytes,
-                    "queued_bytes": conn.write_buffer_size(),
+                    "queued_bytes": queued,
+                    "kernel_queued_bytes": kernel,
+                    "backlog_bytes": queued + (kernel or 0),
+                    "cut_fraction": round(min(1.0, queued / hard), 3) if hard else None,
+                    "delivered_bytes_per_s": round(rate, 1),
                 }
             )
         return _json({**self._scope(), "total": len(rows), "offset": offset, "connections": out})
@@ -415,89 +533,117 @@ class Console:
         return _error(404, "no such connection")
 
     async def sensors(self, request: web.Request) -> web.StreamResponse:
-        """Every ident with a key or seen lately, sorted by ``sort`` (``-`` first: descending)."""
+        """Every ident with a key or seen, sorted by ``sort`` (``-`` first: descending).
+
+        A sensor is a key that may publish (or an ident that published), a
+        collector one that only subscribes. A sensor is silent when its last
+        publish (or, never published, its oldest live connection or its last
+        visit) is older than ``silent_after`` seconds, connected or not; a key
+        never seen is ``never_used``, not silent. ``show``: ``all`` (the
+        default), ``active`` (never-used keys left out) or ``never``;
+        ``role``: ``sensor`` or ``collector`` for one of them."""
         now = time.time()
         minute = int(now // 60)
         offset, limit = _page(request)
-        q = request.query.get("q", "")
+        q = request.query.get("q", "").casefold()
         sort = request.query.get("sort", "ident")
         column = SENSOR_COLUMNS.get(sort.lstrip("-"))
         if column is None:
             raise ApiError(400, f"sort must be one of {', '.join(SENSOR_COLUMNS)} (- in front: descending)")
         silent_after = _number(request, "silent_after", 0.0)
         only_silent = request.query.get("only_silent") in ("1", "true")
-        owners, _ = await self._key_index()
-        live: dict[str, list[str]] = {}
+        show = request.query.get("show", "all")
+        role_wanted = request.query.get("role", "")
+        if show not in ("all", "active", "never") or role_wanted not in ("", "sensor", "collector"):
+            raise ApiError(400, "show must be all, active or never; role sensor or collector")
+        owners, _, roles = await self._key_index()
+        live: dict[str, list[Any]] = {}
         async for conn in _slices(list(self.broker.connections)):
             ident = conn.session.ident
             if ident is not None:
-                live.setdefault(ident, []).append(conn.peer)
+                live.setdefault(ident, []).append(conn)
         tracker = self.tracker
-        # Idents with something to show (connected, published or seen since the
-        # console started) get a row each. The rest, keys never seen (most of a
-        # large store), all have the same row but for ident and owner: they come
-        # from an order made once per key list, merged in for the page only.
-        active = live.keys() | tracker.idents.keys() | tracker.last_seen.keys()
+        # Idents with something to show (connected, published or seen) get a
+        # row each. The rest, keys never seen (most of a large store), all
+        # have the same row but for ident and owner: they come from an order
+        # made once per key list, merged in for the page only.
+        active = live.keys() | tracker.published.keys() | tracker.last_seen.keys()
         rows: list[tuple[Any, tuple[Any, ...]]] = []  # (sort key, row)
         silent_count = 0
-        activity, seen, owner_of, peers_of = tracker.idents.get, tracker.last_seen.get, owners.get, live.get
-        idents = list(active)
+        history, seen, published, owner_of, conns_of = (
+            tracker.idents.get,
+            tracker.last_seen.get,
+            tracker.published.get,
+            owners.get,
+            live.get,
+        )
+        idents = list(active) if show != "never" else []
         for start in range(0, len(idents), SLICE):
             if start:
                 await asyncio.sleep(0)
             for ident in idents[start : start + SLICE]:
-                if q and q not in ident:
+                if q and q not in ident.casefold():
                     continue
-                act = activity(ident)
-                if act is None:
-                    last_5m = last_1h = 0
-                    last_publish = None
-                else:
-                    last_5m, last_1h = act.windows(minute)
-                    last_publish = act.last_publish
-                peers = peers_of(ident)
-                connected = len(peers) if peers else 0
+                last_publish = published(ident)
+                role = roles.get(ident) or ("sensor" if last_publish else "collector")
+                if role_wanted and role != role_wanted:
+                    continue
+                hist = history(ident)
+                last_5m, last_1h = hist.windows(minute) if hist is not None else (0, 0)
+                conns = conns_of(ident)
+                connected = len(conns) if conns else 0
                 last_seen = now if connected else seen(ident)
-                silent = bool(silent_after) and not connected and (last_seen is None or now - last_seen > silent_after)
+                since = last_publish or (min(c.connected_at for c in conns) if conns else last_seen)
+                silent = bool(silent_after) and role == "sensor" and (since is None or now - since > silent_after)
                 silent_count += silent
                 if only_silent and not silent:
                     continue
-                row = (ident, owner_of(ident), connected, last_seen, last_publish, last_5m, last_1h, silent)
+                owner = owner_of(ident)
+                row = (ident, owner, connected, last_seen, last_publish, last_5m, last_1h, silent, role, since)
                 rows.append((_sort_key(row, column), row))
         descending = sort.startswith("-")
         rows.sort(key=itemgetter(0), reverse=descending)
-        # Never-seen keys: silent whenever silence is asked about (no last_seen).
-        quiet_silent = bool(silent_after)
-        if only_silent and not quiet_silent:
+        # Never-seen keys: never silent (never used is a state of its own).
+        if only_silent or show == "active":
             quiet: list[str] = []
         else:
-            quiet = [i for i in self._quiet_order(owners, column) if i not in active and (not q or q in i)]
-        silent_count += len(quiet) if quiet_silent else 0
+            quiet = [
+                i
+                for i in self._quiet_order(owners, column)
+                if i not in active and (not q or q in i.casefold()) and (not role_wanted or roles[i] == role_wanted)
+            ]
         if descending:
             quiet.reverse()
-        quiet_rows = ((_sort_key(r, column), r) for r in (_quiet_row(i, owners[i], quiet_silent) for i in quiet))
+        quiet_rows = ((_sort_key(r, column), r) for r in (_quiet_row(i, owners[i], roles[i]) for i in quiet))
         merged = heapq.merge(rows, quiet_rows, key=itemgetter(0), reverse=descending)
         page = list(itertools.islice(merged, offset, offset + limit))
         total = len(rows) + len(quiet)
+        trouble = tracker.trouble.get
         durable = self.broker.durable
         followers = frozenset(durable.idents()) if durable is not None else frozenset()
-        out = [
-            {
-                "ident": ident,
-                "owner": owner,
-                "has_key": ident in owners,
-                "connected": connected,
-                "peers": sorted(live.get(ident, ())),
-                "last_seen": last_seen,
-                "last_publish": last_publish,
-                "last_5m": last_5m,
-                "last_1h": last_1h,
-                "silent": silent,
-                "channels": tracker.channels(ident, minute),
-                "durable": self.broker.durable_state(ident) if ident in followers else None,
-            }
-            for _, (ident, owner, connected, last_seen, last_publish, last_5m, last_1h, silent) in page
-        ]
+        out = []
+        for _, (ident, owner, connected, last_seen, last_publish, last_5m, last_1h, silent, role, since) in page:
+            t = trouble(ident)
+            out.append(
+                {
+                    "ident": ident,
+                    "owner": owner,
+                    "has_key": ident in owners,
+                    "role": role,
+                    "state": "never_used" if last_seen is None and not connected else "silent" if silent else "ok",
+                    "connected": connected,
+                    "peers": sorted(c.peer for c in live.get(ident, ())),
+                    "last_seen": last_seen,
+                    "last_publish": last_publish,
+                    "silent_since": since if silent else None,
+                    "last_5m": last_5m,
+                    "last_1h": last_1h,
+                    "silent": silent,
+                    "trouble": t.view() if t is not None else None,
+                    "channels": tracker.channels(ident, minute),
+                    "durable": self.broker.durable_state(ident) if ident in followers else None,
+                }
+            )
         return _json(
             {**self._scope(), "time": now, "total": total, "silent": silent_count, "offset": offset, "sensors": out}
         )
@@ -509,7 +655,7 @@ class Console:
         cached = self._quiet_orders.get(by_owner)
         if cached is None or cached[0] is not owners:
             if by_owner:
-                order = sorted(owners, key=lambda i: _sort_key(_quiet_row(i, owners[i], False), column))
+                order = sorted(owners, key=lambda i: _sort_key(_quiet_row(i, owners[i], ""), column))
             else:
                 order = sorted(owners)
             cached = self._quiet_orders[by_owner] = (owners, order)
@@ -523,7 +669,7 @@ class Console:
         10,000 keys has as many channels."""
         minute = int(time.time() // 60)
         offset, limit = _page(request)
-        _, key_channels = await self._key_index()
+        _, key_channels, _ = await self._key_index()
         pairs = list(self.tracker.pairs.items())
         conns = [c for c in self.broker.connections if c.session.ident is not None]
         used: dict[Any, tuple[list[str], list[str]]] = {}  # conn -> its channels as text
@@ -538,7 +684,10 @@ class Console:
                 used[conn] = (subscribed, published)
                 names.update(subscribed)
                 names.update(published)
-        page = sorted(names)[offset : offset + limit]
+        q = request.query.get("q", "").casefold()
+        page = sorted(n for n in names if not q or q in n.casefold())
+        total = len(page)
+        page = page[offset : offset + limit]
         chans: dict[str, dict[str, Any]] = {
             name: {"channel": name, "publishers": set(), "subscribers": set(), "last_5m": 0, "last_1h": 0}
             for name in page
@@ -572,36 +721,80 @@ class Console:
                     await asyncio.sleep(0)
                 e[side] = heapq.nsmallest(NAMES_PER_CHANNEL, e[side])
             e["rate_per_s"] = round(e["last_5m"] / 300.0, 3)
+            # Published to and nobody listening: the messages go nowhere.
+            e["unheard"] = e["publishers_total"] > 0 and e["subscribers_total"] == 0
             e["watched"] = self.watches.get(name.encode("utf-8", "backslashreplace")) is not None
             out.append(e)
-        return _json({**self._scope(), "total": len(names), "offset": offset, "channels": out})
+        return _json({**self._scope(), "total": total, "offset": offset, "channels": out})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        events = list(self.tracker.events)
+        """Notable events, newest first (``kind``: of one kind only; ``q``: peer, ident or
+        message containing it). Failed AUTHs and console logins have a ring of their
+        own and blocks a table of their own, so a flood of them hides neither."""
+        tracker = self.tracker
+        kind = request.query.get("kind", "")
+        q = request.query.get("q", "").casefold()
+        failures = list(tracker.failures)
         by_address: dict[str, int] = {}
         by_ident: dict[str, int] = {}
-        for e in events:
+        for e in failures:
             if e["event"] == "auth_failed":
                 host = (e["peer"] or "?").rsplit(":", 1)[0]
                 by_address[host] = by_address.get(host, 0) + 1
                 by_ident[e["ident"] or "?"] = by_ident.get(e["ident"] or "?", 0) + 1
         now = time.time()
         blocked: dict[str, dict[str, Any]] = {}
-        for e in events:
-            if e["event"] == "auth_blocked":
-                console_block = e["reason"] == "console_login_rate_limited"
-                until = e["time"] + (LOGIN_BLOCK_S if console_block else self.broker.auth_limiter.limits.block_s)
-                if until > now:
-                    host = e["peer"] if console_block else (e["peer"] or "?").rsplit(":", 1)[0]
-                    blocked[host] = {"address": host, "until": until, "what": "console" if console_block else "AUTH"}
+        for e in tracker.blocks.values():
+            until = e["time"] + e["block_s"]
+            if until > now:
+                host = e["peer"] if e["console"] else (e["peer"] or "?").rsplit(":", 1)[0]
+                blocked[host] = {"address": host, "until": until, "what": "console" if e["console"] else "AUTH"}
+        if kind in FAILURES:
+            source: Any = failures
+        elif kind:
+            source = tracker.events
+        else:  # both rings, in the order the events came
+            source = heapq.merge(tracker.events, failures, key=itemgetter("id"))
+        shown = [
+            e
+            for e in source
+            if (not kind or e["event"] == kind)
+            and (not q or any(q in (e[f] or "").casefold() for f in ("peer", "ident", "message")))
+        ]
+        offset, limit = _page(request)
+        newest = shown[::-1]
         return _json(
             {
                 **self._scope(),
-                "events": events[::-1],
+                "total": len(newest),
+                "offset": offset,
+                "events": newest[offset : offset + limit],
+                "kinds": sorted(k.value for k in NOTABLE),
                 "blocked": sorted(blocked.values(), key=lambda b: b["address"]),
                 "failed_auth_by_address": sorted(by_address.items(), key=lambda kv: -kv[1]),
                 "failed_auth_by_ident": sorted(by_ident.items(), key=lambda kv: -kv[1]),
             }
+        )
+
+    async def chart(self, request: web.Request) -> web.StreamResponse:
+        """Messages per minute of one ident (``ident``) or channel (``channel``) as SVG:
+        the last hour (``minutes=60``, the default) or the last 24 hours (``1440``)."""
+        minutes = int(_number(request, "minutes", 60))
+        if minutes not in (60, DAY):
+            raise ApiError(400, f"minutes must be 60 or {DAY}")
+        if "ident" in request.query:
+            hist = self.tracker.idents.get(request.query["ident"])
+        elif "channel" in request.query:
+            hist = self.tracker.chans.get(request.query["channel"])
+        else:
+            raise ApiError(400, "give ident or channel")
+        now_minute = int(time.time() // 60)
+        counts = hist.series(now_minute, minutes) if hist is not None else [0] * minutes
+        return web.Response(
+            body=charts.svg(counts, wide=minutes == DAY).encode("ascii"),
+            content_type="image/svg+xml",
+            # The page asks for it once a minute (the minute is in its address).
+            headers={"Cache-Control": "private, max-age=60"},
         )
 
     # --- keys ------------------------------------------------------------------------
@@ -614,7 +807,8 @@ class Console:
         except KeyStoreError as e:
             return _error(503, str(e))
         if q:
-            keys = [k for k in keys if q in k.ident or q in k.owner]
+            q = q.casefold()
+            keys = [k for k in keys if q in k.ident.casefold() or q in k.owner.casefold()]
         state = self.broker.durable_state
         # durable_state: backlog, drops, the oldest unread message's age (None: no log)
         page = [
@@ -622,6 +816,30 @@ class Console:
             for k in keys[offset : offset + limit]
         ]
         return _json({"writable": self.keys.writable, "total": len(keys), "offset": offset, "keys": page})
+
+    def _deploy(self, request: web.Request, key: Any, with_secret: bool) -> dict[str, str]:
+        """Configuration snippets for ``key``: the broker at the host the console was reached
+        by, on its first TLS listener (else its first)."""
+        endpoints = self.broker.config.endpoints
+        endpoint = next((e for e in endpoints if e.kind == "tls"), endpoints[0])
+        host = request.url.host or "BROKER-HOST"
+        secret = key.secret if with_secret else None
+        return deploy.snippets(
+            host, endpoint.port, endpoint.kind == "tls", key.ident, secret, list(key.pubchans), list(key.subchans)
+        )
+
+    async def key_deploy(self, request: web.Request) -> web.StreamResponse:
+        """A key's snippets, its secret left as a placeholder (it is shown once, when made); admin."""
+        self._admin(request)
+        ident = request.query.get("ident", "")
+        try:
+            keys = await self._all_keys()
+        except KeyStoreError as e:
+            return _error(503, str(e))
+        key = next((k for k in keys if k.ident == ident), None)
+        if key is None:
+            return _error(404, "no such ident")
+        return _json({"ident": ident, "deploy": self._deploy(request, key, False)})
 
     async def _key_change(self, request: web.Request, change: Callable[[dict[str, Any]], Awaitable[Any]]) -> Any:
         self._admin(request)
@@ -649,7 +867,7 @@ class Console:
                 _strings(body.get("subchans"), "subchans"),
             )
             self.audit(request, f"created key {key.ident!r}", ident=key.ident)
-            return _json({"key": public(key), "secret": key.secret}, 201)
+            return _json({"key": public(key), "secret": key.secret, "deploy": self._deploy(request, key, True)}, 201)
 
         result: web.StreamResponse = await self._key_change(request, change)
         return result
@@ -676,7 +894,7 @@ class Console:
         async def change(body: dict[str, Any]) -> web.StreamResponse:
             key = await self.keys.rotate(_ident(body))
             self.audit(request, f"rotated the secret of {key.ident!r}", ident=key.ident)
-            return _json({"key": public(key), "secret": key.secret})
+            return _json({"key": public(key), "secret": key.secret, "deploy": self._deploy(request, key, True)})
 
         result: web.StreamResponse = await self._key_change(request, change)
         return result
@@ -735,12 +953,14 @@ class Console:
         r.add_post("/login", self.login)
         r.add_post("/logout", self.logout)
         r.add_get("/api/v1/session", self.session)
-        r.add_get("/api/v1/connections", self.connections)
+        r.add_get("/api/v1/connections", self._shared(self.connections))
         r.add_post("/api/v1/connections/close", self.close_connection)
-        r.add_get("/api/v1/sensors", self.sensors)
-        r.add_get("/api/v1/channels", self.channels)
-        r.add_get("/api/v1/events", self.events)
-        r.add_get("/api/v1/keys", self.key_list)
+        r.add_get("/api/v1/sensors", self._shared(self.sensors))
+        r.add_get("/api/v1/channels", self._shared(self.channels))
+        r.add_get("/api/v1/events", self._shared(self.events))
+        r.add_get("/api/v1/chart", self._shared(self.chart, CHART_COST))
+        r.add_get("/api/v1/keys", self._shared(self.key_list))
+        r.add_get("/api/v1/keys/deploy", self.key_deploy)
         r.add_post("/api/v1/keys", self.key_create)
         r.add_post("/api/v1/keys/grant", self._channels_change(grant=True))
         r.add_post("/api/v1/keys/revoke", self._channels_change(grant=False))
@@ -760,10 +980,28 @@ async def _slices(items: list[T]) -> AsyncIterator[T]:
         yield item
 
 
-def _quiet_row(ident: str, owner: str, silent: bool) -> tuple[Any, ...]:
+def _fingerprint(token: str) -> str:
+    """What the login limiter counts a token by (not the token itself)."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _replay(answer: tuple[int, bytes, str, Any]) -> web.Response:
+    status, body, content_type, headers = answer
+    headers = {k: v for k, v in headers.items() if k.lower() in ("cache-control",)}
+    return web.Response(status=status, body=body, content_type=content_type, headers=headers)
+
+
+def _kernel_queued(conn: Any) -> int | None:
+    """Bytes in the kernel's send queue of ``conn``'s socket (``SIOCOUTQ``); None where unknown."""
+    transport = conn.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return unacked_in_kernel(sock) if sock is not None else None
+
+
+def _quiet_row(ident: str, owner: str, role: str) -> tuple[Any, ...]:
     """The Sensors row of a key never seen: (ident, owner, connected, last_seen,
-    last_publish, last_5m, last_1h, silent), as the view builds for the others."""
-    return (ident, owner, 0, None, None, 0, 0, silent)
+    last_publish, last_5m, last_1h, silent, role, since), as the view builds for the others."""
+    return (ident, owner, 0, None, None, 0, 0, False, role, None)
 
 
 def _sort_key(row: tuple[Any, ...], column: int) -> tuple[Any, ...]:

@@ -15,24 +15,36 @@ Two feeds, neither on the message hot path:
   read once more as it closes.
 
 Memory is bounded: at most ``MAX_PAIRS`` (ident, channel) pairs and
-``MAX_IDENTS`` idents are remembered; the least recently active go first.
-All methods run on the broker's event loop.
+``MAX_IDENTS`` idents are remembered, and per-minute history (24 hours) for
+``activity.MAX_HISTORY`` idents and as many channels; the least recently
+active go first. Events are kept in two rings of ``MAX_EVENTS``: failed AUTHs
+(which anyone can make) apart from the rest, and blocks in a table of their
+own, so a flood of wrong secrets cannot push an operator's change or a
+running block out of view. What survives a restart is written to the data
+directory by ``activity.ActivityStore`` in batches, off the event loop.
+All other methods run on the broker's event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..events import Closed, Event, Kind
+from ..events import AuthBlocked, AuthFailed, Closed, Event, Kind
+from ..session import Refusal
+from .activity import DAY, MAX_HISTORY, ActivityStore, Batch, History, Trouble
 
 if TYPE_CHECKING:
     from ..state import Broker
+
+log = logging.getLogger("hpfeeds3.broker.admin")
 
 # Events kept for the Events view.
 MAX_EVENTS = 1_000
@@ -51,6 +63,32 @@ BUCKETS = 60
 NOTABLE = frozenset(
     {Kind.AUTH_FAILED, Kind.AUTH_BLOCKED, Kind.SLOW_CONSUMER, Kind.REVOKED, Kind.ADMIN_CHANGE, Kind.ADMIN_LOGIN_FAILED}
 )
+# Kept in a ring of their own: anyone who can connect makes them.
+FAILURES = frozenset({Kind.AUTH_FAILED, Kind.ADMIN_LOGIN_FAILED})
+# Blocks remembered (the latest per address).
+MAX_BLOCKS = 1_000
+# Refusals shown on a sensor's row: why it may send nothing.
+REFUSED_REASONS = {
+    Refusal.NO_PUB_PERMISSION: "publish to a channel its key does not allow",
+    Refusal.IDENT_MISMATCH_PUB: "publish under another ident",
+}
+FAILED_REASONS = {"wrong_secret": "wrong secret", "unknown_ident": "unknown ident"}
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _touch(table: OrderedDict[K, V], key: K, make: Callable[[], V], bound: int) -> tuple[V, list[K]]:
+    """``table[key]`` (made with ``make()`` if missing) as the most recent; the keys evicted."""
+    value = table.get(key)
+    if value is not None:
+        table.move_to_end(key)
+        return value, []
+    value = table[key] = make()
+    evicted = []
+    while len(table) > bound:
+        evicted.append(table.popitem(last=False)[0])
+    return value, evicted
 
 
 @dataclass(slots=True)
@@ -87,17 +125,124 @@ class Activity:
 
 
 class Tracker:
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, store: ActivityStore | None = None) -> None:
         self.broker = broker
-        self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
+        self.store = store
+        self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)  # changes, cuts, revocations, blocks
+        self.failures: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)  # failed AUTHs and console logins
+        self.blocks: OrderedDict[str, dict[str, Any]] = OrderedDict()  # address -> its latest block
         self.last_seen: OrderedDict[str, float] = OrderedDict()
+        self.published: OrderedDict[str, float] = OrderedDict()  # ident -> its last publish
         self.pairs: OrderedDict[tuple[str, str], Activity] = OrderedDict()
-        self.idents: OrderedDict[str, Activity] = OrderedDict()  # all channels of an ident
+        self.idents: OrderedDict[str, History] = OrderedDict()  # all channels of an ident, 24 h
+        self.chans: OrderedDict[str, History] = OrderedDict()  # all idents of a channel, 24 h
+        self.trouble: OrderedDict[str, Trouble] = OrderedDict()
         self.channels_of: dict[str, dict[str, None]] = {}  # ident → its channels in pairs
         self._seq = 0
         self._primed = False
         # Per connection id: its publish count per channel at the last poll.
         self._counted: dict[int, dict[bytes, int]] = {}
+        # Per connection id: bytes sent to it per second between the last two polls, and
+        # (when, bytes sent) at the last poll.
+        self.rates: dict[int, float] = {}
+        self._sent: dict[int, tuple[float, int]] = {}
+        # Changed since the last write to the store.
+        self._dirty_idents: set[str] = set()
+        self._dirty_pairs: set[tuple[str, str]] = set()
+        self._dirty_minutes: set[tuple[str, str, int]] = set()
+        self._forget = Batch()
+        self._executor: ThreadPoolExecutor | None = None
+
+    # --- the history on disk -----------------------------------------------------------
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="console-activity")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def load(self, now: float | None = None) -> None:
+        """Read what the store kept (on its thread); before the console serves."""
+        if self.store is None:
+            return
+        now = time.time() if now is None else now
+        loaded = await self._run(self.store.load, int(now // 60) - DAY + 1)
+        for ident, seen, published, refused, r_reason, r_at, failed, f_reason, f_at in loaded.idents:
+            if seen:
+                self.seen(ident, seen)
+            if published:
+                _touch(self.published, ident, float, MAX_IDENTS)
+                self.published[ident] = published
+            if refused or failed:
+                self.trouble[ident] = Trouble(refused, r_reason, r_at, failed, f_reason, f_at)
+        for ident, channel, published in loaded.pairs:
+            act, _ = _touch(self.pairs, (ident, channel), Activity, MAX_PAIRS)
+            act.last_publish = published or 0.0
+            self.channels_of.setdefault(ident, {})[channel] = None
+        for kind, name, minute, count in loaded.minutes:
+            table = self.idents if kind == "i" else self.chans
+            hist, _ = _touch(table, name, History, MAX_HISTORY)
+            hist.add(minute, count)
+            if kind == "i":
+                hist.last_publish = self.published.get(name, 0.0)
+        self._bound_trouble()
+
+    def batch(self, now: float) -> Batch:
+        """What changed since the last call, as rows for the store."""
+        out, self._forget = self._forget, Batch()
+        for ident in self._dirty_idents:
+            t = self.trouble.get(ident) or Trouble()
+            out.idents.append(
+                (
+                    ident,
+                    self.last_seen.get(ident),
+                    self.published.get(ident),
+                    t.refused,
+                    t.refused_reason,
+                    t.refused_at,
+                    t.failed,
+                    t.failed_reason,
+                    t.failed_at,
+                )
+            )
+        for key in self._dirty_pairs:
+            act = self.pairs.get(key)
+            if act is not None:
+                out.pairs.append((key[0], key[1], act.last_publish))
+        for kind, name, minute in self._dirty_minutes:
+            hist = (self.idents if kind == "i" else self.chans).get(name)
+            if hist is not None:
+                out.minutes.append((kind, name, minute, hist.at(minute)))
+        self._dirty_idents.clear()
+        self._dirty_pairs.clear()
+        self._dirty_minutes.clear()
+        out.oldest_minute = int(now // 60) - DAY + 1
+        return out
+
+    async def flush(self, now: float | None = None) -> None:
+        """Write what changed, on the store's thread (one transaction). A store that cannot
+        be written is said once in the log and left: the history goes on in memory."""
+        batch = self.batch(time.time() if now is None else now)  # taken even with no store: bounded
+        store = self.store
+        if store is None or not batch:
+            return
+        try:
+            await self._run(store.write, batch)
+        except Exception as e:
+            log.error("console activity history %s: cannot write (%s); keeping it in memory only", store.path, e)
+            self.store = None
+            with contextlib.suppress(Exception):
+                await self._run(store.close)
+
+    async def close(self, now: float | None = None) -> None:
+        """Write the last changes and close the store."""
+        try:
+            await self.flush(now)
+        finally:
+            if self.store is not None:
+                await self._run(self.store.close)
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
 
     # --- the event feed ------------------------------------------------------------
 
@@ -115,24 +260,58 @@ class Tracker:
             if type(event) is Closed:
                 self.closed(event)
             return
-        if kind in NOTABLE:
-            self._seq += 1
-            self.events.append(
-                {
-                    "id": self._seq,
-                    "time": now,
-                    "event": kind.value,
-                    "level": logging.getLevelName(event.level).lower(),
-                    "peer": event.peer,
-                    "ident": event.ident,
-                    "channel": event.channel,
-                    "reason": event.reason,
-                    "message": event.text(),
-                }
-            )
+        if kind not in NOTABLE:
+            return
+        self._seq += 1
+        entry = {
+            "id": self._seq,
+            "time": now,
+            "event": kind.value,
+            "level": logging.getLevelName(event.level).lower(),
+            "peer": event.peer,
+            "ident": event.ident,
+            "channel": event.channel,
+            "reason": event.reason,
+            "message": event.text(),
+        }
+        if kind in FAILURES:
+            self.failures.append(entry)
+            if type(event) is AuthFailed and event.why == "wrong_secret":
+                self._trouble(event.shown, now, failed=FAILED_REASONS[event.why])
+            return
+        self.events.append(entry)
+        if type(event) is AuthBlocked:
+            self.blocks[event.peer] = {**entry, "block_s": event.block_s, "console": event.console}
+            self.blocks.move_to_end(event.peer)
+            if len(self.blocks) > MAX_BLOCKS:
+                self.blocks.popitem(last=False)
+
+    def refused(self, refusal: Refusal, ident: str | None) -> None:
+        """A refused frame or connection (``Broker.refusal_observers``): a sensor's refused publishes.
+        Refusals before AUTH have no ident and are not counted here (a claimed ident proves
+        nothing); a blocked address is in the Events view's Blocked table."""
+        reason = REFUSED_REASONS.get(refusal)
+        if reason is not None and ident is not None:
+            self._trouble(ident, time.time(), refused=reason)
+
+    def _trouble(self, ident: str, now: float, *, refused: str | None = None, failed: str | None = None) -> None:
+        t, _ = _touch(self.trouble, ident, Trouble, MAX_IDENTS)
+        if refused is not None:
+            t.refused += 1
+            t.refused_reason, t.refused_at = refused, now
+        if failed is not None:
+            t.failed += 1
+            t.failed_reason, t.failed_at = failed, now
+        self._dirty_idents.add(ident)
+        self._bound_trouble()
+
+    def _bound_trouble(self) -> None:
+        while len(self.trouble) > MAX_IDENTS:
+            self.trouble.popitem(last=False)
 
     def seen(self, ident: str, when: float) -> None:
         last_seen = self.last_seen
+        self._dirty_idents.add(ident)
         if ident in last_seen:
             last_seen.move_to_end(ident)
             if when > last_seen[ident]:
@@ -140,7 +319,10 @@ class Tracker:
             return
         last_seen[ident] = when
         if len(last_seen) > MAX_IDENTS:
-            last_seen.popitem(last=False)
+            old, _ = last_seen.popitem(last=False)
+            self._forget.forget_idents.append(old)
+            self.trouble.pop(old, None)
+            self.published.pop(old, None)
 
     # --- the counter poll -----------------------------------------------------------
 
@@ -161,6 +343,9 @@ class Tracker:
         live = {c.id for c in conns}  # forget any whose Closed event never came
         for conn_id in [i for i in self._counted if i not in live]:
             del self._counted[conn_id]
+        for conn_id in [i for i in self._sent if i not in live]:
+            del self._sent[conn_id]
+            self.rates.pop(conn_id, None)
         self._primed = True
 
     def closed(self, event: Closed, now: float | None = None) -> None:
@@ -169,10 +354,19 @@ class Tracker:
         if event.who is not None:
             self._count(event.conn_id, event.who, event.published, time.time() if now is None else now)
         self._counted.pop(event.conn_id, None)
+        self._sent.pop(event.conn_id, None)
+        self.rates.pop(event.conn_id, None)
 
     def scan(self, conns: list[Any], now: float | None = None) -> None:
         now = time.time() if now is None else now
+        clock = time.monotonic()
+        sent_before, rates = self._sent, self.rates
         for conn in conns:
+            sent = getattr(conn, "sent_bytes", 0)
+            before = sent_before.get(conn.id)
+            if before is not None and clock > before[0]:
+                rates[conn.id] = (sent - before[1]) / (clock - before[0])
+            sent_before[conn.id] = (clock, sent)
             session = conn.session
             ident = session.ident
             if ident is not None:
@@ -201,25 +395,26 @@ class Tracker:
             act = self.pairs[key] = Activity()
             self.channels_of.setdefault(ident, {})[channel] = None
             if len(self.pairs) > MAX_PAIRS:
-                (old_ident, old_channel), _ = self.pairs.popitem(last=False)
-                chans = self.channels_of.get(old_ident)
+                old_key, _ = self.pairs.popitem(last=False)
+                self._forget.forget_pairs.append(old_key)
+                chans = self.channels_of.get(old_key[0])
                 if chans is not None:
-                    chans.pop(old_channel, None)
+                    chans.pop(old_key[1], None)
                     if not chans:
-                        del self.channels_of[old_ident]
+                        del self.channels_of[old_key[0]]
         else:
             self.pairs.move_to_end(key)
         act.last_publish = now
         act.add(minute, delta)
-        whole = self.idents.get(ident)
-        if whole is None:
-            whole = self.idents[ident] = Activity()
-            if len(self.idents) > MAX_IDENTS:
-                self.idents.popitem(last=False)
-        else:
-            self.idents.move_to_end(ident)
-        whole.last_publish = now
-        whole.add(minute, delta)
+        self._dirty_pairs.add(key)
+        for kind, table, name in (("i", self.idents, ident), ("c", self.chans, channel)):
+            hist, evicted = _touch(table, name, History, MAX_HISTORY)
+            self._forget.forget_history.extend((kind, e) for e in evicted)
+            hist.last_publish = now
+            hist.add(minute, delta)
+            self._dirty_minutes.add((kind, name, minute))
+        _touch(self.published, ident, float, MAX_IDENTS)
+        self.published[ident] = now
         self.seen(ident, now)
 
     def channels(self, ident: str, minute: int) -> dict[str, dict[str, Any]]:

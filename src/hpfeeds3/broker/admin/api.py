@@ -355,7 +355,7 @@ class Console:
         try:
             body = await self._body(request)
         except ApiError:
-            self._failed(request, "login")  # a body no browser sends: a failed attempt like any other
+            self._failed(request, "login", "")  # a body no browser sends: a failed attempt like any other
             raise
         token = body.get("token")
         token = token if isinstance(token, str) else ""

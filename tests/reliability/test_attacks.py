@@ -734,6 +734,7 @@ def test_a_tls_reconnect_storm_is_held_back_not_cut(reliable_broker, tmp_path: P
     )
     assert served == STORM_SENSORS
     assert metric(samples, CLOSED, reason="too_many_unauthenticated") == 0
+    assert metric(samples, "hpfeeds_broker_held_back_connections") == 0  # every one was started
 
 
 # --- 3. toggling a subscription on a crowded channel -------------------------------------------------

@@ -237,6 +237,9 @@ class Broker:
                 conn = next(iter(held_back))
                 del held_back[conn]
                 try:
+                    if conn.peer_gone():
+                        conn.close(CloseReason.CLIENT_CLOSED, None, abort=True)  # it gave up waiting
+                        continue
                     self._enter_pool(conn, held=True)
                 except Exception:
                     conn.internal_error("starting a connection held back")

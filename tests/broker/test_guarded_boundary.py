@@ -165,7 +165,7 @@ def test_a_fault_in_connection_made_closes_that_connection_alone(tmp_path, monke
     with broker_in_thread(tmp_path) as (broker, port):
         sub = confirmed_subscriber(port, "alice", "a")
         before = closed_internal()
-        monkeypatch.setattr(connection_module, "address_group", _raise("connection_made"))
+        monkeypatch.setattr(connection_module, "address_groups", _raise("connection_made"))
         with RawClient(port) as victim:
             victim.sock.settimeout(5)
             frames = victim.expect_closed()

@@ -341,9 +341,10 @@ def during_attack(
     sensor: Callable[[int, str], None],
     sources: Sequence[str],
     holding: Callable[[], bool],
+    seconds: float = ATTACK_S,
 ) -> None:
-    """``attack`` in a thread for ATTACK_S; once ``holding()`` (the attacker holds its
-    share), one ``sensor(i, source)`` thread per source, spread over the next ATTACK_S - 1 s."""
+    """``attack`` in a thread for ``seconds``; once ``holding()`` (the attacker holds its
+    share), one ``sensor(i, source)`` thread per source, spread over the next ``seconds`` - 1 s."""
     flood = threading.Thread(target=attack)
     t0 = time.monotonic()
     flood.start()
@@ -356,10 +357,10 @@ def during_attack(
             t = threading.Thread(target=sensor, args=(i, source))
             t.start()
             sensors.append(t)
-            time.sleep((ATTACK_S - 1.0) / len(sources))
+            time.sleep((seconds - 1.0) / len(sources))
         for t in sensors:
             t.join(30)
-        time.sleep(max(0.0, t0 + ATTACK_S - time.monotonic()))
+        time.sleep(max(0.0, t0 + seconds - time.monotonic()))
     finally:
         stop.set()
         flood.join(30)
@@ -525,6 +526,215 @@ def test_sensors_get_in_at_the_connection_limit(reliable_broker, attack_kind: st
     assert ok == list(range(len(sources))), results
     assert peak_fds[0] - fds_before <= LIMIT_CONNECTIONS + 64
     assert b.process.proc.poll() is None
+
+
+# --- 2b. a flood from many addresses, and sensors a long round trip away ------------------------
+
+# 4,080 attacker hosts, one silent connection each, in 16 /24 networks none of the sensors share.
+FLOOD_HOSTS = tuple(f"127.1.{n}.{h}" for n in range(16) for h in range(1, 256))
+FLOOD_PER_S = 3_500
+FLOOD_S = 3.0
+FLOOD_POOL = 256  # --max-unauthenticated: at 3,500/s a silent connection lasts ~0.07 s in it
+SLOW_SENSORS = tuple((f"127.0.0.{10 + i}", delay) for i, delay in enumerate((0.3, 1.0) * 4))
+
+
+@pytest.mark.parametrize("transport", ["plain", "tls"])
+def test_a_many_address_flood_lets_slow_sensors_in(reliable_broker, tmp_path: Path, transport: str) -> None:
+    """3,500 silent connections per second for 3 s, spread over 4,080 addresses
+    (one connection each, so every address ties), against a pool of 256; 8
+    sensors whose AUTH comes 0.3 s or 1 s after INFO (a satellite link, a TLS
+    round trip) each connect once during it: every one authenticates. The
+    flood's networks are the busiest, so it evicts its own."""
+    raise_nofile()
+    flags, tls_port, ctx = tls_endpoint(tmp_path) if transport == "tls" else ([], 0, None)
+    b = reliable_broker(*flags, "--max-unauthenticated", str(FLOOD_POOL))
+    port = tls_port or b.port
+    stop = threading.Event()
+    made = [0]
+    results: dict[int, Frame | None] = {}
+
+    def attack() -> None:
+        held: dict[str, socket.socket] = {}
+        t0 = time.monotonic()
+        try:
+            while not stop.is_set():
+                due = int((time.monotonic() - t0) * FLOOD_PER_S)
+                if made[0] >= due:
+                    time.sleep(0.001)
+                    continue
+                host = FLOOD_HOSTS[made[0] % len(FLOOD_HOSTS)]
+                old = held.pop(host, None)
+                if old is not None:
+                    old.close()
+                with contextlib.suppress(OSError):
+                    held[host] = connect_from(host, port, blocking=False)
+                made[0] += 1
+        finally:
+            for s in held.values():
+                s.close()
+
+    def sensor(i: int, source: str) -> None:
+        delay = SLOW_SENSORS[i][1]
+        try:
+            with connect_from(source, port) as raw:
+                sock = raw if ctx is None else ctx.wrap_socket(raw, server_hostname="localhost")
+                decoder = Decoder.for_client()
+                pending: list[Frame] = []
+                info = read_frame(sock, decoder, pending)
+                if not isinstance(info, Info):
+                    results[i] = info
+                    return
+                time.sleep(delay)  # the sensor's round trip, not synchronisation
+                payload = f"slow sensor {i}".encode()
+                sock.sendall(
+                    encode_auth(b"alice", sign(info.nonce, b"alice-secret"))
+                    + encode_subscribe(b"alice", b"chan1")
+                    + encode_publish(b"alice", b"chan1", payload)
+                )
+                frame = read_frame(sock, decoder, pending)
+                while isinstance(frame, Publish) and frame.payload != payload:
+                    frame = read_frame(sock, decoder, pending)
+                results[i] = frame
+        except OSError as e:
+            results[i] = e  # type: ignore[assignment]
+
+    during_attack(
+        attack,
+        stop,
+        sensor,
+        [source for source, _ in SLOW_SENSORS],
+        lambda: metric(scrape(b.exporter_port), CLOSED, reason="too_many_unauthenticated") > 0,
+        seconds=FLOOD_S,
+    )
+    samples = scrape(b.exporter_port)
+    ok = sorted(i for i, frame in results.items() if isinstance(frame, Publish))
+    record(
+        "many_address_flood",
+        transport=transport,
+        flood_connections=made[0],
+        flood_per_s=round(made[0] / FLOOD_S),
+        pool=FLOOD_POOL,
+        evicted=metric(samples, CLOSED, reason="too_many_unauthenticated"),
+        sensors=len(SLOW_SENSORS),
+        sensors_authenticated=len(ok),
+        failures=[repr(results.get(i))[:120] for i in range(len(SLOW_SENSORS)) if i not in ok],
+    )
+    assert ok == list(range(len(SLOW_SENSORS))), results
+    assert b.process.proc.poll() is None
+
+
+STORM_SENSORS = 96
+STORM_POOL = 8
+
+
+class StormSensor:
+    """A TLS sensor driven by a selector: its ClientHello is made before it connects
+    and sent right after, as an independent host's would be (no thread to wait for)."""
+
+    def __init__(self, i: int, ctx: ssl.SSLContext, port: int) -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        self.payload = f"storm {i}".encode()
+        self.decoder = Decoder.for_client()
+        self.result: Frame | None = None
+        self.done = False
+        self.authed = False
+        self.handshaken = False
+        self.step()  # the ClientHello, into outgoing
+        self.sock = connect_from(f"127.0.2.{i + 1}", port, timeout=20)
+        self.flush()
+        self.sock.setblocking(False)
+
+    def flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.sock.setblocking(True)
+            self.sock.sendall(data)
+            self.sock.setblocking(False)
+
+    def step(self) -> None:
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.tls.do_handshake()
+            self.handshaken = True
+
+    def readable(self) -> None:
+        try:
+            self._readable()
+        except ssl.SSLError as e:  # a refusal before the handshake comes in plain text
+            self.result, self.done = e, True  # type: ignore[assignment]
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.done = True
+            return
+        self.incoming.write(data)
+        if not self.handshaken:
+            self.step()
+            self.flush()
+            if not self.handshaken:
+                return
+        plain = b""
+        with contextlib.suppress(ssl.SSLWantReadError):
+            while True:
+                chunk = self.tls.read(65536)
+                if not chunk:
+                    break
+                plain += chunk
+        for frame in self.decoder.feed(plain):
+            if isinstance(frame, Info) and not self.authed:
+                self.authed = True
+                self.tls.write(
+                    encode_auth(b"alice", sign(frame.nonce, b"alice-secret"))
+                    + encode_subscribe(b"alice", b"chan1")
+                    + encode_publish(b"alice", b"chan1", self.payload)
+                )
+                self.flush()
+            elif not isinstance(frame, Publish) or frame.payload == self.payload:
+                self.result, self.done = cast(Frame, frame), True
+
+
+def test_a_tls_reconnect_storm_is_held_back_not_cut(reliable_broker, tmp_path: Path) -> None:
+    """96 TLS sensors (each from its own address) reconnect at once against a pool
+    of 8: the handshakes in progress fill it, and the newcomers wait their turn
+    instead of any being cut; every sensor is served on its first attempt."""
+    raise_nofile()
+    flags, tls_port, ctx = tls_endpoint(tmp_path)
+    b = reliable_broker(*flags, "--max-unauthenticated", str(STORM_POOL))
+    sensors = [StormSensor(i, ctx, tls_port) for i in range(STORM_SENSORS)]
+    deadline = time.monotonic() + 60
+    try:
+        with selectors.DefaultSelector() as sel:
+            for sensor in sensors:
+                sel.register(sensor.sock, selectors.EVENT_READ, sensor)
+            while sel.get_map() and time.monotonic() < deadline:
+                for key, _ in sel.select(0.1):
+                    sensor = key.data
+                    sensor.readable()
+                    if sensor.done:
+                        sel.unregister(sensor.sock)
+    finally:
+        for sensor in sensors:
+            sensor.sock.close()
+    samples = scrape(b.exporter_port)
+    results = [sensor.result for sensor in sensors]
+    served = sum(1 for r in results if isinstance(r, Publish))
+    record(
+        "tls_storm_held_back",
+        sensors=STORM_SENSORS,
+        pool=STORM_POOL,
+        served_first_attempt=served,
+        cut=metric(samples, CLOSED, reason="too_many_unauthenticated"),
+        failures=sorted({repr(r)[:120] for r in results if not isinstance(r, Publish)}),
+    )
+    assert served == STORM_SENSORS
+    assert metric(samples, CLOSED, reason="too_many_unauthenticated") == 0
+    assert metric(samples, "hpfeeds_broker_held_back_connections") == 0  # every one was started
 
 
 # --- 3. toggling a subscription on a crowded channel -------------------------------------------------

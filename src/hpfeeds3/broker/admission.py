@@ -2,97 +2,219 @@
 
 A connection counts from the moment it is accepted (a TLS handshake in
 progress included) until it authenticates or closes. The pool is bounded
-twice: per address group (an IPv4 address, or an IPv6 /64 — one host can
-take any address in its /64) and in total. When a bound is reached the new
-connection is admitted and the *oldest* pre-auth connection is closed instead
-— the oldest of that address, or, for the total, the oldest of the busiest
-address. So a flood of silent connections only ever evicts its own: a
-sensor that arrives during the flood authenticates in a round trip, long
-before the flood's next connections could push it out, even when it shares
-the attacker's address behind a NAT.
+twice: per address (an IPv4 address, or an IPv6 /64 — one host can take any
+address in its /64) and in total.
 
-Every operation is O(1): connections are kept in insertion order per address,
-and addresses in buckets by how many slots they hold.
+Who is closed to make room is chosen among the *idle* members: a connection
+whose bytes are arriving (a TLS handshake, an AUTH frame) is making progress
+and is left alone while it does (``PROGRESS_WINDOW_S`` since its last bytes).
+Among the idle, the pool looks at networks first (IPv4 /24, IPv6 /48), then
+at addresses within the busiest network, then takes that address's oldest. So
+a flood of silent connections evicts its own, from one address or from
+thousands in a few networks: a slow sensor elsewhere keeps its slot for as
+long as the flood's networks hold more idle connections than its own.
+
+Bytes that have arrived but are not read yet (a ClientHello queued behind
+the accepts of a storm) count too: a candidate is asked (``has_bytes``) before
+it is named, and one with bytes waiting is making progress.
+
+When the pool is full and every member is making progress (a reconnect
+storm), nobody is cut: ``has_room`` says so and the broker holds the
+newcomer back, unread, until a slot frees (state.py).
+
+Every operation is O(1): members are kept in insertion order per address,
+and addresses (and networks) in buckets by how many idle members they hold.
 """
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from .tuning import PROGRESS_WINDOW_S
+
 T = TypeVar("T")
+K = TypeVar("K")
+
+Groups = tuple[str, str]  # (network, address)
 
 
 @functools.lru_cache(maxsize=65536)
-def address_group(host: str) -> str:
-    """The unit that gets a fair share: an IPv4 address, or the /64 of an IPv6 address."""
+def address_groups(host: str) -> Groups:
+    """(network, address) of ``host``: IPv4 (/24, the address); IPv6 (/48, /64)."""
     if ":" not in host:
-        return host
+        head, dot, _ = host.rpartition(".")
+        return (f"{head}.0/24" if dot else host), host
     try:
         ip = ipaddress.IPv6Address(host.split("%", 1)[0])
     except ValueError:
-        return host
+        return host, host
     if ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return f"{ipaddress.IPv6Address(int(ip) >> 64 << 64)}/64"
+        return address_groups(str(ip.ipv4_mapped))
+    n = int(ip)
+    return f"{ipaddress.IPv6Address(n >> 80 << 80)}/48", f"{ipaddress.IPv6Address(n >> 64 << 64)}/64"
+
+
+def address_group(host: str) -> str:
+    """The unit that gets a fair share: an IPv4 address, or the /64 of an IPv6 address."""
+    return address_groups(host)[1]
+
+
+class _Ranking(Generic[K]):
+    """Keys by a count, with the key holding the most found in O(1) (counts move by one)."""
+
+    __slots__ = ("_buckets", "_max", "counts")
+
+    def __init__(self) -> None:
+        self.counts: dict[K, int] = {}
+        # n -> the keys holding exactly n (oldest to reach n first)
+        self._buckets: dict[int, dict[K, None]] = {}
+        self._max = 0
+
+    def add(self, key: K, step: int) -> None:
+        old = self.counts.get(key, 0)
+        new = old + step
+        if old:
+            bucket = self._buckets[old]
+            del bucket[key]
+            if not bucket:
+                del self._buckets[old]
+        if new:
+            self.counts[key] = new
+            self._buckets.setdefault(new, {})[key] = None
+        else:
+            del self.counts[key]
+        if new > self._max or (old == self._max and old not in self._buckets):
+            self._max = new
+
+    def top(self) -> K | None:
+        return next(iter(self._buckets[self._max])) if self.counts else None
 
 
 class PreAuthPool(Generic[T]):
-    """Members (connections) by address group, with O(1) admission and eviction."""
+    """Members (connections) by network and address, with O(1) admission and eviction."""
 
-    __slots__ = ("_by_group", "_groups_by_count", "_max_count", "limit_per_group", "limit_total", "total")
+    __slots__ = (
+        "_by_address",
+        "_has_bytes",
+        "_idle",
+        "_idle_addresses",
+        "_networks",
+        "_progressing",
+        "limit_per_group",
+        "limit_total",
+        "total",
+    )
 
-    def __init__(self, limit_total: int, limit_per_group: int) -> None:
+    def __init__(
+        self, limit_total: int, limit_per_group: int, has_bytes: Callable[[T], bool] = lambda member: False
+    ) -> None:
+        self._has_bytes = has_bytes
         self.limit_total = limit_total
         self.limit_per_group = limit_per_group
         self.total = 0
-        # group -> its members, oldest first (a dict keeps insertion order)
-        self._by_group: dict[str, dict[T, None]] = {}
-        # n -> the groups holding exactly n members (oldest to reach n first)
-        self._groups_by_count: dict[int, dict[str, None]] = {}
-        self._max_count = 0
+        # address -> its members, oldest first (a dict keeps insertion order)
+        self._by_address: dict[str, dict[T, None]] = {}
+        # address -> its idle members, oldest first
+        self._idle: dict[str, dict[T, None]] = {}
+        # networks ranked by idle members; per network, its addresses ranked likewise
+        self._networks: _Ranking[str] = _Ranking()
+        self._idle_addresses: dict[str, _Ranking[str]] = {}
+        # member -> (when its last bytes came, its groups), least recent first
+        self._progressing: dict[T, tuple[float, Groups]] = {}
 
-    def admit(self, member: T, group: str) -> tuple[T | None, str]:
-        """Add ``member``; returns (a member to close now or None, which bound it was over)."""
-        members = self._by_group.setdefault(group, {})
+    def has_room(self, now: float) -> bool:
+        """Whether a newcomer can be admitted: below the bound, or an idle member to close."""
+        return self.total < self.limit_total or self.oldest_idle(now) is not None
+
+    def admit(self, member: T, groups: Groups, now: float) -> tuple[T | None, str]:
+        """Add ``member`` (idle); returns (a member to close now or None, which bound it was over)."""
+        address = groups[1]
+        members = self._by_address.setdefault(address, {})
         members[member] = None
-        self._moved(group, len(members) - 1, len(members))
         self.total += 1
+        self._add_idle(member, groups)
         if len(members) > self.limit_per_group:
-            return next(iter(members)), "address"
+            # One address never holds more: its oldest idle member, else its oldest.
+            self._expire(now)
+            idle = self._idle.get(address)
+            return next(iter(idle or members)), "address"
         if self.total > self.limit_total:
-            return self.oldest_of_busiest(), "total"
+            return self.oldest_idle(now), "total"
         return None, ""
 
-    def oldest_of_busiest(self) -> T | None:
-        """The member to close when room must be made: the oldest of the address holding the most."""
-        if not self.total:
-            return None
-        busiest = next(iter(self._groups_by_count[self._max_count]))
-        return next(iter(self._by_group[busiest]))
+    def oldest_idle(self, now: float) -> T | None:
+        """The member to close when room must be made: the oldest idle one of the
+        busiest address of the busiest network; None when every member is making progress."""
+        self._expire(now)
+        while True:
+            network = self._networks.top()
+            if network is None:
+                return None
+            address = self._idle_addresses[network].top()
+            assert address is not None
+            candidate = next(iter(self._idle[address]))
+            if not self._has_bytes(candidate):
+                return candidate
+            self.progress(candidate, (network, address), now)  # its bytes are waiting to be read
 
-    def remove(self, member: T, group: str) -> None:
-        members = self._by_group.get(group)
+    def progress(self, member: T, groups: Groups, now: float) -> None:
+        """``member``'s bytes arrived: not a candidate for eviction until it goes quiet."""
+        seen = self._progressing.pop(member, None)
+        if seen is None:
+            idle = self._idle.get(groups[1])
+            if idle is None or member not in idle:
+                return  # not in the pool
+            self._drop_idle(member, groups, idle)
+        self._progressing[member] = (now, groups)
+
+    def expire(self, now: float) -> None:
+        """Members quiet for PROGRESS_WINDOW_S are idle again."""
+        self._expire(now)
+
+    def remove(self, member: T, groups: Groups) -> None:
+        address = groups[1]
+        members = self._by_address.get(address)
         if members is None or member not in members:
             return
         del members[member]
-        self.total -= 1
-        self._moved(group, len(members) + 1, len(members))
         if not members:
-            del self._by_group[group]
+            del self._by_address[address]
+        self.total -= 1
+        if self._progressing.pop(member, None) is None:
+            self._drop_idle(member, groups, self._idle[address])
 
     def count(self, group: str) -> int:
-        return len(self._by_group.get(group, ()))
+        return len(self._by_address.get(group, ()))
 
-    def _moved(self, group: str, old: int, new: int) -> None:
-        if old:
-            bucket = self._groups_by_count[old]
-            del bucket[group]
-            if not bucket:
-                del self._groups_by_count[old]
-        if new:
-            self._groups_by_count.setdefault(new, {})[group] = None
-        # Counts change by one: the maximum moves by at most one.
-        if new > self._max_count or (old == self._max_count and old not in self._groups_by_count):
-            self._max_count = new
+    def _expire(self, now: float) -> None:
+        progressing = self._progressing
+        horizon = now - PROGRESS_WINDOW_S
+        while progressing:
+            member, (seen, groups) = next(iter(progressing.items()))
+            if seen > horizon:
+                return
+            del progressing[member]
+            self._add_idle(member, groups)
+
+    def _add_idle(self, member: T, groups: Groups) -> None:
+        network, address = groups
+        self._idle.setdefault(address, {})[member] = None
+        self._networks.add(network, 1)
+        ranking = self._idle_addresses.get(network)
+        if ranking is None:
+            ranking = self._idle_addresses[network] = _Ranking()
+        ranking.add(address, 1)
+
+    def _drop_idle(self, member: T, groups: Groups, idle: dict[T, None]) -> None:
+        network, address = groups
+        del idle[member]
+        if not idle:
+            del self._idle[address]
+        self._networks.add(network, -1)
+        ranking = self._idle_addresses[network]
+        ranking.add(address, -1)
+        if not ranking.counts:
+            del self._idle_addresses[network]

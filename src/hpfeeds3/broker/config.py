@@ -49,22 +49,23 @@ class Limits:
         10_000,
         "--max-connections",
         "concurrent connections, also kept below the open-files limit; at the limit a connection lingering "
-        "after its closing ERROR, else the oldest unauthenticated one (of the busiest address), is closed to "
-        "make room",
+        "after its closing ERROR, else the oldest idle unauthenticated one (of the busiest network), is closed "
+        "to make room",
         host_wide=True,
     )
     # Bounds pre-auth memory.
     max_unauthenticated: int = limit(
         1_024,
         "--max-unauthenticated",
-        "connections that have not authenticated yet, TLS handshakes included; at the limit the oldest is closed",
+        "connections that have not authenticated yet, TLS handshakes included; at the limit an idle one of the "
+        "busiest network is closed (none making progress), or newcomers wait until a slot frees",
         host_wide=True,
     )
     # One host never takes the whole pool.
     max_unauthenticated_per_address: int = limit(
         64,
         "--max-unauthenticated-per-address",
-        "of those, from one address (IPv6: one /64); at the limit that address's oldest is closed",
+        "of those, from one address (IPv6: one /64); at the limit that address's oldest idle one is closed",
     )
     # A trickled frame cannot pin its buffer for ever (slow_producer).
     min_receive_rate_bytes: int = limit(

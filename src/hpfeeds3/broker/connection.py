@@ -43,17 +43,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import logging
 import math
+import select
 import ssl
+import termios
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..protocol import encode_info, new_nonce
 from . import metrics
-from .admission import address_group
+from .admission import Groups, address_groups
 from .auth import AccessKey, AuthUnavailable, WouldBlock
 from .durable.feed import SAMPLE_S, DurableFeed
 from .durable.tcpack import CloseKind, SocketLike, close_kind
@@ -116,6 +119,10 @@ def guarded(where: str) -> Callable[[_Method], _Method]:
     return wrap
 
 
+# poll() events of a peer that has closed or reset (Linux: POLLRDHUP; elsewhere a reset only).
+_GONE = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
+
+
 def _write_after_close(data: bytes) -> None:
     """What a connection writes once it is lost: nothing."""
 
@@ -146,6 +153,7 @@ class Connection(asyncio.Protocol):
         "_backlogged",
         "_eof_pending",
         "_held",
+        "_held_data",
         "_linger",
         "_lost",
         "_partial_start",
@@ -181,7 +189,7 @@ class Connection(asyncio.Protocol):
         self._tls_session: TlsSession | None = None
         self._tls_turn = False  # a later turn goes on decrypting (_continue_tls)
         self._write: Callable[[bytes], None] = self._write_unconnected
-        self.group = "?"  # address group for the pre-auth pool (admission.py)
+        self.group: Groups = ("?", "?")  # (network, address) for the pre-auth pool (admission.py)
         limits = broker.config.limits
         self.session: Session[Connection] = Session(
             self,
@@ -201,6 +209,7 @@ class Connection(asyncio.Protocol):
         self._partial_start = -1  # stream offset of the incomplete frame being timed
         self._partial_timer: asyncio.TimerHandle | None = None
         self._eof_pending = False
+        self._held_data: bytes | None = None  # while held back (state.Broker.admit)
         self._turn_pending = False
         self._auth_deadline: asyncio.TimerHandle | None = None
         self._backlog_timer: asyncio.TimerHandle | None = None
@@ -217,6 +226,28 @@ class Connection(asyncio.Protocol):
     def tls(self) -> bool:
         """The client speaks TLS (terminated in this connection)."""
         return self._tls is not None
+
+    def bytes_waiting(self) -> bool:
+        """Bytes from the client have arrived and are not read yet (admission.py)."""
+        t = self.transport
+        sock = t.get_extra_info("socket") if t is not None else None
+        if sock is None:
+            return False
+        try:
+            return fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0") != b"\0\0\0\0"
+        except OSError:
+            return False
+
+    def peer_gone(self) -> bool:
+        """The client has closed its side (a FIN or a reset is waiting): it gave up
+        while held back, and its handshake would be work for nobody."""
+        t = self.transport
+        sock = t.get_extra_info("socket") if t is not None else None
+        if sock is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), _GONE)
+        return bool(poller.poll(0))
 
     def write_buffer_size(self) -> int:
         t = self.transport
@@ -235,13 +266,35 @@ class Connection(asyncio.Protocol):
         if isinstance(peername, tuple) and len(peername) >= 2:
             host = self.peer_host = peername[0]
             self.peer = f"[{host}]:{peername[1]}" if ":" in host else f"{host}:{peername[1]}"
-            self.group = address_group(host)
+            self.group = address_groups(host)
         self.session.peer = self.peer
         metrics.CONNECTION_MADE.inc()
         broker.emit(Connected(self.peer, self.id))
-        # Counted, and in the pre-auth pool until it leaves it, exactly once.
-        if not broker.admit(self):
-            return  # refused at the connection limit: closed
+        # Counted, and in the pre-auth pool until it leaves it, exactly once; the
+        # broker calls start() now, or once a slot frees (held back meanwhile).
+        broker.admit(self)
+
+    def hold_back(self) -> None:
+        """The pre-auth pool is full of connections making progress: read nothing, send
+        nothing, until the broker starts this one (it waits as in the listen backlog)."""
+        assert self.transport is not None
+        self._held_data = b""
+        self.transport.pause_reading()
+
+    def _hold(self, data: bytes) -> None:
+        """Bytes read while held back (a loop may start reading after connection_made
+        whatever it was told): kept for start(), a bounded amount."""
+        assert self.transport is not None and self._held_data is not None
+        self._held_data += data
+        self.transport.pause_reading()
+        if len(self._held_data) > self._authing_buffer_cap():
+            metrics.limit_rejected(Limit.PRE_AUTH_BUFFER)
+            self.close(CloseReason.FRAME_TOO_LARGE, "too much data before authentication completed", abort=True)
+
+    def start(self, held: bool = False) -> None:
+        """Admitted to the pre-auth pool: the TLS handshake, or INFO."""
+        assert self.transport is not None
+        broker = self.broker
         if self._tls is not None:
             # The handshake runs in this connection (tls.py), on its own deadline.
             self._tls_session = TlsSession(self._tls, broker.config.limits.max_tls_records_without_data)
@@ -249,8 +302,13 @@ class Connection(asyncio.Protocol):
             self._auth_deadline = self._call_later(
                 broker.config.limits.tls_handshake_timeout_s, self._on_handshake_timeout
             )
-            return
-        self._greet()
+        else:
+            self._greet()
+        if held:
+            data, self._held_data = self._held_data, None
+            self.transport.resume_reading()
+            if data:
+                self.data_received(data)
 
     def _greet(self) -> None:
         """INFO with the nonce, and the AUTH deadline from now."""
@@ -363,6 +421,11 @@ class Connection(asyncio.Protocol):
             if (linger is None or not linger.read(len(data))) and self.transport is not None:
                 self.transport.abort()
             return
+        if session.state != READY:
+            if self._held_data is not None:
+                self._hold(data)
+                return
+            self.broker.progress(self)  # bytes of a handshake or an AUTH: not evicted for a while
         tls = self._tls_session
         if tls is not None:
             self._tls_feed(tls, data)

@@ -205,6 +205,11 @@ class BrokerCollector(Collector):
             value=broker.unauthenticated,
         )
         yield GaugeMetricFamily(
+            "hpfeeds_broker_held_back_connections",
+            "Connections accepted while the pre-auth pool was full of connections making progress, not started yet",
+            value=len(broker.held_back),
+        )
+        yield GaugeMetricFamily(
             "hpfeeds_broker_pending_tasks",
             "Background tasks in flight (auth lookups, watchers)",
             value=broker.task_count,

@@ -28,9 +28,15 @@ from .policies import BacklogBounds, ReceiveRate
 from .ratelimit import AuthFailureLimiter
 from .reasons import CloseReason
 from .router import Router
-from .session import Refusal
+from .session import CLOSED, Refusal
 from .text import printable
-from .tuning import AUTH_LOOKUP_ATTEMPTS, AUTH_LOOKUP_TIMEOUT_S, MAX_CHANNEL_SETS, PARTIAL_FRAME_GRACE_S
+from .tuning import (
+    AUTH_LOOKUP_ATTEMPTS,
+    AUTH_LOOKUP_TIMEOUT_S,
+    HELD_BACK_RECHECK_S,
+    MAX_CHANNEL_SETS,
+    PARTIAL_FRAME_GRACE_S,
+)
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -75,8 +81,13 @@ class Broker:
         limits = config.limits
         # Connections not authenticated yet, by address group (admission.py).
         self.pre_auth: PreAuthPool[Connection] = PreAuthPool(
-            limits.max_unauthenticated, limits.max_unauthenticated_per_address
+            limits.max_unauthenticated, limits.max_unauthenticated_per_address, lambda conn: conn.bytes_waiting()
         )
+        # Accepted while the pool was full of connections making progress: not read
+        # yet, started oldest first as slots free.
+        self.held_back: dict[Connection, None] = {}
+        self._held_back_timer: asyncio.TimerHandle | None = None
+        self._releasing = False
         # Bytes held in incomplete frames: by connection (with the ident and
         # address group they are counted under), their sum, and running sums by
         # ident (None: not authenticated) and by address group within an ident;
@@ -245,7 +256,7 @@ class Broker:
         if conn in self.partial_holders:
             self._unhold_partial(conn)
         if held:
-            ident, group = conn.session.ident, conn.group
+            ident, group = conn.session.ident, conn.group[1]  # the address (IPv6: its /64)
             self.partial_holders[conn] = (held, ident, group)
             self.partial_bytes += held
             self._partial_by_ident[ident] = self._partial_by_ident.get(ident, 0) + held
@@ -321,33 +332,87 @@ class Broker:
 
     # --- called by connections ---------------------------------------------------
 
-    def admit(self, conn: Connection) -> bool:
+    def admit(self, conn: Connection) -> None:
         """Count ``conn`` from its accept and put it in the pre-auth pool, making room at
-        a bound; False when ``conn`` itself is refused (and closed).
+        a bound, then start it; or hold it back while the pool is full of connections
+        making progress; or refuse (and close) it.
 
-        At a pre-auth bound the oldest pre-auth connection (of the address, or
-        of the busiest address) is closed. At the connection limit (the
-        descriptor limit) the oldest connection lingering after its closing
-        ERROR is cut, else the oldest pre-auth connection of the busiest
-        address is closed. The newcomer is refused only when neither exists.
-        A fault while closing another connection closes that one alone."""
+        At a pre-auth bound the oldest idle pre-auth connection (of the address,
+        or of the busiest address of the busiest network) is closed. When every
+        one is making progress (admission.py), nobody is cut: ``conn`` waits,
+        unread, and is started in its turn once a slot frees. At the connection
+        limit (the descriptor limit) the oldest connection lingering after its
+        closing ERROR is cut, else the oldest idle pre-auth connection; the
+        newcomer is refused only when neither exists. A fault while closing
+        another connection closes that one alone."""
         self.connections.add(conn)
-        evict, bound = self.pre_auth.admit(conn, conn.group)
-        if len(self.connections) > self.max_connections and evict is None:
+        if len(self.connections) > self.max_connections:
             if self.lingering:
                 next(iter(self.lingering)).cut_linger()
             else:
-                evict, bound = self.pre_auth.oldest_of_busiest(), "connections"
-                if evict is None or evict is conn:
+                evict = self.pre_auth.oldest_idle(self.loop.time())
+                if evict is None:
                     message = f"too many connections (limit {self.max_connections})"
                     self._make_room(conn, Limit.MAX_CONNECTIONS, CloseReason.TOO_MANY_CONNECTIONS, message)
-                    return False
+                    return
+                self._close_to_make_room(evict, "connections")
+                if conn.session.state == CLOSED:
+                    return
+        if self.held_back or not self.pre_auth.has_room(self.loop.time()):
+            self.held_back[conn] = None
+            conn.hold_back()
+            self._recheck_held_back()
+            return
+        self._enter_pool(conn, held=False)
+
+    def _enter_pool(self, conn: Connection, *, held: bool) -> None:
+        evict, bound = self.pre_auth.admit(conn, conn.group, self.loop.time())
         if evict is not None:
-            try:
-                self._evict(evict, bound)
-            except Exception:
-                evict.internal_error("making room for a new connection")
-        return True
+            self._close_to_make_room(evict, bound)
+            if evict is conn:
+                return
+        conn.start(held)
+
+    def _close_to_make_room(self, evict: Connection, bound: str) -> None:
+        try:
+            self._evict(evict, bound)
+        except Exception:
+            evict.internal_error("making room for a new connection")
+
+    def progress(self, conn: Connection) -> None:
+        """``conn``'s bytes arrived before it authenticated (admission.py)."""
+        self.pre_auth.progress(conn, conn.group, self.loop.time())
+
+    def _release_held_back(self) -> None:
+        """Start the connections held back, oldest first, while the pool has room."""
+        held_back = self.held_back
+        pool = self.pre_auth
+        if self.state == "stopping" or self._releasing:
+            return  # the loop below goes on when an eviction in it frees a slot
+        self._releasing = True
+        try:
+            while held_back and pool.has_room(self.loop.time()):
+                conn = next(iter(held_back))
+                del held_back[conn]
+                try:
+                    if conn.peer_gone():
+                        conn.close(CloseReason.CLIENT_CLOSED, None, abort=True)  # it gave up waiting
+                        continue
+                    self._enter_pool(conn, held=True)
+                except Exception:
+                    conn.internal_error("starting a connection held back")
+        finally:
+            self._releasing = False
+        self._recheck_held_back()
+
+    def _recheck_held_back(self) -> None:
+        # Members making progress go idle again without an event: look again soon.
+        if self.held_back and self._held_back_timer is None:
+            self._held_back_timer = self.loop.call_later(HELD_BACK_RECHECK_S, self._on_held_back_timer)
+
+    def _on_held_back_timer(self) -> None:
+        self._held_back_timer = None
+        self._release_held_back()
 
     def _evict(self, conn: Connection, bound: str) -> None:
         limits = self.config.limits
@@ -382,6 +447,7 @@ class Broker:
         if conn not in self.connections:
             return
         self.connections.discard(conn)
+        self.held_back.pop(conn, None)
         self.retire(conn)
         ident = conn.session.ident
         if ident is not None:
@@ -426,6 +492,8 @@ class Broker:
 
     def left_pre_auth(self, output: Connection) -> None:
         self.pre_auth.remove(output, output.group)
+        if self.held_back:
+            self._release_held_back()
 
     def auth_failed(self, output: Connection, ident: str | None, shown: str, why: str) -> None:
         self.emit(AuthFailed(output.peer, shown, why))

@@ -55,6 +55,16 @@ CLOSE_LINGER_BYTES = 64 * 1024
 
 # --- fairness between connections -------------------------------------------------
 
+# A pre-auth connection whose bytes arrived this recently is making progress
+# (a TLS handshake, an AUTH frame) and is not closed to make room for a
+# newcomer (admission.py): a round trip on a slow link, with margin. An
+# attacker cannot keep a connection "progressing" for free: each TLS flight
+# must be valid, and a trickled frame meets --min-receive-rate.
+PROGRESS_WINDOW_S = 2.0
+# While the pre-auth pool is full of connections making progress, newcomers
+# are held back unread; they are looked at again at least this often.
+HELD_BACK_RECHECK_S = 0.1
+
 # A frame whose header has arrived gets this long on top of its size divided
 # by --min-receive-rate: a small frame on a congested link is not cut.
 PARTIAL_FRAME_GRACE_S = 5.0

@@ -123,10 +123,10 @@ MUTANTS: tuple[Mutant, ...] = (
     mutant(
         "preauth-evicts-first-address",
         ADMISSION,
-        "busiest = next(iter(self._groups_by_count[self._max_count]))",
-        "busiest = next(iter(self._by_group))",
+        "network = self._networks.top()",
+        "network = next(iter(self._networks.counts), None)",
         "tests/broker/test_admission.py",
-        why="at the total pre-auth bound the first address's connection is closed, not the busiest's",
+        why="at the total pre-auth bound the first network's connection is closed, not the busiest's",
     ),
     mutant(
         "preauth-per-address-off-by-one",

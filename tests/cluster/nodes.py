@@ -59,8 +59,8 @@ def seen_on_nats(url: str, publisher: RawClient, channel: str = "plain", timeout
 
 
 def metric(b: BrokerProcess, name: str) -> float:
-    """An unlabelled sample of ``b``'s ``/metrics`` (0 when absent)."""
-    return metrics.metric(metrics.scrape(b.exporter_port), name)
+    """A sample of ``b``'s ``/metrics``, ``name`` with its labels as exposed (0 when absent)."""
+    return metrics.scrape_flat(b.exporter_port).get(name, 0.0)
 
 
 def healthz(b: BrokerProcess) -> dict:

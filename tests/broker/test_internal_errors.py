@@ -9,11 +9,8 @@ everyone else is still served.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,14 +18,14 @@ from pathlib import Path
 import pytest
 
 from hpfeeds3.broker import metrics
-from hpfeeds3.broker.config import BrokerConfig, Endpoint, Limits
+from hpfeeds3.broker.config import BrokerConfig, Limits
 from hpfeeds3.broker.connection import Connection
 from hpfeeds3.broker.router import Router
-from hpfeeds3.broker.server import serve
 from hpfeeds3.broker.session import Session
 from hpfeeds3.broker.state import Broker
 
 from ..support.broker import RawClient, write_users_json
+from ..support.inprocess import serving_in_thread
 
 ERROR_TEXT = "internal: internal error; this connection is closed"
 
@@ -42,36 +39,9 @@ def broker_in_thread(tmp_path: Path, limits: Limits | None = None) -> Iterator[t
             "bad": {"secret": "b", "pubchans": [], "subchans": ["chan1"]},
         },
     )
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    sock.setblocking(False)
-    port = sock.getsockname()[1]
     config = BrokerConfig(auth=(str(keys),), limits=limits or Limits(shutdown_drain_s=0.5))
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict[str, object] = {}
-
-    async def main() -> None:
-        stop = holder["stop"] = asyncio.Event()
-
-        def started(broker: Broker) -> None:
-            holder["broker"] = broker
-            ready.set()
-
-        await serve(config, sockets=[(Endpoint("tcp", "127.0.0.1", port), sock)], stop=stop, started=started)
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    thread.start()
-    try:
-        assert ready.wait(15), "broker did not start"
-        yield holder["broker"], port  # type: ignore[misc]
-    finally:
-        stop = holder.get("stop")
-        if isinstance(stop, asyncio.Event):
-            loop.call_soon_threadsafe(stop.set)
-        thread.join(15)
-        loop.close()
+    with serving_in_thread(config) as served:
+        yield served
 
 
 def closed_internal() -> float:

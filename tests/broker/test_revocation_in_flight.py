@@ -3,13 +3,13 @@ flight does not log the client in.
 
 The store is a real sqlite store whose lookup is slowed: it reads the row,
 then waits until the test lets it answer, as a remote store would while the
-row changes. The broker is the real one (``serve``), in a thread of its own.
+row changes. The broker is the real one (``serve``), in a thread of its own
+(``serving_in_thread``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import sqlite3
 import threading
 import time
@@ -17,11 +17,10 @@ from pathlib import Path
 
 from hpfeeds3.broker.auth import AccessKey, WouldBlock
 from hpfeeds3.broker.auth.sqlite import SqliteStore
-from hpfeeds3.broker.config import BrokerConfig, Endpoint
-from hpfeeds3.broker.server import serve
-from hpfeeds3.broker.state import Broker
+from hpfeeds3.broker.config import BrokerConfig
 from hpfeeds3.protocol import Error
 from tests.support.broker import RawClient, sqlite_add_key
+from tests.support.inprocess import serving_in_thread
 
 WAIT_S = 5.0
 
@@ -58,48 +57,26 @@ def test_a_key_removed_during_an_auth_lookup_does_not_log_in(tmp_path: Path) -> 
     db = tmp_path / "keys.db"
     sqlite_add_key(db, "bob", "bob-secret", ["chan1"], ["chan1"])
     store = SlowSqliteStore(str(db))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    sock.setblocking(False)
-    port = sock.getsockname()[1]
-    config = BrokerConfig(endpoints=(Endpoint("tcp", "127.0.0.1", port),))
-    brokers: list[Broker] = []
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-
-    def run() -> None:
-        loop.run_until_complete(
-            serve(config, sockets=[(config.endpoints[0], sock)], stop=stop, started=brokers.append, authenticator=store)
-        )
-
-    thread = threading.Thread(target=run, name="broker", daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: brokers, "the broker to start")
-        broker = brokers[0]
-        with RawClient(port) as client:
-            client.auth("bob", "bob-secret")
-            assert store.read.wait(WAIT_S), "the lookup never ran"
-            generation = broker.auth_generation
-            conn = sqlite3.connect(db)
-            with conn:
-                conn.execute("delete from authkeys where ident = 'bob'")
-            conn.close()
-            # The change feed saw the removal while the lookup still holds the old key.
-            wait_until(lambda: broker.auth_generation > generation, "the change feed")
+    with serving_in_thread(BrokerConfig(), authenticator=store) as (broker, port):
+        try:
+            with RawClient(port) as client:
+                client.auth("bob", "bob-secret")
+                assert store.read.wait(WAIT_S), "the lookup never ran"
+                generation = broker.auth_generation
+                conn = sqlite3.connect(db)
+                with conn:
+                    conn.execute("delete from authkeys where ident = 'bob'")
+                conn.close()
+                # The change feed saw the removal while the lookup still holds the old key.
+                wait_until(lambda: broker.auth_generation > generation, "the change feed")
+                store.gate.set()
+                try:
+                    frames = client.expect_closed(timeout=WAIT_S)
+                except TimeoutError:
+                    frames = []  # still open: logged in
+            assert frames, "logged in with a key removed during its lookup"
+            assert isinstance(frames[-1], Error)
+            assert frames[-1].message.startswith("authfail: Authentication failed for bob")
+            assert store.reads == 2  # the lookup that saw the change was repeated
+        finally:
             store.gate.set()
-            try:
-                frames = client.expect_closed(timeout=WAIT_S)
-            except TimeoutError:
-                frames = []  # still open: logged in
-        assert frames, "logged in with a key removed during its lookup"
-        assert isinstance(frames[-1], Error)
-        assert frames[-1].message.startswith("authfail: Authentication failed for bob")
-        assert store.reads == 2  # the lookup that saw the change was repeated
-    finally:
-        store.gate.set()
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(timeout=15)
-    assert not thread.is_alive(), "the broker did not stop"
-    loop.close()

@@ -3,33 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import nats
 
-from tests.support.broker import BrokerProcess, RawClient, free_port, write_users_json
+from tests.support import metrics
+from tests.support.broker import BrokerProcess, RawClient, start_on_free_ports, write_users_json
+from tests.support.broker import free_port as free_port
 
 CHANNELS = ["plain", "dots.in.name", "star*", "gt>", "with space", "ünïcödé"]
 
 
 def start_node(tmp_path: Path, nats_url: str, auth: str, *extra: str) -> BrokerProcess:
-    port = free_port()
-    exporter = free_port()
-    b = BrokerProcess(
-        [
-            *("--bind", f"127.0.0.1:{port}", "--auth", auth),
-            *("--cluster", nats_url, "--exporter", f"127.0.0.1:{exporter}"),
-            *extra,
-        ],
-        cwd=tmp_path,
-        port=port,
-    )
-    b.exporter_port = exporter  # type: ignore[attr-defined]
-    return b
+    """A node with an exporter (``exporter_port``), linked to ``nats_url``; not waited for."""
+    return start_on_free_ports(tmp_path, "--auth", auth, "--cluster", nats_url, *extra, exporter=True)
 
 
 def start_linked(tmp_path: Path, nats_url: str, auth: str, *extra: str) -> BrokerProcess:
@@ -70,16 +59,12 @@ def seen_on_nats(url: str, publisher: RawClient, channel: str = "plain", timeout
 
 
 def metric(b: BrokerProcess, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{b.exporter_port}/metrics", timeout=5).read().decode()  # type: ignore[attr-defined]
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+    """A sample of ``b``'s ``/metrics``, ``name`` with its labels as exposed (0 when absent)."""
+    return metrics.scrape_flat(b.exporter_port).get(name, 0.0)
 
 
 def healthz(b: BrokerProcess) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{b.exporter_port}/healthz", timeout=5) as r:  # type: ignore[attr-defined]
-        return json.loads(r.read())
+    return metrics.healthz(b.exporter_port)
 
 
 def wait_linked(b: BrokerProcess, timeout: float = 15) -> None:

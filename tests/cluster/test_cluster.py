@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -16,6 +15,7 @@ from tests.support.broker import (
     RawClient,
     confirm_subscribed,
     free_port,
+    free_ports,
     wait_for_port,
     write_users_json,
 )
@@ -189,15 +189,7 @@ def test_one_broker_killed_others_unaffected(tmp_path, nats, cluster_keys) -> No
 
 def free_port_pair() -> int:
     """A free port whose successor is free too (other processes on this machine take ports at random)."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
+    return free_ports(2)
 
 
 def test_workers_share_the_port_and_see_each_others_messages(tmp_path, nats) -> None:

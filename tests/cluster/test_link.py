@@ -4,32 +4,26 @@
 
 from __future__ import annotations
 
-import re
 import time
-import urllib.request
 from pathlib import Path
 
 from tests.conftest import USERS
-from tests.support.broker import BrokerProcess, RawClient, confirm_subscribed, free_port, write_users_json
+from tests.support.broker import BrokerProcess, RawClient, confirm_subscribed, start_on_free_ports, write_users_json
+from tests.support.metrics import scrape_flat
 from tests.support.nats import NatsServer
 
 
 def node(tmp_path: Path, cluster: str) -> tuple[BrokerProcess, int]:
     write_users_json(tmp_path / "users.json", USERS)
-    port, exporter = free_port(), free_port()
-    argv = ["--bind", f"127.0.0.1:{port}", "--auth", "users.json", "--cluster", cluster]
-    b = BrokerProcess([*argv, "--exporter", f"127.0.0.1:{exporter}"], cwd=tmp_path, port=port)
-    return b.wait_ready(), exporter
+    b = start_on_free_ports(tmp_path, "--auth", "users.json", "--cluster", cluster, exporter=True)
+    return b.wait_ready(), b.exporter_port
 
 
 def sample(exporter: int, name: str, absent: float | None = None) -> float:
     """A sample of ``/metrics`` (``name`` with its labels); ``absent``: the value when it is not there yet."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{exporter}/metrics", timeout=5) as r:
-        m = re.search(rf"^{re.escape(name)} (\S+)$", r.read().decode(), re.M)
-    if m is None and absent is not None:
-        return absent
-    assert m, name
-    return float(m.group(1))
+    value = scrape_flat(exporter).get(name, absent)
+    assert value is not None, name
+    return value
 
 
 def wait_sample(exporter: int, name: str, value: float, timeout: float = 15) -> None:

@@ -30,12 +30,10 @@ import timeit
 from pathlib import Path
 
 from hpfeeds3.broker.admin.tracker import Tracker
-from hpfeeds3.broker.auth import build_authenticator
-from hpfeeds3.broker.config import BrokerConfig
 from hpfeeds3.broker.events import Authenticated, Closed, Connected
 from hpfeeds3.broker.reasons import CloseReason
-from hpfeeds3.broker.state import Broker
 from tests.support.broker import BIN, BrokerProcess, free_port, wait_for_port
+from tests.support.inprocess import idle_broker
 
 from .conftest import Http, write_tokens
 
@@ -105,7 +103,7 @@ def run_once(workdir: Path, console: bool, duration: float, views: tuple[str, ..
 
 def tracker_cost_us() -> float:
     """CPU the console's tracker adds to one handshake (its three events), in µs."""
-    broker = Broker(BrokerConfig(auth=("env",)), build_authenticator(("env",)), asyncio.new_event_loop())
+    broker = idle_broker(asyncio.new_event_loop())
     tracker = Tracker(broker)
     peer = "127.0.0.1:5555"
     events = (

@@ -19,10 +19,8 @@ from aiohttp.test_utils import make_mocked_request
 
 from hpfeeds3.broker.admin.api import Console
 from hpfeeds3.broker.admin.tokens import TokenFile, generate_token, hash_token
-from hpfeeds3.broker.auth import build_authenticator
-from hpfeeds3.broker.config import BrokerConfig
 from hpfeeds3.broker.metrics import PublishStats
-from hpfeeds3.broker.state import Broker
+from tests.support.inprocess import idle_broker
 
 CONNECTIONS = 10_000
 
@@ -43,7 +41,7 @@ class StandIn:
 
 
 async def main() -> None:
-    broker = Broker(BrokerConfig(auth=("env",)), build_authenticator(("env",)), asyncio.get_running_loop())
+    broker = idle_broker(asyncio.get_running_loop())
     with tempfile.TemporaryDirectory() as tmp:
         tokens = Path(tmp) / "tokens"
         tokens.write_text(f"a admin sha256:{hash_token(generate_token())}\n")

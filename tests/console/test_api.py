@@ -22,11 +22,10 @@ from hpfeeds3.broker.admin import api as api_mod
 from hpfeeds3.broker.admin.api import Console as ApiConsole
 from hpfeeds3.broker.admin.tokens import TokenFile, parse_tokens
 from hpfeeds3.broker.admin.tokens import main as token_main
-from hpfeeds3.broker.auth import build_authenticator
 from hpfeeds3.broker.cli import build_parser, config_from_args
-from hpfeeds3.broker.config import BrokerConfig, ConfigError
-from hpfeeds3.broker.state import Broker
+from hpfeeds3.broker.config import ConfigError
 from tests.support.broker import BIN, BrokerProcess, RawClient, free_port
+from tests.support.inprocess import idle_broker
 
 from .conftest import (
     Console,
@@ -119,7 +118,7 @@ def post_routes(tokens: Path) -> list[str]:
     """Every POST path of the console's app, read from its router."""
     loop = asyncio.new_event_loop()
     try:
-        broker = Broker(BrokerConfig(auth=("env",)), build_authenticator(("env",)), loop)
+        broker = idle_broker(loop)
         app = ApiConsole(broker, TokenFile(str(tokens)), secure_cookie=False).app()
         return sorted({route.resource.canonical for route in app.router.routes() if route.method == "POST"})
     finally:

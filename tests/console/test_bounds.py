@@ -15,21 +15,20 @@ from hpfeeds3.broker.admin.sessions import Sessions
 from hpfeeds3.broker.admin.tokens import Principal
 from hpfeeds3.broker.admin.tracker import Tracker
 from hpfeeds3.broker.admin.watch import Watches
-from hpfeeds3.broker.auth import build_authenticator
-from hpfeeds3.broker.config import BrokerConfig
 from hpfeeds3.broker.events import AdminChange, AuthBlocked, AuthFailed, Closed, Connected, Revoked
 from hpfeeds3.broker.metrics import PublishStats
 from hpfeeds3.broker.reasons import CloseReason
 from hpfeeds3.broker.session import Refusal
 from hpfeeds3.broker.state import Broker
 from hpfeeds3.protocol import encode_publish
+from tests.support.inprocess import idle_broker
 
 
 @pytest.fixture
 def broker() -> Iterator[Broker]:
     loop = asyncio.new_event_loop()
     try:
-        yield Broker(BrokerConfig(auth=("env",)), build_authenticator(("env",)), loop)
+        yield idle_broker(loop)
     finally:
         loop.close()
 

@@ -1,5 +1,6 @@
 """Shared by the operations tests: a broker as a subprocess, a raw hpfeeds client,
-HTTP GETs, and the metric names a PromQL expression uses.
+HTTP GETs (all three from ``tests.support.broker``, with the names and
+timeouts these tests use), and the metric names a PromQL expression uses.
 
 Everything binds 127.0.0.1 only, every wait has a deadline, and every process
 started here is stopped by the fixture or context manager that started it.
@@ -11,19 +12,19 @@ import contextlib
 import os
 import re
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from hpfeeds3.protocol import Frame, Info
+from tests.support.broker import BrokerProcess as SharedBrokerProcess
 from tests.support.broker import RawClient as SharedRawClient
+from tests.support.broker import free_port as free_port
+from tests.support.broker import http_get as http_get
+from tests.support.broker import wait_healthy, wait_info
 
 REPO = Path(__file__).resolve().parents[2]
 BROKER = Path(sys.executable).parent / "hpfeeds-broker"
@@ -51,20 +52,6 @@ def copy_checkout(target: Path) -> Path:
     return target
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
 class RawClient(SharedRawClient):
     """The suite's raw-socket client, with the names these tests use."""
 
@@ -84,97 +71,44 @@ class RawClient(SharedRawClient):
         return self.info
 
 
-class BrokerProcess:
-    """A broker started from an argv, in a working directory, with an environment."""
+class BrokerProcess(SharedBrokerProcess):
+    """A broker started from a whole command line, in a working directory, with an
+    environment (the test runner's ``HPFEEDS_*`` variables left out)."""
 
     def __init__(
         self, argv: Sequence[str], cwd: Path, env: Mapping[str, str] | None = None, *, new_session: bool = False
     ) -> None:
-        self.argv = list(argv)
-        self.cwd = cwd
-        self.log_path = cwd / "broker.log"
         base = {k: v for k, v in os.environ.items() if not k.startswith("HPFEEDS_")}
-        base.update(env or {})
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            self.argv,
-            cwd=cwd,
-            env=base,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=new_session,  # its own process group, as a shell job or a systemd unit
+        super().__init__(
+            argv, cwd, env, command=(), base_env=base, new_session=new_session, log_path=cwd / "broker.log"
         )
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_log(self, needle: str, timeout: float = 5.0) -> str:
-        """The log once it holds ``needle`` (lines are written by the broker's log thread, a moment later)."""
-        deadline = time.monotonic() + timeout
-        while needle not in (text := self.log()):
-            assert time.monotonic() < deadline, f"{needle!r} not in the broker log after {timeout} s:\n{text[-3000:]}"
-            time.sleep(0.02)
-        return text
-
-    def wait_ready(
+    def wait_ready(  # type: ignore[override]
         self, port: int, *, ssl_context: ssl.SSLContext | None = None, exporter_port: int | None = None
     ) -> None:
         """Until a client gets INFO on ``port`` and, with an exporter, ``/healthz``
         answers 200 (listeners open before the exporter and "serving" state)."""
         deadline = time.monotonic() + START_TIMEOUT_S
-        last: object = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"broker exited with {self.proc.returncode}: {self.argv}\n{self.log()}")
-            try:
-                with RawClient(port, ssl_context=ssl_context, timeout=2.0) as client:
-                    client.read_info()
-                if exporter_port is None:
-                    return
-                status, body = http_get(f"http://127.0.0.1:{exporter_port}/healthz", timeout=2.0)
-                if status == 200:
-                    return
-                last = (status, body)
-            except (OSError, AssertionError) as exc:
-                last = exc
-            time.sleep(0.1)
-        raise AssertionError(f"broker not serving on {port} after {START_TIMEOUT_S} s ({last}):\n{self.log()}")
+        try:
+            wait_info(port, tls=ssl_context, timeout=START_TIMEOUT_S, proc=self.proc)
+            if exporter_port is not None:
+                wait_healthy(exporter_port, max(0.1, deadline - time.monotonic()), self.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise AssertionError(f"broker not serving on {port}: {self.argv} ({exc}):\n{self.log()}") from None
 
-    def kill_group(self) -> None:
-        """SIGKILL to the broker's process group (``new_session``), if any of it is left."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        if self.proc.poll() is None:
-            self.proc.wait(5)
-        if not self._log.closed:
-            self._log.close()
-
-    def stop(self) -> int:
-        """SIGTERM (what ``docker stop`` sends), then the exit status; killed if it hangs."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-                self._log.close()
-                raise AssertionError(f"broker ignored SIGTERM for {STOP_TIMEOUT_S} s:\n{self.log()}") from None
-        self._log.close()
-        return self.proc.returncode
+    def stop(self) -> int:  # type: ignore[override]
+        """SIGTERM (what ``docker stop`` sends), then the exit status; killed if it hangs (and the test fails)."""
+        return super().stop(timeout=STOP_TIMEOUT_S, must_obey=True)
 
 
 @contextlib.contextmanager
 def running_broker(argv: Sequence[str], cwd: Path, env: Mapping[str, str] | None = None) -> Iterator[BrokerProcess]:
+    """``BrokerProcess`` (not waited for), killed when the block ends."""
     broker = BrokerProcess(argv, cwd, env)
     try:
         yield broker
     finally:
-        if broker.proc.poll() is None:
-            broker.proc.kill()
-            broker.proc.wait(5)
-        broker._log.close()
+        broker.kill()
 
 
 # --- PromQL -------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Measuring tools for the reliability suite: a canary pub/sub pair, broker
-RSS and descriptors, Prometheus samples, and a place to record figures.
+RSS and descriptors, Prometheus samples (from ``tests.support.metrics``), and
+a place to record figures.
 
 Every figure a test measures goes through ``record`` so ``pytest -s`` shows it
 (and ``HPFEEDS3_FIGURES=path`` appends it to a JSON-lines file). Speed is a
@@ -19,7 +20,6 @@ import socket
 import struct
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +27,11 @@ import psutil
 
 from hpfeeds3.protocol import Decoder, Publish, encode_auth, encode_publish, encode_subscribe, sign
 from tests.conftest import USERS
+from tests.support.metrics import metric as metric
+from tests.support.metrics import metric_sum as metric_sum
+from tests.support.metrics import scrape as scrape
+from tests.support.metrics import wait_metric as wait_metric
+from tests.support.metrics import wait_subscribed as wait_subscribed
 
 MiB = 1024 * 1024
 
@@ -131,54 +136,6 @@ class PeakSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
-
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
-
-
-def scrape(port: int) -> dict[tuple[str, str], float]:
-    """``/metrics`` as {(name, '{labels}'): value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out: dict[tuple[str, str], float] = {}
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if m:
-            out[(m.group(1), m.group(2) or "")] = float(m.group(3))
-    return out
-
-
-def metric(samples: dict[tuple[str, str], float], name: str, **labels: str) -> float:
-    key = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
-    return samples.get((name, key), 0.0)
-
-
-def wait_metric(port: int, done: Callable[[dict[tuple[str, str], float]], bool], timeout: float = 10.0) -> dict:
-    """Scrape ``/metrics`` until ``done(samples)`` or the timeout; returns the last samples.
-
-    A close is counted once its socket is gone, after the linger that follows
-    an ERROR: counts of closes are read through this, not at once."""
-    deadline = time.monotonic() + timeout
-    while True:
-        samples = scrape(port)
-        if done(samples) or time.monotonic() > deadline:
-            return samples
-        time.sleep(0.1)
-
-
-def wait_subscribed(port: int, ident: str, channel: str, n: int, timeout: float = 10.0) -> None:
-    """Instead of sleeping: until the broker's /metrics (exporter ``port``) counts ``n``
-    subscriptions of ``ident`` to ``channel``, each in place in the router."""
-
-    def counted(samples: dict[tuple[str, str], float]) -> float:
-        return metric(samples, "hpfeeds_broker_subscriptions", chan=channel, ident=ident)  # as exposed: sorted
-
-    samples = wait_metric(port, lambda s: counted(s) == n, timeout)
-    assert counted(samples) == n, f"{counted(samples)} subscriptions of {ident} to {channel}, not {n}"
-
-
-def metric_sum(samples: dict[tuple[str, str], float], name: str) -> float:
-    return sum(v for (n, _), v in samples.items() if n == name)
 
 
 def close_reason(log: str, local_port: int) -> str | None:

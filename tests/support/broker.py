@@ -1,6 +1,12 @@
 """Start our broker exactly as a user does (``hpfeeds-broker`` subprocess) and
 talk to it with raw sockets.
 
+The suite's one subprocess harness: ports (``free_port``, ``free_ports``),
+waits (``wait_for_port``, ``wait_healthy``), ``http_get``, ``BrokerProcess``
+(any command line; ``launch_broker`` picks the ports and waits until it
+serves) and ``RawClient``. Metrics are read with ``tests.support.metrics``;
+a broker inside the test process comes from ``tests.support.inprocess``.
+
 Every process started here is stopped by its fixture; every wait is bounded.
 """
 
@@ -19,6 +25,8 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self, cast
@@ -41,9 +49,9 @@ BROKER_BIN = str(BIN / "hpfeeds-broker")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port for a listener, below the ephemeral range (see ``free_ports``): one
+    the kernel gave out for a bind to port 0 is also what it hands the next outgoing connection."""
+    return free_ports(1)
 
 
 def free_ports(n: int) -> int:
@@ -76,6 +84,34 @@ def wait_for_port(
             return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """(status, body), an error status included; raises only when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_healthy(exporter_port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+    """Until the exporter's ``/healthz`` answers 200 (the broker is serving)."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before /healthz answered 200")
+        try:
+            status, body = http_get(f"http://127.0.0.1:{exporter_port}/healthz", timeout=1)
+            if status == 200:
+                return
+            last = (status, body)
+        except OSError as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"exporter on {exporter_port} not healthy after {timeout} s ({last})")
+        time.sleep(0.05)
 
 
 def write_users_json(path: Path, users: Mapping[str, Mapping[str, Any]]) -> Path:
@@ -111,37 +147,66 @@ def sqlite_add_key(
 
 
 class BrokerProcess:
-    """A running ``hpfeeds-broker``; its output goes to ``log_path``."""
+    """A running broker; its output goes to ``log_path``.
+
+    ``args`` follow ``hpfeeds-broker`` (``command`` replaces that program, e.g.
+    ``()`` when ``args`` is a whole command line such as ``bash -c ...``).
+    ``port`` and ``exporter_port`` (0: none) are where it listens, for ``wait_ready``
+    and the metrics helpers. ``base_env`` replaces ``os.environ`` under
+    ``env``; ``new_session`` gives it its own process group (``kill_group``)."""
 
     def __init__(
         self,
         args: Sequence[str],
         cwd: Path,
-        env: dict[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
         port: int = 0,
         nofile: tuple[int, int] | None = None,
+        *,
+        exporter_port: int = 0,
+        command: Sequence[str] = (BROKER_BIN,),
+        base_env: Mapping[str, str] | None = None,
+        new_session: bool = False,
+        log_path: Path | None = None,
     ) -> None:
         """``nofile``: the (soft, hard) open-files limit the broker starts with."""
         self.cwd = cwd
         self.port = port
+        self.exporter_port = exporter_port
         self.host = "127.0.0.1"
-        self.log_path = cwd / f"broker-{time.monotonic_ns()}.log"
+        self.log_path = log_path or cwd / f"broker-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-        self.args = [BROKER_BIN, *args]
+        full_env = {**(os.environ if base_env is None else base_env), **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self.args = self.argv = [*command, *args]
         limit = None if nofile is None else functools.partial(resource.setrlimit, resource.RLIMIT_NOFILE, nofile)
         self.proc = subprocess.Popen(
-            self.args, cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=limit
+            self.args,
+            cwd=cwd,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=limit,
+            start_new_session=new_session,  # its own process group, as a shell job or a systemd unit
         )
 
-    def wait_ready(self, timeout: float = 15.0) -> BrokerProcess:
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 15.0, *, healthy: bool = False) -> BrokerProcess:
+        """Until the broker listens on ``port`` and logged "serving" (and, with
+        ``healthy``, its exporter's ``/healthz`` answers 200)."""
         assert self.port, "wait_ready needs the port the broker listens on"
+        deadline = time.monotonic() + timeout
         try:
             wait_for_port(self.port, timeout=timeout, proc=self.proc)
+            if healthy:
+                assert self.exporter_port, "healthy needs the exporter's port"
+                wait_healthy(self.exporter_port, max(0.1, deadline - time.monotonic()), self.proc)
         except (RuntimeError, TimeoutError) as e:
             raise type(e)(f"{e}; its log ends:\n{self.log()[-1500:]}") from None
         # The listener is up before the "serving" line; wait for it too.
-        deadline = time.monotonic() + timeout
         while "serving" not in self.log() and time.monotonic() < deadline:
             time.sleep(0.02)
         return self
@@ -150,6 +215,7 @@ class BrokerProcess:
         return self.log_path.read_text(errors="replace")
 
     def wait_log(self, needle: str, timeout: float = 5.0) -> str:
+        """The log once it holds ``needle`` (lines are written by the broker's log thread, a moment later)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log()
@@ -158,16 +224,64 @@ class BrokerProcess:
             time.sleep(0.02)
         raise AssertionError(f"{needle!r} not in broker log after {timeout} s:\n{self.log()[-3000:]}")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0, *, must_obey: bool = False) -> int:
+        """``sig`` (SIGTERM: what ``docker stop`` sends), then the exit status; killed
+        after ``timeout`` (and, with ``must_obey``, an AssertionError says so)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+                self.kill()
+                if must_obey:
+                    raise AssertionError(f"broker ignored signal {sig} for {timeout} s:\n{self.log()}") from None
         self._log.close()
         return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, as in a crash, if it still runs."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._log.close()
+
+    def kill_group(self) -> None:
+        """SIGKILL to the broker's process group (``new_session``), if any of it is left."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.kill()
+
+
+def start_on_free_ports(
+    cwd: Path,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    exporter: bool = False,
+    nofile: tuple[int, int] | None = None,
+) -> BrokerProcess:
+    """``hpfeeds-broker --bind 127.0.0.1:PORT [--exporter 127.0.0.1:PORT2] *args``, not waited for."""
+    port = free_port()
+    bind = ["--bind", f"127.0.0.1:{port}"]
+    exporter_port = free_port() if exporter else 0
+    if exporter_port:
+        bind += ["--exporter", f"127.0.0.1:{exporter_port}"]
+    return BrokerProcess([*bind, *args], cwd, env=env, port=port, nofile=nofile, exporter_port=exporter_port)
+
+
+def launch_broker(
+    cwd: Path,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    exporter: bool = False,
+    nofile: tuple[int, int] | None = None,
+) -> BrokerProcess:
+    """``start_on_free_ports``, once serving and, with an exporter, healthy (stopped again if it never is)."""
+    b = start_on_free_ports(cwd, *args, env=env, exporter=exporter, nofile=nofile)
+    try:
+        return b.wait_ready(healthy=exporter)
+    except BaseException:
+        b.stop()
+        raise
 
 
 class RawClient:
@@ -304,6 +418,24 @@ class RawClient:
         raise AssertionError(f"expected nothing, got {data[:200]!r}")
 
 
+def wait_info(
+    port: int, *, tls: ssl.SSLContext | None = None, timeout: float = 15.0, proc: subprocess.Popen | None = None
+) -> Info:
+    """Until a client connecting to ``port`` gets the broker's INFO (stronger than an open port)."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before serving on {port}")
+        try:
+            with RawClient(port, tls=tls, timeout=2.0) as client:
+                return client.read_info()
+        except (OSError, AssertionError) as exc:
+            last = exc
+        time.sleep(0.1)
+    raise TimeoutError(f"no INFO on {port} after {timeout} s ({last})")
+
+
 def confirm_subscribed(publisher: RawClient, channel: str, *subscribers: RawClient, timeout: float = 10.0) -> None:
     """Instead of sleeping: probes published on ``channel`` until every subscriber
     has one, then a last probe that all of them read. Their SUBSCRIBE is then in
@@ -357,10 +489,11 @@ def auth_reply(port: int, ident: str, secret: str, *, source: str = "127.0.0.1",
 
 
 @contextlib.contextmanager
-def running_broker(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[BrokerProcess]:
-    port = free_port()
-    b = BrokerProcess(["--bind", f"127.0.0.1:{port}", *args], cwd=tmp_path, env=env, port=port)
+def running_broker(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, exporter: bool = False
+) -> Iterator[BrokerProcess]:
+    b = launch_broker(tmp_path, *args, env=env, exporter=exporter)
     try:
-        yield b.wait_ready()
+        yield b
     finally:
         b.stop()

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import urllib.request
-
 from hpfeeds3.protocol import encode_publish
 from tests.support.broker import RawClient, confirm_subscribed, free_port
-
-
-def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+from tests.support.metrics import scrape_flat as scrape
 
 
 def test_publish_count_size_histogram_and_deliveries_are_exact(start_broker) -> None:

@@ -48,6 +48,11 @@ BIN = Path(sys.executable).parent
 BROKER_BIN = str(BIN / "hpfeeds-broker")
 
 
+# Ports free_ports gave out lately in this process: random picks from one range
+# would otherwise hand the same port out twice before the first broker binds it.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
     """A free loopback port for a listener, below the ephemeral range (see ``free_ports``): one
     the kernel gave out for a bind to port 0 is also what it hands the next outgoing connection."""
@@ -63,12 +68,21 @@ def free_ports(n: int) -> int:
     rng = random.Random()
     for _ in range(200):
         first = rng.randrange(max(1024, low - 12000), low - n)
+        wanted = range(first, first + n)
+        if not _HANDED_OUT.isdisjoint(wanted):
+            # Free now, but already given to a broker of this run that may not
+            # have bound it yet (two picks in a row, e.g. --bind and --admin).
+            continue
         with contextlib.ExitStack() as held:
             try:
                 for i in range(n):
                     held.enter_context(socket.socket()).bind(("127.0.0.1", first + i))
             except OSError:
                 continue
+        _HANDED_OUT.update(wanted)
+        if len(_HANDED_OUT) > 4096:  # a run's old picks are long bound or gone
+            _HANDED_OUT.clear()
+            _HANDED_OUT.update(wanted)
         return first
     raise RuntimeError(f"no {n} consecutive free ports")
 

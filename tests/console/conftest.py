@@ -241,15 +241,16 @@ def fail_auth(console: Console, ident: str) -> None:
     bad.close()
 
 
+def authenticates(console: Console, ident: str, secret: str, grace_s: float = 0.3) -> bool:
+    """An AUTH with ``ident`` and ``secret`` is not refused within ``grace_s``."""
+    try:
+        with sensor(console, ident, secret) as client:
+            client.wait_ready(grace_s)
+        return True
+    except Exception:
+        return False
+
+
 def wait_key_usable(console: Console, ident: str, secret: str, timeout: float = 10.0) -> None:
     """A key written to a watched store (JSON) is used once the broker saw the file change."""
-
-    def authenticates() -> bool:
-        try:
-            with sensor(console, ident, secret) as client:
-                client.wait_ready(0.3)
-            return True
-        except Exception:
-            return False
-
-    wait_until(authenticates, timeout, f"{ident} authenticates")
+    wait_until(lambda: authenticates(console, ident, secret), timeout, f"{ident} authenticates")

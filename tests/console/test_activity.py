@@ -3,6 +3,7 @@ why a sensor sends nothing, collector health, charts, deploy snippets, events by
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -10,7 +11,17 @@ from pathlib import Path
 from hpfeeds3.protocol import encode_subscribe
 from tests.reliability.support import _authed_socket
 
-from .conftest import Console, Http, console_broker, fail_auth, publish, sensor, wait_key_usable, wait_until
+from .conftest import (
+    Console,
+    Http,
+    authenticates,
+    console_broker,
+    fail_auth,
+    publish,
+    sensor,
+    wait_key_usable,
+    wait_until,
+)
 
 
 def row(c: Http, ident: str, **params: str) -> dict | None:
@@ -95,6 +106,29 @@ def test_refused_publishes_and_failed_logins_show_on_the_row(console: Console) -
     fail_auth(console, "conpot-01")
     failed = wait_until(lambda: (r := row(c, "conpot-01")) and r["trouble"]["failed_logins"] and r)
     assert failed["trouble"]["failed_logins"] == 1 and failed["trouble"]["failed_reason"] == "wrong secret"
+
+
+def test_a_sensor_refused_at_a_blocked_address_says_so_on_its_row(tmp_path: Path) -> None:
+    """Another ident behind the same address fails until the address is blocked: the
+    sensor's own AUTHs are then refused unverified, and its row says "blocked address"
+    (it tried: it is a stopped sensor, not "never used"); an ident without a key, refused
+    the same way, leaves nothing."""
+    with console_broker(tmp_path, "--auth-fail-address-limit", "3", "--auth-fail-limit", "0") as console:
+        c = console.admin()
+        secret = add_key(c, console, "cowrie-nat-02", ["cowrie.sessions"], [], use=False)
+        wait_until(lambda: row(c, "cowrie-nat-02", show="never"), what="the key listed")
+        for _ in range(3):
+            fail_auth(console, "cowrie-nat-01")  # no key: an unknown ident
+        wait_until(lambda: c.get("/api/v1/events").body["blocked"], what="the address blocked")
+        assert not authenticates(console, "cowrie-nat-02", secret, 1.0)  # right secret or not
+        fail_auth(console, "ghost<img src=x>")
+        r = wait_until(lambda: (x := row(c, "cowrie-nat-02", silent_after="1")) and x["trouble"] and x, what="its row")
+        assert r["trouble"]["failed_logins"] == 1 and r["state"] == "silent"
+        assert r["trouble"]["failed_reason"] == "blocked address 127.0.0.1 (too many failed logins from it)"
+        stopped = c.get("/api/v1/sensors?role=sensor&only_silent=1&show=active&silent_after=1").body["sensors"]
+        assert [s["ident"] for s in stopped] == ["cowrie-nat-02"]
+        everything = json.dumps(c.get("/api/v1/sensors?show=all&limit=1000").body)
+        assert "ghost" not in everything and "cowrie-nat-01" not in everything
 
 
 def test_collector_backlog_counts_the_kernel_and_unheard_channels_are_flagged(console: Console) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -15,7 +17,8 @@ from hpfeeds3.broker.admin.sessions import Sessions
 from hpfeeds3.broker.admin.tokens import Principal
 from hpfeeds3.broker.admin.tracker import Tracker
 from hpfeeds3.broker.admin.watch import Watches
-from hpfeeds3.broker.events import AdminChange, AuthBlocked, AuthFailed, Closed, Connected, Revoked
+from hpfeeds3.broker.durable.feed import FeedStats
+from hpfeeds3.broker.events import AdminChange, AuthBlocked, AuthFailed, AuthRefused, Closed, Connected, Revoked
 from hpfeeds3.broker.metrics import PublishStats
 from hpfeeds3.broker.reasons import CloseReason
 from hpfeeds3.broker.session import Refusal
@@ -143,6 +146,75 @@ def test_failed_auths_push_neither_changes_nor_blocks_out_of_view(broker: Broker
     assert len(t.failures) == tracker_mod.MAX_EVENTS and "10.0.0.7" in t.blocks
     assert t.trouble["sensor-1"].failed == tracker_mod.MAX_EVENTS + 50
     assert t.trouble["sensor-1"].failed_reason == "wrong secret"
+
+
+def test_a_refused_auth_names_only_a_known_ident_and_grows_no_table(broker: Broker) -> None:
+    """An AUTH refused at a blocked address names an ident it does not prove: a known one
+    (a key, or seen) gets "blocked address" as its last reason; 10,000 made-up ones leave
+    nothing behind."""
+    t = Tracker(broker)
+    broker.observe(t.observe)
+    t.known = {"cowrie-nat-02"}.__contains__
+    t.seen("cowrie-nat-03", 1.0)
+    for i in range(10_000):
+        broker.emit(AuthRefused(f"10.0.0.7:{i}", "10.0.0.7", f"guess-{i}<img src=x>", True, 300.0))
+    assert not t.trouble and len(t.last_seen) == 1
+    broker.emit(AuthRefused("10.0.0.7:1", "10.0.0.7", "cowrie-nat-02", True, 300.0))
+    broker.emit(AuthRefused("10.0.0.8:1", "10.0.0.8", "cowrie-nat-03", False, 300.0))
+    assert t.trouble["cowrie-nat-02"].failed == 1
+    assert t.trouble["cowrie-nat-02"].failed_reason == "blocked address 10.0.0.7 (too many failed logins from it)"
+    assert t.trouble["cowrie-nat-03"].failed_reason.startswith("blocked at 10.0.0.8 (too many failed logins with this")
+    assert not t.events and not t.failures  # the Events view has the block itself
+
+
+def test_a_block_names_the_ident_whose_wrong_secret_started_it(broker: Broker) -> None:
+    t = Tracker(broker)
+    broker.observe(t.observe)
+    broker.emit(AuthFailed("10.0.0.7:1", "sensor-1", "wrong_secret"))
+    broker.emit(AuthBlocked("10.0.0.7:1", 300.0, "2 failed AUTHs for 'sensor-1' from 10.0.0.7 within 60 s"))
+    assert t.trouble["sensor-1"].failed == 1
+    assert t.trouble["sensor-1"].failed_reason == (
+        "wrong secret; now blocked: 2 failed AUTHs for 'sensor-1' from 10.0.0.7 within 60 s"
+    )
+    # A block that followed another peer's failure, or an unknown ident's, names nobody.
+    broker.emit(AuthFailed("10.0.0.7:2", "sensor-2", "wrong_secret"))
+    broker.emit(AuthFailed("10.0.0.7:3", "nobody", "unknown_ident"))
+    broker.emit(AuthBlocked("10.0.0.7:3", 300.0, "3 failed AUTHs from 10.0.0.7 within 60 s"))
+    assert t.trouble["sensor-2"].failed_reason == "wrong secret" and "nobody" not in t.trouble
+
+
+class Subscriber:
+    def __init__(self, *channels: bytes) -> None:
+        self.session = self
+        self.subscriptions = set(channels)
+        self.feed: Any = None
+
+    def deliver(self, data: bytes) -> None:
+        pass
+
+
+def test_delivered_messages_per_second_from_the_counts_the_broker_keeps(broker: Broker) -> None:
+    """A collector's messages per second: the router's deliveries of each channel it
+    subscribes over that channel's subscribers, and a durable connection's messages
+    sent from the log; nothing counted per message by the console."""
+    t = Tracker(broker)
+    a, b = Subscriber(b"cowrie.sessions", b"dionaea.capture"), Subscriber(b"cowrie.sessions")
+    for sub in (a, b):
+        for channel in sub.subscriptions:
+            broker.router.subscribe(channel, sub)
+    broker.feed_stats["durable-col"] = stats = FeedStats()
+    t.delivery_rates(100.0)
+    broker.router.publish(b"cowrie.sessions", b"x" * 30, 30)
+    broker.router.publish(b"dionaea.capture", b"y" * 10, 10)
+    stats.replayed += 50
+    t.delivery_rates(102.0)
+    assert t.channel_rates == {b"cowrie.sessions": 15.0, b"dionaea.capture": 5.0}
+    assert t.delivered_per_s(a) == 20.0 and t.delivered_per_s(b) == 15.0
+    durable = Subscriber(b"cowrie.sessions")
+    durable.feed = SimpleNamespace(ident="durable-col")  # a durable connection's feed names its ident
+    assert t.feed_rates == {"durable-col": 25.0} and t.delivered_per_s(durable) == 25.0
+    t.delivery_rates(104.0)  # nothing since
+    assert t.delivered_per_s(a) == 0.0
 
 
 def test_activity_is_written_in_batches_and_read_back(broker: Broker, tmp_path: Path) -> None:

@@ -721,6 +721,7 @@ class Connection(asyncio.Protocol):
         block_s = self.broker.auth_blocked_for(self.peer_host, ident)
         if not block_s:
             return False
+        self.broker.auth_refused(self, ident, block_s)
         self.session.rate_limited(math.ceil(block_s))
         return True
 

@@ -31,6 +31,7 @@ class Kind(StrEnum):
     AUTH_FAILED = "auth_failed"
     AUTH_UNAVAILABLE = "auth_unavailable"
     AUTH_BLOCKED = "auth_blocked"
+    AUTH_REFUSED = "auth_refused"
     REFUSED = "refused"
     CLOSED = "closed"
     REVOKED = "revoked"
@@ -156,6 +157,22 @@ class AuthBlocked(Event):
         if self.console:
             return f"console: refusing {self.peer} for {self.block_s:g} s: {self.block}"
         return f"refusing for {self.block_s:g} s: {self.block}"
+
+
+@dataclass(slots=True)
+class AuthRefused(Event):
+    """An AUTH refused unverified: the failed-AUTH limiter blocks ``source`` (an address,
+    or an IPv6 /64) for ``block_s`` more seconds, whole (``whole_address``) or for this
+    ident. ``claimed`` is the ident the AUTH names, as sent: it proves nothing."""
+
+    kind = Kind.AUTH_REFUSED
+    source: str
+    claimed: str
+    whole_address: bool
+    block_s: float
+
+    def text(self) -> str:
+        return f"refused an AUTH from {self.peer}: {self.source} is blocked for {self.block_s:g} s"
 
 
 @dataclass(slots=True)
@@ -326,7 +343,7 @@ class AdminChange(Event):
 
 
 # Events with no log line of their own (the close that follows says it).
-_UNLOGGED = frozenset({Kind.REFUSED})
+_UNLOGGED = frozenset({Kind.REFUSED, Kind.AUTH_REFUSED})
 # Logged on every handshake: the cheaper record (logs.info_event).
 _FREQUENT = frozenset({Kind.CONNECTED, Kind.AUTHENTICATED, Kind.CLOSED})
 _loggers: dict[str, logging.Logger] = {}

@@ -126,6 +126,10 @@ class AuthFailureLimiter:
         source = source_key(address)
         return self._addresses.blocked(source, now) or self._pairs.blocked((source, ident), now)
 
+    def address_blocked(self, address: str, now: float) -> bool:
+        """The whole address (IPv6: its /64) is blocked, whatever the ident."""
+        return self._addresses.blocked(source_key(address), now)
+
     def blocked_for(self, address: str, ident: str, now: float) -> float:
         """Seconds until this address (or address and ident) may try again; 0 when not blocked."""
         source = source_key(address)

@@ -15,14 +15,14 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from . import metrics
-from .admission import PreAuthPool
+from .admission import PreAuthPool, address_group
 from .auth import AccessKey, Authenticator, AuthUnavailable, SyncLookup, WouldBlock
 from .backplane import Backplane
 from .config import BrokerConfig
 from .durable.base import DurableLog
 from .durable.feed import DurableFeed, FeedStats
 from .durable.tcpack import CloseKind
-from .events import AuthBlocked, AuthFailed, Event, Refused, Revoked, SlowProducer, log_event
+from .events import AuthBlocked, AuthFailed, AuthRefused, Event, Refused, Revoked, SlowProducer, log_event
 from .metrics import Limit, PublishStats
 from .policies import BacklogBounds, ReceiveRate
 from .ratelimit import AuthFailureLimiter
@@ -470,6 +470,13 @@ class Broker:
             return 0.0
         now = self.loop.time()
         return limiter.blocked_for(host, ident, now) if limiter.blocked(host, ident, now) else 0.0
+
+    def auth_refused(self, conn: Connection, ident: str, block_s: float) -> None:
+        """``conn``'s AUTH naming ``ident`` is refused unverified (blocked): told to the
+        observers (the console puts "blocked address" on a known ident's row)."""
+        host = conn.peer_host
+        whole = self.auth_limiter.address_blocked(host, self.loop.time())
+        self.emit(AuthRefused(conn.peer, address_group(host), ident, whole, block_s))
 
     # --- session.Port ---------------------------------------------------------------
 

@@ -34,6 +34,7 @@ async def _poll(console: Console) -> None:
 
     while True:
         try:
+            await console.follow_keys()
             await console.tracker.poll()
             console.watches.expire()
             await console.tracker.flush()

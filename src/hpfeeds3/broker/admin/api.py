@@ -100,7 +100,7 @@ DEFAULT_PAGE = 200
 MAX_PAGE = 1_000
 # Publisher and subscriber idents listed per channel (their number is given in full).
 NAMES_PER_CHANNEL = 50
-# Sort columns of the Connections view (index into its rows).
+# Sort columns of the Connections view (index into its rows); rate: messages delivered per second.
 CONNECTION_COLUMNS = {"ident": 0, "peer": 1, "since": 2, "backlog": 3, "rate": 4}
 # Sort columns of the Sensors view (index into its rows).
 SENSOR_COLUMNS = {
@@ -186,6 +186,8 @@ class Console:
         self._key_derived: tuple[list[Any], dict[str, str], frozenset[str], dict[str, str]] | None = None
         # Sensors view: key idents in sort order, by owner (True) or by ident (False).
         self._quiet_orders: dict[bool, tuple[dict[str, str], list[str]]] = {}
+        self._followed: tuple[int, int] | None = None
+        self.tracker.known = self._is_key
         self._token_error = ""
         # (path, query) -> (when built, the answer once built: status, body, content type, headers)
         self._views: dict[tuple[str, str], tuple[float, asyncio.Future[tuple[int, bytes, str, Any] | None]]] = {}
@@ -447,6 +449,20 @@ class Console:
         self._keys_cache = (generation, time.monotonic(), keys)
         return keys
 
+    def _is_key(self, ident: str) -> bool:
+        """``ident`` has a key, in the key list as last read."""
+        index = self._key_derived
+        return index is not None and ident in index[1]
+
+    async def follow_keys(self) -> None:
+        """Read the key list when it is not read yet or the store reported a change since
+        (once per change, whether or not the read succeeds): the tracker knows which idents
+        have keys while nobody looks at the page."""
+        generation = (self.broker.auth_generation, self._key_writes)
+        if self._followed != generation:
+            self._followed = generation
+            await self._key_index()
+
     async def _key_list(self) -> list[Any]:
         """The key list for the Sensors view: the last one read while the store cannot answer."""
         try:
@@ -485,19 +501,21 @@ class Console:
         column = CONNECTION_COLUMNS.get(sort.lstrip("-"))
         if column is None:
             raise ApiError(400, f"sort must be one of {', '.join(CONNECTION_COLUMNS)} (- in front: descending)")
-        rates = self.tracker.rates
+        tracker = self.tracker
+        rates, delivered = tracker.rates, tracker.delivered_per_s
         rows: list[tuple[Any, ...]] = []
         async for conn in _slices(list(self.broker.connections)):
             ident = conn.session.ident or ""
             if not q or q in ident.casefold() or q in conn.peer.casefold():
                 queued = conn.write_buffer_size()
-                rows.append((ident, conn.peer, conn.connected_at, queued, rates.get(conn.id, 0.0), conn))
+                rows.append((ident, conn.peer, conn.connected_at, queued, delivered(conn), conn))
         rows.sort(key=itemgetter(column, 0, 1), reverse=sort.startswith("-"))
         hard = self.broker.backlog_bounds.hard_bytes
         out = []
-        for _, _, _, queued, rate, conn in rows[offset : offset + limit]:
+        for _, _, _, queued, messages_per_s, conn in rows[offset : offset + limit]:
             session = conn.session
             kernel = _kernel_queued(conn)
+            feed = conn.feed
             out.append(
                 {
                     "id": str(conn.id),
@@ -517,10 +535,21 @@ class Console:
                     "kernel_queued_bytes": kernel,
                     "backlog_bytes": queued + (kernel or 0),
                     "cut_fraction": round(min(1.0, queued / hard), 3) if hard else None,
-                    "delivered_bytes_per_s": round(rate, 1),
+                    "delivered_messages_per_s": round(messages_per_s, 1),
+                    "delivered_bytes_per_s": round(rates.get(conn.id, 0.0), 1),
+                    "durable": self._durable(feed.ident) if feed is not None else None,
                 }
             )
         return _json({**self._scope(), "total": len(rows), "offset": offset, "connections": out})
+
+    def _durable(self, ident: str) -> dict[str, Any] | None:
+        """A durable ident's stored backlog (``Broker.durable_state``) and the bounds past
+        which its oldest messages are dropped (``max_bytes``, ``max_age_s``)."""
+        state = self.broker.durable_state(ident)
+        if state is None:
+            return None
+        limits = self.broker.config.limits
+        return {**state, "max_bytes": limits.durable_max_bytes, "max_age_s": limits.durable_max_age_s}
 
     async def close_connection(self, request: web.Request) -> web.StreamResponse:
         self._admin(request)
@@ -567,7 +596,9 @@ class Console:
         # row each. The rest, keys never seen (most of a large store), all
         # have the same row but for ident and owner: they come from an order
         # made once per key list, merged in for the page only.
-        active = live.keys() | tracker.published.keys() | tracker.last_seen.keys()
+        # An ident with failed logins (a key with a wrong secret, or whose address is
+        # blocked) tried: it is not "never used", even if it never got in.
+        active = live.keys() | tracker.published.keys() | tracker.last_seen.keys() | tracker.trouble.keys()
         rows: list[tuple[Any, tuple[Any, ...]]] = []  # (sort key, row)
         silent_count = 0
         history, seen, published, owner_of, conns_of = (
@@ -621,16 +652,19 @@ class Console:
         trouble = tracker.trouble.get
         durable = self.broker.durable
         followers = frozenset(durable.idents()) if durable is not None else frozenset()
+        delivered = tracker.delivered_per_s
         out = []
         for _, (ident, owner, connected, last_seen, last_publish, last_5m, last_1h, silent, role, since) in page:
             t = trouble(ident)
+            mine = live.get(ident, ())
+            never = last_seen is None and not connected and t is None
             out.append(
                 {
                     "ident": ident,
                     "owner": owner,
                     "has_key": ident in owners,
                     "role": role,
-                    "state": "never_used" if last_seen is None and not connected else "silent" if silent else "ok",
+                    "state": "never_used" if never else "silent" if silent else "ok",
                     "connected": connected,
                     "peers": sorted(c.peer for c in live.get(ident, ())),
                     "last_seen": last_seen,
@@ -641,7 +675,9 @@ class Console:
                     "silent": silent,
                     "trouble": t.view() if t is not None else None,
                     "channels": tracker.channels(ident, minute),
-                    "durable": self.broker.durable_state(ident) if ident in followers else None,
+                    "delivered_messages_per_s": round(sum(delivered(c) for c in mine), 1),
+                    "backlog_bytes": sum(c.write_buffer_size() + (_kernel_queued(c) or 0) for c in mine),
+                    "durable": self._durable(ident) if ident in followers else None,
                 }
             )
         return _json(
@@ -809,10 +845,9 @@ class Console:
         if q:
             q = q.casefold()
             keys = [k for k in keys if q in k.ident.casefold() or q in k.owner.casefold()]
-        state = self.broker.durable_state
-        # durable_state: backlog, drops, the oldest unread message's age (None: no log)
+        # durable_state: stored backlog, drops, the oldest unread message's age (None: no log)
         page = [
-            {**public(k), "durable": k.durable, "durable_state": state(k.ident) if k.durable else None}
+            {**public(k), "durable": k.durable, "durable_state": self._durable(k.ident) if k.durable else None}
             for k in keys[offset : offset + limit]
         ]
         return _json({"writable": self.keys.writable, "total": len(keys), "offset": offset, "keys": page})

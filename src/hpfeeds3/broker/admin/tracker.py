@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..events import AuthBlocked, AuthFailed, Closed, Event, Kind
+from ..events import AuthBlocked, AuthFailed, AuthRefused, Closed, Event, Kind
 from ..session import Refusal
 from .activity import DAY, MAX_HISTORY, ActivityStore, Batch, History, Trouble
 
@@ -73,6 +73,14 @@ REFUSED_REASONS = {
     Refusal.IDENT_MISMATCH_PUB: "publish under another ident",
 }
 FAILED_REASONS = {"wrong_secret": "wrong secret", "unknown_ident": "unknown ident"}
+
+
+def blocked_reason(event: AuthRefused) -> str:
+    """A refused AUTH's reason on the row of the ident it names."""
+    if event.whole_address:
+        return f"blocked address {event.source} (too many failed logins from it)"
+    return f"blocked at {event.source} (too many failed logins with this ident from there)"
+
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -146,6 +154,16 @@ class Tracker:
         # (when, bytes sent) at the last poll.
         self.rates: dict[int, float] = {}
         self._sent: dict[int, tuple[float, int]] = {}
+        # Messages delivered per second between the last two polls to each subscriber of a
+        # channel (the router's deliveries over its subscribers), and to each durable
+        # ident's connection (messages sent from the log); the counts at the last poll.
+        self.channel_rates: dict[bytes, float] = {}
+        self.feed_rates: dict[str, float] = {}
+        self._deliveries: tuple[float, dict[bytes, int], dict[str, int]] | None = None
+        # Whether an ident has a key (set by the console: its key list as last read).
+        self.known: Callable[[str], bool] = lambda ident: False
+        # The last wrong secret: (peer, ident); a block that follows from that peer names it.
+        self._last_failed: tuple[str, str] | None = None
         # Changed since the last write to the store.
         self._dirty_idents: set[str] = set()
         self._dirty_pairs: set[tuple[str, str]] = set()
@@ -260,6 +278,9 @@ class Tracker:
             if type(event) is Closed:
                 self.closed(event)
             return
+        if type(event) is AuthRefused:
+            self.refused_auth(event, now)
+            return
         if kind not in NOTABLE:
             return
         self._seq += 1
@@ -276,11 +297,21 @@ class Tracker:
         }
         if kind in FAILURES:
             self.failures.append(entry)
-            if type(event) is AuthFailed and event.why == "wrong_secret":
-                self._trouble(event.shown, now, failed=FAILED_REASONS[event.why])
+            if type(event) is AuthFailed:
+                wrong_secret = event.why == "wrong_secret"
+                self._last_failed = (event.peer, event.shown) if wrong_secret else None
+                if wrong_secret:
+                    self._trouble(event.shown, now, failed=FAILED_REASONS[event.why])
             return
         self.events.append(entry)
         if type(event) is AuthBlocked:
+            last = self._last_failed
+            if not event.console and last is not None and last[0] == event.peer:
+                # The wrong secret that started this block (the limiter counts it first).
+                t = self.trouble.get(last[1])
+                if t is not None:
+                    t.failed_reason = f"wrong secret; now blocked: {event.block}"
+                    self._dirty_idents.add(last[1])
             self.blocks[event.peer] = {**entry, "block_s": event.block_s, "console": event.console}
             self.blocks.move_to_end(event.peer)
             if len(self.blocks) > MAX_BLOCKS:
@@ -293,6 +324,16 @@ class Tracker:
         reason = REFUSED_REASONS.get(refusal)
         if reason is not None and ident is not None:
             self._trouble(ident, time.time(), refused=reason)
+
+    def refused_auth(self, event: AuthRefused, now: float) -> None:
+        """An AUTH refused because its address (or address and ident) is blocked: a failed
+        login of the ident it names, with "blocked address" as the reason, when that ident
+        has a key or was seen. The claim proves nothing, so an ident the console does not
+        know leaves no trace (no table grows with what a client names); whoever sent it
+        gets the same refusal either way."""
+        ident = event.claimed
+        if ident in self.trouble or ident in self.last_seen or self.known(ident):
+            self._trouble(ident, now, failed=blocked_reason(event))
 
     def _trouble(self, ident: str, now: float, *, refused: str | None = None, failed: str | None = None) -> None:
         t, _ = _touch(self.trouble, ident, Trouble, MAX_IDENTS)
@@ -340,6 +381,7 @@ class Tracker:
             if start:
                 await asyncio.sleep(0)
             self.scan(conns[start : start + POLL_SLICE], now)
+        self.delivery_rates()
         live = {c.id for c in conns}  # forget any whose Closed event never came
         for conn_id in [i for i in self._counted if i not in live]:
             del self._counted[conn_id]
@@ -347,6 +389,42 @@ class Tracker:
             del self._sent[conn_id]
             self.rates.pop(conn_id, None)
         self._primed = True
+
+    def delivery_rates(self, clock: float | None = None) -> None:
+        """Messages per second delivered to each subscriber of a channel, and to each
+        durable connection, since the last poll: from counts the broker keeps anyway (the
+        router's deliveries per channel, the durable feeds' messages sent), so nothing is
+        added per message. A channel's rate is its new deliveries over its subscribers now
+        (exact while they did not change between two polls)."""
+        broker = self.broker
+        router = broker.router
+        clock = time.monotonic() if clock is None else clock
+        deliveries = dict(router.deliveries)
+        fed = {ident: st.replayed for ident, st in broker.feed_stats.items()}
+        before = self._deliveries
+        self._deliveries = (clock, deliveries, fed)
+        if before is None or clock <= before[0]:
+            return
+        elapsed = clock - before[0]
+        rates: dict[bytes, float] = {}
+        was = before[1]
+        for channel, count in deliveries.items():
+            grew = count - was.get(channel, 0)
+            if grew:
+                subscribers = len(router.subscribers(channel))
+                if subscribers:
+                    rates[channel] = grew / subscribers / elapsed
+        self.channel_rates = rates
+        was_fed = before[2]
+        self.feed_rates = {ident: (n - was_fed.get(ident, 0)) / elapsed for ident, n in fed.items()}
+
+    def delivered_per_s(self, conn: Any) -> float:
+        """Messages per second handed to ``conn``'s transport between the last two polls."""
+        feed = getattr(conn, "feed", None)
+        if feed is not None:
+            return self.feed_rates.get(feed.ident, 0.0)
+        rates = self.channel_rates
+        return sum(rates.get(channel, 0.0) for channel in conn.session.subscriptions)
 
     def closed(self, event: Closed, now: float | None = None) -> None:
         """A connection closed: count what it published since the last poll, now

@@ -79,6 +79,46 @@ function ago(t) {
   return (s / 86400).toFixed(1) + " d ago";
 }
 
+// A duration in seconds, short: "40 s", "12 min", "3.5 h", "2.1 d".
+function duration(s) {
+  if (s < 60) return Math.round(s) + " s";
+  if (s < 3600) return Math.round(s / 60) + " min";
+  if (s < 86400) return (s / 3600).toFixed(1) + " h";
+  return (s / 86400).toFixed(1) + " d";
+}
+
+function size(n) {
+  if (n < 1024) return n + " B";
+  if (n < 1048576) return (n / 1024).toFixed(1) + " KiB";
+  if (n < 1073741824) return (n / 1048576).toFixed(1) + " MiB";
+  return (n / 1073741824).toFixed(2) + " GiB";
+}
+
+// How close a durable key's stored backlog is to the bounds past which its oldest
+// messages are dropped (bytes or age, whichever is nearer), 0 to 1.
+function towardDrop(d) {
+  const bytes = d.max_bytes ? d.backlog_bytes / d.max_bytes : 0;
+  const age = d.max_age_s && d.backlog_messages ? d.oldest_unread_age_s / d.max_age_s : 0;
+  return Math.min(1, Math.max(bytes, age));
+}
+
+// A durable key's stored backlog, in words; "" when it has none to say.
+function durableText(d) {
+  if (!d) return "";
+  const parts = [(d.consuming ? "connected" : "away") + ": " + d.backlog_messages + " msgs stored (" + size(d.backlog_bytes) + ")"];
+  if (d.backlog_messages) {
+    parts.push("oldest unread " + duration(d.oldest_unread_age_s) + " old");
+    parts.push(Math.round(towardDrop(d) * 100) + " % toward the drop bound (" + size(d.max_bytes) + ", " + duration(d.max_age_s) + ")");
+  }
+  if (d.dropped) parts.push(d.dropped + " dropped");
+  return parts.join("; ");
+}
+
+// A durable key that lost messages, or is half way to losing some.
+function durableTrouble(d) {
+  return !!d && (d.dropped > 0 || towardDrop(d) >= 0.5);
+}
+
 // Times are shown in UTC, and say so.
 function clock(t) {
   return t ? new Date(t * 1000).toISOString().replace("T", " ").slice(0, 19) + " UTC" : "";
@@ -411,6 +451,7 @@ for (const b of document.querySelectorAll("#sensor-views button")) {
 
 function stateCell(s) {
   if (s.state === "never_used") return el("span", "never used");
+  if (!s.last_seen && !s.connected) return el("span", "never logged in", "trouble");
   if (s.silent) {
     const span = el("span", "silent since " + clock(s.silent_since) + " (" + ago(s.silent_since) + ")", "trouble");
     return span;
@@ -425,6 +466,16 @@ function troubleCell(s) {
   if (t.refused) parts.push(`${t.refused} refused publishes, last ${ago(t.refused_at)}: ${t.refused_reason}`);
   if (t.failed_logins) parts.push(`${t.failed_logins} failed logins, last ${ago(t.failed_at)}: ${t.failed_reason}`);
   return el("span", parts.join("; "), "trouble");
+}
+
+// What a collector gets: messages per second, the live backlog, a durable key's stored one.
+function deliveryCell(s) {
+  if (s.role !== "collector" && !s.durable && !s.delivered_messages_per_s) return "";
+  const parts = [];
+  if (s.connected) parts.push(s.delivered_messages_per_s + " msgs/s, backlog " + size(s.backlog_bytes));
+  const stored = durableText(s.durable);
+  if (stored) parts.push("durable, " + stored);
+  return el("span", parts.join("; "), durableTrouble(s.durable) ? "trouble" : null);
 }
 
 async function sensors() {
@@ -459,9 +510,11 @@ async function sensors() {
         s.last_1h,
         spark,
         troubleCell(s),
+        deliveryCell(s),
         chans,
       ]);
-      if (s.silent) tr.classList.add("silent");
+      if (s.silent || durableTrouble(s.durable)) tr.classList.add("silent");
+      else if (s.durable && !s.durable.consuming && s.durable.backlog_messages) tr.classList.add("behind");
       if (s.state === "never_used") tr.classList.add("never");
       tr.dataset.ident = s.ident;
       return tr;
@@ -495,9 +548,10 @@ async function connections() {
         c.tls ? "yes" : "no",
         list(c.subscriptions),
         pubs,
-        `${c.backlog_bytes} (${c.queued_bytes} + ${kernel})`,
+        `${c.backlog_bytes} (${c.queued_bytes} + ${kernel})` +
+          (c.durable ? `; stored ${c.durable.backlog_messages} msgs (${size(c.durable.backlog_bytes)})` : ""),
         cut,
-        c.delivered_bytes_per_s,
+        `${c.delivered_messages_per_s} (${c.delivered_bytes_per_s} B/s)`,
       ];
       if (isAdmin()) {
         cells.push(
@@ -683,7 +737,11 @@ async function keys() {
           })
         );
       }
-      const tr = row([k.ident, k.owner, list(k.pubchans), list(k.subchans), span]);
+      const stored = k.durable ? el("span", "yes" + (k.durable_state ? "; " + durableText(k.durable_state) : ""),
+        durableTrouble(k.durable_state) ? "trouble" : null) : "no";
+      const tr = row([k.ident, k.owner, list(k.pubchans), list(k.subchans), stored, span]);
+      if (durableTrouble(k.durable_state)) tr.classList.add("silent");
+      else if (k.durable_state && !k.durable_state.consuming && k.durable_state.backlog_messages) tr.classList.add("behind");
       tr.dataset.ident = k.ident;
       return tr;
     })

@@ -14,9 +14,21 @@ from typing import Any
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
+from hpfeeds3.broker.auth.base import make_key
+from hpfeeds3.broker.keys import open_store
 from hpfeeds3.client import Backoff, BlockingClient
+from tests.support.broker import sqlite_add_key
 
-from .conftest import Console, console_broker, fail_auth, publish, sensor, wait_key_usable
+from .conftest import (
+    Console,
+    authenticates,
+    console_broker,
+    fail_auth,
+    publish,
+    sensor,
+    wait_key_usable,
+    wait_until,
+)
 from .test_browser import by_id, click_in_row, fill, idents, login, row_of, rows, tab, view, wait
 
 # Seconds of silence that flag a sensor, set through the page (minutes, fractional).
@@ -219,3 +231,101 @@ def test_secret_and_deploy_dialog_events_by_kind_and_the_unreachable_banner(
         wait(browser, lambda d: by_id(d, "banner").is_displayed(), timeout=20)
         assert "does not answer" in by_id(browser, "banner").text and "as of" in by_id(browser, "banner").text
         browser.save_screenshot(str(screenshots / "unreachable.png"))
+
+
+def keys_store(tmp_path: Path, *keys: Any) -> None:
+    """The console broker's sqlite key store, made before it starts, with ``keys`` in it."""
+    db = tmp_path / "keys.db"
+    sqlite_add_key(db, "existing-sensor", "s3cret", ["honeypot.events"], [], owner="ops")
+    with open_store(f"sqlite:{db}", create=True) as store:
+        for key in keys:
+            store.add(key)
+
+
+def durable_of(console: Console, ident: str) -> dict[str, Any]:
+    key = console.admin().get(f"/api/v1/keys?q={ident}").body["keys"][0]
+    return key["durable_state"] or {}
+
+
+def test_a_durable_collector_away_shows_its_stored_backlog(browser: Any, tmp_path: Path, screenshots: Path) -> None:
+    """A durable collector comes once, goes, and a backlog builds while it is away: the Keys
+    and Collectors views say how much is stored, how old the oldest unread message is and
+    how close that is to the drop bound; back, it is replayed and the page says so."""
+    keys_store(
+        tmp_path,
+        make_key("hpfeeds-logger-01", "col-secret", "soc", [], ["cowrie.sessions"], durable=True),
+        make_key("cowrie-eu-01", "sensor-secret", "eu-team", ["cowrie.sessions"]),
+    )
+    browser.delete_all_cookies()
+    with console_broker(tmp_path) as console:
+        with sensor(console, "hpfeeds-logger-01", "col-secret") as col:
+            col.subscribe("cowrie.sessions")
+            wait_until(lambda: durable_of(console, "hpfeeds-logger-01").get("consuming"), what="consuming")
+        wait_until(lambda: not durable_of(console, "hpfeeds-logger-01")["consuming"], what="away")
+        with sensor(console, "cowrie-eu-01", "sensor-secret") as client:
+            publish(client, "cowrie.sessions", *(f"session {i}" for i in range(25)))
+        wait_until(lambda: durable_of(console, "hpfeeds-logger-01")["backlog_messages"] == 25, what="25 stored")
+
+        login(browser, console, console.admin_token)
+        tab(browser, "keys")
+        key = wait(browser, lambda d: (r := row_of(d, "keys-table", "hpfeeds-logger-01")) and "stored" in r[4] and r)
+        assert key[4].startswith("yes; away: 25 msgs stored (") and "oldest unread" in key[4]
+        assert "toward the drop bound (1.00 GiB, 1.0 d)" in key[4] and "dropped" not in key[4]
+        assert row_of(browser, "keys-table", "cowrie-eu-01")[4] == "no"  # type: ignore[index]
+        behind = browser.find_element(By.CSS_SELECTOR, '#keys-table tr[data-ident="hpfeeds-logger-01"]')
+        assert "behind" in behind.get_attribute("class")
+        browser.save_screenshot(str(screenshots / "keys-durable.png"))
+
+        tab(browser, "sensors")
+        view(browser, "collectors")
+        shown = wait(browser, lambda d: (r := row_of(d, "sensors-table", "hpfeeds-logger-01")) and r[10] and r)
+        assert shown[10].startswith("durable, away: 25 msgs stored (") and "oldest unread" in shown[10]
+        browser.save_screenshot(str(screenshots / "collectors-durable.png"))
+
+        # Back: the backlog is replayed, and delivered at a rate in messages per second.
+        with (
+            sensor(console, "hpfeeds-logger-01", "col-secret") as col,
+            sensor(console, "cowrie-eu-01", "sensor-secret") as client,
+        ):
+            col.subscribe("cowrie.sessions")
+            got = [col.get(10) for _ in range(25)]
+            assert [m.payload for m in got if m is not None] == [f"session {i}".encode() for i in range(25)]
+
+            def live_and_replayed(d: Any) -> Any:
+                publish(client, "cowrie.sessions", "live")  # one message per look: a rate to show
+                r = row_of(d, "sensors-table", "hpfeeds-logger-01")
+                caught_up = r and "connected: 0 msgs not yet acknowledged" in r[10]
+                return caught_up and not r[10].startswith("0 msgs/s") and r
+
+            shown = wait(browser, live_and_replayed, timeout=30)
+            assert " msgs/s, backlog " in shown[10]
+
+
+def test_a_sensor_behind_a_blocked_address_says_blocked_address(
+    browser: Any, tmp_path: Path, screenshots: Path
+) -> None:
+    """Another ident at the sensors' address fails until the address is blocked: their own
+    AUTHs are refused unverified, and their rows say "blocked address" in the default view
+    (a name holding markup stays text)."""
+    hostile = 'cowrie-nat<img src=x onerror="window.pwned=1">'
+    browser.delete_all_cookies()
+    with console_broker(tmp_path, "--auth-fail-address-limit", "3", "--auth-fail-limit", "0") as console:
+        secrets = {ident: add_key(console, ident, ["cowrie.sessions"]) for ident in ("cowrie-nat-02", hostile)}
+        login(browser, console, console.admin_token)
+        view(browser, "never")
+        wait(browser, lambda d: {"cowrie-nat-02", hostile} <= set(idents(d)))  # the console read the keys
+        for _ in range(3):
+            fail_auth(console, "cowrie-nat-01")  # no key
+        api = console.admin()
+        wait_until(lambda: api.get("/api/v1/events").body["blocked"], what="the address blocked")
+        for ident, secret in secrets.items():
+            assert not authenticates(console, ident, secret, 1.0)
+        silent_after(browser, SILENT_S)
+        view(browser, "stopped")
+        wait(browser, lambda d: set(idents(d)) == {"cowrie-nat-02", hostile})
+        for ident in secrets:
+            r = row_of(browser, "sensors-table", ident)
+            assert r is not None and r[2] == "never logged in"
+            assert "1 failed logins" in r[9] and "blocked address 127.0.0.1" in r[9]
+        assert browser.execute_script("return window.pwned === undefined")
+        browser.save_screenshot(str(screenshots / "sensors-blocked.png"))

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiohttp import web
 
 from .. import metrics
-from ..durable.tcpack import unacked_in_kernel
+from ..durable.tcpack import CloseKind, unacked_in_kernel
 from ..events import AdminChange, AdminLoginFailed, AuthBlocked
 from ..keys import BadArguments, IdentExists, InvalidKey, NoSuchIdent, StoreUnavailable
 from ..ratelimit import AuthFailureLimiter, AuthLimits
@@ -543,13 +543,27 @@ class Console:
         return _json({**self._scope(), "total": len(rows), "offset": offset, "connections": out})
 
     def _durable(self, ident: str) -> dict[str, Any] | None:
-        """A durable ident's stored backlog (``Broker.durable_state``) and the bounds past
-        which its oldest messages are dropped (``max_bytes``, ``max_age_s``)."""
-        state = self.broker.durable_state(ident)
+        """A durable ident's stored backlog (``Broker.durable_state``), the bounds past
+        which its oldest messages are dropped (``max_bytes``, ``max_age_s``) and, while a
+        connection consumes it, the messages that connection has not acknowledged yet
+        (``unacknowledged``: what it is behind; the stored backlog of a connected key also
+        holds the last messages it acknowledged, kept as the overlap a crash replays)."""
+        broker = self.broker
+        state = broker.durable_state(ident)
         if state is None:
             return None
-        limits = self.broker.config.limits
-        return {**state, "max_bytes": limits.durable_max_bytes, "max_age_s": limits.durable_max_age_s}
+        limits = broker.config.limits
+        conn = broker.feeds.get(ident)
+        feed = conn.feed if conn is not None else None
+        behind = None
+        if feed is not None and broker.durable is not None:
+            behind = _unacknowledged(broker.durable, ident, feed, conn.session.subchans)
+        return {
+            **state,
+            "max_bytes": limits.durable_max_bytes,
+            "max_age_s": limits.durable_max_age_s,
+            "unacknowledged": behind,
+        }
 
     async def close_connection(self, request: web.Request) -> web.StreamResponse:
         self._admin(request)
@@ -1031,6 +1045,20 @@ def _kernel_queued(conn: Any) -> int | None:
     transport = conn.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
     return unacked_in_kernel(sock) if sock is not None else None
+
+
+def _unacknowledged(durable: Any, ident: str, feed: Any, channels: Any) -> int:
+    """Messages the log holds on ``channels`` for durable ``ident`` that its connection
+    (``feed``) has not acknowledged: what TCP proved it received, else its position."""
+    acked = feed.tracker.positions(CloseKind.CLEAN)
+    behind = 0
+    for channel in channels:
+        at = acked.get(channel)
+        if at is None:
+            at = durable.position(ident, channel)
+        if at is not None:
+            behind += max(0, durable.written(channel) - at)
+    return behind
 
 
 def _quiet_row(ident: str, owner: str, role: str) -> tuple[Any, ...]:

@@ -102,12 +102,21 @@ function towardDrop(d) {
   return Math.min(1, Math.max(bytes, age));
 }
 
-// A durable key's stored backlog, in words; "" when it has none to say.
+// A durable key's stored backlog, in words; "" when it has none to say. While its
+// collector is connected, what it has not acknowledged yet is what it is behind: the
+// rest of what is stored for it was delivered, kept as the overlap a crash replays.
 function durableText(d) {
   if (!d) return "";
-  const parts = [(d.consuming ? "connected" : "away") + ": " + d.backlog_messages + " msgs stored (" + size(d.backlog_bytes) + ")"];
+  const stored = d.backlog_messages + " msgs stored (" + size(d.backlog_bytes) + ")";
+  const parts = [];
+  if (d.consuming && d.unacknowledged !== null && d.unacknowledged !== undefined) {
+    parts.push("connected: " + d.unacknowledged + " msgs not yet acknowledged");
+    if (d.backlog_messages) parts.push(stored + ", the last delivered kept for a replay after a crash");
+  } else {
+    parts.push((d.consuming ? "connected: " : "away: ") + stored);
+    if (d.backlog_messages) parts.push("oldest unread " + duration(d.oldest_unread_age_s) + " old");
+  }
   if (d.backlog_messages) {
-    parts.push("oldest unread " + duration(d.oldest_unread_age_s) + " old");
     parts.push(Math.round(towardDrop(d) * 100) + " % toward the drop bound (" + size(d.max_bytes) + ", " + duration(d.max_age_s) + ")");
   }
   if (d.dropped) parts.push(d.dropped + " dropped");

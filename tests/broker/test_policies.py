@@ -58,6 +58,18 @@ def test_dropping_below_the_soft_bound_restarts_its_window() -> None:
     assert watch.check(116.0, queued=198, sent=700) == "outgoing buffer over its soft bound for 60 s"
 
 
+def test_closeness_is_the_nearest_of_the_three_rules() -> None:
+    watch = SlowConsumerWatch(BOUNDS, now=0.0, queued=50, sent=50)
+    assert watch.closeness(0.0, 50) == 0.05  # bytes toward the hard bound
+    assert watch.closeness(6.0, 50) == 0.6  # nothing drained for 6 of 10 s
+    assert watch.check(6.0, queued=40, sent=50) is None  # it drained: the stall clock restarts
+    assert watch.closeness(7.0, 40) == 0.1
+    watch = SlowConsumerWatch(BOUNDS, now=0.0, queued=500, sent=500)
+    for t in range(1, 46):  # draining, over the soft bound: 45 of its 60 s
+        assert watch.check(float(t), queued=500, sent=500 + 10 * t) is None
+    assert watch.closeness(46.0, 500) == 0.75  # over it since the first check (1 s)
+
+
 def test_receive_deadline_is_scaled_to_the_frame_size() -> None:
     rate = ReceiveRate(rate_bytes=1000, grace_s=5.0)
     assert rate.allowed_s(10_000) == 15.0

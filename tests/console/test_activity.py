@@ -156,6 +156,35 @@ def test_collector_backlog_counts_the_kernel_and_unheard_channels_are_flagged(co
         lagging.close()
 
 
+def test_a_stalled_collector_shows_how_near_it_is_to_the_cut(tmp_path: Path) -> None:
+    """A collector that reads nothing is cut once nothing drained for --send-stall-timeout,
+    its buffer far below the hard bound: its rows say how near that is before it happens."""
+    with console_broker(tmp_path, "--send-stall-timeout", "6") as console:
+        c = console.admin()
+        add_key(c, console, "hpfeeds-logger", [], ["cowrie.sessions"])
+        secret = add_key(c, console, "cowrie-03", ["cowrie.sessions"], [])
+        stalled = _authed_socket(console.port, "hpfeeds-logger", _secret_of(c, console, "hpfeeds-logger"), rcvbuf=4096)
+        try:
+            stalled.sendall(encode_subscribe(b"hpfeeds-logger", b"cowrie.sessions"))
+            wait_until(lambda: _conn(c, "hpfeeds-logger")["subscriptions"] == ["cowrie.sessions"], what="subscribed")
+            with sensor(console, "cowrie-03", secret) as client:
+                for _ in range(128):  # 8 MB: more than the kernel takes, a quarter of the hard bound
+                    client.publish("cowrie.sessions", b"x" * 64_000)
+                client.flush(10)
+
+                def near() -> dict | None:
+                    conns = [x for x in c.get("/api/v1/connections?q=hpfeeds-logger").body["connections"]]
+                    assert conns, "cut before its row said it was near"
+                    return conns[0] if conns[0]["cut_fraction"] >= 0.5 else None
+
+                conn = wait_until(near, timeout=6, what="half way to the cut")
+                assert conn["queued_bytes"] < 0.3 * 32 * 1024 * 1024  # the time rule nears, not the bytes
+                logger = row(c, "hpfeeds-logger")
+                assert logger is not None and logger["cut_fraction"] >= 0.5
+        finally:
+            stalled.close()
+
+
 def _secret_of(c: Http, console: Console, ident: str) -> str:
     r = c.post("/api/v1/keys/rotate", {"ident": ident})
     assert r.status == 200

@@ -552,6 +552,14 @@ class Connection(asyncio.Protocol):
             metrics.SEND_BUFFER_DEADLINE_START.labels(self.session.ident or "").inc()
             self._backlog_timer = self._call_later(BACKLOG_CHECK_S, self._watch_backlog)
 
+    def cut_closeness(self) -> float | None:
+        """How near the slow-consumer cut (0 to 1) while the outgoing buffer is watched
+        (``SlowConsumerWatch.closeness``); None while it is not (the console reads it)."""
+        watch = self._watch
+        if watch is None:
+            return None
+        return watch.closeness(self.broker.loop.time(), self.write_buffer_size())
+
     @guarded("watching the outgoing buffer")
     def resume_writing(self) -> None:
         self._backlogged = False

@@ -59,6 +59,17 @@ class SlowConsumerWatch:
             return f"outgoing buffer over its soft bound for {bounds.soft_window_s:g} s"
         return None
 
+    def closeness(self, now: float, queued: int) -> float:
+        """How near the cut, 0 to 1: the nearest of the three rules (the buffer toward the
+        hard bound; the time without progress, and over the soft bound, as of the last check)."""
+        bounds = self._bounds
+        near = queued / bounds.hard_bytes if bounds.hard_bytes else 0.0
+        if bounds.stall_timeout_s:
+            near = max(near, (now - self._last_progress) / bounds.stall_timeout_s)
+        if self._soft_since is not None and bounds.soft_window_s:
+            near = max(near, (now - self._soft_since) / bounds.soft_window_s)
+        return min(1.0, near)
+
 
 class ReceiveRate:
     """A frame whose header has arrived must arrive at ``rate_bytes`` per second after

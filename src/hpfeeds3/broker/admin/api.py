@@ -534,7 +534,7 @@ class Console:
                     "queued_bytes": queued,
                     "kernel_queued_bytes": kernel,
                     "backlog_bytes": queued + (kernel or 0),
-                    "cut_fraction": round(min(1.0, queued / hard), 3) if hard else None,
+                    "cut_fraction": _cut_fraction(conn, queued, hard),
                     "delivered_messages_per_s": round(messages_per_s, 1),
                     "delivered_bytes_per_s": round(rates.get(conn.id, 0.0), 1),
                     "durable": self._durable(feed.ident) if feed is not None else None,
@@ -554,10 +554,9 @@ class Console:
             return None
         limits = broker.config.limits
         conn = broker.feeds.get(ident)
-        feed = conn.feed if conn is not None else None
         behind = None
-        if feed is not None and broker.durable is not None:
-            behind = _unacknowledged(broker.durable, ident, feed, conn.session.subchans)
+        if conn is not None and conn.feed is not None and broker.durable is not None:
+            behind = _unacknowledged(broker.durable, ident, conn.feed, conn.session.subchans)
         return {
             **state,
             "max_bytes": limits.durable_max_bytes,
@@ -667,6 +666,7 @@ class Console:
         durable = self.broker.durable
         followers = frozenset(durable.idents()) if durable is not None else frozenset()
         delivered = tracker.delivered_per_s
+        hard = self.broker.backlog_bounds.hard_bytes
         out = []
         for _, (ident, owner, connected, last_seen, last_publish, last_5m, last_1h, silent, role, since) in page:
             t = trouble(ident)
@@ -691,6 +691,9 @@ class Console:
                     "channels": tracker.channels(ident, minute),
                     "delivered_messages_per_s": round(sum(delivered(c) for c in mine), 1),
                     "backlog_bytes": sum(c.write_buffer_size() + (_kernel_queued(c) or 0) for c in mine),
+                    "cut_fraction": max(
+                        (_cut_fraction(c, c.write_buffer_size(), hard) or 0.0 for c in mine), default=0.0
+                    ),
                     "durable": self._durable(ident) if ident in followers else None,
                 }
             )
@@ -1045,6 +1048,17 @@ def _kernel_queued(conn: Any) -> int | None:
     transport = conn.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
     return unacked_in_kernel(sock) if sock is not None else None
+
+
+def _cut_fraction(conn: Any, queued: int, hard: int) -> float | None:
+    """How near ``conn`` is to the slow-consumer cut, 0 to 1: its buffer toward the hard
+    bound and, while the buffer is watched, the time without progress or over the soft
+    bound (whichever is nearest); None without a hard bound."""
+    if not hard:
+        return None
+    near = min(1.0, queued / hard)
+    watched = conn.cut_closeness()
+    return round(max(near, watched) if watched is not None else near, 3)
 
 
 def _unacknowledged(durable: Any, ident: str, feed: Any, channels: Any) -> int:

@@ -482,9 +482,11 @@ function deliveryCell(s) {
   if (s.role !== "collector" && !s.durable && !s.delivered_messages_per_s) return "";
   const parts = [];
   if (s.connected) parts.push(s.delivered_messages_per_s + " msgs/s, backlog " + size(s.backlog_bytes));
+  if (s.cut_fraction >= 0.01) parts.push(Math.round(s.cut_fraction * 100) + " % toward the slow-consumer cut");
   const stored = durableText(s.durable);
   if (stored) parts.push("durable, " + stored);
-  return el("span", parts.join("; "), durableTrouble(s.durable) ? "trouble" : null);
+  const bad = durableTrouble(s.durable) || s.cut_fraction >= 0.5;
+  return el("span", parts.join("; "), bad ? "trouble" : null);
 }
 
 async function sensors() {
@@ -522,7 +524,7 @@ async function sensors() {
         deliveryCell(s),
         chans,
       ]);
-      if (s.silent || durableTrouble(s.durable)) tr.classList.add("silent");
+      if (s.silent || durableTrouble(s.durable) || s.cut_fraction >= 0.5) tr.classList.add("silent");
       else if (s.durable && !s.durable.consuming && s.durable.backlog_messages) tr.classList.add("behind");
       if (s.state === "never_used") tr.classList.add("never");
       tr.dataset.ident = s.ident;

@@ -158,7 +158,8 @@ def test_collector_backlog_counts_the_kernel_and_unheard_channels_are_flagged(co
 
 def test_a_stalled_collector_shows_how_near_it_is_to_the_cut(tmp_path: Path) -> None:
     """A collector that reads nothing is cut once nothing drained for --send-stall-timeout,
-    its buffer far below the hard bound: its rows say how near that is before it happens."""
+    its buffer far below the hard bound: its rows say how near that is before it happens,
+    and that it was cut, and why, after."""
     with console_broker(tmp_path, "--send-stall-timeout", "6") as console:
         c = console.admin()
         add_key(c, console, "hpfeeds-logger", [], ["cowrie.sessions"])
@@ -181,6 +182,9 @@ def test_a_stalled_collector_shows_how_near_it_is_to_the_cut(tmp_path: Path) -> 
                 assert conn["queued_bytes"] < 0.3 * 32 * 1024 * 1024  # the time rule nears, not the bytes
                 logger = row(c, "hpfeeds-logger")
                 assert logger is not None and logger["cut_fraction"] >= 0.5
+                # Cut: its row says so, and why.
+                cut = wait_until(lambda: (r := row(c, "hpfeeds-logger")) and r["trouble"] and r["trouble"], what="cut")
+                assert cut["cuts"] == 1 and cut["cut_reason"] == "nothing drained for 6 s"
         finally:
             stalled.close()
 

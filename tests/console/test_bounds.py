@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +20,16 @@ from hpfeeds3.broker.admin.tokens import Principal
 from hpfeeds3.broker.admin.tracker import Tracker
 from hpfeeds3.broker.admin.watch import Watches
 from hpfeeds3.broker.durable.feed import FeedStats
-from hpfeeds3.broker.events import AdminChange, AuthBlocked, AuthFailed, AuthRefused, Closed, Connected, Revoked
+from hpfeeds3.broker.events import (
+    AdminChange,
+    AuthBlocked,
+    AuthFailed,
+    AuthRefused,
+    Closed,
+    Connected,
+    Revoked,
+    SlowConsumerCut,
+)
 from hpfeeds3.broker.metrics import PublishStats
 from hpfeeds3.broker.reasons import CloseReason
 from hpfeeds3.broker.session import Refusal
@@ -229,6 +240,7 @@ def test_activity_is_written_in_batches_and_read_back(broker: Broker, tmp_path: 
     s.published(b"c", 4)
     poll(broker, first, t0 + 61)
     first.refused(Refusal.NO_PUB_PERMISSION, "s")
+    first.observe(SlowConsumerCut("10.0.0.1:1", "s", "nothing drained for 10 s", 4096))
     broker.loop.run_until_complete(first.flush(t0 + 61))
     s.published(b"c", 1)
     poll(broker, first, t0 + 62)
@@ -242,12 +254,34 @@ def test_activity_is_written_in_batches_and_read_back(broker: Broker, tmp_path: 
     assert again.chans["c"].windows(minute(t0 + 120)) == (8, 8)
     assert again.pairs[("s", "c")].last_publish == t0 + 62
     assert again.trouble["s"].refused == 1 and again.trouble["s"].refused_reason
+    assert again.trouble["s"].cut == 1 and again.trouble["s"].cut_reason == "nothing drained for 10 s"
     # A day later the minutes are gone; the last publish stays.
     later = Tracker(broker, ActivityStore(str(tmp_path)))
     broker.loop.run_until_complete(later.load(t0 + (DAY + 5) * 60))
     assert "s" not in later.idents and later.published["s"] == t0 + 62
     broker.loop.run_until_complete(again.close(t0 + 120))
     broker.loop.run_until_complete(later.close(t0 + 120))
+
+
+def test_a_history_file_from_before_the_cut_columns_is_read_and_written(broker: Broker, tmp_path: Path) -> None:
+    path = tmp_path / "console" / "activity.db"
+    path.parent.mkdir()
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(
+            "CREATE TABLE idents (ident TEXT PRIMARY KEY, last_seen REAL, last_publish REAL,"
+            " refused INTEGER NOT NULL DEFAULT 0, refused_reason TEXT, refused_at REAL,"
+            " failed INTEGER NOT NULL DEFAULT 0, failed_reason TEXT, failed_at REAL)"
+        )
+        db.execute("INSERT INTO idents VALUES ('s', 5.0, 4.0, 0, NULL, NULL, 2, 'wrong secret', 3.0)")
+    t = Tracker(broker, ActivityStore(str(tmp_path)))
+    broker.loop.run_until_complete(t.load(10.0))
+    assert t.last_seen["s"] == 5.0 and t.trouble["s"].failed == 2 and t.trouble["s"].cut == 0
+    t.observe(SlowConsumerCut("10.0.0.1:1", "s", "nothing drained for 10 s", 4096))
+    broker.loop.run_until_complete(t.close(10.0))
+    again = Tracker(broker, ActivityStore(str(tmp_path)))
+    broker.loop.run_until_complete(again.load(10.0))
+    assert again.trouble["s"].failed == 2 and again.trouble["s"].cut == 1
+    broker.loop.run_until_complete(again.close(10.0))
 
 
 def test_sessions_are_bounded_per_token_and_expire() -> None:

@@ -1,8 +1,8 @@
 """The console's activity history on disk: what survives a restart of the broker.
 
 Kept in ``DATA_DIR/console/activity.db`` (sqlite; ``--data-dir``), per ident:
-when it was last seen, when it last published, its refused publishes and
-failed logins with the last reason; per (ident, channel): the last publish;
+when it was last seen, when it last published, its refused publishes, failed
+logins and slow-consumer cuts with the last reason; per (ident, channel): the last publish;
 per ident and per channel: message counts per minute for the last 24 hours.
 
 The tracker (``tracker.py``) keeps the same in memory and marks what changed;
@@ -38,7 +38,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS idents (
     ident TEXT PRIMARY KEY, last_seen REAL, last_publish REAL,
     refused INTEGER NOT NULL DEFAULT 0, refused_reason TEXT, refused_at REAL,
-    failed INTEGER NOT NULL DEFAULT 0, failed_reason TEXT, failed_at REAL
+    failed INTEGER NOT NULL DEFAULT 0, failed_reason TEXT, failed_at REAL,
+    cut INTEGER NOT NULL DEFAULT 0, cut_reason TEXT, cut_at REAL
 );
 CREATE TABLE IF NOT EXISTS pairs (ident TEXT, channel TEXT, last_publish REAL, PRIMARY KEY (ident, channel));
 CREATE TABLE IF NOT EXISTS minutes (
@@ -46,6 +47,12 @@ CREATE TABLE IF NOT EXISTS minutes (
 );
 CREATE INDEX IF NOT EXISTS minutes_by_minute ON minutes (minute);
 """
+# Columns added to ``idents`` since its first version (a file written before gets them at open).
+ADDED_COLUMNS = (("cut", "INTEGER NOT NULL DEFAULT 0"), ("cut_reason", "TEXT"), ("cut_at", "REAL"))
+IDENT_COLUMNS = (
+    "ident, last_seen, last_publish, refused, refused_reason, refused_at, failed, failed_reason, failed_at,"
+    " cut, cut_reason, cut_at"
+)
 
 
 class History:
@@ -81,7 +88,8 @@ class History:
 
 @dataclass(slots=True)
 class Trouble:
-    """Why an ident may send nothing: refused publishes and failed logins, with the last reason."""
+    """Why an ident may send (or get) nothing: refused publishes, failed logins and
+    slow-consumer cuts, with the last reason."""
 
     refused: int = 0
     refused_reason: str | None = None
@@ -89,6 +97,9 @@ class Trouble:
     failed: int = 0
     failed_reason: str | None = None
     failed_at: float | None = None
+    cut: int = 0
+    cut_reason: str | None = None
+    cut_at: float | None = None
 
     def view(self) -> dict[str, Any]:
         return {
@@ -98,6 +109,9 @@ class Trouble:
             "failed_logins": self.failed,
             "failed_reason": self.failed_reason,
             "failed_at": self.failed_at,
+            "cuts": self.cut,
+            "cut_reason": self.cut_reason,
+            "cut_at": self.cut_at,
         }
 
 
@@ -140,6 +154,10 @@ class ActivityStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(SCHEMA)
+            present = {row[1] for row in db.execute("PRAGMA table_info(idents)")}
+            for name, kind in ADDED_COLUMNS:
+                if name not in present:
+                    db.execute(f"ALTER TABLE idents ADD COLUMN {name} {kind}")
             self._db = db
         return self._db
 
@@ -147,8 +165,7 @@ class ActivityStore:
         db = self._open()
         return Loaded(
             idents=db.execute(
-                "SELECT ident, last_seen, last_publish, refused, refused_reason, refused_at, failed, failed_reason,"
-                " failed_at FROM idents ORDER BY max(coalesce(last_seen, 0), coalesce(last_publish, 0))"
+                f"SELECT {IDENT_COLUMNS} FROM idents ORDER BY max(coalesce(last_seen, 0), coalesce(last_publish, 0))"
             ).fetchall(),
             pairs=db.execute("SELECT ident, channel, last_publish FROM pairs ORDER BY last_publish").fetchall(),
             minutes=db.execute(
@@ -166,7 +183,10 @@ class ActivityStore:
                 cur.executemany("DELETE FROM pairs WHERE ident = ? AND channel = ?", batch.forget_pairs)
                 cur.executemany("DELETE FROM minutes WHERE kind = ? AND name = ?", batch.forget_history)
                 cur.execute("DELETE FROM minutes WHERE minute < ?", (batch.oldest_minute,))
-                cur.executemany("INSERT OR REPLACE INTO idents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", batch.idents)
+                cur.executemany(
+                    f"INSERT OR REPLACE INTO idents ({IDENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    batch.idents,
+                )
                 cur.executemany("INSERT OR REPLACE INTO pairs VALUES (?, ?, ?)", batch.pairs)
                 cur.executemany("INSERT OR REPLACE INTO minutes VALUES (?, ?, ?, ?)", batch.minutes)
                 cur.execute("COMMIT")

@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..events import AuthBlocked, AuthFailed, AuthRefused, Closed, Event, Kind
+from ..events import AuthBlocked, AuthFailed, AuthRefused, Closed, Event, Kind, SlowConsumerCut
 from ..session import Refusal
 from .activity import DAY, MAX_HISTORY, ActivityStore, Batch, History, Trouble
 
@@ -184,14 +184,14 @@ class Tracker:
             return
         now = time.time() if now is None else now
         loaded = await self._run(self.store.load, int(now // 60) - DAY + 1)
-        for ident, seen, published, refused, r_reason, r_at, failed, f_reason, f_at in loaded.idents:
+        for ident, seen, published, refused, r_reason, r_at, failed, f_reason, f_at, *cut in loaded.idents:
             if seen:
                 self.seen(ident, seen)
             if published:
                 _touch(self.published, ident, float, MAX_IDENTS)
                 self.published[ident] = published
-            if refused or failed:
-                self.trouble[ident] = Trouble(refused, r_reason, r_at, failed, f_reason, f_at)
+            if refused or failed or cut[0]:
+                self.trouble[ident] = Trouble(refused, r_reason, r_at, failed, f_reason, f_at, *cut)
         for ident, channel, published in loaded.pairs:
             act, _ = _touch(self.pairs, (ident, channel), Activity, MAX_PAIRS)
             act.last_publish = published or 0.0
@@ -220,6 +220,9 @@ class Tracker:
                     t.failed,
                     t.failed_reason,
                     t.failed_at,
+                    t.cut,
+                    t.cut_reason,
+                    t.cut_at,
                 )
             )
         for key in self._dirty_pairs:
@@ -304,6 +307,8 @@ class Tracker:
                     self._trouble(event.shown, now, failed=FAILED_REASONS[event.why])
             return
         self.events.append(entry)
+        if type(event) is SlowConsumerCut and event.who is not None:
+            self._trouble(event.who, now, cut=event.why)
         if type(event) is AuthBlocked:
             last = self._last_failed
             if not event.console and last is not None and last[0] == event.peer:
@@ -335,8 +340,13 @@ class Tracker:
         if ident in self.trouble or ident in self.last_seen or self.known(ident):
             self._trouble(ident, now, failed=blocked_reason(event))
 
-    def _trouble(self, ident: str, now: float, *, refused: str | None = None, failed: str | None = None) -> None:
+    def _trouble(
+        self, ident: str, now: float, *, refused: str | None = None, failed: str | None = None, cut: str | None = None
+    ) -> None:
         t, _ = _touch(self.trouble, ident, Trouble, MAX_IDENTS)
+        if cut is not None:
+            t.cut += 1
+            t.cut_reason, t.cut_at = cut, now
         if refused is not None:
             t.refused += 1
             t.refused_reason, t.refused_at = refused, now

@@ -474,6 +474,7 @@ function troubleCell(s) {
   const parts = [];
   if (t.refused) parts.push(`${t.refused} refused publishes, last ${ago(t.refused_at)}: ${t.refused_reason}`);
   if (t.failed_logins) parts.push(`${t.failed_logins} failed logins, last ${ago(t.failed_at)}: ${t.failed_reason}`);
+  if (t.cuts) parts.push(`cut ${t.cuts} times as a slow consumer, last ${ago(t.cut_at)}: ${t.cut_reason}`);
   return el("span", parts.join("; "), "trouble");
 }
 

@@ -17,7 +17,9 @@ from selenium.webdriver.support.ui import Select
 from hpfeeds3.broker.auth.base import make_key
 from hpfeeds3.broker.keys import open_store
 from hpfeeds3.client import Backoff, BlockingClient
-from tests.support.broker import sqlite_add_key
+from hpfeeds3.protocol import encode_subscribe
+from tests.reliability.support import _authed_socket
+from tests.support.broker import RawClient, sqlite_add_key
 
 from .conftest import (
     Console,
@@ -329,3 +331,69 @@ def test_a_sensor_behind_a_blocked_address_says_blocked_address(
             assert "1 failed logins" in r[9] and "blocked address 127.0.0.1" in r[9]
         assert browser.execute_script("return window.pwned === undefined")
         browser.save_screenshot(str(screenshots / "sensors-blocked.png"))
+
+
+def test_after_a_weekend_the_stopped_sensor_and_the_lagging_collector_stand_out(
+    browser: Any, tmp_path: Path, screenshots: Path
+) -> None:
+    """50 sensors, one of them stopped; a live collector keeping up and a durable one that
+    reads nothing: the stopped sensor is alone in the landing view, and the Collectors
+    view says which collector is behind (and by how much) and which keeps up."""
+    sensors = [f"cowrie-eu-{i:02d}" for i in range(1, 51)]
+    keys_store(
+        tmp_path,
+        *(make_key(ident, "s-" + ident, "eu-team", ["cowrie.sessions"]) for ident in sensors),
+        make_key("hpfeeds-logger", "live-secret", "soc", [], ["cowrie.sessions"]),
+        make_key("archive-durable", "durable-secret", "soc", [], ["cowrie.sessions"], durable=True),
+    )
+    browser.delete_all_cookies()
+    with console_broker(tmp_path, "--send-stall-timeout", "120") as console:
+        lagging = _authed_socket(console.port, "archive-durable", "durable-secret", rcvbuf=4096)
+        clients: dict[str, RawClient] = {}
+        try:
+            lagging.sendall(encode_subscribe(b"archive-durable", b"cowrie.sessions"))
+            wait_until(lambda: durable_of(console, "archive-durable").get("consuming"), what="consuming")
+            with sensor(console, "hpfeeds-logger", "live-secret") as collector:
+                collector.subscribe("cowrie.sessions")
+                for ident in sensors:
+                    clients[ident] = RawClient(console.port).auth(ident, "s-" + ident)
+                    clients[ident].publish("cowrie.sessions", b"session " + ident.encode())
+                clients.pop("cowrie-eu-17").close()  # stopped
+                login(browser, console, console.admin_token)
+                silent_after(browser, SILENT_S)
+                view(browser, "stopped")
+
+                def publishing(check: Any) -> Any:
+                    def look(d: Any) -> Any:
+                        for client in clients.values():  # the others go on publishing
+                            client.publish("cowrie.sessions", b"x" * 1000)
+                        while collector.get(0) is not None:  # the live collector keeps up
+                            pass
+                        return check(d)
+
+                    return look
+
+                wait(browser, publishing(lambda d: idents(d) == ["cowrie-eu-17"]), timeout=30)
+                stopped = row_of(browser, "sensors-table", "cowrie-eu-17")
+                assert stopped is not None and stopped[2].startswith("silent since ")
+                assert by_id(browser, "sensors-count").text == "1 shown, 1 silent"
+                browser.save_screenshot(str(screenshots / "sensors-weekend.png"))
+
+                view(browser, "collectors")
+
+                def collectors(d: Any) -> Any:
+                    live = row_of(d, "sensors-table", "hpfeeds-logger")
+                    behind = row_of(d, "sensors-table", "archive-durable")
+                    if not live or not behind or live[10].startswith("0 msgs/s"):
+                        return None
+                    lag = behind[10].split("connected: ", 1)[-1].split(" msgs not yet acknowledged", 1)[0]
+                    return lag.isdigit() and int(lag) > 100 and (live, behind)
+
+                live, behind = wait(browser, publishing(collectors), timeout=30)
+                assert behind[10].startswith("durable, connected: ")
+                assert "durable" not in live[10] and "backlog " in live[10]
+                browser.save_screenshot(str(screenshots / "collectors.png"))
+        finally:
+            lagging.close()
+            for client in clients.values():
+                client.close()

@@ -203,6 +203,9 @@ class Subscriber:
     def deliver(self, data: bytes) -> None:
         pass
 
+    def delivery_failed(self) -> None:
+        pass
+
 
 def test_delivered_messages_per_second_from_the_counts_the_broker_keeps(broker: Broker) -> None:
     """A collector's messages per second: the router's deliveries of each channel it

@@ -492,9 +492,9 @@ class Console:
 
     async def connections(self, request: web.Request) -> web.StreamResponse:
         """Live connections by ident (``sort``: ``ident``, ``peer``, ``since``, ``backlog``
-        or ``rate``; ``-`` first: descending). ``backlog_bytes`` is the transport's
-        buffer plus the kernel's send queue (``SIOCOUTQ``, Linux); ``cut_fraction`` how
-        far the transport's buffer is toward the slow-consumer cut (1.0: cut)."""
+        or ``rate``, messages delivered per second; ``-`` first: descending).
+        ``backlog_bytes`` is the transport's buffer plus the kernel's send queue
+        (``SIOCOUTQ``, Linux); ``cut_fraction`` how near the slow-consumer cut (1.0: cut)."""
         offset, limit = _page(request)
         q = request.query.get("q", "").casefold()
         sort = request.query.get("sort", "ident")

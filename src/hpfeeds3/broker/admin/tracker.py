@@ -12,7 +12,13 @@ Two feeds, neither on the message hot path:
   last poll to one-minute buckets (at most 60 per pair), from which come the
   messages in the last 5 minutes and the last hour: no per-message work is
   added. A ``Closed`` event carries the connection's final counters: it is
-  read once more as it closes.
+  read once more as it closes. The same poll reads the router's deliveries
+  per channel and the durable feeds' messages sent, for the messages per
+  second delivered to each collector.
+
+Why an ident sends (or gets) nothing is kept per ident (``Trouble``): refused
+publishes, failed logins (a wrong secret; an AUTH refused at a blocked
+address, for an ident the console knows) and slow-consumer cuts.
 
 Memory is bounded: at most ``MAX_PAIRS`` (ident, channel) pairs and
 ``MAX_IDENTS`` idents are remembered, and per-minute history (24 hours) for

@@ -67,14 +67,13 @@ from .events import (
     KeyStoreUnavailable,
     SlowConsumerCut,
     SlowProducer,
-    TlsFailed,
 )
 from .metrics import Limit
 from .policies import Linger, SlowConsumerWatch
 from .reasons import CloseReason
 from .session import AUTHING, CLOSED, PRE_AUTH, READY, NeedKey, Session
 from .text import printable
-from .tls import RecordsWithoutData, TlsSession
+from .tls import TlsPump
 from .tuning import (
     BACKLOG_CHECK_S,
     BACKLOG_HIGH_BYTES,
@@ -161,8 +160,7 @@ class Connection(asyncio.Protocol):
         "_peer_fin",
         "_sample_timer",
         "_tls",
-        "_tls_session",
-        "_tls_turn",
+        "_tls_pump",
         "_turn_pending",
         "_watch",
         "_write",
@@ -186,8 +184,7 @@ class Connection(asyncio.Protocol):
         self.peer = "?"
         self.peer_host = "?"
         self._tls = tls
-        self._tls_session: TlsSession | None = None
-        self._tls_turn = False  # a later turn goes on decrypting (_continue_tls)
+        self._tls_pump: TlsPump | None = None  # from start() on a TLS listener
         self._write: Callable[[bytes], None] = self._write_unconnected
         self.group: Groups = ("?", "?")  # (network, address) for the pre-auth pool (admission.py)
         limits = broker.config.limits
@@ -297,11 +294,9 @@ class Connection(asyncio.Protocol):
         broker = self.broker
         if self._tls is not None:
             # The handshake runs in this connection (tls.py), on its own deadline.
-            self._tls_session = TlsSession(self._tls, broker.config.limits.max_tls_records_without_data)
-            self._write = self._write_tls
-            self._auth_deadline = self._call_later(
-                broker.config.limits.tls_handshake_timeout_s, self._on_handshake_timeout
-            )
+            pump = self._tls_pump = TlsPump(self, self._tls, broker.config.limits.max_tls_records_without_data)
+            self._write = pump.write
+            self._auth_deadline = self._call_later(broker.config.limits.tls_handshake_timeout_s, pump.handshake_timeout)
         else:
             self._greet()
         if held:
@@ -320,97 +315,8 @@ class Connection(asyncio.Protocol):
         self._write(encode_info(broker.name_bytes, self.session.nonce))
         self._auth_deadline = self._call_later(broker.config.limits.auth_timeout_s, self._on_auth_timeout)
 
-    def _write_tls(self, data: bytes) -> None:
-        assert self.transport is not None and self._tls_session is not None
-        self.transport.write(self._tls_session.encrypt(data))
-
     def _write_unconnected(self, data: bytes) -> None:  # pragma: no cover - never called before connection_made
         raise RuntimeError("write before the connection was made")
-
-    def _tls_received(self, tls: TlsSession, data: bytes) -> bytes | None:
-        """Decrypt; start the session when the handshake completes. None: the connection is closed."""
-        assert self.transport is not None
-        was_established = tls.established
-        try:
-            plain, reply = tls.receive(data)
-        except ssl.SSLError as e:
-            self._tls_failed(str(e.reason or e), tls)
-            return None
-        except RecordsWithoutData:
-            self._tls_records_without_data(tls)
-            return None
-        if reply:
-            self._write_wire(reply)
-        if not was_established and tls.established:
-            self._greet()
-        return plain
-
-    def _tls_closed_by_peer(self, tls: TlsSession, last: bytes | None) -> None:
-        """The client's close_notify: handle what came before it, answer it (clients wait
-        for ours), then treat it as EOF."""
-        tls.closed_by_peer = False  # once
-        tls.discard()  # nothing after close_notify counts
-        if last:
-            self._received_plain(last)
-        if self.transport is not None and not self._lost:
-            self._write_wire(tls.close_notify())
-            if not self.eof_received():
-                self.transport.close()
-
-    def _tls_failed(self, why: str, tls: TlsSession) -> None:
-        event = TlsFailed(self.peer, why, tls.established)
-        self.broker.emit(event)
-        self.session.close(CloseReason(event.reason), None, abort=True)
-
-    def _tls_records_without_data(self, tls: TlsSession) -> None:
-        limit = self.broker.config.limits.max_tls_records_without_data
-        reason = CloseReason.TLS_RECORDS_WITHOUT_DATA
-        metrics.limit_rejected(Limit.MAX_TLS_RECORDS_WITHOUT_DATA)
-        why = f"too many TLS records without data (more than {limit} beyond what their plaintext accounts for)"
-        self.broker.emit(TlsFailed(self.peer, why, True, reason))
-        tls.discard()
-        self.session.close(reason, f"too many TLS records without data (limit {limit})")
-
-    def _tls_feed(self, tls: TlsSession, data: bytes) -> None:
-        """Decrypt one turn's worth (tls.py); what remains waits, reading paused, for a
-        later turn: this connection's (``_continue_tls``), or after the session's own
-        continuation or key lookup, which resume reading through ``_resume_reading``."""
-        decrypted = self._tls_received(tls, data)
-        if decrypted is None:
-            return
-        if tls.closed_by_peer:
-            self._tls_closed_by_peer(tls, decrypted)
-            return
-        if decrypted:
-            self._received_plain(decrypted)
-        transport = self.transport
-        if not tls.backlogged or self.session.state == CLOSED or transport is None or transport.is_closing():
-            return
-        transport.pause_reading()
-        if not self._turn_pending and self.session.state != AUTHING:
-            self._schedule_tls()
-
-    def _schedule_tls(self) -> None:
-        if not self._tls_turn:
-            self._tls_turn = True
-            self._call_soon(self._continue_tls)
-
-    def _continue_tls(self) -> None:
-        self._tls_turn = False
-        tls = self._tls_session
-        if tls is None or self.session.state == CLOSED or self.transport is None:
-            return
-        self._tls_feed(tls, b"")
-        if not tls.backlogged:
-            self._resume_reading()
-
-    def _on_handshake_timeout(self) -> None:
-        self._auth_deadline = None
-        tls = self._tls_session
-        if tls is not None and not tls.established and self.session.state != CLOSED:
-            metrics.limit_rejected(Limit.TLS_HANDSHAKE_TIMEOUT)
-            limit = self.broker.config.limits.tls_handshake_timeout_s
-            self._tls_failed(f"no handshake within {limit:g} s", tls)
 
     @guarded("handling received data")
     def data_received(self, data: bytes) -> None:
@@ -426,9 +332,9 @@ class Connection(asyncio.Protocol):
                 self._hold(data)
                 return
             self.broker.progress(self)  # bytes of a handshake or an AUTH: not evicted for a while
-        tls = self._tls_session
+        tls = self._tls_pump
         if tls is not None:
-            self._tls_feed(tls, data)
+            tls.receive(data)
             return
         self._received_plain(data)
 
@@ -498,8 +404,8 @@ class Connection(asyncio.Protocol):
         self._peer_fin = True
         if self._linger is not None:
             return False  # the client read our ERROR and closed: done
-        tls = self._tls_session
-        if self.session.state == AUTHING or self._turn_pending or (tls is not None and tls.backlogged):
+        tls = self._tls_pump
+        if self.session.state == AUTHING or self._turn_pending or (tls is not None and tls.session.backlogged):
             self._eof_pending = True
             return True
         return False
@@ -590,11 +496,11 @@ class Connection(asyncio.Protocol):
     def feed_write(self, data: bytes) -> int:
         assert self.transport is not None
         self.sent_bytes += len(data)
-        tls = self._tls_session
+        tls = self._tls_pump
         if tls is None:
             self.transport.write(data)
             return len(data)
-        wire = tls.encrypt(data)
+        wire = tls.session.encrypt(data)
         self.transport.write(wire)
         return len(wire)
 
@@ -730,7 +636,8 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if self._lost or transport is None:
             return
-        tls = self._tls_session
+        pump = self._tls_pump
+        tls = pump.session if pump is not None else None
         if tls is not None:
             tls.discard()  # what waits is never decrypted
         if abort or transport.is_closing() or (tls is not None and not tls.established):
@@ -802,9 +709,9 @@ class Connection(asyncio.Protocol):
         state = self.session.state
         if (state != READY and state != PRE_AUTH) or self._turn_pending or transport is None or transport.is_closing():
             return
-        tls = self._tls_session
-        if tls is not None and tls.backlogged:
-            self._schedule_tls()  # encrypted bytes first: decrypted in a later turn
+        tls = self._tls_pump
+        if tls is not None and tls.session.backlogged:
+            tls.schedule()  # encrypted bytes first: decrypted in a later turn
             return
         if self._eof_pending:
             transport.close()  # the FIN that came behind the frames, now that every one is handled

@@ -58,8 +58,8 @@ from ..protocol import encode_info, new_nonce
 from . import metrics
 from .admission import Groups, address_groups
 from .auth import AccessKey, AuthUnavailable, WouldBlock
-from .durable.feed import SAMPLE_S, DurableFeed
-from .durable.tcpack import CloseKind, SocketLike, close_kind
+from .durable.feed import SAMPLE_S, ConnectionOutput, DurableFeed
+from .durable.tcpack import CloseKind, close_kind
 from .events import (
     Authenticated,
     Closed,
@@ -486,29 +486,13 @@ class Connection(asyncio.Protocol):
     # --- a durable key's feed (durable/feed.py) --------------------------------------
 
     def _start_feed(self, ident: str) -> None:
-        feed = self.broker.durable_attach(self, ident, self._call_soon)
+        output = ConnectionOutput(self)
+        feed = self.broker.durable_attach(self, ident, output, self._call_soon)
         if feed is None:
             return
         self.feed = feed
-        self._write = self._write_counted  # every byte from now on counts (tcpack)
+        self._write = output.write_counted  # every byte from now on counts (tcpack)
         self._sample_timer = self._call_later(SAMPLE_S, self._sample_acks)
-
-    def feed_write(self, data: bytes) -> int:
-        assert self.transport is not None
-        self.sent_bytes += len(data)
-        tls = self._tls_pump
-        if tls is None:
-            self.transport.write(data)
-            return len(data)
-        wire = tls.session.encrypt(data)
-        self.transport.write(wire)
-        return len(wire)
-
-    def _write_counted(self, data: bytes) -> None:
-        wire = self.feed_write(data)
-        self.sent_bytes -= len(data)  # not a delivery
-        if self.feed is not None:
-            self.feed.tracker.wrote(len(data), wire_bytes=wire)
 
     def _write_wire(self, data: bytes) -> None:
         """Bytes on the wire outside the session's stream (TLS records of its own)."""
@@ -516,18 +500,6 @@ class Connection(asyncio.Protocol):
         self.transport.write(data)
         if self.feed is not None:
             self.feed.tracker.wrote_wire(len(data))
-
-    def feed_writable(self) -> bool:
-        t = self.transport
-        return t is not None and not self._backlogged and not t.is_closing() and self.session.state == READY
-
-    def feed_socket(self) -> SocketLike | None:
-        t = self.transport
-        return None if t is None else t.get_extra_info("socket")
-
-    def feed_buffered(self) -> int:
-        t = self.transport
-        return 0 if t is None else t.get_write_buffer_size()
 
     def feed_pump(self) -> None:
         """New messages in the log: send what this connection may."""

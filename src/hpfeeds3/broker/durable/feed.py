@@ -17,6 +17,10 @@ Positions follow TCP acknowledgements (``tcpack.AckTracker``): every write
 after the feed starts is counted, sampled every ``SAMPLE_S`` (committed with
 the overlap: the process may die with no chance to look again) and at close
 (exact after a clean FIN, with the overlap otherwise).
+
+``ConnectionOutput`` is a connection as its feed's ``FeedOutput``: made for
+a durable key's connection alone, at AUTH; it counts every write of that
+connection from then on (``write_counted``).
 """
 
 from __future__ import annotations
@@ -24,10 +28,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from ..session import READY
 from .base import BacklogReader, DurableLog
 from .tcpack import AckTracker, CloseKind, SocketLike, tcp_bytes_acked, unacked_in_kernel
+
+if TYPE_CHECKING:
+    from ..connection import Connection
 
 log = logging.getLogger("hpfeeds3.broker.durable")
 
@@ -54,6 +62,48 @@ class FeedOutput(Protocol):
     def feed_buffered(self) -> int:
         """Bytes in the transport's own buffer (not yet in the kernel)."""
         ...
+
+
+class ConnectionOutput:
+    """A durable key's connection as its feed's ``FeedOutput``."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def feed_write(self, data: bytes) -> int:
+        conn = self._conn
+        assert conn.transport is not None
+        conn.sent_bytes += len(data)
+        tls = conn._tls_pump
+        if tls is None:
+            conn.transport.write(data)
+            return len(data)
+        wire = tls.session.encrypt(data)
+        conn.transport.write(wire)
+        return len(wire)
+
+    def write_counted(self, data: bytes) -> None:
+        """The connection's own writes (its ``_write`` once the feed starts): counted, not deliveries."""
+        conn = self._conn
+        wire = self.feed_write(data)
+        conn.sent_bytes -= len(data)  # not a delivery
+        if conn.feed is not None:
+            conn.feed.tracker.wrote(len(data), wire_bytes=wire)
+
+    def feed_writable(self) -> bool:
+        conn = self._conn
+        t = conn.transport
+        return t is not None and not conn._backlogged and not t.is_closing() and conn.session.state == READY
+
+    def feed_socket(self) -> SocketLike | None:
+        t = self._conn.transport
+        return None if t is None else t.get_extra_info("socket")
+
+    def feed_buffered(self) -> int:
+        t = self._conn.transport
+        return 0 if t is None else t.get_write_buffer_size()
 
 
 class FeedStats:

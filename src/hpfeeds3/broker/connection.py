@@ -46,7 +46,6 @@ import contextlib
 import fcntl
 import functools
 import logging
-import math
 import select
 import ssl
 import termios
@@ -57,22 +56,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..protocol import encode_info, new_nonce
 from . import metrics
 from .admission import Groups, address_groups
-from .auth import AccessKey, AuthUnavailable, WouldBlock
 from .durable.feed import SAMPLE_S, ConnectionOutput, DurableFeed
 from .durable.tcpack import CloseKind, close_kind
 from .events import (
-    Authenticated,
     Closed,
     Connected,
-    KeyStoreUnavailable,
     SlowConsumerCut,
     SlowProducer,
 )
+from .keylookup import answer as answer_key
 from .metrics import Limit
 from .policies import Linger, SlowConsumerWatch
 from .reasons import CloseReason
-from .session import AUTHING, CLOSED, PRE_AUTH, READY, NeedKey, Session
-from .text import printable
+from .session import AUTHING, CLOSED, PRE_AUTH, READY, Session
 from .tls import TlsPump
 from .tuning import (
     BACKLOG_CHECK_S,
@@ -348,7 +344,7 @@ class Connection(asyncio.Protocol):
         if work is True:
             self._yield_turn()
         elif work is not False:
-            self._lookup(work)
+            answer_key(self, work)
         if session.state == AUTHING and session.buffered > self._authing_buffer_cap():
             # Reading is paused during a lookup; a transport may still hand over what it had.
             metrics.limit_rejected(Limit.PRE_AUTH_BUFFER)
@@ -534,73 +530,6 @@ class Connection(asyncio.Protocol):
 
     def send(self, data: bytes) -> None:
         self._write(data)
-
-    # --- AUTH: the key the session asked for (NeedKey) ------------------------------------
-
-    def _lookup(self, need: NeedKey) -> None:
-        """The key at once when the store can answer without waiting (sqlite,
-        env, JSON); otherwise pause reading and finish in a task (PostgreSQL, a
-        locked sqlite). Either way, pipelined frames wait in the session."""
-        broker = self.broker
-        ident = need.ident
-        if self._rate_limited(ident):
-            return  # refused without a lookup or a verification: guessing costs nothing
-        try:
-            key = broker.lookup_now(ident)
-        except WouldBlock:
-            assert self.transport is not None
-            self.transport.pause_reading()
-            broker.spawn(self._lookup_later(ident))
-            return
-        except AuthUnavailable as e:
-            self._key_unavailable(str(e))
-            return
-        self._key_found(key)
-
-    async def _lookup_later(self, ident: str) -> None:
-        try:
-            try:
-                key = await self.broker.lookup(ident)
-            except AuthUnavailable as e:
-                self._key_unavailable(str(e))
-                return
-            if self.session.state != AUTHING or self._rate_limited(ident):
-                return  # closed meanwhile, or blocked by failures that finished while we looked
-            self._key_found(key)
-            self._resume_reading()
-        except Exception:
-            self.internal_error("finishing AUTH")
-
-    def _key_found(self, key: AccessKey | None) -> None:
-        session = self.session
-        if not session.key_found(key):
-            return
-        assert key is not None
-        if self._auth_deadline is not None:
-            self._auth_deadline.cancel()
-            self._auth_deadline = None
-        broker = self.broker
-        broker.authenticated(self)
-        if key.durable:
-            self._start_feed(key.ident)
-        metrics.READY_BY_IDENT(key.ident).inc()
-        broker.emit(Authenticated(self.peer, self.id, key.ident))
-        if session.resume():  # the frames that came behind the AUTH
-            self._yield_turn()
-
-    def _key_unavailable(self, why: str) -> None:
-        session = self.session
-        if session.state == AUTHING:
-            self.broker.emit(KeyStoreUnavailable(self.peer, printable(session.ident_bytes), why))
-        session.key_unavailable(why)
-
-    def _rate_limited(self, ident: str) -> bool:
-        """Refuse (and return True) when this address, or this address and ident, is blocked."""
-        block_s = self.broker.auth_blocked_for(self.peer_host, ident)
-        if not block_s:
-            return False
-        self.session.rate_limited(math.ceil(block_s))
-        return True
 
     def close_transport(self, reason: CloseReason, error: bytes | None, abort: bool) -> None:
         self._cancel_timers()

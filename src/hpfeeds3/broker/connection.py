@@ -2,12 +2,15 @@
 
 The session (``session.py``) decides everything about the client's frames;
 this class is its ``Output`` (``send``, ``close_transport``) and moves bytes:
-it owns the transport and TLS, the timers (AUTH deadline, backlog watch,
-receive deadline, linger), and answers the session's ``NeedKey`` with a
-key-store lookup (at once when the store can answer without waiting, else in
-a task with reading paused). The broker side of the session is ``Broker``
-(its ``Port``); the clock-driven decisions are ``policies.py`` objects fed
-``loop.time()``; what happens is reported as typed events (``Broker.emit``).
+it owns the transport, the timers (AUTH deadline, backlog watch, receive
+deadline, linger) and the turns. The broker side of the session is
+``Broker`` (its ``Port``); the clock-driven decisions are ``policies.py``
+objects fed ``loop.time()``; what happens is reported as typed events
+(``Broker.emit``). Three parts of a connection live beside their job, made
+only for the connections that need them, and use this class's members as
+its own code would: ``tls.TlsPump`` (a TLS listener's connection),
+``keylookup`` (the session's ``NeedKey``, once per handshake) and
+``durable.feed.ConnectionOutput`` (a durable key's connection).
 
 Rules kept here:
 - A subscriber that cannot keep up is cut (``slow_consumer``) before it costs
@@ -15,21 +18,20 @@ Rules kept here:
   ``policies.SlowConsumerWatch``.
 - Every entry point runs inside one internal-error boundary: the asyncio
   callbacks are decorated with ``guarded``, every timer is scheduled through
-  ``_call_later``/``_call_soon`` (which wrap their target), the router calls
-  ``internal_error`` when a delivery raises, and the broker's per-connection
-  loops do the same. An exception closes this connection alone with
-  ``internal_error`` (ERROR to the client, traceback in the log).
+  ``_call_later``/``_call_soon`` (which wrap their target; the parts above
+  schedule through them too), a task catches into ``internal_error``, the
+  router calls ``internal_error`` when a delivery raises, and the broker's
+  per-connection loops do the same. An exception closes this connection
+  alone with ``internal_error`` (ERROR to the client, traceback in the log).
   ``tests/broker/test_guarded_boundary.py`` enumerates them.
 - The hard bound of the outgoing buffer is checked at every delivery while the
   transport reports a backlog, whatever the backlog timer does.
 - When one read holds more work than one loop turn should do, reading is
-  paused and the rest is handled in later turns, in order. Under TLS the
-  decryption itself is in that budget (``_tls_feed``: a bounded amount a
-  turn, the rest after the session's own work), and records that bring too
-  little plaintext close the connection (``tls_records_without_data``).
+  paused and the rest is handled in later turns, in order (under TLS the
+  decryption too: ``tls.TlsPump``).
 - A connection counts from accept: a TLS listener accepts plain TCP and the
-  handshake runs here (``tls.TlsSession``, with its deadline), so sockets in
-  a handshake count against ``--max-connections`` and the pre-auth pool.
+  handshake runs in the connection, on its own deadline, so sockets in a
+  handshake count against ``--max-connections`` and the pre-auth pool.
 - A frame whose header has arrived must arrive at ``--min-receive-rate``;
   bytes held in incomplete frames are reported to the broker, which bounds
   their sum (``Broker.hold_partial``).
@@ -58,12 +60,7 @@ from . import metrics
 from .admission import Groups, address_groups
 from .durable.feed import SAMPLE_S, ConnectionOutput, DurableFeed
 from .durable.tcpack import CloseKind, close_kind
-from .events import (
-    Closed,
-    Connected,
-    SlowConsumerCut,
-    SlowProducer,
-)
+from .events import Closed, Connected, SlowConsumerCut, SlowProducer
 from .keylookup import answer as answer_key
 from .metrics import Limit
 from .policies import Linger, SlowConsumerWatch

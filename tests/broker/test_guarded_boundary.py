@@ -7,7 +7,7 @@ per-connection loops (revocation, shutdown, partial-frame accounting) isolate
 each connection. A source check enumerates the Protocol methods, the timer
 targets and the tasks of every module that holds a connection's code
 (``connection.py`` and the parts kept in their own modules: ``tls.TlsPump``,
-``keylookup``, ``durable.feed.ConnectionOutput``) and fails if one is not
+``keylookup``, ``durable.feed.ConnectionFeed``) and fails if one is not
 wrapped, or if a module uses ``Connection`` without being enumerated.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import json
 import socket
 import ssl
 import struct
@@ -31,6 +32,7 @@ from hpfeeds3.broker import metrics
 from hpfeeds3.broker.auth import WouldBlock
 from hpfeeds3.broker.config import BrokerConfig, Limits
 from hpfeeds3.broker.connection import Connection
+from hpfeeds3.broker.durable.feed import DurableFeed
 from hpfeeds3.broker.policies import ReceiveRate
 from hpfeeds3.broker.session import Session
 from hpfeeds3.broker.state import Broker
@@ -370,12 +372,40 @@ def test_a_fault_in_the_tls_handshake_deadline_closes_that_connection_alone(tmp_
         sub.close()
 
 
+def test_a_fault_in_a_durable_connections_sampling_timer_closes_it_alone(tmp_path, monkeypatch) -> None:
+    """A durable key's acknowledgements are sampled on a timer (durable.feed.ConnectionFeed):
+    a fault there closes that connection alone; a live subscriber is served."""
+    keys = tmp_path / "keys.json"  # (write_users_json knows no durable keys)
+    keys.write_text(
+        json.dumps(
+            {
+                "alice": {"owner": "o", "secret": "a", "pubchans": ["c"], "subchans": ["c"]},
+                "col": {"owner": "o", "secret": "c", "pubchans": [], "subchans": ["c"], "durable": True},
+            }
+        )
+    )
+    monkeypatch.setattr(DurableFeed, "sample", _raise("sampling a durable connection"))
+    config = BrokerConfig(auth=(str(keys),), data_dir=str(tmp_path / "data"), durable=True)
+    with serving_in_thread(config) as (broker, port):
+        sub = RawClient(port).auth("alice", "a")
+        sub.subscribe("c")
+        before = closed_internal()
+        with RawClient(port).auth("col", "c") as durable:
+            assert [getattr(f, "message", None) for f in durable.expect_closed()] == [ERROR_TEXT]
+        assert counted(before + 1)
+        assert broker.durable is not None
+        with RawClient(port).auth("alice", "a") as pub:
+            pub.publish("c", b"still")
+            assert sub.messages(1)[0].payload == b"still"
+        sub.close()
+
+
 # Modules whose code runs as part of one connection: its callbacks, timer targets and tasks.
 CONNECTION_MODULES = {
     "hpfeeds3.broker.connection",
     "hpfeeds3.broker.tls",  # TlsPump
     "hpfeeds3.broker.keylookup",
-    "hpfeeds3.broker.durable.feed",  # ConnectionOutput
+    "hpfeeds3.broker.durable.feed",  # ConnectionFeed
 }
 # Modules that reach connections from outside: the broker's own timers and per-connection
 # loops (isolated by the tests above), the composition root.

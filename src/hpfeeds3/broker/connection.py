@@ -10,7 +10,7 @@ objects fed ``loop.time()``; what happens is reported as typed events
 only for the connections that need them, and use this class's members as
 its own code would: ``tls.TlsPump`` (a TLS listener's connection),
 ``keylookup`` (the session's ``NeedKey``, once per handshake) and
-``durable.feed.ConnectionOutput`` (a durable key's connection).
+``durable.feed.ConnectionFeed`` (a durable key's connection).
 
 Rules kept here:
 - A subscriber that cannot keep up is cut (``slow_consumer``) before it costs
@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..protocol import encode_info, new_nonce
 from . import metrics
 from .admission import Groups, address_groups
-from .durable.feed import SAMPLE_S, ConnectionOutput, DurableFeed
+from .durable.feed import ConnectionFeed, DurableFeed
 from .durable.tcpack import CloseKind, close_kind
 from .events import Closed, Connected, SlowConsumerCut, SlowProducer
 from .keylookup import answer as answer_key
@@ -143,6 +143,7 @@ class Connection(asyncio.Protocol):
         "_auth_deadline",
         "_backlog_timer",
         "_backlogged",
+        "_durable",
         "_eof_pending",
         "_held",
         "_held_data",
@@ -151,7 +152,6 @@ class Connection(asyncio.Protocol):
         "_partial_start",
         "_partial_timer",
         "_peer_fin",
-        "_sample_timer",
         "_tls",
         "_tls_pump",
         "_turn_pending",
@@ -207,8 +207,8 @@ class Connection(asyncio.Protocol):
         self._watch: SlowConsumerWatch | None = None  # while backlogged
         # A durable key's connection: its channels come from the log (durable/feed.py).
         self.feed: DurableFeed | None = None
+        self._durable: ConnectionFeed | None = None  # its acknowledgements and its end
         self._peer_fin = False  # the client ended with FIN (or close_notify)
-        self._sample_timer: asyncio.TimerHandle | None = None
 
     # --- what the rest of the broker reads (the session holds the client's state) -------
 
@@ -478,15 +478,6 @@ class Connection(asyncio.Protocol):
 
     # --- a durable key's feed (durable/feed.py) --------------------------------------
 
-    def _start_feed(self, ident: str) -> None:
-        output = ConnectionOutput(self)
-        feed = self.broker.durable_attach(self, ident, output, self._call_soon)
-        if feed is None:
-            return
-        self.feed = feed
-        self._write = output.write_counted  # every byte from now on counts (tcpack)
-        self._sample_timer = self._call_later(SAMPLE_S, self._sample_acks)
-
     def _write_wire(self, data: bytes) -> None:
         """Bytes on the wire outside the session's stream (TLS records of its own)."""
         assert self.transport is not None
@@ -495,33 +486,14 @@ class Connection(asyncio.Protocol):
             self.feed.tracker.wrote_wire(len(data))
 
     def feed_pump(self) -> None:
-        """New messages in the log: send what this connection may."""
-        if self.feed is not None:
-            try:
-                self.feed.pump_soon()
-            except Exception:
-                self.internal_error("feeding a durable connection")
+        """New messages in the log (the broker's call): send what this connection may."""
+        if self._durable is not None:
+            self._durable.pump()
 
     def feed_finish(self, kind: CloseKind) -> None:
-        """Commit this connection's positions (``kind``: how it ended) and stop its feed. Once."""
-        feed = self.feed
-        if feed is None or feed.finished:
-            return
-        if self._sample_timer is not None:
-            self._sample_timer.cancel()
-            self._sample_timer = None
-        try:
-            feed.finish(kind)
-        finally:
-            self.broker.durable_detach(self, feed.ident)
-
-    def _sample_acks(self) -> None:
-        self._sample_timer = None
-        feed = self.feed
-        if feed is None or feed.finished or self.session.state == CLOSED:
-            return
-        feed.sample()
-        self._sample_timer = self._call_later(SAMPLE_S, self._sample_acks)
+        """Commit this connection's positions and stop its feed (the broker's call, and at close). Once."""
+        if self._durable is not None:
+            self._durable.finish(kind)
 
     # --- the session's output -----------------------------------------------------------
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from . import metrics
 from .auth import AccessKey, AuthUnavailable, WouldBlock
+from .durable.feed import ConnectionFeed
 from .events import Authenticated, KeyStoreUnavailable
 from .session import AUTHING, NeedKey
 from .text import printable
@@ -73,7 +74,7 @@ def _found(conn: Connection, key: AccessKey | None) -> None:
     broker = conn.broker
     broker.authenticated(conn)
     if key.durable:
-        conn._start_feed(key.ident)
+        conn._durable = ConnectionFeed.attach(conn, key.ident)
     metrics.READY_BY_IDENT(key.ident).inc()
     broker.emit(Authenticated(conn.peer, conn.id, key.ident))
     if session.resume():  # the frames that came behind the AUTH

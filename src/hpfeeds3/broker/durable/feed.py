@@ -18,19 +18,22 @@ after the feed starts is counted, sampled every ``SAMPLE_S`` (committed with
 the overlap: the process may die with no chance to look again) and at close
 (exact after a clean FIN, with the overlap otherwise).
 
-``ConnectionOutput`` is a connection as its feed's ``FeedOutput``: made for
-a durable key's connection alone, at AUTH; it counts every write of that
-connection from then on (``write_counted``).
+``ConnectionFeed`` is a durable key's connection as its feed sees it, made
+at AUTH for that connection alone: its ``FeedOutput`` (every write of the
+connection counted from then on, ``write_counted``), the timer that samples
+its acknowledgements (through the connection's guarded ``_call_later``) and
+the end that commits its positions.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from ..session import READY
+from ..session import CLOSED, READY
 from .base import BacklogReader, DurableLog
 from .tcpack import AckTracker, CloseKind, SocketLike, tcp_bytes_acked, unacked_in_kernel
 
@@ -64,13 +67,57 @@ class FeedOutput(Protocol):
         ...
 
 
-class ConnectionOutput:
-    """A durable key's connection as its feed's ``FeedOutput``."""
+class ConnectionFeed:
+    """A durable key's connection as its feed sees it (``attach``)."""
 
-    __slots__ = ("_conn",)
+    __slots__ = ("_conn", "_sample_timer", "feed")
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
+        self._sample_timer: asyncio.TimerHandle | None = None
+        self.feed: DurableFeed | None = None
+
+    @classmethod
+    def attach(cls, conn: Connection, ident: str) -> ConnectionFeed | None:
+        """``conn`` authenticated with durable key ``ident``: its feed from now on (None
+        without a durable log)."""
+        self = cls(conn)
+        feed = conn.broker.durable_attach(conn, ident, self, conn._call_soon)
+        if feed is None:
+            return None
+        self.feed = conn.feed = feed
+        conn._write = self.write_counted  # every byte from now on counts (tcpack)
+        self._sample_timer = conn._call_later(SAMPLE_S, self._sample_acks)
+        return self
+
+    def pump(self) -> None:
+        """New messages in the log: send what this connection may."""
+        if self.feed is not None:
+            try:
+                self.feed.pump_soon()
+            except Exception:
+                self._conn.internal_error("feeding a durable connection")
+
+    def finish(self, kind: CloseKind) -> None:
+        """Commit this connection's positions (``kind``: how it ended) and stop its feed. Once."""
+        feed = self.feed
+        if feed is None or feed.finished:
+            return
+        if self._sample_timer is not None:
+            self._sample_timer.cancel()
+            self._sample_timer = None
+        try:
+            feed.finish(kind)
+        finally:
+            self._conn.broker.durable_detach(self._conn, feed.ident)
+
+    def _sample_acks(self) -> None:
+        self._sample_timer = None
+        feed = self.feed
+        if feed is None or feed.finished or self._conn.session.state == CLOSED:
+            return
+        feed.sample()
+        self._sample_timer = self._conn._call_later(SAMPLE_S, self._sample_acks)
 
     def feed_write(self, data: bytes) -> int:
         conn = self._conn

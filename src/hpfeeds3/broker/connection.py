@@ -425,12 +425,13 @@ class Connection(asyncio.Protocol):
         self._release_partial()
         broker.forget(self)
         # Break every cycle through this connection (transport <-> protocol,
-        # including the transport's bound write; session <-> connection) so a
-        # closed connection is freed by reference counting, not by a later
-        # (long) cyclic GC pass.
+        # including the transport's bound write; session <-> connection; the
+        # parts that point back: TLS pump, durable feed) so a closed connection
+        # is freed by reference counting, not by a later (long) cyclic GC pass.
         self.transport = None
         self._write = _write_after_close
         session.output = _DETACHED  # type: ignore[assignment]
+        self._tls_pump = self._durable = self.feed = None
         ident = session.ident or ""
         reason = session.close_reason or CloseReason.CONNECTION_RESET
         metrics.LOST_BY_IDENT(ident).inc()

@@ -109,6 +109,7 @@ class ConnectionFeed:
         try:
             feed.finish(kind)
         finally:
+            self.feed = None  # the feed points back here (its output): no cycle left
             self._conn.broker.durable_detach(self._conn, feed.ident)
 
     def _sample_acks(self) -> None:

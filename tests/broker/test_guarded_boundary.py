@@ -7,8 +7,9 @@ per-connection loops (revocation, shutdown, partial-frame accounting) isolate
 each connection. A source check enumerates the Protocol methods, the timer
 targets and the tasks of every module that holds a connection's code
 (``connection.py`` and the parts kept in their own modules: ``tls.TlsPump``,
-``keylookup``, ``durable.feed.ConnectionFeed``) and fails if one is not
-wrapped, or if a module uses ``Connection`` without being enumerated.
+``keylookup``, ``partial.PartialFrameWatch``, ``durable.feed.ConnectionFeed``)
+and fails if one is not wrapped, or if a module uses ``Connection`` without
+being enumerated.
 """
 
 from __future__ import annotations
@@ -405,6 +406,7 @@ CONNECTION_MODULES = {
     "hpfeeds3.broker.connection",
     "hpfeeds3.broker.tls",  # TlsPump
     "hpfeeds3.broker.keylookup",
+    "hpfeeds3.broker.partial",  # PartialFrameWatch
     "hpfeeds3.broker.durable.feed",  # ConnectionFeed
 }
 # Modules that reach connections from outside: the broker's own timers and per-connection

@@ -2,14 +2,15 @@
 
 The session (``session.py``) decides everything about the client's frames;
 this class is its ``Output`` (``send``, ``close_transport``) and moves bytes:
-it owns the transport, the timers (AUTH deadline, backlog watch, receive
-deadline, linger) and the turns. The broker side of the session is
+it owns the transport, the timers (AUTH deadline, backlog watch, linger,
+and those of its parts) and the turns. The broker side of the session is
 ``Broker`` (its ``Port``); the clock-driven decisions are ``policies.py``
 objects fed ``loop.time()``; what happens is reported as typed events
-(``Broker.emit``). Three parts of a connection live beside their job, made
+(``Broker.emit``). Four parts of a connection live beside their job, made
 only for the connections that need them, and use this class's members as
 its own code would: ``tls.TlsPump`` (a TLS listener's connection),
-``keylookup`` (the session's ``NeedKey``, once per handshake) and
+``keylookup`` (the session's ``NeedKey``, once per handshake),
+``partial.PartialFrameWatch`` (while a read ends inside a frame) and
 ``durable.feed.ConnectionFeed`` (a durable key's connection).
 
 Rules kept here:
@@ -34,7 +35,7 @@ Rules kept here:
   handshake count against ``--max-connections`` and the pre-auth pool.
 - A frame whose header has arrived must arrive at ``--min-receive-rate``;
   bytes held in incomplete frames are reported to the broker, which bounds
-  their sum (``Broker.hold_partial``).
+  their sum (``Broker.hold_partial``): ``partial.PartialFrameWatch``.
 - An ERROR that ends a connection is written, the sending side shut down,
   and what the client still sends is read and discarded for a moment (and a
   bounded number of bytes) before the close: a client that pipelines frames
@@ -60,9 +61,10 @@ from . import metrics
 from .admission import Groups, address_groups
 from .durable.feed import ConnectionFeed, DurableFeed
 from .durable.tcpack import CloseKind, close_kind
-from .events import Closed, Connected, SlowConsumerCut, SlowProducer
+from .events import Closed, Connected, SlowConsumerCut
 from .keylookup import answer as answer_key
 from .metrics import Limit
+from .partial import PartialFrameWatch
 from .policies import Linger, SlowConsumerWatch
 from .reasons import CloseReason
 from .session import AUTHING, CLOSED, PRE_AUTH, READY, Session
@@ -145,12 +147,10 @@ class Connection(asyncio.Protocol):
         "_backlogged",
         "_durable",
         "_eof_pending",
-        "_held",
         "_held_data",
         "_linger",
         "_lost",
-        "_partial_start",
-        "_partial_timer",
+        "_partial",
         "_peer_fin",
         "_tls",
         "_tls_pump",
@@ -195,9 +195,7 @@ class Connection(asyncio.Protocol):
         self.connected_at = 0.0  # wall clock of the accept (the console shows it)
         self._lost = False
         self._linger: Linger | None = None  # after a closing ERROR
-        self._held = 0  # bytes of an incomplete frame reported to the broker
-        self._partial_start = -1  # stream offset of the incomplete frame being timed
-        self._partial_timer: asyncio.TimerHandle | None = None
+        self._partial: PartialFrameWatch | None = None  # while a read ends inside a frame
         self._eof_pending = False
         self._held_data: bytes | None = None  # while held back (state.Broker.admit)
         self._turn_pending = False
@@ -346,46 +344,24 @@ class Connection(asyncio.Protocol):
             # Reading is paused during a lookup; a transport may still hand over what it had.
             metrics.limit_rejected(Limit.PRE_AUTH_BUFFER)
             self.close(CloseReason.FRAME_TOO_LARGE, "too much data before authentication completed")
-        if session.pending_frame_bytes or self._held:
+        if session.pending_frame_bytes or self._partial is not None:
             self._watch_partial_frame()
 
     def _watch_partial_frame(self) -> None:
-        """A frame's header has arrived and not its body: time it, and report the bytes held."""
-        session = self.session
-        pending = session.pending_frame_bytes
-        if not pending or session.state == CLOSED:
-            self._release_partial()
-            return
-        start = self.received_bytes - session.buffered  # where the incomplete frame began in the stream
-        if start != self._partial_start:
-            # A new frame: its own deadline, scaled to its size.
-            if self._partial_timer is not None:
-                self._partial_timer.cancel()
-            self._partial_start = start
-            self._partial_timer = self._call_later(
-                self.broker.receive_rate.allowed_s(pending), self._on_partial_deadline
-            )
-        held = session.buffered
-        if held != self._held:
-            self._held = held
-            self.broker.hold_partial(self, held)
+        """A read ended inside a frame, or one was being watched (partial.py)."""
+        partial = self._partial
+        if partial is None:
+            if self.session.state == CLOSED:
+                return
+            partial = self._partial = PartialFrameWatch(self)
+        if not partial.update():
+            self._partial = None
 
     def _release_partial(self) -> None:
-        if self._partial_timer is not None:
-            self._partial_timer.cancel()
-            self._partial_timer = None
-        self._partial_start = -1
-        if self._held:
-            self._held = 0
-            self.broker.hold_partial(self, 0)
-
-    def _on_partial_deadline(self) -> None:
-        self._partial_timer = None
-        pending = self.session.pending_frame_bytes
-        rate = self.broker.receive_rate
-        metrics.limit_rejected(Limit.MIN_RECEIVE_RATE)
-        self.broker.emit(SlowProducer(self.peer, self.session.ident, rate.why(pending)))
-        self.close(CloseReason.SLOW_PRODUCER, rate.error(pending))
+        partial = self._partial
+        if partial is not None:
+            self._partial = None
+            partial.release()
 
     def _authing_buffer_cap(self) -> int:
         return self.broker.frame_limits.max_publish_frame_bytes + _AUTHING_BUFFER_MARGIN
@@ -654,9 +630,6 @@ class Connection(asyncio.Protocol):
                 self.transport.abort()
 
     def _cancel_timers(self) -> None:
-        if self._partial_timer is not None:
-            self._partial_timer.cancel()
-            self._partial_timer = None
         if self._auth_deadline is not None:
             self._auth_deadline.cancel()
             self._auth_deadline = None

@@ -4,30 +4,43 @@ Faults are injected into a real in-process broker (raw-socket clients): a bug
 in any entry point closes that connection alone with ``internal_error``; the
 subscriber's hard bound holds whatever its backlog timer does; the broker's
 per-connection loops (revocation, shutdown, partial-frame accounting) isolate
-each connection. A source check enumerates the Protocol methods and timer
-targets and fails if one is not wrapped.
+each connection. A source check enumerates the Protocol methods, the timer
+targets and the tasks of every module that holds a connection's code
+(``connection.py`` and the parts kept in their own modules: ``tls.TlsPump``,
+``keylookup``, ``partial.PartialFrameWatch``, ``durable.feed.ConnectionFeed``)
+and fails if one is not wrapped, or if a module uses ``Connection`` without
+being enumerated.
 """
 
 from __future__ import annotations
 
 import ast
 import asyncio
-import inspect
+import json
+import socket
+import ssl
 import struct
 import threading
 import time
 from pathlib import Path
 
+import trustme
+
+import hpfeeds3.broker as broker_package
 import hpfeeds3.broker.connection as connection_module
 import hpfeeds3.broker.state as state_module
 from hpfeeds3.broker import metrics
-from hpfeeds3.broker.config import Limits
+from hpfeeds3.broker.auth import WouldBlock
+from hpfeeds3.broker.config import BrokerConfig, Limits
 from hpfeeds3.broker.connection import Connection
+from hpfeeds3.broker.durable.feed import DurableFeed
 from hpfeeds3.broker.policies import ReceiveRate
 from hpfeeds3.broker.session import Session
 from hpfeeds3.broker.state import Broker
+from hpfeeds3.broker.tls import TlsPump
 
-from ..support.broker import RawClient
+from ..support.broker import RawClient, write_users_json
+from ..support.inprocess import serving_in_thread
 from .test_internal_errors import ERROR_TEXT, broker_in_thread, closed_internal, confirmed_subscriber, counted
 
 MiB = 1024 * 1024
@@ -310,23 +323,158 @@ def test_a_fault_in_the_receive_deadline_timer_closes_that_connection_alone(tmp_
         sub.close()
 
 
+def test_a_fault_in_a_key_lookup_task_closes_that_connection_alone(tmp_path, monkeypatch) -> None:
+    """A store that cannot answer at once is asked in a task (keylookup): a fault in
+    that task closes the connection that asked, and the broker serves the others."""
+    with broker_in_thread(tmp_path) as (_broker, port):
+        sub = confirmed_subscriber(port, "alice", "a")
+        before = closed_internal()
+
+        def would_block(self: Broker, ident: str) -> None:
+            raise WouldBlock
+
+        async def faulty_lookup(self: Broker, ident: str) -> None:
+            raise RuntimeError("injected fault in a key lookup task")
+
+        monkeypatch.setattr(Broker, "lookup_now", would_block)
+        monkeypatch.setattr(Broker, "lookup", faulty_lookup)
+        with RawClient(port).auth("alice", "a") as victim:
+            assert [getattr(f, "message", None) for f in victim.expect_closed()] == [ERROR_TEXT]
+        assert counted(before + 1)
+        monkeypatch.undo()
+        with RawClient(port).auth("alice", "a") as pub:
+            pub.publish("chan1", b"still")
+            assert sub.messages(1)[0].payload == b"still"
+        sub.close()
+
+
+def test_a_fault_in_the_tls_handshake_deadline_closes_that_connection_alone(tmp_path, monkeypatch) -> None:
+    """The TLS handshake's deadline (a TlsPump timer target) raises: the silent socket
+    is closed with internal_error, and TLS clients are served."""
+    ca = trustme.CA()
+    pem = tmp_path / "server.pem"
+    ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+    keys = write_users_json(tmp_path / "keys.json", {"alice": {"secret": "a", "pubchans": ["c"], "subchans": ["c"]}})
+    limits = Limits(tls_handshake_timeout_s=0.3, shutdown_drain_s=0.5)
+    monkeypatch.setattr(TlsPump, "failed", _raise("the TLS handshake deadline"))
+    config = BrokerConfig(auth=(str(keys),), limits=limits)
+    with serving_in_thread(config, tls_pem=str(pem)) as (_broker, port):
+        sub = RawClient(port, tls=client_tls).auth("alice", "a")
+        sub.subscribe("c")
+        before = closed_internal()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:  # never starts a handshake
+            assert silent.recv(1) == b""  # closed (aborted: no ERROR before a handshake)
+        assert counted(before + 1)
+        with RawClient(port, tls=client_tls).auth("alice", "a") as pub:
+            pub.publish("c", b"still")
+            assert sub.messages(1)[0].payload == b"still"
+        sub.close()
+
+
+def test_a_fault_in_a_durable_connections_sampling_timer_closes_it_alone(tmp_path, monkeypatch) -> None:
+    """A durable key's acknowledgements are sampled on a timer (durable.feed.ConnectionFeed):
+    a fault there closes that connection alone; a live subscriber is served."""
+    keys = tmp_path / "keys.json"  # (write_users_json knows no durable keys)
+    keys.write_text(
+        json.dumps(
+            {
+                "alice": {"owner": "o", "secret": "a", "pubchans": ["c"], "subchans": ["c"]},
+                "col": {"owner": "o", "secret": "c", "pubchans": [], "subchans": ["c"], "durable": True},
+            }
+        )
+    )
+    monkeypatch.setattr(DurableFeed, "sample", _raise("sampling a durable connection"))
+    config = BrokerConfig(auth=(str(keys),), data_dir=str(tmp_path / "data"), durable=True)
+    with serving_in_thread(config) as (broker, port):
+        sub = RawClient(port).auth("alice", "a")
+        sub.subscribe("c")
+        before = closed_internal()
+        with RawClient(port).auth("col", "c") as durable:
+            assert [getattr(f, "message", None) for f in durable.expect_closed()] == [ERROR_TEXT]
+        assert counted(before + 1)
+        assert broker.durable is not None
+        with RawClient(port).auth("alice", "a") as pub:
+            pub.publish("c", b"still")
+            assert sub.messages(1)[0].payload == b"still"
+        sub.close()
+
+
+# Modules whose code runs as part of one connection: its callbacks, timer targets and tasks.
+CONNECTION_MODULES = {
+    "hpfeeds3.broker.connection",
+    "hpfeeds3.broker.tls",  # TlsPump
+    "hpfeeds3.broker.keylookup",
+    "hpfeeds3.broker.partial",  # PartialFrameWatch
+    "hpfeeds3.broker.durable.feed",  # ConnectionFeed
+}
+# Modules that reach connections from outside: the broker's own timers and per-connection
+# loops (isolated by the tests above), the composition root.
+BROKER_WIDE = {"hpfeeds3.broker.state", "hpfeeds3.broker.server"}
+SCHEDULERS = ("call_later", "call_soon", "call_at", "call_soon_threadsafe", "create_task", "ensure_future")
+
+
+def _broker_modules() -> dict[str, ast.Module]:
+    root = Path(broker_package.__file__).parent
+    modules = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        name = ".".join(("hpfeeds3.broker", *parts)).removesuffix(".__init__")
+        modules[name] = ast.parse(path.read_text())
+    return modules
+
+
+def _imports_connection(tree: ast.Module) -> bool:
+    return any(
+        isinstance(node, ast.ImportFrom)
+        and (node.module or "").endswith("connection")
+        and any(alias.name == "Connection" for alias in node.names)
+        for node in ast.walk(tree)
+    )
+
+
+def test_every_module_with_a_connections_code_is_enumerated() -> None:
+    modules = _broker_modules()
+    users = {name for name, tree in modules.items() if _imports_connection(tree)}
+    assert users - BROKER_WIDE <= CONNECTION_MODULES, (
+        f"not enumerated: {sorted(users - BROKER_WIDE - CONNECTION_MODULES)}"
+    )
+    assert CONNECTION_MODULES - {"hpfeeds3.broker.connection"} <= users
+    assert modules.keys() >= CONNECTION_MODULES
+
+
+def _catches_into_internal_error(func: ast.AsyncFunctionDef) -> bool:
+    """The whole body is one ``try`` whose ``except Exception`` calls ``internal_error``."""
+    if len(func.body) != 1 or not isinstance(func.body[0], ast.Try):
+        return False
+    return any(
+        isinstance(handler.type, ast.Name)
+        and handler.type.id == "Exception"
+        and any(isinstance(node, ast.Attribute) and node.attr == "internal_error" for node in ast.walk(handler))
+        for handler in func.body[0].handlers
+    )
+
+
 def test_every_protocol_method_and_timer_target_is_guarded() -> None:
     for name in PROTOCOL_METHODS:
         method = getattr(Connection, name)
         assert getattr(method, "__guarded__", None), f"Connection.{name} is not wrapped by the boundary"
-    # Timers: every call_later / call_soon in connection.py is inside the one
-    # helper that wraps its target.
-    source = Path(inspect.getsourcefile(connection_module) or "").read_text()
-    tree = ast.parse(source)
+    # Timers: every call_later / call_soon in a connection's modules is inside the
+    # one helper that wraps its target; every task's coroutine catches into the boundary.
+    modules = _broker_modules()
     allowed = {"_call_later", "_call_soon"}
-    for func in ast.walk(tree):
-        if not isinstance(func, ast.FunctionDef):
-            continue
-        for node in ast.walk(func):
-            if (
-                isinstance(node, ast.Call)
-                and isinstance(node.func, ast.Attribute)
-                and node.func.attr in ("call_later", "call_soon", "call_at")
-                and func.name not in allowed
-            ):
-                raise AssertionError(f"{func.name} schedules a timer outside the guarded helpers")
+    helpers = 0
+    for name in sorted(CONNECTION_MODULES):
+        for func in ast.walk(modules[name]):
+            if isinstance(func, ast.AsyncFunctionDef):
+                assert _catches_into_internal_error(func), f"{name}.{func.name}: a task outside the boundary"
+            if not isinstance(func, ast.FunctionDef):
+                continue
+            for node in ast.walk(func):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in SCHEDULERS:
+                    assert name == "hpfeeds3.broker.connection" and func.name in allowed, (
+                        f"{name}.{func.name} schedules a timer outside the guarded helpers"
+                    )
+                    helpers += 1
+    assert helpers == 2  # the helpers themselves were found: the scan sees the code

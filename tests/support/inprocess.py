@@ -27,11 +27,16 @@ STOP_TIMEOUT_S = 15.0
 
 @contextlib.contextmanager
 def serving_in_thread(
-    config: BrokerConfig, *, authenticator: Authenticator | None = None, backlog: int = 16
+    config: BrokerConfig,
+    *,
+    authenticator: Authenticator | None = None,
+    backlog: int = 16,
+    tls_pem: str | None = None,
 ) -> Iterator[tuple[Broker, int]]:
     """(the broker, its port) while ``serve(config)`` runs on a thread; stopped (and
     its thread joined) when the block ends. ``authenticator`` replaces the
-    stores of ``config.auth``."""
+    stores of ``config.auth``; with ``tls_pem`` (certificate and key) the port
+    is a TLS listener."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(backlog)
@@ -50,7 +55,7 @@ def serving_in_thread(
 
         await serve(
             config,
-            sockets=[(Endpoint("tcp", "127.0.0.1", port), sock)],
+            sockets=[(Endpoint("tls" if tls_pem else "tcp", "127.0.0.1", port, cert=tls_pem, key=tls_pem), sock)],
             stop=stop,
             started=started,
             authenticator=authenticator,

@@ -2,12 +2,16 @@
 
 The session (``session.py``) decides everything about the client's frames;
 this class is its ``Output`` (``send``, ``close_transport``) and moves bytes:
-it owns the transport and TLS, the timers (AUTH deadline, backlog watch,
-receive deadline, linger), and answers the session's ``NeedKey`` with a
-key-store lookup (at once when the store can answer without waiting, else in
-a task with reading paused). The broker side of the session is ``Broker``
-(its ``Port``); the clock-driven decisions are ``policies.py`` objects fed
-``loop.time()``; what happens is reported as typed events (``Broker.emit``).
+it owns the transport, the timers (AUTH deadline, backlog watch, linger,
+and those of its parts) and the turns. The broker side of the session is
+``Broker`` (its ``Port``); the clock-driven decisions are ``policies.py``
+objects fed ``loop.time()``; what happens is reported as typed events
+(``Broker.emit``). Four parts of a connection live beside their job, made
+only for the connections that need them, and use this class's members as
+its own code would: ``tls.TlsPump`` (a TLS listener's connection),
+``keylookup`` (the session's ``NeedKey``, once per handshake),
+``partial.PartialFrameWatch`` (while a read ends inside a frame) and
+``durable.feed.ConnectionFeed`` (a durable key's connection).
 
 Rules kept here:
 - A subscriber that cannot keep up is cut (``slow_consumer``) before it costs
@@ -15,24 +19,23 @@ Rules kept here:
   ``policies.SlowConsumerWatch``.
 - Every entry point runs inside one internal-error boundary: the asyncio
   callbacks are decorated with ``guarded``, every timer is scheduled through
-  ``_call_later``/``_call_soon`` (which wrap their target), the router calls
-  ``internal_error`` when a delivery raises, and the broker's per-connection
-  loops do the same. An exception closes this connection alone with
-  ``internal_error`` (ERROR to the client, traceback in the log).
+  ``_call_later``/``_call_soon`` (which wrap their target; the parts above
+  schedule through them too), a task catches into ``internal_error``, the
+  router calls ``internal_error`` when a delivery raises, and the broker's
+  per-connection loops do the same. An exception closes this connection
+  alone with ``internal_error`` (ERROR to the client, traceback in the log).
   ``tests/broker/test_guarded_boundary.py`` enumerates them.
 - The hard bound of the outgoing buffer is checked at every delivery while the
   transport reports a backlog, whatever the backlog timer does.
 - When one read holds more work than one loop turn should do, reading is
-  paused and the rest is handled in later turns, in order. Under TLS the
-  decryption itself is in that budget (``_tls_feed``: a bounded amount a
-  turn, the rest after the session's own work), and records that bring too
-  little plaintext close the connection (``tls_records_without_data``).
+  paused and the rest is handled in later turns, in order (under TLS the
+  decryption too: ``tls.TlsPump``).
 - A connection counts from accept: a TLS listener accepts plain TCP and the
-  handshake runs here (``tls.TlsSession``, with its deadline), so sockets in
-  a handshake count against ``--max-connections`` and the pre-auth pool.
+  handshake runs in the connection, on its own deadline, so sockets in a
+  handshake count against ``--max-connections`` and the pre-auth pool.
 - A frame whose header has arrived must arrive at ``--min-receive-rate``;
   bytes held in incomplete frames are reported to the broker, which bounds
-  their sum (``Broker.hold_partial``).
+  their sum (``Broker.hold_partial``): ``partial.PartialFrameWatch``.
 - An ERROR that ends a connection is written, the sending side shut down,
   and what the client still sends is read and discarded for a moment (and a
   bounded number of bytes) before the close: a client that pipelines frames
@@ -46,7 +49,6 @@ import contextlib
 import fcntl
 import functools
 import logging
-import math
 import select
 import ssl
 import termios
@@ -57,24 +59,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..protocol import encode_info, new_nonce
 from . import metrics
 from .admission import Groups, address_groups
-from .auth import AccessKey, AuthUnavailable, WouldBlock
-from .durable.feed import SAMPLE_S, DurableFeed
-from .durable.tcpack import CloseKind, SocketLike, close_kind
-from .events import (
-    Authenticated,
-    Closed,
-    Connected,
-    KeyStoreUnavailable,
-    SlowConsumerCut,
-    SlowProducer,
-    TlsFailed,
-)
+from .durable.feed import ConnectionFeed, DurableFeed
+from .durable.tcpack import CloseKind, close_kind
+from .events import Closed, Connected, SlowConsumerCut
+from .keylookup import answer as answer_key
 from .metrics import Limit
+from .partial import PartialFrameWatch
 from .policies import Linger, SlowConsumerWatch
 from .reasons import CloseReason
-from .session import AUTHING, CLOSED, PRE_AUTH, READY, NeedKey, Session
-from .text import printable
-from .tls import RecordsWithoutData, TlsSession
+from .session import AUTHING, CLOSED, PRE_AUTH, READY, Session
+from .tls import TlsPump
 from .tuning import (
     BACKLOG_CHECK_S,
     BACKLOG_HIGH_BYTES,
@@ -151,18 +145,15 @@ class Connection(asyncio.Protocol):
         "_auth_deadline",
         "_backlog_timer",
         "_backlogged",
+        "_durable",
         "_eof_pending",
-        "_held",
         "_held_data",
         "_linger",
         "_lost",
-        "_partial_start",
-        "_partial_timer",
+        "_partial",
         "_peer_fin",
-        "_sample_timer",
         "_tls",
-        "_tls_session",
-        "_tls_turn",
+        "_tls_pump",
         "_turn_pending",
         "_watch",
         "_write",
@@ -186,8 +177,7 @@ class Connection(asyncio.Protocol):
         self.peer = "?"
         self.peer_host = "?"
         self._tls = tls
-        self._tls_session: TlsSession | None = None
-        self._tls_turn = False  # a later turn goes on decrypting (_continue_tls)
+        self._tls_pump: TlsPump | None = None  # from start() on a TLS listener
         self._write: Callable[[bytes], None] = self._write_unconnected
         self.group: Groups = ("?", "?")  # (network, address) for the pre-auth pool (admission.py)
         limits = broker.config.limits
@@ -205,9 +195,7 @@ class Connection(asyncio.Protocol):
         self.connected_at = 0.0  # wall clock of the accept (the console shows it)
         self._lost = False
         self._linger: Linger | None = None  # after a closing ERROR
-        self._held = 0  # bytes of an incomplete frame reported to the broker
-        self._partial_start = -1  # stream offset of the incomplete frame being timed
-        self._partial_timer: asyncio.TimerHandle | None = None
+        self._partial: PartialFrameWatch | None = None  # while a read ends inside a frame
         self._eof_pending = False
         self._held_data: bytes | None = None  # while held back (state.Broker.admit)
         self._turn_pending = False
@@ -217,8 +205,8 @@ class Connection(asyncio.Protocol):
         self._watch: SlowConsumerWatch | None = None  # while backlogged
         # A durable key's connection: its channels come from the log (durable/feed.py).
         self.feed: DurableFeed | None = None
+        self._durable: ConnectionFeed | None = None  # its acknowledgements and its end
         self._peer_fin = False  # the client ended with FIN (or close_notify)
-        self._sample_timer: asyncio.TimerHandle | None = None
 
     # --- what the rest of the broker reads (the session holds the client's state) -------
 
@@ -297,11 +285,9 @@ class Connection(asyncio.Protocol):
         broker = self.broker
         if self._tls is not None:
             # The handshake runs in this connection (tls.py), on its own deadline.
-            self._tls_session = TlsSession(self._tls, broker.config.limits.max_tls_records_without_data)
-            self._write = self._write_tls
-            self._auth_deadline = self._call_later(
-                broker.config.limits.tls_handshake_timeout_s, self._on_handshake_timeout
-            )
+            pump = self._tls_pump = TlsPump(self, self._tls, broker.config.limits.max_tls_records_without_data)
+            self._write = pump.write
+            self._auth_deadline = self._call_later(broker.config.limits.tls_handshake_timeout_s, pump.handshake_timeout)
         else:
             self._greet()
         if held:
@@ -320,97 +306,8 @@ class Connection(asyncio.Protocol):
         self._write(encode_info(broker.name_bytes, self.session.nonce))
         self._auth_deadline = self._call_later(broker.config.limits.auth_timeout_s, self._on_auth_timeout)
 
-    def _write_tls(self, data: bytes) -> None:
-        assert self.transport is not None and self._tls_session is not None
-        self.transport.write(self._tls_session.encrypt(data))
-
     def _write_unconnected(self, data: bytes) -> None:  # pragma: no cover - never called before connection_made
         raise RuntimeError("write before the connection was made")
-
-    def _tls_received(self, tls: TlsSession, data: bytes) -> bytes | None:
-        """Decrypt; start the session when the handshake completes. None: the connection is closed."""
-        assert self.transport is not None
-        was_established = tls.established
-        try:
-            plain, reply = tls.receive(data)
-        except ssl.SSLError as e:
-            self._tls_failed(str(e.reason or e), tls)
-            return None
-        except RecordsWithoutData:
-            self._tls_records_without_data(tls)
-            return None
-        if reply:
-            self._write_wire(reply)
-        if not was_established and tls.established:
-            self._greet()
-        return plain
-
-    def _tls_closed_by_peer(self, tls: TlsSession, last: bytes | None) -> None:
-        """The client's close_notify: handle what came before it, answer it (clients wait
-        for ours), then treat it as EOF."""
-        tls.closed_by_peer = False  # once
-        tls.discard()  # nothing after close_notify counts
-        if last:
-            self._received_plain(last)
-        if self.transport is not None and not self._lost:
-            self._write_wire(tls.close_notify())
-            if not self.eof_received():
-                self.transport.close()
-
-    def _tls_failed(self, why: str, tls: TlsSession) -> None:
-        event = TlsFailed(self.peer, why, tls.established)
-        self.broker.emit(event)
-        self.session.close(CloseReason(event.reason), None, abort=True)
-
-    def _tls_records_without_data(self, tls: TlsSession) -> None:
-        limit = self.broker.config.limits.max_tls_records_without_data
-        reason = CloseReason.TLS_RECORDS_WITHOUT_DATA
-        metrics.limit_rejected(Limit.MAX_TLS_RECORDS_WITHOUT_DATA)
-        why = f"too many TLS records without data (more than {limit} beyond what their plaintext accounts for)"
-        self.broker.emit(TlsFailed(self.peer, why, True, reason))
-        tls.discard()
-        self.session.close(reason, f"too many TLS records without data (limit {limit})")
-
-    def _tls_feed(self, tls: TlsSession, data: bytes) -> None:
-        """Decrypt one turn's worth (tls.py); what remains waits, reading paused, for a
-        later turn: this connection's (``_continue_tls``), or after the session's own
-        continuation or key lookup, which resume reading through ``_resume_reading``."""
-        decrypted = self._tls_received(tls, data)
-        if decrypted is None:
-            return
-        if tls.closed_by_peer:
-            self._tls_closed_by_peer(tls, decrypted)
-            return
-        if decrypted:
-            self._received_plain(decrypted)
-        transport = self.transport
-        if not tls.backlogged or self.session.state == CLOSED or transport is None or transport.is_closing():
-            return
-        transport.pause_reading()
-        if not self._turn_pending and self.session.state != AUTHING:
-            self._schedule_tls()
-
-    def _schedule_tls(self) -> None:
-        if not self._tls_turn:
-            self._tls_turn = True
-            self._call_soon(self._continue_tls)
-
-    def _continue_tls(self) -> None:
-        self._tls_turn = False
-        tls = self._tls_session
-        if tls is None or self.session.state == CLOSED or self.transport is None:
-            return
-        self._tls_feed(tls, b"")
-        if not tls.backlogged:
-            self._resume_reading()
-
-    def _on_handshake_timeout(self) -> None:
-        self._auth_deadline = None
-        tls = self._tls_session
-        if tls is not None and not tls.established and self.session.state != CLOSED:
-            metrics.limit_rejected(Limit.TLS_HANDSHAKE_TIMEOUT)
-            limit = self.broker.config.limits.tls_handshake_timeout_s
-            self._tls_failed(f"no handshake within {limit:g} s", tls)
 
     @guarded("handling received data")
     def data_received(self, data: bytes) -> None:
@@ -426,9 +323,9 @@ class Connection(asyncio.Protocol):
                 self._hold(data)
                 return
             self.broker.progress(self)  # bytes of a handshake or an AUTH: not evicted for a while
-        tls = self._tls_session
+        tls = self._tls_pump
         if tls is not None:
-            self._tls_feed(tls, data)
+            tls.receive(data)
             return
         self._received_plain(data)
 
@@ -442,51 +339,29 @@ class Connection(asyncio.Protocol):
         if work is True:
             self._yield_turn()
         elif work is not False:
-            self._lookup(work)
+            answer_key(self, work)
         if session.state == AUTHING and session.buffered > self._authing_buffer_cap():
             # Reading is paused during a lookup; a transport may still hand over what it had.
             metrics.limit_rejected(Limit.PRE_AUTH_BUFFER)
             self.close(CloseReason.FRAME_TOO_LARGE, "too much data before authentication completed")
-        if session.pending_frame_bytes or self._held:
+        if session.pending_frame_bytes or self._partial is not None:
             self._watch_partial_frame()
 
     def _watch_partial_frame(self) -> None:
-        """A frame's header has arrived and not its body: time it, and report the bytes held."""
-        session = self.session
-        pending = session.pending_frame_bytes
-        if not pending or session.state == CLOSED:
-            self._release_partial()
-            return
-        start = self.received_bytes - session.buffered  # where the incomplete frame began in the stream
-        if start != self._partial_start:
-            # A new frame: its own deadline, scaled to its size.
-            if self._partial_timer is not None:
-                self._partial_timer.cancel()
-            self._partial_start = start
-            self._partial_timer = self._call_later(
-                self.broker.receive_rate.allowed_s(pending), self._on_partial_deadline
-            )
-        held = session.buffered
-        if held != self._held:
-            self._held = held
-            self.broker.hold_partial(self, held)
+        """A read ended inside a frame, or one was being watched (partial.py)."""
+        partial = self._partial
+        if partial is None:
+            if self.session.state == CLOSED:
+                return
+            partial = self._partial = PartialFrameWatch(self)
+        if not partial.update():
+            self._partial = None
 
     def _release_partial(self) -> None:
-        if self._partial_timer is not None:
-            self._partial_timer.cancel()
-            self._partial_timer = None
-        self._partial_start = -1
-        if self._held:
-            self._held = 0
-            self.broker.hold_partial(self, 0)
-
-    def _on_partial_deadline(self) -> None:
-        self._partial_timer = None
-        pending = self.session.pending_frame_bytes
-        rate = self.broker.receive_rate
-        metrics.limit_rejected(Limit.MIN_RECEIVE_RATE)
-        self.broker.emit(SlowProducer(self.peer, self.session.ident, rate.why(pending)))
-        self.close(CloseReason.SLOW_PRODUCER, rate.error(pending))
+        partial = self._partial
+        if partial is not None:
+            self._partial = None
+            partial.release()
 
     def _authing_buffer_cap(self) -> int:
         return self.broker.frame_limits.max_publish_frame_bytes + _AUTHING_BUFFER_MARGIN
@@ -498,8 +373,8 @@ class Connection(asyncio.Protocol):
         self._peer_fin = True
         if self._linger is not None:
             return False  # the client read our ERROR and closed: done
-        tls = self._tls_session
-        if self.session.state == AUTHING or self._turn_pending or (tls is not None and tls.backlogged):
+        tls = self._tls_pump
+        if self.session.state == AUTHING or self._turn_pending or (tls is not None and tls.session.backlogged):
             self._eof_pending = True
             return True
         return False
@@ -526,12 +401,13 @@ class Connection(asyncio.Protocol):
         self._release_partial()
         broker.forget(self)
         # Break every cycle through this connection (transport <-> protocol,
-        # including the transport's bound write; session <-> connection) so a
-        # closed connection is freed by reference counting, not by a later
-        # (long) cyclic GC pass.
+        # including the transport's bound write; session <-> connection; the
+        # parts that point back: TLS pump, durable feed) so a closed connection
+        # is freed by reference counting, not by a later (long) cyclic GC pass.
         self.transport = None
         self._write = _write_after_close
         session.output = _DETACHED  # type: ignore[assignment]
+        self._tls_pump = self._durable = self.feed = None
         ident = session.ident or ""
         reason = session.close_reason or CloseReason.CONNECTION_RESET
         metrics.LOST_BY_IDENT(ident).inc()
@@ -587,31 +463,6 @@ class Connection(asyncio.Protocol):
 
     # --- a durable key's feed (durable/feed.py) --------------------------------------
 
-    def _start_feed(self, ident: str) -> None:
-        feed = self.broker.durable_attach(self, ident, self._call_soon)
-        if feed is None:
-            return
-        self.feed = feed
-        self._write = self._write_counted  # every byte from now on counts (tcpack)
-        self._sample_timer = self._call_later(SAMPLE_S, self._sample_acks)
-
-    def feed_write(self, data: bytes) -> int:
-        assert self.transport is not None
-        self.sent_bytes += len(data)
-        tls = self._tls_session
-        if tls is None:
-            self.transport.write(data)
-            return len(data)
-        wire = tls.encrypt(data)
-        self.transport.write(wire)
-        return len(wire)
-
-    def _write_counted(self, data: bytes) -> None:
-        wire = self.feed_write(data)
-        self.sent_bytes -= len(data)  # not a delivery
-        if self.feed is not None:
-            self.feed.tracker.wrote(len(data), wire_bytes=wire)
-
     def _write_wire(self, data: bytes) -> None:
         """Bytes on the wire outside the session's stream (TLS records of its own)."""
         assert self.transport is not None
@@ -619,119 +470,20 @@ class Connection(asyncio.Protocol):
         if self.feed is not None:
             self.feed.tracker.wrote_wire(len(data))
 
-    def feed_writable(self) -> bool:
-        t = self.transport
-        return t is not None and not self._backlogged and not t.is_closing() and self.session.state == READY
-
-    def feed_socket(self) -> SocketLike | None:
-        t = self.transport
-        return None if t is None else t.get_extra_info("socket")
-
-    def feed_buffered(self) -> int:
-        t = self.transport
-        return 0 if t is None else t.get_write_buffer_size()
-
     def feed_pump(self) -> None:
-        """New messages in the log: send what this connection may."""
-        if self.feed is not None:
-            try:
-                self.feed.pump_soon()
-            except Exception:
-                self.internal_error("feeding a durable connection")
+        """New messages in the log (the broker's call): send what this connection may."""
+        if self._durable is not None:
+            self._durable.pump()
 
     def feed_finish(self, kind: CloseKind) -> None:
-        """Commit this connection's positions (``kind``: how it ended) and stop its feed. Once."""
-        feed = self.feed
-        if feed is None or feed.finished:
-            return
-        if self._sample_timer is not None:
-            self._sample_timer.cancel()
-            self._sample_timer = None
-        try:
-            feed.finish(kind)
-        finally:
-            self.broker.durable_detach(self, feed.ident)
-
-    def _sample_acks(self) -> None:
-        self._sample_timer = None
-        feed = self.feed
-        if feed is None or feed.finished or self.session.state == CLOSED:
-            return
-        feed.sample()
-        self._sample_timer = self._call_later(SAMPLE_S, self._sample_acks)
+        """Commit this connection's positions and stop its feed (the broker's call, and at close). Once."""
+        if self._durable is not None:
+            self._durable.finish(kind)
 
     # --- the session's output -----------------------------------------------------------
 
     def send(self, data: bytes) -> None:
         self._write(data)
-
-    # --- AUTH: the key the session asked for (NeedKey) ------------------------------------
-
-    def _lookup(self, need: NeedKey) -> None:
-        """The key at once when the store can answer without waiting (sqlite,
-        env, JSON); otherwise pause reading and finish in a task (PostgreSQL, a
-        locked sqlite). Either way, pipelined frames wait in the session."""
-        broker = self.broker
-        ident = need.ident
-        if self._rate_limited(ident):
-            return  # refused without a lookup or a verification: guessing costs nothing
-        try:
-            key = broker.lookup_now(ident)
-        except WouldBlock:
-            assert self.transport is not None
-            self.transport.pause_reading()
-            broker.spawn(self._lookup_later(ident))
-            return
-        except AuthUnavailable as e:
-            self._key_unavailable(str(e))
-            return
-        self._key_found(key)
-
-    async def _lookup_later(self, ident: str) -> None:
-        try:
-            try:
-                key = await self.broker.lookup(ident)
-            except AuthUnavailable as e:
-                self._key_unavailable(str(e))
-                return
-            if self.session.state != AUTHING or self._rate_limited(ident):
-                return  # closed meanwhile, or blocked by failures that finished while we looked
-            self._key_found(key)
-            self._resume_reading()
-        except Exception:
-            self.internal_error("finishing AUTH")
-
-    def _key_found(self, key: AccessKey | None) -> None:
-        session = self.session
-        if not session.key_found(key):
-            return
-        assert key is not None
-        if self._auth_deadline is not None:
-            self._auth_deadline.cancel()
-            self._auth_deadline = None
-        broker = self.broker
-        broker.authenticated(self)
-        if key.durable:
-            self._start_feed(key.ident)
-        metrics.READY_BY_IDENT(key.ident).inc()
-        broker.emit(Authenticated(self.peer, self.id, key.ident))
-        if session.resume():  # the frames that came behind the AUTH
-            self._yield_turn()
-
-    def _key_unavailable(self, why: str) -> None:
-        session = self.session
-        if session.state == AUTHING:
-            self.broker.emit(KeyStoreUnavailable(self.peer, printable(session.ident_bytes), why))
-        session.key_unavailable(why)
-
-    def _rate_limited(self, ident: str) -> bool:
-        """Refuse (and return True) when this address, or this address and ident, is blocked."""
-        block_s = self.broker.auth_blocked_for(self.peer_host, ident)
-        if not block_s:
-            return False
-        self.broker.auth_refused(self, ident, block_s)
-        self.session.rate_limited(math.ceil(block_s))
-        return True
 
     def close_transport(self, reason: CloseReason, error: bytes | None, abort: bool) -> None:
         self._cancel_timers()
@@ -739,7 +491,8 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if self._lost or transport is None:
             return
-        tls = self._tls_session
+        pump = self._tls_pump
+        tls = pump.session if pump is not None else None
         if tls is not None:
             tls.discard()  # what waits is never decrypted
         if abort or transport.is_closing() or (tls is not None and not tls.established):
@@ -811,9 +564,9 @@ class Connection(asyncio.Protocol):
         state = self.session.state
         if (state != READY and state != PRE_AUTH) or self._turn_pending or transport is None or transport.is_closing():
             return
-        tls = self._tls_session
-        if tls is not None and tls.backlogged:
-            self._schedule_tls()  # encrypted bytes first: decrypted in a later turn
+        tls = self._tls_pump
+        if tls is not None and tls.session.backlogged:
+            tls.schedule()  # encrypted bytes first: decrypted in a later turn
             return
         if self._eof_pending:
             transport.close()  # the FIN that came behind the frames, now that every one is handled
@@ -885,9 +638,6 @@ class Connection(asyncio.Protocol):
                 self.transport.abort()
 
     def _cancel_timers(self) -> None:
-        if self._partial_timer is not None:
-            self._partial_timer.cancel()
-            self._partial_timer = None
         if self._auth_deadline is not None:
             self._auth_deadline.cancel()
             self._auth_deadline = None

@@ -20,7 +20,7 @@ from .auth import AccessKey, Authenticator, AuthUnavailable, SyncLookup, WouldBl
 from .backplane import Backplane
 from .config import BrokerConfig
 from .durable.base import DurableLog
-from .durable.feed import DurableFeed, FeedStats
+from .durable.feed import DurableFeed, FeedOutput, FeedStats
 from .durable.tcpack import CloseKind
 from .events import AuthBlocked, AuthFailed, AuthRefused, Event, Refused, Revoked, SlowProducer, log_event
 from .metrics import Limit, PublishStats
@@ -176,11 +176,11 @@ class Broker:
             conn.feed_pump()
 
     def durable_attach(
-        self, conn: Connection, ident: str, schedule: Callable[[Callable[[], object]], None]
+        self, conn: Connection, ident: str, output: FeedOutput, schedule: Callable[[Callable[[], object]], None]
     ) -> DurableFeed | None:
-        """``conn`` authenticated with a durable key: its feed (``schedule``: the connection's
-        guarded call_soon), replacing (closing) an older connection of the same key, whose
-        positions are committed first."""
+        """``conn`` authenticated with a durable key: its feed (``output``: the connection's
+        writes, ``schedule``: its guarded call_soon), replacing (closing) an older connection
+        of the same key, whose positions are committed first."""
         durable = self.durable
         if durable is None:
             return None
@@ -204,7 +204,7 @@ class Broker:
         feed = DurableFeed(
             ident,
             durable,
-            conn,
+            output,
             self.config.limits.durable_overlap_bytes,
             stats,
             self._feed_exact.setdefault(ident, {}),

@@ -17,14 +17,29 @@ from their headers as they are fed, and once the handshake is done each one
 must bring ``TLS_MIN_RECORD_PLAINTEXT`` bytes of plaintext on average: past
 ``max_records_without_data`` records' worth of shortfall (KeyUpdates, empty
 records, one-byte records) ``RecordsWithoutData`` is raised.
+
+``TlsPump`` binds a ``TlsSession`` to its connection (one per TLS connection,
+made when the pre-auth pool admits it): what is decrypted goes to the
+session, the rest waits, reading paused, for a later turn (scheduled through
+the connection's guarded ``_call_soon``); a failed handshake, a handshake past
+its deadline or records without data close the connection with their reason.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ssl
+from typing import TYPE_CHECKING
 
+from . import metrics
+from .events import TlsFailed
+from .metrics import Limit
+from .reasons import CloseReason
+from .session import AUTHING, CLOSED
 from .tuning import TLS_BYTES_PER_TURN, TLS_FEED_BYTES, TLS_MIN_RECORD_PLAINTEXT, TLS_RECORDS_PER_TURN
+
+if TYPE_CHECKING:
+    from .connection import Connection
 
 # Plaintext read from the TLS layer per call: records are at most 16 KiB.
 _READ_BYTES = 256 * 1024
@@ -154,3 +169,112 @@ class TlsSession:
     @property
     def version(self) -> str | None:
         return self._obj.version()
+
+
+class TlsPump:
+    """One connection's TLS: its ``TlsSession`` and the turns that decrypt what waits."""
+
+    __slots__ = ("_conn", "_turn", "session")
+
+    def __init__(self, conn: Connection, ctx: ssl.SSLContext, max_records_without_data: int) -> None:
+        self._conn = conn
+        self.session = TlsSession(ctx, max_records_without_data)
+        self._turn = False  # a later turn goes on decrypting (_continue)
+
+    def write(self, data: bytes) -> None:
+        """The connection's writes, encrypted."""
+        transport = self._conn.transport
+        assert transport is not None
+        transport.write(self.session.encrypt(data))
+
+    def receive(self, data: bytes) -> None:
+        """Decrypt one turn's worth (``TlsSession.receive``); what remains waits, reading
+        paused, for a later turn: this pump's (``_continue``), or after the session's own
+        continuation or key lookup, which resume reading through the connection's
+        ``_resume_reading``."""
+        conn, tls = self._conn, self.session
+        decrypted = self._decrypt(data)
+        if decrypted is None:
+            return
+        if tls.closed_by_peer:
+            self._closed_by_peer(decrypted)
+            return
+        if decrypted:
+            conn._received_plain(decrypted)
+        transport = conn.transport
+        if not tls.backlogged or conn.session.state == CLOSED or transport is None or transport.is_closing():
+            return
+        transport.pause_reading()
+        if not conn._turn_pending and conn.session.state != AUTHING:
+            self.schedule()
+
+    def schedule(self) -> None:
+        """Encrypted bytes wait: decrypt more in a later turn."""
+        if not self._turn:
+            self._turn = True
+            self._conn._call_soon(self._continue)
+
+    def _continue(self) -> None:
+        self._turn = False
+        conn = self._conn
+        if conn.session.state == CLOSED or conn.transport is None:
+            return
+        self.receive(b"")
+        if not self.session.backlogged:
+            conn._resume_reading()
+
+    def _decrypt(self, data: bytes) -> bytes | None:
+        """Decrypt; start the session when the handshake completes. None: the connection is closed."""
+        tls = self.session
+        was_established = tls.established
+        try:
+            plain, reply = tls.receive(data)
+        except ssl.SSLError as e:
+            self.failed(str(e.reason or e))
+            return None
+        except RecordsWithoutData:
+            self._records_without_data()
+            return None
+        if reply:
+            self._conn._write_wire(reply)
+        if not was_established and tls.established:
+            self._conn._greet()
+        return plain
+
+    def _closed_by_peer(self, last: bytes) -> None:
+        """The client's close_notify: handle what came before it, answer it (clients wait
+        for ours), then treat it as EOF."""
+        conn, tls = self._conn, self.session
+        tls.closed_by_peer = False  # once
+        tls.discard()  # nothing after close_notify counts
+        if last:
+            conn._received_plain(last)
+        if conn.transport is not None and not conn._lost:
+            conn._write_wire(tls.close_notify())
+            if not conn.eof_received():
+                conn.transport.close()
+
+    def failed(self, why: str) -> None:
+        conn = self._conn
+        event = TlsFailed(conn.peer, why, self.session.established)
+        conn.broker.emit(event)
+        conn.session.close(CloseReason(event.reason), None, abort=True)
+
+    def _records_without_data(self) -> None:
+        conn = self._conn
+        limit = conn.broker.config.limits.max_tls_records_without_data
+        reason = CloseReason.TLS_RECORDS_WITHOUT_DATA
+        metrics.limit_rejected(Limit.MAX_TLS_RECORDS_WITHOUT_DATA)
+        why = f"too many TLS records without data (more than {limit} beyond what their plaintext accounts for)"
+        conn.broker.emit(TlsFailed(conn.peer, why, True, reason))
+        self.session.discard()
+        conn.session.close(reason, f"too many TLS records without data (limit {limit})")
+
+    def handshake_timeout(self) -> None:
+        """The connection's deadline for the handshake passed (a timer target)."""
+        conn = self._conn
+        conn._auth_deadline = None
+        if not self.session.established and conn.session.state != CLOSED:
+            metrics.limit_rejected(Limit.TLS_HANDSHAKE_TIMEOUT)
+            limit = conn.broker.config.limits.tls_handshake_timeout_s
+            self.failed(f"no handshake within {limit:g} s")

@@ -17,17 +17,28 @@ Positions follow TCP acknowledgements (``tcpack.AckTracker``): every write
 after the feed starts is counted, sampled every ``SAMPLE_S`` (committed with
 the overlap: the process may die with no chance to look again) and at close
 (exact after a clean FIN, with the overlap otherwise).
+
+``ConnectionFeed`` is a durable key's connection as its feed sees it, made
+at AUTH for that connection alone: its ``FeedOutput`` (every write of the
+connection counted from then on, ``write_counted``), the timer that samples
+its acknowledgements (through the connection's guarded ``_call_later``) and
+the end that commits its positions.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from ..session import CLOSED, READY
 from .base import BacklogReader, DurableLog
 from .tcpack import AckTracker, CloseKind, SocketLike, tcp_bytes_acked, unacked_in_kernel
+
+if TYPE_CHECKING:
+    from ..connection import Connection
 
 log = logging.getLogger("hpfeeds3.broker.durable")
 
@@ -54,6 +65,93 @@ class FeedOutput(Protocol):
     def feed_buffered(self) -> int:
         """Bytes in the transport's own buffer (not yet in the kernel)."""
         ...
+
+
+class ConnectionFeed:
+    """A durable key's connection as its feed sees it (``attach``)."""
+
+    __slots__ = ("_conn", "_sample_timer", "feed")
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._sample_timer: asyncio.TimerHandle | None = None
+        self.feed: DurableFeed | None = None
+
+    @classmethod
+    def attach(cls, conn: Connection, ident: str) -> ConnectionFeed | None:
+        """``conn`` authenticated with durable key ``ident``: its feed from now on (None
+        without a durable log)."""
+        self = cls(conn)
+        feed = conn.broker.durable_attach(conn, ident, self, conn._call_soon)
+        if feed is None:
+            return None
+        self.feed = conn.feed = feed
+        conn._write = self.write_counted  # every byte from now on counts (tcpack)
+        self._sample_timer = conn._call_later(SAMPLE_S, self._sample_acks)
+        return self
+
+    def pump(self) -> None:
+        """New messages in the log: send what this connection may."""
+        if self.feed is not None:
+            try:
+                self.feed.pump_soon()
+            except Exception:
+                self._conn.internal_error("feeding a durable connection")
+
+    def finish(self, kind: CloseKind) -> None:
+        """Commit this connection's positions (``kind``: how it ended) and stop its feed. Once."""
+        feed = self.feed
+        if feed is None or feed.finished:
+            return
+        if self._sample_timer is not None:
+            self._sample_timer.cancel()
+            self._sample_timer = None
+        try:
+            feed.finish(kind)
+        finally:
+            self.feed = None  # the feed points back here (its output): no cycle left
+            self._conn.broker.durable_detach(self._conn, feed.ident)
+
+    def _sample_acks(self) -> None:
+        self._sample_timer = None
+        feed = self.feed
+        if feed is None or feed.finished or self._conn.session.state == CLOSED:
+            return
+        feed.sample()
+        self._sample_timer = self._conn._call_later(SAMPLE_S, self._sample_acks)
+
+    def feed_write(self, data: bytes) -> int:
+        conn = self._conn
+        assert conn.transport is not None
+        conn.sent_bytes += len(data)
+        tls = conn._tls_pump
+        if tls is None:
+            conn.transport.write(data)
+            return len(data)
+        wire = tls.session.encrypt(data)
+        conn.transport.write(wire)
+        return len(wire)
+
+    def write_counted(self, data: bytes) -> None:
+        """The connection's own writes (its ``_write`` once the feed starts): counted, not deliveries."""
+        conn = self._conn
+        wire = self.feed_write(data)
+        conn.sent_bytes -= len(data)  # not a delivery
+        if conn.feed is not None:
+            conn.feed.tracker.wrote(len(data), wire_bytes=wire)
+
+    def feed_writable(self) -> bool:
+        conn = self._conn
+        t = conn.transport
+        return t is not None and not conn._backlogged and not t.is_closing() and conn.session.state == READY
+
+    def feed_socket(self) -> SocketLike | None:
+        t = self._conn.transport
+        return None if t is None else t.get_extra_info("socket")
+
+    def feed_buffered(self) -> int:
+        t = self._conn.transport
+        return 0 if t is None else t.get_write_buffer_size()
 
 
 class FeedStats:

@@ -27,12 +27,15 @@ from collections.abc import Callable
 from typing import Protocol
 
 from .base import BacklogReader, DurableLog
+from .format import RECORD_MAX_BYTES
 from .tcpack import AckTracker, CloseKind, SocketLike, tcp_bytes_acked, unacked_in_kernel
 
 log = logging.getLogger("hpfeeds3.broker.durable")
 
-# One read from the log, and the bytes written to a connection per loop turn.
-CHUNK_BYTES = 64 * 1024
+# One read from the log (a whole record: a chunk ends at a record boundary rather
+# than walk the frames of a record to fill it), and the bytes written to a
+# connection per loop turn.
+CHUNK_BYTES = RECORD_MAX_BYTES
 PUMP_BYTES = 256 * 1024
 # How often a live durable connection's acknowledgements are sampled and committed.
 SAMPLE_S = 0.1

@@ -58,7 +58,7 @@ from .format import (
     channel_dirname,
     check_record,
     decode_header,
-    encode_record,
+    encode_header,
     first_header,
     frame_ends,
     scan_segment,
@@ -74,10 +74,22 @@ POSITIONS_FILE = "positions.json"
 LOG_EVERY_S = 60.0
 # Bound applied and files checked at least this often even when sync_interval_s is shorter.
 MAINTENANCE_EVERY_S = 1.0
-# A reader holds this much of a segment in memory (or one record, when larger).
-READ_BLOCK_BYTES = 256 * 1024
+# A reader holds this much of a segment in memory (or one record, when larger):
+# a whole record of the largest size a run is merged into, header included.
+READ_BLOCK_BYTES = RECORD_MAX_BYTES + HEADER_BYTES
 # How long close() waits for the writer to write what is queued.
 CLOSE_TIMEOUT_S = 30.0
+
+
+# A record to write: (first seq, messages, [header, *payload parts], bytes in all).
+_Record = tuple[int, int, list[bytes], int]
+# Buffers per writev: IOV_MAX on Linux, macOS and the BSDs.
+IOV_MAX = 1024
+
+
+def _record(first: int, count: int, time_ms: int, payload: list[bytes], length: int) -> _Record:
+    payload.insert(0, encode_header(first, count, time_ms, payload, length))
+    return (first, count, payload, HEADER_BYTES + length)
 
 
 @dataclass(slots=True)
@@ -89,6 +101,9 @@ class Segment:
     first_time_ms: int = 0  # 0: empty
     last_time_ms: int = 0
     index: list[tuple[int, int]] = field(default_factory=list)  # sparse (first seq, offset)
+    # Its records were written, or checked at recovery, by this process: a reader
+    # need not check their CRC again (it reads below ``size``: whole records only).
+    checked: bool = True
 
 
 @dataclass(slots=True)
@@ -215,6 +230,7 @@ class SegmentLog:
                     first_time_ms=first_time,
                     last_time_ms=later.time_ms if later else first_time,
                     index=[(seq, 0)],
+                    checked=False,
                 )
             else:
                 scan = scan_segment(path, seq)
@@ -445,52 +461,55 @@ class SegmentLog:
         return wrote
 
     def _write_channel(self, ch: _Channel) -> None:
-        """Write the channel's queued runs as records, rolling segments at ``segment_bytes``."""
+        """Write the channel's queued runs as records, rolling segments at ``segment_bytes``.
+
+        Consecutive runs are merged into records of up to RECORD_MAX_BYTES (an eighth
+        of a segment at most): one header and one checksum per record, not per run
+        (runs of one message are common). A record is its header and the runs as
+        they were queued: checksummed part by part and written with ``writev``, never
+        joined; only a run larger than a record is cut (at frame boundaries)."""
         now_ms = int(self._clock() * 1000)
-        records: list[tuple[int, int, bytes]] = []
-        given_up = 0
-        # consecutive runs are merged into records of up to RECORD_MAX_BYTES (an eighth of
-        # a segment at most): one header and one checksum per record, not per run
-        # (runs of one message are common)
         limit = min(RECORD_MAX_BYTES, self.config.segment_bytes // 8)
-        group: list[bytes] = []
-        group_first = group_end = group_bytes = 0
-
-        def close_group() -> None:
-            data = group[0] if len(group) == 1 else b"".join(group)
-            first = group_first
-            for payload, count in split_records(data, group_end - group_first, limit):
-                records.append((first, count, encode_record(first, count, now_ms, payload)))
-                first += count
-            group.clear()
-
-        while ch.pending:
-            first, frames, data = ch.pending.popleft()
+        records: list[_Record] = []
+        given_up = 0
+        parts: list[bytes] = []
+        first = end = size = 0
+        pending = ch.pending
+        while pending:
+            run_first, frames, data = pending.popleft()
             if not data:
-                given_up = first + frames  # not queued (counted as overflow by append)
+                given_up = run_first + frames  # not queued (counted as overflow by append)
                 continue
-            self._done_bytes += len(data)
-            if group and (first != group_end or group_bytes + len(data) > limit):
-                close_group()
-            if not group:
-                group_first, group_bytes = first, 0
-            group.append(data)
-            group_end = first + frames
-            group_bytes += len(data)
-        if group:
-            close_group()
-        batch: list[tuple[int, int, bytes]] = []
+            n = len(data)
+            self._done_bytes += n
+            if parts and (run_first != end or size + n > limit):
+                records.append(_record(first, end - first, now_ms, parts, size))
+                parts = []
+            if n > limit:
+                for payload, count in split_records(data, frames, limit):
+                    records.append(_record(run_first, count, now_ms, [payload], len(payload)))
+                    run_first += count
+                continue
+            if not parts:
+                first, size = run_first, 0
+            parts.append(data)
+            end = run_first + frames
+            size += n
+        if parts:
+            records.append(_record(first, end - first, now_ms, parts, size))
+        batch: list[_Record] = []
         batch_bytes = 0
         index: list[tuple[int, int]] = []
-        for first, count, record in records:
+        for record in records:
+            first, count, _parts, nbytes = record
             segment = self._active(ch, first)
             if (
                 segment is not None
                 and segment.size + batch_bytes
-                and (segment.size + batch_bytes + len(record) > self.config.segment_bytes)
+                and (segment.size + batch_bytes + nbytes > self.config.segment_bytes)
             ):
                 if batch:
-                    self._flush(ch, batch, index, now_ms)
+                    self._flush(ch, batch, batch_bytes, index, now_ms)
                     batch, batch_bytes, index = [], 0, []
                 self._seal(ch)
                 segment = self._active(ch, first)
@@ -503,10 +522,10 @@ class SegmentLog:
             if at >= ch.next_index:
                 index.append((first, at))
                 ch.next_index = at + INDEX_EVERY_BYTES
-            batch.append((first, count, record))
-            batch_bytes += len(record)
+            batch.append(record)
+            batch_bytes += nbytes
         if batch:
-            self._flush(ch, batch, index, now_ms)
+            self._flush(ch, batch, batch_bytes, index, now_ms)
         if given_up > ch.written_seq:
             with self._lock:
                 ch.written_seq = given_up
@@ -559,19 +578,29 @@ class SegmentLog:
         ch.sealed = True
 
     def _flush(
-        self, ch: _Channel, batch: list[tuple[int, int, bytes]], index: list[tuple[int, int]], now_ms: int
+        self, ch: _Channel, batch: list[_Record], nbytes: int, index: list[tuple[int, int]], now_ms: int
     ) -> None:
-        """One write of whole records to the segment being written; on failure, cut back to before it."""
+        """Whole records to the segment being written (``writev``, no copy); on failure,
+        cut back to before them."""
         segment = ch.segments[-1]
-        end = batch[-1][0] + batch[-1][1]
-        data = b"".join(record for _, _, record in batch)
+        last = batch[-1]
+        end = last[0] + last[1]
+        iov = [part for record in batch for part in record[2]]
         done = 0
         try:
-            view = memoryview(data)
-            while done < len(data):
-                done += os.write(ch.fd, view[done:])
+            for i in range(0, len(iov), IOV_MAX):
+                group = iov[i : i + IOV_MAX]
+                wrote = os.writev(ch.fd, group)
+                done += wrote
+                want = nbytes if len(group) == len(iov) else sum(map(len, group))
+                if wrote < want:  # a short write (a regular file: seldom): the rest, joined
+                    rest = memoryview(b"".join(group))[wrote:]
+                    while rest:
+                        wrote = os.write(ch.fd, rest)
+                        done += wrote
+                        rest = rest[wrote:]
         except OSError as e:
-            self._unstored += sum(count for _, count, _ in batch)
+            self._unstored += sum(record[1] for record in batch)
             if done:
                 try:
                     os.ftruncate(ch.fd, segment.size)
@@ -586,7 +615,7 @@ class SegmentLog:
         with self._lock:
             if not segment.size:
                 segment.first_time_ms = now_ms
-            segment.size += len(data)
+            segment.size += nbytes
             segment.end_seq = end
             segment.last_time_ms = now_ms
             segment.index.extend(index)
@@ -806,6 +835,8 @@ class SegmentReader:
                 self._position += left
                 self._payload_seq += left
             if self._at == start:
+                if frames:
+                    break  # the record's rest does not fit: it starts the next chunk, unwalked
                 for end in frame_ends(self._payload, start):
                     if frames and size + (end - start) > max_bytes:
                         full = True
@@ -868,12 +899,13 @@ class SegmentReader:
         offset = self._offset
         if offset + HEADER_BYTES > size:
             return None
-        raw = self._bytes(offset, HEADER_BYTES, size)
-        header = decode_header(bytes(raw))
+        raw = bytes(self._bytes(offset, HEADER_BYTES, size))
+        header = decode_header(raw)
         if header is None or offset + header.size > size:
             return None
-        payload = self._bytes(offset + HEADER_BYTES, header.length, size)
-        if not check_record(bytes(raw), header, payload):
+        payload = self._bytes(offset, header.size, size)[HEADER_BYTES:]
+        segment = self._segment
+        if (segment is None or not segment.checked) and not check_record(raw, header, payload):
             return None
         self._offset = offset + header.size
         return header, payload
@@ -882,7 +914,7 @@ class SegmentReader:
         """``length`` bytes of the open segment at ``offset``, from the buffer (refilled when short)."""
         start = offset - self._buffer_at
         if start < 0 or start + length > len(self._buffer):
-            want = min(max(READ_BLOCK_BYTES, length + HEADER_BYTES), size - offset)
+            want = min(max(READ_BLOCK_BYTES, length), size - offset)
             self._buffer = memoryview(os.pread(self._fd, want, offset))
             self._buffer_at = offset
             start = 0

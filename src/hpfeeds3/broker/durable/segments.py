@@ -150,6 +150,15 @@ class SegmentLog:
         self._last_error = ""
         self._last_error_logged = 0.0
         self._dirs_dirty: set[str] = set()
+        self._sealed_fds: list[int] = []  # writer: segments sealed since the last sync, open until it
+        # The syncer thread: fsyncs what the writer hands it at each sync tick.
+        self._to_sync: list[int] = []  # descriptors it fsyncs and closes (under _lock)
+        self._dirs_to_sync: set[str] = set()  # (under _lock)
+        self._sync_wake = threading.Event()
+        self._sync_mutex = threading.Lock()  # one sync job at a time
+        self._save_mutex = threading.Lock()  # one positions file written at a time
+        self._syncer_stopping = False
+        self._syncer: threading.Thread | None = None
         self._maintenance_wanted = False
         self._maintenance_runs = 0  # writer
 
@@ -183,6 +192,8 @@ class SegmentLog:
             raise ConfigError(f"durable data directory {self.root!r}: {e.strerror or e}") from e
         self._thread = threading.Thread(target=self._run_writer, name="hpfeeds-durable-writer", daemon=True)
         self._thread.start()
+        self._syncer = threading.Thread(target=self._run_syncer, name="hpfeeds-durable-syncer", daemon=True)
+        self._syncer.start()
         return self
 
     def close(self) -> None:
@@ -195,6 +206,12 @@ class SegmentLog:
         if thread.is_alive():
             log.error("durable log: the writer did not finish within %g s; closing anyway", CLOSE_TIMEOUT_S)
         self._thread = None
+        syncer = self._syncer
+        if syncer is not None:
+            self._syncer_stopping = True
+            self._sync_wake.set()
+            syncer.join(CLOSE_TIMEOUT_S)
+            self._syncer = None
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
@@ -431,8 +448,11 @@ class SegmentLog:
                 wrote = self._write_pending()
                 now = time.monotonic()
                 if stopping or now - last_sync >= interval:
-                    self._fsync()
-                    self._save_positions()
+                    self._hand_to_syncer()
+                    if stopping:
+                        self._sync_job()  # everything on disk before close() returns
+                    else:
+                        self._sync_wake.set()
                     last_sync = now
                 if stopping or self._maintenance_wanted or now - last_maintenance >= MAINTENANCE_EVERY_S:
                     self._maintenance_wanted = False
@@ -568,11 +588,14 @@ class SegmentLog:
         ch.next_index = segment.index[-1][1] + INDEX_EVERY_BYTES
 
     def _seal(self, ch: _Channel) -> None:
-        """Close the segment being written (after an fsync); the next write starts a new one."""
+        """Stop writing the segment being written; the next write starts a new one. Written
+        since the last sync, it is synced (and closed) at the next sync with the others: a
+        roll does not wait for the disk."""
         if ch.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.fsync(ch.fd)
-            os.close(ch.fd)
+            if ch.dirty:
+                self._sealed_fds.append(ch.fd)
+            else:
+                os.close(ch.fd)
             ch.fd = -1
             ch.dirty = False
         ch.sealed = True
@@ -639,19 +662,58 @@ class SegmentLog:
             self._last_error_logged = now
             log.error("durable log: %s; messages are not being stored (%d so far)", why, self._unstored)
 
-    def _fsync(self) -> None:
+    def _hand_to_syncer(self) -> None:
+        """(Writer) What was written since the last sync goes to the syncer: the segments
+        sealed since, a duplicate of each written one's descriptor, the directories changed.
+        The writer goes on writing while the disk syncs."""
+        fds, self._sealed_fds = self._sealed_fds, []
         for ch in list(self._channels.values()):
             if ch.dirty and ch.fd >= 0:
                 try:
-                    os.fsync(ch.fd)
-                    ch.dirty = False
-                except OSError as e:
-                    self._failed(f"cannot sync {ch.directory}: {e.strerror or e}")
-        for directory in list(self._dirs_dirty):
-            fsync_directory(directory)
-            self._dirs_dirty.discard(directory)
+                    fds.append(os.dup(ch.fd))
+                except OSError:  # no descriptor left: sync it here
+                    self._sync_fd(ch.fd, ch.directory)
+                ch.dirty = False
+        dirs, self._dirs_dirty = self._dirs_dirty, set()
+        with self._lock:
+            self._to_sync.extend(fds)
+            self._dirs_to_sync |= dirs
+
+    def _run_syncer(self) -> None:
+        while not self._syncer_stopping:
+            self._sync_wake.wait()
+            self._sync_wake.clear()
+            try:
+                self._sync_job()
+            except Exception:
+                log.exception("durable log: internal error in the syncer")
+
+    def _sync_job(self) -> None:
+        """fsync (and close) what the writer handed over, the directories, then save the positions."""
+        with self._sync_mutex:
+            with self._lock:
+                fds, self._to_sync = self._to_sync, []
+                dirs, self._dirs_to_sync = self._dirs_to_sync, set()
+            for fd in fds:
+                try:
+                    self._sync_fd(fd, "a segment")
+                finally:
+                    os.close(fd)
+            for directory in dirs:
+                fsync_directory(directory)
+            self._save_positions()
+
+    def _sync_fd(self, fd: int, what: str) -> None:
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            self._failed(f"cannot sync {what}: {e.strerror or e}")
 
     def _save_positions(self) -> None:
+        with self._save_mutex:  # the writer (a new follower) and the syncer
+            self._save_positions_now()
+
+    def _save_positions_now(self) -> None:
         with self._lock:
             if not self._positions_changed:
                 return
@@ -669,6 +731,11 @@ class SegmentLog:
             self._failed(f"cannot save positions: {e.strerror or e}")
 
     def _close_files(self) -> None:
+        for fd in self._sealed_fds:
+            with contextlib.suppress(OSError):
+                os.fsync(fd)
+            os.close(fd)
+        self._sealed_fds = []
         for ch in list(self._channels.values()):
             if ch.fd >= 0:
                 with contextlib.suppress(OSError):
@@ -813,19 +880,21 @@ class SegmentReader:
 
     def read(self, max_bytes: int) -> Chunk | None:
         parts: list[memoryview] = []
-        size = frames = 0
+        size = frames = skipped = 0
         first = self._position
         while True:
             if self._at >= len(self._payload):
+                before = self._position
                 if not self._next_record():
-                    break
+                    break  # (numbers given up at the tail are reported with a later chunk)
                 gap = self._payload_seq - self._position
                 if gap > 0:
-                    if frames:
-                        break  # a chunk is contiguous: the gap starts the next one
                     self._skip(gap)
-                    first = self._position
+                if self._position != before and frames:
+                    break  # a chunk is contiguous: the gap (counted) starts the next one
             start = self._at
+            if not frames:
+                first = self._position
             full = False
             if size + len(self._payload) - start <= max_bytes:
                 # the rest of the record fits: no need to walk its frames
@@ -846,14 +915,16 @@ class SegmentReader:
                     self._position += 1
                     self._payload_seq += 1
             if self._at > start:
+                if not parts:  # what was passed over before this chunk's first message
+                    skipped, self._unreported = self._unreported, 0
                 parts.append(self._payload[start : self._at])
                 size += self._at - start
+                end_seq = self._position
             if full:
                 break
         if not frames:
             return None
-        skipped, self._unreported = self._unreported, 0
-        return Chunk(b"".join(parts), first, self._position, frames, skipped)
+        return Chunk(b"".join(parts), first, end_seq, frames, skipped)
 
     def _skip(self, count: int) -> None:
         self._position += count

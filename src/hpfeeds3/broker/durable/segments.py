@@ -12,9 +12,12 @@ durable keys that follow the channel; a key's position is a sequence number
 
 Threads: the event loop calls ``append`` (a sequence number, a queue append,
 no I/O) and the rest of the interface; one writer thread writes the queued
-records, rolls segments, fsyncs at most every ``sync_interval_s``, saves
-positions, and applies the bounds. State both touch is under one lock, held
-for bookkeeping only, never across I/O.
+runs as records (one ``writev`` per batch: headers and the runs as queued,
+never joined), rolls segments, and applies the bounds; at most every
+``sync_interval_s`` it hands what it wrote to the syncer thread, which
+fsyncs it (a sealed segment too, then closes it) and saves positions while
+the writer goes on. State they share is under one lock, held for
+bookkeeping only, never across I/O.
 
 Bounds, applied by the writer at every sync tick:
 

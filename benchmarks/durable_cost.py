@@ -2,7 +2,8 @@
 """What a durable subscriber costs: ``hpfeeds-bench`` pubsub-100 and fanout
 against a fresh broker with no durable key, then with one durable subscriber
 reading the bench channel (interleaved, A B A B ...); the replay rate of a
-large backlog with the broker's peak RSS during it; disk bytes per message.
+large backlog with the broker's peak RSS during it; disk bytes per message; the
+log's own CPU per message, in-process.
 
     .venv/bin/python benchmarks/durable_cost.py [--rounds 2] [--duration 5] [--backlog-mib 1024]
 
@@ -195,11 +196,57 @@ def replay(backlog_mib: int) -> dict[str, float]:
         }
 
 
+def log_cost(mib: int) -> dict[str, float]:
+    """The log alone, in this process: runs of 550 frames (64 KiB, a read's worth) appended,
+    and read back as a durable feed does, every 16 runs; CPU per message on the caller's
+    thread (append, read) and of the process (the writer and syncer included). Per call,
+    so steadier than the rates on a machine that is not quiet."""
+    from hpfeeds3.broker.durable import DurableConfig, SegmentLog
+    from hpfeeds3.broker.durable.feed import CHUNK_BYTES
+
+    frame = encode_publish(b"bench", b"bench", b"x" * 100)
+    run = frame * 550
+    runs = mib * 2**20 // len(run)
+    with tempfile.TemporaryDirectory() as d:
+        log = SegmentLog.open(DurableConfig(data_dir=d))
+        try:
+            log.follow("dur", b"bench")
+            reader = log.open_reader(b"bench", 0)
+            append_s = read_s = 0.0
+            read = 0
+            cpu = time.process_time()
+            for i in range(runs):
+                t = time.thread_time()
+                log.append(b"bench", run, 550)
+                append_s += time.thread_time() - t
+                if i % 16 == 15 or i == runs - 1:
+                    if not log.sync(60):
+                        raise RuntimeError("the log was not written")
+                    t = time.thread_time()
+                    while (chunk := reader.read(CHUNK_BYTES)) is not None:
+                        read += chunk.frames
+                    read_s += time.thread_time() - t
+            cpu = time.process_time() - cpu
+            reader.close()
+        finally:
+            log.close()
+    messages = runs * 550
+    if read != messages:
+        raise RuntimeError(f"read {read} of {messages} messages")
+    return {
+        "log_messages": messages,
+        "append_ns_per_msg": append_s / messages * 1e9,
+        "feed_read_ns_per_msg": read_s / messages * 1e9,
+        "process_cpu_ns_per_msg": cpu / messages * 1e9,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=2, help="live rounds (0: none)")
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--backlog-mib", type=int, default=256, help="backlog replayed (0: none)")
+    p.add_argument("--log-mib", type=int, default=256, help="appended and read in-process (0: none)")
     args = p.parse_args()
     figures = live_cost(args.rounds, args.duration)
     for scenario, by_label in figures.items():
@@ -214,6 +261,8 @@ def main() -> None:
             f"{scenario}: median {base:,.0f} without, {with_durable:,.0f} with ({with_durable / base - 1:+.1%});"
             f" broker CPU {base_us:.3f} µs/msg without, {with_us:.3f} with ({with_us / base_us - 1:+.1%})"
         )
+    if args.log_mib > 0:
+        print(json.dumps(log_cost(args.log_mib), indent=1))
     if args.backlog_mib > 0:
         print(json.dumps(replay(args.backlog_mib), indent=1))
     sys.stdout.flush()

@@ -2,9 +2,10 @@
 """What a durable subscriber costs: ``hpfeeds-bench`` pubsub-100 and fanout
 against a fresh broker with no durable key, then with one durable subscriber
 reading the bench channel (interleaved, A B A B ...); the replay rate of a
-large backlog with the broker's peak RSS during it; disk bytes per message.
+large backlog with the broker's peak RSS during it; disk bytes per message; the
+log's own CPU per message, in-process.
 
-    .venv/bin/python benchmarks/durable_cost.py [--rounds 2] [--duration 5] [--backlog-mib 256]
+    .venv/bin/python benchmarks/durable_cost.py [--rounds 2] [--duration 5] [--backlog-mib 1024]
 
 Every broker is started fresh in its own temporary directory (data directory
 included); figures are medians over the rounds.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -34,6 +36,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds the process used so far (every thread, user and system)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
@@ -111,23 +119,29 @@ def bench(port: int, scenario: str, duration: float) -> float:
     raise RuntimeError(out)
 
 
-def live_cost(rounds: int, duration: float) -> dict[str, dict[str, list[float]]]:
-    figures: dict[str, dict[str, list[float]]] = {"pubsub-100": {}, "fanout": {}}
+def live_cost(rounds: int, duration: float) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Per scenario and label: (rate, broker CPU µs per message) of each round. The CPU
+    is the broker's, every thread, over the whole bench run (warm-up included) divided
+    by rate x duration: steadier than the rate on a machine that is not quiet."""
+    figures: dict[str, dict[str, list[tuple[float, float]]]] = {"pubsub-100": {}, "fanout": {}}
     for _ in range(rounds):
         for scenario in figures:
             for label in ("no durable key", "one durable subscriber"):
-                with broker(durable=label != "no durable key") as (port, _proc, _tmp):
+                with broker(durable=label != "no durable key") as (port, proc, _tmp):
                     reader = None
                     if label != "no durable key":
                         reader = Reader(port)
                         reader.start()
                     try:
+                        cpu = cpu_s(proc.pid)
                         value = bench(port, scenario, duration)
+                        cpu = cpu_s(proc.pid) - cpu
                     finally:
                         if reader is not None:
                             reader.stopping = True
-                    figures[scenario].setdefault(label, []).append(value)
-                    print(f"{scenario:10} {label:24} {value:12,.0f}", flush=True)
+                    us = cpu / (value * duration) * 1e6
+                    figures[scenario].setdefault(label, []).append((value, us))
+                    print(f"{scenario:10} {label:24} {value:12,.0f}  {us:6.3f} µs CPU/msg", flush=True)
     return figures
 
 
@@ -144,6 +158,7 @@ def replay(backlog_mib: int) -> dict[str, float]:
         assert isinstance(info, Info)
         pub.sendall(encode_auth(b"bench", sign(info.nonce, b"bench")))
         batch = frame * 1000
+        fill_start = time.monotonic()
         for _ in range(count // 1000):
             pub.sendall(batch)
         pub.close()
@@ -154,6 +169,7 @@ def replay(backlog_mib: int) -> dict[str, float]:
             if time.monotonic() > deadline:
                 raise RuntimeError("the backlog was never written")
             time.sleep(0.2)
+        fill_s = time.monotonic() - fill_start
         disk = sum(f.stat().st_size for f in segments.rglob("*.seg"))
         rss_before = rss_mib(proc.pid)
         reader = Reader(port)
@@ -172,6 +188,7 @@ def replay(backlog_mib: int) -> dict[str, float]:
             "backlog_mib": expected * len(frame) / 2**20,
             "replay_msgs_per_s": expected / elapsed,
             "replay_mib_per_s": expected * len(frame) / 2**20 / elapsed,
+            "fill_s": fill_s,
             "rss_before_mib": rss_before,
             "rss_peak_mib": peak,
             "disk_bytes_per_message": disk / expected,
@@ -179,19 +196,75 @@ def replay(backlog_mib: int) -> dict[str, float]:
         }
 
 
+def log_cost(mib: int) -> dict[str, float]:
+    """The log alone, in this process: runs of 550 frames (64 KiB, a read's worth) appended,
+    and read back as a durable feed does, every 16 runs; CPU per message on the caller's
+    thread (append, read) and of the process (the writer and syncer included). Per call,
+    so steadier than the rates on a machine that is not quiet."""
+    from hpfeeds3.broker.durable import DurableConfig, SegmentLog
+    from hpfeeds3.broker.durable.feed import CHUNK_BYTES
+
+    frame = encode_publish(b"bench", b"bench", b"x" * 100)
+    run = frame * 550
+    runs = mib * 2**20 // len(run)
+    with tempfile.TemporaryDirectory() as d:
+        log = SegmentLog.open(DurableConfig(data_dir=d))
+        try:
+            log.follow("dur", b"bench")
+            reader = log.open_reader(b"bench", 0)
+            append_s = read_s = 0.0
+            read = 0
+            cpu = time.process_time()
+            for i in range(runs):
+                t = time.thread_time()
+                log.append(b"bench", run, 550)
+                append_s += time.thread_time() - t
+                if i % 16 == 15 or i == runs - 1:
+                    if not log.sync(60):
+                        raise RuntimeError("the log was not written")
+                    t = time.thread_time()
+                    while (chunk := reader.read(CHUNK_BYTES)) is not None:
+                        read += chunk.frames
+                    read_s += time.thread_time() - t
+            cpu = time.process_time() - cpu
+            reader.close()
+        finally:
+            log.close()
+    messages = runs * 550
+    if read != messages:
+        raise RuntimeError(f"read {read} of {messages} messages")
+    return {
+        "log_messages": messages,
+        "append_ns_per_msg": append_s / messages * 1e9,
+        "feed_read_ns_per_msg": read_s / messages * 1e9,
+        "process_cpu_ns_per_msg": cpu / messages * 1e9,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="live rounds (0: none)")
     p.add_argument("--duration", type=float, default=5.0)
-    p.add_argument("--backlog-mib", type=int, default=256)
+    p.add_argument("--backlog-mib", type=int, default=256, help="backlog replayed (0: none)")
+    p.add_argument("--log-mib", type=int, default=256, help="appended and read in-process (0: none)")
     args = p.parse_args()
     figures = live_cost(args.rounds, args.duration)
     for scenario, by_label in figures.items():
-        base = statistics.median(by_label["no durable key"])
-        with_durable = statistics.median(by_label["one durable subscriber"])
-        print(f"{scenario}: median {base:,.0f} without, {with_durable:,.0f} with ({with_durable / base - 1:+.1%})")
-    result = replay(args.backlog_mib)
-    print(json.dumps(result, indent=1))
+        if not by_label:
+            continue  # --rounds 0
+        without, with_ = by_label["no durable key"], by_label["one durable subscriber"]
+        base = statistics.median(v for v, _ in without)
+        with_durable = statistics.median(v for v, _ in with_)
+        base_us = statistics.median(us for _, us in without)
+        with_us = statistics.median(us for _, us in with_)
+        print(
+            f"{scenario}: median {base:,.0f} without, {with_durable:,.0f} with ({with_durable / base - 1:+.1%});"
+            f" broker CPU {base_us:.3f} µs/msg without, {with_us:.3f} with ({with_us / base_us - 1:+.1%})"
+        )
+    if args.log_mib > 0:
+        print(json.dumps(log_cost(args.log_mib), indent=1))
+    if args.backlog_mib > 0:
+        print(json.dumps(replay(args.backlog_mib), indent=1))
     sys.stdout.flush()
 
 

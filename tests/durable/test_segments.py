@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -353,6 +354,92 @@ def test_a_corrupt_record_in_the_last_segment_ends_it_there(open_log: OpenLog, t
     assert log.written(CHANNEL) == 10
     assert segment.stat().st_size == first_record
     assert read_all(log, 0)[0] == list(range(10))
+
+
+def test_a_corrupt_record_in_a_sealed_segment_is_not_served_after_a_restart(open_log: OpenLog, tmp_path: Path) -> None:
+    """Records this process wrote are read without a second CRC check; a sealed segment
+    found at start is not rescanned, so its records are checked as they are read."""
+    log = open_log(segment_bytes=8192)
+    log.follow("a", CHANNEL)
+    for first in range(0, 200, 10):
+        append_run(log, first, 10)
+        assert log.sync()
+    log.close()
+    first_segment, *rest = segment_files(tmp_path)
+    assert rest, "the log rolled to a second segment"
+    data = bytearray(first_segment.read_bytes())
+    data[HEADER_BYTES + 7] ^= 0xFF  # a bit flip in the first record's payload
+    first_segment.write_bytes(bytes(data))
+
+    log = open_log(segment_bytes=8192)
+    got, skipped = read_all(log, 0)
+    second = segment_seq(rest[0].name)
+    assert second is not None
+    # the bad record ends that segment's data: the rest of it is passed over and counted
+    assert got == list(range(second, 200)) and skipped == second
+
+
+def test_runs_queued_while_the_writer_is_busy_are_written_whole_in_order(open_log: OpenLog) -> None:
+    """Runs are written as queued, a header before each record's runs, many runs per
+    writev: more buffers than one writev takes are written in several, in order."""
+    from hpfeeds3.broker.durable.segments import IOV_MAX
+
+    log = open_log()
+    log.follow("a", CHANNEL)
+    runs = 3 * IOV_MAX
+    with log._save_mutex:  # the writer first saves the new follower below: it waits here
+        log.follow("b", CHANNEL + b".other")
+        for i in range(runs):
+            log.append(CHANNEL, message(i), 1)
+        assert log.written(CHANNEL) == 0  # all queued: one batch for the writer
+    assert log.sync()
+    assert log.written(CHANNEL) == runs
+    got, skipped = read_all(log, 0, max_bytes=1 << 20)
+    assert got == list(range(runs)) and skipped == 0
+    # one record holds many runs: far fewer records (headers) than runs
+    reader = log.open_reader(CHANNEL, 0)
+    chunks = 0
+    while reader.read(1 << 20) is not None:
+        chunks += 1
+    reader.close()
+    assert chunks < runs // 100
+
+
+def test_a_chunk_ends_at_a_record_boundary_rather_than_split_the_next_record(open_log: OpenLog) -> None:
+    log = open_log()
+    log.follow("a", CHANNEL)
+    append_run(log, 0, 30)  # one record each (each synced before the next is appended)
+    assert log.sync()
+    append_run(log, 30, 30)
+    assert log.sync()
+    frame = len(message(0))
+    reader = log.open_reader(CHANNEL, 0)
+    chunk = reader.read(45 * frame)  # room for the first record and half of the second
+    assert chunk is not None and numbers(chunk.data) == list(range(30))
+    chunk = reader.read(45 * frame)
+    assert chunk is not None and numbers(chunk.data) == list(range(30, 60))
+    # a record larger than the bound alone is cut at a frame boundary
+    reader.close()
+    reader = log.open_reader(CHANNEL, 0)
+    chunk = reader.read(20 * frame)
+    assert chunk is not None and numbers(chunk.data) == list(range(20))
+    reader.close()
+
+
+def test_sealed_segments_are_synced_and_closed_at_the_next_sync(open_log: OpenLog) -> None:
+    """A roll does not wait for the disk: the sealed segment stays open until the syncer
+    fsyncs it; after that no descriptor is held for it."""
+    log = open_log(segment_bytes=8192, sync_interval_s=0.05)
+    log.follow("a", CHANNEL)
+    fds = len(os.listdir("/proc/self/fd"))
+    for first in range(0, 400, 10):
+        append_run(log, first, 10)
+        assert log.sync()
+    deadline = time.monotonic() + 10
+    while len(os.listdir("/proc/self/fd")) > fds + 2:  # the segment being written (and a dup in a sync)
+        assert time.monotonic() < deadline, "sealed segments are still open"
+        time.sleep(0.01)
+    assert read_all(log, 0)[0] == list(range(400))
 
 
 def test_a_position_saved_ahead_of_the_log_is_brought_back_to_its_end(open_log: OpenLog, tmp_path: Path) -> None:

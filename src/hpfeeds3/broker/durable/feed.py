@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..session import CLOSED, READY
 from .base import BacklogReader, DurableLog
+from .format import RECORD_MAX_BYTES
 from .tcpack import AckTracker, CloseKind, SocketLike, tcp_bytes_acked, unacked_in_kernel
 
 if TYPE_CHECKING:
@@ -42,8 +43,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hpfeeds3.broker.durable")
 
-# One read from the log, and the bytes written to a connection per loop turn.
-CHUNK_BYTES = 64 * 1024
+# One read from the log (a whole record: a chunk ends at a record boundary rather
+# than walk the frames of a record to fill it), and the bytes written to a
+# connection per loop turn.
+CHUNK_BYTES = RECORD_MAX_BYTES
 PUMP_BYTES = 256 * 1024
 # How often a live durable connection's acknowledgements are sampled and committed.
 SAMPLE_S = 0.1

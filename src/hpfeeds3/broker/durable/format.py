@@ -29,7 +29,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 MAGIC = b"HPD1"
@@ -47,7 +47,10 @@ SEGMENT_SUFFIX = ".seg"
 CHANNEL_FILE = "CHANNEL"
 
 _FRAME_LENGTH = struct.Struct("!I")
+_CRC = struct.Struct("<I")
 _UNSAFE = re.compile(rb"[^A-Za-z0-9._-]")
+
+Bytes = bytes | bytearray | memoryview
 
 
 def segment_name(first_seq: int) -> str:
@@ -71,9 +74,17 @@ def channel_dirname(channel: bytes) -> str:
 
 
 def encode_record(first_seq: int, count: int, time_ms: int, payload: bytes) -> bytes:
-    head = HEADER.pack(MAGIC, len(payload), first_seq, count, time_ms, 0)[:_CRC_OFFSET]
-    crc = zlib.crc32(payload, zlib.crc32(head))
-    return head + struct.pack("<I", crc) + payload
+    return encode_header(first_seq, count, time_ms, (payload,), len(payload)) + payload
+
+
+def encode_header(first_seq: int, count: int, time_ms: int, parts: Sequence[Bytes], length: int) -> bytes:
+    """The header of a record whose payload is ``parts`` (``length`` bytes in all), written
+    before them: the checksum runs over the parts in turn, never a joined copy."""
+    head = HEADER.pack(MAGIC, length, first_seq, count, time_ms, 0)[:_CRC_OFFSET]
+    crc = zlib.crc32(head)
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return head + _CRC.pack(crc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +112,6 @@ def decode_header(raw: bytes) -> RecordHeader | None:
     if magic != MAGIC or length > _SANE_RECORD_BYTES or count == 0 or length < count * 5:
         return None
     return RecordHeader(length, first_seq, count, time_ms, crc)
-
-
-Bytes = bytes | bytearray | memoryview
 
 
 def check_record(raw_header: bytes, header: RecordHeader, payload: Bytes) -> bool:

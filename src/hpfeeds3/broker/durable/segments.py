@@ -12,9 +12,12 @@ durable keys that follow the channel; a key's position is a sequence number
 
 Threads: the event loop calls ``append`` (a sequence number, a queue append,
 no I/O) and the rest of the interface; one writer thread writes the queued
-records, rolls segments, fsyncs at most every ``sync_interval_s``, saves
-positions, and applies the bounds. State both touch is under one lock, held
-for bookkeeping only, never across I/O.
+runs as records (one ``writev`` per batch: headers and the runs as queued,
+never joined), rolls segments, and applies the bounds; at most every
+``sync_interval_s`` it hands what it wrote to the syncer thread, which
+fsyncs it (a sealed segment too, then closes it) and saves positions while
+the writer goes on. State they share is under one lock, held for
+bookkeeping only, never across I/O.
 
 Bounds, applied by the writer at every sync tick:
 
@@ -58,7 +61,7 @@ from .format import (
     channel_dirname,
     check_record,
     decode_header,
-    encode_record,
+    encode_header,
     first_header,
     frame_ends,
     scan_segment,
@@ -74,10 +77,22 @@ POSITIONS_FILE = "positions.json"
 LOG_EVERY_S = 60.0
 # Bound applied and files checked at least this often even when sync_interval_s is shorter.
 MAINTENANCE_EVERY_S = 1.0
-# A reader holds this much of a segment in memory (or one record, when larger).
-READ_BLOCK_BYTES = 256 * 1024
+# A reader holds this much of a segment in memory (or one record, when larger):
+# a whole record of the largest size a run is merged into, header included.
+READ_BLOCK_BYTES = RECORD_MAX_BYTES + HEADER_BYTES
 # How long close() waits for the writer to write what is queued.
 CLOSE_TIMEOUT_S = 30.0
+
+
+# A record to write: (first seq, messages, [header, *payload parts], bytes in all).
+_Record = tuple[int, int, list[bytes], int]
+# Buffers per writev: IOV_MAX on Linux, macOS and the BSDs.
+IOV_MAX = 1024
+
+
+def _record(first: int, count: int, time_ms: int, payload: list[bytes], length: int) -> _Record:
+    payload.insert(0, encode_header(first, count, time_ms, payload, length))
+    return (first, count, payload, HEADER_BYTES + length)
 
 
 @dataclass(slots=True)
@@ -89,6 +104,9 @@ class Segment:
     first_time_ms: int = 0  # 0: empty
     last_time_ms: int = 0
     index: list[tuple[int, int]] = field(default_factory=list)  # sparse (first seq, offset)
+    # Its records were written, or checked at recovery, by this process: a reader
+    # need not check their CRC again (it reads below ``size``: whole records only).
+    checked: bool = True
 
 
 @dataclass(slots=True)
@@ -135,6 +153,15 @@ class SegmentLog:
         self._last_error = ""
         self._last_error_logged = 0.0
         self._dirs_dirty: set[str] = set()
+        self._sealed_fds: list[int] = []  # writer: segments sealed since the last sync, open until it
+        # The syncer thread: fsyncs what the writer hands it at each sync tick.
+        self._to_sync: list[int] = []  # descriptors it fsyncs and closes (under _lock)
+        self._dirs_to_sync: set[str] = set()  # (under _lock)
+        self._sync_wake = threading.Event()
+        self._sync_mutex = threading.Lock()  # one sync job at a time
+        self._save_mutex = threading.Lock()  # one positions file written at a time
+        self._syncer_stopping = False
+        self._syncer: threading.Thread | None = None
         self._maintenance_wanted = False
         self._maintenance_runs = 0  # writer
 
@@ -168,6 +195,8 @@ class SegmentLog:
             raise ConfigError(f"durable data directory {self.root!r}: {e.strerror or e}") from e
         self._thread = threading.Thread(target=self._run_writer, name="hpfeeds-durable-writer", daemon=True)
         self._thread.start()
+        self._syncer = threading.Thread(target=self._run_syncer, name="hpfeeds-durable-syncer", daemon=True)
+        self._syncer.start()
         return self
 
     def close(self) -> None:
@@ -180,6 +209,12 @@ class SegmentLog:
         if thread.is_alive():
             log.error("durable log: the writer did not finish within %g s; closing anyway", CLOSE_TIMEOUT_S)
         self._thread = None
+        syncer = self._syncer
+        if syncer is not None:
+            self._syncer_stopping = True
+            self._sync_wake.set()
+            syncer.join(CLOSE_TIMEOUT_S)
+            self._syncer = None
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
@@ -215,6 +250,7 @@ class SegmentLog:
                     first_time_ms=first_time,
                     last_time_ms=later.time_ms if later else first_time,
                     index=[(seq, 0)],
+                    checked=False,
                 )
             else:
                 scan = scan_segment(path, seq)
@@ -415,8 +451,11 @@ class SegmentLog:
                 wrote = self._write_pending()
                 now = time.monotonic()
                 if stopping or now - last_sync >= interval:
-                    self._fsync()
-                    self._save_positions()
+                    self._hand_to_syncer()
+                    if stopping:
+                        self._sync_job()  # everything on disk before close() returns
+                    else:
+                        self._sync_wake.set()
                     last_sync = now
                 if stopping or self._maintenance_wanted or now - last_maintenance >= MAINTENANCE_EVERY_S:
                     self._maintenance_wanted = False
@@ -445,52 +484,55 @@ class SegmentLog:
         return wrote
 
     def _write_channel(self, ch: _Channel) -> None:
-        """Write the channel's queued runs as records, rolling segments at ``segment_bytes``."""
+        """Write the channel's queued runs as records, rolling segments at ``segment_bytes``.
+
+        Consecutive runs are merged into records of up to RECORD_MAX_BYTES (an eighth
+        of a segment at most): one header and one checksum per record, not per run
+        (runs of one message are common). A record is its header and the runs as
+        they were queued: checksummed part by part and written with ``writev``, never
+        joined; only a run larger than a record is cut (at frame boundaries)."""
         now_ms = int(self._clock() * 1000)
-        records: list[tuple[int, int, bytes]] = []
-        given_up = 0
-        # consecutive runs are merged into records of up to RECORD_MAX_BYTES (an eighth of
-        # a segment at most): one header and one checksum per record, not per run
-        # (runs of one message are common)
         limit = min(RECORD_MAX_BYTES, self.config.segment_bytes // 8)
-        group: list[bytes] = []
-        group_first = group_end = group_bytes = 0
-
-        def close_group() -> None:
-            data = group[0] if len(group) == 1 else b"".join(group)
-            first = group_first
-            for payload, count in split_records(data, group_end - group_first, limit):
-                records.append((first, count, encode_record(first, count, now_ms, payload)))
-                first += count
-            group.clear()
-
-        while ch.pending:
-            first, frames, data = ch.pending.popleft()
+        records: list[_Record] = []
+        given_up = 0
+        parts: list[bytes] = []
+        first = end = size = 0
+        pending = ch.pending
+        while pending:
+            run_first, frames, data = pending.popleft()
             if not data:
-                given_up = first + frames  # not queued (counted as overflow by append)
+                given_up = run_first + frames  # not queued (counted as overflow by append)
                 continue
-            self._done_bytes += len(data)
-            if group and (first != group_end or group_bytes + len(data) > limit):
-                close_group()
-            if not group:
-                group_first, group_bytes = first, 0
-            group.append(data)
-            group_end = first + frames
-            group_bytes += len(data)
-        if group:
-            close_group()
-        batch: list[tuple[int, int, bytes]] = []
+            n = len(data)
+            self._done_bytes += n
+            if parts and (run_first != end or size + n > limit):
+                records.append(_record(first, end - first, now_ms, parts, size))
+                parts = []
+            if n > limit:
+                for payload, count in split_records(data, frames, limit):
+                    records.append(_record(run_first, count, now_ms, [payload], len(payload)))
+                    run_first += count
+                continue
+            if not parts:
+                first, size = run_first, 0
+            parts.append(data)
+            end = run_first + frames
+            size += n
+        if parts:
+            records.append(_record(first, end - first, now_ms, parts, size))
+        batch: list[_Record] = []
         batch_bytes = 0
         index: list[tuple[int, int]] = []
-        for first, count, record in records:
+        for record in records:
+            first, count, _parts, nbytes = record
             segment = self._active(ch, first)
             if (
                 segment is not None
                 and segment.size + batch_bytes
-                and (segment.size + batch_bytes + len(record) > self.config.segment_bytes)
+                and (segment.size + batch_bytes + nbytes > self.config.segment_bytes)
             ):
                 if batch:
-                    self._flush(ch, batch, index, now_ms)
+                    self._flush(ch, batch, batch_bytes, index, now_ms)
                     batch, batch_bytes, index = [], 0, []
                 self._seal(ch)
                 segment = self._active(ch, first)
@@ -503,10 +545,10 @@ class SegmentLog:
             if at >= ch.next_index:
                 index.append((first, at))
                 ch.next_index = at + INDEX_EVERY_BYTES
-            batch.append((first, count, record))
-            batch_bytes += len(record)
+            batch.append(record)
+            batch_bytes += nbytes
         if batch:
-            self._flush(ch, batch, index, now_ms)
+            self._flush(ch, batch, batch_bytes, index, now_ms)
         if given_up > ch.written_seq:
             with self._lock:
                 ch.written_seq = given_up
@@ -549,29 +591,42 @@ class SegmentLog:
         ch.next_index = segment.index[-1][1] + INDEX_EVERY_BYTES
 
     def _seal(self, ch: _Channel) -> None:
-        """Close the segment being written (after an fsync); the next write starts a new one."""
+        """Stop writing the segment being written; the next write starts a new one. Written
+        since the last sync, it is synced (and closed) at the next sync with the others: a
+        roll does not wait for the disk."""
         if ch.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.fsync(ch.fd)
-            os.close(ch.fd)
+            if ch.dirty:
+                self._sealed_fds.append(ch.fd)
+            else:
+                os.close(ch.fd)
             ch.fd = -1
             ch.dirty = False
         ch.sealed = True
 
     def _flush(
-        self, ch: _Channel, batch: list[tuple[int, int, bytes]], index: list[tuple[int, int]], now_ms: int
+        self, ch: _Channel, batch: list[_Record], nbytes: int, index: list[tuple[int, int]], now_ms: int
     ) -> None:
-        """One write of whole records to the segment being written; on failure, cut back to before it."""
+        """Whole records to the segment being written (``writev``, no copy); on failure,
+        cut back to before them."""
         segment = ch.segments[-1]
-        end = batch[-1][0] + batch[-1][1]
-        data = b"".join(record for _, _, record in batch)
+        last = batch[-1]
+        end = last[0] + last[1]
+        iov = [part for record in batch for part in record[2]]
         done = 0
         try:
-            view = memoryview(data)
-            while done < len(data):
-                done += os.write(ch.fd, view[done:])
+            for i in range(0, len(iov), IOV_MAX):
+                group = iov[i : i + IOV_MAX]
+                wrote = os.writev(ch.fd, group)
+                done += wrote
+                want = nbytes if len(group) == len(iov) else sum(map(len, group))
+                if wrote < want:  # a short write (a regular file: seldom): the rest, joined
+                    rest = memoryview(b"".join(group))[wrote:]
+                    while rest:
+                        wrote = os.write(ch.fd, rest)
+                        done += wrote
+                        rest = rest[wrote:]
         except OSError as e:
-            self._unstored += sum(count for _, count, _ in batch)
+            self._unstored += sum(record[1] for record in batch)
             if done:
                 try:
                     os.ftruncate(ch.fd, segment.size)
@@ -586,7 +641,7 @@ class SegmentLog:
         with self._lock:
             if not segment.size:
                 segment.first_time_ms = now_ms
-            segment.size += len(data)
+            segment.size += nbytes
             segment.end_seq = end
             segment.last_time_ms = now_ms
             segment.index.extend(index)
@@ -610,19 +665,58 @@ class SegmentLog:
             self._last_error_logged = now
             log.error("durable log: %s; messages are not being stored (%d so far)", why, self._unstored)
 
-    def _fsync(self) -> None:
+    def _hand_to_syncer(self) -> None:
+        """(Writer) What was written since the last sync goes to the syncer: the segments
+        sealed since, a duplicate of each written one's descriptor, the directories changed.
+        The writer goes on writing while the disk syncs."""
+        fds, self._sealed_fds = self._sealed_fds, []
         for ch in list(self._channels.values()):
             if ch.dirty and ch.fd >= 0:
                 try:
-                    os.fsync(ch.fd)
-                    ch.dirty = False
-                except OSError as e:
-                    self._failed(f"cannot sync {ch.directory}: {e.strerror or e}")
-        for directory in list(self._dirs_dirty):
-            fsync_directory(directory)
-            self._dirs_dirty.discard(directory)
+                    fds.append(os.dup(ch.fd))
+                except OSError:  # no descriptor left: sync it here
+                    self._sync_fd(ch.fd, ch.directory)
+                ch.dirty = False
+        dirs, self._dirs_dirty = self._dirs_dirty, set()
+        with self._lock:
+            self._to_sync.extend(fds)
+            self._dirs_to_sync |= dirs
+
+    def _run_syncer(self) -> None:
+        while not self._syncer_stopping:
+            self._sync_wake.wait()
+            self._sync_wake.clear()
+            try:
+                self._sync_job()
+            except Exception:
+                log.exception("durable log: internal error in the syncer")
+
+    def _sync_job(self) -> None:
+        """fsync (and close) what the writer handed over, the directories, then save the positions."""
+        with self._sync_mutex:
+            with self._lock:
+                fds, self._to_sync = self._to_sync, []
+                dirs, self._dirs_to_sync = self._dirs_to_sync, set()
+            for fd in fds:
+                try:
+                    self._sync_fd(fd, "a segment")
+                finally:
+                    os.close(fd)
+            for directory in dirs:
+                fsync_directory(directory)
+            self._save_positions()
+
+    def _sync_fd(self, fd: int, what: str) -> None:
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            self._failed(f"cannot sync {what}: {e.strerror or e}")
 
     def _save_positions(self) -> None:
+        with self._save_mutex:  # the writer (a new follower) and the syncer
+            self._save_positions_now()
+
+    def _save_positions_now(self) -> None:
         with self._lock:
             if not self._positions_changed:
                 return
@@ -640,6 +734,11 @@ class SegmentLog:
             self._failed(f"cannot save positions: {e.strerror or e}")
 
     def _close_files(self) -> None:
+        for fd in self._sealed_fds:
+            with contextlib.suppress(OSError):
+                os.fsync(fd)
+            os.close(fd)
+        self._sealed_fds = []
         for ch in list(self._channels.values()):
             if ch.fd >= 0:
                 with contextlib.suppress(OSError):
@@ -784,19 +883,21 @@ class SegmentReader:
 
     def read(self, max_bytes: int) -> Chunk | None:
         parts: list[memoryview] = []
-        size = frames = 0
+        size = frames = skipped = 0
         first = self._position
         while True:
             if self._at >= len(self._payload):
+                before = self._position
                 if not self._next_record():
-                    break
+                    break  # (numbers given up at the tail are reported with a later chunk)
                 gap = self._payload_seq - self._position
                 if gap > 0:
-                    if frames:
-                        break  # a chunk is contiguous: the gap starts the next one
                     self._skip(gap)
-                    first = self._position
+                if self._position != before and frames:
+                    break  # a chunk is contiguous: the gap (counted) starts the next one
             start = self._at
+            if not frames:
+                first = self._position
             full = False
             if size + len(self._payload) - start <= max_bytes:
                 # the rest of the record fits: no need to walk its frames
@@ -806,6 +907,8 @@ class SegmentReader:
                 self._position += left
                 self._payload_seq += left
             if self._at == start:
+                if frames:
+                    break  # the record's rest does not fit: it starts the next chunk, unwalked
                 for end in frame_ends(self._payload, start):
                     if frames and size + (end - start) > max_bytes:
                         full = True
@@ -815,14 +918,16 @@ class SegmentReader:
                     self._position += 1
                     self._payload_seq += 1
             if self._at > start:
+                if not parts:  # what was passed over before this chunk's first message
+                    skipped, self._unreported = self._unreported, 0
                 parts.append(self._payload[start : self._at])
                 size += self._at - start
+                end_seq = self._position
             if full:
                 break
         if not frames:
             return None
-        skipped, self._unreported = self._unreported, 0
-        return Chunk(b"".join(parts), first, self._position, frames, skipped)
+        return Chunk(b"".join(parts), first, end_seq, frames, skipped)
 
     def _skip(self, count: int) -> None:
         self._position += count
@@ -868,12 +973,13 @@ class SegmentReader:
         offset = self._offset
         if offset + HEADER_BYTES > size:
             return None
-        raw = self._bytes(offset, HEADER_BYTES, size)
-        header = decode_header(bytes(raw))
+        raw = bytes(self._bytes(offset, HEADER_BYTES, size))
+        header = decode_header(raw)
         if header is None or offset + header.size > size:
             return None
-        payload = self._bytes(offset + HEADER_BYTES, header.length, size)
-        if not check_record(bytes(raw), header, payload):
+        payload = self._bytes(offset, header.size, size)[HEADER_BYTES:]
+        segment = self._segment
+        if (segment is None or not segment.checked) and not check_record(raw, header, payload):
             return None
         self._offset = offset + header.size
         return header, payload
@@ -882,7 +988,7 @@ class SegmentReader:
         """``length`` bytes of the open segment at ``offset``, from the buffer (refilled when short)."""
         start = offset - self._buffer_at
         if start < 0 or start + length > len(self._buffer):
-            want = min(max(READ_BLOCK_BYTES, length + HEADER_BYTES), size - offset)
+            want = min(max(READ_BLOCK_BYTES, length), size - offset)
             self._buffer = memoryview(os.pread(self._fd, want, offset))
             self._buffer_at = offset
             start = 0

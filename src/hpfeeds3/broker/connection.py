@@ -534,7 +534,7 @@ class Connection(asyncio.Protocol):
         session.output = _DETACHED  # type: ignore[assignment]
         ident = session.ident or ""
         reason = session.close_reason or CloseReason.CONNECTION_RESET
-        metrics.LOST_BY_IDENT(ident).inc()
+        metrics.CONNECTION_LOST.inc(ident)
         metrics.CLOSED_BY_REASON(reason.value).inc()
         broker.emit(Closed(self.peer, self.id, session.ident, reason, session.publish_stats))
 
@@ -705,7 +705,7 @@ class Connection(asyncio.Protocol):
         broker.authenticated(self)
         if key.durable:
             self._start_feed(key.ident)
-        metrics.READY_BY_IDENT(key.ident).inc()
+        metrics.CONNECTION_READY.inc(key.ident)
         broker.emit(Authenticated(self.peer, self.id, key.ident))
         if session.resume():  # the frames that came behind the AUTH
             self._yield_turn()

@@ -31,6 +31,7 @@ from .session import PublishStats, Refusal
 if TYPE_CHECKING:
     from .state import Broker
 
+
 class IdentCounter(Collector):
     """A counter by ident kept as plain ints, turned into samples at scrape time.
 

@@ -28,8 +28,9 @@ Contract:
 - Records are formatted and written off the event loop: the logging call
   puts the record on a queue (``QueueHandler``) and one thread formats and
   writes, in order, every record queued meanwhile with one ``write`` (a
-  ``QueueListener`` that batches). A connection's three INFO lines then cost
-  the loop a record and a queue put each, not a format and a write.
+  ``QueueListener`` that batches). A connection's three INFO lines
+  (``info_later``) cost the loop a clock read and a queue put each: the
+  thread builds their message, fields and record as well.
   ``stop_logging()`` (run at exit too) writes every record still queued, so
   no line is lost at shutdown; ``flush_logging()`` waits until the queue is
   written.
@@ -58,7 +59,7 @@ import queue
 import sys
 import threading
 import time
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from .text import escape, one_line
 
@@ -209,6 +210,13 @@ class _DeferredHandler(logging.handlers.QueueHandler):
             return
         self.queue.put_nowait(record)
 
+    def put_later(self, item: tuple[float, str, LazyLine]) -> None:
+        """A line for the writer to build (``info_later``), bounded as records are."""
+        if self._qsize() >= MAX_QUEUED_RECORDS:
+            self.pipeline.drop()
+            return
+        self.queue.put_nowait(item)
+
 
 # The writer thread wakes this often and writes every record queued meanwhile
 # with one write(). Woken by each record instead, it would cost the event loop
@@ -303,6 +311,8 @@ class _Pipeline:
         writer = self.writer
         lines, flushed, stop = [], [], False
         for item in batch:
+            if item.__class__ is tuple:
+                item = _later_record(item)
             if isinstance(item, logging.LogRecord):
                 try:
                     lines.append(writer.format(item))
@@ -350,9 +360,16 @@ class _Pipeline:
                 item = self.queue.get_nowait()
             except queue.Empty:
                 break
+            if item.__class__ is tuple:
+                item = _later_record(item)
             if isinstance(item, logging.LogRecord):
                 self.writer.handle(item)
         return True
+
+
+def _later_record(item: tuple[float, str, LazyLine]) -> logging.LogRecord:
+    created, name, line = item
+    return _info_record(name, created, line.text(), line.fields())
 
 
 _pipeline: _Pipeline | None = None
@@ -411,6 +428,12 @@ def configure_logging(
 _templates: dict[str, dict[str, Any]] = {}
 
 
+# Python 3.12+ records name their asyncio task (logging.logAsyncioTasks). Looked
+# up once: a getattr that misses raises and catches an AttributeError, which
+# cost more than the rest of the check.
+_TASK_NAMES = hasattr(logging, "logAsyncioTasks")
+
+
 def _plain_records() -> bool:
     """Whether records carry nothing but what ``configure_logging`` asks for:
     the standard factory, and no caller, thread, process or task names."""
@@ -419,7 +442,7 @@ def _plain_records() -> bool:
         and not logging.logThreads
         and not logging.logProcesses
         and not logging.logMultiprocessing
-        and not getattr(logging, "logAsyncioTasks", False)
+        and not (_TASK_NAMES and logging.logAsyncioTasks)  # type: ignore[attr-defined]
         and logging.getLogRecordFactory() is logging.LogRecord
     )
 
@@ -440,19 +463,68 @@ def info_event(logger: logging.Logger, message: str, fields: dict[str, Any]) -> 
     if not _plain_records():
         logger.info(message, extra=fields)
         return
-    template = _templates.get(logger.name)
+    logger.handle(_info_record(logger.name, time.time(), message, fields))
+
+
+def _info_record(name: str, created: float, message: str, fields: dict[str, Any]) -> logging.LogRecord:
+    """An INFO record of logger ``name``, a copy of one made once by the real constructor."""
+    template = _templates.get(name)
     if template is None:
-        model = logger.makeRecord(logger.name, logging.INFO, "(unknown file)", 0, "", (), None)
-        template = _templates[logger.name] = model.__dict__
+        logger = logging.getLogger(name)
+        model = logger.makeRecord(name, logging.INFO, "(unknown file)", 0, "", (), None)
+        template = _templates[name] = model.__dict__
     record = _new_record(logging.LogRecord)
     attributes = record.__dict__ = template.copy()
-    now = time.time()
-    attributes["created"] = now
-    attributes["msecs"] = int((now - int(now)) * 1000) + 0.0
-    attributes["relativeCreated"] = (now - _start_time) * 1000
+    attributes["created"] = created
+    attributes["msecs"] = int((created - int(created)) * 1000) + 0.0
+    attributes["relativeCreated"] = (created - _start_time) * 1000
     attributes["msg"] = message
     attributes.update(fields)
-    logger.handle(record)
+    return record
+
+
+class LazyLine(Protocol):
+    """What ``info_later`` logs: an INFO line's message and fields, built when it is written."""
+
+    def text(self) -> str: ...
+
+    def fields(self) -> dict[str, Any]: ...
+
+
+def info_later(logger: logging.Logger, line: LazyLine) -> None:
+    """``info_event(logger, line.text(), line.fields())``, with the message, the
+    fields and the record built by the writer thread, not by the caller.
+
+    The caller pays a clock read and a queue put: this is what the lines every
+    connection logs cost the event loop. ``line`` must not change once given
+    (events are values). It applies while the record would go nowhere but to
+    the writer: records of the standard attributes only (``_plain_records``),
+    and no filter or other handler from ``logger`` up to the root, whose one
+    handler is this module's. Otherwise (a test's capture handler, a filter)
+    it is ``info_event``, so every handler and filter sees the record.
+    """
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    pipeline = _pipeline
+    if pipeline is None or not _plain_records() or not _only_the_writer(logger, pipeline.handler):
+        info_event(logger, line.text(), line.fields())
+        return
+    pipeline.handler.put_later((time.time(), logger.name, line))
+
+
+def _only_the_writer(logger: logging.Logger, handler: logging.Handler) -> bool:
+    """Whether a record of ``logger`` would reach ``handler`` alone, unfiltered (as ``Logger.handle``
+    and ``callHandlers`` go: the logger's filters and handlers, then its parents' while it propagates)."""
+    current: Any = logger
+    while True:
+        if current.filters or current.disabled:
+            return False
+        handlers = current.handlers
+        if current.parent is None or not current.propagate:
+            return len(handlers) == 1 and handlers[0] is handler and not handler.filters
+        if handlers:
+            return False
+        current = current.parent
 
 
 _new_record = object.__new__

@@ -59,6 +59,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any, Protocol, TextIO
 
 from .text import escape, one_line
@@ -101,10 +102,10 @@ def _says(message: str, value: str) -> bool:
 _second_cache: list[Any] = [None, ""]
 
 
-def _timestamp(record: logging.LogRecord) -> str:
+def _timestamp(created: float) -> str:
     """ISO 8601, UTC, milliseconds: sorts as text, parses everywhere."""
-    seconds = int(record.created)
-    millis = int((record.created - seconds) * 1000)
+    seconds = int(created)
+    millis = int((created - seconds) * 1000)
     if _second_cache[0] != seconds:  # one strftime per second, not per record
         _second_cache[:] = [seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))]
     return f"{_second_cache[1]}.{millis:03d}Z"
@@ -122,24 +123,24 @@ def field_value(value: Any) -> str:
     return str(value)
 
 
-def _fields(record: logging.LogRecord) -> list[tuple[str, str]]:
-    found = []
-    for name in FIELDS:
-        value = getattr(record, name, None)
-        if value is not None:
-            found.append((name, field_value(value)))
-    return found
-
-
 class TextFormatter(logging.Formatter):
     """``TIMESTAMP LEVEL LOGGER MESSAGE key=value ...``"""
 
     def format(self, record: logging.LogRecord) -> str:
+        line = self.line(record.created, record.levelname, record.name, record.getMessage(), record.__dict__)
+        # A traceback is for a person reading a bug report: kept on its own lines.
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
+
+    @staticmethod
+    def line(created: float, level: str, logger: str, message: str, attributes: Mapping[str, Any]) -> str:
+        """The line of a record made of these (``attributes``: the record's, or just its fields)."""
         # Written for speed (every connection formats three lines): the
-        # record's own attributes read once, strings taken as they are.
-        message = record.getMessage()
-        line = f"{_timestamp(record)} {record.levelname} {record.name} {one_line(message)}"
-        attributes = record.__dict__
+        # attributes read once, strings taken as they are.
+        line = f"{_timestamp(created)} {level} {logger} {one_line(message)}"
         for name in FIELDS:
             value = attributes.get(name)
             if value is None:
@@ -155,11 +156,6 @@ class TextFormatter(logging.Formatter):
             if not value or " " in value or '"' in value or "=" in value:
                 value = json.dumps(value, ensure_ascii=False)
             line += f" {name}={value}"
-        # A traceback is for a person reading a bug report: kept on its own lines.
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        if record.stack_info:
-            line += "\n" + self.formatStack(record.stack_info)
         return line
 
 
@@ -167,20 +163,36 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``ts``, ``level``, ``logger``, ``msg``, then the fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        obj: dict[str, Any] = {
-            "ts": _timestamp(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        obj.update(_fields(record))
+        obj = self._object(record.created, record.levelname, record.name, record.getMessage(), record.__dict__)
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
             obj["stack"] = self.formatStack(record.stack_info)
-        # ensure_ascii: control characters and odd code points become \u escapes,
-        # so a record is always exactly one line of plain ASCII.
-        return json.dumps(obj, ensure_ascii=True, separators=(", ", ": "))
+        return _json_line(obj)
+
+    @classmethod
+    def line(cls, created: float, level: str, logger: str, message: str, attributes: Mapping[str, Any]) -> str:
+        """The line of a record made of these (``attributes``: the record's, or just its fields)."""
+        return _json_line(cls._object(created, level, logger, message, attributes))
+
+    @staticmethod
+    def _object(created: float, level: str, logger: str, message: str, attributes: Mapping[str, Any]) -> dict[str, Any]:
+        obj: dict[str, Any] = {"ts": _timestamp(created), "level": level, "logger": logger, "msg": message}
+        for name in FIELDS:
+            value = attributes.get(name)
+            if value is not None:
+                obj[name] = field_value(value)
+        return obj
+
+
+def _json_line(obj: dict[str, Any]) -> str:
+    # ensure_ascii: control characters and odd code points become \u escapes,
+    # so a record is always exactly one line of plain ASCII.
+    return json.dumps(obj, ensure_ascii=True, separators=(", ", ": "))
+
+
+# Formatters that write a line from its parts (``line``) without a record.
+_LINE_FORMATTERS = (TextFormatter, JsonFormatter)
 
 
 class _DeferredHandler(logging.handlers.QueueHandler):
@@ -312,8 +324,11 @@ class _Pipeline:
         lines, flushed, stop = [], [], False
         for item in batch:
             if item.__class__ is tuple:
-                item = _later_record(item)
-            if isinstance(item, logging.LogRecord):
+                try:
+                    lines.append(self._later_line(item))
+                except Exception:
+                    writer.handleError(_unbuilt_record(item[1]))
+            elif isinstance(item, logging.LogRecord):
                 try:
                     lines.append(writer.format(item))
                 except Exception:
@@ -334,6 +349,14 @@ class _Pipeline:
         for event in flushed:
             event.set()
         return stop
+
+    def _later_line(self, item: tuple[float, str, LazyLine]) -> str:
+        """The line of an ``info_later`` item: from its parts when the formatter is ours, no record made."""
+        formatter = self.writer.formatter
+        if formatter.__class__ in _LINE_FORMATTERS:
+            created, logger, line = item
+            return formatter.line(created, "INFO", logger, line.text(), line.fields())  # type: ignore[union-attr]
+        return self.writer.format(_later_record(item))
 
     def flush(self) -> None:
         done = threading.Event()
@@ -365,6 +388,11 @@ class _Pipeline:
             if isinstance(item, logging.LogRecord):
                 self.writer.handle(item)
         return True
+
+
+def _unbuilt_record(logger: str) -> logging.LogRecord:
+    """What ``handleError`` reports for an ``info_later`` line that raised while built."""
+    return logging.LogRecord(logger, logging.INFO, "(unknown file)", 0, "a log line could not be built", None, None)
 
 
 def _later_record(item: tuple[float, str, LazyLine]) -> logging.LogRecord:

@@ -89,9 +89,9 @@ class _Ranking(Generic[K]):
                 del bucket[key]
         if new:
             counts[key] = new
-            bucket = buckets.get(new)
-            if bucket is not None:
-                bucket[key] = None
+            into = buckets.get(new)
+            if into is not None:
+                into[key] = None
             else:
                 buckets[new] = moved if moved is not None else {key: None}
         else:

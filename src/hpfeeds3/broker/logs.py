@@ -384,7 +384,11 @@ class _Pipeline:
             except queue.Empty:
                 break
             if item.__class__ is tuple:
-                item = _later_record(item)
+                try:
+                    item = _later_record(item)
+                except Exception:
+                    self.writer.handleError(_unbuilt_record(item[1]))
+                    continue
             if isinstance(item, logging.LogRecord):
                 self.writer.handle(item)
         return True

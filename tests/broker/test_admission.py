@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from hpfeeds3.broker.admission import PreAuthPool, address_group, address_groups
+import random
+
+from hpfeeds3.broker.admission import PreAuthPool, _Ranking, address_group, address_groups
 from hpfeeds3.broker.tuning import PROGRESS_WINDOW_S
 
 _clock = [0.0]
@@ -122,3 +124,24 @@ def test_networks_are_ipv4_slash_24_and_ipv6_slash_48() -> None:
     assert address_groups("10.1.2.3") == ("10.1.2.0/24", "10.1.2.3")
     assert address_groups("2001:db8:1:2::5") == ("2001:db8:1::/48", "2001:db8:1:2::/64")
     assert address_groups("::ffff:10.1.2.3") == ("10.1.2.0/24", "10.1.2.3")
+
+
+def test_the_ranking_names_the_key_that_reached_the_highest_count_first() -> None:
+    """``_Ranking`` against a model (counts, and when each key reached its count), over random
+    moves by one: the top is the key with the most, the earliest to get there among equals."""
+    rng = random.Random(24)
+    for _round in range(200):
+        ranking: _Ranking[str] = _Ranking()
+        model: dict[str, tuple[int, int]] = {}  # key -> (count, when it reached it)
+        for step in range(rng.randint(1, 60)):
+            key = rng.choice("abcde")
+            count = model.get(key, (0, 0))[0]
+            move = 1 if count == 0 or rng.random() < 0.55 else -1
+            ranking.add(key, move)
+            if count + move:
+                model[key] = (count + move, step)
+            else:
+                del model[key]
+            expected = min(model, key=lambda k: (-model[k][0], model[k][1])) if model else None
+            assert ranking.top() == expected, (model, ranking.counts)
+            assert ranking.counts == {k: c for k, (c, _) in model.items()}

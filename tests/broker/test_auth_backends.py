@@ -104,12 +104,15 @@ def test_sqlite_opens_a_reference_database_adding_only_the_ident_index(tmp_path:
 
 
 def test_sqlite_locked_database_gives_auth_unavailable_after_a_bounded_wait(tmp_path: Path) -> None:
+    """A lookup that must read the file (it changed since the snapshot) while a writer holds
+    the lock: "unavailable" after a bounded wait, in a thread, never a wait on the loop."""
     path = tmp_path / "sqlite.db"
 
     async def scenario() -> float:
         auth = SqliteStore(str(path), locked_timeout_s=0.3)
         await auth.start()
         writer = sqlite3.connect(path, isolation_level=None)
+        writer.execute("insert into authkeys (owner, ident, secret) values ('o', 'y', 's')")  # a change
         writer.execute("begin exclusive")
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -455,6 +458,8 @@ def test_chain_serves_idents_of_available_stores_while_one_is_unavailable(tmp_pa
         chain = ChainStore([first, second])
         await chain.start()
         writer = sqlite3.connect(locked, isolation_level=None)
+        # A change since the snapshot, then the lock: the store must read the file and cannot.
+        writer.execute("insert into authkeys (owner, ident, secret) values ('o', 'other', 's')")
         writer.execute("begin exclusive")
         try:
             assert (await chain.lookup("local")) == AccessKey("local", "l", "local")
@@ -467,3 +472,52 @@ def test_chain_serves_idents_of_available_stores_while_one_is_unavailable(tmp_pa
         await chain.close()
 
     run(scenario())
+
+
+def test_sqlite_serves_from_its_snapshot_only_while_no_commit_came_after_it(tmp_path: Path) -> None:
+    """The keys are held in memory, but every commit by any process is seen at the next
+    lookup (the file's change counter): a key removed or changed is never served from memory.
+    Until the next snapshot such lookups read the file; a writer holding the lock without
+    committing changes nothing, and the snapshot answers without waiting for it."""
+    path = tmp_path / "sqlite.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(REFERENCE_SCHEMA)
+    with conn:
+        for ident in ("a", "b", "c"):
+            conn.execute(
+                "insert into authkeys (owner, ident, secret, pubchans, subchans) values ('o', ?, 's', '[]', '[]')",
+                (ident,),
+            )
+
+    async def scenario() -> None:
+        auth = SqliteStore(str(path), locked_timeout_s=0.3)
+        await auth.start()
+        assert auth._snapshot is not None and set(auth._snapshot) == {"a", "b", "c"}
+        assert auth.lookup_now("a") == AccessKey("a", "s", "o")
+        with conn:
+            conn.execute("delete from authkeys where ident = 'a'")
+        assert auth.lookup_now("a") is None  # at once, not at the next poll
+        with conn:
+            conn.execute("update authkeys set secret = 'rotated' where ident = 'b'")
+        assert auth.lookup_now("b").secret == "rotated"  # type: ignore[union-attr]
+        await auth._take_snapshot()  # what the change poll does
+        assert set(auth._snapshot or ()) == {"b", "c"}
+        locker = sqlite3.connect(path, isolation_level=None)
+        locker.execute("begin exclusive")
+        try:
+            assert auth.lookup_now("c") == AccessKey("c", "s", "o")  # no commit since: from memory
+        finally:
+            locker.execute("rollback")
+            locker.close()
+        conn.execute("pragma journal_mode=wal").fetchall()  # commits no longer change the counter
+        await auth._take_snapshot()
+        assert auth._snapshot is None
+        with conn:
+            conn.execute("delete from authkeys where ident = 'c'")
+        assert auth.lookup_now("c") is None
+        await auth.close()
+
+    try:
+        run(scenario())
+    finally:
+        conn.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import io
 import json
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from hpfeeds3.broker.logs import configure_logging, flush_logging, info_event, stop_logging
+from hpfeeds3.broker.logs import configure_logging, flush_logging, info_event, info_later, stop_logging
 
 TS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
@@ -353,3 +354,81 @@ def test_info_event_is_logger_info_when_records_must_name_their_thread(capture) 
         log.removeHandler(watcher)
     assert [r.threadName for r in seen] == [threading.current_thread().name, thread.name]
     assert len(lines(stream)) == 2
+
+
+@contextlib.contextmanager
+def writer_alone() -> Iterator[None]:
+    """The log writer as the root's one handler (as in the broker): pytest's capture handlers
+    are set aside meanwhile."""
+    root = logging.getLogger()
+    others = [h for h in root.handlers if not getattr(h, "_hpfeeds3_handler", False)]
+    for handler in others:
+        root.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in others:
+            root.addHandler(handler)
+
+
+class Line:
+    """What ``info_later`` is given: a message and fields, built when asked (and counted)."""
+
+    def __init__(self, message: str, fields: dict[str, str]) -> None:
+        self.message, self.field_values, self.built = message, fields, 0
+
+    def text(self) -> str:
+        self.built += 1
+        return self.message
+
+    def fields(self) -> dict[str, str]:
+        return self.field_values
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_info_later_writes_the_line_info_event_writes_built_by_the_writer(capture, fmt: str) -> None:
+    """With the writer the only handler, the line is built off the caller's thread, and
+    reads as ``info_event``'s (and so ``logger.info``'s) but for the time."""
+    stream, log = capture
+    configure_logging(fmt, stream=stream)
+    fields = {"event": "closed", "peer": "[::1]:40000", "ident": "sensor\n1", "reason": "client_closed"}
+    message = "closed [::1]:40000 (sensor\n1): client_closed"
+    later = Line(message, fields)
+    with writer_alone():
+        info_event(log, message, fields)
+        info_later(log, later)
+        assert later.built == 0  # not built by the caller
+    first, second = (re.sub(TS, "TS", line) for line in lines(stream))
+    assert second == first
+    assert later.built == 1
+
+
+def test_info_later_goes_through_every_other_handler_and_filter(capture) -> None:
+    """A handler (a test's capture, an operator's) or a filter on the way sees the record
+    as ``logger.info`` makes it: the shortcut is taken only when nothing but the writer reads it."""
+    stream, log = capture
+    configure_logging("text", stream=stream)
+    watcher = Seen()
+    later = Line("connected from 127.0.0.1:40000", {"event": "connected", "peer": "127.0.0.1:40000"})
+    with writer_alone():
+        log.addHandler(watcher)
+        try:
+            info_later(log, later)
+        finally:
+            log.removeHandler(watcher)
+    (record,) = watcher.records
+    assert record.getMessage() == "connected from 127.0.0.1:40000" and record.peer == "127.0.0.1:40000"  # type: ignore[attr-defined]
+    dropped = logging.Filter("nothing.matches")
+    with writer_alone():
+        logging.getLogger("hpfeeds3.other").addFilter(dropped)  # not on the way: records pass
+        log.addFilter(dropped)  # on the way: the record is filtered out
+        try:
+            info_later(log, Line("filtered", {"event": "connected"}))
+        finally:
+            log.removeFilter(dropped)
+            logging.getLogger("hpfeeds3.other").removeFilter(dropped)
+        info_later(log, Line("written", {"event": "connected"}))
+    assert [line.split(" ", 3)[3] for line in lines(stream)] == [
+        "connected from 127.0.0.1:40000",
+        "written event=connected",
+    ]

@@ -136,8 +136,10 @@ def test_auth_store_locked_then_removed_gives_clear_errors_and_sessions_keep_flo
             pub.auth("alice", "alice-secret")
             confirm_subscribed(pub, "chan1", sub)
             canary.window()
-            # Hold an exclusive lock for 10 s: readers are refused.
+            # A change (so the broker must read the file: its in-memory snapshot is older),
+            # then an exclusive lock for 10 s: readers are refused.
             locker = sqlite3.connect(db, timeout=1, isolation_level=None)
+            locker.execute("insert into authkeys (owner, ident, secret) values ('o', 'other', 's')")
             locker.execute("begin exclusive")
             locked_at = time.monotonic()
             attempts: list[tuple[str, float]] = []

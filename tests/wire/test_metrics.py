@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hpfeeds3.protocol import encode_publish
 from tests.support.broker import RawClient, confirm_subscribed, free_port
+from tests.support.metrics import metric, wait_metric
 from tests.support.metrics import scrape_flat as scrape
 
 
@@ -34,3 +35,30 @@ def test_publish_count_size_histogram_and_deliveries_are_exact(start_broker) -> 
     deliveries = 'hpfeeds_broker_deliveries_total{chan="chan1"}'
     assert m[deliveries] - before[deliveries] == 100
     assert m['hpfeeds_broker_subscriptions{chan="chan1",ident="bob"}'] == 1
+
+
+def test_ready_and_lost_count_per_ident_and_scrape_as_counters(start_broker) -> None:
+    """Counted as plain ints per ident, they still scrape as prometheus_client counters do:
+    ``_total`` and ``_created`` per ident, the unauthenticated under ident ""."""
+    exporter = free_port()
+    b = start_broker("--exporter", f"127.0.0.1:{exporter}")
+    ready, lost = "hpfeeds_broker_connection_ready_total", "hpfeeds_broker_connection_lost_total"
+    for _ in range(2):
+        with RawClient(b.port) as c:
+            c.auth("alice", "alice-secret")
+            c.subscribe("chan1")
+            confirm_subscribed(c, "chan1", c)  # authenticated, and answered
+    with RawClient(b.port) as bob:
+        bob.auth("bob", "bob-secret")
+        bob.subscribe("chan1")
+        confirm_subscribed(bob, "chan1", bob)
+        with RawClient(b.port) as silent:
+            silent.read_info()
+        m = wait_metric(exporter, lambda s: metric(s, lost, ident="alice") == 2 and metric(s, lost, ident="") >= 1)
+        assert metric(m, ready, ident="alice") == 2
+        assert metric(m, ready, ident="bob") == 1
+        assert metric(m, lost, ident="alice") == 2
+        assert metric(m, lost, ident="bob") == 0  # still connected
+        assert metric(m, lost, ident="") >= 1  # the silent one (and the broker's own probes)
+        assert metric(m, "hpfeeds_broker_connection_ready_created", ident="alice") > 1e9
+        assert ("hpfeeds_broker_connection_ready_total", '{ident=""}') not in m

@@ -74,19 +74,29 @@ class _Ranking(Generic[K]):
         self._max = 0
 
     def add(self, key: K, step: int) -> None:
-        old = self.counts.get(key, 0)
+        # Runs several times per handshake: no allocation when a key moves
+        # alone (its bucket is moved to the new count) or into a bucket that exists.
+        counts = self.counts
+        buckets = self._buckets
+        old = counts.get(key, 0)
         new = old + step
+        moved = None
         if old:
-            bucket = self._buckets[old]
-            del bucket[key]
-            if not bucket:
-                del self._buckets[old]
+            bucket = buckets[old]
+            if len(bucket) == 1:
+                moved = buckets.pop(old)  # {key: None}, reused below when it can be
+            else:
+                del bucket[key]
         if new:
-            self.counts[key] = new
-            self._buckets.setdefault(new, {})[key] = None
+            counts[key] = new
+            into = buckets.get(new)
+            if into is not None:
+                into[key] = None
+            else:
+                buckets[new] = moved if moved is not None else {key: None}
         else:
-            del self.counts[key]
-        if new > self._max or (old == self._max and old not in self._buckets):
+            del counts[key]
+        if new > self._max or (old == self._max and old not in buckets):
             self._max = new
 
     def top(self) -> K | None:
@@ -132,8 +142,11 @@ class PreAuthPool(Generic[T]):
     def admit(self, member: T, groups: Groups, now: float) -> tuple[T | None, str]:
         """Add ``member`` (idle); returns (a member to close now or None, which bound it was over)."""
         address = groups[1]
-        members = self._by_address.setdefault(address, {})
-        members[member] = None
+        members = self._by_address.get(address)
+        if members is None:
+            members = self._by_address[address] = {member: None}
+        else:
+            members[member] = None
         self.total += 1
         self._add_idle(member, groups)
         if len(members) > self.limit_per_group:
@@ -201,7 +214,11 @@ class PreAuthPool(Generic[T]):
 
     def _add_idle(self, member: T, groups: Groups) -> None:
         network, address = groups
-        self._idle.setdefault(address, {})[member] = None
+        idle = self._idle.get(address)
+        if idle is None:
+            self._idle[address] = {member: None}
+        else:
+            idle[member] = None
         self._networks.add(network, 1)
         ranking = self._idle_addresses.get(network)
         if ranking is None:

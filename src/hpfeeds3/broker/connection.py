@@ -410,7 +410,7 @@ class Connection(asyncio.Protocol):
         self._tls_pump = self._durable = self.feed = None
         ident = session.ident or ""
         reason = session.close_reason or CloseReason.CONNECTION_RESET
-        metrics.LOST_BY_IDENT(ident).inc()
+        metrics.CONNECTION_LOST.inc(ident)
         metrics.CLOSED_BY_REASON(reason.value).inc()
         broker.emit(Closed(self.peer, self.id, session.ident, reason, session.publish_stats))
 

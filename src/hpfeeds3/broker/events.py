@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from .logs import info_event
+from .logs import info_later
 from .reasons import CloseReason
 
 
@@ -52,6 +52,10 @@ class Event:
     kind: ClassVar[Kind]
     level: ClassVar[int] = logging.INFO
     logger: ClassVar[str] = _CONNECTION
+    # Logged at all (a refusal is said by the close that follows), and logged on
+    # every handshake (the line is built by the log writer: logs.info_later).
+    logged: ClassVar[bool] = True
+    frequent: ClassVar[bool] = False
     peer: str
 
     def text(self) -> str:  # pragma: no cover - every event says its own
@@ -84,6 +88,7 @@ class Event:
 @dataclass(slots=True)
 class Connected(Event):
     kind = Kind.CONNECTED
+    frequent = True
     conn_id: int
 
     def text(self) -> str:
@@ -93,6 +98,7 @@ class Connected(Event):
 @dataclass(slots=True)
 class Authenticated(Event):
     kind = Kind.AUTHENTICATED
+    frequent = True
     conn_id: int
     who: str
 
@@ -166,6 +172,7 @@ class AuthRefused(Event):
     ident. ``claimed`` is the ident the AUTH names, as sent: it proves nothing."""
 
     kind = Kind.AUTH_REFUSED
+    logged = False
     source: str
     claimed: str
     whole_address: bool
@@ -180,6 +187,7 @@ class Refused(Event):
     """A connection closed to keep a limit (``limit``: the metric's label), with no log line of its own."""
 
     kind = Kind.REFUSED
+    logged = False
     conn_id: int
     limit: str
 
@@ -194,6 +202,7 @@ class Refused(Event):
 @dataclass(slots=True)
 class Closed(Event):
     kind = Kind.CLOSED
+    frequent = True
     conn_id: int
     who: str | None
     why: CloseReason
@@ -342,24 +351,17 @@ class AdminChange(Event):
         return f"console: {self.principal} ({self.role}) {self.what}"
 
 
-# Events with no log line of their own (the close that follows says it).
-_UNLOGGED = frozenset({Kind.REFUSED, Kind.AUTH_REFUSED})
-# Logged on every handshake: the cheaper record (logs.info_event).
-_FREQUENT = frozenset({Kind.CONNECTED, Kind.AUTHENTICATED, Kind.CLOSED})
 _loggers: dict[str, logging.Logger] = {}
 
 
 def log_event(event: Event) -> None:
     """The observer that writes an event's log line."""
-    kind = event.kind
-    if kind in _UNLOGGED:
+    if not event.logged:
         return
     logger = _loggers.get(event.logger)
     if logger is None:
         logger = _loggers[event.logger] = logging.getLogger(event.logger)
-    if not logger.isEnabledFor(event.level):
-        return
-    if kind in _FREQUENT:
-        info_event(logger, event.text(), event.fields())
-    else:
+    if event.frequent:
+        info_later(logger, event)
+    elif logger.isEnabledFor(event.level):
         logger.log(event.level, event.text(), extra=event.fields())

@@ -75,7 +75,7 @@ def _found(conn: Connection, key: AccessKey | None) -> None:
     broker.authenticated(conn)
     if key.durable:
         conn._durable = ConnectionFeed.attach(conn, key.ident)
-    metrics.READY_BY_IDENT(key.ident).inc()
+    metrics.CONNECTION_READY.inc(key.ident)
     broker.emit(Authenticated(conn.peer, conn.id, key.ident))
     if session.resume():  # the frames that came behind the AUTH
         conn._yield_turn()

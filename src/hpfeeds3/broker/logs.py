@@ -28,8 +28,9 @@ Contract:
 - Records are formatted and written off the event loop: the logging call
   puts the record on a queue (``QueueHandler``) and one thread formats and
   writes, in order, every record queued meanwhile with one ``write`` (a
-  ``QueueListener`` that batches). A connection's three INFO lines then cost
-  the loop a record and a queue put each, not a format and a write.
+  ``QueueListener`` that batches). A connection's three INFO lines
+  (``info_later``) cost the loop a clock read and a queue put each: the
+  thread builds their message, fields and record as well.
   ``stop_logging()`` (run at exit too) writes every record still queued, so
   no line is lost at shutdown; ``flush_logging()`` waits until the queue is
   written.
@@ -58,7 +59,8 @@ import queue
 import sys
 import threading
 import time
-from typing import Any, TextIO
+from collections.abc import Mapping
+from typing import Any, Protocol, TextIO
 
 from .text import escape, one_line
 
@@ -100,10 +102,10 @@ def _says(message: str, value: str) -> bool:
 _second_cache: list[Any] = [None, ""]
 
 
-def _timestamp(record: logging.LogRecord) -> str:
+def _timestamp(created: float) -> str:
     """ISO 8601, UTC, milliseconds: sorts as text, parses everywhere."""
-    seconds = int(record.created)
-    millis = int((record.created - seconds) * 1000)
+    seconds = int(created)
+    millis = int((created - seconds) * 1000)
     if _second_cache[0] != seconds:  # one strftime per second, not per record
         _second_cache[:] = [seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))]
     return f"{_second_cache[1]}.{millis:03d}Z"
@@ -121,24 +123,24 @@ def field_value(value: Any) -> str:
     return str(value)
 
 
-def _fields(record: logging.LogRecord) -> list[tuple[str, str]]:
-    found = []
-    for name in FIELDS:
-        value = getattr(record, name, None)
-        if value is not None:
-            found.append((name, field_value(value)))
-    return found
-
-
 class TextFormatter(logging.Formatter):
     """``TIMESTAMP LEVEL LOGGER MESSAGE key=value ...``"""
 
     def format(self, record: logging.LogRecord) -> str:
+        line = self.line(record.created, record.levelname, record.name, record.getMessage(), record.__dict__)
+        # A traceback is for a person reading a bug report: kept on its own lines.
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
+
+    @staticmethod
+    def line(created: float, level: str, logger: str, message: str, attributes: Mapping[str, Any]) -> str:
+        """The line of a record made of these (``attributes``: the record's, or just its fields)."""
         # Written for speed (every connection formats three lines): the
-        # record's own attributes read once, strings taken as they are.
-        message = record.getMessage()
-        line = f"{_timestamp(record)} {record.levelname} {record.name} {one_line(message)}"
-        attributes = record.__dict__
+        # attributes read once, strings taken as they are.
+        line = f"{_timestamp(created)} {level} {logger} {one_line(message)}"
         for name in FIELDS:
             value = attributes.get(name)
             if value is None:
@@ -154,11 +156,6 @@ class TextFormatter(logging.Formatter):
             if not value or " " in value or '"' in value or "=" in value:
                 value = json.dumps(value, ensure_ascii=False)
             line += f" {name}={value}"
-        # A traceback is for a person reading a bug report: kept on its own lines.
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        if record.stack_info:
-            line += "\n" + self.formatStack(record.stack_info)
         return line
 
 
@@ -166,20 +163,36 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``ts``, ``level``, ``logger``, ``msg``, then the fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        obj: dict[str, Any] = {
-            "ts": _timestamp(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        obj.update(_fields(record))
+        obj = self._object(record.created, record.levelname, record.name, record.getMessage(), record.__dict__)
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
             obj["stack"] = self.formatStack(record.stack_info)
-        # ensure_ascii: control characters and odd code points become \u escapes,
-        # so a record is always exactly one line of plain ASCII.
-        return json.dumps(obj, ensure_ascii=True, separators=(", ", ": "))
+        return _json_line(obj)
+
+    @classmethod
+    def line(cls, created: float, level: str, logger: str, message: str, attributes: Mapping[str, Any]) -> str:
+        """The line of a record made of these (``attributes``: the record's, or just its fields)."""
+        return _json_line(cls._object(created, level, logger, message, attributes))
+
+    @staticmethod
+    def _object(created: float, level: str, logger: str, message: str, attributes: Mapping[str, Any]) -> dict[str, Any]:
+        obj: dict[str, Any] = {"ts": _timestamp(created), "level": level, "logger": logger, "msg": message}
+        for name in FIELDS:
+            value = attributes.get(name)
+            if value is not None:
+                obj[name] = field_value(value)
+        return obj
+
+
+def _json_line(obj: dict[str, Any]) -> str:
+    # ensure_ascii: control characters and odd code points become \u escapes,
+    # so a record is always exactly one line of plain ASCII.
+    return json.dumps(obj, ensure_ascii=True, separators=(", ", ": "))
+
+
+# Formatters that write a line from its parts (``line``) without a record.
+_LINE_FORMATTERS = (TextFormatter, JsonFormatter)
 
 
 class _DeferredHandler(logging.handlers.QueueHandler):
@@ -208,6 +221,13 @@ class _DeferredHandler(logging.handlers.QueueHandler):
             self.pipeline.drop()
             return
         self.queue.put_nowait(record)
+
+    def put_later(self, item: tuple[float, str, LazyLine]) -> None:
+        """A line for the writer to build (``info_later``), bounded as records are."""
+        if self._qsize() >= MAX_QUEUED_RECORDS:
+            self.pipeline.drop()
+            return
+        self.queue.put_nowait(item)
 
 
 # The writer thread wakes this often and writes every record queued meanwhile
@@ -303,7 +323,12 @@ class _Pipeline:
         writer = self.writer
         lines, flushed, stop = [], [], False
         for item in batch:
-            if isinstance(item, logging.LogRecord):
+            if item.__class__ is tuple:
+                try:
+                    lines.append(self._later_line(item))
+                except Exception:
+                    writer.handleError(_unbuilt_record(item[1]))
+            elif isinstance(item, logging.LogRecord):
                 try:
                     lines.append(writer.format(item))
                 except Exception:
@@ -324,6 +349,14 @@ class _Pipeline:
         for event in flushed:
             event.set()
         return stop
+
+    def _later_line(self, item: tuple[float, str, LazyLine]) -> str:
+        """The line of an ``info_later`` item: from its parts when the formatter is ours, no record made."""
+        formatter = self.writer.formatter
+        if formatter.__class__ in _LINE_FORMATTERS:
+            created, logger, line = item
+            return formatter.line(created, "INFO", logger, line.text(), line.fields())  # type: ignore[union-attr]
+        return self.writer.format(_later_record(item))
 
     def flush(self) -> None:
         done = threading.Event()
@@ -350,9 +383,25 @@ class _Pipeline:
                 item = self.queue.get_nowait()
             except queue.Empty:
                 break
+            if item.__class__ is tuple:
+                try:
+                    item = _later_record(item)
+                except Exception:
+                    self.writer.handleError(_unbuilt_record(item[1]))
+                    continue
             if isinstance(item, logging.LogRecord):
                 self.writer.handle(item)
         return True
+
+
+def _unbuilt_record(logger: str) -> logging.LogRecord:
+    """What ``handleError`` reports for an ``info_later`` line that raised while built."""
+    return logging.LogRecord(logger, logging.INFO, "(unknown file)", 0, "a log line could not be built", None, None)
+
+
+def _later_record(item: tuple[float, str, LazyLine]) -> logging.LogRecord:
+    created, name, line = item
+    return _info_record(name, created, line.text(), line.fields())
 
 
 _pipeline: _Pipeline | None = None
@@ -411,6 +460,12 @@ def configure_logging(
 _templates: dict[str, dict[str, Any]] = {}
 
 
+# Python 3.12+ records name their asyncio task (logging.logAsyncioTasks). Looked
+# up once: a getattr that misses raises and catches an AttributeError, which
+# cost more than the rest of the check.
+_TASK_NAMES = hasattr(logging, "logAsyncioTasks")
+
+
 def _plain_records() -> bool:
     """Whether records carry nothing but what ``configure_logging`` asks for:
     the standard factory, and no caller, thread, process or task names."""
@@ -419,7 +474,7 @@ def _plain_records() -> bool:
         and not logging.logThreads
         and not logging.logProcesses
         and not logging.logMultiprocessing
-        and not getattr(logging, "logAsyncioTasks", False)
+        and not (_TASK_NAMES and logging.logAsyncioTasks)  # type: ignore[attr-defined]
         and logging.getLogRecordFactory() is logging.LogRecord
     )
 
@@ -440,19 +495,68 @@ def info_event(logger: logging.Logger, message: str, fields: dict[str, Any]) -> 
     if not _plain_records():
         logger.info(message, extra=fields)
         return
-    template = _templates.get(logger.name)
+    logger.handle(_info_record(logger.name, time.time(), message, fields))
+
+
+def _info_record(name: str, created: float, message: str, fields: dict[str, Any]) -> logging.LogRecord:
+    """An INFO record of logger ``name``, a copy of one made once by the real constructor."""
+    template = _templates.get(name)
     if template is None:
-        model = logger.makeRecord(logger.name, logging.INFO, "(unknown file)", 0, "", (), None)
-        template = _templates[logger.name] = model.__dict__
+        logger = logging.getLogger(name)
+        model = logger.makeRecord(name, logging.INFO, "(unknown file)", 0, "", (), None)
+        template = _templates[name] = model.__dict__
     record = _new_record(logging.LogRecord)
     attributes = record.__dict__ = template.copy()
-    now = time.time()
-    attributes["created"] = now
-    attributes["msecs"] = int((now - int(now)) * 1000) + 0.0
-    attributes["relativeCreated"] = (now - _start_time) * 1000
+    attributes["created"] = created
+    attributes["msecs"] = int((created - int(created)) * 1000) + 0.0
+    attributes["relativeCreated"] = (created - _start_time) * 1000
     attributes["msg"] = message
     attributes.update(fields)
-    logger.handle(record)
+    return record
+
+
+class LazyLine(Protocol):
+    """What ``info_later`` logs: an INFO line's message and fields, built when it is written."""
+
+    def text(self) -> str: ...
+
+    def fields(self) -> dict[str, Any]: ...
+
+
+def info_later(logger: logging.Logger, line: LazyLine) -> None:
+    """``info_event(logger, line.text(), line.fields())``, with the message, the
+    fields and the record built by the writer thread, not by the caller.
+
+    The caller pays a clock read and a queue put: this is what the lines every
+    connection logs cost the event loop. ``line`` must not change once given
+    (events are values). It applies while the record would go nowhere but to
+    the writer: records of the standard attributes only (``_plain_records``),
+    and no filter or other handler from ``logger`` up to the root, whose one
+    handler is this module's. Otherwise (a test's capture handler, a filter)
+    it is ``info_event``, so every handler and filter sees the record.
+    """
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    pipeline = _pipeline
+    if pipeline is None or not _plain_records() or not _only_the_writer(logger, pipeline.handler):
+        info_event(logger, line.text(), line.fields())
+        return
+    pipeline.handler.put_later((time.time(), logger.name, line))
+
+
+def _only_the_writer(logger: logging.Logger, handler: logging.Handler) -> bool:
+    """Whether a record of ``logger`` would reach ``handler`` alone, unfiltered (as ``Logger.handle``
+    and ``callHandlers`` go: the logger's filters and handlers, then its parents' while it propagates)."""
+    current: Any = logger
+    while True:
+        if current.filters or current.disabled:
+            return False
+        handlers = current.handlers
+        if current.parent is None or not current.propagate:
+            return len(handlers) == 1 and handlers[0] is handler and not handler.filters
+        if handlers:
+            return False
+        current = current.parent
 
 
 _new_record = object.__new__

@@ -4,13 +4,18 @@ working) plus ours.
 Hot-path rule: nothing here is touched per message. Connections count
 publishes into plain ints on a ``PublishStats`` per (ident, channel) and the
 ``BrokerCollector`` turns live and retired counts into samples at scrape time.
-Rare events (connects, closes, errors) use ordinary prometheus_client objects;
-the three counted for every connection (ready, lost, closed by reason) find
-their label child in a dict (``Children``), not through ``labels()``.
+Rare events (connects, closes, errors) use ordinary prometheus_client objects.
+Of the three counted for every connection, the two by ident (ready, lost) are
+plain ints per ident (``IdentCounter``), turned into samples at scrape time:
+a reconnect storm brings thousands of idents at once, and a prometheus_client
+child per ident (an object, a lock, a validated key) cost each sensor's
+handshake more than the count; closed by reason, a handful of values, finds
+its label child in a dict (``Children``), not through ``labels()``.
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from enum import StrEnum
@@ -18,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics import _use_created
 from prometheus_client.registry import Collector
 
 from .session import PublishStats, Refusal
@@ -25,19 +31,61 @@ from .session import PublishStats, Refusal
 if TYPE_CHECKING:
     from .state import Broker
 
+
+class IdentCounter(Collector):
+    """A counter by ident kept as plain ints, turned into samples at scrape time.
+
+    It scrapes as a prometheus_client ``Counter`` with one label would
+    (``NAME_total`` and ``NAME_created`` per value). Counting is one dict
+    update; the first count of a value also notes its creation time. The
+    values are authenticated idents or "" (never a client's choice), so the
+    dict grows as prometheus_client's own children would. The exporter may
+    collect on a worker thread: it reads a ``list(...)`` copy, made in one
+    step under the GIL.
+    """
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry | None = REGISTRY) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.counts: dict[str, int] = {}
+        self._created: dict[str, float] = {}
+        if registry is not None:
+            registry.register(self)
+
+    def inc(self, ident: str) -> None:
+        counts = self.counts
+        n = counts.get(ident)
+        if n is None:
+            self._created[ident] = time.time()
+            counts[ident] = 1
+        else:
+            counts[ident] = n + 1
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self.name, self.documentation, labels=["ident"])
+
+    def describe(self) -> Iterator[Any]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Any]:
+        family = self._family()
+        created = self._created
+        for ident, n in list(self.counts.items()):
+            family.add_metric([ident], n, created=created.get(ident) if _use_created else None)
+        yield family
+
+
 # --- the reference's metrics ----------------------------------------------
 
 CONNECTION_MADE = Counter("hpfeeds_broker_connection_made", "Number of connections established")
-CONNECTION_READY = Counter(
-    "hpfeeds_broker_connection_ready", "Number of connections established + authenticated", ["ident"]
-)
+CONNECTION_READY = IdentCounter("hpfeeds_broker_connection_ready", "Number of connections established + authenticated")
 # ident is the *authenticated* ident or "" before AUTH: never a value a client chose.
 CONNECTION_ERROR = Counter(
     "hpfeeds_broker_connection_error",
     "Number of connections that experienced a protocol error",
     ["ident", "category"],
 )
-CONNECTION_LOST = Counter("hpfeeds_broker_connection_lost", "Number of connections lost", ["ident"])
+CONNECTION_LOST = IdentCounter("hpfeeds_broker_connection_lost", "Number of connections lost")
 SEND_BUFFER_DEADLINE_START = Counter(
     "hpfeeds_broker_connection_send_buffer_deadline_start",
     "High watermark was exceeded and this connection was put on a deadline timer",
@@ -73,8 +121,6 @@ class Children:
         return child
 
 
-READY_BY_IDENT = Children(CONNECTION_READY)
-LOST_BY_IDENT = Children(CONNECTION_LOST)
 CLOSED_BY_REASON = Children(CONNECTIONS_CLOSED)
 AUTH_FAILURES = Counter("hpfeeds_broker_auth_failures", "Failed authentications, by reason", ["reason"])
 LIMIT_REJECTIONS = Counter("hpfeeds_broker_limit_rejections", "Frames or connections refused by a limit", ["limit"])

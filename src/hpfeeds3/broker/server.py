@@ -26,7 +26,7 @@ from .auth import Authenticator, ChangeFeed, build_authenticator
 from .config import BrokerConfig, ConfigError, Endpoint
 from .connection import Connection
 from .state import Broker
-from .tuning import LISTEN_BACKLOG, RESERVED_FDS
+from .tuning import GC_THRESHOLDS, LISTEN_BACKLOG, RESERVED_FDS
 
 log = logging.getLogger("hpfeeds3.broker")
 
@@ -266,6 +266,7 @@ async def serve(
         # of the cyclic GC's generations so full collections stay short.
         gc.collect()
         gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         if started is not None:
             started(broker)
         await stop.wait()

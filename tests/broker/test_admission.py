@@ -122,3 +122,18 @@ def test_networks_are_ipv4_slash_24_and_ipv6_slash_48() -> None:
     assert address_groups("10.1.2.3") == ("10.1.2.0/24", "10.1.2.3")
     assert address_groups("2001:db8:1:2::5") == ("2001:db8:1::/48", "2001:db8:1:2::/64")
     assert address_groups("::ffff:10.1.2.3") == ("10.1.2.0/24", "10.1.2.3")
+
+
+def test_a_member_admitted_over_the_bound_closes_nobody_and_the_address_bound_holds() -> None:
+    """Held back too long (state.py), a newcomer is admitted past the total; its
+    address's bound still holds."""
+    pool: PreAuthPool[str] = PreAuthPool(limit_total=2, limit_per_group=2)
+    pool.admit("a1", at("10.0.0.1"), tick())
+    pool.admit("b1", at("10.0.1.1"), tick())
+    for member, address in (("a1", "10.0.0.1"), ("b1", "10.0.1.1")):
+        pool.progress(member, at(address), tick())
+    assert not pool.has_room(tick())
+    assert pool.admit("c1", at("10.0.2.1"), tick(), over_bound=True) == (None, "")
+    assert pool.total == 3
+    pool.admit("a2", at("10.0.0.1"), tick(), over_bound=True)
+    assert pool.admit("a3", at("10.0.0.1"), tick(), over_bound=True) == ("a2", "address")

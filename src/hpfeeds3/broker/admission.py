@@ -20,7 +20,10 @@ it is named, and one with bytes waiting is making progress.
 
 When the pool is full and every member is making progress (a reconnect
 storm), nobody is cut: ``has_room`` says so and the broker holds the
-newcomer back, unread, until a slot frees (state.py).
+newcomer back, unread, until a slot frees, or for ``HELD_BACK_MAX_S`` at
+most: then it is admitted ``over_bound`` (state.py), before its client gives
+up. So the total is a bound on what is evicted for, and on how many start at
+once; the descriptor limit and the per-address bound are the hard ones.
 
 Every operation is O(1): members are kept in insertion order per address,
 and addresses (and networks) in buckets by how many idle members they hold.
@@ -129,8 +132,9 @@ class PreAuthPool(Generic[T]):
         """Whether a newcomer can be admitted: below the bound, or an idle member to close."""
         return self.total < self.limit_total or self.oldest_idle(now) is not None
 
-    def admit(self, member: T, groups: Groups, now: float) -> tuple[T | None, str]:
-        """Add ``member`` (idle); returns (a member to close now or None, which bound it was over)."""
+    def admit(self, member: T, groups: Groups, now: float, over_bound: bool = False) -> tuple[T | None, str]:
+        """Add ``member`` (idle); returns (a member to close now or None, which bound it was over).
+        ``over_bound``: held back too long (state.py), it may take the pool past its total."""
         address = groups[1]
         members = self._by_address.setdefault(address, {})
         members[member] = None
@@ -141,7 +145,7 @@ class PreAuthPool(Generic[T]):
             self._expire(now)
             idle = self._idle.get(address)
             return next(iter(idle or members)), "address"
-        if self.total > self.limit_total:
+        if self.total > self.limit_total and not over_bound:
             return self.oldest_idle(now), "total"
         return None, ""
 

@@ -32,7 +32,7 @@ from .handshake import find_listener_pid, raise_open_files_limit, run_connect, r
 from .proc import cpu_seconds
 from .storm import run_storm
 from .trickle import run_trickle
-from .wire import BenchError, Target
+from .wire import TLS_VERSIONS, BenchError, Target
 
 CONNECT_CONCURRENCY = 50
 FANOUT_SUBSCRIBERS = 10
@@ -305,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=None, help="seconds not measured (default: duration / 10)")
     p.add_argument("--tls", action="store_true", help="connect with TLS")
     p.add_argument("--tls-ca", metavar="PEM", help="CA to verify the broker with (default: no verification)")
+    p.add_argument(
+        "--tls-version",
+        choices=sorted(TLS_VERSIONS),
+        help="offer this TLS version only (default: the highest both sides speak, 1.3)",
+    )
     p.add_argument("--broker-pid", type=int, help="broker PID, for idle and CPU figures (default: found in /proc)")
     p.add_argument("--idle-connections", type=int, default=10000, help="connections in idle (default %(default)s)")
     p.add_argument("--sensors", type=int, default=10000, help="sensors in the storm scenarios (default %(default)s)")
@@ -357,8 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         ident=args.ident.encode(),
         secret=args.secret.encode(),
         channel=args.channel.encode(),
-        tls=args.tls or bool(args.tls_ca),
+        tls=args.tls or bool(args.tls_ca) or bool(args.tls_version),
         tls_ca=args.tls_ca,
+        tls_version=args.tls_version,
         sub_port=args.sub_port,
     )
     raise_open_files_limit()

@@ -29,7 +29,7 @@ from typing import Any
 from .credentials import bench_channels, write_json, write_sqlite, write_storm_json, write_storm_sqlite
 from .flow import run_latency, run_throughput
 from .handshake import find_listener_pid, raise_open_files_limit, run_connect, run_idle
-from .proc import cpu_seconds
+from .proc import process_tree, tree_cpu_seconds
 from .storm import run_storm
 from .trickle import run_trickle
 from .wire import TLS_VERSIONS, BenchError, Target
@@ -247,7 +247,9 @@ def run_one(scenario: Scenario, target: Target, settings: Settings) -> dict[str,
     """Run one scenario; besides its figures, report how busy the broker and the
     load generator were (a broker well below 100 % is not what limited the figure)."""
     started = time.monotonic()
-    broker_cpu = cpu_seconds(settings.broker_pid)
+    # the broker's process and its workers (--workers N: a supervisor and N processes)
+    pids = process_tree(settings.broker_pid) if settings.broker_pid else []
+    broker_cpu = tree_cpu_seconds(pids) if pids else None
     load_cpu = _own_cpu_seconds()
     try:
         result = scenario.run(target, settings)
@@ -259,7 +261,7 @@ def run_one(scenario: Scenario, target: Target, settings: Settings) -> dict[str,
     record.update(result)
     wall = time.monotonic() - started
     record["wall_s"] = round(wall, 2)
-    broker_after = cpu_seconds(settings.broker_pid)
+    broker_after = tree_cpu_seconds(pids) if pids else None
     if broker_cpu is not None and broker_after is not None:
         record["broker_cpu_pct"] = round(100 * (broker_after - broker_cpu) / wall)
         handshakes = result.get("handshakes")

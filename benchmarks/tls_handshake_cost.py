@@ -7,6 +7,16 @@ Client and server run in one process over memory BIOs and only the server's
 calls are timed (thread CPU time), so the figure is the broker's cost whatever
 the load generator does; the median of N handshakes each.
 
+The last rows answer whether TLS 1.3 resumption could be made cheaper: a
+resumed TLS 1.3 handshake still runs an ECDHE key exchange (``psk_dhe_ke``).
+Resuming without it (``psk_ke``) needs ``SSL_OP_ALLOW_NO_DHE_KEX`` on both
+sides, which Python's ``ssl`` does not name (the bit is set by number here);
+even then an OpenSSL 3.0 server picks ``psk_dhe_ke`` whenever the client
+offers it too, as OpenSSL clients do (OpenSSL 3.3 adds
+``SSL_OP_PREFER_NO_DHE_KEX``), so these rows cost what the plain TLS 1.3 ones
+do. And ``psk_ke`` has no forward secrecy (whoever gets the ticket key reads
+the resumed sessions): the broker does not set it.
+
     .venv/bin/python benchmarks/tls_handshake_cost.py [N]
 """
 
@@ -23,6 +33,9 @@ from pathlib import Path
 import trustme
 
 from hpfeeds3.broker.server import make_tls_context
+
+# OpenSSL's SSL_OP_ALLOW_NO_DHE_KEX (ssl.h: SSL_OP_BIT(10), 1.1.1 and 3.x); not in Python's ssl.
+ALLOW_NO_DHE_KEX = 1 << 10
 
 
 def handshake(
@@ -61,8 +74,11 @@ def handshake(
     return server_cpu, cli
 
 
-def measure(key_type: trustme.KeyType, version: ssl.TLSVersion, n: int, tmp: Path) -> tuple[float, float, int]:
-    """Median server µs of a full and of a resumed handshake, and how many resumed."""
+def measure(
+    key_type: trustme.KeyType, version: ssl.TLSVersion, n: int, tmp: Path, no_dhe: bool = False
+) -> tuple[float, float, int]:
+    """Median server µs of a full and of a resumed handshake, and how many resumed;
+    ``no_dhe``: both sides allow resuming without a key exchange (TLS 1.3 psk_ke)."""
     ca = trustme.CA(key_type=key_type)
     cert = ca.issue_cert("localhost", key_type=key_type)
     cert.cert_chain_pems[0].write_to_path(str(tmp / "cert.pem"))
@@ -70,6 +86,9 @@ def measure(key_type: trustme.KeyType, version: ssl.TLSVersion, n: int, tmp: Pat
     server = make_tls_context(str(tmp / "cert.pem"), str(tmp / "key.pem"))
     client = ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
     client.minimum_version = client.maximum_version = version
+    if no_dhe:
+        server.options |= ALLOW_NO_DHE_KEX
+        client.options |= ALLOW_NO_DHE_KEX
     full, resumed, reused = [], [], 0
     for _ in range(n):
         cpu, first = handshake(server, client)
@@ -90,6 +109,10 @@ def main() -> None:
                 full, resumed, reused = measure(key_type, version, n, Path(tmp))
                 label = version.name.replace("v", " ").replace("_", ".")
                 print(f"| {label} | {name} | {full:.0f} µs | {resumed:.0f} µs | {reused}/{n} |")
+        for name, key_type in (("RSA-2048", trustme.KeyType.RSA), ("ECDSA P-256", trustme.KeyType.ECDSA)):
+            full, resumed, reused = measure(key_type, ssl.TLSVersion.TLSv1_3, n, Path(tmp), no_dhe=True)
+            label = "TLS 1.3, psk_ke allowed (no forward secrecy)"
+            print(f"| {label} | {name} | {full:.0f} µs | {resumed:.0f} µs | {reused}/{n} |")
 
 
 if __name__ == "__main__":

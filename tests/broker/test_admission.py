@@ -145,3 +145,18 @@ def test_the_ranking_names_the_key_that_reached_the_highest_count_first() -> Non
             expected = min(model, key=lambda k: (-model[k][0], model[k][1])) if model else None
             assert ranking.top() == expected, (model, ranking.counts)
             assert ranking.counts == {k: c for k, (c, _) in model.items()}
+
+
+def test_a_member_admitted_over_the_bound_closes_nobody_and_the_address_bound_holds() -> None:
+    """Held back too long (state.py), a newcomer is admitted past the total; its
+    address's bound still holds."""
+    pool: PreAuthPool[str] = PreAuthPool(limit_total=2, limit_per_group=2)
+    pool.admit("a1", at("10.0.0.1"), tick())
+    pool.admit("b1", at("10.0.1.1"), tick())
+    for member, address in (("a1", "10.0.0.1"), ("b1", "10.0.1.1")):
+        pool.progress(member, at(address), tick())
+    assert not pool.has_room(tick())
+    assert pool.admit("c1", at("10.0.2.1"), tick(), over_bound=True) == (None, "")
+    assert pool.total == 3
+    pool.admit("a2", at("10.0.0.1"), tick(), over_bound=True)
+    assert pool.admit("a3", at("10.0.0.1"), tick(), over_bound=True) == ("a2", "address")

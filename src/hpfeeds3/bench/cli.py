@@ -29,10 +29,10 @@ from typing import Any
 from .credentials import bench_channels, write_json, write_sqlite, write_storm_json, write_storm_sqlite
 from .flow import run_latency, run_throughput
 from .handshake import find_listener_pid, raise_open_files_limit, run_connect, run_idle
-from .proc import cpu_seconds
+from .proc import process_tree, tree_cpu_seconds
 from .storm import run_storm
 from .trickle import run_trickle
-from .wire import BenchError, Target
+from .wire import TLS_VERSIONS, BenchError, Target
 
 CONNECT_CONCURRENCY = 50
 FANOUT_SUBSCRIBERS = 10
@@ -247,7 +247,9 @@ def run_one(scenario: Scenario, target: Target, settings: Settings) -> dict[str,
     """Run one scenario; besides its figures, report how busy the broker and the
     load generator were (a broker well below 100 % is not what limited the figure)."""
     started = time.monotonic()
-    broker_cpu = cpu_seconds(settings.broker_pid)
+    # the broker's process and its workers (--workers N: a supervisor and N processes)
+    pids = process_tree(settings.broker_pid) if settings.broker_pid else []
+    broker_cpu = tree_cpu_seconds(pids) if pids else None
     load_cpu = _own_cpu_seconds()
     try:
         result = scenario.run(target, settings)
@@ -259,7 +261,7 @@ def run_one(scenario: Scenario, target: Target, settings: Settings) -> dict[str,
     record.update(result)
     wall = time.monotonic() - started
     record["wall_s"] = round(wall, 2)
-    broker_after = cpu_seconds(settings.broker_pid)
+    broker_after = tree_cpu_seconds(pids) if pids else None
     if broker_cpu is not None and broker_after is not None:
         record["broker_cpu_pct"] = round(100 * (broker_after - broker_cpu) / wall)
         handshakes = result.get("handshakes")
@@ -305,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=None, help="seconds not measured (default: duration / 10)")
     p.add_argument("--tls", action="store_true", help="connect with TLS")
     p.add_argument("--tls-ca", metavar="PEM", help="CA to verify the broker with (default: no verification)")
+    p.add_argument(
+        "--tls-version",
+        choices=sorted(TLS_VERSIONS),
+        help="offer this TLS version only (default: the highest both sides speak, 1.3)",
+    )
     p.add_argument("--broker-pid", type=int, help="broker PID, for idle and CPU figures (default: found in /proc)")
     p.add_argument("--idle-connections", type=int, default=10000, help="connections in idle (default %(default)s)")
     p.add_argument("--sensors", type=int, default=10000, help="sensors in the storm scenarios (default %(default)s)")
@@ -357,8 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         ident=args.ident.encode(),
         secret=args.secret.encode(),
         channel=args.channel.encode(),
-        tls=args.tls or bool(args.tls_ca),
+        tls=args.tls or bool(args.tls_ca) or bool(args.tls_version),
         tls_ca=args.tls_ca,
+        tls_version=args.tls_version,
         sub_port=args.sub_port,
     )
     raise_open_files_limit()

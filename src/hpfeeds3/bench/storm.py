@@ -14,12 +14,14 @@ over the process and its workers, divided by the sensors served: a figure
 that does not depend on how fast the load generator is), the same including
 the close, the broker's peak RSS, and the sensors refused (connection reset or
 closed, an ERROR) or timed out. A sensor behaves as one using hpfeeds3's
-client: an attempt refused, answered with ERROR, or with no answer within the
-client's connect timeout (10 s: a connection the kernel dropped from a full
-listen queue is never answered) is retried after the client's backoff, until
-the storm's deadline. Attempts refused, ERRORs, connect timeouts and retries
-are reported; ``failed`` counts the sensors never served. None of these fail
-the run: they are figures.
+client: an attempt refused, answered with ERROR, or with no INFO within the
+client's connect timeout (10 s for TCP, TLS and INFO: a connection the kernel
+dropped from a full listen queue is never answered) is retried after the
+client's backoff, until the storm's deadline. Once INFO has come, the sensor
+waits for its message back however long it takes, as the client does.
+Attempts refused, ERRORs, connect timeouts and retries are reported;
+``failed`` counts the sensors never served. None of these fail the run: they
+are figures.
 
 With TLS, ``resume`` first runs an unmeasured storm to collect one TLS session
 per sensor, then the measured one resumes them: a sensor reconnecting after a
@@ -38,7 +40,7 @@ from typing import Any
 from ..client.aio import DEFAULT_CONNECT_TIMEOUT_S as CONNECT_TIMEOUT_S
 from ..client.backoff import Backoff
 from .credentials import storm_sensor, write_storm_sqlite
-from .handshake import Handshaker, raise_open_files_limit
+from .handshake import WAIT_CONFIRM, Handshaker, raise_open_files_limit
 from .proc import process_tree, tree_cpu_seconds, tree_rss_bytes
 from .wire import BenchError, Target
 
@@ -164,14 +166,18 @@ def _storm(
         while retry and retry[0][0] <= now:
             _, i, attempt = heapq.heappop(retry)
             start(i, attempt)
-        if now >= next_expiry:  # no INFO, or no answer, within the client's connect timeout
+        if now >= next_expiry:  # no INFO within the client's connect timeout
             next_expiry = now + 0.5
-            late = [c for c in hs.conns.values() if c.fd in index and now - c.started > CONNECT_TIMEOUT_S]
+            late = [
+                c
+                for c in hs.conns.values()
+                if c.state < WAIT_CONFIRM and c.fd in index and now - c.started > CONNECT_TIMEOUT_S
+            ]
             for conn in late:  # (served sensors stay connected: not late)
                 i, attempt = index.pop(conn.fd)
                 hs.close(conn)
                 info_timeouts += 1
-                failed(i, attempt, f"nothing from the broker within {CONNECT_TIMEOUT_S:g} s")
+                failed(i, attempt, f"no INFO from the broker within {CONNECT_TIMEOUT_S:g} s")
         if pids and now >= next_sample:
             rss_peak = max(rss_peak, tree_rss_bytes(pids))
             next_sample = now + RSS_SAMPLE_S

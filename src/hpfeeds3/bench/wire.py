@@ -230,11 +230,17 @@ class BenchError(Exception):
     handshake, a broker ERROR, a timeout."""
 
 
-def client_tls_context(ca: str | None) -> ssl.SSLContext:
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def client_tls_context(ca: str | None, version: str | None = None) -> ssl.SSLContext:
+    """The load's client context; ``version`` ("1.2", "1.3"): offer that TLS version only."""
     ctx = ssl.create_default_context(cafile=ca)
     if ca is None:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
+    if version is not None:
+        ctx.minimum_version = ctx.maximum_version = TLS_VERSIONS[version]
     return ctx
 
 
@@ -354,11 +360,12 @@ class Target:
     channel: bytes = b"bench"
     tls: bool = False
     tls_ca: str | None = None
+    tls_version: str | None = None  # "1.2" or "1.3" only; None: the highest both speak
     # Subscribers on another node of a cluster (cross-node figures); None: same broker.
     sub_port: int | None = None
 
     def tls_context(self) -> ssl.SSLContext | None:
-        return client_tls_context(self.tls_ca) if self.tls else None
+        return client_tls_context(self.tls_ca, self.tls_version) if self.tls else None
 
     def client(self, timeout: float = 10.0) -> Client:
         return Client.connect(self.host, self.port, self.ident, self.secret, tls=self.tls_context(), timeout=timeout)

@@ -20,7 +20,13 @@ it is named, and one with bytes waiting is making progress.
 
 When the pool is full and every member is making progress (a reconnect
 storm), nobody is cut: ``has_room`` says so and the broker holds the
-newcomer back, unread, until a slot frees (state.py).
+newcomer back, unread, until a slot frees, or for ``HELD_BACK_MAX_S`` at
+most: then it is admitted ``over_bound`` (state.py), before its client gives
+up. So the total is a bound on what is evicted for, and on how many start at
+once; the descriptor limit and the per-address bound are the hard ones. While
+the pool is over its bound nobody is evicted for a newcomer: that would keep
+the pool as far over it and turn an idle member (a sensor a long round trip
+away, or one whose client is slow to answer) into a retry.
 
 Every operation is O(1): members are kept in insertion order per address,
 and addresses (and networks) in buckets by how many idle members they hold.
@@ -136,11 +142,15 @@ class PreAuthPool(Generic[T]):
         self._progressing: dict[T, tuple[float, Groups]] = {}
 
     def has_room(self, now: float) -> bool:
-        """Whether a newcomer can be admitted: below the bound, or an idle member to close."""
-        return self.total < self.limit_total or self.oldest_idle(now) is not None
+        """Whether a newcomer can be admitted: below the bound, or at it with an idle member
+        to close. Over it (members admitted ``over_bound``) closing one would make no room,
+        only turn a slow sensor into a retry: the newcomer waits, as long as the hold at most."""
+        total, limit = self.total, self.limit_total
+        return total < limit or (total == limit and self.oldest_idle(now) is not None)
 
-    def admit(self, member: T, groups: Groups, now: float) -> tuple[T | None, str]:
-        """Add ``member`` (idle); returns (a member to close now or None, which bound it was over)."""
+    def admit(self, member: T, groups: Groups, now: float, over_bound: bool = False) -> tuple[T | None, str]:
+        """Add ``member`` (idle); returns (a member to close now or None, which bound it was over).
+        ``over_bound``: held back too long (state.py), it may take the pool past its total."""
         address = groups[1]
         members = self._by_address.get(address)
         if members is None:
@@ -154,7 +164,7 @@ class PreAuthPool(Generic[T]):
             self._expire(now)
             idle = self._idle.get(address)
             return next(iter(idle or members)), "address"
-        if self.total > self.limit_total:
+        if self.total > self.limit_total and not over_bound:
             return self.oldest_idle(now), "total"
         return None, ""
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..protocol import HEADER_LEN, FrameLimits, MiB
 from .ratelimit import AuthLimits
+from .tuning import HELD_BACK_MAX_S
 
 if TYPE_CHECKING:
     from .durable.config import DurableConfig
@@ -58,7 +59,8 @@ class Limits:
         1_024,
         "--max-unauthenticated",
         "connections that have not authenticated yet, TLS handshakes included; at the limit an idle one of the "
-        "busiest network is closed (none making progress), or newcomers wait until a slot frees",
+        "busiest network is closed (none making progress), or newcomers wait until a slot frees, "
+        f"{HELD_BACK_MAX_S:g} s at most (then they start over the limit)",
         host_wide=True,
     )
     # One host never takes the whole pool.

@@ -33,6 +33,7 @@ from .text import printable
 from .tuning import (
     AUTH_LOOKUP_ATTEMPTS,
     AUTH_LOOKUP_TIMEOUT_S,
+    HELD_BACK_MAX_S,
     HELD_BACK_RECHECK_S,
     MAX_CHANNEL_SETS,
     PARTIAL_FRAME_GRACE_S,
@@ -84,8 +85,9 @@ class Broker:
             limits.max_unauthenticated, limits.max_unauthenticated_per_address, lambda conn: conn.bytes_waiting()
         )
         # Accepted while the pool was full of connections making progress: not read
-        # yet, started oldest first as slots free.
-        self.held_back: dict[Connection, None] = {}
+        # yet, started oldest first as slots free, or over the bound once held
+        # HELD_BACK_MAX_S (loop time they were held back at).
+        self.held_back: dict[Connection, float] = {}
         self._held_back_timer: asyncio.TimerHandle | None = None
         self._releasing = False
         # Bytes held in incomplete frames: by connection (with the ident and
@@ -358,15 +360,16 @@ class Broker:
                 self._close_to_make_room(evict, "connections")
                 if conn.session.state == CLOSED:
                     return
-        if self.held_back or not self.pre_auth.has_room(self.loop.time()):
-            self.held_back[conn] = None
+        now = self.loop.time()
+        if self.held_back or not self.pre_auth.has_room(now):
+            self.held_back[conn] = now
             conn.hold_back()
             self._recheck_held_back()
             return
         self._enter_pool(conn, held=False)
 
-    def _enter_pool(self, conn: Connection, *, held: bool) -> None:
-        evict, bound = self.pre_auth.admit(conn, conn.group, self.loop.time())
+    def _enter_pool(self, conn: Connection, *, held: bool, over_bound: bool = False) -> None:
+        evict, bound = self.pre_auth.admit(conn, conn.group, self.loop.time(), over_bound)
         if evict is not None:
             self._close_to_make_room(evict, bound)
             if evict is conn:
@@ -384,21 +387,26 @@ class Broker:
         self.pre_auth.progress(conn, conn.group, self.loop.time())
 
     def _release_held_back(self) -> None:
-        """Start the connections held back, oldest first, while the pool has room."""
+        """Start the connections held back, oldest first, while the pool has room, and
+        those held HELD_BACK_MAX_S whether it has or not (before their clients give up)."""
         held_back = self.held_back
         pool = self.pre_auth
         if self.state == "stopping" or self._releasing:
             return  # the loop below goes on when an eviction in it frees a slot
         self._releasing = True
         try:
-            while held_back and pool.has_room(self.loop.time()):
-                conn = next(iter(held_back))
+            while held_back:
+                now = self.loop.time()
+                conn, since = next(iter(held_back.items()))
+                room = pool.has_room(now)
+                if not room and since > now - HELD_BACK_MAX_S:
+                    break
                 del held_back[conn]
                 try:
                     if conn.peer_gone():
                         conn.close(CloseReason.CLIENT_CLOSED, None, abort=True)  # it gave up waiting
                         continue
-                    self._enter_pool(conn, held=True)
+                    self._enter_pool(conn, held=True, over_bound=not room)
                 except Exception:
                     conn.internal_error("starting a connection held back")
         finally:

@@ -64,6 +64,14 @@ PROGRESS_WINDOW_S = 2.0
 # While the pre-auth pool is full of connections making progress, newcomers
 # are held back unread; they are looked at again at least this often.
 HELD_BACK_RECHECK_S = 0.1
+# ... and one held back this long is started over the pool's bound (it still
+# counts against --max-connections and its address's share): a client gives
+# up after its connect timeout (hpfeeds3's: 10 s for TCP, TLS and INFO), so a
+# longer hold only turns a sensor into a retry that queues again, and the
+# pool full of handshakes waiting on their clients' round trips would leave
+# the broker idle meanwhile. Half the client's timeout leaves the other half
+# for the handshake itself under load.
+HELD_BACK_MAX_S = 5.0
 
 # A frame whose header has arrived gets this long on top of its size divided
 # by --min-receive-rate: a small frame on a congested link is not cut.

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """What a durable subscriber costs: ``hpfeeds-bench`` pubsub-100 and fanout
-against a fresh broker with no durable key, then with one durable subscriber
-reading the bench channel (interleaved, A B A B ...); the replay rate of a
+against a fresh broker with no durable key, with one plain subscriber more
+(a reader whose key is not durable) and with one durable subscriber reading
+the bench channel (interleaved, A B C A B C ...); the replay rate of a
 large backlog with the broker's peak RSS during it; disk bytes per message; the
 log's own CPU per message, in-process.
 
@@ -52,14 +53,16 @@ def rss_mib(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def broker(durable: bool) -> Iterator[tuple[int, subprocess.Popen[bytes], Path]]:
+def broker(durable: bool, reader_key: bool | None = None) -> Iterator[tuple[int, subprocess.Popen[bytes], Path]]:
+    """A fresh broker; the reader's key ``dur`` is there when ``reader_key`` (default:
+    ``durable``), durable when ``durable``."""
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         keys = tmp / "keys.json"
         subprocess.run([str(BIN / "hpfeeds-bench"), "--write-json", str(keys)], check=True, capture_output=True)
         users = json.loads(keys.read_text())
-        if durable:
-            users["dur"] = {"owner": "dur", "secret": "dur", "pubchans": [], "subchans": ["bench"], "durable": True}
+        if durable if reader_key is None else reader_key:
+            users["dur"] = {"owner": "dur", "secret": "dur", "pubchans": [], "subchans": ["bench"], "durable": durable}
         keys.write_text(json.dumps(users))
         port = free_port()
         args = [str(BIN / "hpfeeds-broker"), "--bind", f"127.0.0.1:{port}", "--auth", str(keys)]
@@ -119,6 +122,16 @@ def bench(port: int, scenario: str, duration: float) -> float:
     raise RuntimeError(out)
 
 
+# label -> (the reader's key durable, a reader beside the bench's own subscribers). The
+# durable reader is one more subscriber: "one plain subscriber more" is the same reader
+# with a key that is not durable, so the difference to it is what durability costs.
+LABELS = {
+    "no durable key": (False, False),
+    "one plain subscriber more": (False, True),
+    "one durable subscriber": (True, True),
+}
+
+
 def live_cost(rounds: int, duration: float) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """Per scenario and label: (rate, broker CPU µs per message) of each round. The CPU
     is the broker's, every thread, over the whole bench run (warm-up included) divided
@@ -126,10 +139,11 @@ def live_cost(rounds: int, duration: float) -> dict[str, dict[str, list[tuple[fl
     figures: dict[str, dict[str, list[tuple[float, float]]]] = {"pubsub-100": {}, "fanout": {}}
     for _ in range(rounds):
         for scenario in figures:
-            for label in ("no durable key", "one durable subscriber"):
-                with broker(durable=label != "no durable key") as (port, proc, _tmp):
+            for label in LABELS:
+                durable, extra_reader = LABELS[label]
+                with broker(durable, extra_reader) as (port, proc, _tmp):
                     reader = None
-                    if label != "no durable key":
+                    if extra_reader:
                         reader = Reader(port)
                         reader.start()
                     try:
@@ -252,15 +266,17 @@ def main() -> None:
     for scenario, by_label in figures.items():
         if not by_label:
             continue  # --rounds 0
-        without, with_ = by_label["no durable key"], by_label["one durable subscriber"]
-        base = statistics.median(v for v, _ in without)
+        with_ = by_label["one durable subscriber"]
         with_durable = statistics.median(v for v, _ in with_)
-        base_us = statistics.median(us for _, us in without)
         with_us = statistics.median(us for _, us in with_)
-        print(
-            f"{scenario}: median {base:,.0f} without, {with_durable:,.0f} with ({with_durable / base - 1:+.1%});"
-            f" broker CPU {base_us:.3f} µs/msg without, {with_us:.3f} with ({with_us / base_us - 1:+.1%})"
-        )
+        for against in ("no durable key", "one plain subscriber more"):
+            base = statistics.median(v for v, _ in by_label[against])
+            base_us = statistics.median(us for _, us in by_label[against])
+            print(
+                f"{scenario}: durable subscriber against {against}: median {base:,.0f} without,"
+                f" {with_durable:,.0f} with ({with_durable / base - 1:+.1%}); broker CPU {base_us:.3f} µs/msg"
+                f" without, {with_us:.3f} with ({with_us / base_us - 1:+.1%})"
+            )
     if args.log_mib > 0:
         print(json.dumps(log_cost(args.log_mib), indent=1))
     if args.backlog_mib > 0:

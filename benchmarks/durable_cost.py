@@ -53,9 +53,11 @@ def rss_mib(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def broker(durable: bool, reader_key: bool | None = None) -> Iterator[tuple[int, subprocess.Popen[bytes], Path]]:
+def broker(
+    durable: bool, reader_key: bool | None = None, extra: tuple[str, ...] = ()
+) -> Iterator[tuple[int, subprocess.Popen[bytes], Path]]:
     """A fresh broker; the reader's key ``dur`` is there when ``reader_key`` (default:
-    ``durable``), durable when ``durable``."""
+    ``durable``), durable when ``durable``; ``extra``: more flags."""
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         keys = tmp / "keys.json"
@@ -66,7 +68,7 @@ def broker(durable: bool, reader_key: bool | None = None) -> Iterator[tuple[int,
         keys.write_text(json.dumps(users))
         port = free_port()
         args = [str(BIN / "hpfeeds-broker"), "--bind", f"127.0.0.1:{port}", "--auth", str(keys)]
-        args += ["--data-dir", str(tmp / "data")]
+        args += ["--data-dir", str(tmp / "data"), *extra]
         with open(tmp / "broker.log", "wb") as log:
             proc = subprocess.Popen(args, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -163,7 +165,9 @@ def replay(backlog_mib: int) -> dict[str, float]:
     payload = b"x" * 100
     frame = encode_publish(b"bench", b"bench", payload)
     count = backlog_mib * 1024 * 1024 // len(frame)
-    with broker(durable=True) as (port, proc, tmp):
+    # The whole backlog kept: at the default --durable-max-bytes (1 GiB of frames and
+    # record headers) a 1 GiB backlog would lose its oldest messages.
+    with broker(durable=True, extra=("--durable-max-bytes", str(2 * backlog_mib * 2**20))) as (port, proc, tmp):
         reader = Reader(port)  # the key follows the channel from its AUTH
         time.sleep(0.5)  # (its AUTH handled: not synchronisation of what is measured)
         reader.sock.close()  # away: what follows is its backlog

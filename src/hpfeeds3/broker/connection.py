@@ -46,12 +46,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import logging
-import select
 import ssl
-import termios
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -111,10 +108,6 @@ def guarded(where: str) -> Callable[[_Method], _Method]:
         return guarded_method  # type: ignore[return-value]
 
     return wrap
-
-
-# poll() events of a peer that has closed or reset (Linux: POLLRDHUP; elsewhere a reset only).
-_GONE = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
 
 
 def _write_after_close(data: bytes) -> None:
@@ -214,28 +207,6 @@ class Connection(asyncio.Protocol):
     def tls(self) -> bool:
         """The client speaks TLS (terminated in this connection)."""
         return self._tls is not None
-
-    def bytes_waiting(self) -> bool:
-        """Bytes from the client have arrived and are not read yet (admission.py)."""
-        t = self.transport
-        sock = t.get_extra_info("socket") if t is not None else None
-        if sock is None:
-            return False
-        try:
-            return fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0") != b"\0\0\0\0"
-        except OSError:
-            return False
-
-    def peer_gone(self) -> bool:
-        """The client has closed its side (a FIN or a reset is waiting): it gave up
-        while held back, and its handshake would be work for nobody."""
-        t = self.transport
-        sock = t.get_extra_info("socket") if t is not None else None
-        if sock is None:
-            return False
-        poller = select.poll()
-        poller.register(sock.fileno(), _GONE)
-        return bool(poller.poll(0))
 
     def write_buffer_size(self) -> int:
         t = self.transport

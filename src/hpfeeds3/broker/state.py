@@ -29,6 +29,7 @@ from .ratelimit import AuthFailureLimiter
 from .reasons import CloseReason
 from .router import Router
 from .session import CLOSED, Refusal
+from .sockinfo import bytes_waiting, peer_gone
 from .text import printable
 from .tuning import (
     AUTH_LOOKUP_ATTEMPTS,
@@ -82,7 +83,9 @@ class Broker:
         limits = config.limits
         # Connections not authenticated yet, by address group (admission.py).
         self.pre_auth: PreAuthPool[Connection] = PreAuthPool(
-            limits.max_unauthenticated, limits.max_unauthenticated_per_address, lambda conn: conn.bytes_waiting()
+            limits.max_unauthenticated,
+            limits.max_unauthenticated_per_address,
+            lambda conn: bytes_waiting(conn.transport),
         )
         # Accepted while the pool was full of connections making progress: not read
         # yet, started oldest first as slots free, or over the bound once held
@@ -403,7 +406,7 @@ class Broker:
                     break
                 del held_back[conn]
                 try:
-                    if conn.peer_gone():
+                    if peer_gone(conn.transport):
                         conn.close(CloseReason.CLIENT_CLOSED, None, abort=True)  # it gave up waiting
                         continue
                     self._enter_pool(conn, held=True, over_bound=not room)

@@ -56,18 +56,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..protocol import encode_info, new_nonce
 from . import metrics
 from .admission import Groups, address_groups
+from .backlog import BacklogWatch, cut_slow_consumer
 from .durable.feed import ConnectionFeed, DurableFeed
 from .durable.tcpack import CloseKind, close_kind
-from .events import Closed, Connected, SlowConsumerCut
+from .events import Closed, Connected
 from .keylookup import answer as answer_key
 from .metrics import Limit
 from .partial import PartialFrameWatch
-from .policies import Linger, SlowConsumerWatch
+from .policies import Linger
 from .reasons import CloseReason
 from .session import AUTHING, CLOSED, PRE_AUTH, READY, Session
 from .tls import TlsPump
 from .tuning import (
-    BACKLOG_CHECK_S,
     BACKLOG_HIGH_BYTES,
     BACKLOG_LOW_BYTES,
     CHECKED_FRAMES_PER_TURN,
@@ -136,7 +136,6 @@ _DETACHED = _Detached()
 class Connection(asyncio.Protocol):
     __slots__ = (
         "_auth_deadline",
-        "_backlog_timer",
         "_backlogged",
         "_durable",
         "_eof_pending",
@@ -148,8 +147,8 @@ class Connection(asyncio.Protocol):
         "_tls",
         "_tls_pump",
         "_turn_pending",
-        "_watch",
         "_write",
+        "backlog_watch",
         "broker",
         "connected_at",
         "feed",
@@ -193,9 +192,8 @@ class Connection(asyncio.Protocol):
         self._held_data: bytes | None = None  # while held back (state.Broker.admit)
         self._turn_pending = False
         self._auth_deadline: asyncio.TimerHandle | None = None
-        self._backlog_timer: asyncio.TimerHandle | None = None
         self._backlogged = False  # the transport is over its high-water mark
-        self._watch: SlowConsumerWatch | None = None  # while backlogged
+        self.backlog_watch: BacklogWatch | None = None  # while backlogged (backlog.py)
         # A durable key's connection: its channels come from the log (durable/feed.py).
         self.feed: DurableFeed | None = None
         self._durable: ConnectionFeed | None = None  # its acknowledgements and its end
@@ -387,34 +385,20 @@ class Connection(asyncio.Protocol):
 
     @guarded("watching the outgoing buffer")
     def pause_writing(self) -> None:
-        # The subscriber's queue passed the backlog mark: watch its progress.
+        # The subscriber's queue passed the backlog mark: watch its progress (backlog.py).
         # The flag first: the hard bound is checked at every delivery from now on,
-        # whatever happens to the timer.
+        # whatever happens to the watch.
         self._backlogged = True
-        if self._backlog_timer is None and self.session.state != CLOSED:
-            broker = self.broker
-            self._watch = SlowConsumerWatch(
-                broker.backlog_bounds, broker.loop.time(), self.write_buffer_size(), self.sent_bytes
-            )
-            metrics.SEND_BUFFER_DEADLINE_START.labels(self.session.ident or "").inc()
-            self._backlog_timer = self._call_later(BACKLOG_CHECK_S, self._watch_backlog)
-
-    def cut_closeness(self) -> float | None:
-        """How near the slow-consumer cut (0 to 1) while the outgoing buffer is watched
-        (``SlowConsumerWatch.closeness``); None while it is not (the console reads it)."""
-        watch = self._watch
-        if watch is None:
-            return None
-        return watch.closeness(self.broker.loop.time(), self.write_buffer_size())
+        if self.backlog_watch is None and self.session.state != CLOSED:
+            self.backlog_watch = BacklogWatch(self)
 
     @guarded("watching the outgoing buffer")
     def resume_writing(self) -> None:
         self._backlogged = False
-        if self._backlog_timer is not None:
-            self._backlog_timer.cancel()
-            self._backlog_timer = None
-            self._watch = None
-            metrics.SEND_BUFFER_DEADLINE_RECOVER.labels(self.session.ident or "").inc()
+        watch = self.backlog_watch
+        if watch is not None:
+            self.backlog_watch = None
+            watch.recovered()
         if self.feed is not None:
             self.feed.pump_soon()
 
@@ -426,7 +410,7 @@ class Connection(asyncio.Protocol):
         self._write(data)
         self.sent_bytes += len(data)
         if self._backlogged and transport.get_write_buffer_size() > self.broker.send_hard_bytes:
-            self._cut_slow_consumer("outgoing buffer over its hard bound")
+            cut_slow_consumer(self, "outgoing buffer over its hard bound")
 
     def delivery_failed(self) -> None:
         """``deliver`` raised during a fan-out: close this subscriber alone."""
@@ -563,26 +547,6 @@ class Connection(asyncio.Protocol):
         self._auth_deadline = None
         self.session.auth_timeout(self.broker.config.limits.auth_timeout_s)
 
-    def _watch_backlog(self) -> None:
-        """Runs every BACKLOG_CHECK_S while the subscriber is backlogged (policies.SlowConsumerWatch)."""
-        self._backlog_timer = None
-        transport, watch = self.transport, self._watch
-        if self.session.state == CLOSED or transport is None or transport.is_closing() or watch is None:
-            return
-        why = watch.check(self.broker.loop.time(), transport.get_write_buffer_size(), self.sent_bytes)
-        if why is not None:
-            self._cut_slow_consumer(why)
-        else:
-            self._backlog_timer = self._call_later(BACKLOG_CHECK_S, self._watch_backlog)
-
-    def _cut_slow_consumer(self, why: str) -> None:
-        if self.session.state == CLOSED:
-            return
-        metrics.SLOW_CONSUMERS.inc()
-        self.broker.emit(SlowConsumerCut(self.peer, self.session.ident, why, self.write_buffer_size()))
-        # Its queue is stuck, so an ERROR behind it would never arrive: abort.
-        self.close(CloseReason.SLOW_CONSUMER, None, abort=True)
-
     # --- closing ---------------------------------------------------------------------------------
 
     def close(self, reason: CloseReason, message: str | None, *, abort: bool = False) -> None:
@@ -612,6 +576,5 @@ class Connection(asyncio.Protocol):
         if self._auth_deadline is not None:
             self._auth_deadline.cancel()
             self._auth_deadline = None
-        if self._backlog_timer is not None:
-            self._backlog_timer.cancel()
-            self._backlog_timer = None
+        if self.backlog_watch is not None:
+            self.backlog_watch.stop()

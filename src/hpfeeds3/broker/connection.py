@@ -45,7 +45,6 @@ Rules kept here:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import ssl
@@ -61,9 +60,9 @@ from .durable.feed import ConnectionFeed, DurableFeed
 from .durable.tcpack import CloseKind, close_kind
 from .events import Closed, Connected
 from .keylookup import answer as answer_key
+from .linger import LingeringClose
 from .metrics import Limit
 from .partial import PartialFrameWatch
-from .policies import Linger
 from .reasons import CloseReason
 from .session import AUTHING, CLOSED, PRE_AUTH, READY, Session
 from .tls import TlsPump
@@ -72,8 +71,6 @@ from .tuning import (
     BACKLOG_LOW_BYTES,
     CHECKED_FRAMES_PER_TURN,
     CLOSE_FLUSH_S,
-    CLOSE_LINGER_BYTES,
-    CLOSE_LINGER_S,
 )
 
 if TYPE_CHECKING:
@@ -186,7 +183,7 @@ class Connection(asyncio.Protocol):
         self.sent_bytes = 0
         self.connected_at = 0.0  # wall clock of the accept (the console shows it)
         self._lost = False
-        self._linger: Linger | None = None  # after a closing ERROR
+        self._linger: LingeringClose | None = None  # after a closing ERROR (linger.py)
         self._partial: PartialFrameWatch | None = None  # while a read ends inside a frame
         self._eof_pending = False
         self._held_data: bytes | None = None  # while held back (state.Broker.admit)
@@ -376,7 +373,7 @@ class Connection(asyncio.Protocol):
         self.transport = None
         self._write = _write_after_close
         session.output = _DETACHED  # type: ignore[assignment]
-        self._tls_pump = self._durable = self.feed = None
+        self._tls_pump = self._durable = self.feed = self.backlog_watch = self._linger = None
         ident = session.ident or ""
         reason = session.close_reason or CloseReason.CONNECTION_RESET
         metrics.CONNECTION_LOST.inc(ident)
@@ -464,7 +461,7 @@ class Connection(asyncio.Protocol):
                 # A peer that does not read must not keep the socket forever.
                 self._call_later(CLOSE_FLUSH_S, transport.abort)
             return
-        # The ERROR, then the sending side shut down (plain TCP), then linger:
+        # The ERROR, then the sending side shut down (plain TCP), then linger (linger.py):
         # what the client still sends is read and discarded, so closing does
         # not reset the connection before it has read the ERROR.
         self._write(error)
@@ -472,27 +469,7 @@ class Connection(asyncio.Protocol):
             self._write_wire(tls.close_notify())
         if transport.can_write_eof():
             transport.write_eof()
-        self._linger = Linger(CLOSE_LINGER_BYTES)
-        self.broker.lingering_add(self)
-        with contextlib.suppress(RuntimeError, AttributeError):  # not paused, or a transport that cannot
-            transport.resume_reading()
-        self._call_later(CLOSE_LINGER_S, self._end_linger)
-
-    def cut_linger(self) -> None:
-        """The connection limit is reached and this is the oldest lingering connection: end it now."""
-        self.broker.lingering_discard(self)
-        metrics.limit_rejected(Limit.MAX_CONNECTIONS)
-        if self.transport is not None and not self._lost:
-            self.transport.abort()
-
-    def _end_linger(self) -> None:
-        transport = self.transport
-        if transport is None or self._lost:
-            return
-        if transport.get_write_buffer_size():
-            transport.abort()  # the client never read its ERROR
-        else:
-            transport.close()
+        self._linger = LingeringClose(self, transport)
 
     # --- turns ---------------------------------------------------------------------------
 

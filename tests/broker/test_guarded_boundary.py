@@ -8,7 +8,7 @@ each connection. A source check enumerates the Protocol methods, the timer
 targets and the tasks of every module that holds a connection's code
 (``connection.py`` and the parts kept in their own modules: ``tls.TlsPump``,
 ``keylookup``, ``partial.PartialFrameWatch``, ``backlog.BacklogWatch``,
-``linger.LingeringClose``, ``durable.feed.ConnectionFeed``)
+``linger.LingeringClose``, ``heldback.HeldBack``, ``durable.feed.ConnectionFeed``)
 and fails if one is not wrapped, or if a module uses ``Connection`` without
 being enumerated.
 """
@@ -409,6 +409,7 @@ CONNECTION_MODULES = {
     "hpfeeds3.broker.tls",  # TlsPump
     "hpfeeds3.broker.backlog",  # BacklogWatch
     "hpfeeds3.broker.linger",  # LingeringClose
+    "hpfeeds3.broker.heldback",  # HeldBack
     "hpfeeds3.broker.keylookup",
     "hpfeeds3.broker.partial",  # PartialFrameWatch
     "hpfeeds3.broker.durable.feed",  # ConnectionFeed

@@ -59,6 +59,7 @@ from .backlog import BacklogWatch, cut_slow_consumer
 from .durable.feed import ConnectionFeed, DurableFeed
 from .durable.tcpack import CloseKind, close_kind
 from .events import Closed, Connected
+from .heldback import HeldBack
 from .keylookup import answer as answer_key
 from .linger import LingeringClose
 from .metrics import Limit
@@ -136,7 +137,7 @@ class Connection(asyncio.Protocol):
         "_backlogged",
         "_durable",
         "_eof_pending",
-        "_held_data",
+        "_held",
         "_linger",
         "_lost",
         "_partial",
@@ -186,7 +187,7 @@ class Connection(asyncio.Protocol):
         self._linger: LingeringClose | None = None  # after a closing ERROR (linger.py)
         self._partial: PartialFrameWatch | None = None  # while a read ends inside a frame
         self._eof_pending = False
-        self._held_data: bytes | None = None  # while held back (state.Broker.admit)
+        self._held: HeldBack | None = None  # while held back (heldback.py)
         self._turn_pending = False
         self._auth_deadline: asyncio.TimerHandle | None = None
         self._backlogged = False  # the transport is over its high-water mark
@@ -229,21 +230,9 @@ class Connection(asyncio.Protocol):
         broker.admit(self)
 
     def hold_back(self) -> None:
-        """The pre-auth pool is full of connections making progress: read nothing, send
-        nothing, until the broker starts this one (it waits as in the listen backlog)."""
+        """The pre-auth pool is full of connections making progress: wait, unread (heldback.py)."""
         assert self.transport is not None
-        self._held_data = b""
-        self.transport.pause_reading()
-
-    def _hold(self, data: bytes) -> None:
-        """Bytes read while held back (a loop may start reading after connection_made
-        whatever it was told): kept for start(), a bounded amount."""
-        assert self.transport is not None and self._held_data is not None
-        self._held_data += data
-        self.transport.pause_reading()
-        if len(self._held_data) > self._authing_buffer_cap():
-            metrics.limit_rejected(Limit.PRE_AUTH_BUFFER)
-            self.close(CloseReason.FRAME_TOO_LARGE, "too much data before authentication completed", abort=True)
+        self._held = HeldBack(self.transport)
 
     def start(self, held: bool = False) -> None:
         """Admitted to the pre-auth pool: the TLS handshake, or INFO."""
@@ -256,8 +245,8 @@ class Connection(asyncio.Protocol):
             self._auth_deadline = self._call_later(broker.config.limits.tls_handshake_timeout_s, pump.handshake_timeout)
         else:
             self._greet()
-        if held:
-            data, self._held_data = self._held_data, None
+        if held and self._held is not None:
+            data, self._held = self._held.data, None
             self.transport.resume_reading()
             if data:
                 self.data_received(data)
@@ -285,8 +274,8 @@ class Connection(asyncio.Protocol):
                 self.transport.abort()
             return
         if session.state != READY:
-            if self._held_data is not None:
-                self._hold(data)
+            if self._held is not None:
+                self._held.hold(self, data)
                 return
             self.broker.progress(self)  # bytes of a handshake or an AUTH: not evicted for a while
         tls = self._tls_pump

@@ -2,44 +2,33 @@
 
 The session (``session.py``) decides everything about the client's frames;
 this class is its ``Output`` (``send``, ``close_transport``) and moves bytes:
-it owns the transport, the timers (AUTH deadline, backlog watch, linger,
-and those of its parts) and the turns. The broker side of the session is
-``Broker`` (its ``Port``); the clock-driven decisions are ``policies.py``
-objects fed ``loop.time()``; what happens is reported as typed events
-(``Broker.emit``). Four parts of a connection live beside their job, made
-only for the connections that need them, and use this class's members as
-its own code would: ``tls.TlsPump`` (a TLS listener's connection),
-``keylookup`` (the session's ``NeedKey``, once per handshake),
-``partial.PartialFrameWatch`` (while a read ends inside a frame) and
-``durable.feed.ConnectionFeed`` (a durable key's connection).
+it owns the transport, the timers and the turns. The broker side of the
+session is ``Broker`` (its ``Port``); clock-driven decisions are
+``policies.py`` objects fed ``loop.time()``; what happens is reported as typed
+events (``Broker.emit``). The parts of a connection with a job of their own
+live beside the job, made only for the connections (or the moments) that
+need them, and use this class's members as its own code would; each states
+its rules:
 
-Rules kept here:
-- A subscriber that cannot keep up is cut (``slow_consumer``) before it costs
-  memory or slows anyone else: see ``_watch_backlog`` and
-  ``policies.SlowConsumerWatch``.
-- Every entry point runs inside one internal-error boundary: the asyncio
-  callbacks are decorated with ``guarded``, every timer is scheduled through
-  ``_call_later``/``_call_soon`` (which wrap their target; the parts above
-  schedule through them too), a task catches into ``internal_error``, the
-  router calls ``internal_error`` when a delivery raises, and the broker's
-  per-connection loops do the same. An exception closes this connection
-  alone with ``internal_error`` (ERROR to the client, traceback in the log).
-  ``tests/broker/test_guarded_boundary.py`` enumerates them.
-- The hard bound of the outgoing buffer is checked at every delivery while the
-  transport reports a backlog, whatever the backlog timer does.
-- When one read holds more work than one loop turn should do, reading is
-  paused and the rest is handled in later turns, in order (under TLS the
-  decryption too: ``tls.TlsPump``).
-- A connection counts from accept: a TLS listener accepts plain TCP and the
-  handshake runs in the connection, on its own deadline, so sockets in a
-  handshake count against ``--max-connections`` and the pre-auth pool.
-- A frame whose header has arrived must arrive at ``--min-receive-rate``;
-  bytes held in incomplete frames are reported to the broker, which bounds
-  their sum (``Broker.hold_partial``): ``partial.PartialFrameWatch``.
-- An ERROR that ends a connection is written, the sending side shut down,
-  and what the client still sends is read and discarded for a moment (and a
-  bounded number of bytes) before the close: a client that pipelines frames
-  behind a wrong AUTH still reads the ERROR instead of a reset.
+- ``tls.TlsPump``: a TLS listener's connection (the handshake runs here, on
+  its own deadline, so it counts from accept against the connection limits);
+- ``keylookup``: the session's ``NeedKey``, once per handshake;
+- ``partial.PartialFrameWatch``: while a read ends inside a frame
+  (``--min-receive-rate``, ``Broker.hold_partial``);
+- ``backlog.BacklogWatch``: while the transport reports a backlog (the
+  slow-consumer cut; the hard bound itself is checked in ``deliver``);
+- ``linger.LingeringClose``: after a closing ERROR, so the client reads it;
+- ``heldback.HeldBack``: while the pre-auth pool holds the connection back;
+- ``durable.feed.ConnectionFeed``: a durable key's connection.
+
+Kept here: one internal-error boundary around every entry point (the
+callbacks decorated with ``guarded``; every timer of the connection and its
+parts scheduled through ``_call_later``/``_call_soon``; a task, a failed
+delivery and the broker's per-connection loops call ``internal_error``): an
+exception closes this connection alone, ERROR to the client and traceback in
+the log (``tests/broker/test_guarded_boundary.py`` enumerates them). And the
+turns: when one read holds more work than one loop turn should do, reading
+is paused and the rest is handled in later turns, in order.
 """
 
 from __future__ import annotations
@@ -67,12 +56,7 @@ from .partial import PartialFrameWatch
 from .reasons import CloseReason
 from .session import AUTHING, CLOSED, PRE_AUTH, READY, Session
 from .tls import TlsPump
-from .tuning import (
-    BACKLOG_HIGH_BYTES,
-    BACKLOG_LOW_BYTES,
-    CHECKED_FRAMES_PER_TURN,
-    CLOSE_FLUSH_S,
-)
+from .tuning import BACKLOG_HIGH_BYTES, BACKLOG_LOW_BYTES, CHECKED_FRAMES_PER_TURN, CLOSE_FLUSH_S
 
 if TYPE_CHECKING:
     from .state import Broker
@@ -357,8 +341,9 @@ class Connection(asyncio.Protocol):
         broker.forget(self)
         # Break every cycle through this connection (transport <-> protocol,
         # including the transport's bound write; session <-> connection; the
-        # parts that point back: TLS pump, durable feed) so a closed connection
-        # is freed by reference counting, not by a later (long) cyclic GC pass.
+        # parts that point back: TLS pump, durable feed, backlog watch, linger)
+        # so a closed connection is freed by reference counting, not by a later
+        # (long) cyclic GC pass.
         self.transport = None
         self._write = _write_after_close
         session.output = _DETACHED  # type: ignore[assignment]

@@ -36,6 +36,7 @@ from hpfeeds3.broker.backlog import BacklogWatch
 from hpfeeds3.broker.config import BrokerConfig, Limits
 from hpfeeds3.broker.connection import Connection
 from hpfeeds3.broker.durable.feed import DurableFeed
+from hpfeeds3.broker.linger import LingeringClose
 from hpfeeds3.broker.policies import ReceiveRate
 from hpfeeds3.broker.session import Session
 from hpfeeds3.broker.state import Broker
@@ -305,6 +306,22 @@ def test_a_fault_while_evicting_closes_the_evicted_connection_alone(tmp_path, mo
             assert _wait(lambda: any(c.session.ident == "alice" for c in list(broker.connections)))
         for c in (oldest, second):
             c.close()
+
+
+def test_a_fault_in_the_linger_timer_still_ends_the_lingering_connection(tmp_path, monkeypatch) -> None:
+    """The end of a linger after a closing ERROR (a linger.LingeringClose timer target)
+    raises: the connection, closed already, is ended all the same; the others are served."""
+    monkeypatch.setattr(LingeringClose, "_end", _raise("the end of a linger"))
+    with broker_in_thread(tmp_path) as (broker, port):
+        sub = confirmed_subscriber(port, "alice", "a")
+        assert _wait(lambda: len(broker.connections) == 1)  # the probe is gone
+        with RawClient(port).auth("alice", "wrong") as bad:  # read its ERROR, never closes
+            bad.expect_error()
+            assert _wait(lambda: len(broker.connections) == 1), "the lingering connection stayed open"
+        with RawClient(port).auth("alice", "a") as pub:
+            pub.publish("chan1", b"still")
+            assert sub.messages(1)[0].payload == b"still"
+        sub.close()
 
 
 def test_a_fault_in_the_receive_deadline_timer_closes_that_connection_alone(tmp_path, monkeypatch) -> None:

@@ -514,6 +514,12 @@ class Connection(asyncio.Protocol):
             self.session.ident,
             extra={"event": "internal_error", "peer": self.peer, "ident": self.session.ident},
         )
+        if self.session.state == CLOSED:
+            # Closed already (a fault while lingering, or in a part after the close):
+            # nothing left to say to the client, but the socket must not stay open.
+            if self.transport is not None:
+                self.transport.abort()
+            return
         try:
             self.session.close(CloseReason.INTERNAL_ERROR, "internal error; this connection is closed")
         except Exception:

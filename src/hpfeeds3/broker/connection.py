@@ -229,11 +229,11 @@ class Connection(asyncio.Protocol):
             self._auth_deadline = self._call_later(broker.config.limits.tls_handshake_timeout_s, pump.handshake_timeout)
         else:
             self._greet()
-        if held and self._held is not None:
-            data, self._held = self._held.data, None
+        if held:
+            holding, self._held = self._held, None
             self.transport.resume_reading()
-            if data:
-                self.data_received(data)
+            if holding is not None and holding.data:
+                self.data_received(holding.data)
 
     def _greet(self) -> None:
         """INFO with the nonce, and the AUTH deadline from now."""

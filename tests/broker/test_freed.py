@@ -18,13 +18,14 @@ from pathlib import Path
 
 import trustme
 
-from hpfeeds3.broker.config import BrokerConfig
+from hpfeeds3.broker.config import BrokerConfig, Limits
 from hpfeeds3.broker.connection import Connection
 from hpfeeds3.broker.session import Session
 from hpfeeds3.broker.state import Broker
 
 from ..support.broker import RawClient
 from ..support.inprocess import serving_in_thread
+from .test_guarded_boundary import MiB, _open, _stalled_subscriber
 from .test_internal_errors import broker_in_thread
 
 
@@ -105,4 +106,22 @@ def test_closed_tls_and_durable_connections_leave_no_cyclic_garbage(tmp_path: Pa
         with RawClient(port, tls=client_tls) as bad:  # closed by the broker after an ERROR, over TLS
             bad.auth("alice", "wrong")
             bad.expect_error()
+        _no_cyclic_garbage_once_closed(broker)
+
+
+def test_a_slow_consumer_cut_while_watched_leaves_no_cyclic_garbage(tmp_path: Path) -> None:
+    """A backlogged subscriber's watch (backlog.BacklogWatch) points back at its
+    connection, and it is still there when the subscriber is cut: the close breaks that too."""
+    limits = Limits(send_buffer_hard_bytes=4 * MiB, shutdown_drain_s=0.5)
+    with _gc_disabled(), broker_in_thread(tmp_path, limits) as (broker, port):
+        stalled = _stalled_subscriber(broker, port)
+        payload = b"x" * 65536
+        sent = 0
+        with RawClient(port) as pub:
+            pub.auth("alice", "a")
+            while _open(broker, "bad") and sent < 40 * MiB:
+                pub.publish("chan1", payload)
+                sent += len(payload)
+        assert not _open(broker, "bad"), f"the stalled subscriber was not cut after {sent} bytes"
+        stalled.close()
         _no_cyclic_garbage_once_closed(broker)

@@ -7,7 +7,8 @@ per-connection loops (revocation, shutdown, partial-frame accounting) isolate
 each connection. A source check enumerates the Protocol methods, the timer
 targets and the tasks of every module that holds a connection's code
 (``connection.py`` and the parts kept in their own modules: ``tls.TlsPump``,
-``keylookup``, ``partial.PartialFrameWatch``, ``durable.feed.ConnectionFeed``)
+``keylookup``, ``partial.PartialFrameWatch``, ``backlog.BacklogWatch``,
+``linger.LingeringClose``, ``heldback.HeldBack``, ``durable.feed.ConnectionFeed``)
 and fails if one is not wrapped, or if a module uses ``Connection`` without
 being enumerated.
 """
@@ -31,9 +32,11 @@ import hpfeeds3.broker.connection as connection_module
 import hpfeeds3.broker.state as state_module
 from hpfeeds3.broker import metrics
 from hpfeeds3.broker.auth import WouldBlock
+from hpfeeds3.broker.backlog import BacklogWatch
 from hpfeeds3.broker.config import BrokerConfig, Limits
 from hpfeeds3.broker.connection import Connection
 from hpfeeds3.broker.durable.feed import DurableFeed
+from hpfeeds3.broker.linger import LingeringClose
 from hpfeeds3.broker.policies import ReceiveRate
 from hpfeeds3.broker.session import Session
 from hpfeeds3.broker.state import Broker
@@ -107,12 +110,12 @@ def test_a_fault_in_the_backlog_watch_does_not_lift_the_hard_bound(tmp_path, mon
 
     watched = threading.Event()
 
-    def faulty_watch(self: Connection) -> None:
-        self._backlog_timer = None  # as the real watch does first
+    def faulty_watch(self: BacklogWatch) -> None:
+        self._timer = None  # as the real check does first
         watched.set()
         raise RuntimeError("injected fault in the backlog watch")
 
-    monkeypatch.setattr(Connection, "_watch_backlog", faulty_watch)
+    monkeypatch.setattr(BacklogWatch, "_check", faulty_watch)
     limits = Limits(send_buffer_hard_bytes=16 * MiB, send_buffer_soft_bytes=1000, shutdown_drain_s=0.5)
     with broker_in_thread(tmp_path, limits) as (broker, port):
         stalled = _stalled_subscriber(broker, port)
@@ -127,11 +130,11 @@ def test_the_hard_bound_holds_when_the_backlog_watch_never_runs_again(tmp_path, 
 
     watched = threading.Event()
 
-    def silent_watch(self: Connection) -> None:
-        self._backlog_timer = None
+    def silent_watch(self: BacklogWatch) -> None:
+        self._timer = None
         watched.set()
 
-    monkeypatch.setattr(Connection, "_watch_backlog", silent_watch)
+    monkeypatch.setattr(BacklogWatch, "_check", silent_watch)
     before = metrics.CONNECTIONS_CLOSED.labels("slow_consumer")._value.get()
     limits = Limits(send_buffer_hard_bytes=16 * MiB, shutdown_drain_s=0.5)
     with broker_in_thread(tmp_path, limits) as (broker, port):
@@ -305,6 +308,22 @@ def test_a_fault_while_evicting_closes_the_evicted_connection_alone(tmp_path, mo
             c.close()
 
 
+def test_a_fault_in_the_linger_timer_still_ends_the_lingering_connection(tmp_path, monkeypatch) -> None:
+    """The end of a linger after a closing ERROR (a linger.LingeringClose timer target)
+    raises: the connection, closed already, is ended all the same; the others are served."""
+    monkeypatch.setattr(LingeringClose, "_end", _raise("the end of a linger"))
+    with broker_in_thread(tmp_path) as (broker, port):
+        sub = confirmed_subscriber(port, "alice", "a")
+        assert _wait(lambda: len(broker.connections) == 1)  # the probe is gone
+        with RawClient(port).auth("alice", "wrong") as bad:  # read its ERROR, never closes
+            bad.expect_error()
+            assert _wait(lambda: len(broker.connections) == 1), "the lingering connection stayed open"
+        with RawClient(port).auth("alice", "a") as pub:
+            pub.publish("chan1", b"still")
+            assert sub.messages(1)[0].payload == b"still"
+        sub.close()
+
+
 def test_a_fault_in_the_receive_deadline_timer_closes_that_connection_alone(tmp_path, monkeypatch) -> None:
     """A timer target (the receive-rate deadline) that raises: internal_error for
     its connection, the others served."""
@@ -405,6 +424,9 @@ def test_a_fault_in_a_durable_connections_sampling_timer_closes_it_alone(tmp_pat
 CONNECTION_MODULES = {
     "hpfeeds3.broker.connection",
     "hpfeeds3.broker.tls",  # TlsPump
+    "hpfeeds3.broker.backlog",  # BacklogWatch
+    "hpfeeds3.broker.linger",  # LingeringClose
+    "hpfeeds3.broker.heldback",  # HeldBack
     "hpfeeds3.broker.keylookup",
     "hpfeeds3.broker.partial",  # PartialFrameWatch
     "hpfeeds3.broker.durable.feed",  # ConnectionFeed

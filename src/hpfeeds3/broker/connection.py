@@ -2,56 +2,41 @@
 
 The session (``session.py``) decides everything about the client's frames;
 this class is its ``Output`` (``send``, ``close_transport``) and moves bytes:
-it owns the transport, the timers (AUTH deadline, backlog watch, linger,
-and those of its parts) and the turns. The broker side of the session is
-``Broker`` (its ``Port``); the clock-driven decisions are ``policies.py``
-objects fed ``loop.time()``; what happens is reported as typed events
-(``Broker.emit``). Four parts of a connection live beside their job, made
-only for the connections that need them, and use this class's members as
-its own code would: ``tls.TlsPump`` (a TLS listener's connection),
-``keylookup`` (the session's ``NeedKey``, once per handshake),
-``partial.PartialFrameWatch`` (while a read ends inside a frame) and
-``durable.feed.ConnectionFeed`` (a durable key's connection).
+it owns the transport, the timers and the turns. The broker side of the
+session is ``Broker`` (its ``Port``); clock-driven decisions are
+``policies.py`` objects fed ``loop.time()``; what happens is reported as typed
+events (``Broker.emit``). The parts of a connection with a job of their own
+live beside the job, made only for the connections (or the moments) that
+need them, and use this class's members as its own code would; each states
+its rules:
 
-Rules kept here:
-- A subscriber that cannot keep up is cut (``slow_consumer``) before it costs
-  memory or slows anyone else: see ``_watch_backlog`` and
-  ``policies.SlowConsumerWatch``.
-- Every entry point runs inside one internal-error boundary: the asyncio
-  callbacks are decorated with ``guarded``, every timer is scheduled through
-  ``_call_later``/``_call_soon`` (which wrap their target; the parts above
-  schedule through them too), a task catches into ``internal_error``, the
-  router calls ``internal_error`` when a delivery raises, and the broker's
-  per-connection loops do the same. An exception closes this connection
-  alone with ``internal_error`` (ERROR to the client, traceback in the log).
-  ``tests/broker/test_guarded_boundary.py`` enumerates them.
-- The hard bound of the outgoing buffer is checked at every delivery while the
-  transport reports a backlog, whatever the backlog timer does.
-- When one read holds more work than one loop turn should do, reading is
-  paused and the rest is handled in later turns, in order (under TLS the
-  decryption too: ``tls.TlsPump``).
-- A connection counts from accept: a TLS listener accepts plain TCP and the
-  handshake runs in the connection, on its own deadline, so sockets in a
-  handshake count against ``--max-connections`` and the pre-auth pool.
-- A frame whose header has arrived must arrive at ``--min-receive-rate``;
-  bytes held in incomplete frames are reported to the broker, which bounds
-  their sum (``Broker.hold_partial``): ``partial.PartialFrameWatch``.
-- An ERROR that ends a connection is written, the sending side shut down,
-  and what the client still sends is read and discarded for a moment (and a
-  bounded number of bytes) before the close: a client that pipelines frames
-  behind a wrong AUTH still reads the ERROR instead of a reset.
+- ``tls.TlsPump``: a TLS listener's connection (the handshake runs here, on
+  its own deadline, so it counts from accept against the connection limits);
+- ``keylookup``: the session's ``NeedKey``, once per handshake;
+- ``partial.PartialFrameWatch``: while a read ends inside a frame
+  (``--min-receive-rate``, ``Broker.hold_partial``);
+- ``backlog.BacklogWatch``: while the transport reports a backlog (the
+  slow-consumer cut; the hard bound itself is checked in ``deliver``);
+- ``linger.LingeringClose``: after a closing ERROR, so the client reads it;
+- ``heldback.HeldBack``: while the pre-auth pool holds the connection back;
+- ``durable.feed.ConnectionFeed``: a durable key's connection.
+
+Kept here: one internal-error boundary around every entry point (the
+callbacks decorated with ``guarded``; every timer of the connection and its
+parts scheduled through ``_call_later``/``_call_soon``; a task, a failed
+delivery and the broker's per-connection loops call ``internal_error``): an
+exception closes this connection alone, ERROR to the client and traceback in
+the log (``tests/broker/test_guarded_boundary.py`` enumerates them). And the
+turns: when one read holds more work than one loop turn should do, reading
+is paused and the rest is handled in later turns, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import functools
 import logging
-import select
 import ssl
-import termios
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -59,25 +44,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..protocol import encode_info, new_nonce
 from . import metrics
 from .admission import Groups, address_groups
+from .backlog import BacklogWatch, cut_slow_consumer
 from .durable.feed import ConnectionFeed, DurableFeed
 from .durable.tcpack import CloseKind, close_kind
-from .events import Closed, Connected, SlowConsumerCut
+from .events import Closed, Connected
+from .heldback import HeldBack
 from .keylookup import answer as answer_key
+from .linger import LingeringClose
 from .metrics import Limit
 from .partial import PartialFrameWatch
-from .policies import Linger, SlowConsumerWatch
 from .reasons import CloseReason
 from .session import AUTHING, CLOSED, PRE_AUTH, READY, Session
 from .tls import TlsPump
-from .tuning import (
-    BACKLOG_CHECK_S,
-    BACKLOG_HIGH_BYTES,
-    BACKLOG_LOW_BYTES,
-    CHECKED_FRAMES_PER_TURN,
-    CLOSE_FLUSH_S,
-    CLOSE_LINGER_BYTES,
-    CLOSE_LINGER_S,
-)
+from .tuning import BACKLOG_HIGH_BYTES, BACKLOG_LOW_BYTES, CHECKED_FRAMES_PER_TURN, CLOSE_FLUSH_S
 
 if TYPE_CHECKING:
     from .state import Broker
@@ -113,10 +92,6 @@ def guarded(where: str) -> Callable[[_Method], _Method]:
     return wrap
 
 
-# poll() events of a peer that has closed or reset (Linux: POLLRDHUP; elsewhere a reset only).
-_GONE = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
-
-
 def _write_after_close(data: bytes) -> None:
     """What a connection writes once it is lost: nothing."""
 
@@ -143,11 +118,10 @@ _DETACHED = _Detached()
 class Connection(asyncio.Protocol):
     __slots__ = (
         "_auth_deadline",
-        "_backlog_timer",
         "_backlogged",
         "_durable",
         "_eof_pending",
-        "_held_data",
+        "_held",
         "_linger",
         "_lost",
         "_partial",
@@ -155,8 +129,8 @@ class Connection(asyncio.Protocol):
         "_tls",
         "_tls_pump",
         "_turn_pending",
-        "_watch",
         "_write",
+        "backlog_watch",
         "broker",
         "connected_at",
         "feed",
@@ -194,15 +168,14 @@ class Connection(asyncio.Protocol):
         self.sent_bytes = 0
         self.connected_at = 0.0  # wall clock of the accept (the console shows it)
         self._lost = False
-        self._linger: Linger | None = None  # after a closing ERROR
+        self._linger: LingeringClose | None = None  # after a closing ERROR (linger.py)
         self._partial: PartialFrameWatch | None = None  # while a read ends inside a frame
         self._eof_pending = False
-        self._held_data: bytes | None = None  # while held back (state.Broker.admit)
+        self._held: HeldBack | None = None  # while held back (heldback.py)
         self._turn_pending = False
         self._auth_deadline: asyncio.TimerHandle | None = None
-        self._backlog_timer: asyncio.TimerHandle | None = None
         self._backlogged = False  # the transport is over its high-water mark
-        self._watch: SlowConsumerWatch | None = None  # while backlogged
+        self.backlog_watch: BacklogWatch | None = None  # while backlogged (backlog.py)
         # A durable key's connection: its channels come from the log (durable/feed.py).
         self.feed: DurableFeed | None = None
         self._durable: ConnectionFeed | None = None  # its acknowledgements and its end
@@ -214,28 +187,6 @@ class Connection(asyncio.Protocol):
     def tls(self) -> bool:
         """The client speaks TLS (terminated in this connection)."""
         return self._tls is not None
-
-    def bytes_waiting(self) -> bool:
-        """Bytes from the client have arrived and are not read yet (admission.py)."""
-        t = self.transport
-        sock = t.get_extra_info("socket") if t is not None else None
-        if sock is None:
-            return False
-        try:
-            return fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0") != b"\0\0\0\0"
-        except OSError:
-            return False
-
-    def peer_gone(self) -> bool:
-        """The client has closed its side (a FIN or a reset is waiting): it gave up
-        while held back, and its handshake would be work for nobody."""
-        t = self.transport
-        sock = t.get_extra_info("socket") if t is not None else None
-        if sock is None:
-            return False
-        poller = select.poll()
-        poller.register(sock.fileno(), _GONE)
-        return bool(poller.poll(0))
 
     def write_buffer_size(self) -> int:
         t = self.transport
@@ -263,21 +214,9 @@ class Connection(asyncio.Protocol):
         broker.admit(self)
 
     def hold_back(self) -> None:
-        """The pre-auth pool is full of connections making progress: read nothing, send
-        nothing, until the broker starts this one (it waits as in the listen backlog)."""
+        """The pre-auth pool is full of connections making progress: wait, unread (heldback.py)."""
         assert self.transport is not None
-        self._held_data = b""
-        self.transport.pause_reading()
-
-    def _hold(self, data: bytes) -> None:
-        """Bytes read while held back (a loop may start reading after connection_made
-        whatever it was told): kept for start(), a bounded amount."""
-        assert self.transport is not None and self._held_data is not None
-        self._held_data += data
-        self.transport.pause_reading()
-        if len(self._held_data) > self._authing_buffer_cap():
-            metrics.limit_rejected(Limit.PRE_AUTH_BUFFER)
-            self.close(CloseReason.FRAME_TOO_LARGE, "too much data before authentication completed", abort=True)
+        self._held = HeldBack(self.transport)
 
     def start(self, held: bool = False) -> None:
         """Admitted to the pre-auth pool: the TLS handshake, or INFO."""
@@ -291,10 +230,10 @@ class Connection(asyncio.Protocol):
         else:
             self._greet()
         if held:
-            data, self._held_data = self._held_data, None
+            holding, self._held = self._held, None
             self.transport.resume_reading()
-            if data:
-                self.data_received(data)
+            if holding is not None and holding.data:
+                self.data_received(holding.data)
 
     def _greet(self) -> None:
         """INFO with the nonce, and the AUTH deadline from now."""
@@ -319,8 +258,8 @@ class Connection(asyncio.Protocol):
                 self.transport.abort()
             return
         if session.state != READY:
-            if self._held_data is not None:
-                self._hold(data)
+            if self._held is not None:
+                self._held.hold(self, data)
                 return
             self.broker.progress(self)  # bytes of a handshake or an AUTH: not evicted for a while
         tls = self._tls_pump
@@ -402,12 +341,13 @@ class Connection(asyncio.Protocol):
         broker.forget(self)
         # Break every cycle through this connection (transport <-> protocol,
         # including the transport's bound write; session <-> connection; the
-        # parts that point back: TLS pump, durable feed) so a closed connection
-        # is freed by reference counting, not by a later (long) cyclic GC pass.
+        # parts that point back: TLS pump, durable feed, backlog watch, linger)
+        # so a closed connection is freed by reference counting, not by a later
+        # (long) cyclic GC pass.
         self.transport = None
         self._write = _write_after_close
         session.output = _DETACHED  # type: ignore[assignment]
-        self._tls_pump = self._durable = self.feed = None
+        self._tls_pump = self._durable = self.feed = self.backlog_watch = self._linger = None
         ident = session.ident or ""
         reason = session.close_reason or CloseReason.CONNECTION_RESET
         metrics.CONNECTION_LOST.inc(ident)
@@ -416,34 +356,20 @@ class Connection(asyncio.Protocol):
 
     @guarded("watching the outgoing buffer")
     def pause_writing(self) -> None:
-        # The subscriber's queue passed the backlog mark: watch its progress.
+        # The subscriber's queue passed the backlog mark: watch its progress (backlog.py).
         # The flag first: the hard bound is checked at every delivery from now on,
-        # whatever happens to the timer.
+        # whatever happens to the watch.
         self._backlogged = True
-        if self._backlog_timer is None and self.session.state != CLOSED:
-            broker = self.broker
-            self._watch = SlowConsumerWatch(
-                broker.backlog_bounds, broker.loop.time(), self.write_buffer_size(), self.sent_bytes
-            )
-            metrics.SEND_BUFFER_DEADLINE_START.labels(self.session.ident or "").inc()
-            self._backlog_timer = self._call_later(BACKLOG_CHECK_S, self._watch_backlog)
-
-    def cut_closeness(self) -> float | None:
-        """How near the slow-consumer cut (0 to 1) while the outgoing buffer is watched
-        (``SlowConsumerWatch.closeness``); None while it is not (the console reads it)."""
-        watch = self._watch
-        if watch is None:
-            return None
-        return watch.closeness(self.broker.loop.time(), self.write_buffer_size())
+        if self.backlog_watch is None and self.session.state != CLOSED:
+            self.backlog_watch = BacklogWatch(self)
 
     @guarded("watching the outgoing buffer")
     def resume_writing(self) -> None:
         self._backlogged = False
-        if self._backlog_timer is not None:
-            self._backlog_timer.cancel()
-            self._backlog_timer = None
-            self._watch = None
-            metrics.SEND_BUFFER_DEADLINE_RECOVER.labels(self.session.ident or "").inc()
+        watch = self.backlog_watch
+        if watch is not None:
+            self.backlog_watch = None
+            watch.recovered()
         if self.feed is not None:
             self.feed.pump_soon()
 
@@ -455,7 +381,7 @@ class Connection(asyncio.Protocol):
         self._write(data)
         self.sent_bytes += len(data)
         if self._backlogged and transport.get_write_buffer_size() > self.broker.send_hard_bytes:
-            self._cut_slow_consumer("outgoing buffer over its hard bound")
+            cut_slow_consumer(self, "outgoing buffer over its hard bound")
 
     def delivery_failed(self) -> None:
         """``deliver`` raised during a fan-out: close this subscriber alone."""
@@ -509,7 +435,7 @@ class Connection(asyncio.Protocol):
                 # A peer that does not read must not keep the socket forever.
                 self._call_later(CLOSE_FLUSH_S, transport.abort)
             return
-        # The ERROR, then the sending side shut down (plain TCP), then linger:
+        # The ERROR, then the sending side shut down (plain TCP), then linger (linger.py):
         # what the client still sends is read and discarded, so closing does
         # not reset the connection before it has read the ERROR.
         self._write(error)
@@ -517,27 +443,7 @@ class Connection(asyncio.Protocol):
             self._write_wire(tls.close_notify())
         if transport.can_write_eof():
             transport.write_eof()
-        self._linger = Linger(CLOSE_LINGER_BYTES)
-        self.broker.lingering_add(self)
-        with contextlib.suppress(RuntimeError, AttributeError):  # not paused, or a transport that cannot
-            transport.resume_reading()
-        self._call_later(CLOSE_LINGER_S, self._end_linger)
-
-    def cut_linger(self) -> None:
-        """The connection limit is reached and this is the oldest lingering connection: end it now."""
-        self.broker.lingering_discard(self)
-        metrics.limit_rejected(Limit.MAX_CONNECTIONS)
-        if self.transport is not None and not self._lost:
-            self.transport.abort()
-
-    def _end_linger(self) -> None:
-        transport = self.transport
-        if transport is None or self._lost:
-            return
-        if transport.get_write_buffer_size():
-            transport.abort()  # the client never read its ERROR
-        else:
-            transport.close()
+        self._linger = LingeringClose(self, transport)
 
     # --- turns ---------------------------------------------------------------------------
 
@@ -592,26 +498,6 @@ class Connection(asyncio.Protocol):
         self._auth_deadline = None
         self.session.auth_timeout(self.broker.config.limits.auth_timeout_s)
 
-    def _watch_backlog(self) -> None:
-        """Runs every BACKLOG_CHECK_S while the subscriber is backlogged (policies.SlowConsumerWatch)."""
-        self._backlog_timer = None
-        transport, watch = self.transport, self._watch
-        if self.session.state == CLOSED or transport is None or transport.is_closing() or watch is None:
-            return
-        why = watch.check(self.broker.loop.time(), transport.get_write_buffer_size(), self.sent_bytes)
-        if why is not None:
-            self._cut_slow_consumer(why)
-        else:
-            self._backlog_timer = self._call_later(BACKLOG_CHECK_S, self._watch_backlog)
-
-    def _cut_slow_consumer(self, why: str) -> None:
-        if self.session.state == CLOSED:
-            return
-        metrics.SLOW_CONSUMERS.inc()
-        self.broker.emit(SlowConsumerCut(self.peer, self.session.ident, why, self.write_buffer_size()))
-        # Its queue is stuck, so an ERROR behind it would never arrive: abort.
-        self.close(CloseReason.SLOW_CONSUMER, None, abort=True)
-
     # --- closing ---------------------------------------------------------------------------------
 
     def close(self, reason: CloseReason, message: str | None, *, abort: bool = False) -> None:
@@ -628,6 +514,12 @@ class Connection(asyncio.Protocol):
             self.session.ident,
             extra={"event": "internal_error", "peer": self.peer, "ident": self.session.ident},
         )
+        if self.session.state == CLOSED:
+            # Closed already (a fault while lingering, or in a part after the close):
+            # nothing left to say to the client, but the socket must not stay open.
+            if self.transport is not None:
+                self.transport.abort()
+            return
         try:
             self.session.close(CloseReason.INTERNAL_ERROR, "internal error; this connection is closed")
         except Exception:
@@ -641,6 +533,5 @@ class Connection(asyncio.Protocol):
         if self._auth_deadline is not None:
             self._auth_deadline.cancel()
             self._auth_deadline = None
-        if self._backlog_timer is not None:
-            self._backlog_timer.cancel()
-            self._backlog_timer = None
+        if self.backlog_watch is not None:
+            self.backlog_watch.stop()

@@ -29,6 +29,7 @@ from .ratelimit import AuthFailureLimiter
 from .reasons import CloseReason
 from .router import Router
 from .session import CLOSED, Refusal
+from .sockinfo import bytes_waiting, peer_gone
 from .text import printable
 from .tuning import (
     AUTH_LOOKUP_ATTEMPTS,
@@ -41,6 +42,7 @@ from .tuning import (
 
 if TYPE_CHECKING:
     from .connection import Connection
+    from .linger import LingeringClose
 
 log = logging.getLogger("hpfeeds3.broker")
 
@@ -82,7 +84,9 @@ class Broker:
         limits = config.limits
         # Connections not authenticated yet, by address group (admission.py).
         self.pre_auth: PreAuthPool[Connection] = PreAuthPool(
-            limits.max_unauthenticated, limits.max_unauthenticated_per_address, lambda conn: conn.bytes_waiting()
+            limits.max_unauthenticated,
+            limits.max_unauthenticated_per_address,
+            lambda conn: bytes_waiting(conn.transport),
         )
         # Accepted while the pool was full of connections making progress: not read
         # yet, started oldest first as slots free, or over the bound once held
@@ -100,8 +104,8 @@ class Broker:
         self._partial_by_group: dict[str | None, dict[str, int]] = {}
         self._partial_members: dict[tuple[str | None, str], dict[Connection, None]] = {}
         # Connections lingering after a closing ERROR, oldest first: at the
-        # connection limit the oldest is cut to make room (connection.py).
-        self.lingering: dict[Connection, None] = {}
+        # connection limit the oldest is cut to make room (linger.py).
+        self.lingering: dict[Connection, LingeringClose] = {}
         self.state = "starting"  # starting | serving | stopping
         self.backplane: Backplane | None = None  # --cluster: set once, by attach_backplane
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -350,7 +354,7 @@ class Broker:
         self.connections.add(conn)
         if len(self.connections) > self.max_connections:
             if self.lingering:
-                next(iter(self.lingering)).cut_linger()
+                next(iter(self.lingering.values())).cut()
             else:
                 evict = self.pre_auth.oldest_idle(self.loop.time())
                 if evict is None:
@@ -403,7 +407,7 @@ class Broker:
                     break
                 del held_back[conn]
                 try:
-                    if conn.peer_gone():
+                    if peer_gone(conn.transport):
                         conn.close(CloseReason.CLIENT_CLOSED, None, abort=True)  # it gave up waiting
                         continue
                     self._enter_pool(conn, held=True, over_bound=not room)
@@ -465,8 +469,8 @@ class Broker:
                 if not group:
                     del self.by_ident[ident]
 
-    def lingering_add(self, conn: Connection) -> None:
-        self.lingering[conn] = None
+    def lingering_add(self, conn: Connection, linger: LingeringClose) -> None:
+        self.lingering[conn] = linger
 
     def lingering_discard(self, conn: Connection) -> None:
         self.lingering.pop(conn, None)

@@ -1057,7 +1057,8 @@ def _cut_fraction(conn: Any, queued: int, hard: int) -> float | None:
     if not hard:
         return None
     near = min(1.0, queued / hard)
-    watched = conn.cut_closeness()
+    watch = conn.backlog_watch
+    watched = watch.closeness() if watch is not None else None
     return round(max(near, watched) if watched is not None else near, 3)
 
 

@@ -200,11 +200,17 @@ def replay(backlog_mib: int) -> dict[str, float]:
         start = time.monotonic()
         reader.start()
         peak = rss_before
+        received, last_progress = 0, start
         while reader.received < expected * len(frame):
             peak = max(peak, rss_mib(proc.pid))
             time.sleep(0.05)
-            if time.monotonic() - start > 600:
-                raise RuntimeError(f"replay stalled at {reader.received} bytes")
+            if reader.received != received:
+                received, last_progress = reader.received, time.monotonic()
+            elif time.monotonic() - last_progress > 30:
+                raise RuntimeError(
+                    f"replay stalled at {reader.received:,} of {expected * len(frame):,} bytes"
+                    f" ({reader.received / len(frame):,.1f} of {expected:,} messages)"
+                )
         elapsed = time.monotonic() - start
         reader.stopping = True
         return {

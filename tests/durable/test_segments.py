@@ -4,6 +4,7 @@ drop counts, segment deletion, restart recovery, torn tails, write errors."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -529,12 +530,19 @@ def test_a_write_error_degrades_the_store_counts_and_never_raises(tmp_path: Path
     assert os.path.getsize(next(iter((tmp_path / "data" / "durable" / "channels").glob("*/*.seg")))) <= 64 * 1024
 
 
-def test_appends_beyond_the_pending_bound_are_counted_not_queued(open_log: OpenLog) -> None:
+def test_appends_beyond_the_pending_bound_are_counted_not_queued(
+    open_log: OpenLog, caplog: pytest.LogCaptureFixture
+) -> None:
     log = open_log(max_pending_bytes=50)  # smaller than one message: none is queued
     log.follow("a", CHANNEL)
-    assert append_run(log, 0, 3) == 3
-    assert append_run(log, 3, 2) == 5
-    assert log.sync()
+    with caplog.at_level(logging.WARNING, logger="hpfeeds3.broker.durable"):
+        assert append_run(log, 0, 3) == 3
+        assert append_run(log, 3, 2) == 5
+        assert log.sync()
+        deadline = time.monotonic() + 5
+        while "messages not stored" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)  # the writer logs it after the write that gave them up
+    assert "not stored: the writer was more than 50 bytes behind" in caplog.text
     stats = log.stats()
     assert stats.appended == stats.unstored == 5 and stats.disk_bytes == 0
     assert log.written(CHANNEL) == 5

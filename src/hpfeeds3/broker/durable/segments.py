@@ -147,6 +147,8 @@ class SegmentLog:
         self._appended = 0  # event loop
         self._queued_bytes = 0  # event loop
         self._overflow = 0  # event loop: not queued, the writer being too far behind
+        self._overflow_logged = 0  # writer: what of _overflow the log has said
+        self._overflow_logged_at = -LOG_EVERY_S  # writer
         self._done_bytes = 0  # writer
         self._unstored = 0  # writer
         self._degraded = False
@@ -450,6 +452,7 @@ class SegmentLog:
                     self._save_positions()
                 wrote = self._write_pending()
                 now = time.monotonic()
+                self._log_overflow(now)
                 if stopping or now - last_sync >= interval:
                     self._hand_to_syncer()
                     if stopping:
@@ -821,6 +824,20 @@ class SegmentLog:
         except OSError as e:
             self._failed(f"cannot delete {segment.path}: {e.strerror or e}")
         self._dirs_dirty.add(ch.directory)
+
+    def _log_overflow(self, now: float) -> None:
+        """Say (at most once a minute) that messages were not stored because the writer
+        was more than ``max_pending_bytes`` behind: counted in ``unstored`` too."""
+        overflow = self._overflow
+        if overflow == self._overflow_logged or now - self._overflow_logged_at < LOG_EVERY_S:
+            return
+        log.warning(
+            "durable log: %d messages not stored: the writer was more than %d bytes behind the publishers (%d so far)",
+            overflow - self._overflow_logged,
+            self.config.max_pending_bytes,
+            overflow,
+        )
+        self._overflow_logged, self._overflow_logged_at = overflow, now
 
     def _log_drops(self) -> None:
         if not self._dropped_unlogged:

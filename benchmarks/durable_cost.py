@@ -207,9 +207,11 @@ def replay(backlog_mib: int) -> dict[str, float]:
             if reader.received != received:
                 received, last_progress = reader.received, time.monotonic()
             elif time.monotonic() - last_progress > 30:
+                said = [line for line in (tmp / "broker.log").read_text().splitlines() if "durable log:" in line]
                 raise RuntimeError(
                     f"replay stalled at {reader.received:,} of {expected * len(frame):,} bytes"
-                    f" ({reader.received / len(frame):,.1f} of {expected:,} messages)"
+                    f" ({reader.received / len(frame):,.1f} of {expected:,} messages); the broker said:\n"
+                    + "\n".join(said)
                 )
         elapsed = time.monotonic() - start
         reader.stopping = True

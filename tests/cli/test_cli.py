@@ -57,8 +57,12 @@ class Subscriber:
     """``hpfeeds subscribe -v ...`` in the background, ready once it said so."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+        # Unbuffered pipes: the readers select() on the descriptor, then readline(); a
+        # buffered pipe's readline() could take two lines from one read and keep the
+        # second where select() does not see it (a "refused" line waited out the timeout).
         self.proc = subprocess.Popen(
             [HPFEEDS, "subscribe", "-v", *args],
+            bufsize=0,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,

@@ -333,6 +333,7 @@ class Console:
                 for old in [k for k, (t, f) in self._views.items() if f.done()][: MAX_CACHED_VIEWS // 2]:
                     del self._views[old]
             self._views[key] = (now, future)
+            self.tracker.settle()  # what the tracker noted since the last poll, counted
             try:
                 response = await handler(request)
             except BaseException:

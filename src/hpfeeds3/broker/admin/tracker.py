@@ -6,7 +6,11 @@ Two feeds, neither on the message hot path:
   ``Broker.observe``): the notable ones (failed AUTHs, blocks, slow consumers,
   revocations, and the console's own changes and failed logins) go into a
   ring of at most ``MAX_EVENTS``, and authentications and closes mark when an
-  ident was last seen;
+  ident was last seen. Every handshake makes an authentication and a close,
+  so those two are only noted (a dict entry, a list item) and counted by
+  ``settle()``, once per ident and channel, at the next poll or view (or when
+  ``SETTLE_AT`` are waiting): an open console then costs a handshake well
+  under a microsecond instead of its share of the tables below;
 - ``poll()`` (every ``POLL_S``) reads each connection's per-channel publish
   counters (kept by the broker for its metrics) and adds what grew since the
   last poll to one-minute buckets (at most 60 per pair), from which come the
@@ -62,6 +66,8 @@ MAX_IDENTS = 20_000
 POLL_S = 2.0
 # Connections read per loop turn by the poll.
 POLL_SLICE = 200
+# Authentications and closes noted before they are counted without waiting for the poll.
+SETTLE_AT = 4096
 # One-minute buckets kept per pair: the last hour.
 BUCKETS = 60
 
@@ -90,6 +96,8 @@ def blocked_reason(event: AuthRefused) -> str:
 
 K = TypeVar("K")
 V = TypeVar("V")
+# Publishes summed before they are added: (ident, channel, minute) -> (count, latest time).
+_Counts = dict[tuple[str, bytes, int], tuple[int, float]]
 
 
 def _touch(table: OrderedDict[K, V], key: K, make: Callable[[], V], bound: int) -> tuple[V, list[K]]:
@@ -176,6 +184,10 @@ class Tracker:
         self._dirty_minutes: set[tuple[str, str, int]] = set()
         self._forget = Batch()
         self._executor: ThreadPoolExecutor | None = None
+        # Noted by ``observe`` and counted by ``settle``: the idents seen (their latest
+        # time) and the closes (with their time) since the last settle.
+        self._arrived: dict[str, float] = {}
+        self._closes: list[tuple[Closed, float]] = []
 
     # --- the history on disk -----------------------------------------------------------
 
@@ -212,6 +224,7 @@ class Tracker:
 
     def batch(self, now: float) -> Batch:
         """What changed since the last call, as rows for the store."""
+        self.settle()
         out, self._forget = self._forget, Batch()
         for ident in self._dirty_idents:
             t = self.trouble.get(ident) or Trouble()
@@ -283,10 +296,16 @@ class Tracker:
         if kind is Kind.AUTHENTICATED or kind is Kind.CLOSED:
             ident = event.ident
             if ident is not None:
-                self.seen(ident, now)
+                self._arrived[ident] = now
             if type(event) is Closed:
-                self.closed(event)
+                closes = self._closes
+                closes.append((event, now))
+                if len(closes) >= SETTLE_AT:
+                    self.settle()
+            elif len(self._arrived) >= SETTLE_AT:
+                self.settle()
             return
+        self.settle()  # in order with what was noted before
         if type(event) is AuthRefused:
             self.refused_auth(event, now)
             return
@@ -392,6 +411,7 @@ class Tracker:
         poll, so a slice boundary cannot count a message twice; a connection
         that closed is read as it closes (``closed``, on its ``Closed`` event).
         """
+        self.settle()
         conns = list(self.broker.connections)
         for start in range(0, len(conns), POLL_SLICE):
             if start:
@@ -442,19 +462,59 @@ class Tracker:
         rates = self.channel_rates
         return sum(rates.get(channel, 0.0) for channel in conn.session.subscriptions)
 
+    def settle(self) -> None:
+        """Count the authentications and closes ``observe`` noted: each ident's last
+        seen once, and what the closed connections published summed per ident,
+        channel and minute before it is added to the tables."""
+        arrived, closes = self._arrived, self._closes
+        if not (arrived or closes):
+            return
+        self._arrived, self._closes = {}, []
+        for ident, when in arrived.items():
+            self.seen(ident, when)
+        if closes:
+            self._count_closes(closes)
+
     def closed(self, event: Closed, now: float | None = None) -> None:
         """A connection closed: count what it published since the last poll, now
         (one that lived between two polls would otherwise never be read)."""
-        if event.who is not None:
-            self._count(event.conn_id, event.who, event.published, time.time() if now is None else now)
-        self._counted.pop(event.conn_id, None)
-        self._sent.pop(event.conn_id, None)
-        self.rates.pop(event.conn_id, None)
+        self._count_closes([(event, time.time() if now is None else now)])
+
+    def _count_closes(self, closes: list[tuple[Closed, float]]) -> None:
+        # Once per closed connection, so kept tight: its counts since the last poll
+        # that read it (all of them if none did), summed before they are added.
+        counted_pop, sent_pop, rates_pop = self._counted.pop, self._sent.pop, self.rates.pop
+        primed = self._primed
+        counts: _Counts = {}
+        for event, when in closes:
+            conn_id = event.conn_id
+            last = counted_pop(conn_id, None)
+            sent_pop(conn_id, None)
+            rates_pop(conn_id, None)
+            who = event.who
+            if who is None:
+                continue
+            minute = int(when // 60)
+            for chan, st in event.published.items():
+                before = last.get(chan) if last else None
+                if before is None and not primed:
+                    continue  # published before the console started: no minute
+                delta = st.count - (before or 0)
+                if not delta:
+                    continue
+                key = (who, chan, minute)
+                summed = counts.get(key)
+                if summed is None:
+                    counts[key] = (delta, when)
+                else:
+                    counts[key] = (summed[0] + delta, when if when > summed[1] else summed[1])
+        self._add_counts(counts)
 
     def scan(self, conns: list[Any], now: float | None = None) -> None:
         now = time.time() if now is None else now
         clock = time.monotonic()
         sent_before, rates = self._sent, self.rates
+        counts: _Counts = {}
         for conn in conns:
             sent = getattr(conn, "sent_bytes", 0)
             before = sent_before.get(conn.id)
@@ -464,9 +524,10 @@ class Tracker:
             session = conn.session
             ident = session.ident
             if ident is not None:
-                self._count(conn.id, ident, session.publish_stats, now)
+                self._count(conn.id, ident, session.publish_stats, now, counts)
+        self._add_counts(counts)
 
-    def _count(self, conn_id: int, ident: str, published: Mapping[bytes, Any], now: float) -> None:
+    def _count(self, conn_id: int, ident: str, published: Mapping[bytes, Any], now: float, counts: _Counts) -> None:
         minute = int(now // 60)
         last = self._counted.get(conn_id)
         if last is None:
@@ -479,7 +540,14 @@ class Tracker:
             last[chan] = count
             if before is None and not self._primed:
                 continue  # published before the console started: no minute
-            self._add(ident, chan, count - (before or 0), minute, now)
+            key = (ident, chan, minute)
+            summed = counts.get(key)
+            delta = count - (before or 0)
+            counts[key] = (delta, now) if summed is None else (summed[0] + delta, max(summed[1], now))
+
+    def _add_counts(self, counts: _Counts) -> None:
+        for (ident, chan, minute), (delta, now) in counts.items():
+            self._add(ident, chan, delta, minute, now)
 
     def _add(self, ident: str, chan: bytes, delta: int, minute: int, now: float) -> None:
         channel = chan.decode("utf-8", "backslashreplace")

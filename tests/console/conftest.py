@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.cookiejar
 import json
@@ -21,8 +22,10 @@ import pytest
 from hpfeeds3.broker.admin.tokens import generate_token, hash_token
 from hpfeeds3.broker.auth.base import make_key
 from hpfeeds3.broker.keys import open_store
+from hpfeeds3.broker.state import Broker
 from hpfeeds3.client import BlockingClient
 from tests.support.broker import BrokerProcess, free_port, sqlite_add_key, wait_for_port, write_users_json
+from tests.support.inprocess import idle_broker
 
 
 @dataclass
@@ -151,6 +154,16 @@ def console_broker(tmp_path: Path, *extra: str, scheme: str = "http", store: str
         yield Console(b, f"{scheme}://127.0.0.1:{admin_port}", port, admin, viewer, db, tokens_path)
     finally:
         b.stop()
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    """A ``Broker`` on its own loop, serving nothing (for the tracker and the API in-process)."""
+    loop = asyncio.new_event_loop()
+    try:
+        yield idle_broker(loop)
+    finally:
+        loop.close()
 
 
 @pytest.fixture

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -35,16 +33,6 @@ from hpfeeds3.broker.reasons import CloseReason
 from hpfeeds3.broker.session import Refusal
 from hpfeeds3.broker.state import Broker
 from hpfeeds3.protocol import encode_publish
-from tests.support.inprocess import idle_broker
-
-
-@pytest.fixture
-def broker() -> Iterator[Broker]:
-    loop = asyncio.new_event_loop()
-    try:
-        yield idle_broker(loop)
-    finally:
-        loop.close()
 
 
 class Counters:

@@ -4,8 +4,6 @@ than ``SETTLE_AT`` waiting."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,20 +17,10 @@ from hpfeeds3.broker.events import Authenticated, Closed, Connected
 from hpfeeds3.broker.metrics import PublishStats
 from hpfeeds3.broker.reasons import CloseReason
 from hpfeeds3.broker.state import Broker
-from tests.support.inprocess import idle_broker
 
 from .conftest import write_tokens
 
 T0 = 1_000_000 * 60.0
-
-
-@pytest.fixture
-def broker() -> Iterator[Broker]:
-    loop = asyncio.new_event_loop()
-    try:
-        yield idle_broker(loop)
-    finally:
-        loop.close()
 
 
 def handshake(t: Tracker, conn_id: int, ident: str, channel: bytes, published: int) -> None:

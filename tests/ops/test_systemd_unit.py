@@ -83,7 +83,7 @@ def test_unit_command_serves_and_logs_json(tmp_path: Path) -> None:
     records = [json.loads(line) for line in log.splitlines() if line.strip()]
     assert records and all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
     events = {r.get("event") for r in records}
-    assert {"connected", "authenticated", "closed"} <= events, events
+    assert {"authenticated", "closed"} <= events, events
     authenticated = next(r for r in records if r.get("event") == "authenticated")
     assert authenticated["ident"] == "ident" and authenticated["peer"].startswith("127.0.0.1:")
     assert not any("secret" in json.dumps(r) for r in records), "a secret reached the log"

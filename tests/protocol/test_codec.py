@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import subprocess
 import sys
 import tracemalloc
@@ -31,6 +32,7 @@ from hpfeeds3.protocol import (
     encode,
     encode_auth,
     encode_publish,
+    new_nonce,
     sign,
     verify,
 )
@@ -190,6 +192,23 @@ def test_sign_is_sha1_of_nonce_then_secret() -> None:
     # Known answers (printf 'abcdsecret' | sha1sum): SHA1(nonce + secret), as every hpfeeds client computes it.
     assert sign(b"abcd", b"secret").hex() == "ee895c4fcd00f02507835e0e9554441bd8888388"
     assert sign(b"\x01\x02\x03\x04", b"s3cr3t").hex() == "bc723f7cdecbeb4c0b33ee9e3c32b1346c4257dd"
+
+
+def test_nonces_are_fresh_across_a_read_and_a_fork() -> None:
+    """Nonces come from one read of the OS's random source per 1,024; a forked
+    worker must not hand out the nonces its parent hands out next."""
+    nonces = [new_nonce() for _ in range(3000)]  # across three reads
+    assert all(len(n) == 4 for n in nonces) and len(set(nonces)) > 2990
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, b"".join(new_nonce() for _ in range(8)))
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as f:
+        child = f.read()
+    assert len(child) == 32 and child != b"".join(new_nonce() for _ in range(8))
 
 
 def test_challenge_sign_and_verify() -> None:

@@ -88,7 +88,10 @@ class Event:
 @dataclass(slots=True)
 class Connected(Event):
     kind = Kind.CONNECTED
-    frequent = True
+    # Logged with --debug only: the line that follows names the same peer (its
+    # AUTH, or its close with the reason), and a third line per handshake cost
+    # the log writer about a third of the logging's share of a handshake.
+    level = logging.DEBUG
     conn_id: int
 
     def text(self) -> str:

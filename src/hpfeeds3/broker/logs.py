@@ -138,7 +138,7 @@ class TextFormatter(logging.Formatter):
     @staticmethod
     def line(created: float, level: str, logger: str, message: str, attributes: Mapping[str, Any]) -> str:
         """The line of a record made of these (``attributes``: the record's, or just its fields)."""
-        # Written for speed (every connection formats three lines): the
+        # Written for speed (every connection formats two lines): the
         # attributes read once, strings taken as they are.
         line = f"{_timestamp(created)} {level} {logger} {one_line(message)}"
         for name in FIELDS:

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 from .frames import NONCE_LEN
 
-
 # Nonces are cut from one read of the OS's random source per 1,024 connections:
 # the same bytes os.urandom gives, without a system call per handshake. A forked
 # child starts a stream of its own (it must not hand out its parent's next nonces).

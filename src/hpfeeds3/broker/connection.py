@@ -43,6 +43,8 @@ from .linger import LingeringClose
 from .lost import DETACHED, write_after_close
 from .metrics import Limit
 from .partial import PartialFrameWatch
+from .partial import release as release_partial
+from .partial import watch as watch_partial
 from .reasons import CloseReason
 from .session import AUTHING, CLOSED, PRE_AUTH, READY, Session
 from .tls import TlsPump
@@ -229,23 +231,7 @@ class Connection(Guarded, asyncio.Protocol):
             metrics.limit_rejected(Limit.PRE_AUTH_BUFFER)
             self.close(CloseReason.FRAME_TOO_LARGE, "too much data before authentication completed")
         if session.pending_frame_bytes or self._partial is not None:
-            self._watch_partial_frame()
-
-    def _watch_partial_frame(self) -> None:
-        """A read ended inside a frame, or one was being watched (partial.py)."""
-        partial = self._partial
-        if partial is None:
-            if self.session.state == CLOSED:
-                return
-            partial = self._partial = PartialFrameWatch(self)
-        if not partial.update():
-            self._partial = None
-
-    def _release_partial(self) -> None:
-        partial = self._partial
-        if partial is not None:
-            self._partial = None
-            partial.release()
+            watch_partial(self)
 
     def _authing_buffer_cap(self) -> int:
         return self.broker.frame_limits.max_publish_frame_bytes + _AUTHING_BUFFER_MARGIN
@@ -282,7 +268,7 @@ class Connection(Guarded, asyncio.Protocol):
             except Exception:
                 log.exception("internal error while closing %s", self.peer)
         self._cancel_timers()
-        self._release_partial()
+        release_partial(self)
         broker.forget(self)
         # Every cycle through this connection broken: freed by reference counting (lost.py).
         self.transport = None
@@ -347,7 +333,7 @@ class Connection(Guarded, asyncio.Protocol):
 
     def close_transport(self, reason: CloseReason, error: bytes | None, abort: bool) -> None:
         self._cancel_timers()
-        self._release_partial()
+        release_partial(self)
         transport = self.transport
         if self._lost or transport is None:
             return

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .session import Session
     from .state import Broker
 
-log = logging.getLogger("hpfeeds3.broker.connection")
+log = logging.getLogger("hpfeeds3.broker.connection")  # a connection's lines, wherever its code lives
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 

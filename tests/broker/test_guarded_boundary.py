@@ -6,7 +6,8 @@ subscriber's hard bound holds whatever its backlog timer does; the broker's
 per-connection loops (revocation, shutdown, partial-frame accounting) isolate
 each connection. A source check enumerates the Protocol methods, the timer
 targets and the tasks of every module that holds a connection's code
-(``connection.py`` and the parts kept in their own modules: ``tls.TlsPump``,
+(``connection.py``, ``boundary.py`` where its timers are scheduled, and the
+parts kept in their own modules: ``tls.TlsPump``,
 ``keylookup``, ``partial.PartialFrameWatch``, ``backlog.BacklogWatch``,
 ``linger.LingeringClose``, ``heldback.HeldBack``, ``durable.feed.ConnectionFeed``)
 and fails if one is not wrapped, or if a module uses ``Connection`` without
@@ -33,6 +34,7 @@ import hpfeeds3.broker.state as state_module
 from hpfeeds3.broker import metrics
 from hpfeeds3.broker.auth import WouldBlock
 from hpfeeds3.broker.backlog import BacklogWatch
+from hpfeeds3.broker.boundary import Guarded
 from hpfeeds3.broker.config import BrokerConfig, Limits
 from hpfeeds3.broker.connection import Connection
 from hpfeeds3.broker.durable.feed import DurableFeed
@@ -423,6 +425,7 @@ def test_a_fault_in_a_durable_connections_sampling_timer_closes_it_alone(tmp_pat
 # Modules whose code runs as part of one connection: its callbacks, timer targets and tasks.
 CONNECTION_MODULES = {
     "hpfeeds3.broker.connection",
+    "hpfeeds3.broker.boundary",  # Guarded: the timers' helpers and internal_error (Connection's base)
     "hpfeeds3.broker.tls",  # TlsPump
     "hpfeeds3.broker.backlog",  # BacklogWatch
     "hpfeeds3.broker.linger",  # LingeringClose
@@ -462,7 +465,7 @@ def test_every_module_with_a_connections_code_is_enumerated() -> None:
     assert users - BROKER_WIDE <= CONNECTION_MODULES, (
         f"not enumerated: {sorted(users - BROKER_WIDE - CONNECTION_MODULES)}"
     )
-    assert CONNECTION_MODULES - {"hpfeeds3.broker.connection"} <= users
+    assert CONNECTION_MODULES - {"hpfeeds3.broker.connection", "hpfeeds3.broker.boundary"} <= users
     assert modules.keys() >= CONNECTION_MODULES
 
 
@@ -479,6 +482,7 @@ def _catches_into_internal_error(func: ast.AsyncFunctionDef) -> bool:
 
 
 def test_every_protocol_method_and_timer_target_is_guarded() -> None:
+    assert issubclass(Connection, Guarded)  # its parts' timers go through Guarded._call_later/_call_soon
     for name in PROTOCOL_METHODS:
         method = getattr(Connection, name)
         assert getattr(method, "__guarded__", None), f"Connection.{name} is not wrapped by the boundary"
@@ -495,7 +499,7 @@ def test_every_protocol_method_and_timer_target_is_guarded() -> None:
                 continue
             for node in ast.walk(func):
                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in SCHEDULERS:
-                    assert name == "hpfeeds3.broker.connection" and func.name in allowed, (
+                    assert name == "hpfeeds3.broker.boundary" and func.name in allowed, (
                         f"{name}.{func.name} schedules a timer outside the guarded helpers"
                     )
                     helpers += 1

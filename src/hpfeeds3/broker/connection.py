@@ -2,57 +2,49 @@
 
 The session (``session.py``) decides everything about the client's frames;
 this class is its ``Output`` (``send``, ``close_transport``) and moves bytes:
-it owns the transport, the timers and the turns. The broker side of the
-session is ``Broker`` (its ``Port``); clock-driven decisions are
-``policies.py`` objects fed ``loop.time()``; what happens is reported as typed
-events (``Broker.emit``). The parts of a connection with a job of their own
-live beside the job, made only for the connections (or the moments) that
-need them, and use this class's members as its own code would; each states
-its rules:
+it owns the transport, the timers and the turns (when one read holds more
+work than one loop turn should do, reading is paused and the rest is handled
+in later turns, in order). The broker side of the session is ``Broker`` (its
+``Port``); clock-driven decisions are ``policies.py`` objects fed
+``loop.time()``; what happens is reported as typed events (``Broker.emit``).
 
-- ``tls.TlsPump``: a TLS listener's connection (the handshake runs here, on
-  its own deadline, so it counts from accept against the connection limits);
-- ``keylookup``: the session's ``NeedKey``, once per handshake;
-- ``partial.PartialFrameWatch``: while a read ends inside a frame
-  (``--min-receive-rate``, ``Broker.hold_partial``);
-- ``backlog.BacklogWatch``: while the transport reports a backlog (the
-  slow-consumer cut; the hard bound itself is checked in ``deliver``);
-- ``linger.LingeringClose``: after a closing ERROR, so the client reads it;
-- ``heldback.HeldBack``: while the pre-auth pool holds the connection back;
-- ``durable.feed.ConnectionFeed``: a durable key's connection.
-
-Kept here: one internal-error boundary around every entry point (the
-callbacks decorated with ``guarded``; every timer of the connection and its
-parts scheduled through ``_call_later``/``_call_soon``; a task, a failed
-delivery and the broker's per-connection loops call ``internal_error``): an
-exception closes this connection alone, ERROR to the client and traceback in
-the log (``tests/broker/test_guarded_boundary.py`` enumerates them). And the
-turns: when one read holds more work than one loop turn should do, reading
-is paused and the rest is handled in later turns, in order.
+Every entry point runs inside one internal-error boundary (``boundary.py``
+states the rule), and a lost connection points at nothing (``lost.py``). The
+parts with a job of their own live beside the job, made only for the
+connections (or the moments) that need them; each module states its rules:
+``tls.TlsPump`` (a TLS listener's connection), ``keylookup`` (the session's
+``NeedKey``), ``partial.PartialFrameWatch`` (a read ends inside a frame),
+``backlog.BacklogWatch`` (the transport reports a backlog; the hard bound is
+checked in ``deliver``), ``linger.LingeringClose`` (after a closing ERROR),
+``heldback.HeldBack`` (held back from the pre-auth pool) and
+``durable.feed.ConnectionFeed`` (a durable key's connection).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
 from ..protocol import encode_info, new_nonce
 from . import metrics
 from .admission import Groups, address_groups
 from .backlog import BacklogWatch, cut_slow_consumer
+from .boundary import Guarded, guarded
 from .durable.feed import ConnectionFeed, DurableFeed
 from .durable.tcpack import CloseKind, close_kind
 from .events import Closed, Connected
 from .heldback import HeldBack
 from .keylookup import answer as answer_key
 from .linger import LingeringClose
+from .lost import DETACHED, write_after_close
 from .metrics import Limit
 from .partial import PartialFrameWatch
+from .partial import release as release_partial
+from .partial import watch as watch_partial
 from .reasons import CloseReason
 from .session import AUTHING, CLOSED, PRE_AUTH, READY, Session
 from .tls import TlsPump
@@ -70,52 +62,7 @@ _AUTHING_BUFFER_MARGIN = 65536
 _CLOSED_FOR_ROOM = frozenset({CloseReason.TOO_MANY_CONNECTIONS, CloseReason.TOO_MANY_UNAUTHENTICATED})
 
 
-_Method = TypeVar("_Method", bound=Callable[..., Any])
-
-
-def guarded(where: str) -> Callable[[_Method], _Method]:
-    """The boundary around an asyncio callback: an exception closes this connection
-    alone with ``internal_error`` (logged with ``where``)."""
-
-    def wrap(method: _Method) -> _Method:
-        @functools.wraps(method)
-        def guarded_method(self: Connection, *args: Any) -> Any:
-            try:
-                return method(self, *args)
-            except Exception:
-                self.internal_error(where)
-                return None
-
-        guarded_method.__guarded__ = where  # type: ignore[attr-defined]
-        return guarded_method  # type: ignore[return-value]
-
-    return wrap
-
-
-def _write_after_close(data: bytes) -> None:
-    """What a connection writes once it is lost: nothing."""
-
-
-class _Detached:
-    """The session's output once its connection is lost: nothing happens.
-
-    A closed session no longer acts (its methods return early), but it must
-    not point back at its connection: the two would form a reference cycle,
-    and every closed connection (with its transport, decoder and counters)
-    would wait for the cyclic GC, whose full passes over 10,000 live
-    connections cost a reconnect storm more than its handshakes."""
-
-    def send(self, data: bytes) -> None:
-        pass
-
-    def close_transport(self, reason: CloseReason, error: bytes | None, abort: bool) -> None:
-        pass
-
-
-_DETACHED = _Detached()
-
-
-class Connection(asyncio.Protocol):
+class Connection(Guarded, asyncio.Protocol):
     __slots__ = (
         "_auth_deadline",
         "_backlogged",
@@ -284,23 +231,7 @@ class Connection(asyncio.Protocol):
             metrics.limit_rejected(Limit.PRE_AUTH_BUFFER)
             self.close(CloseReason.FRAME_TOO_LARGE, "too much data before authentication completed")
         if session.pending_frame_bytes or self._partial is not None:
-            self._watch_partial_frame()
-
-    def _watch_partial_frame(self) -> None:
-        """A read ended inside a frame, or one was being watched (partial.py)."""
-        partial = self._partial
-        if partial is None:
-            if self.session.state == CLOSED:
-                return
-            partial = self._partial = PartialFrameWatch(self)
-        if not partial.update():
-            self._partial = None
-
-    def _release_partial(self) -> None:
-        partial = self._partial
-        if partial is not None:
-            self._partial = None
-            partial.release()
+            watch_partial(self)
 
     def _authing_buffer_cap(self) -> int:
         return self.broker.frame_limits.max_publish_frame_bytes + _AUTHING_BUFFER_MARGIN
@@ -337,16 +268,12 @@ class Connection(asyncio.Protocol):
             except Exception:
                 log.exception("internal error while closing %s", self.peer)
         self._cancel_timers()
-        self._release_partial()
+        release_partial(self)
         broker.forget(self)
-        # Break every cycle through this connection (transport <-> protocol,
-        # including the transport's bound write; session <-> connection; the
-        # parts that point back: TLS pump, durable feed, backlog watch, linger)
-        # so a closed connection is freed by reference counting, not by a later
-        # (long) cyclic GC pass.
+        # Every cycle through this connection broken: freed by reference counting (lost.py).
         self.transport = None
-        self._write = _write_after_close
-        session.output = _DETACHED  # type: ignore[assignment]
+        self._write = write_after_close
+        session.output = DETACHED  # type: ignore[assignment]
         self._tls_pump = self._durable = self.feed = self.backlog_watch = self._linger = None
         ident = session.ident or ""
         reason = session.close_reason or CloseReason.CONNECTION_RESET
@@ -389,13 +316,6 @@ class Connection(asyncio.Protocol):
 
     # --- a durable key's feed (durable/feed.py) --------------------------------------
 
-    def _write_wire(self, data: bytes) -> None:
-        """Bytes on the wire outside the session's stream (TLS records of its own)."""
-        assert self.transport is not None
-        self.transport.write(data)
-        if self.feed is not None:
-            self.feed.tracker.wrote_wire(len(data))
-
     def feed_pump(self) -> None:
         """New messages in the log (the broker's call): send what this connection may."""
         if self._durable is not None:
@@ -413,15 +333,12 @@ class Connection(asyncio.Protocol):
 
     def close_transport(self, reason: CloseReason, error: bytes | None, abort: bool) -> None:
         self._cancel_timers()
-        self._release_partial()
+        release_partial(self)
         transport = self.transport
         if self._lost or transport is None:
             return
         pump = self._tls_pump
-        tls = pump.session if pump is not None else None
-        if tls is not None:
-            tls.discard()  # what waits is never decrypted
-        if abort or transport.is_closing() or (tls is not None and not tls.established):
+        if (pump is not None and not pump.closing()) or abort or transport.is_closing():
             transport.abort()  # (before a TLS handshake completes there is no way to send an ERROR)
             return
         if error is None or reason in _CLOSED_FOR_ROOM:
@@ -439,8 +356,8 @@ class Connection(asyncio.Protocol):
         # what the client still sends is read and discarded, so closing does
         # not reset the connection before it has read the ERROR.
         self._write(error)
-        if tls is not None:
-            self._write_wire(tls.close_notify())
+        if pump is not None:
+            pump.close_notify()
         if transport.can_write_eof():
             transport.write_eof()
         self._linger = LingeringClose(self, transport)
@@ -481,19 +398,6 @@ class Connection(asyncio.Protocol):
 
     # --- timers ------------------------------------------------------------------------------
 
-    def _call_later(self, delay: float, target: Callable[[], object]) -> asyncio.TimerHandle:
-        """Every timer of a connection is scheduled here: its target runs inside the boundary."""
-        return self.broker.loop.call_later(delay, self._run_guarded, target)
-
-    def _call_soon(self, target: Callable[[], object]) -> None:
-        self.broker.loop.call_soon(self._run_guarded, target)
-
-    def _run_guarded(self, target: Callable[[], object]) -> None:
-        try:
-            target()
-        except Exception:
-            self.internal_error(f"running {getattr(target, '__name__', 'a timer')}")
-
     def _on_auth_timeout(self) -> None:
         self._auth_deadline = None
         self.session.auth_timeout(self.broker.config.limits.auth_timeout_s)
@@ -503,31 +407,6 @@ class Connection(asyncio.Protocol):
     def close(self, reason: CloseReason, message: str | None, *, abort: bool = False) -> None:
         """Close with a recorded reason; ``message`` goes out in an ERROR frame first."""
         self.session.close(reason, message, abort=abort)
-
-    def internal_error(self, where: str) -> None:
-        """The boundary: a bug while handling this connection closes it alone.
-        Called inside the ``except`` block (the traceback is logged)."""
-        log.exception(
-            "internal error while %s for %s (%s); closing this connection",
-            where,
-            self.peer,
-            self.session.ident,
-            extra={"event": "internal_error", "peer": self.peer, "ident": self.session.ident},
-        )
-        if self.session.state == CLOSED:
-            # Closed already (a fault while lingering, or in a part after the close):
-            # nothing left to say to the client, but the socket must not stay open.
-            if self.transport is not None:
-                self.transport.abort()
-            return
-        try:
-            self.session.close(CloseReason.INTERNAL_ERROR, "internal error; this connection is closed")
-        except Exception:
-            log.exception("internal error while closing %s", self.peer)
-            if self.session.close_reason is None:
-                self.session.close_reason = CloseReason.INTERNAL_ERROR
-            if self.transport is not None:
-                self.transport.abort()
 
     def _cancel_timers(self) -> None:
         if self._auth_deadline is not None:

@@ -1,12 +1,13 @@
 """The frame a connection is receiving, from its header on: ``PartialFrameWatch``.
 
 Made when a read ends inside a frame, dropped when a read ends on a frame
-boundary or the connection closes, so a connection that receives whole frames
-never has one. A frame whose header has arrived must arrive at
-``--min-receive-rate`` (``policies.ReceiveRate``: a deadline per frame from
-the read that brought its header, scaled to its size), else the connection
-is closed (``slow_producer``); the bytes held for it are reported to the
-broker when they change, which bounds their sum over all connections
+boundary or the connection closes (``watch`` after such a read, ``release``
+at the close), so a connection that receives whole frames never has one. A
+frame whose header has arrived must arrive at ``--min-receive-rate``
+(``policies.ReceiveRate``: a deadline per frame from the read that brought
+its header, scaled to its size), else the connection is closed
+(``slow_producer``); the bytes held for it are reported to the broker when
+they change, which bounds their sum over all connections
 (``Broker.hold_partial``). The deadline is a timer of the connection
 (``_call_later``: inside its guarded boundary).
 """
@@ -75,3 +76,22 @@ class PartialFrameWatch:
         metrics.limit_rejected(Limit.MIN_RECEIVE_RATE)
         conn.broker.emit(SlowProducer(conn.peer, conn.session.ident, rate.why(pending)))
         conn.close(CloseReason.SLOW_PRODUCER, rate.error(pending))
+
+
+def watch(conn: Connection) -> None:
+    """A read ended inside a frame, or one was being watched: make, update or drop the watch."""
+    partial = conn._partial
+    if partial is None:
+        if conn.session.state == CLOSED:
+            return
+        partial = conn._partial = PartialFrameWatch(conn)
+    if not partial.update():
+        conn._partial = None
+
+
+def release(conn: Connection) -> None:
+    """The connection closes: its watch, if any, dropped."""
+    partial = conn._partial
+    if partial is not None:
+        conn._partial = None
+        partial.release()

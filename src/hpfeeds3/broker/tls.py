@@ -187,6 +187,24 @@ class TlsPump:
         assert transport is not None
         transport.write(self.session.encrypt(data))
 
+    def write_wire(self, data: bytes) -> None:
+        """Bytes on the wire outside the session's stream (TLS records of its own)."""
+        conn = self._conn
+        assert conn.transport is not None
+        conn.transport.write(data)
+        if conn.feed is not None:
+            conn.feed.tracker.wrote_wire(len(data))
+
+    def closing(self) -> bool:
+        """The connection closes: what waits is never decrypted. False before the
+        handshake completes: there is no way to send an ERROR, it is aborted."""
+        self.session.discard()
+        return self.session.established
+
+    def close_notify(self) -> None:
+        """Our close_notify alert (the client may or may not answer)."""
+        self.write_wire(self.session.close_notify())
+
     def receive(self, data: bytes) -> None:
         """Decrypt one turn's worth (``TlsSession.receive``); what remains waits, reading
         paused, for a later turn: this pump's (``_continue``), or after the session's own
@@ -236,7 +254,7 @@ class TlsPump:
             self._records_without_data()
             return None
         if reply:
-            self._conn._write_wire(reply)
+            self.write_wire(reply)
         if not was_established and tls.established:
             self._conn._greet()
         return plain
@@ -250,7 +268,7 @@ class TlsPump:
         if last:
             conn._received_plain(last)
         if conn.transport is not None and not conn._lost:
-            conn._write_wire(tls.close_notify())
+            self.close_notify()
             if not conn.eof_received():
                 conn.transport.close()
 

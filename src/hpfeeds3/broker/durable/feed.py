@@ -47,7 +47,7 @@ log = logging.getLogger("hpfeeds3.broker.durable")
 # than walk the frames of a record to fill it), and the bytes written to a
 # connection per loop turn.
 CHUNK_BYTES = RECORD_MAX_BYTES
-PUMP_BYTES = 256 * 1024
+PUMP_BYTES = 1024 * 1024
 # How often a live durable connection's acknowledgements are sampled and committed.
 SAMPLE_S = 0.1
 

@@ -103,6 +103,16 @@ class Reader(threading.Thread):
         assert isinstance(info, Info)
         self.sock.sendall(encode_auth(b"dur", sign(info.nonce, b"dur")) + encode_subscribe(b"dur", b"bench"))
 
+    def wait_quiet(self, quiet_s: float = 0.5, timeout_s: float = 120.0) -> None:
+        """Until nothing more arrives for ``quiet_s``: a durable reader behind the
+        publishers receives the rest after them, and the broker's CPU for it counts."""
+        deadline = time.monotonic() + timeout_s
+        seen, since = -1, time.monotonic()
+        while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+            if self.received != seen:
+                seen, since = self.received, time.monotonic()
+            time.sleep(0.05)
+
     def run(self) -> None:
         # Bytes are counted, not frames: the reader costs little next to the broker.
         self.sock.settimeout(0.5)
@@ -144,8 +154,10 @@ def live_cost(
     rounds: int, duration: float, baseline: tuple[str, str] | None = None
 ) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """Per scenario and label: (rate, broker CPU µs per message) of each round. The CPU
-    is the broker's, every thread, over the whole bench run (warm-up included) divided
-    by rate x duration: steadier than the rate on a machine that is not quiet."""
+    is the broker's, every thread, over the whole bench run (warm-up included) and until
+    the extra reader has received everything (a durable reader may be behind the
+    publishers), divided by rate x duration: steadier than the rate on a machine that
+    is not quiet."""
     figures: dict[str, dict[str, list[tuple[float, float]]]] = {"pubsub-100": {}, "fanout": {}}
     labels = {label: (durable, extra, "") for label, (durable, extra) in LABELS.items()}
     if baseline is not None:
@@ -161,6 +173,8 @@ def live_cost(
                     try:
                         cpu = cpu_s(proc.pid)
                         value = bench(port, scenario, duration)
+                        if reader is not None:
+                            reader.wait_quiet()  # what it has yet to receive is the bench's too
                         cpu = cpu_s(proc.pid) - cpu
                     finally:
                         if reader is not None:

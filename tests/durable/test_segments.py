@@ -688,3 +688,30 @@ def test_records_are_checked_with_the_checksum_their_magic_names() -> None:
         header = decode_header(swapped[:HEADER_BYTES])
         assert header is not None and not check_record(swapped[:HEADER_BYTES], header, swapped[HEADER_BYTES:])
     assert decode_header(b"HPD9" + raw[4:HEADER_BYTES]) is None
+
+
+def test_a_reader_that_keeps_up_takes_the_records_just_written_from_memory(open_log: OpenLog) -> None:
+    """The last RECENT_BYTES written stay in memory as written: a reader at them gets the
+    written payload itself (no read back, no copy); older records come from the file,
+    and the stream is the same across the boundary."""
+    from hpfeeds3.broker.durable.segments import RECENT_BYTES
+
+    log = open_log()
+    log.follow("a", CHANNEL)
+    total = 0
+    while log.written(CHANNEL) * 127 < 2 * RECENT_BYTES:
+        total = append_run(log, total, 100)
+        assert log.sync()  # one batch per run: many records
+    channel = log._channels[CHANNEL]
+    assert 0 < channel.recent_bytes <= RECENT_BYTES
+    assert read_all(log, 0, max_bytes=1 << 20)[0] == list(range(total))  # file, then memory
+    kept = {id(payload) for _segment, _header, payload in channel.recent.values()}
+    reader = log.open_reader(CHANNEL, total - 100)  # the last record
+    chunk = reader.read(1 << 20)
+    reader.close()
+    assert chunk is not None and numbers(chunk.data) == list(range(total - 100, total))
+    assert id(chunk.data) in kept
+    reader = log.open_reader(CHANNEL, 0)  # the first record: long let go, read from the file
+    chunk = reader.read(1 << 20)
+    reader.close()
+    assert chunk is not None and numbers(chunk.data)[0] == 0 and id(chunk.data) not in kept

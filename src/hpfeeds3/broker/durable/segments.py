@@ -85,6 +85,8 @@ READ_BLOCK_BYTES = RECORD_MAX_BYTES + HEADER_BYTES
 # them (group commit): what a durable subscriber's live messages wait at most
 # besides the write itself.
 GATHER_S = 0.002
+# The records each channel keeps in memory after writing them, for its readers.
+RECENT_BYTES = 2 * 1024 * 1024
 # How long close() waits for the writer to write what is queued.
 CLOSE_TIMEOUT_S = 30.0
 
@@ -128,6 +130,11 @@ class _Channel:
     sealed: bool = False  # the last segment takes no more records: the next write starts one
     dirty: bool = False  # written since the last fsync
     next_index: int = INDEX_EVERY_BYTES
+    # The records written last (RECENT_BYTES at most), as written: a reader that keeps
+    # up with the writer takes them from here rather than read them back from the file.
+    # (segment first seq, offset) -> (segment, header, payload); written under the lock.
+    recent: dict[tuple[int, int], tuple[Segment, bytes, bytes]] = field(default_factory=dict)
+    recent_bytes: int = 0
 
 
 class SegmentLog:
@@ -628,6 +635,7 @@ class SegmentLog:
         """Whole records to the segment being written (``writev``, no copy); on failure,
         cut back to before them."""
         segment = ch.segments[-1]
+        at = segment.size
         last = batch[-1]
         end = last[0] + last[1]
         iov = [part for record in batch for part in record[2]]
@@ -665,6 +673,7 @@ class SegmentLog:
             segment.last_time_ms = now_ms
             segment.index.extend(index)
             ch.written_seq = end
+            self._keep_recent(ch, segment, at, batch)
         ch.dirty = True
         if self._degraded:
             log.warning("durable log: writing again after: %s", self._last_error)
@@ -675,6 +684,22 @@ class SegmentLog:
                 ch.dirty = False
             except OSError as e:
                 self._failed(f"cannot sync {segment.path}: {e.strerror or e}")
+
+    @staticmethod
+    def _keep_recent(ch: _Channel, segment: Segment, at: int, batch: list[_Record]) -> None:
+        """Under the lock: ``batch``, just written at ``at`` in ``segment``, is the channel's
+        most recent records; the oldest are let go past RECENT_BYTES."""
+        recent = ch.recent
+        for _first, _count, (header, payload), nbytes in batch:
+            replaced = recent.pop((segment.first_seq, at), None)  # (a segment made again after a failure)
+            if replaced is not None:
+                ch.recent_bytes -= len(replaced[1]) + len(replaced[2])
+            recent[(segment.first_seq, at)] = (segment, header, payload)
+            at += nbytes
+            ch.recent_bytes += nbytes
+        while ch.recent_bytes > RECENT_BYTES and len(recent) > 1:
+            _, old_header, old_payload = recent.pop(next(iter(recent)))
+            ch.recent_bytes -= len(old_header) + len(old_payload)
 
     def _failed(self, why: str) -> None:
         self._degraded = True
@@ -960,6 +985,9 @@ class SegmentReader:
                 break
         if not frames:
             return None
+        whole = parts[0].obj if len(parts) == 1 else None
+        if isinstance(whole, bytes) and len(whole) == len(parts[0]):
+            return Chunk(whole, first, end_seq, frames, skipped)  # a whole record kept in memory: no copy
         return Chunk(b"".join(parts), first, end_seq, frames, skipped)
 
     def _skip(self, count: int) -> None:
@@ -1006,12 +1034,21 @@ class SegmentReader:
         offset = self._offset
         if offset + HEADER_BYTES > size:
             return None
+        segment = self._segment
+        if segment is not None:
+            # Written lately: from memory, as written (a dict lookup is atomic; an entry
+            # is added after its bytes are in the file and ``size`` covers it).
+            kept = self._channel.recent.get((segment.first_seq, offset))
+            if kept is not None and kept[0] is segment:
+                header = decode_header(kept[1])
+                if header is not None and offset + header.size <= size:
+                    self._offset = offset + header.size
+                    return header, memoryview(kept[2])
         raw = bytes(self._bytes(offset, HEADER_BYTES, size))
         header = decode_header(raw)
         if header is None or offset + header.size > size:
             return None
         payload = self._bytes(offset, header.size, size)[HEADER_BYTES:]
-        segment = self._segment
         if (segment is None or not segment.checked) and not check_record(raw, header, payload):
             return None
         self._offset = offset + header.size

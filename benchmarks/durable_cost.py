@@ -326,9 +326,9 @@ def main() -> None:
             base = statistics.median(v for v, _ in by_label[against])
             base_us = statistics.median(us for _, us in by_label[against])
             print(
-                f"{scenario}: durable subscriber against {against}: median {base:,.0f} without,"
-                f" {with_durable:,.0f} with ({with_durable / base - 1:+.1%}); broker CPU {base_us:.3f} µs/msg"
-                f" without, {with_us:.3f} with ({with_us / base_us - 1:+.1%})"
+                f"{scenario}: one durable subscriber against {against}: median {base:,.0f} msg/s there,"
+                f" {with_durable:,.0f} here ({with_durable / base - 1:+.1%}); broker CPU {base_us:.3f} µs/msg"
+                f" there, {with_us:.3f} here ({with_us / base_us - 1:+.1%})"
             )
     if args.log_mib > 0:
         print(json.dumps(log_cost(args.log_mib), indent=1))

@@ -715,3 +715,21 @@ def test_a_reader_that_keeps_up_takes_the_records_just_written_from_memory(open_
     chunk = reader.read(1 << 20)
     reader.close()
     assert chunk is not None and numbers(chunk.data)[0] == 0 and id(chunk.data) not in kept
+
+
+def test_a_queue_longer_than_a_write_batch_is_written_whole_in_order(open_log: OpenLog) -> None:
+    """The writer takes WRITE_BATCH_BYTES of a channel's queue at a time (joined, written,
+    let go): a longer queue is written in several batches, every message once, in order."""
+    from hpfeeds3.broker.durable.segments import WRITE_BATCH_BYTES
+
+    log = open_log()
+    log.follow("a", CHANNEL)
+    total = 0
+    with log._save_mutex:  # the writer first saves the new follower below: it waits here
+        log.follow("b", CHANNEL + b".other")
+        while log.appended_bytes() < 3 * WRITE_BATCH_BYTES:
+            total = append_run(log, total, 100)
+        assert log.written(CHANNEL) == 0  # all queued
+    assert log.sync()
+    assert log.written(CHANNEL) == total and log.stats().unstored == 0
+    assert read_all(log, 0, max_bytes=1 << 20) == (list(range(total)), 0)

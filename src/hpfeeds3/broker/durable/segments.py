@@ -85,6 +85,8 @@ READ_BLOCK_BYTES = RECORD_MAX_BYTES + HEADER_BYTES
 # them (group commit): what a durable subscriber's live messages wait at most
 # besides the write itself.
 GATHER_S = 0.002
+# What the writer takes from a channel's queue per writev (and joins first).
+WRITE_BATCH_BYTES = 4 * 1024 * 1024
 # The records each channel keeps in memory after writing them, for its readers.
 RECENT_BYTES = 2 * 1024 * 1024
 # How long close() waits for the writer to write what is queued.
@@ -507,7 +509,7 @@ class SegmentLog:
     def _write_pending(self) -> bool:
         wrote = False
         for ch in list(self._channels.values()):
-            if ch.pending:
+            while ch.pending:
                 self._write_channel(ch)
                 wrote = True
         return wrote
@@ -519,7 +521,9 @@ class SegmentLog:
         of a segment at most): one header and one checksum per record, not per run
         (runs of one message are common). A record is its header and its runs joined
         (a buffer per run, often one frame, cost the kernel far more than the copy);
-        only a run larger than a record is cut (at frame boundaries)."""
+        only a run larger than a record is cut (at frame boundaries). At most about
+        WRITE_BATCH_BYTES are taken per call: the joined copies of a long queue are
+        made and let go a batch at a time."""
         now_ms = int(self._clock() * 1000)
         limit = min(RECORD_MAX_BYTES, self.config.segment_bytes // 8)
         records: list[_Record] = []
@@ -527,13 +531,15 @@ class SegmentLog:
         parts: list[bytes] = []
         first = end = size = 0
         pending = ch.pending
-        while pending:
+        taken = 0
+        while pending and taken < WRITE_BATCH_BYTES:
             run_first, frames, data = pending.popleft()
             if not data:
                 given_up = run_first + frames  # not queued (counted as overflow by append)
                 continue
             n = len(data)
             self._done_bytes += n
+            taken += n
             if parts and (run_first != end or size + n > limit):
                 records.append(_record(first, end - first, now_ms, parts, size))
                 parts = []

@@ -79,10 +79,6 @@ class DurableLog(Protocol):
         message that cannot be stored is counted (``stats().unstored``)."""
         ...
 
-    def appended_bytes(self) -> int:
-        """Bytes appended so far, every channel (the publishers' pace: a feed keeps up with it)."""
-        ...
-
     def written(self, channel: bytes) -> int:
         """The position after the last message written to the log (survives a process kill)."""
         ...

@@ -41,7 +41,7 @@ class DurableConfig:
     # Not flags: the unit of deletion (a segment file) and the most that waits
     # for the writer; past it appends are not stored (counted, the store degraded).
     segment_bytes: int = 16 * MiB
-    max_pending_bytes: int = 256 * MiB
+    max_pending_bytes: int = 64 * MiB
 
     def __post_init__(self) -> None:
         if not self.data_dir:

@@ -8,10 +8,8 @@ the live messages are one ordered stream per channel: no gap, no reordering.
 
 Paced by the transport: ``pump`` writes while the transport is under its
 high-water mark and stops at ``pause_writing``; ``resume_writing`` pumps
-again. It writes per loop turn at most ``PUMP_BYTES`` more than the bytes
-appended to the log since its last turn (the rest in a later turn): a
-replay shares the loop, and a live feed keeps up with the publishers however
-long a loop turn is. Each chunk is at most ``CHUNK_BYTES``: memory per durable connection is
+again. At most ``PUMP_BYTES`` are written per loop turn (the rest in a later
+turn), each chunk at most ``CHUNK_BYTES``: memory per durable connection is
 the transport's high-water mark, one chunk and the reader's block, whatever
 the backlog.
 
@@ -50,8 +48,6 @@ log = logging.getLogger("hpfeeds3.broker.durable")
 # connection per loop turn.
 CHUNK_BYTES = RECORD_MAX_BYTES
 PUMP_BYTES = 256 * 1024
-# ... and at most this in one turn, whatever was appended since the last.
-PUMP_MAX_BYTES = 16 * 1024 * 1024
 # How often a live durable connection's acknowledgements are sampled and committed.
 SAMPLE_S = 0.1
 
@@ -193,7 +189,6 @@ class DurableFeed:
         self._readers: dict[bytes, BacklogReader] = {}
         self.finished = False
         self._pump_pending = False
-        self._appended = durable.appended_bytes()  # the log's, at the last pump
         self.tracker = AckTracker(overlap_bytes)
         # Offsets count from the kernel's view of this stream so far (INFO, the TLS
         # handshake): acknowledged, not yet acknowledged, and still in the transport.
@@ -240,9 +235,7 @@ class DurableFeed:
         """Write what the log has for this connection while the transport takes it;
         True when there is more and the transport would take it (a later turn)."""
         output = self.output
-        appended = self.log.appended_bytes()
-        budget = PUMP_BYTES + min(appended - self._appended, PUMP_MAX_BYTES)
-        self._appended = appended
+        budget = PUMP_BYTES
         tracker = self.tracker
         stats = self.stats
         progress = True

@@ -11,10 +11,9 @@ durable keys that follow the channel; a key's position is a sequence number
         <first seq>.seg  segments (format.py)
 
 Threads: the event loop calls ``append`` (a sequence number, a queue append,
-no I/O) and the rest of the interface; one writer thread, woken by an
-append, lets runs gather for ``GATHER_S`` and writes them as records (one
-``writev`` per batch: a header and the record's runs joined, for each
-record), rolls segments, and applies the bounds; at most every
+no I/O) and the rest of the interface; one writer thread writes the queued
+runs as records (one ``writev`` per batch: headers and the runs as queued,
+never joined), rolls segments, and applies the bounds; at most every
 ``sync_interval_s`` it hands what it wrote to the syncer thread, which
 fsyncs it (a sealed segment too, then closes it) and saves positions while
 the writer goes on. State they share is under one lock, held for
@@ -81,14 +80,6 @@ MAINTENANCE_EVERY_S = 1.0
 # A reader holds this much of a segment in memory (or one record, when larger):
 # a whole record of the largest size a run is merged into, header included.
 READ_BLOCK_BYTES = RECORD_MAX_BYTES + HEADER_BYTES
-# How long the writer, woken by an append, lets more runs queue before it writes
-# them (group commit): what a durable subscriber's live messages wait at most
-# besides the write itself.
-GATHER_S = 0.002
-# What the writer takes from a channel's queue per writev (and joins first).
-WRITE_BATCH_BYTES = 4 * 1024 * 1024
-# The records each channel keeps in memory after writing them, for its readers.
-RECENT_BYTES = 2 * 1024 * 1024
 # How long close() waits for the writer to write what is queued.
 CLOSE_TIMEOUT_S = 30.0
 
@@ -99,11 +90,9 @@ _Record = tuple[int, int, list[bytes], int]
 IOV_MAX = 1024
 
 
-def _record(first: int, count: int, time_ms: int, runs: list[bytes], length: int) -> _Record:
-    # The runs joined: one buffer per record for writev and one checksum call, where
-    # a buffer per run (often one frame) cost the kernel several times the copy.
-    payload = runs[0] if len(runs) == 1 else b"".join(runs)
-    return (first, count, [encode_header(first, count, time_ms, payload), payload], HEADER_BYTES + length)
+def _record(first: int, count: int, time_ms: int, payload: list[bytes], length: int) -> _Record:
+    payload.insert(0, encode_header(first, count, time_ms, payload, length))
+    return (first, count, payload, HEADER_BYTES + length)
 
 
 @dataclass(slots=True)
@@ -132,11 +121,6 @@ class _Channel:
     sealed: bool = False  # the last segment takes no more records: the next write starts one
     dirty: bool = False  # written since the last fsync
     next_index: int = INDEX_EVERY_BYTES
-    # The records written last (RECENT_BYTES at most), as written: a reader that keeps
-    # up with the writer takes them from here rather than read them back from the file.
-    # (segment first seq, offset) -> (segment, header, payload); written under the lock.
-    recent: dict[tuple[int, int], tuple[Segment, bytes, bytes]] = field(default_factory=dict)
-    recent_bytes: int = 0
 
 
 class SegmentLog:
@@ -343,9 +327,6 @@ class SegmentLog:
             self._wake.set()
         return end
 
-    def appended_bytes(self) -> int:
-        return self._queued_bytes
-
     def written(self, channel: bytes) -> int:
         ch = self._channels.get(channel)
         return 0 if ch is None else ch.written_seq
@@ -460,8 +441,7 @@ class SegmentLog:
         last_sync = last_maintenance = time.monotonic()
         interval = self.config.sync_interval_s
         while True:
-            if self._wake.wait(min(MAINTENANCE_EVERY_S, interval) if interval > 0 else MAINTENANCE_EVERY_S):
-                self._gather()
+            self._wake.wait(min(MAINTENANCE_EVERY_S, interval) if interval > 0 else MAINTENANCE_EVERY_S)
             self._wake.clear()
             stopping = self._stopping
             try:
@@ -498,18 +478,10 @@ class SegmentLog:
                 self._close_files()
                 return
 
-    def _gather(self) -> None:
-        """Woken by an append: let more runs queue for ``GATHER_S`` (unless a record's worth
-        already waits) so that a batch, its ``writev``, its wake-up of the loop and the
-        feeds' reads are shared by many messages, not paid per run. The event stays set
-        meanwhile: the appends do not signal again."""
-        if not self._stopping and self._queued_bytes - self._done_bytes < RECORD_MAX_BYTES:
-            time.sleep(GATHER_S)
-
     def _write_pending(self) -> bool:
         wrote = False
         for ch in list(self._channels.values()):
-            while ch.pending:
+            if ch.pending:
                 self._write_channel(ch)
                 wrote = True
         return wrote
@@ -519,11 +491,9 @@ class SegmentLog:
 
         Consecutive runs are merged into records of up to RECORD_MAX_BYTES (an eighth
         of a segment at most): one header and one checksum per record, not per run
-        (runs of one message are common). A record is its header and its runs joined
-        (a buffer per run, often one frame, cost the kernel far more than the copy);
-        only a run larger than a record is cut (at frame boundaries). At most about
-        WRITE_BATCH_BYTES are taken per call: the joined copies of a long queue are
-        made and let go a batch at a time."""
+        (runs of one message are common). A record is its header and the runs as
+        they were queued: checksummed part by part and written with ``writev``, never
+        joined; only a run larger than a record is cut (at frame boundaries)."""
         now_ms = int(self._clock() * 1000)
         limit = min(RECORD_MAX_BYTES, self.config.segment_bytes // 8)
         records: list[_Record] = []
@@ -531,15 +501,13 @@ class SegmentLog:
         parts: list[bytes] = []
         first = end = size = 0
         pending = ch.pending
-        taken = 0
-        while pending and taken < WRITE_BATCH_BYTES:
+        while pending:
             run_first, frames, data = pending.popleft()
             if not data:
                 given_up = run_first + frames  # not queued (counted as overflow by append)
                 continue
             n = len(data)
             self._done_bytes += n
-            taken += n
             if parts and (run_first != end or size + n > limit):
                 records.append(_record(first, end - first, now_ms, parts, size))
                 parts = []
@@ -644,7 +612,6 @@ class SegmentLog:
         """Whole records to the segment being written (``writev``, no copy); on failure,
         cut back to before them."""
         segment = ch.segments[-1]
-        at = segment.size
         last = batch[-1]
         end = last[0] + last[1]
         iov = [part for record in batch for part in record[2]]
@@ -682,7 +649,6 @@ class SegmentLog:
             segment.last_time_ms = now_ms
             segment.index.extend(index)
             ch.written_seq = end
-            self._keep_recent(ch, segment, at, batch)
         ch.dirty = True
         if self._degraded:
             log.warning("durable log: writing again after: %s", self._last_error)
@@ -693,22 +659,6 @@ class SegmentLog:
                 ch.dirty = False
             except OSError as e:
                 self._failed(f"cannot sync {segment.path}: {e.strerror or e}")
-
-    @staticmethod
-    def _keep_recent(ch: _Channel, segment: Segment, at: int, batch: list[_Record]) -> None:
-        """Under the lock: ``batch``, just written at ``at`` in ``segment``, is the channel's
-        most recent records; the oldest are let go past RECENT_BYTES."""
-        recent = ch.recent
-        for _first, _count, (header, payload), nbytes in batch:
-            replaced = recent.pop((segment.first_seq, at), None)  # (a segment made again after a failure)
-            if replaced is not None:
-                ch.recent_bytes -= len(replaced[1]) + len(replaced[2])
-            recent[(segment.first_seq, at)] = (segment, header, payload)
-            at += nbytes
-            ch.recent_bytes += nbytes
-        while ch.recent_bytes > RECENT_BYTES and len(recent) > 1:
-            _, old_header, old_payload = recent.pop(next(iter(recent)))
-            ch.recent_bytes -= len(old_header) + len(old_payload)
 
     def _failed(self, why: str) -> None:
         self._degraded = True
@@ -994,9 +944,6 @@ class SegmentReader:
                 break
         if not frames:
             return None
-        whole = parts[0].obj if len(parts) == 1 else None
-        if isinstance(whole, bytes) and len(whole) == len(parts[0]):
-            return Chunk(whole, first, end_seq, frames, skipped)  # a whole record kept in memory: no copy
         return Chunk(b"".join(parts), first, end_seq, frames, skipped)
 
     def _skip(self, count: int) -> None:
@@ -1043,21 +990,12 @@ class SegmentReader:
         offset = self._offset
         if offset + HEADER_BYTES > size:
             return None
-        segment = self._segment
-        if segment is not None:
-            # Written lately: from memory, as written (a dict lookup is atomic; an entry
-            # is added after its bytes are in the file and ``size`` covers it).
-            kept = self._channel.recent.get((segment.first_seq, offset))
-            if kept is not None and kept[0] is segment:
-                header = decode_header(kept[1])
-                if header is not None and offset + header.size <= size:
-                    self._offset = offset + header.size
-                    return header, memoryview(kept[2])
         raw = bytes(self._bytes(offset, HEADER_BYTES, size))
         header = decode_header(raw)
         if header is None or offset + header.size > size:
             return None
         payload = self._bytes(offset, header.size, size)[HEADER_BYTES:]
+        segment = self._segment
         if (segment is None or not segment.checked) and not check_record(raw, header, payload):
             return None
         self._offset = offset + header.size

@@ -7,6 +7,7 @@ Under ``CI=true`` a skipped test fails the run unless its reason is one of
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +23,14 @@ CI_ALLOWED_SKIPS = {
         "the reference broker's TLS breaks on Python >= 3.11's asyncio, and CI's Python is 3.11+"
     ),
 }
+
+
+# A test run started as a background job of a shell without job control (`cmd &` in a
+# script, nohup) inherits SIGINT ignored, and so would every CLI it starts: the tests
+# that press Ctrl-C at one would wait out their timeouts. Handled here, SIGINT is back
+# to its default in each program the tests execute.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _in_ci() -> bool:

@@ -16,8 +16,11 @@ RESERVED_FDS = 64
 # while the loop accepts; the kernel caps it at net.core.somaxconn (4,096 on
 # current Linux). At 1,024, a storm of 10,000 overflowed it and the dropped
 # sensors waited out their connect timeout: 10,000 served in ~12 s instead
-# of ~2.4 s (hpfeeds-bench storm).
-LISTEN_BACKLOG = 4096
+# of ~2.4 s (hpfeeds-bench storm). Asked for the most listen() takes, so an
+# operator who raises somaxconn gets the longer queue (docs/operations.md):
+# at 4,096 a storm of 10,000 still overflows it, and the sensors whose SYN
+# was dropped come back a second later.
+LISTEN_BACKLOG = 65535
 
 # --- authentication ------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,15 @@ import pytest
 
 from hpfeeds3.broker.config import ConfigError
 from hpfeeds3.broker.durable import DurableConfig, DurableLog, SegmentLog
-from hpfeeds3.broker.durable.format import HEADER_BYTES, RECORD_MAX_BYTES, frame_ends, segment_seq
+from hpfeeds3.broker.durable.format import (
+    HEADER_BYTES,
+    RECORD_MAX_BYTES,
+    decode_header,
+    frame_ends,
+    scan_segment,
+    segment_seq,
+)
+from hpfeeds3.broker.durable.segments import SPARE_SEGMENTS
 from hpfeeds3.protocol.codec import encode_publish
 
 CHANNEL = b"cowrie.sessions"
@@ -96,6 +105,21 @@ def segment_files(tmp_path: Path) -> list[Path]:
     return sorted(
         p for p in (tmp_path / "data" / "durable" / "channels").glob("*/*") if segment_seq(p.name) is not None
     )
+
+
+def spare_files(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "data" / "durable" / "channels").glob("*/*.free"))
+
+
+def keep_up(log: SegmentLog, sent: int, runs: int, size: int = 100) -> int:
+    """``runs`` runs of 10 messages from ``sent``, each written on its own (same size), with
+    "a" committing every message written, as a collector that keeps up; the next number."""
+    for _ in range(runs):
+        append_run(log, sent, 10, size)
+        sent += 10
+        assert log.sync()
+        log.commit("a", CHANNEL, log.written(CHANNEL))
+    return sent
 
 
 def test_the_segment_log_is_a_durable_log(open_log: OpenLog) -> None:
@@ -611,3 +635,106 @@ def test_append_write_and_replay_rates_are_recorded(open_log: OpenLog) -> None:
     assert stats.unstored == 0 and stats.appended == total
     print(f"\ndurable log: {stats.disk_bytes / total:.1f} B on disk per message")
     print("\n".join(figures))
+
+
+def test_a_passed_segments_file_is_reused_and_its_old_data_is_never_read(
+    open_log: OpenLog, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = open_log(segment_bytes=8192, max_bytes=1 << 30)
+    log.follow("a", CHANNEL)
+    sent = keep_up(log, 0, 60)
+    assert log.maintain()
+    assert log.reused_segments > 5  # the segments after the first few are written into old files
+    assert 0 < len(spare_files(tmp_path)) <= SPARE_SEGMENTS
+    sent = keep_up(log, sent, 20, size=300)  # segments sealed at other sizes than their files' old data
+    # every sealed segment ends at its last record: a reused file is cut when sealed
+    sealed = segment_files(tmp_path)[:-1]
+    for path in sealed:
+        assert scan_segment(str(path), segment_seq(path.name)).torn_bytes == 0  # type: ignore[arg-type]
+    # a collector that falls behind now reads exactly what was written, nothing older
+    position = log.position("a", CHANNEL)
+    assert position == sent
+    for i in range(sent, sent + 120, 10):
+        append_run(log, i, 10)
+    assert log.sync()
+    assert read_all(log, position) == (list(range(position, sent + 120)), 0)
+    spares = spare_files(tmp_path)
+    log.close()
+
+    caplog.set_level(logging.WARNING, "hpfeeds3.broker.durable")
+    log = open_log(segment_bytes=8192, max_bytes=1 << 30)
+    assert "after the last whole record" not in caplog.text  # a clean close cut the file being written
+    assert read_all(log, position) == (list(range(position, sent + 120)), 0)
+    assert spare_files(tmp_path) == spares
+    log.commit("a", CHANNEL, sent + 120)
+    keep_up(log, sent + 120, 30)
+    assert log.reused_segments > 0  # spares found at the restart, or made since, are reused
+
+
+def test_a_crash_while_writing_a_reused_file_loses_nothing_and_reads_no_old_record(
+    open_log: OpenLog, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The state a kill leaves: the segment being written is a reused file whose old
+    records (same size, so whole and intact, with older numbers) follow the new ones."""
+    log = open_log(segment_bytes=8192, max_bytes=1 << 30)
+    log.follow("a", CHANNEL)
+    sent = keep_up(log, 0, 60)
+    assert log.maintain()
+    # roll into a reused file and write a little into it
+    while True:
+        reused = log.reused_segments
+        sent = keep_up(log, sent, 1)
+        if log.reused_segments > reused:
+            break
+    last = segment_files(tmp_path)[-1]
+    scan = scan_segment(str(last), segment_seq(last.name))  # type: ignore[arg-type]
+    old = decode_header(last.read_bytes()[scan.valid_bytes :][:HEADER_BYTES])
+    assert old is not None and old.end_seq <= scan.end_seq  # a whole old record right after the new ones
+    snapshot = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "data", snapshot / "data")  # what a kill -9 leaves on disk (the writer is idle)
+    log.close()
+
+    caplog.set_level(logging.WARNING, "hpfeeds3.broker.durable")
+    config = DurableConfig(data_dir=str(snapshot / "data"), segment_bytes=8192, max_bytes=1 << 30)
+    crashed = SegmentLog.open(config)
+    try:
+        assert crashed.written(CHANNEL) == sent  # the old records after the new ones are not messages
+        assert "after the last whole record" in caplog.text
+        position = crashed.position("a", CHANNEL)
+        assert position is not None
+        assert read_all(crashed, position) == (list(range(position, sent)), 0)
+        append_run(crashed, sent, 10)
+        assert crashed.sync()
+        assert read_all(crashed, position) == (list(range(position, sent + 10)), 0)
+    finally:
+        crashed.close()
+
+
+def test_a_segment_a_reader_holds_open_is_not_reused_under_it(open_log: OpenLog, tmp_path: Path) -> None:
+    # Segments larger than a reader's block, so that it reads its file again after the roll.
+    log = open_log(segment_bytes=1 << 20, max_bytes=1 << 30)
+    log.follow("a", CHANNEL)
+    sent = 0
+    while len(segment_files(tmp_path)) < 2:  # two segments: the first is the one deleted at the next roll
+        append_run(log, sent, 500)
+        sent += 500
+        assert log.sync()
+    first_end = segment_seq(segment_files(tmp_path)[1].name)
+    assert first_end is not None
+    reader = log.open_reader(CHANNEL, 0)
+    chunk = reader.read(2000)  # the reader has the first segment open
+    assert chunk is not None
+    got = numbers(chunk.data)
+    log.commit("a", CHANNEL, sent)  # every position passed it: it is deleted at the next roll
+    while log.reused_segments < 2:  # ... and later segments are written into reused files
+        append_run(log, sent, 500)
+        sent += 500
+        assert log.sync()
+        log.commit("a", CHANNEL, sent)
+    assert not any(segment_seq(p.name.replace(".free", ".seg")) == 0 for p in spare_files(tmp_path))
+    while (chunk := reader.read(2000)) is not None:
+        got.extend(numbers(chunk.data))
+    reader.close()
+    # it read its file to the end, then what is left after it: in order, nothing passed over in it
+    assert got[:first_end] == list(range(first_end))
+    assert got == sorted(set(got)) and len(got) + reader.skipped == sent

@@ -18,8 +18,9 @@ that could not be stored), never go back. A record is at most
 ``RECORD_MAX_BYTES`` of payload, or one frame when a single frame is larger.
 
 Recovery: the last segment is read to its end; the first record that is
-incomplete, has no magic, or fails its CRC ends the valid data, and the file
-is cut there (a crash mid-write leaves at most one torn record).
+incomplete, has no magic, fails its CRC or goes back in numbering ends the
+valid data, and the file is cut there (a crash mid-write leaves at most one
+torn record; a reused file, the old data after the new).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def encode_record(first_seq: int, count: int, time_ms: int, payload: bytes) -> b
 
 def encode_header(first_seq: int, count: int, time_ms: int, parts: Sequence[Bytes], length: int) -> bytes:
     """The header of a record whose payload is ``parts`` (``length`` bytes in all), written
-    before them: the checksum runs over the parts in turn, never a joined copy."""
+    before them: the checksum runs over the parts in turn."""
     head = HEADER.pack(MAGIC, length, first_seq, count, time_ms, 0)[:_CRC_OFFSET]
     crc = zlib.crc32(head)
     for part in parts:

@@ -12,8 +12,8 @@ durable keys that follow the channel; a key's position is a sequence number
 
 Threads: the event loop calls ``append`` (a sequence number, a queue append,
 no I/O) and the rest of the interface; one writer thread writes the queued
-runs as records (one ``writev`` per batch: headers and the runs as queued,
-never joined), rolls segments, and applies the bounds; at most every
+runs as records (each record's runs joined into one buffer, one ``writev`` per
+batch), rolls segments, and applies the bounds; at most every
 ``sync_interval_s`` it hands what it wrote to the syncer thread, which
 fsyncs it (a sealed segment too, then closes it) and saves positions while
 the writer goes on. State they share is under one lock, held for
@@ -21,12 +21,23 @@ bookkeeping only, never across I/O.
 
 Bounds, applied by the writer at every sync tick:
 
-- a segment is deleted whole when every position on its channel has passed it;
+- a segment is deleted whole when every position on its channel has passed it
+  (checked at every roll too); its file is kept for reuse (below);
 - a key whose backlog (whole segments from each of its positions) exceeds
   ``max_bytes`` loses its oldest needed segment: its position moves past it
   and the messages skipped are added to its drop count, exactly;
 - a segment whose newest message is older than ``max_age_s`` is deleted for
   every key, each position behind it moved past it and counted the same way.
+
+Segment files are reused: a deleted segment's file that no reader has open is
+renamed to a spare (``<n>.free`` in its channel's directory; at most
+``SPARE_SEGMENTS`` in the whole store) and the channel's next segment is that
+file renamed back and overwritten from its start. Overwriting pages the
+kernel already holds costs the writer about half the CPU of filling a new
+file (no page or block allocation, no size change per write). Old records
+past the new data are never read as new: sequence numbers only grow within a
+channel, and recovery and readers stop at a record that goes back; a
+sealed segment is cut to its written size.
 
 A write error (full disk, I/O error) degrades the store: the records are not
 stored (their sequence numbers stay unused; readers skip them and count
@@ -88,11 +99,18 @@ CLOSE_TIMEOUT_S = 30.0
 _Record = tuple[int, int, list[bytes], int]
 # Buffers per writev: IOV_MAX on Linux, macOS and the BSDs.
 IOV_MAX = 1024
+# Deleted segment files kept for reuse, in the whole store (at the default segment
+# size, 64 MiB of disk): enough for a channel whose readers keep up to write only
+# into reused files, few enough that many channels cannot hold much disk this way.
+SPARE_SEGMENTS = 4
+SPARE_SUFFIX = ".free"
 
 
 def _record(first: int, count: int, time_ms: int, payload: list[bytes], length: int) -> _Record:
-    payload.insert(0, encode_header(first, count, time_ms, payload, length))
-    return (first, count, payload, HEADER_BYTES + length)
+    # Joined: a copy costs the writer less than the kernel's per-buffer work on many
+    # small ones (runs are often one message), and the checksum is one call.
+    data = payload[0] if len(payload) == 1 else b"".join(payload)
+    return (first, count, [encode_header(first, count, time_ms, (data,), length), data], HEADER_BYTES + length)
 
 
 @dataclass(slots=True)
@@ -107,6 +125,8 @@ class Segment:
     # Its records were written, or checked at recovery, by this process: a reader
     # need not check their CRC again (it reads below ``size``: whole records only).
     checked: bool = True
+    readers: int = 0  # readers that hold it open (under the log's lock): not reused while > 0
+    gone: bool = False  # deleted: a reader looking for it looks again
 
 
 @dataclass(slots=True)
@@ -118,6 +138,8 @@ class _Channel:
     written_seq: int = 0  # the position after the last record written (or given up)
     pending: deque[tuple[int, int, bytes]] = field(default_factory=deque)  # (first seq, frames, data)
     fd: int = -1  # the last segment, open for appending (writer thread)
+    file_bytes: int = 0  # the size of its file when opened (a reused file is larger than its data)
+    spares: list[str] = field(default_factory=list)  # reusable files in its directory (writer thread)
     sealed: bool = False  # the last segment takes no more records: the next write starts one
     dirty: bool = False  # written since the last fsync
     next_index: int = INDEX_EVERY_BYTES
@@ -166,6 +188,8 @@ class SegmentLog:
         self._syncer: threading.Thread | None = None
         self._maintenance_wanted = False
         self._maintenance_runs = 0  # writer
+        self._spares = 0  # writer: spare segment files kept, over every channel
+        self.reused_segments = 0  # writer: segments written into a reused file
 
     # --- opening and closing --------------------------------------------------------
 
@@ -236,7 +260,15 @@ class SegmentLog:
 
     def _recover_channel(self, name: bytes, directory: str) -> _Channel:
         channel = _Channel(name, directory)
-        found = sorted((seq, f) for f in os.listdir(directory) if (seq := segment_seq(f)) is not None)
+        files = os.listdir(directory)
+        for spare in sorted(f for f in files if f.endswith(SPARE_SUFFIX)):
+            path = os.path.join(directory, spare)
+            if self._spares < SPARE_SEGMENTS:
+                channel.spares.append(path)
+                self._spares += 1
+            else:
+                os.unlink(path)
+        found = sorted((seq, f) for f in files if (seq := segment_seq(f)) is not None)
         for i, (seq, filename) in enumerate(found):
             path = os.path.join(directory, filename)
             if i + 1 < len(found):
@@ -257,8 +289,10 @@ class SegmentLog:
             else:
                 scan = scan_segment(path, seq)
                 if scan.torn_bytes:
+                    # A crash mid-write, or the rest of a reused file not yet overwritten.
                     log.warning(
-                        "durable log: %s ended with %d bytes of an incomplete record (a crash mid-write); cut",
+                        "durable log: %s: %d bytes after the last whole record (a crash mid-write"
+                        " or old data of a reused file); cut",
                         path,
                         scan.torn_bytes,
                     )
@@ -491,9 +525,9 @@ class SegmentLog:
 
         Consecutive runs are merged into records of up to RECORD_MAX_BYTES (an eighth
         of a segment at most): one header and one checksum per record, not per run
-        (runs of one message are common). A record is its header and the runs as
-        they were queued: checksummed part by part and written with ``writev``, never
-        joined; only a run larger than a record is cut (at frame boundaries)."""
+        (runs of one message are common). A record is its header and its runs joined
+        into one buffer, written with ``writev`` in batches; only a run larger than a
+        record is cut (at frame boundaries)."""
         now_ms = int(self._clock() * 1000)
         limit = min(RECORD_MAX_BYTES, self.config.segment_bytes // 8)
         records: list[_Record] = []
@@ -538,6 +572,7 @@ class SegmentLog:
                     self._flush(ch, batch, batch_bytes, index, now_ms)
                     batch, batch_bytes, index = [], 0, []
                 self._seal(ch)
+                self._delete_passed(ch)  # the new segment may reuse a passed one's file
                 segment = self._active(ch, first)
             if segment is None:  # no segment could be opened: not stored
                 self._unstored += count
@@ -580,12 +615,15 @@ class SegmentLog:
                 os.fsync(f.fileno())
             os.replace(tmp, name_file)
             self._dirs_dirty.add(ch.directory)
+        # Not O_APPEND: a reused file is written from its start, over its old data.
         if ch.segments and not ch.sealed:
-            segment = ch.segments[-1]  # recovered: go on appending to it
-            ch.fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND)
+            segment = ch.segments[-1]  # recovered (cut to its whole records): go on appending to it
+            ch.fd = os.open(segment.path, os.O_WRONLY)
+            os.lseek(ch.fd, segment.size, os.SEEK_SET)
+            ch.file_bytes = segment.size
         else:
             path = os.path.join(ch.directory, segment_name(first_seq))
-            ch.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            ch.fd, ch.file_bytes = self._new_file(ch, path)
             segment = Segment(first_seq, path, end_seq=first_seq, index=[(first_seq, 0)])
             with self._lock:
                 ch.segments.append(segment)
@@ -593,11 +631,40 @@ class SegmentLog:
             self._dirs_dirty.add(ch.directory)
         ch.next_index = segment.index[-1][1] + INDEX_EVERY_BYTES
 
+    def _new_file(self, ch: _Channel, path: str) -> tuple[int, int]:
+        """A segment file at ``path``, open for writing from its start: a spare renamed
+        when the channel has one, else a new file. Returns the descriptor and its size."""
+        while ch.spares:
+            spare = ch.spares.pop()
+            self._spares -= 1
+            try:
+                os.rename(spare, path)
+                fd = os.open(path, os.O_WRONLY)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(spare)
+                continue
+            self.reused_segments += 1
+            return fd, os.fstat(fd).st_size
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 0
+
+    def _cut_reused(self, ch: _Channel) -> None:
+        """Cut a reused file to the segment's data (its old data after it is never read)."""
+        segment = ch.segments[-1]
+        if ch.file_bytes > segment.size:
+            try:
+                os.ftruncate(ch.fd, segment.size)
+                ch.file_bytes = segment.size
+                ch.dirty = True
+            except OSError as e:
+                self._failed(f"cannot cut {segment.path}: {e.strerror or e}")
+
     def _seal(self, ch: _Channel) -> None:
         """Stop writing the segment being written; the next write starts a new one. Written
         since the last sync, it is synced (and closed) at the next sync with the others: a
         roll does not wait for the disk."""
         if ch.fd >= 0:
+            self._cut_reused(ch)
             if ch.dirty:
                 self._sealed_fds.append(ch.fd)
             else:
@@ -633,6 +700,8 @@ class SegmentLog:
             if done:
                 try:
                     os.ftruncate(ch.fd, segment.size)
+                    os.lseek(ch.fd, segment.size, os.SEEK_SET)
+                    ch.file_bytes = min(ch.file_bytes, segment.size)
                 except OSError:
                     # The segment now ends in part of a record: readers stop there and
                     # go on with the next segment, which the next write starts.
@@ -744,6 +813,7 @@ class SegmentLog:
         self._sealed_fds = []
         for ch in list(self._channels.values()):
             if ch.fd >= 0:
+                self._cut_reused(ch)
                 with contextlib.suppress(OSError):
                     os.fsync(ch.fd)
                 os.close(ch.fd)
@@ -815,10 +885,20 @@ class SegmentLog:
             self._delete_first(ch)
 
     def _delete_first(self, ch: _Channel) -> None:
+        """Delete the channel's oldest segment: its file is kept as a spare when no reader
+        has it open (a reader that has keeps reading the old data) and the store has room."""
         with self._lock:
             segment = ch.segments.pop(0)
+            segment.gone = True
+            reusable = segment.readers == 0 and self._spares < SPARE_SEGMENTS
         try:
-            os.unlink(segment.path)
+            if reusable:
+                spare = os.path.join(ch.directory, f"{segment.first_seq:020d}{SPARE_SUFFIX}")
+                os.rename(segment.path, spare)
+                ch.spares.append(spare)
+                self._spares += 1
+            else:
+                os.unlink(segment.path)
         except FileNotFoundError:
             pass
         except OSError as e:
@@ -892,11 +972,18 @@ class SegmentReader:
         return self._position
 
     def close(self) -> None:
+        self._leave()
+        self._buffer = self._payload = memoryview(b"")
+
+    def _leave(self) -> None:
+        """Close the segment file open, if any: the writer may reuse it once no reader has it."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self._segment = None
-        self._buffer = self._payload = memoryview(b"")
+        segment, self._segment = self._segment, None
+        if segment is not None:
+            with self._log._lock:
+                segment.readers -= 1
 
     def read(self, max_bytes: int) -> Chunk | None:
         parts: list[memoryview] = []
@@ -1034,14 +1121,17 @@ class SegmentReader:
         return False
 
     def _open(self, segment: Segment) -> bool:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self._segment = None
+        self._leave()
         self._buffer = memoryview(b"")
+        with self._log._lock:
+            if segment.gone:
+                return False  # deleted meanwhile: passed over
+            segment.readers += 1  # before the open: the writer does not reuse its file now
         try:
             self._fd = os.open(segment.path, os.O_RDONLY)
         except OSError as e:
+            with self._log._lock:
+                segment.readers -= 1
             if e.errno != errno.ENOENT:  # a segment deleted meanwhile is passed over
                 log.warning("durable log: cannot read %s: %s", segment.path, e.strerror or e)
             return False

@@ -7,6 +7,11 @@ large backlog with the broker's peak RSS during it; disk bytes per message; the
 log's own CPU per message, in-process.
 
     .venv/bin/python benchmarks/durable_cost.py [--rounds 2] [--duration 5] [--backlog-mib 1024]
+        [--baseline NAME=BROKER]
+
+``--baseline`` adds a fourth broker to each round, the durable subscriber's
+on another ``hpfeeds-broker`` executable (an earlier build), so that a change
+of the log is measured against what it changes in the same interleaved run.
 
 Every broker is started fresh in its own temporary directory (data directory
 included); figures are medians over the rounds.
@@ -55,10 +60,11 @@ def rss_mib(pid: int) -> float:
 
 @contextlib.contextmanager
 def broker(
-    durable: bool, reader_key: bool | None = None, extra: tuple[str, ...] = ()
+    durable: bool, reader_key: bool | None = None, extra: tuple[str, ...] = (), exe: str = ""
 ) -> Iterator[tuple[int, subprocess.Popen[bytes], Path]]:
     """A fresh broker; the reader's key ``dur`` is there when ``reader_key`` (default:
-    ``durable``), durable when ``durable``; ``extra``: more flags."""
+    ``durable``), durable when ``durable``; ``extra``: more flags; ``exe``: another
+    ``hpfeeds-broker`` than this environment's."""
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         keys = tmp / "keys.json"
@@ -68,7 +74,7 @@ def broker(
             users["dur"] = {"owner": "dur", "secret": "dur", "pubchans": [], "subchans": ["bench"], "durable": durable}
         keys.write_text(json.dumps(users))
         port = free_port()
-        args = [str(BIN / "hpfeeds-broker"), "--bind", f"127.0.0.1:{port}", "--auth", str(keys)]
+        args = [exe or str(BIN / "hpfeeds-broker"), "--bind", f"127.0.0.1:{port}", "--auth", str(keys)]
         args += ["--exporter", f"127.0.0.1:{free_port()}"]
         args += ["--data-dir", str(tmp / "data"), *extra]
         with open(tmp / "broker.log", "wb") as log:
@@ -98,6 +104,16 @@ class Reader(threading.Thread):
         info = decoder.feed(data)[0]
         assert isinstance(info, Info)
         self.sock.sendall(encode_auth(b"dur", sign(info.nonce, b"dur")) + encode_subscribe(b"dur", b"bench"))
+
+    def wait_quiet(self, quiet_s: float = 0.5, timeout_s: float = 120.0) -> None:
+        """Until nothing more arrives for ``quiet_s``: a durable reader behind the
+        publishers receives the rest after them, and the broker's CPU for it counts."""
+        deadline = time.monotonic() + timeout_s
+        seen, since = -1, time.monotonic()
+        while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+            if self.received != seen:
+                seen, since = self.received, time.monotonic()
+            time.sleep(0.05)
 
     def run(self) -> None:
         # Bytes are counted, not frames: the reader costs little next to the broker.
@@ -147,16 +163,22 @@ LABELS = {
 }
 
 
-def live_cost(rounds: int, duration: float) -> dict[str, dict[str, list[tuple[float, float]]]]:
+def live_cost(
+    rounds: int, duration: float, baseline: tuple[str, str] | None = None
+) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """Per scenario and label: (rate, broker CPU µs per message) of each round. The CPU
-    is the broker's, every thread, over the whole bench run (warm-up included) divided
-    by rate x duration: steadier than the rate on a machine that is not quiet."""
+    is the broker's, every thread, over the whole bench run (warm-up included) and until
+    the extra reader has received everything (a durable reader may be behind the
+    publishers), divided by rate x duration: steadier than the rate on a machine that
+    is not quiet."""
     figures: dict[str, dict[str, list[tuple[float, float]]]] = {"pubsub-100": {}, "fanout": {}}
+    labels = {label: (durable, extra, "") for label, (durable, extra) in LABELS.items()}
+    if baseline is not None:
+        labels[f"one durable subscriber ({baseline[0]})"] = (True, True, baseline[1])
     for _ in range(rounds):
         for scenario in figures:
-            for label in LABELS:
-                durable, extra_reader = LABELS[label]
-                with broker(durable, extra_reader) as (port, proc, _tmp):
+            for label, (durable, extra_reader, exe) in labels.items():
+                with broker(durable, extra_reader, exe=exe) as (port, proc, _tmp):
                     reader = None
                     if extra_reader:
                         reader = Reader(port)
@@ -164,6 +186,8 @@ def live_cost(rounds: int, duration: float) -> dict[str, dict[str, list[tuple[fl
                     try:
                         cpu = cpu_s(proc.pid)
                         value = bench(port, scenario, duration)
+                        if reader is not None:
+                            reader.wait_quiet()  # what it has yet to receive is the bench's too
                         cpu = cpu_s(proc.pid) - cpu
                     finally:
                         if reader is not None:
@@ -173,7 +197,7 @@ def live_cost(rounds: int, duration: float) -> dict[str, dict[str, list[tuple[fl
                     # A writer that falls behind by more than the pending bound stores less
                     # and so costs less: a rate with messages not stored is not the cost.
                     lost = f"  {unstored(proc):,} not stored" if durable else ""
-                    print(f"{scenario:10} {label:24} {value:12,.0f}  {us:6.3f} µs CPU/msg{lost}", flush=True)
+                    print(f"{scenario:10} {label:32} {value:12,.0f}  {us:6.3f} µs CPU/msg{lost}", flush=True)
     return figures
 
 
@@ -319,21 +343,32 @@ def main() -> None:
         action="store_true",
         help="fill the backlog as fast as one publisher can, not waiting for the writer (what it drops is counted)",
     )
+    p.add_argument(
+        "--baseline",
+        metavar="NAME=BROKER",
+        help="the durable subscriber on this hpfeeds-broker executable too, in every round",
+    )
     args = p.parse_args()
-    figures = live_cost(args.rounds, args.duration)
+    baseline = None
+    if args.baseline:
+        name, _, exe = args.baseline.partition("=")
+        if not exe:
+            p.error("--baseline wants NAME=BROKER")
+        baseline = (name, exe)
+    figures = live_cost(args.rounds, args.duration, baseline)
     for scenario, by_label in figures.items():
         if not by_label:
             continue  # --rounds 0
         with_ = by_label["one durable subscriber"]
         with_durable = statistics.median(v for v, _ in with_)
         with_us = statistics.median(us for _, us in with_)
-        for against in ("no durable key", "one plain subscriber more"):
+        for against in [label for label in by_label if label != "one durable subscriber"]:
             base = statistics.median(v for v, _ in by_label[against])
             base_us = statistics.median(us for _, us in by_label[against])
             print(
-                f"{scenario}: durable subscriber against {against}: median {base:,.0f} without,"
-                f" {with_durable:,.0f} with ({with_durable / base - 1:+.1%}); broker CPU {base_us:.3f} µs/msg"
-                f" without, {with_us:.3f} with ({with_us / base_us - 1:+.1%})"
+                f"{scenario}: one durable subscriber against {against}: median {base:,.0f} msg/s there,"
+                f" {with_durable:,.0f} here ({with_durable / base - 1:+.1%}); broker CPU {base_us:.3f} µs/msg"
+                f" there, {with_us:.3f} here ({with_us / base_us - 1:+.1%})"
             )
     if args.log_mib > 0:
         print(json.dumps(log_cost(args.log_mib), indent=1))

@@ -27,6 +27,7 @@ from hpfeeds3.broker.durable.format import (
     segment_seq,
 )
 from hpfeeds3.broker.durable.segments import SPARE_SEGMENTS
+from hpfeeds3.broker.durable.tcpack import CloseKind
 from hpfeeds3.protocol.codec import encode_publish
 
 CHANNEL = b"cowrie.sessions"
@@ -738,3 +739,53 @@ def test_a_segment_a_reader_holds_open_is_not_reused_under_it(open_log: OpenLog,
     # it read its file to the end, then what is left after it: in order, nothing passed over in it
     assert got[:first_end] == list(range(first_end))
     assert got == sorted(set(got)) and len(got) + reader.skipped == sent
+
+
+class RecordingOutput:
+    """A feed's connection side that takes everything: what a turn wrote."""
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def feed_write(self, data: bytes) -> int:
+        self.written += len(data)
+        return len(data)
+
+    def feed_writable(self) -> bool:
+        return True
+
+    def feed_socket(self) -> None:
+        return None
+
+    def feed_buffered(self) -> int:
+        return 0
+
+
+def test_a_feed_turn_keeps_pace_with_what_the_log_took_in_since_the_last_one(open_log: OpenLog) -> None:
+    """Under load one loop turn brings many publishes: a turn writes what came in since
+    the last one, and PUMP_BYTES of backlog more, so a durable collector never falls behind
+    the publishers because the loop's turns are long."""
+    from hpfeeds3.broker.durable.feed import PUMP_BYTES, DurableFeed, FeedStats
+
+    log = open_log()
+    output = RecordingOutput()
+    feed = DurableFeed("a", log, output, 0, FeedStats(), {}, lambda _call: None)
+    feed.add(CHANNEL)
+    sent = 0
+    frame = len(message(0))
+    for turn in range(3):
+        run = 3 * PUMP_BYTES // frame  # three turns' budget of backlog came in during this turn
+        append_run(log, sent, run)
+        sent += run
+        assert log.sync()
+        before = output.written
+        assert feed.pump() is False  # everything written went out in this one turn
+        assert output.written - before == run * frame
+    # a backlog built while nothing pumped is caught up PUMP_BYTES a turn more than the inflow
+    append_run(log, sent, 10 * PUMP_BYTES // frame)
+    assert log.sync()
+    feed._inflow_seen = log.appended_bytes  # (as if a turn had run without writing: no inflow since)
+    before = output.written
+    assert feed.pump() is True
+    assert PUMP_BYTES <= output.written - before <= PUMP_BYTES + RECORD_MAX_BYTES
+    feed.finish(CloseKind.CLEAN)

@@ -83,6 +83,11 @@ class DurableLog(Protocol):
         """The position after the last message written to the log (survives a process kill)."""
         ...
 
+    @property
+    def appended_bytes(self) -> int:
+        """Bytes appended so far, over every channel (the inflow a live feed keeps pace with)."""
+        ...
+
     def follow(self, ident: str, channel: bytes) -> int:
         """Keep ``channel`` for ``ident`` from now on (its position: the end) unless
         it already has a position; returns the position."""

@@ -8,10 +8,13 @@ the live messages are one ordered stream per channel: no gap, no reordering.
 
 Paced by the transport: ``pump`` writes while the transport is under its
 high-water mark and stops at ``pause_writing``; ``resume_writing`` pumps
-again. At most ``PUMP_BYTES`` are written per loop turn (the rest in a later
-turn), each chunk at most ``CHUNK_BYTES``: memory per durable connection is
-the transport's high-water mark, one chunk and the reader's block, whatever
-the backlog.
+again. A turn writes at most ``PUMP_BYTES`` more than the log took in since the
+feed's last turn (the rest in a later turn): a feed keeps pace with the
+publishers, as a plain subscriber gets every publish of the turn, and catches
+up on a backlog ``PUMP_BYTES`` a turn, fair to every other connection. Each
+chunk is at most ``CHUNK_BYTES``: memory per durable connection is the
+transport's high-water mark, one chunk and the reader's block, whatever the
+backlog.
 
 Positions follow TCP acknowledgements (``tcpack.AckTracker``): every write
 after the feed starts is counted, sampled every ``SAMPLE_S`` (committed with
@@ -189,6 +192,7 @@ class DurableFeed:
         self._readers: dict[bytes, BacklogReader] = {}
         self.finished = False
         self._pump_pending = False
+        self._inflow_seen = durable.appended_bytes  # the log's inflow at the last turn
         self.tracker = AckTracker(overlap_bytes)
         # Offsets count from the kernel's view of this stream so far (INFO, the TLS
         # handshake): acknowledged, not yet acknowledged, and still in the transport.
@@ -235,7 +239,11 @@ class DurableFeed:
         """Write what the log has for this connection while the transport takes it;
         True when there is more and the transport would take it (a later turn)."""
         output = self.output
-        budget = PUMP_BYTES
+        # Under load a loop turn is long and many publishes come in it: a fixed budget
+        # a turn would fall behind them.
+        inflow = self.log.appended_bytes
+        budget = PUMP_BYTES + inflow - self._inflow_seen
+        self._inflow_seen = inflow
         tracker = self.tracker
         stats = self.stats
         progress = True

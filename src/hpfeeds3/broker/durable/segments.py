@@ -361,6 +361,10 @@ class SegmentLog:
             self._wake.set()
         return end
 
+    @property
+    def appended_bytes(self) -> int:
+        return self._queued_bytes
+
     def written(self, channel: bytes) -> int:
         ch = self._channels.get(channel)
         return 0 if ch is None else ch.written_seq

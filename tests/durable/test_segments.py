@@ -773,7 +773,7 @@ def test_a_feed_turn_keeps_pace_with_what_the_log_took_in_since_the_last_one(ope
     feed.add(CHANNEL)
     sent = 0
     frame = len(message(0))
-    for turn in range(3):
+    for _turn in range(3):
         run = 3 * PUMP_BYTES // frame  # three turns' budget of backlog came in during this turn
         append_run(log, sent, run)
         sent += run

@@ -789,3 +789,72 @@ def test_a_feed_turn_keeps_pace_with_what_the_log_took_in_since_the_last_one(ope
     assert feed.pump() is True
     assert PUMP_BYTES <= output.written - before <= PUMP_BYTES + RECORD_MAX_BYTES
     feed.finish(CloseKind.CLEAN)
+
+
+def write_old_format_segment(tmp_path: Path, runs: list[tuple[int, int]]) -> Path:
+    """A channel log as the previous format wrote it (``HPD1`` records: zlib's CRC-32),
+    one record per (first, count) run."""
+    from hpfeeds3.broker.durable.format import MAGIC_CRC32, channel_dirname, encode_record, segment_name
+
+    directory = tmp_path / "data" / "durable" / "channels" / channel_dirname(CHANNEL)
+    directory.mkdir(parents=True)
+    (directory / "CHANNEL").write_bytes(CHANNEL)
+    segment = directory / segment_name(runs[0][0])
+    records = [
+        encode_record(first, count, 1_700_000_000_000, b"".join(map(message, range(first, first + count))), MAGIC_CRC32)
+        for first, count in runs
+    ]
+    segment.write_bytes(b"".join(records))
+    return segment
+
+
+def test_a_log_of_the_previous_format_is_read_and_appended_in_the_new_one(open_log: OpenLog, tmp_path: Path) -> None:
+    from hpfeeds3.broker.durable.format import MAGIC, MAGIC_CRC32, MAGIC_CRC32C
+
+    segment = write_old_format_segment(tmp_path, [(0, 10), (10, 15)])
+    old = segment.stat().st_size
+    log = open_log()
+    assert log.written(CHANNEL) == 25
+    log.follow("a", CHANNEL)
+    assert read_all(log, 0)[0] == list(range(25))
+    append_run(log, 25, 5)
+    assert log.sync()
+    log.close()
+    data = segment.read_bytes()
+    # the old records as they were, the new ones with the new checksum (google-crc32c's
+    # wheels carry the compiled CRC-32C: a log written with CRC-32 would be slower)
+    assert MAGIC == MAGIC_CRC32C
+    assert data[:4] == MAGIC_CRC32 and data[old : old + 4] == MAGIC_CRC32C
+    # reopened: the last segment is scanned, every record checked with its own checksum
+    log = open_log()
+    assert log.written(CHANNEL) == 30 and segment.stat().st_size == len(data)
+    assert read_all(log, 0)[0] == list(range(30))
+
+
+def test_a_corrupt_record_of_the_previous_format_ends_the_segment_there(open_log: OpenLog, tmp_path: Path) -> None:
+    segment = write_old_format_segment(tmp_path, [(0, 10), (10, 10)])
+    first_record = HEADER_BYTES + len(b"".join(message(i) for i in range(10)))
+    data = bytearray(segment.read_bytes())
+    data[first_record + HEADER_BYTES + 7] ^= 0xFF  # a bit flip in the second record's payload
+    segment.write_bytes(bytes(data))
+    log = open_log()
+    assert log.written(CHANNEL) == 10 and segment.stat().st_size == first_record
+    log.follow("a", CHANNEL)
+    assert read_all(log, 0)[0] == list(range(10))
+
+
+def test_records_are_checked_with_the_checksum_their_magic_names() -> None:
+    """A record whose magic is changed to the other checksum's fails its check: the magic
+    is part of what is checked, and each checksum is the one its magic names."""
+    from hpfeeds3.broker.durable.format import MAGIC_CRC32, MAGIC_CRC32C, check_record, encode_record
+
+    payload = b"".join(message(i) for i in range(3))
+    for magic, other in ((MAGIC_CRC32, MAGIC_CRC32C), (MAGIC_CRC32C, MAGIC_CRC32)):
+        raw = encode_record(7, 3, 1_700_000_000_000, payload, magic)
+        header = decode_header(raw[:HEADER_BYTES])
+        assert header is not None and header.magic == magic and header.first_seq == 7 and header.count == 3
+        assert check_record(raw[:HEADER_BYTES], header, memoryview(raw)[HEADER_BYTES:])
+        swapped = other + raw[4:]
+        header = decode_header(swapped[:HEADER_BYTES])
+        assert header is not None and not check_record(swapped[:HEADER_BYTES], header, swapped[HEADER_BYTES:])
+    assert decode_header(b"HPD9" + raw[4:HEADER_BYTES]) is None

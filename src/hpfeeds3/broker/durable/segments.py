@@ -108,9 +108,10 @@ SPARE_SUFFIX = ".free"
 
 def _record(first: int, count: int, time_ms: int, payload: list[bytes], length: int) -> _Record:
     # Joined: a copy costs the writer less than the kernel's per-buffer work on many
-    # small ones (runs are often one message), and the checksum is one call.
+    # small ones (runs are often one message), and the checksum is one call (and
+    # google-crc32c takes bytes only).
     data = payload[0] if len(payload) == 1 else b"".join(payload)
-    return (first, count, [encode_header(first, count, time_ms, (data,), length), data], HEADER_BYTES + length)
+    return (first, count, [encode_header(first, count, time_ms, data), data], HEADER_BYTES + length)
 
 
 @dataclass(slots=True)

@@ -50,8 +50,8 @@ APPENDER = textwrap.dedent(
 )
 
 
-def payload_number(frame: bytes) -> int:
-    body = frame[5:]
+def payload_number(frame: bytes | memoryview) -> int:
+    body = bytes(frame[5:])
     ident_len = body[0]
     channel_len = body[1 + ident_len]
     payload = body[2 + ident_len + channel_len :]

@@ -50,7 +50,8 @@ def message(i: int, size: int = 100, channel: bytes = CHANNEL) -> bytes:
     return encode_publish(b"sensor", channel, f"{i:08d}".encode().ljust(size, b"."))
 
 
-def numbers(data: bytes) -> list[int]:
+def numbers(data: bytes | memoryview) -> list[int]:
+    data = bytes(data)
     out, start = [], 0
     for end in frame_ends(data):
         frame = data[start:end]
@@ -527,7 +528,7 @@ WRITER_UNDER_FILE_SIZE_LIMIT = textwrap.dedent(
         skipped += chunk.skipped
         start = 0
         for end in __import__("hpfeeds3.broker.durable.format", fromlist=["x"]).frame_ends(chunk.data):
-            got.append(int(chunk.data[start:end][-1000:-992]))
+            got.append(int(bytes(chunk.data[start:end][-1000:-992])))
             start = end
     reader.close()
     print(json.dumps({"degraded": stats.degraded, "error": stats.last_error, "appended": stats.appended,
@@ -747,7 +748,7 @@ class RecordingOutput:
     def __init__(self) -> None:
         self.written = 0
 
-    def feed_write(self, data: bytes) -> int:
+    def feed_write(self, data: bytes | memoryview) -> int:
         self.written += len(data)
         return len(data)
 

@@ -156,7 +156,7 @@ class TlsSession:
         self._backlog.clear()
         self._next_header = 0
 
-    def encrypt(self, data: bytes) -> bytes:
+    def encrypt(self, data: bytes | memoryview) -> bytes:
         self._obj.write(data)
         return self._out.read()
 

@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 class Chunk:
     """Whole frames read from a log, in order: ``frames`` messages from ``first_seq`` to ``end_seq``."""
 
-    data: bytes
+    data: bytes | memoryview  # a view of the reader's block when the chunk is one piece of it
     first_seq: int
     end_seq: int  # the position after these frames
     frames: int

@@ -58,7 +58,7 @@ SAMPLE_S = 0.1
 class FeedOutput(Protocol):
     """What a feed needs of its connection."""
 
-    def feed_write(self, data: bytes) -> int:
+    def feed_write(self, data: bytes | memoryview) -> int:
         """Write ``data``; returns the bytes that went on the wire (ciphertext under TLS)."""
         ...
 
@@ -126,7 +126,7 @@ class ConnectionFeed:
         feed.sample()
         self._sample_timer = self._conn._call_later(SAMPLE_S, self._sample_acks)
 
-    def feed_write(self, data: bytes) -> int:
+    def feed_write(self, data: bytes | memoryview) -> int:
         conn = self._conn
         assert conn.transport is not None
         conn.sent_bytes += len(data)

@@ -1036,7 +1036,9 @@ class SegmentReader:
                 break
         if not frames:
             return None
-        return Chunk(b"".join(parts), first, end_seq, frames, skipped)
+        # One piece (a chunk is usually one record): the reader's block itself, not a copy;
+        # the block is never written to again (the next read makes a new one).
+        return Chunk(parts[0] if len(parts) == 1 else b"".join(parts), first, end_seq, frames, skipped)
 
     def _skip(self, count: int) -> None:
         self._position += count

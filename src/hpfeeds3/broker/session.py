@@ -472,7 +472,7 @@ class Session(Generic[_O]):
         was = self.state
         self.state = CLOSED
         self.close_reason = reason
-        self._decoder = Decoder(_AUTH_ONLY, runs=True)  # drop what was buffered
+        self._decoder.clear()  # drop what was buffered
         output, port = self.output, self.port
         if was != READY:
             port.left_pre_auth(output)

@@ -276,14 +276,6 @@ class Decoder:
         """From now on, accept only these opcodes (e.g. AUTH alone before authentication)."""
         self._max_len = self._limits.table(accepted)
 
-    def clear(self) -> None:
-        """Drop every byte received and not yet returned (a closed connection's)."""
-        self._buf = b""
-        self._pos = 0
-        self._parts = []
-        self._have = 0
-        self._need = HEADER_LEN
-
     @property
     def buffered(self) -> int:
         """Bytes received and not yet returned as items."""
@@ -383,7 +375,7 @@ class Decoder:
             self._consumed(pos, end)
             return _new(PublishRun, (buf[i : i + n], buf[c : c + m], data, count, payload_len, payload_lens))
         except ProtocolError:
-            self._reset()
+            self.clear()
             raise
 
     def _consumed(self, pos: int, end: int) -> None:
@@ -396,7 +388,8 @@ class Decoder:
             self._pos = pos
             self._have = end - pos
 
-    def _reset(self) -> None:
+    def clear(self) -> None:
+        """Drop every byte received and not yet returned (a closed connection's, or after an error)."""
         self._buf = b""
         self._pos = 0
         self._parts = []

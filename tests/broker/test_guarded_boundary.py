@@ -137,14 +137,14 @@ def test_the_hard_bound_holds_when_the_backlog_watch_never_runs_again(tmp_path, 
         watched.set()
 
     monkeypatch.setattr(BacklogWatch, "_check", silent_watch)
-    before = metrics.CONNECTIONS_CLOSED.labels("slow_consumer")._value.get()
+    before = metrics.CONNECTIONS_CLOSED.counts.get("slow_consumer", 0)
     limits = Limits(send_buffer_hard_bytes=16 * MiB, shutdown_drain_s=0.5)
     with broker_in_thread(tmp_path, limits) as (broker, port):
         stalled = _stalled_subscriber(broker, port)
         sent = _flood_until_gone(broker, port, "bad", 60 * MiB, watched)
         assert not _open(broker, "bad"), f"subscriber still open after {sent} bytes over a 16 MiB hard bound"
         assert sent < 40 * MiB
-        assert _wait(lambda: metrics.CONNECTIONS_CLOSED.labels("slow_consumer")._value.get() == before + 1)
+        assert _wait(lambda: metrics.CONNECTIONS_CLOSED.counts.get("slow_consumer", 0) == before + 1)
         stalled.close()
 
 

@@ -5,6 +5,8 @@
   (publishes compared after merging what a read boundary splits).
 - The run fast path does what a frame-by-frame reference does, for random
   mixes of channels, idents, denials, control frames and junk.
+- Merging a closed connection's publish counters into the totals adds them,
+  slot by slot, whatever the payload sizes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hpfeeds3.broker.reasons import CloseReason
+from hpfeeds3.broker.session import PublishStats
 from hpfeeds3.protocol import (
     HEADER,
     Auth,
@@ -181,3 +184,24 @@ def test_decoder_runs_expand_to_the_frames_received(frames: list[bytes], data) -
                 expanded.extend(encode(f) for f in inner)  # type: ignore[arg-type]  # no runs: runs=False
     assert expanded == frames
     assert runs_decoder.buffered == 0
+
+
+def _stats(sizes: list[int]) -> PublishStats:
+    stats = PublishStats()
+    for size in sizes:
+        stats.count += 1
+        stats.bytes += size
+        stats.bits[(size - 1).bit_length()] += 1
+    return stats
+
+
+@PROPERTY
+@given(st.lists(st.lists(st.sampled_from([0, 1, 2, 3, 100, 5000, 2**20, 2**40]), max_size=6), max_size=6))
+def test_merged_publish_counters_are_the_sums(connections: list[list[int]]) -> None:
+    """One size class or several, none at all, a count already in the totals."""
+    total = PublishStats()
+    for sizes in connections:
+        total.merge(_stats(sizes))
+    everything = [size for sizes in connections for size in sizes]
+    expected = _stats(everything)
+    assert (total.count, total.bytes, total.bits) == (expected.count, expected.bytes, expected.bits)

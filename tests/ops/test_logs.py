@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import io
+import itertools
 import json
 import logging
 import os
@@ -18,7 +19,16 @@ from collections.abc import Iterator
 import pytest
 
 from hpfeeds3.broker.events import Authenticated, Closed, Connected, log_event
-from hpfeeds3.broker.logs import configure_logging, flush_logging, info_event, info_later, stop_logging
+from hpfeeds3.broker.logs import (
+    TextFormatter,
+    _says,
+    _timestamp,
+    configure_logging,
+    flush_logging,
+    info_event,
+    info_later,
+    stop_logging,
+)
 from hpfeeds3.broker.reasons import CloseReason
 
 TS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
@@ -167,6 +177,25 @@ def test_text_does_not_repeat_what_the_message_says(capture) -> None:
     assert lines(stream)[1].endswith(" closed 127.0.0.1:40000: shutdown")
     log.info("closed 10.0.0.1:4000", extra={"peer": "10.0.0.1:40"})  # a prefix of a longer value is not it
     assert lines(stream)[2].endswith(" closed 10.0.0.1:4000 peer=10.0.0.1:40")
+
+
+def test_a_field_is_left_out_exactly_when_the_message_says_it_as_a_whole_token() -> None:
+    """The formatter's quick check for a value between spaces or brackets decides as
+    ``_says`` does: every message of up to four of these pieces, every value."""
+    pieces = ["v", " ", "(", ")", ":", ".", "_", "-", "a", "1"]
+    for size in range(5):
+        for parts in itertools.product(pieces, repeat=size):
+            message = "".join(parts)
+            alone = TextFormatter.line(0.0, "INFO", "l", message, {})
+            for value in ("v", "v:v", "v.1"):
+                left_out = TextFormatter.line(0.0, "INFO", "l", message, {"ident": value}) == alone
+                assert left_out == (value in message and _says(message, value)), (message, value)
+
+
+def test_the_timestamp_has_milliseconds_in_utc() -> None:
+    assert _timestamp(5.0) == "1970-01-01T00:00:05.000Z"
+    assert _timestamp(86400 + 61.0625) == "1970-01-02T00:01:01.062Z"
+    assert _timestamp(1.999) == "1970-01-01T00:00:01.999Z"
 
 
 def test_text_quotes_values_with_spaces_and_equals(capture) -> None:

@@ -137,6 +137,32 @@ def test_limits_are_configurable() -> None:
         decoder.feed(encode_publish(b"a", b"b", b"x" * 92))
 
 
+def test_each_limits_object_gets_its_own_table_however_many_there_are() -> None:
+    """Tables are found by the objects' identities: equal limits share a table, other
+    limits never get theirs, and more pairs than the cache keeps still work."""
+    for size in [*range(100, 300), 100, 150]:
+        decoder = Decoder.for_broker(FrameLimits(max_publish_frame_bytes=size))
+        frame = encode_publish(b"a", b"b", b"x" * (size - 9))
+        assert len(frame) == size and decoder.feed(frame) == [Publish(b"a", b"b", b"x" * (size - 9))]
+        with pytest.raises(FrameTooLarge):
+            Decoder.for_broker(FrameLimits(max_publish_frame_bytes=size)).feed(
+                encode_publish(b"a", b"b", b"x" * (size - 8))
+            )
+    small = FrameLimits(max_publish_frame_bytes=50)
+    assert small.table(CLIENT_TO_BROKER) is FrameLimits(max_publish_frame_bytes=50).table(CLIENT_TO_BROKER)
+    assert small.table(CLIENT_TO_BROKER) != FrameLimits(max_publish_frame_bytes=51).table(CLIENT_TO_BROKER)
+
+
+def test_clear_drops_what_was_buffered() -> None:
+    decoder = Decoder.for_broker()
+    frame = encode_publish(b"a", b"b", b"x" * 40)
+    assert decoder.feed(frame + frame[:20]) == [Publish(b"a", b"b", b"x" * 40)]
+    assert decoder.buffered == 20 and decoder.pending_frame_bytes == len(frame)
+    decoder.clear()
+    assert decoder.buffered == 0 and decoder.pending_frame_bytes == 0
+    assert decoder.feed(frame) == [Publish(b"a", b"b", b"x" * 40)]
+
+
 def test_frame_exactly_at_the_cap_is_accepted() -> None:
     frame = encode_publish(b"a", b"b", b"x" * 40)
     limits = FrameLimits(max_publish_frame_bytes=len(frame))

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+from hpfeeds3.broker.metrics import LabelCounter, PlainCounter
 from hpfeeds3.protocol import encode_publish
 from tests.support.broker import RawClient, confirm_subscribed, free_port
 from tests.support.metrics import metric, wait_metric
@@ -62,3 +67,22 @@ def test_ready_and_lost_count_per_ident_and_scrape_as_counters(start_broker) -> 
         assert metric(m, lost, ident="") >= 1  # the silent one (and the broker's own probes)
         assert metric(m, "hpfeeds_broker_connection_ready_created", ident="alice") > 1e9
         assert ("hpfeeds_broker_connection_ready_total", '{ident=""}') not in m
+
+
+def test_plain_and_label_counters_scrape_as_prometheus_client_counters() -> None:
+    """The counts kept as plain ints read as the counters they replace, creation times aside."""
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    made, made_ref = PlainCounter("x_made", "Made", ours), Counter("x_made", "Made", registry=theirs)
+    closed = LabelCounter("x_closed", "Closed", "reason", ours)
+    closed_ref = Counter("x_closed", "Closed", ["reason"], registry=theirs)
+    for reason in ("a", "b", "a"):
+        made.inc()
+        made_ref.inc()
+        closed.inc(reason)
+        closed_ref.labels(reason).inc()
+
+    def text(registry: CollectorRegistry) -> str:
+        return re.sub(r"(_created\S*) \S+", r"\1 T", generate_latest(registry).decode())
+
+    assert "x_made_total 3.0" in text(ours) and 'x_closed_total{reason="a"} 2.0' in text(ours)
+    assert text(ours) == text(theirs)

@@ -278,7 +278,7 @@ class Connection(Guarded, asyncio.Protocol):
         ident = session.ident or ""
         reason = session.close_reason or CloseReason.CONNECTION_RESET
         metrics.CONNECTION_LOST.inc(ident)
-        metrics.CLOSED_BY_REASON(reason.value).inc()
+        metrics.CONNECTIONS_CLOSED.inc(reason._value_)  # (.value: a Python-level property)
         broker.emit(Closed(self.peer, self.id, session.ident, reason, session.publish_stats))
 
     @guarded("watching the outgoing buffer")

@@ -109,6 +109,9 @@ class Authenticated(Event):
     def ident(self) -> str:
         return self.who
 
+    def fields(self) -> dict[str, Any]:
+        return {"event": "authenticated", "peer": self.peer, "ident": self.who}
+
     def text(self) -> str:
         return f"{self.peer} authenticated as {self.who}"
 
@@ -220,13 +223,16 @@ class Closed(Event):
     def reason(self) -> str:
         return self.why.value
 
+    # fields() and text() of the lines every connection logs: written out, and the
+    # reason's value read as the member's attribute (``.value`` is a Python-level
+    # property, called twice a line).
     def fields(self) -> dict[str, Any]:
-        return {"event": "closed", "peer": self.peer, "ident": self.who, "reason": self.why.value}
+        return {"event": "closed", "peer": self.peer, "ident": self.who, "reason": self.why._value_}
 
     def text(self) -> str:
         if self.who:
-            return f"closed {self.peer} ({self.who}): {self.why.value}"
-        return f"closed {self.peer}: {self.why.value}"
+            return f"closed {self.peer} ({self.who}): {self.why._value_}"
+        return f"closed {self.peer}: {self.why._value_}"
 
 
 @dataclass(slots=True)

@@ -28,7 +28,7 @@ Contract:
 - Records are formatted and written off the event loop: the logging call
   puts the record on a queue (``QueueHandler``) and one thread formats and
   writes, in order, every record queued meanwhile with one ``write`` (a
-  ``QueueListener`` that batches). A connection's three INFO lines
+  ``QueueListener`` that batches). A connection's two INFO lines
   (``info_later``) cost the loop a clock read and a queue put each: the
   thread builds their message, fields and record as well.
   ``stop_logging()`` (run at exit too) writes every record still queued, so
@@ -100,15 +100,17 @@ def _says(message: str, value: str) -> bool:
 
 
 _second_cache: list[Any] = [None, ""]
+# ".000Z" .. ".999Z": a formatted int costs more than the rest of the timestamp.
+_MILLIS = tuple(f".{m:03d}Z" for m in range(1000))
 
 
 def _timestamp(created: float) -> str:
     """ISO 8601, UTC, milliseconds: sorts as text, parses everywhere."""
     seconds = int(created)
-    millis = int((created - seconds) * 1000)
-    if _second_cache[0] != seconds:  # one strftime per second, not per record
-        _second_cache[:] = [seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))]
-    return f"{_second_cache[1]}.{millis:03d}Z"
+    cache = _second_cache
+    if cache[0] != seconds:  # one strftime per second, not per record
+        cache[:] = [seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))]
+    return cache[1] + _MILLIS[int((created - seconds) * 1000)]
 
 
 def field_value(value: Any) -> str:
@@ -150,8 +152,17 @@ class TextFormatter(logging.Formatter):
             elif value.__class__ is not str:
                 value = field_value(value)
             if value:
-                if value in message and _says(message, value):
-                    continue  # "peer 1.2.3.4:5 authenticated as x" already says it: not repeated
+                start = message.find(value)
+                if start != -1:
+                    # "peer 1.2.3.4:5 authenticated as x" already says it: not repeated.
+                    # Between spaces or brackets (or the ends) it is a whole token, as
+                    # _says decides, here without a call: the fields of the lines every
+                    # connection logs.
+                    end = start + len(value)
+                    if (start == 0 or message[start - 1] in " (") and (end == len(message) or message[end] in " )"):
+                        continue
+                    if _says(message, value):
+                        continue
                 value = escape(value)
             if not value or " " in value or '"' in value or "=" in value:
                 value = json.dumps(value, ensure_ascii=False)
@@ -442,7 +453,7 @@ def configure_logging(
         setattr(writer, _HANDLER_FLAG, True)
         root.addHandler(writer)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    # Every connection logs three records: skip what no format here prints (the
+    # Every connection logs two records: skip what no format here prints (the
     # caller's file and line, thread and process names), as the logging HOWTO's
     # "Optimization" section describes. A traceback still names its frames.
     logging._srcfile = None  # type: ignore[attr-defined]

@@ -4,13 +4,13 @@ working) plus ours.
 Hot-path rule: nothing here is touched per message. Connections count
 publishes into plain ints on a ``PublishStats`` per (ident, channel) and the
 ``BrokerCollector`` turns live and retired counts into samples at scrape time.
-Rare events (connects, closes, errors) use ordinary prometheus_client objects.
-Of the three counted for every connection, the two by ident (ready, lost) are
-plain ints per ident (``IdentCounter``), turned into samples at scrape time:
-a reconnect storm brings thousands of idents at once, and a prometheus_client
-child per ident (an object, a lock, a validated key) cost each sensor's
-handshake more than the count; closed by reason, a handful of values, finds
-its label child in a dict (``Children``), not through ``labels()``.
+Rare events (errors, refusals) use ordinary prometheus_client objects. The
+four counted for every connection (made, ready and lost by ident, closed by
+reason) are plain ints (``PlainCounter``, ``LabelCounter``), turned into samples at scrape
+time: a reconnect storm brings thousands of idents at once, and a
+prometheus_client child per ident (an object, a lock, a validated key) cost
+each sensor's handshake more than the count; even a child found in a dict
+cost a handshake six thousand instructions per count (its checks and its lock).
 """
 
 from __future__ import annotations
@@ -32,60 +32,84 @@ if TYPE_CHECKING:
     from .state import Broker
 
 
-class IdentCounter(Collector):
-    """A counter by ident kept as plain ints, turned into samples at scrape time.
+class PlainCounter(Collector):
+    """A counter kept as a plain int, turned into samples at scrape time: it scrapes
+    as an unlabelled prometheus_client ``Counter`` would (``NAME_total``, ``NAME_created``)."""
 
-    It scrapes as a prometheus_client ``Counter`` with one label would
-    (``NAME_total`` and ``NAME_created`` per value). Counting is one dict
-    update; the first count of a value also notes its creation time. The
-    values are authenticated idents or "" (never a client's choice), so the
-    dict grows as prometheus_client's own children would. The exporter may
-    collect on a worker thread: it reads a ``list(...)`` copy, made in one
-    step under the GIL.
-    """
+    label: str | None = None
 
     def __init__(self, name: str, documentation: str, registry: CollectorRegistry | None = REGISTRY) -> None:
         self.name = name
         self.documentation = documentation
-        self.counts: dict[str, int] = {}
-        self._created: dict[str, float] = {}
+        self.value = 0
+        self.created = time.time()
         if registry is not None:
             registry.register(self)
 
-    def inc(self, ident: str) -> None:
-        counts = self.counts
-        n = counts.get(ident)
-        if n is None:
-            self._created[ident] = time.time()
-            counts[ident] = 1
-        else:
-            counts[ident] = n + 1
+    def inc(self) -> None:
+        self.value += 1
 
     def _family(self) -> CounterMetricFamily:
-        return CounterMetricFamily(self.name, self.documentation, labels=["ident"])
+        return CounterMetricFamily(self.name, self.documentation, labels=[self.label] if self.label else None)
 
     def describe(self) -> Iterator[Any]:
         yield self._family()
 
     def collect(self) -> Iterator[Any]:
         family = self._family()
+        family.add_metric([], self.value, created=self.created if _use_created else None)
+        yield family
+
+
+class LabelCounter(PlainCounter):
+    """A counter by one label kept as plain ints: it scrapes as a prometheus_client
+    ``Counter`` with that label would (``NAME_total`` and ``NAME_created`` per value).
+
+    Counting is one dict update; the first count of a value also notes its
+    creation time. The values are authenticated idents, "" or close reasons
+    (never a client's choice), so the dict grows as prometheus_client's own
+    children would. The exporter may collect on a worker thread: it reads a
+    ``list(...)`` copy, made in one step under the GIL.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, label: str, registry: CollectorRegistry | None = REGISTRY
+    ) -> None:
+        self.label = label
+        self.counts: dict[str, int] = {}
+        self._created: dict[str, float] = {}
+        super().__init__(name, documentation, registry)
+
+    def inc(self, value: str) -> None:  # type: ignore[override]
+        counts = self.counts
+        n = counts.get(value)
+        if n is None:
+            self._created[value] = time.time()
+            counts[value] = 1
+        else:
+            counts[value] = n + 1
+
+    def collect(self) -> Iterator[Any]:
+        family = self._family()
         created = self._created
-        for ident, n in list(self.counts.items()):
-            family.add_metric([ident], n, created=created.get(ident) if _use_created else None)
+        for value, n in list(self.counts.items()):
+            family.add_metric([value], n, created=created.get(value) if _use_created else None)
         yield family
 
 
 # --- the reference's metrics ----------------------------------------------
 
-CONNECTION_MADE = Counter("hpfeeds_broker_connection_made", "Number of connections established")
-CONNECTION_READY = IdentCounter("hpfeeds_broker_connection_ready", "Number of connections established + authenticated")
+CONNECTION_MADE = PlainCounter("hpfeeds_broker_connection_made", "Number of connections established")
+CONNECTION_READY = LabelCounter(
+    "hpfeeds_broker_connection_ready", "Number of connections established + authenticated", "ident"
+)
 # ident is the *authenticated* ident or "" before AUTH: never a value a client chose.
 CONNECTION_ERROR = Counter(
     "hpfeeds_broker_connection_error",
     "Number of connections that experienced a protocol error",
     ["ident", "category"],
 )
-CONNECTION_LOST = IdentCounter("hpfeeds_broker_connection_lost", "Number of connections lost")
+CONNECTION_LOST = LabelCounter("hpfeeds_broker_connection_lost", "Number of connections lost", "ident")
 SEND_BUFFER_DEADLINE_START = Counter(
     "hpfeeds_broker_connection_send_buffer_deadline_start",
     "High watermark was exceeded and this connection was put on a deadline timer",
@@ -99,29 +123,7 @@ SEND_BUFFER_DEADLINE_RECOVER = Counter(
 
 # --- ours ---------------------------------------------------------------------
 
-CONNECTIONS_CLOSED = Counter("hpfeeds_broker_connections_closed", "Connections closed, by reason", ["reason"])
-
-
-class Children:
-    """A one-label counter's children by label value, each resolved once:
-    ``labels()`` validates, builds a key and takes a lock on every call. The
-    values are idents from the key store and close reasons, never a client's
-    choice, so the dict grows as prometheus_client's own does."""
-
-    __slots__ = ("_found", "_metric")
-
-    def __init__(self, metric: Counter) -> None:
-        self._metric = metric
-        self._found: dict[str, Any] = {}
-
-    def __call__(self, value: str) -> Any:
-        child = self._found.get(value)
-        if child is None:
-            child = self._found[value] = self._metric.labels(value)
-        return child
-
-
-CLOSED_BY_REASON = Children(CONNECTIONS_CLOSED)
+CONNECTIONS_CLOSED = LabelCounter("hpfeeds_broker_connections_closed", "Connections closed, by reason", "reason")
 AUTH_FAILURES = Counter("hpfeeds_broker_auth_failures", "Failed authentications, by reason", ["reason"])
 LIMIT_REJECTIONS = Counter("hpfeeds_broker_limit_rejections", "Frames or connections refused by a limit", ["limit"])
 

@@ -174,11 +174,17 @@ class PublishStats:
         self.bits = [0] * 64
 
     def merge(self, other: PublishStats) -> None:
-        # Once per closed connection and channel: map(add) is about three times
-        # cheaper than a comprehension over 64 pairs.
-        self.count += other.count
+        # Once per closed connection and channel. Usually every payload fell in one
+        # size class: that one slot is added (two scans in C, no list built); else
+        # map(add), about three times cheaper than a comprehension over 64 pairs.
+        count = other.count
+        self.count += count
         self.bytes += other.bytes
-        self.bits = list(map(operator.add, self.bits, other.bits))
+        bits = other.bits
+        if bits.count(0) == len(bits) - 1 and count in bits:  # (the slots add up to count)
+            self.bits[bits.index(count)] += count
+        else:
+            self.bits = list(map(operator.add, self.bits, bits))
 
 
 class Session(Generic[_O]):
@@ -466,7 +472,7 @@ class Session(Generic[_O]):
         was = self.state
         self.state = CLOSED
         self.close_reason = reason
-        self._decoder = Decoder(_AUTH_ONLY, runs=True)  # drop what was buffered
+        self._decoder.clear()  # drop what was buffered
         output, port = self.output, self.port
         if was != READY:
             port.left_pre_auth(output)

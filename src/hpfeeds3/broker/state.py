@@ -598,11 +598,13 @@ class Broker:
             return
         self.retired_send_fill[ident] = self.retired_send_fill.get(ident, 0) + conn.sent_bytes
         self.retired_recv_fill[ident] = self.retired_recv_fill.get(ident, 0) + conn.received_bytes
+        retired = self.retired_publish
         for chan, st in session.publish_stats.items():
             key = (ident, chan.decode("utf-8", "backslashreplace"))
-            if key not in self.retired_publish:
-                self.retired_publish[key] = PublishStats()
-            self.retired_publish[key].merge(st)
+            total = retired.get(key)
+            if total is None:
+                total = retired[key] = PublishStats()
+            total.merge(st)
 
     # --- revocation ----------------------------------------------------------------
 

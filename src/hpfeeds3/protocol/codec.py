@@ -29,8 +29,21 @@ from .frames import (
     OP_UNSUBSCRIBE,
     STR8_MAX,
     FrameLimits,
-    Opcode,
 )
+
+
+class _Op:
+    """The opcodes as plain ints, for ``parse_body``'s value patterns: reading an
+    ``Opcode`` member off its class goes through the enum metaclass's
+    ``__getattr__`` hook (about a thousand instructions), a plain class attribute does not."""
+
+    ERROR = OP_ERROR
+    INFO = OP_INFO
+    AUTH = OP_AUTH
+    PUBLISH = OP_PUBLISH
+    SUBSCRIBE = OP_SUBSCRIBE
+    UNSUBSCRIBE = OP_UNSUBSCRIBE
+
 
 _pack_header = HEADER.pack
 _unpack_header = HEADER.unpack_from
@@ -149,29 +162,29 @@ def parse_body(opcode: int, buf: bytes, start: int, end: int) -> Frame:
     """Parse the body ``buf[start:end]`` of a frame whose header was accepted: the one
     ``match`` over opcodes (which a side may receive is the decoder's ``accept``)."""
     match opcode:
-        case Opcode.PUBLISH:
+        case _Op.PUBLISH:
             ident, pos = _read_str8(buf, start, end, "ident")
             channel, pos = _read_str8(buf, pos, end, "channel")
             return Publish(ident, channel, buf[pos:end])
-        case Opcode.SUBSCRIBE | Opcode.UNSUBSCRIBE:
+        case _Op.SUBSCRIBE | _Op.UNSUBSCRIBE:
             ident, pos = _read_str8(buf, start, end, "ident")
             if pos >= end:
                 raise MalformedFrame("channel is empty")
             channel = buf[pos:end]
             return Subscribe(ident, channel) if opcode == OP_SUBSCRIBE else Unsubscribe(ident, channel)
-        case Opcode.AUTH:
+        case _Op.AUTH:
             ident, pos = _read_str8(buf, start, end, "ident")
             if end - pos != DIGEST_LEN:
                 raise MalformedFrame(f"AUTH digest is {end - pos} bytes, not {DIGEST_LEN}")
             return Auth(ident, buf[pos:end])
-        case Opcode.INFO:
+        case _Op.INFO:
             if start >= end:
                 raise MalformedFrame("broker name missing")
             n = buf[start]
             if start + 1 + n > end:
                 raise MalformedFrame("broker name runs past the end of the frame")
             return Info(buf[start + 1 : start + 1 + n], buf[start + 1 + n : end])
-        case Opcode.ERROR:
+        case _Op.ERROR:
             return Error(buf[start:end].decode("utf-8", "replace"))
         case _:
             raise UnexpectedOpcode(opcode)
@@ -362,7 +375,7 @@ class Decoder:
             self._consumed(pos, end)
             return _new(PublishRun, (buf[i : i + n], buf[c : c + m], data, count, payload_len, payload_lens))
         except ProtocolError:
-            self._reset()
+            self.clear()
             raise
 
     def _consumed(self, pos: int, end: int) -> None:
@@ -375,7 +388,8 @@ class Decoder:
             self._pos = pos
             self._have = end - pos
 
-    def _reset(self) -> None:
+    def clear(self) -> None:
+        """Drop every byte received and not yet returned (a closed connection's, or after an error)."""
         self._buf = b""
         self._pos = 0
         self._parts = []

@@ -68,9 +68,24 @@ class FrameLimits:
 
         Built once per (limits, accepted) pair: every Decoder asks for one, and
         a client or benchmark making thousands of connections must not pay
-        for a 256-entry tuple each time.
+        for a 256-entry tuple each time. Found by the two objects' identities
+        first (a broker asks twice per connection with the same two): hashing
+        this frozen dataclass is a Python-level call.
         """
-        return _table(self, accepted)
+        found = _tables.get((id(self), id(accepted)))
+        if found is not None and found[0] is self and found[1] is accepted:
+            return found[2]
+        table = _table(self, accepted)
+        if len(_tables) >= _MAX_TABLES:
+            _tables.clear()
+        # (the entry holds both objects, so neither id is reused while it is kept)
+        _tables[(id(self), id(accepted))] = (self, accepted, table)
+        return table
+
+
+# (id(limits), id(accepted)) -> (limits, accepted, table); a few pairs in any process.
+_tables: dict[tuple[int, int], tuple[FrameLimits, frozenset[int], tuple[int, ...]]] = {}
+_MAX_TABLES = 64
 
 
 @functools.cache

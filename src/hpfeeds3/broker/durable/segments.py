@@ -155,6 +155,13 @@ class SegmentLog:
         self._clock = clock
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        # The writer waits for work (``_wake``) only when it found none: an append
+        # while it writes need not wake it (an Event.set is a lock and a futex call,
+        # and under load the writer is always busy). Runs queued and taken, counted on
+        # each side, tell it whether any came in since it last looked.
+        self._writer_idle = False
+        self._runs_queued = 0  # event loop
+        self._runs_taken = 0  # writer
         self._stopping = False
         self._channels: dict[bytes, _Channel] = {}
         self._positions: dict[tuple[str, bytes], int] = {}
@@ -358,7 +365,8 @@ class SegmentLog:
         else:
             self._queued_bytes += len(data)
             ch.pending.append((first, frames, data))
-        if not self._wake.is_set():
+        self._runs_queued += 1
+        if self._writer_idle and not self._wake.is_set():
             self._wake.set()
         return end
 
@@ -480,7 +488,12 @@ class SegmentLog:
         last_sync = last_maintenance = time.monotonic()
         interval = self.config.sync_interval_s
         while True:
-            self._wake.wait(min(MAINTENANCE_EVERY_S, interval) if interval > 0 else MAINTENANCE_EVERY_S)
+            self._writer_idle = True
+            # Looked at after saying so: an append either sees the writer idle (and wakes
+            # it) or came before, and then its run is counted here.
+            if self._runs_queued == self._runs_taken:
+                self._wake.wait(min(MAINTENANCE_EVERY_S, interval) if interval > 0 else MAINTENANCE_EVERY_S)
+            self._writer_idle = False
             self._wake.clear()
             stopping = self._stopping
             try:
@@ -542,6 +555,7 @@ class SegmentLog:
         pending = ch.pending
         while pending:
             run_first, frames, data = pending.popleft()
+            self._runs_taken += 1
             if not data:
                 given_up = run_first + frames  # not queued (counted as overflow by append)
                 continue

@@ -11,8 +11,9 @@ it; as in benchmarks/compare, the broker runs on core 0 and the load on core 1
 default) what an open page reads, the tab shown (Sensors, the first and the
 heaviest); ``all`` more than any page, every view (sensors, connections,
 channels, keys, events) each time. Prints the median of each figure and the
-ratio on / off, and first the CPU the console's log handler adds to one
-handshake (measured alone).
+ratio on / off, and first the CPU the console's tracker adds to one
+handshake (measured alone). The same in instructions, which a loaded machine
+does not change: ``python -m tests.console.instructions`` (valgrind).
 """
 
 from __future__ import annotations
@@ -69,13 +70,25 @@ def pinning() -> bool:
     return len(os.sched_getaffinity(0)) >= 2
 
 
-def run_once(workdir: Path, console: bool, duration: float, views: tuple[str, ...]) -> dict[str, dict]:
-    port = free_port()
+def workspace(workdir: Path) -> Path:
+    """``workdir`` with the benchmark's keys (10,000, in users.json) and the console's tokens."""
+    subprocess.run([str(BIN / "hpfeeds-bench"), "--write-json", "users.json"], cwd=workdir, check=True)
+    admin, _ = write_tokens(workdir / "tokens.txt")
+    (workdir / "admin-token").write_text(admin)
+    return workdir
+
+
+def broker_args(workdir: Path, port: int, admin_port: int | None) -> list[str]:
+    """The broker's command line in ``workspace(workdir)``; with the console when ``admin_port``."""
     args = ["--bind", f"127.0.0.1:{port}", "--auth", str(workdir / "users.json")]
-    admin_port = free_port()
-    if console:
+    if admin_port is not None:
         args += ["--admin", f"127.0.0.1:{admin_port}", "--admin-tokens", str(workdir / "tokens.txt")]
-    broker = BrokerProcess(args, cwd=workdir, port=port)
+    return args
+
+
+def run_once(workdir: Path, console: bool, duration: float, views: tuple[str, ...]) -> dict[str, dict]:
+    port, admin_port = free_port(), free_port()
+    broker = BrokerProcess(broker_args(workdir, port, admin_port if console else None), cwd=workdir, port=port)
     stop, polled = threading.Event(), [0]
     try:
         broker.wait_ready()
@@ -157,10 +170,7 @@ def main() -> None:
     print(f"console tracker: {tracker_cost_us():.2f} µs per handshake (connected + authenticated + closed, settled)")
     figures: dict[bool, dict[str, list[float]]] = {False: {}, True: {}}
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        subprocess.run([str(BIN / "hpfeeds-bench"), "--write-json", "users.json"], cwd=workdir, check=True)
-        admin, _ = write_tokens(workdir / "tokens.txt")
-        (workdir / "admin-token").write_text(admin)
+        workdir = workspace(Path(tmp))
         for round_ in range(args.rounds):
             # Alternate which goes first: the second run of a pair inherits the
             # first one's TIME_WAIT sockets and warmed caches.

@@ -111,3 +111,28 @@ def test_nothing_of_a_closed_connection_is_kept_until_the_settle(broker: Broker)
     assert freed() is None
     t.settle()
     assert t.idents["sensor"].windows(int(t.published["sensor"] // 60))[0] == 3
+
+
+def test_a_live_connection_is_seen_from_its_connect_time_at_the_first_poll(broker: Broker) -> None:
+    """Its AUTH notes nothing (a handshake's cost): the poll that first reads the
+    connection with its ident marks the ident seen at its connect time, once."""
+
+    class Live:
+        id = 7
+        connected_at = T0 - 30.0
+        ident = "cowrie-eu-01"
+        publish_stats: dict[bytes, PublishStats] = {}
+
+        @property
+        def session(self) -> Live:
+            return self
+
+    t = primed(broker)
+    t.observe(Authenticated("10.0.0.1:7", 7, "cowrie-eu-01"))
+    assert "cowrie-eu-01" not in t.last_seen
+    broker.connections.add(Live())  # type: ignore[arg-type]
+    broker.loop.run_until_complete(t.poll(T0 + 2))
+    assert t.last_seen["cowrie-eu-01"] == T0 - 30.0
+    t.last_seen["cowrie-eu-01"] = T0 - 60.0  # (a later poll does not mark it again)
+    broker.loop.run_until_complete(t.poll(T0 + 4))
+    assert t.last_seen["cowrie-eu-01"] == T0 - 60.0

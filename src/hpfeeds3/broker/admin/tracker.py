@@ -5,14 +5,15 @@ Two feeds, neither on the message hot path:
 - ``observe`` is an observer of the broker's typed events (``events.py``,
   ``Broker.observe``): the notable ones (failed AUTHs, blocks, slow consumers,
   revocations, and the console's own changes and failed logins) go into a
-  ring of at most ``MAX_EVENTS``, and authentications and closes mark when an
-  ident was last seen. Every handshake makes an authentication and a close,
-  so those two are only noted (the ident's latest time; what the connection
-  published, summed per ident and channel in the current minute) and counted
-  by ``settle()``, once per ident and channel, at the next poll or view (or
-  when ``SETTLE_AT`` are waiting): an open console then costs a handshake a
-  few dict operations instead of its share of the tables below, and nothing
-  of the connection is kept (no work for the cyclic GC);
+  ring of at most ``MAX_EVENTS``, and closes mark when an ident was last seen
+  (a live connection is marked by the poll that first reads it, at its
+  connect time). Every handshake makes a close, so it is only noted (the
+  ident's latest time; what the connection published, summed per ident and
+  channel in the current minute) and counted by ``settle()``, once per ident
+  and channel, at the next poll or view (or when ``SETTLE_AT`` are waiting):
+  an open console then costs a handshake a few dict operations instead of its
+  share of the tables below, and nothing of the connection is kept (no work
+  for the cyclic GC);
 - ``poll()`` (every ``POLL_S``) reads each connection's per-channel publish
   counters (kept by the broker for its metrics) and adds what grew since the
   last poll to one-minute buckets (at most 60 per pair), from which come the
@@ -196,8 +197,8 @@ class Tracker:
         self._dirty_minutes: set[tuple[str, str, int]] = set()
         self._forget = Batch()
         self._executor: ThreadPoolExecutor | None = None
-        # Noted by ``observe`` and counted by ``settle``: the idents seen (their latest
-        # time), and what closed connections published since the last settle, per
+        # Noted by ``observe`` and counted by ``settle``: the idents of closed connections
+        # (their latest close), and what they published since the last settle, per
         # (ident, channel): [messages, latest close]; all in minute ``_minute``, which
         # starts at ``_minute_start`` and ends at ``_minute_end`` (a close past it
         # settles first).
@@ -314,14 +315,10 @@ class Tracker:
         if cls is Closed:
             self.closed(event, time.time())  # type: ignore[arg-type]  # (mypy does not narrow cls)
             return
-        if cls is Authenticated:
-            arrived = self._arrived
-            arrived[event.who] = time.time()  # type: ignore[attr-defined]
-            if len(arrived) >= SETTLE_AT:
-                self.settle()
+        if cls is Authenticated or cls is Connected:
+            # Nothing to note: the poll marks a live connection's ident seen (at its
+            # connect time) the first time it reads it, and its close notes it again.
             return
-        if cls is Connected:
-            return  # the connection holds its own connect time
         kind = event.kind
         now = time.time()
         self.settle()  # in order with what was noted before
@@ -518,9 +515,9 @@ class Tracker:
         return sum(rates.get(channel, 0.0) for channel in conn.session.subscriptions)
 
     def settle(self) -> None:
-        """Count the authentications and closes ``observe`` noted: each ident's last
-        seen once, and what the closed connections published, summed per ident and
-        channel (all in one minute), added to the tables."""
+        """Count the closes ``observe`` noted: each ident's last seen once, and what the
+        closed connections published, summed per ident and channel (all in one minute),
+        added to the tables."""
         arrived, pending = self._arrived, self._pending
         if not (arrived or pending):
             return
@@ -553,6 +550,8 @@ class Tracker:
             session = conn.session
             ident = session.ident
             if ident is not None:
+                if conn.id not in self._counted:  # read with its ident for the first time
+                    self.seen(ident, getattr(conn, "connected_at", 0.0) or now)
                 self._count(conn.id, ident, session.publish_stats, now, counts)
         self._add_counts(counts)
 

@@ -285,3 +285,34 @@ def test_wait_ready_during_connect_shares_the_connection_and_close_leaks_none() 
         server.close()
 
     asyncio.run(scenario())
+
+
+def test_wait_ready_while_a_refused_connection_closes_does_not_connect_again() -> None:
+    """A broker refuses the AUTH with a "try again" ERROR (an address blocked after
+    failed logins) and closes. ``wait_ready`` called in the moment between that close
+    being read and ``connection_lost`` (the transport closing, the client not yet told)
+    waits for the loss and raises it: without reconnect it opens no second connection,
+    whose AUTH the broker would count as one more failed login (the console showed 2
+    where one was made)."""
+
+    async def broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(encode_info(b"fake", NONCE))
+        await _read_frames(reader, 1)
+        writer.write(encode_error("Authentication failed for sensor: too many failed attempts, try again in 300 s"))
+
+    async def scenario() -> None:
+        server, port = await _serve(broker)
+        client = Client(HOST, port, "sensor", "s", reconnect=False)
+        async with asyncio.timeout(TIMEOUT_S):
+            await client.connect()
+            conn = client._conn
+            assert conn is not None and conn.transport is not None
+            while not conn.transport.is_closing():  # the broker's close read; connection_lost is next
+                await asyncio.sleep(0)
+            with pytest.raises((BrokerError, ConnectionLost)):
+                await client.wait_ready(0.5)
+        assert client.connection_count == 1
+        await client.close()
+        server.close()
+
+    asyncio.run(scenario())

@@ -11,14 +11,17 @@ it; as in benchmarks/compare, the broker runs on core 0 and the load on core 1
 default) what an open page reads, the tab shown (Sensors, the first and the
 heaviest); ``all`` more than any page, every view (sensors, connections,
 channels, keys, events) each time. Prints the median of each figure and the
-ratio on / off, and first the CPU the console's log handler adds to one
-handshake (measured alone).
+ratio on / off, and first the CPU the console's tracker adds to one
+handshake (measured alone). The same in instructions, which a loaded machine
+does not change: ``python -m tests.console.instructions`` (valgrind).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import gc
 import json
 import os
 import statistics
@@ -27,12 +30,15 @@ import tempfile
 import threading
 import time
 import timeit
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hpfeeds3.broker.admin.tracker import Tracker
 from hpfeeds3.broker.events import Authenticated, Closed, Connected
 from hpfeeds3.broker.metrics import PublishStats
 from hpfeeds3.broker.reasons import CloseReason
+from hpfeeds3.broker.tuning import GC_THRESHOLDS
 from tests.support.broker import BIN, BrokerProcess, free_port, wait_for_port
 from tests.support.inprocess import idle_broker
 
@@ -64,13 +70,25 @@ def pinning() -> bool:
     return len(os.sched_getaffinity(0)) >= 2
 
 
-def run_once(workdir: Path, console: bool, duration: float, views: tuple[str, ...]) -> dict[str, dict]:
-    port = free_port()
+def workspace(workdir: Path) -> Path:
+    """``workdir`` with the benchmark's keys (10,000, in users.json) and the console's tokens."""
+    subprocess.run([str(BIN / "hpfeeds-bench"), "--write-json", "users.json"], cwd=workdir, check=True)
+    admin, _ = write_tokens(workdir / "tokens.txt")
+    (workdir / "admin-token").write_text(admin)
+    return workdir
+
+
+def broker_args(workdir: Path, port: int, admin_port: int | None) -> list[str]:
+    """The broker's command line in ``workspace(workdir)``; with the console when ``admin_port``."""
     args = ["--bind", f"127.0.0.1:{port}", "--auth", str(workdir / "users.json")]
-    admin_port = free_port()
-    if console:
+    if admin_port is not None:
         args += ["--admin", f"127.0.0.1:{admin_port}", "--admin-tokens", str(workdir / "tokens.txt")]
-    broker = BrokerProcess(args, cwd=workdir, port=port)
+    return args
+
+
+def run_once(workdir: Path, console: bool, duration: float, views: tuple[str, ...]) -> dict[str, dict]:
+    port, admin_port = free_port(), free_port()
+    broker = BrokerProcess(broker_args(workdir, port, admin_port if console else None), cwd=workdir, port=port)
     stop, polled = threading.Event(), [0]
     try:
         broker.wait_ready()
@@ -102,34 +120,45 @@ def run_once(workdir: Path, console: bool, duration: float, views: tuple[str, ..
         broker.stop()
 
 
-def tracker_cost_us() -> float:
-    """CPU the console's tracker adds to one handshake, in µs: its three events, as
-    connect-50 makes them (a primed tracker, one message published), and the settle
-    that counts them (at every poll; here every 1,000 handshakes)."""
+def tracker_cost_us(tracker_class: type[Tracker] = Tracker) -> float:
+    """CPU the console's tracker adds to one handshake, in µs: its three events as
+    connect-50 makes them (a primed tracker, one message published on one of 50
+    channels) and the settle that counts them (at every poll; here every 1,000
+    handshakes), less the same handshakes unobserved. The events are made afresh for
+    each handshake and the cyclic GC runs at the broker's thresholds, as in the
+    broker: what the tracker keeps of a connection is work for the GC, and is counted."""
     broker = idle_broker(asyncio.new_event_loop())
-    tracker = Tracker(broker)
+    tracker = tracker_class(broker)
     tracker._primed = True  # as after the first poll
     peer = "127.0.0.1:5555"
-    stats = PublishStats()
-    stats.count = 1
-    events = [
-        (
-            Connected(peer, i),
-            Authenticated(peer, i, "bench"),
-            Closed(peer, i, "bench", CloseReason.CLIENT_CLOSED, {b"slot-%d" % (i % 50): stats}),
-        )
-        for i in range(1000)
-    ]
-    observe = tracker.observe
+    channels = [b"slot-%d" % i for i in range(50)]
 
-    def handshakes() -> None:
-        for connected, authenticated, closed in events:
-            observe(connected)
-            observe(authenticated)
-            observe(closed)
+    def handshakes(observe: Callable[[Any], None]) -> None:
+        for i in range(1000):
+            stats = PublishStats()
+            stats.count = 1
+            observe(Connected(peer, i))
+            observe(Authenticated(peer, i, "bench"))
+            observe(Closed(peer, i, "bench", CloseReason.CLIENT_CLOSED, {channels[i % 50]: stats}))
         tracker.settle()
 
-    return min(timeit.repeat(handshakes, number=20, repeat=5)) / (20 * len(events)) * 1e6
+    def unobserved(event: Any) -> None:
+        pass
+
+    thresholds = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    try:
+        timed = {
+            observe: min(timeit.repeat(functools.partial(handshakes, observe), "gc.enable()", number=20, repeat=7))
+            / 20_000
+            for observe in (unobserved, tracker.observe)
+        }
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+    return (timed[tracker.observe] - timed[unobserved]) * 1e6
 
 
 def main() -> None:
@@ -141,10 +170,7 @@ def main() -> None:
     print(f"console tracker: {tracker_cost_us():.2f} µs per handshake (connected + authenticated + closed, settled)")
     figures: dict[bool, dict[str, list[float]]] = {False: {}, True: {}}
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        subprocess.run([str(BIN / "hpfeeds-bench"), "--write-json", "users.json"], cwd=workdir, check=True)
-        admin, _ = write_tokens(workdir / "tokens.txt")
-        (workdir / "admin-token").write_text(admin)
+        workdir = workspace(Path(tmp))
         for round_ in range(args.rounds):
             # Alternate which goes first: the second run of a pair inherits the
             # first one's TIME_WAIT sockets and warmed caches.

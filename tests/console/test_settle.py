@@ -4,6 +4,7 @@ than ``SETTLE_AT`` waiting."""
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import pytest
@@ -66,10 +67,11 @@ def test_noted_closes_are_bounded_without_a_poll(broker: Broker, monkeypatch: py
     monkeypatch.setattr(tracker_mod, "SETTLE_AT", 10)
     t = primed(broker)
     for conn_id in range(1, 101):
-        handshake(t, conn_id, "sensor", b"c", 1)
-        assert len(t._closes) < 10 and len(t._arrived) < 10
+        handshake(t, conn_id, f"sensor-{conn_id}", b"c", 1)
+        assert len(t._pending) < 10 and len(t._arrived) < 10
     t.settle()
-    assert t.idents["sensor"].windows(int(t.published["sensor"] // 60))[0] == 100
+    assert t.chans["c"].windows(int(t.published["sensor-1"] // 60))[0] == 100
+    assert len(t.idents) == 100
 
 
 def test_a_view_read_before_the_next_poll_shows_the_noted_closes(broker: Broker, tmp_path: Path) -> None:
@@ -89,3 +91,48 @@ def test_a_view_read_before_the_next_poll_shows_the_noted_closes(broker: Broker,
     body = broker.loop.run_until_complete(read())
     row = next(r for r in body["sensors"] if r["ident"] == "cowrie-eu-01")
     assert row["last_seen"] is not None and row["last_5m"] == 4
+
+
+def test_nothing_of_a_closed_connection_is_kept_until_the_settle(broker: Broker) -> None:
+    """A close is summed at once: its event and publish counters are freed with the
+    connection (by reference counting), not kept for the cyclic GC to scan until the
+    next poll, as every handshake with the console open once was."""
+
+    class Published(dict):  # a dict that a weak reference can follow
+        pass
+
+    t = primed(broker)
+    stats = PublishStats()
+    stats.count = 3
+    published = Published({b"c": stats})
+    freed = weakref.ref(published)
+    t.observe(Closed("10.0.0.1:1", 1, "sensor", CloseReason.CLIENT_CLOSED, published))
+    del published
+    assert freed() is None
+    t.settle()
+    assert t.idents["sensor"].windows(int(t.published["sensor"] // 60))[0] == 3
+
+
+def test_a_live_connection_is_seen_from_its_connect_time_at_the_first_poll(broker: Broker) -> None:
+    """Its AUTH notes nothing (a handshake's cost): the poll that first reads the
+    connection with its ident marks the ident seen at its connect time, once."""
+
+    class Live:
+        id = 7
+        connected_at = T0 - 30.0
+        ident = "cowrie-eu-01"
+        publish_stats: dict[bytes, PublishStats] = {}
+
+        @property
+        def session(self) -> Live:
+            return self
+
+    t = primed(broker)
+    t.observe(Authenticated("10.0.0.1:7", 7, "cowrie-eu-01"))
+    assert "cowrie-eu-01" not in t.last_seen
+    broker.connections.add(Live())  # type: ignore[arg-type]
+    broker.loop.run_until_complete(t.poll(T0 + 2))
+    assert t.last_seen["cowrie-eu-01"] == T0 - 30.0
+    t.last_seen["cowrie-eu-01"] = T0 - 60.0  # (a later poll does not mark it again)
+    broker.loop.run_until_complete(t.poll(T0 + 4))
+    assert t.last_seen["cowrie-eu-01"] == T0 - 60.0

@@ -864,7 +864,11 @@ class Client:
         while not self.connected:
             self._check_usable()
             reconnecting = self._reconnect_task is not None and not self._reconnect_task.done()
-            if not self._opening and not reconnecting:
+            # A connection still held is closing: its connection_lost (next) decides
+            # what follows, a reconnect or the fatal error, and wakes this loop.
+            # Connecting now would send one more AUTH (to a broker that just refused one).
+            closing = self._conn is not None
+            if not self._opening and not reconnecting and not closing:
                 await self.connect()  # nobody else is connecting: do it (and raise its error)
                 continue
             await self._wait_changed(None)

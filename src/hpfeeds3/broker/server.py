@@ -26,7 +26,7 @@ from .auth import Authenticator, ChangeFeed, build_authenticator
 from .config import BrokerConfig, ConfigError, Endpoint
 from .connection import Connection
 from .state import Broker
-from .tuning import GC_THRESHOLDS, LISTEN_BACKLOG, RESERVED_FDS
+from .tuning import GC_THRESHOLDS, LISTEN_BACKLOG, LISTENERS_PER_ENDPOINT, RESERVED_FDS
 
 log = logging.getLogger("hpfeeds3.broker")
 
@@ -113,8 +113,33 @@ async def _watch_tls(ctx: ssl.SSLContext, cert: str, key: str, stop: asyncio.Eve
         log.exception("watching TLS files failed; certificate changes need a restart")
 
 
-def bind_socket(endpoint: Endpoint, *, reuse_port: bool = False) -> socket.socket:
+def bind_sockets(endpoint: Endpoint, *, reuse_port: bool = False) -> list[socket.socket]:
+    """``LISTENERS_PER_ENDPOINT`` listening sockets on ``endpoint``'s one port, in one
+    SO_REUSEPORT group (tuning.py says why). Without ``reuse_port`` (the workers'
+    shared port), the port is first bound alone, so that a port another process
+    listens on is refused as "address already in use" rather than shared."""
     family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+    port = endpoint.port
+    if not reuse_port:
+        probe = _bind(endpoint, family, port, reuse_port=False)
+        port = probe.getsockname()[1]  # the one an ephemeral port (0) got
+        probe.close()
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(LISTENERS_PER_ENDPOINT):
+            sock = _bind(endpoint, family, port, reuse_port=True)
+            socks.append(sock)
+            port = sock.getsockname()[1]
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _bind(endpoint: Endpoint, family: socket.AddressFamily, port: int, *, reuse_port: bool) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -124,13 +149,11 @@ def bind_socket(endpoint: Endpoint, *, reuse_port: bool = False) -> socket.socke
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, endpoint.device.encode()[:15] + b"\0")
         # Accepted sockets inherit these from the listener (Linux): no per-connection syscalls.
         set_keepalive(sock)
-        sock.bind((endpoint.host, endpoint.port))
-        sock.listen(LISTEN_BACKLOG)
+        sock.bind((endpoint.host, port))
     except OSError as e:
         sock.close()
         why = "address already in use" if e.errno == 98 else e.strerror or str(e)
         raise ConfigError(f"cannot listen on {endpoint.describe()}: {why}") from e
-    sock.setblocking(False)
     return sock
 
 
@@ -202,14 +225,19 @@ async def serve(
         bound = (
             list(sockets)
             if sockets is not None
-            else [(ep, bind_socket(ep, reuse_port=config.reuse_port)) for ep in config.endpoints]
+            else [(ep, sock) for ep in config.endpoints for sock in bind_sockets(ep, reuse_port=config.reuse_port)]
         )
+        contexts: dict[int, ssl.SSLContext | None] = {}  # by id(endpoint): its listeners share one
         for endpoint, sock in bound:
-            ctx = None
-            if endpoint.kind == "tls":
-                assert endpoint.cert and endpoint.key
-                ctx = make_tls_context(endpoint.cert, endpoint.key)
-                broker.spawn(_watch_tls(ctx, endpoint.cert, endpoint.key, watch_stop))
+            first = id(endpoint) not in contexts
+            if first:
+                ctx = None
+                if endpoint.kind == "tls":
+                    assert endpoint.cert and endpoint.key
+                    ctx = make_tls_context(endpoint.cert, endpoint.key)
+                    broker.spawn(_watch_tls(ctx, endpoint.cert, endpoint.key, watch_stop))
+                contexts[id(endpoint)] = ctx
+            ctx = contexts[id(endpoint)]
             # TLS listeners accept plain TCP: the connection runs the handshake
             # itself, so it counts against the limits from accept.
             server = await loop.create_server(
@@ -218,8 +246,9 @@ async def serve(
                 backlog=LISTEN_BACKLOG,
             )
             servers.append(server)
-            host, port = sock.getsockname()[:2]
-            log.info("listening on %s://%s:%s", endpoint.kind, f"[{host}]" if ":" in host else host, port)
+            if first:
+                host, port = sock.getsockname()[:2]
+                log.info("listening on %s://%s:%s", endpoint.kind, f"[{host}]" if ":" in host else host, port)
 
         if config.cluster:
             from .backplane.nats import NatsBackplane

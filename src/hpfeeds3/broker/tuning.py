@@ -17,10 +17,17 @@ RESERVED_FDS = 64
 # current Linux). At 1,024, a storm of 10,000 overflowed it and the dropped
 # sensors waited out their connect timeout: 10,000 served in ~12 s instead
 # of ~2.4 s (hpfeeds-bench storm). Asked for the most listen() takes, so an
-# operator who raises somaxconn gets the longer queue (docs/operations.md):
-# at 4,096 a storm of 10,000 still overflows it, and the sensors whose SYN
-# was dropped come back a second later.
+# operator who raises somaxconn gets the longer queue (docs/operations.md).
 LISTEN_BACKLOG = 65535
+# Listening sockets per endpoint, one SO_REUSEPORT group on one port. The loop
+# (libuv, under uvloop) accepts one connection per listener per loop turn, so
+# in a storm the broker accepted at the rate of its turns, each of which also
+# runs handshakes: 10,000 SYNs within half a second overflowed a queue of 4,096
+# and the dropped sensors came back a second later (2.3 s instead of 1.2 s,
+# benchmarks/RESULTS.md). N listeners accept N a turn into N queues, each of
+# somaxconn; the kernel spreads connections over them by address hash. What
+# waits is still in the kernel, not in the broker's descriptors.
+LISTENERS_PER_ENDPOINT = 4
 
 # --- authentication ------------------------------------------------------------
 

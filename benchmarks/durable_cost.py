@@ -1,17 +1,24 @@
 #!/usr/bin/env python3
 """What a durable subscriber costs: ``hpfeeds-bench`` pubsub-100 and fanout
-against a fresh broker with no durable key, with one plain subscriber more
-(a reader whose key is not durable) and with one durable subscriber reading
-the bench channel (interleaved, A B C A B C ...); the replay rate of a
-large backlog with the broker's peak RSS during it; disk bytes per message; the
-log's own CPU per message, in-process.
+against fresh brokers, interleaved (A B C D E A B C D E ...):
+
+- one of the bench's own subscribers durable vs not (the headline): the
+  bench's subscriber 0 (``--sub-ident``) authenticates as key ``dur``, durable
+  or not; same subscribers, every message verified by the bench;
+- one more subscriber: no durable key, one plain extra reader (a key that is
+  not durable) and one durable extra reader beside the bench's subscribers
+  (what one more durable subscriber costs: it is one more subscriber);
+
+then the replay rate of a large backlog with the broker's peak RSS during it;
+disk bytes per message; the log's own CPU per message, in-process.
 
     .venv/bin/python benchmarks/durable_cost.py [--rounds 2] [--duration 5] [--backlog-mib 1024]
         [--baseline NAME=BROKER]
 
-``--baseline`` adds a fourth broker to each round, the durable subscriber's
-on another ``hpfeeds-broker`` executable (an earlier build), so that a change
-of the log is measured against what it changes in the same interleaved run.
+``--baseline`` adds the durable rows (the bench's subscriber durable, the
+durable extra reader) on another ``hpfeeds-broker`` executable (an earlier
+build) to each round, so that a change of the log is measured against what
+it changes in the same interleaved run.
 
 Every broker is started fresh in its own temporary directory (data directory
 included); figures are medians over the rounds.
@@ -33,6 +40,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from hpfeeds3.protocol import Decoder, Info, encode_auth, encode_publish, encode_subscribe, sign
 
@@ -71,7 +79,9 @@ def broker(
         subprocess.run([str(BIN / "hpfeeds-bench"), "--write-json", str(keys)], check=True, capture_output=True)
         users = json.loads(keys.read_text())
         if durable if reader_key is None else reader_key:
-            users["dur"] = {"owner": "dur", "secret": "dur", "pubchans": [], "subchans": ["bench"], "durable": durable}
+            # Publish too: as the bench's subscriber 0 it publishes a setup marker.
+            users["dur"] = {"owner": "dur", "secret": "dur", "pubchans": ["bench"], "subchans": ["bench"]}
+            users["dur"]["durable"] = durable
         keys.write_text(json.dumps(users))
         port = free_port()
         args = [exe or str(BIN / "hpfeeds-broker"), "--bind", f"127.0.0.1:{port}", "--auth", str(keys)]
@@ -139,66 +149,99 @@ def unstored(proc: subprocess.Popen[bytes]) -> int:
     return 0
 
 
-def bench(port: int, scenario: str, duration: float) -> float:
-    out = subprocess.run(
-        [str(BIN / "hpfeeds-bench"), "--port", str(port), "--duration", str(duration), "--json-only", scenario],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+def bench(port: int, scenario: str, duration: float, *extra: str) -> dict[str, Any]:
+    """``hpfeeds-bench``'s record of ``scenario``; ``extra``: more of its flags."""
+    args = [str(BIN / "hpfeeds-bench"), "--port", str(port), "--duration", str(duration), "--json-only", *extra]
+    out = subprocess.run([*args, scenario], capture_output=True, text=True, check=True).stdout
     for line in out.splitlines():
         record = json.loads(line)
         if record.get("scenario") == scenario:
-            return float(record["value"])
+            return dict(record)
     raise RuntimeError(out)
 
 
-# label -> (the reader's key durable, a reader beside the bench's own subscribers). The
-# durable reader is one more subscriber: "one plain subscriber more" is the same reader
-# with a key that is not durable, so the difference to it is what durability costs.
-LABELS = {
-    "no durable key": (False, False),
-    "one plain subscriber more": (False, True),
-    "one durable subscriber": (True, True),
+class Variant(NamedTuple):
+    durable: bool  # key ``dur`` is durable
+    reader: bool  # an extra reader as ``dur`` beside the bench's own subscribers
+    bench_sub: bool  # the bench's subscriber 0 authenticates as ``dur`` (``--sub-ident``)
+    exe: str = ""  # another ``hpfeeds-broker`` than this environment's
+
+
+# The headline: one of the bench's own subscribers durable or not, the same subscribers.
+SUB_PLAIN, SUB_DURABLE = "bench's subscriber not durable", "bench's subscriber durable"
+# One subscriber more: the durable reader is one more subscriber; "one plain subscriber
+# more" is the same reader with a key that is not durable, so the difference to it is
+# what durability costs, and the difference to "no durable key" what one more durable
+# subscriber costs.
+NO_KEY, PLAIN_MORE, DURABLE_MORE = "no durable key", "one plain subscriber more", "one durable subscriber"
+VARIANTS = {
+    SUB_PLAIN: Variant(durable=False, reader=False, bench_sub=True),
+    SUB_DURABLE: Variant(durable=True, reader=False, bench_sub=True),
+    NO_KEY: Variant(durable=False, reader=False, bench_sub=False),
+    PLAIN_MORE: Variant(durable=False, reader=True, bench_sub=False),
+    DURABLE_MORE: Variant(durable=True, reader=True, bench_sub=False),
 }
+
+
+def baseline_label(label: str, name: str) -> str:
+    return f"{label} ({name})"
 
 
 def live_cost(
     rounds: int, duration: float, baseline: tuple[str, str] | None = None
 ) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """Per scenario and label: (rate, broker CPU µs per message) of each round. The CPU
-    is the broker's, every thread, over the whole bench run (warm-up included) and until
-    the extra reader has received everything (a durable reader may be behind the
+    is the broker's, every thread, over the whole bench run (warm-up included; the bench
+    ends when its subscribers have verified every message) and, with an extra reader,
+    until that reader has received everything (a durable reader may be behind the
     publishers), divided by rate x duration: steadier than the rate on a machine that
     is not quiet."""
     figures: dict[str, dict[str, list[tuple[float, float]]]] = {"pubsub-100": {}, "fanout": {}}
-    labels = {label: (durable, extra, "") for label, (durable, extra) in LABELS.items()}
+    variants = dict(VARIANTS)
     if baseline is not None:
-        labels[f"one durable subscriber ({baseline[0]})"] = (True, True, baseline[1])
+        for label in (SUB_DURABLE, DURABLE_MORE):
+            variants[baseline_label(label, baseline[0])] = VARIANTS[label]._replace(exe=baseline[1])
     for _ in range(rounds):
         for scenario in figures:
-            for label, (durable, extra_reader, exe) in labels.items():
-                with broker(durable, extra_reader, exe=exe) as (port, proc, _tmp):
+            for label, v in variants.items():
+                with broker(v.durable, v.reader or v.bench_sub, exe=v.exe) as (port, proc, _tmp):
                     reader = None
-                    if extra_reader:
+                    if v.reader:
                         reader = Reader(port)
                         reader.start()
                     try:
                         cpu = cpu_s(proc.pid)
-                        value = bench(port, scenario, duration)
+                        record = bench(port, scenario, duration, *(("--sub-ident", "dur") if v.bench_sub else ()))
                         if reader is not None:
                             reader.wait_quiet()  # what it has yet to receive is the bench's too
                         cpu = cpu_s(proc.pid) - cpu
                     finally:
                         if reader is not None:
                             reader.stopping = True
+                    value = float(record["value"])
                     us = cpu / (value * duration) * 1e6
                     figures[scenario].setdefault(label, []).append((value, us))
                     # A writer that falls behind by more than the pending bound stores less
                     # and so costs less: a rate with messages not stored is not the cost.
-                    lost = f"  {unstored(proc):,} not stored" if durable else ""
-                    print(f"{scenario:10} {label:32} {value:12,.0f}  {us:6.3f} µs CPU/msg{lost}", flush=True)
+                    lost = f"  {unstored(proc):,} not stored" if v.durable else ""
+                    print(
+                        f"{scenario:10} {label:40} {value:12,.0f}  {us:6.3f} µs CPU/msg"
+                        f"  broker {record.get('broker_cpu_pct', '?')} % CPU  drain {record['drain_s']:.3f} s{lost}",
+                        flush=True,
+                    )
     return figures
+
+
+def summary(scenario: str, by_label: dict[str, list[tuple[float, float]]], label: str, against: str) -> str:
+    """``label`` against ``against``: medians of the rate and of the broker's CPU per message."""
+    rate = statistics.median(v for v, _ in by_label[label])
+    us = statistics.median(us for _, us in by_label[label])
+    base = statistics.median(v for v, _ in by_label[against])
+    base_us = statistics.median(us for _, us in by_label[against])
+    return (
+        f"{scenario}: {label} against {against}: median {base:,.0f} msg/s there, {rate:,.0f} here"
+        f" ({rate / base - 1:+.1%}); broker CPU {base_us:.3f} µs/msg there, {us:.3f} here ({us / base_us - 1:+.1%})"
+    )
 
 
 def log_bytes(segments: Path) -> int:
@@ -346,7 +389,7 @@ def main() -> None:
     p.add_argument(
         "--baseline",
         metavar="NAME=BROKER",
-        help="the durable subscriber on this hpfeeds-broker executable too, in every round",
+        help="the durable rows on this hpfeeds-broker executable too, in every round",
     )
     args = p.parse_args()
     baseline = None
@@ -356,20 +399,18 @@ def main() -> None:
             p.error("--baseline wants NAME=BROKER")
         baseline = (name, exe)
     figures = live_cost(args.rounds, args.duration, baseline)
-    for scenario, by_label in figures.items():
-        if not by_label:
-            continue  # --rounds 0
-        with_ = by_label["one durable subscriber"]
-        with_durable = statistics.median(v for v, _ in with_)
-        with_us = statistics.median(us for _, us in with_)
-        for against in [label for label in by_label if label != "one durable subscriber"]:
-            base = statistics.median(v for v, _ in by_label[against])
-            base_us = statistics.median(us for _, us in by_label[against])
-            print(
-                f"{scenario}: one durable subscriber against {against}: median {base:,.0f} msg/s there,"
-                f" {with_durable:,.0f} here ({with_durable / base - 1:+.1%}); broker CPU {base_us:.3f} µs/msg"
-                f" there, {with_us:.3f} here ({with_us / base_us - 1:+.1%})"
-            )
+    if args.rounds > 0:
+        print("One of the bench's subscribers durable vs not (the same subscribers):")
+        for scenario, by_label in figures.items():
+            print(summary(scenario, by_label, SUB_DURABLE, SUB_PLAIN))
+            if baseline is not None:
+                print(summary(scenario, by_label, SUB_DURABLE, baseline_label(SUB_DURABLE, baseline[0])))
+        print("One durable subscriber more (an extra reader beside the bench's subscribers):")
+        for scenario, by_label in figures.items():
+            for against in (NO_KEY, PLAIN_MORE):
+                print(summary(scenario, by_label, DURABLE_MORE, against))
+            if baseline is not None:
+                print(summary(scenario, by_label, DURABLE_MORE, baseline_label(DURABLE_MORE, baseline[0])))
     if args.log_mib > 0:
         print(json.dumps(log_cost(args.log_mib), indent=1))
     if args.backlog_mib > 0:

@@ -16,7 +16,7 @@ import pytest
 
 from hpfeeds3.bench.cli import SCENARIOS, SMOKE_SENSORS
 from hpfeeds3.bench.credentials import bench_channels, bench_key, storm_keys, write_json, write_sqlite
-from tests.support.broker import BrokerProcess, free_port, wait_for_port
+from tests.support.broker import BrokerProcess, free_port, http_get, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_USERS = {"bench": bench_key("bench", "bench", bench_channels()), **storm_keys(SMOKE_SENSORS)}
@@ -68,6 +68,35 @@ def test_smoke_against_the_ceiling_loses_nothing(ceiling: tuple[int, int]) -> No
 def test_smoke_against_our_broker_loses_nothing(start_broker: Callable[..., BrokerProcess]) -> None:
     broker = start_broker(users=BENCH_USERS)
     run_smoke(broker.port, "--broker-pid", str(broker.proc.pid))
+
+
+def _replayed(exporter: int, ident: str) -> float | None:
+    """``hpfeeds_durable_replayed_total`` of ``ident``: messages the broker sent it from the log."""
+    _, body = http_get(f"http://127.0.0.1:{exporter}/metrics")
+    for line in body.decode().splitlines():
+        if line.startswith(f'hpfeeds_durable_replayed_total{{ident="{ident}"}} '):
+            return float(line.split()[-1])
+    return None
+
+
+def test_pubsub_with_a_durable_key_as_the_bench_s_subscriber(
+    start_broker: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    """``--sub-ident``: the bench's subscriber is the durable key given, fed from the log,
+    and the bench verified every message it was sent."""
+    users = {**BENCH_USERS, "dur": {**bench_key("dur", "dur-secret", ["bench"]), "durable": True}}
+    (tmp_path / "keys.json").write_text(json.dumps(users))
+    exporter = free_port()
+    broker = start_broker("--auth", "keys.json", "--data-dir", "data", "--exporter", f"127.0.0.1:{exporter}")
+    run_smoke(broker.port, scenarios=("pubsub-100",))
+    assert not _replayed(exporter, "dur")  # the bench's own key: the durable one never connected
+    (record,) = run_smoke(broker.port, "--sub-ident", "dur", "--sub-secret", "dur-secret", scenarios=("pubsub-100",))
+    replayed = _replayed(exporter, "dur")
+    assert record["delivered"] > 0 and replayed is not None and replayed >= record["delivered"], (record, replayed)
+    bench = [sys.executable, "-m", "hpfeeds3.bench.cli", "--smoke", "--json-only", "--port", str(broker.port)]
+    # The secret defaults to the ident: refused.
+    wrong = subprocess.run([*bench, "--sub-ident", "dur", "pubsub-100"], capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 1 and "ERROR" in json.loads(wrong.stdout.splitlines()[0])["error"], wrong.stdout
 
 
 def test_a_broker_that_drops_a_message_fails_the_run(tmp_path: Path) -> None:

@@ -9,6 +9,8 @@ The broker under test needs one access key (write it with ``--write-json`` or
 and, for the storm scenarios, one key per sensor and a shared one (written by
 the same options, for ``--sensors`` sensors; or by the storm itself into the
 broker's sqlite store with ``--storm-keys``): see ``credentials.py``.
+``--sub-ident`` makes the first subscriber of the message scenarios another
+key (a durable one, say), which must publish and subscribe on the channel.
 
 Each scenario prints one JSON line; a markdown table of all follows. Any lost,
 duplicated, reordered or corrupted message, refused handshake or broker ERROR
@@ -299,6 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ident", default="bench", help="ident to authenticate as (default %(default)s)")
     p.add_argument("--secret", default="bench", help="its secret (default %(default)s)")
     p.add_argument(
+        "--sub-ident",
+        metavar="IDENT",
+        help="the first subscriber of the message scenarios (the one of pubsub, fanin, latency and trickle;"
+        " subscriber 0 of fanout) authenticates as IDENT instead, e.g. a durable key; it must publish"
+        " and subscribe on the channel (default: --ident)",
+    )
+    p.add_argument("--sub-secret", metavar="SECRET", help="its secret (default: IDENT itself)")
+    p.add_argument(
         "--channel",
         default="bench",
         help="channel; the connect scenario also uses CHANNEL-0..CHANNEL-49 (default %(default)s)",
@@ -333,7 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.sub_secret is not None and args.sub_ident is None:
+        parser.error("--sub-secret needs --sub-ident")
     if args.list:
         for s in SCENARIOS:
             print(f"{s.name:12} {s.group:8} {s.summary}")
@@ -368,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         tls_ca=args.tls_ca,
         tls_version=args.tls_version,
         sub_port=args.sub_port,
+        sub_ident=args.sub_ident.encode() if args.sub_ident is not None else None,
+        sub_secret=args.sub_secret.encode() if args.sub_secret is not None else None,
     )
     raise_open_files_limit()
     records = []

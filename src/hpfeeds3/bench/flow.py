@@ -70,15 +70,15 @@ def subscribe_all(target: Target, n: int) -> list[Client]:
     Subscriber i subscribes and publishes marker i; every subscriber 0..i
     waits for marker i. After the last, every connection has read all the
     markers that will ever reach it, so its stream holds benchmark frames only.
+    Subscriber 0 authenticates as ``target.sub_ident`` when set (that key
+    needs to publish and subscribe on the channel too).
     """
     clients: list[Client] = []
     for i in range(n):
-        c = target.sub_client(SETUP_TIMEOUT_S)
+        c = target.sub_client(SETUP_TIMEOUT_S, i)
         clients.append(c)
         marker = _setup_marker(i)
-        c.sock.sendall(
-            encode_subscribe(target.ident, target.channel) + encode_publish(target.ident, target.channel, marker)
-        )
+        c.sock.sendall(encode_subscribe(c.ident, target.channel) + encode_publish(c.ident, target.channel, marker))
         for other in clients:
             other.wait_for(target.channel, marker, SETUP_TIMEOUT_S)
     for c in clients:

@@ -363,6 +363,9 @@ class Target:
     tls_version: str | None = None  # "1.2" or "1.3" only; None: the highest both speak
     # Subscribers on another node of a cluster (cross-node figures); None: same broker.
     sub_port: int | None = None
+    # The first subscriber's key (e.g. a durable one); None: ``ident``/``secret``.
+    sub_ident: bytes | None = None
+    sub_secret: bytes | None = None
 
     def tls_context(self) -> ssl.SSLContext | None:
         return client_tls_context(self.tls_ca, self.tls_version) if self.tls else None
@@ -370,10 +373,15 @@ class Target:
     def client(self, timeout: float = 10.0) -> Client:
         return Client.connect(self.host, self.port, self.ident, self.secret, tls=self.tls_context(), timeout=timeout)
 
-    def sub_client(self, timeout: float = 10.0) -> Client:
-        """A subscriber's connection: to ``sub_port`` when set."""
+    def sub_client(self, timeout: float = 10.0, index: int = 0) -> Client:
+        """Subscriber ``index``'s connection: to ``sub_port`` when set; the first
+        (``index`` 0) authenticates as ``sub_ident`` when set."""
         port = self.sub_port or self.port
-        return Client.connect(self.host, port, self.ident, self.secret, tls=self.tls_context(), timeout=timeout)
+        ident, secret = self.ident, self.secret
+        if index == 0 and self.sub_ident is not None:
+            ident = self.sub_ident
+            secret = self.sub_secret if self.sub_secret is not None else self.sub_ident
+        return Client.connect(self.host, port, ident, secret, tls=self.tls_context(), timeout=timeout)
 
     def slot_channel(self, i: int) -> bytes:
         """``bench-0`` .. ``bench-49``: one channel per concurrent handshake."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from hpfeeds3.broker.admission import PreAuthPool, _Ranking, address_group, address_groups
-from hpfeeds3.broker.tuning import PROGRESS_WINDOW_S
+from hpfeeds3.broker.tuning import IDLE_SHARE_TO_EVICT, PROGRESS_WINDOW_S
 
 _clock = [0.0]
 
@@ -160,3 +160,33 @@ def test_a_member_admitted_over_the_bound_closes_nobody_and_the_address_bound_ho
     assert pool.total == 3
     pool.admit("a2", at("10.0.0.1"), tick(), over_bound=True)
     assert pool.admit("a3", at("10.0.0.1"), tick(), over_bound=True) == ("a2", "address")
+
+
+def test_a_pool_nearly_all_making_progress_holds_a_newcomer_back_rather_than_cut_its_few_idle() -> None:
+    """A TLS reconnect storm: the pool is full of handshakes in progress, and the few
+    idle members were accepted a moment ago, their ClientHello on its way. Cutting
+    one for a newcomer (as silent as it) only turns a sensor into a retry."""
+    limit = 16
+    pool: PreAuthPool[str] = PreAuthPool(limit_total=limit, limit_per_group=limit)
+    now = 50.0
+    for i in range(limit):
+        pool.admit(f"m{i}", at(f"10.0.{i}.1"), now)
+    for i in range(limit - limit // IDLE_SHARE_TO_EVICT + 1):
+        pool.progress(f"m{i}", at(f"10.0.{i}.1"), now)
+    assert pool.oldest_idle(now) is not None, "there is an idle member to cut"
+    assert not pool.has_room(now), "fewer than 1/IDLE_SHARE_TO_EVICT idle: the newcomer waits"
+    # Once they all go quiet for the window, the pool is cut for newcomers as before.
+    assert pool.has_room(now + PROGRESS_WINDOW_S + 0.1)
+
+
+def test_a_pool_of_silent_members_is_cut_for_a_newcomer() -> None:
+    """A flood of connections that never speak: the share of idle members is the whole pool."""
+    limit = 16
+    pool: PreAuthPool[str] = PreAuthPool(limit_total=limit, limit_per_group=limit)
+    for i in range(limit):
+        pool.admit(f"s{i}", at(f"10.1.{i}.1"), 10.0)
+    for i in range(limit - limit // IDLE_SHARE_TO_EVICT):
+        pool.progress(f"s{i}", at(f"10.1.{i}.1"), 10.0)
+    # Exactly the share idle: still cut, the oldest idle first.
+    assert pool.has_room(10.0)
+    assert pool.oldest_idle(10.0) == f"s{limit - limit // IDLE_SHARE_TO_EVICT}"

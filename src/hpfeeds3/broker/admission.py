@@ -19,7 +19,9 @@ the accepts of a storm) count too: a candidate is asked (``has_bytes``) before
 it is named, and one with bytes waiting is making progress.
 
 When the pool is full and every member is making progress (a reconnect
-storm), nobody is cut: ``has_room`` says so and the broker holds the
+storm), nobody is cut; nor while nearly all are (fewer than
+1/``IDLE_SHARE_TO_EVICT`` idle: a storm's members accepted a moment ago,
+their first bytes on the way): ``has_room`` says so and the broker holds the
 newcomer back, unread, until a slot frees, or for ``HELD_BACK_MAX_S`` at
 most: then it is admitted ``over_bound`` (state.py), before its client gives
 up. So the total is a bound on what is evicted for, and on how many start at
@@ -39,7 +41,7 @@ import ipaddress
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from .tuning import PROGRESS_WINDOW_S
+from .tuning import IDLE_SHARE_TO_EVICT, PROGRESS_WINDOW_S
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -143,10 +145,19 @@ class PreAuthPool(Generic[T]):
 
     def has_room(self, now: float) -> bool:
         """Whether a newcomer can be admitted: below the bound, or at it with an idle member
-        to close. Over it (members admitted ``over_bound``) closing one would make no room,
-        only turn a slow sensor into a retry: the newcomer waits, as long as the hold at most."""
+        to close while at least 1/IDLE_SHARE_TO_EVICT of the pool is idle (tuning.py: a pool
+        nearly all making progress is a storm, its few idle members just accepted). Over it
+        (members admitted ``over_bound``) closing one would make no room, only turn a slow
+        sensor into a retry: the newcomer waits, as long as the hold at most."""
         total, limit = self.total, self.limit_total
-        return total < limit or (total == limit and self.oldest_idle(now) is not None)
+        if total < limit:
+            return True
+        if total > limit:
+            return False
+        self._expire(now)
+        if (total - len(self._progressing)) * IDLE_SHARE_TO_EVICT < limit:
+            return False
+        return self.oldest_idle(now) is not None
 
     def admit(self, member: T, groups: Groups, now: float, over_bound: bool = False) -> tuple[T | None, str]:
         """Add ``member`` (idle); returns (a member to close now or None, which bound it was over).

@@ -71,6 +71,15 @@ CLOSE_LINGER_BYTES = 64 * 1024
 # attacker cannot keep a connection "progressing" for free: each TLS flight
 # must be valid, and a trickled frame meets --min-receive-rate.
 PROGRESS_WINDOW_S = 2.0
+# At the pre-auth bound, an idle member is closed for a newcomer only while at
+# least 1/IDLE_SHARE_TO_EVICT of the pool is idle (admission.py). A pool nearly
+# all making progress is a reconnect storm at the broker's pace: its few idle
+# members were accepted a moment ago, their first bytes on the way (a TLS storm
+# of 10,000 cut 500-2,000 such members, 10-120 ms old, turning each into a
+# retry). A flood of silent connections makes the pool idle, and is cut as
+# before; to hold more than 7/8 of it "progressing" an attacker must keep
+# sending valid handshake bytes, each ClientHello a full handshake's work.
+IDLE_SHARE_TO_EVICT = 8
 # While the pre-auth pool is full of connections making progress, newcomers
 # are held back unread; they are looked at again at least this often.
 HELD_BACK_RECHECK_S = 0.1

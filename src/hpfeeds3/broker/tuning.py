@@ -23,7 +23,7 @@ LISTEN_BACKLOG = 65535
 # (libuv, under uvloop) accepts one connection per listener per loop turn, so
 # in a storm the broker accepted at the rate of its turns, each of which also
 # runs handshakes: 10,000 SYNs within half a second overflowed a queue of 4,096
-# and the dropped sensors came back a second later (2.3 s instead of 1.2 s,
+# and the dropped sensors came back a second later (2.3 s instead of 1.1 s,
 # benchmarks/RESULTS.md). N listeners accept N a turn into N queues, each of
 # somaxconn; the kernel spreads connections over them by address hash. What
 # waits is still in the kernel, not in the broker's descriptors.

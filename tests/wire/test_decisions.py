@@ -3,6 +3,8 @@ the broker stays up, and a fresh client still gets its messages."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from hpfeeds3.protocol import HEADER, encode_auth, encode_publish, encode_subscribe, sign
@@ -221,11 +223,23 @@ def test_connection_cap_refuses_with_error(start_broker) -> None:
         assert c2.messages(1)[0].payload == b"still served"
 
 
+def connected_in_turn(port: int, n: int, stack: contextlib.ExitStack) -> list[RawClient]:
+    """``n`` connections, each connected once the one before has its INFO: the broker
+    sees them in this order. (Connections made at the same moment land in different
+    listen queues, four per endpoint, and are accepted in whatever order the queues
+    are read: "the oldest" of them is not defined.)"""
+    clients = []
+    for _ in range(n):
+        client = stack.enter_context(RawClient(port))
+        client.read_info()
+        clients.append(client)
+    return clients
+
+
 def test_unauthenticated_cap_closes_the_oldest_and_admits_the_newcomer(start_broker) -> None:
     b = start_broker("--max-unauthenticated", "2", "--auth-timeout", "5")
-    with RawClient(b.port) as c1, RawClient(b.port) as c2:
-        c1.read_info()
-        c2.read_info()
+    with contextlib.ExitStack() as stack:
+        c1, c2 = connected_in_turn(b.port, 2, stack)
         with RawClient(b.port) as c3:
             c3.auth("alice", "alice-secret")
             frames = c1.expect_closed()
@@ -243,9 +257,8 @@ def test_unauthenticated_cap_closes_the_oldest_and_admits_the_newcomer(start_bro
 
 def test_unauthenticated_cap_per_address_closes_that_address_oldest(start_broker) -> None:
     b = start_broker("--max-unauthenticated-per-address", "2", "--auth-timeout", "5")
-    with RawClient(b.port) as c1, RawClient(b.port) as c2, RawClient(b.port) as c3:
-        for c in (c1, c2, c3):
-            c.read_info()
+    with contextlib.ExitStack() as stack:
+        c1, _c2, c3 = connected_in_turn(b.port, 3, stack)
         frames = c1.expect_closed()
         assert frames[-1].message == (  # type: ignore[union-attr]
             "limit: too many unauthenticated connections from this address (limit 2): the oldest is closed"

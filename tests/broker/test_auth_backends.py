@@ -359,6 +359,46 @@ def test_sqlite_rows_without_a_valid_key_are_no_such_key_logged_once(
         assert "s3cret" not in lines[0] and "12345" not in lines[0]
 
 
+def test_sqlite_snapshot_holds_every_valid_key_decoded_and_decodes_again_only_what_changed(tmp_path: Path) -> None:
+    """After a restart every sensor's first AUTH is a lookup: the snapshot (read in a
+    thread) holds the keys decoded, so the loop never validates a row; after a change,
+    the keys whose rows did not change are the same objects, not decoded again."""
+    path = tmp_path / "sqlite.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(REFERENCE_SCHEMA)
+    with conn:
+        for ident in ("a", "b"):
+            conn.execute(
+                "insert into authkeys (owner, ident, secret, pubchans, subchans) values ('o', ?, 's', '[\"c\"]', '[]')",
+                (ident,),
+            )
+        conn.execute("insert into authkeys (owner, ident, secret) values ('o', 'bad', '')")
+
+    async def scenario() -> None:
+        auth = SqliteStore(str(path))
+        await auth.start()
+        try:
+            snapshot = auth._snapshot
+            assert snapshot is not None
+            assert snapshot["a"] == AccessKey("a", "s", "o", pubchans=("c",))  # decoded before any lookup
+            assert snapshot["bad"].__class__ is tuple  # invalid: a row, logged when asked for
+            a, b = snapshot["a"], snapshot["b"]
+            with conn:
+                conn.execute("update authkeys set secret = 'rotated' where ident = 'b'")
+            await auth._take_snapshot()  # what the change poll does
+            assert auth.lookup_now("a") is a  # its row did not change: the same key
+            changed = auth.lookup_now("b")
+            assert changed is not b and changed is not None and changed.secret == "rotated"
+            assert auth.lookup_now("bad") is None
+        finally:
+            await auth.close()
+
+    try:
+        run(scenario())
+    finally:
+        conn.close()
+
+
 def test_json_store_serves_valid_keys_and_refuses_invalid_ones(tmp_path: Path) -> None:
     path = tmp_path / "users.json"
     path.write_text(

@@ -174,6 +174,9 @@ class SqliteStore:
         # decoded) and the header stamp they hold for.
         self._snapshot: dict[str, Row | AccessKey] | None = None
         self._snapshot_stamp = b""
+        # The keys the last snapshot decoded, by row: a snapshot after a change decodes
+        # only the rows that changed.
+        self._decoded: dict[Row, AccessKey] = {}
         self._header_fd = -1  # the file, opened once, for the header's change counter
 
     @classmethod
@@ -280,7 +283,9 @@ class SqliteStore:
             return b""
 
     async def _take_snapshot(self) -> None:
-        """Read every row into memory (in a thread); none kept when the file cannot have one."""
+        """Read every row into memory and decode it (in a thread); none kept when the file
+        cannot have one. Decoded here, a restart storm's first AUTH of each key costs a
+        dictionary lookup on the loop, not the validation of its row."""
         self._snapshot = None
         if self._header_fd < 0:
             return
@@ -290,11 +295,33 @@ class SqliteStore:
             log.debug("%s: no snapshot of the keys (%s); lookups query the file", self.path, e)
             return
         if taken is not None:
-            self._snapshot_stamp, self._snapshot = taken
+            self._snapshot_stamp, self._snapshot, self._decoded = taken
 
-    def _read_snapshot(self) -> tuple[bytes, dict[str, Row | AccessKey]] | None:
-        """In a worker thread: (the header stamp, the first row of each ident), read under one
-        read lock, so no commit falls between the two; None in WAL mode or past SNAPSHOT_MAX_ROWS."""
+    def _read_snapshot(self) -> tuple[bytes, dict[str, Row | AccessKey], dict[Row, AccessKey]] | None:
+        """In a worker thread: (the header stamp, the first row of each ident, decoded when
+        valid; the keys by row), the rows read under one read lock, so no commit falls between
+        the two; None in WAL mode or past SNAPSHOT_MAX_ROWS. An invalid row stays a row:
+        ``lookup_now`` logs why when its ident asks."""
+        taken = self._read_rows()
+        if taken is None:
+            return None
+        stamp, rows = taken
+        before = self._decoded  # the loop replaces it only with what this returns
+        decoded: dict[Row, AccessKey] = {}
+        snapshot: dict[str, Row | AccessKey] = {}
+        for ident, row in rows.items():
+            key = before.get(row)
+            if key is None:
+                try:
+                    key = row_to_key(row)
+                except InvalidKey:
+                    snapshot[ident] = row
+                    continue
+            snapshot[ident] = decoded[row] = key
+        return stamp, snapshot, decoded
+
+    def _read_rows(self) -> tuple[bytes, dict[str, Row]] | None:
+        """(the header stamp, the first row of each ident), under one read lock."""
         db = sqlite3.connect(self.path, timeout=self.locked_timeout_s, isolation_level=None)
         try:
             db.execute("begin")
@@ -303,7 +330,7 @@ class SqliteStore:
                 stamp = self._stamp()
                 if stamp[:2] != _ROLLBACK_JOURNAL or len(stamp) != _STAMP_BYTES:
                     return None
-                rows: dict[str, Row | AccessKey] = {}
+                rows: dict[str, Row] = {}
                 for n, row in enumerate(db.execute(sql)):
                     if n >= SNAPSHOT_MAX_ROWS:
                         return None

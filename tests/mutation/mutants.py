@@ -137,6 +137,22 @@ MUTANTS: tuple[Mutant, ...] = (
         why="an address gets one pre-auth slot fewer than --max-unauthenticated-per-address",
     ),
     mutant(
+        "plain-auth-bytes-not-progress",
+        "src/hpfeeds3/broker/connection.py",
+        "if session.state == PRE_AUTH or session.state == AUTHING:",
+        "if False:",
+        "tests/wire/test_decisions.py::test_unauthenticated_cap_spares_the_oldest_while_its_auth_is_arriving",
+        why="a sensor whose AUTH arrives in pieces over a slow link is the one closed for a flood's newcomer",
+    ),
+    mutant(
+        "limiter-fast-path-ignores-blocks",
+        RATELIMIT,
+        "return bool(self._addresses.blocks or self._pairs.blocks)",
+        "return False",
+        "tests/wire/test_auth_limits.py",
+        why="a blocked guesser keeps guessing: AUTHs are let through without checking the blocks",
+    ),
+    mutant(
         "limiter-window-never-slides",
         RATELIMIT,
         "while failures and failures[0] < window_start:",

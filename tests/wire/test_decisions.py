@@ -255,6 +255,30 @@ def test_unauthenticated_cap_closes_the_oldest_and_admits_the_newcomer(start_bro
         assert c2.messages(1)[0].payload == b"also fine"
 
 
+def test_unauthenticated_cap_spares_the_oldest_while_its_auth_is_arriving(start_broker) -> None:
+    """The oldest connection has sent half its AUTH (a sensor on a slow link): it is
+    making progress, so at the bound the oldest silent one is closed instead, and the
+    first finishes its AUTH."""
+    b = start_broker("--max-unauthenticated", "8", "--auth-timeout", "10")
+    with contextlib.ExitStack() as stack:
+        (slow,) = connected_in_turn(b.port, 1, stack)
+        assert slow.info is not None
+        frame = encode_auth(b"alice", sign(slow.info.nonce, b"alice-secret"))
+        slow.send(frame[:7])
+        silent = connected_in_turn(b.port, 7, stack)
+        with RawClient(b.port) as newcomer:
+            newcomer.read_info()
+            frames = silent[0].expect_closed()
+            assert frames[-1].message == (  # type: ignore[union-attr]
+                "limit: too many unauthenticated connections (limit 8): the oldest is closed"
+            )
+        slow.send(frame[7:])
+        slow.ident = b"alice"
+        slow.subscribe("chan1")
+        slow.publish("chan1", b"made it")
+        assert slow.messages(1)[0].payload == b"made it"
+
+
 def test_unauthenticated_cap_per_address_closes_that_address_oldest(start_broker) -> None:
     b = start_broker("--max-unauthenticated-per-address", "2", "--auth-timeout", "5")
     with contextlib.ExitStack() as stack:

@@ -204,12 +204,19 @@ class Connection(Guarded, asyncio.Protocol):
             if (linger is None or not linger.read(len(data))) and self.transport is not None:
                 self.transport.abort()
             return
+        tls = self._tls_pump
         if session.state != READY:
             if self._held is not None:
                 self._held.hold(self, data)
                 return
-            self.broker.progress(self)  # bytes of a handshake or an AUTH: not evicted for a while
-        tls = self._tls_pump
+            if tls is None:
+                self._received_plain(data)
+                # Bytes of an AUTH not finished yet: not evicted for a while. (Marked after:
+                # an AUTH handled in this read has left the pool, and nothing in between evicts.)
+                if session.state == PRE_AUTH or session.state == AUTHING:
+                    self.broker.progress(self)
+                return
+            self.broker.progress(self)  # bytes of a TLS handshake (or of an AUTH inside it)
         if tls is not None:
             tls.receive(data)
             return

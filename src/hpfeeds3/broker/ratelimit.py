@@ -122,6 +122,12 @@ class AuthFailureLimiter:
     def enabled(self) -> bool:
         return bool(self.limits.per_ident or self.limits.per_address)
 
+    @property
+    def blocking(self) -> bool:
+        """Some address (or address and ident) is blocked, or was until recently: without
+        one, every AUTH is let through without computing its source key."""
+        return bool(self._addresses.blocks or self._pairs.blocks)
+
     def blocked(self, address: str, ident: str, now: float) -> bool:
         source = source_key(address)
         return self._addresses.blocked(source, now) or self._pairs.blocked((source, ident), now)

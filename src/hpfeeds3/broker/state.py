@@ -478,7 +478,7 @@ class Broker:
     def auth_blocked_for(self, host: str, ident: str) -> float:
         """Seconds the failed-AUTH limiter still blocks this address (or address and ident); 0: not blocked."""
         limiter = self.auth_limiter
-        if not limiter.enabled:
+        if not limiter.blocking:
             return 0.0
         now = self.loop.time()
         return limiter.blocked_for(host, ident, now) if limiter.blocked(host, ident, now) else 0.0

@@ -137,6 +137,22 @@ MUTANTS: tuple[Mutant, ...] = (
         why="an address gets one pre-auth slot fewer than --max-unauthenticated-per-address",
     ),
     mutant(
+        "preauth-fresh-never-ranked",
+        ADMISSION,
+        "        if self._fresh:\n            self._rank_fresh()\n",
+        "",
+        "tests/broker/test_admission.py",
+        why="members admitted since the last decision are never candidates: the flood's newest stay, a sensor goes",
+    ),
+    mutant(
+        "preauth-progress-leaves-fresh-idle",
+        ADMISSION,
+        "if seen is None and self._fresh.pop(member, None) is None:",
+        "if seen is None:",
+        "tests/broker/test_admission.py",
+        why="a new connection whose handshake bytes arrive is still closed for a newcomer",
+    ),
+    mutant(
         "plain-auth-bytes-not-progress",
         "src/hpfeeds3/broker/connection.py",
         "if session.state == PRE_AUTH or session.state == AUTHING:",

@@ -32,6 +32,11 @@ away, or one whose client is slow to answer) into a retry.
 
 Every operation is O(1): members are kept in insertion order per address,
 and addresses (and networks) in buckets by how many idle members they hold.
+A member enters those buckets when a decision needs them (at a bound, when
+the progressing expire), not at its admission: most members authenticate
+and leave long before, and ranking them would be undone a moment later. The
+counts are then what they would have been; of two networks (or addresses)
+that tie, the one named first may differ.
 """
 
 from __future__ import annotations
@@ -116,6 +121,7 @@ class PreAuthPool(Generic[T]):
 
     __slots__ = (
         "_by_address",
+        "_fresh",
         "_has_bytes",
         "_idle",
         "_idle_addresses",
@@ -142,6 +148,9 @@ class PreAuthPool(Generic[T]):
         self._idle_addresses: dict[str, _Ranking[str]] = {}
         # member -> (when its last bytes came, its groups), least recent first
         self._progressing: dict[T, tuple[float, Groups]] = {}
+        # member -> its groups: idle members admitted since the buckets were last
+        # brought up to date (_rank_fresh), oldest first
+        self._fresh: dict[T, Groups] = {}
 
     def has_room(self, now: float) -> bool:
         """Whether a newcomer can be admitted: below the bound, or at it with an idle member
@@ -169,7 +178,7 @@ class PreAuthPool(Generic[T]):
         else:
             members[member] = None
         self.total += 1
-        self._add_idle(member, groups)
+        self._fresh[member] = groups
         if len(members) > self.limit_per_group:
             # One address never holds more: its oldest idle member, else its oldest.
             self._expire(now)
@@ -197,7 +206,7 @@ class PreAuthPool(Generic[T]):
     def progress(self, member: T, groups: Groups, now: float) -> None:
         """``member``'s bytes arrived: not a candidate for eviction until it goes quiet."""
         seen = self._progressing.pop(member, None)
-        if seen is None:
+        if seen is None and self._fresh.pop(member, None) is None:
             idle = self._idle.get(groups[1])
             if idle is None or member not in idle:
                 return  # not in the pool
@@ -217,13 +226,17 @@ class PreAuthPool(Generic[T]):
         if not members:
             del self._by_address[address]
         self.total -= 1
-        if self._progressing.pop(member, None) is None:
+        if self._progressing.pop(member, None) is None and self._fresh.pop(member, None) is None:
             self._drop_idle(member, groups, self._idle[address])
 
     def count(self, group: str) -> int:
         return len(self._by_address.get(group, ()))
 
     def _expire(self, now: float) -> None:
+        # Every decision starts here: the fresh members first, as they were admitted
+        # before any member that goes idle now.
+        if self._fresh:
+            self._rank_fresh()
         progressing = self._progressing
         horizon = now - PROGRESS_WINDOW_S
         while progressing:
@@ -231,6 +244,11 @@ class PreAuthPool(Generic[T]):
             if seen > horizon:
                 return
             del progressing[member]
+            self._add_idle(member, groups)
+
+    def _rank_fresh(self) -> None:
+        fresh, self._fresh = self._fresh, {}
+        for member, groups in fresh.items():
             self._add_idle(member, groups)
 
     def _add_idle(self, member: T, groups: Groups) -> None:

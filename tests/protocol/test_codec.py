@@ -138,8 +138,8 @@ def test_limits_are_configurable() -> None:
 
 
 def test_each_limits_object_gets_its_own_table_however_many_there_are() -> None:
-    """Tables are found by the objects' identities: equal limits share a table, other
-    limits never get theirs, and more pairs than the cache keeps still work."""
+    """Each limits object keeps its tables: equal limits share a table, other limits
+    never get theirs, and more pairs than the shared cache keeps still work."""
     for size in [*range(100, 300), 100, 150]:
         decoder = Decoder.for_broker(FrameLimits(max_publish_frame_bytes=size))
         frame = encode_publish(b"a", b"b", b"x" * (size - 9))

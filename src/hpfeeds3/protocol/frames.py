@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 HEADER = struct.Struct(">IB")
@@ -63,32 +63,27 @@ class FrameLimits:
     # a human-readable text
     max_error_frame_bytes: int = HEADER_LEN + 64 * 1024
 
+    # accepted -> its table, built once per instance (not a field: no init, repr, eq or hash)
+    _tables: dict[frozenset[int], tuple[int, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
+
     def table(self, accepted: frozenset[int]) -> tuple[int, ...]:
         """Max frame length indexed by opcode; 0 for an opcode not accepted.
 
-        Built once per (limits, accepted) pair: every Decoder asks for one, and
-        a client or benchmark making thousands of connections must not pay
-        for a 256-entry tuple each time. Found by the two objects' identities
-        first (a broker asks twice per connection with the same two): hashing
-        this frozen dataclass is a Python-level call.
+        Built once per (limits, accepted) pair and kept here: every Decoder asks
+        for one (a broker twice per connection), and a client or benchmark making
+        thousands of connections must not pay for a 256-entry tuple each time.
+        A frozenset's hash is computed once, so the lookup is one dictionary probe.
         """
-        found = _tables.get((id(self), id(accepted)))
-        if found is not None and found[0] is self and found[1] is accepted:
-            return found[2]
-        table = _table(self, accepted)
-        if len(_tables) >= _MAX_TABLES:
-            _tables.clear()
-        # (the entry holds both objects, so neither id is reused while it is kept)
-        _tables[(id(self), id(accepted))] = (self, accepted, table)
-        return table
+        found = self._tables.get(accepted)
+        if found is None:
+            found = self._tables[accepted] = _table(self, accepted)
+        return found
 
 
-# (id(limits), id(accepted)) -> (limits, accepted, table); a few pairs in any process.
-_tables: dict[tuple[int, int], tuple[FrameLimits, frozenset[int], tuple[int, ...]]] = {}
-_MAX_TABLES = 64
-
-
-@functools.cache
+# Equal limits share their tables (a client may make a FrameLimits per connection).
+@functools.lru_cache(maxsize=64)
 def _table(limits: FrameLimits, accepted: frozenset[int]) -> tuple[int, ...]:
     by_op = {
         OP_ERROR: limits.max_error_frame_bytes,

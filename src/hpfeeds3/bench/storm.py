@@ -3,8 +3,9 @@
 Every sensor connects, authenticates (its own key ``storm-i``, or the shared
 key ``storm``), subscribes to its channel and publishes one message there; it
 has been served once that message has come back to it. All connections are
-opened as fast as one thread can (a read pass every 256 connects) and stay
-open until the last sensor is served; then all are closed with RST. Against a
+opened as fast as one thread can (a read pass every 256 connects; a TLS
+sensor's ClientHello goes out with its connect, as from a host of its own)
+and stay open until the last sensor is served; then all are closed with RST. Against a
 loopback broker each sensor connects from its own address (127.1.0.1 on), as
 sensors are separate hosts.
 

@@ -747,13 +747,14 @@ class RecordingOutput:
 
     def __init__(self) -> None:
         self.written = 0
+        self.writable = True
 
     def feed_write(self, data: bytes | memoryview) -> int:
         self.written += len(data)
         return len(data)
 
     def feed_writable(self) -> bool:
-        return True
+        return self.writable
 
     def feed_socket(self) -> None:
         return None
@@ -789,6 +790,41 @@ def test_a_feed_turn_keeps_pace_with_what_the_log_took_in_since_the_last_one(ope
     before = output.written
     assert feed.pump() is True
     assert PUMP_BYTES <= output.written - before <= PUMP_BYTES + RECORD_MAX_BYTES
+    feed.finish(CloseKind.CLEAN)
+
+
+def test_a_caught_up_feed_is_sent_all_the_writer_wrote_and_one_behind_waits_for_its_turn(open_log: OpenLog) -> None:
+    """The writer wrote more (``DurableFeed.written``): a feed that had caught up is sent
+    all of it at once, whatever its size (it is what came in since); a feed that had not
+    goes on in the loop's next turn, within its budget."""
+    from hpfeeds3.broker.durable.feed import PUMP_BYTES, DurableFeed, FeedStats
+
+    log = open_log()
+    output = RecordingOutput()
+    turns: list[Callable[[], object]] = []
+    feed = DurableFeed("a", log, output, 0, FeedStats(), {}, turns.append)
+    feed.add(CHANNEL)
+    turns.pop()()  # the first turn: nothing to send, caught up
+    assert feed.live and not turns
+    frame = len(message(0))
+    run = 3 * PUMP_BYTES // frame
+    append_run(log, 0, run)
+    assert log.sync()
+    feed._inflow_seen = log.appended_bytes  # (a turn's budget would not cover it)
+    feed.written()
+    assert output.written == run * frame and not turns
+    assert feed.live
+    output.writable = False  # the transport pauses: the feed falls behind
+    append_run(log, run, run)
+    assert log.sync()
+    feed.written()
+    assert output.written == run * frame and not feed.live
+    output.writable = True
+    feed.written()  # behind: its next turn, not now
+    assert output.written == run * frame and len(turns) == 1
+    feed._inflow_seen = log.appended_bytes
+    turns.pop()()
+    assert PUMP_BYTES <= output.written - run * frame <= PUMP_BYTES + RECORD_MAX_BYTES
     feed.finish(CloseKind.CLEAN)
 
 

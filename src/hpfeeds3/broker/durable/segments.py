@@ -170,6 +170,9 @@ class SegmentLog:
         self._dropped_unlogged: dict[str, int] = {}
         self._positions_changed = False
         self._on_written: Callable[[], None] | None = None
+        # Batches written so far (writer): the loop compares it with what it saw last to
+        # feed durable connections within its turn, not only when on_written reaches it.
+        self.written_batches = 0
         self._new_follow = False  # a key follows a channel it had no position on: save before writing
         self._lock_fd = -1
         self._thread: threading.Thread | None = None
@@ -520,6 +523,8 @@ class SegmentLog:
             except Exception:  # a bug must not stop the writer: the broker would log nothing more
                 log.exception("durable log: internal error in the writer")
                 wrote = False
+            if wrote:
+                self.written_batches += 1
             callback = self._on_written
             if wrote and callback is not None:
                 try:

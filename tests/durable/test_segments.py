@@ -828,6 +828,51 @@ def test_a_caught_up_feed_is_sent_all_the_writer_wrote_and_one_behind_waits_for_
     feed.finish(CloseKind.CLEAN)
 
 
+def test_a_reader_that_keeps_up_is_handed_the_bytes_just_written_not_a_copy_read_back(open_log: OpenLog) -> None:
+    from hpfeeds3.broker.durable.feed import CHUNK_BYTES
+
+    log = open_log()
+    log.follow("a", CHANNEL)
+    reader = log.open_reader(CHANNEL, 0)
+    for first in range(0, 300, 100):
+        data = b"".join(message(i) for i in range(first, first + 100))
+        log.append(CHANNEL, data, 100)
+        assert log.sync()
+        chunk = reader.read(CHUNK_BYTES)
+        assert chunk is not None and chunk.data is data  # the record the writer wrote
+        assert (chunk.first_seq, chunk.end_seq, chunk.frames) == (first, first + 100, 100)
+        assert reader.read(CHUNK_BYTES) is None
+    reader.close()
+
+
+def test_a_reader_behind_what_is_kept_in_memory_reads_the_file_then_memory_in_order(open_log: OpenLog) -> None:
+    """More than RECENT_BYTES written while a reader waits, over several segments: it
+    reads the oldest from the files, then what is still in memory, every message once, in
+    order; so does one that starts inside a record, and one reading small chunks."""
+    from hpfeeds3.broker.durable.feed import CHUNK_BYTES
+    from hpfeeds3.broker.durable.segments import RECENT_BYTES
+
+    log = open_log(segment_bytes=1 << 20)
+    log.follow("a", CHANNEL)
+    early = log.open_reader(CHANNEL, 0)
+    run = 700  # about 80 KiB a run
+    total = 0
+    while total * len(message(0)) < 3 * RECENT_BYTES:
+        append_run(log, total, run)
+        total += run
+        if total % (4 * run) == 0:
+            assert log.sync()
+    assert log.sync()
+    got: list[int] = []
+    while (chunk := early.read(CHUNK_BYTES)) is not None:
+        assert chunk.skipped == 0 and chunk.end_seq - chunk.first_seq == chunk.frames
+        got.extend(numbers(chunk.data))
+    assert got == list(range(total))
+    early.close()
+    assert read_all(log, 1234, max_bytes=CHUNK_BYTES)[0] == list(range(1234, total))
+    assert read_all(log, total - 3 * run - 5, max_bytes=4096)[0] == list(range(total - 3 * run - 5, total))
+
+
 def write_old_format_segment(tmp_path: Path, runs: list[tuple[int, int]]) -> Path:
     """A channel log as the previous format wrote it (``HPD1`` records: zlib's CRC-32),
     one record per (first, count) run."""

@@ -97,6 +97,9 @@ CLOSE_TIMEOUT_S = 30.0
 
 # A record to write: (first seq, messages, [header, *payload parts], bytes in all).
 _Record = tuple[int, int, list[bytes], int]
+# A record written, kept in memory: (first seq, end seq, its frames, its segment, the
+# file offset after it).
+_Recent = tuple[int, int, bytes, "Segment", int]
 # Buffers per writev: IOV_MAX on Linux, macOS and the BSDs.
 IOV_MAX = 1024
 # Deleted segment files kept for reuse, in the whole store (at the default segment
@@ -104,6 +107,9 @@ IOV_MAX = 1024
 # into reused files, few enough that many channels cannot hold much disk this way.
 SPARE_SEGMENTS = 4
 SPARE_SUFFIX = ".free"
+# Records just written, kept in memory (over every channel, oldest dropped first): a
+# reader that has caught up is handed these bytes rather than read them back.
+RECENT_BYTES = 2 * 1024 * 1024
 
 
 def _record(first: int, count: int, time_ms: int, payload: list[bytes], length: int) -> _Record:
@@ -142,6 +148,7 @@ class _Channel:
     file_bytes: int = 0  # the size of its file when opened (a reused file is larger than its data)
     spares: list[str] = field(default_factory=list)  # reusable files in its directory (writer thread)
     sealed: bool = False  # the last segment takes no more records: the next write starts one
+    recent: deque[_Recent] = field(default_factory=deque)  # written records in memory (under the lock)
     dirty: bool = False  # written since the last fsync
     next_index: int = INDEX_EVERY_BYTES
 
@@ -198,6 +205,10 @@ class SegmentLog:
         self._syncer_stopping = False
         self._syncer: threading.Thread | None = None
         self._maintenance_wanted = False
+        # Records written, in write order over every channel (under _lock): each channel's
+        # ``recent`` holds its own, and what passes RECENT_BYTES goes, oldest first.
+        self._recent: deque[_Channel] = deque()
+        self._recent_bytes = 0
         self._maintenance_runs = 0  # writer
         self._spares = 0  # writer: spare segment files kept, over every channel
         self.reused_segments = 0  # writer: segments written into a reused file
@@ -737,11 +748,23 @@ class SegmentLog:
         with self._lock:
             if not segment.size:
                 segment.first_time_ms = now_ms
+            at = segment.size
             segment.size += nbytes
             segment.end_seq = end
             segment.last_time_ms = now_ms
             segment.index.extend(index)
             ch.written_seq = end
+            # In the file now (the page cache: safe from a process kill): readers that
+            # have caught up may be handed these bytes.
+            recent, everywhere = ch.recent, self._recent
+            for first, count, parts, size in batch:
+                at += size
+                recent.append((first, first + count, parts[1], segment, at))
+                everywhere.append(ch)
+                self._recent_bytes += size
+            while self._recent_bytes > RECENT_BYTES:
+                oldest = everywhere.popleft().recent.popleft()
+                self._recent_bytes -= len(oldest[2]) + HEADER_BYTES
         ch.dirty = True
         if self._degraded:
             log.warning("durable log: writing again after: %s", self._last_error)
@@ -1010,6 +1033,10 @@ class SegmentReader:
                 segment.readers -= 1
 
     def read(self, max_bytes: int) -> Chunk | None:
+        if self._at >= len(self._payload):  # between records: the next may be in memory
+            chunk = self._read_recent(max_bytes)
+            if chunk is not None:
+                return chunk
         parts: list[memoryview] = []
         size = frames = skipped = 0
         first = self._position
@@ -1058,6 +1085,44 @@ class SegmentReader:
         # One piece (a chunk is usually one record): the reader's block itself, not a copy;
         # the block is never written to again (the next read makes a new one).
         return Chunk(parts[0] if len(parts) == 1 else b"".join(parts), first, end_seq, frames, skipped)
+
+    def _read_recent(self, max_bytes: int) -> Chunk | None:
+        """The records from the position on that the writer has just written and keeps in
+        memory (``SegmentLog._recent``), whole, up to ``max_bytes``: what a reader that
+        keeps up reads, without reading it back from the file. None when the position is
+        not at the start of one of them."""
+        position = self._position
+        taken: list[bytes] = []
+        size = 0
+        with self._log._lock:
+            recent = self._channel.recent
+            if not recent or recent[-1][1] <= position or recent[0][0] > position:
+                return None
+            last = None
+            for entry in recent:
+                first, end, data, _segment, _offset = entry
+                if end <= position:
+                    continue
+                if first != position or (taken and size + len(data) > max_bytes):
+                    break
+                if not taken and len(data) > max_bytes and end - first > 1:
+                    return None  # larger than a chunk: its frames are walked (from the file)
+                taken.append(data)
+                size += len(data)
+                position = end
+                last = entry
+        if last is None:
+            return None
+        first, end, _data, segment, offset = last
+        if self._segment is segment:
+            self._offset = offset
+        else:
+            self._leave()  # the next read from the file opens the segment at the position
+        self._payload, self._at = memoryview(b""), 0
+        start = self._position
+        self._position = end
+        skipped, self._unreported = self._unreported, 0
+        return Chunk(taken[0] if len(taken) == 1 else b"".join(taken), start, end, end - start, skipped)
 
     def _skip(self, count: int) -> None:
         self._position += count

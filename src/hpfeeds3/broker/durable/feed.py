@@ -3,7 +3,10 @@
 A connection whose key is durable is not a subscriber of the router: each
 channel it subscribes is read from the channel's log, from the key's
 position, by a ``BacklogReader``; what the log has not written yet reaches it
-when the writer reports it (``Broker``'s ``on_written``). So the backlog and
+once written: when the router, between publishes, sees that the writer wrote
+more (the log's ``written_batches``), or the writer's ``on_written`` reaches
+the loop. A feed that had caught up is then sent all that was written at once
+(``written``); one still behind goes on a turn at a time. So the backlog and
 the live messages are one ordered stream per channel: no gap, no reordering.
 
 Paced by the transport: ``pump`` writes while the transport is under its

@@ -29,6 +29,11 @@ Bounds, applied by the writer at every sync tick:
 - a segment whose newest message is older than ``max_age_s`` is deleted for
   every key, each position behind it moved past it and counted the same way.
 
+The records just written stay in memory (``RECENT_BYTES`` over every channel,
+the oldest dropped first), added with the written position once the write
+returned: a reader at the start of one is handed it instead of reading it back
+from the file.
+
 Segment files are reused: a deleted segment's file that no reader has open is
 renamed to a spare (``<n>.free`` in its channel's directory; at most
 ``SPARE_SEGMENTS`` in the whole store) and the channel's next segment is that

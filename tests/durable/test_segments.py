@@ -873,6 +873,24 @@ def test_a_reader_behind_what_is_kept_in_memory_reads_the_file_then_memory_in_or
     assert read_all(log, total - 3 * run - 5, max_bytes=4096)[0] == list(range(total - 3 * run - 5, total))
 
 
+def test_under_load_the_writer_writes_several_runs_a_batch_not_one(open_log: OpenLog) -> None:
+    """Runs of 128 KiB and more keep coming (publishers are busy): the writer pauses after
+    each batch, so that it wakes, takes the interpreter and wakes the loop once per several
+    runs; every message is still written, in order."""
+    log = open_log()
+    log.follow("a", CHANNEL)
+    run = 1200  # about 150 KiB
+    runs = 60
+    data = [b"".join(message(n) for n in range(i * run, (i + 1) * run)) for i in range(runs)]
+    before = log.written_batches
+    for i in range(runs):
+        log.append(CHANNEL, data[i], run)
+        time.sleep(0.0005)  # a busy publisher's pace, not synchronisation
+    assert log.sync()
+    assert log.written_batches - before <= runs // 3
+    assert read_all(log, 0, max_bytes=1 << 20)[0] == list(range(runs * run))
+
+
 def write_old_format_segment(tmp_path: Path, runs: list[tuple[int, int]]) -> Path:
     """A channel log as the previous format wrote it (``HPD1`` records: zlib's CRC-32),
     one record per (first, count) run."""

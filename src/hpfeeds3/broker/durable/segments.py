@@ -96,6 +96,13 @@ MAINTENANCE_EVERY_S = 1.0
 # A reader holds this much of a segment in memory (or one record, when larger):
 # a whole record of the largest size a run is merged into, header included.
 READ_BLOCK_BYTES = RECORD_MAX_BYTES + HEADER_BYTES
+# After a batch this large (publishers are busy) the writer pauses before it looks
+# again, so that the next batch is several runs, not one: each batch wakes the
+# writer, takes the interpreter's lock from the event loop three times (the wake,
+# the checksum and the write release it) and wakes the loop. What waits meanwhile
+# is queued, not written: a process kill loses at most that much more.
+BUSY_BATCH_BYTES = 128 * 1024
+BUSY_PAUSE_S = 0.003
 # How long close() waits for the writer to write what is queued.
 CLOSE_TIMEOUT_S = 30.0
 
@@ -521,7 +528,9 @@ class SegmentLog:
                     # written: a message that reached the file has its follower on disk.
                     self._new_follow = False
                     self._save_positions()
+                taken = self._done_bytes
                 wrote = self._write_pending()
+                taken = self._done_bytes - taken
                 now = time.monotonic()
                 self._log_overflow(now)
                 if stopping or now - last_sync >= interval:
@@ -550,6 +559,8 @@ class SegmentLog:
             if stopping and not any(ch.pending for ch in list(self._channels.values())):
                 self._close_files()
                 return
+            if taken >= BUSY_BATCH_BYTES and not self._stopping:
+                time.sleep(BUSY_PAUSE_S)
 
     def _write_pending(self) -> bool:
         wrote = False

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import sqlite3
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -181,6 +184,41 @@ def test_json_backend_reloads_on_change_and_keeps_last_good_data(tmp_path: Path,
 
     with caplog.at_level(logging.INFO, logger="hpfeeds3"):
         run(scenario())
+
+
+def inotify_watches() -> int:
+    """The inotify watches this process holds (Linux: an ``inotify wd:`` line each in fdinfo)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fdinfo"):
+        with contextlib.suppress(OSError):
+            count += Path("/proc/self/fdinfo", fd).read_text().count("inotify wd:")
+    return count
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify")
+def test_the_json_key_file_is_watched_in_its_directory_not_the_directories_beside_it(tmp_path: Path) -> None:
+    """The data directory usually sits beside the key file (./hpfeeds-data next to
+    ./users.json): a watch of the whole tree woke the watcher at every write of the
+    durable log."""
+    path = tmp_path / "users.json"
+    path.write_text(json.dumps({"a": {"owner": "o", "secret": "s", "pubchans": [], "subchans": []}}))
+    for directory in ("hpfeeds-data/durable/channels/events.0123", "other/deeper"):
+        (tmp_path / directory).mkdir(parents=True)
+
+    async def scenario() -> int:
+        before = inotify_watches()
+        auth = JsonStore(str(path))
+        await auth.start()
+        try:
+            for _ in range(500):  # the watcher's thread adds its watches once it runs
+                if inotify_watches() > before:
+                    break
+                await asyncio.sleep(0.01)
+            return inotify_watches() - before
+        finally:
+            await auth.close()
+
+    assert run(scenario()) == 1
 
 
 def test_json_backend_missing_or_broken_file_at_start_is_a_config_error(tmp_path: Path) -> None:

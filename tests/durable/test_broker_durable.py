@@ -329,6 +329,46 @@ def test_broker_killed_and_restarted_during_replay_loses_nothing(tmp_path: Path)
     check(out, total, duplicates_allowed=True)
 
 
+def test_a_live_collector_fed_from_memory_never_got_what_a_broker_kill_left_unwritten(tmp_path: Path) -> None:
+    """A collector that keeps up is handed the bytes the writer has just written (not read
+    back from the file): everything it received is in the log after the broker is
+    SIGKILLed in the middle of a publisher's stream, and the log holds no gap before."""
+    from hpfeeds3.broker.durable import DurableConfig, SegmentLog
+    from hpfeeds3.broker.durable.format import frame_ends
+
+    out = tmp_path / "stored.txt"
+    with broker(tmp_path) as b:
+        c = collector(b, out)
+        try:
+            wait_consuming(b)
+            with publisher(b) as p:
+                sent = 0
+                while len(stored(out)) < 20_000:
+                    assert sent < 2_000_000, "the collector received nothing"
+                    publish(p, sent, 500)
+                    sent += 500
+                with contextlib.suppress(OSError):
+                    publish(p, sent, 5000)  # in flight when the broker dies
+                b.kill()
+        finally:
+            stop(c)
+    received = stored(out)
+    log = SegmentLog.open(DurableConfig(data_dir=str(tmp_path / "data")))
+    try:
+        reader = log.open_reader(CHANNEL.encode(), 0)
+        logged: list[int] = []
+        while (chunk := reader.read(1 << 20)) is not None:
+            data, start = bytes(chunk.data), 0
+            for end in frame_ends(data):
+                logged.append(int(data[start:end][-PAYLOAD_BYTES:][:8]))
+                start = end
+        reader.close()
+    finally:
+        log.close()
+    assert logged == list(range(len(logged)))
+    assert received and received <= set(logged), f"received, never written: {sorted(received - set(logged))[:10]}"
+
+
 def test_max_bytes_drops_the_oldest_and_counts_them_exactly(tmp_path: Path) -> None:
     out = tmp_path / "stored.txt"
     total = 3000  # 357,000 bytes of frames, over a bound of 64 KiB

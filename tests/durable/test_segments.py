@@ -747,13 +747,14 @@ class RecordingOutput:
 
     def __init__(self) -> None:
         self.written = 0
+        self.writable = True
 
     def feed_write(self, data: bytes | memoryview) -> int:
         self.written += len(data)
         return len(data)
 
     def feed_writable(self) -> bool:
-        return True
+        return self.writable
 
     def feed_socket(self) -> None:
         return None
@@ -790,6 +791,104 @@ def test_a_feed_turn_keeps_pace_with_what_the_log_took_in_since_the_last_one(ope
     assert feed.pump() is True
     assert PUMP_BYTES <= output.written - before <= PUMP_BYTES + RECORD_MAX_BYTES
     feed.finish(CloseKind.CLEAN)
+
+
+def test_a_caught_up_feed_is_sent_all_the_writer_wrote_and_one_behind_waits_for_its_turn(open_log: OpenLog) -> None:
+    """The writer wrote more (``DurableFeed.written``): a feed that had caught up is sent
+    all of it at once, whatever its size (it is what came in since); a feed that had not
+    goes on in the loop's next turn, within its budget."""
+    from hpfeeds3.broker.durable.feed import PUMP_BYTES, DurableFeed, FeedStats
+
+    log = open_log()
+    output = RecordingOutput()
+    turns: list[Callable[[], object]] = []
+    feed = DurableFeed("a", log, output, 0, FeedStats(), {}, turns.append)
+    feed.add(CHANNEL)
+    turns.pop()()  # the first turn: nothing to send, caught up
+    assert feed.live and not turns
+    frame = len(message(0))
+    run = 3 * PUMP_BYTES // frame
+    append_run(log, 0, run)
+    assert log.sync()
+    feed._inflow_seen = log.appended_bytes  # (a turn's budget would not cover it)
+    feed.written()
+    assert output.written == run * frame and not turns
+    assert feed.live
+    output.writable = False  # the transport pauses: the feed falls behind
+    append_run(log, run, run)
+    assert log.sync()
+    feed.written()
+    assert output.written == run * frame and not feed.live
+    output.writable = True
+    feed.written()  # behind: its next turn, not now
+    assert output.written == run * frame and len(turns) == 1
+    feed._inflow_seen = log.appended_bytes
+    turns.pop()()
+    assert PUMP_BYTES <= output.written - run * frame <= PUMP_BYTES + RECORD_MAX_BYTES
+    feed.finish(CloseKind.CLEAN)
+
+
+def test_a_reader_that_keeps_up_is_handed_the_bytes_just_written_not_a_copy_read_back(open_log: OpenLog) -> None:
+    from hpfeeds3.broker.durable.feed import CHUNK_BYTES
+
+    log = open_log()
+    log.follow("a", CHANNEL)
+    reader = log.open_reader(CHANNEL, 0)
+    for first in range(0, 300, 100):
+        data = b"".join(message(i) for i in range(first, first + 100))
+        log.append(CHANNEL, data, 100)
+        assert log.sync()
+        chunk = reader.read(CHUNK_BYTES)
+        assert chunk is not None and chunk.data is data  # the record the writer wrote
+        assert (chunk.first_seq, chunk.end_seq, chunk.frames) == (first, first + 100, 100)
+        assert reader.read(CHUNK_BYTES) is None
+    reader.close()
+
+
+def test_a_reader_behind_what_is_kept_in_memory_reads_the_file_then_memory_in_order(open_log: OpenLog) -> None:
+    """More than RECENT_BYTES written while a reader waits, over several segments: it
+    reads the oldest from the files, then what is still in memory, every message once, in
+    order; so does one that starts inside a record, and one reading small chunks."""
+    from hpfeeds3.broker.durable.feed import CHUNK_BYTES
+    from hpfeeds3.broker.durable.segments import RECENT_BYTES
+
+    log = open_log(segment_bytes=1 << 20)
+    log.follow("a", CHANNEL)
+    early = log.open_reader(CHANNEL, 0)
+    run = 700  # about 80 KiB a run
+    total = 0
+    while total * len(message(0)) < 3 * RECENT_BYTES:
+        append_run(log, total, run)
+        total += run
+        if total % (4 * run) == 0:
+            assert log.sync()
+    assert log.sync()
+    got: list[int] = []
+    while (chunk := early.read(CHUNK_BYTES)) is not None:
+        assert chunk.skipped == 0 and chunk.end_seq - chunk.first_seq == chunk.frames
+        got.extend(numbers(chunk.data))
+    assert got == list(range(total))
+    early.close()
+    assert read_all(log, 1234, max_bytes=CHUNK_BYTES)[0] == list(range(1234, total))
+    assert read_all(log, total - 3 * run - 5, max_bytes=4096)[0] == list(range(total - 3 * run - 5, total))
+
+
+def test_under_load_the_writer_writes_several_runs_a_batch_not_one(open_log: OpenLog) -> None:
+    """Runs of 128 KiB and more keep coming (publishers are busy): the writer pauses after
+    each batch, so that it wakes, takes the interpreter and wakes the loop once per several
+    runs; every message is still written, in order."""
+    log = open_log()
+    log.follow("a", CHANNEL)
+    run = 1200  # about 150 KiB
+    runs = 60
+    data = [b"".join(message(n) for n in range(i * run, (i + 1) * run)) for i in range(runs)]
+    before = log.written_batches
+    for i in range(runs):
+        log.append(CHANNEL, data[i], run)
+        time.sleep(0.0005)  # a busy publisher's pace, not synchronisation
+    assert log.sync()
+    assert log.written_batches - before <= runs // 3
+    assert read_all(log, 0, max_bytes=1 << 20)[0] == list(range(runs * run))
 
 
 def write_old_format_segment(tmp_path: Path, runs: list[tuple[int, int]]) -> Path:

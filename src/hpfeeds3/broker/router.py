@@ -15,6 +15,7 @@ per publish, and a subscriber cut during a fan-out cannot disturb the iteration.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Protocol
 
 from .backplane import NULL_BACKPLANE, Backplane
@@ -30,7 +31,7 @@ class Subscriber(Protocol):
 
 
 class Router:
-    __slots__ = ("_backplane", "_fanout", "_subs", "deliveries", "durable")
+    __slots__ = ("_backplane", "_fanout", "_subs", "_written_seen", "deliveries", "durable", "on_written")
 
     def __init__(self, backplane: Backplane = NULL_BACKPLANE) -> None:
         self._subs: dict[bytes, dict[Subscriber, None]] = {}
@@ -45,6 +46,11 @@ class Router:
         # follows is appended here, local or from another broker, before durable
         # subscribers (fed from the log, not from here) can see it.
         self.durable: DurableLog | None = None
+        # Called when the log's writer has written more since the router last looked
+        # (``written_batches``): durable connections that have caught up are fed at once,
+        # in the loop turn that brings the publishes, not a turn later.
+        self.on_written: Callable[[], None] = _nothing
+        self._written_seen = 0
 
     def attach(self, backplane: Backplane) -> None:
         """Use ``backplane`` from now on (once, at start), telling it the channels already wanted."""
@@ -93,6 +99,9 @@ class Router:
         durable = self.durable
         if durable is not None and durable.wants(channel):
             durable.append(channel, data, count)
+            if durable.written_batches != self._written_seen:
+                self._written_seen = durable.written_batches
+                self.on_written()
         subs = self._fanout.get(channel)
         if subs is None:
             subs = self._build(channel)
@@ -119,3 +128,7 @@ class Router:
 
     def channels(self) -> list[bytes]:
         return list(self._subs)
+
+
+def _nothing() -> None:
+    pass

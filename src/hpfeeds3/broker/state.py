@@ -160,6 +160,7 @@ class Broker:
         """The durable log, opened (off the loop) at start: the router logs what durable keys follow."""
         self.durable = durable
         self.router.durable = durable
+        self.router.on_written = self._written_here
         durable.set_on_written(self._written_elsewhere)
         for channel in durable.followed():
             self.router.subscribe(channel, _KEEP)
@@ -178,6 +179,10 @@ class Broker:
 
     def _written(self) -> None:
         self._written_pending = False
+        self._written_here()
+
+    def _written_here(self) -> None:
+        """The writer wrote more (the router saw it between publishes, or ``_written``)."""
         for conn in list(self.feeds.values()):
             conn.feed_pump()
 

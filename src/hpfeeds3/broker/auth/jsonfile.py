@@ -165,8 +165,15 @@ class JsonStore:
         target = os.path.abspath(self.path)
         directory = os.path.dirname(target)
         try:
+            # The directory alone, not its subdirectories: the data directory (the durable
+            # log, written many times a second) usually sits beside the key file.
             async for _ in awatch(
-                directory, stop_event=self._stop, debounce=200, step=50, watch_filter=lambda _c, p: p == target
+                directory,
+                stop_event=self._stop,
+                debounce=200,
+                step=50,
+                watch_filter=lambda _c, p: p == target,
+                recursive=False,
             ):
                 self.reload()
         except Exception:

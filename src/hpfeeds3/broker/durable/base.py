@@ -68,6 +68,10 @@ class BacklogReader(Protocol):
 
 @runtime_checkable
 class DurableLog(Protocol):
+    # How many batches the writer has written so far: the event loop looks at it between
+    # publishes (a new value: something more was written) without waiting for on_written.
+    written_batches: int
+
     def wants(self, channel: bytes) -> bool:
         """Whether some durable key follows ``channel`` (a channel none follows costs nothing)."""
         ...

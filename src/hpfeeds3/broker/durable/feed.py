@@ -3,7 +3,10 @@
 A connection whose key is durable is not a subscriber of the router: each
 channel it subscribes is read from the channel's log, from the key's
 position, by a ``BacklogReader``; what the log has not written yet reaches it
-when the writer reports it (``Broker``'s ``on_written``). So the backlog and
+once written: when the router, between publishes, sees that the writer wrote
+more (the log's ``written_batches``), or the writer's ``on_written`` reaches
+the loop. A feed that had caught up is then sent all that was written at once
+(``written``); one still behind goes on a turn at a time. So the backlog and
 the live messages are one ordered stream per channel: no gap, no reordering.
 
 Paced by the transport: ``pump`` writes while the transport is under its
@@ -97,10 +100,11 @@ class ConnectionFeed:
         return self
 
     def pump(self) -> None:
-        """New messages in the log: send what this connection may."""
-        if self.feed is not None:
+        """New messages in the log: send what this connection may (``DurableFeed.written``)."""
+        feed = self.feed
+        if feed is not None:
             try:
-                self.feed.pump_soon()
+                feed.written()
             except Exception:
                 self._conn.internal_error("feeding a durable connection")
 
@@ -192,6 +196,9 @@ class DurableFeed:
         self._readers: dict[bytes, BacklogReader] = {}
         self.finished = False
         self._pump_pending = False
+        # Its last pump sent everything written (not stopped by its budget or the
+        # transport): what the writer writes next is sent as soon as the loop learns of it.
+        self.live = False
         self._inflow_seen = durable.appended_bytes  # the log's inflow at the last turn
         self.tracker = AckTracker(overlap_bytes)
         # Offsets count from the kernel's view of this stream so far (INFO, the TLS
@@ -235,15 +242,25 @@ class DurableFeed:
         if self.pump():
             self.pump_soon()
 
-    def pump(self) -> bool:
-        """Write what the log has for this connection while the transport takes it;
-        True when there is more and the transport would take it (a later turn)."""
+    def written(self) -> None:
+        """The log's writer wrote more. A feed that had caught up is sent it now, whole:
+        it is what came in since (the loop learns of it between publishes, and a turn
+        can be long); a feed still behind goes on a turn at a time (``pump``)."""
+        if not self.live or self.pump(keep_pace=True):
+            self.pump_soon()
+
+    def pump(self, keep_pace: bool = False) -> bool:
+        """Write what the log has for this connection while the transport takes it, at
+        most ``PUMP_BYTES`` more than the log took in since the last pump (``keep_pace``:
+        no bound, for a feed that had caught up); True when there is more and the
+        transport would take it (a later turn)."""
         output = self.output
         # Under load a loop turn is long and many publishes come in it: a fixed budget
         # a turn would fall behind them.
         inflow = self.log.appended_bytes
-        budget = PUMP_BYTES + inflow - self._inflow_seen
+        budget = PUMP_BYTES + inflow - self._inflow_seen if not keep_pace else 1 << 62
         self._inflow_seen = inflow
+        self.live = False
         tracker = self.tracker
         stats = self.stats
         progress = True
@@ -268,6 +285,7 @@ class DurableFeed:
                         stats.duplicates += min(chunk.end_seq, exact) - chunk.first_seq
                     if chunk.end_seq >= exact:
                         del self._exact[channel]
+        self.live = True
         return False
 
     def sample(self) -> None:

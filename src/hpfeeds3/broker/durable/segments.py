@@ -29,6 +29,11 @@ Bounds, applied by the writer at every sync tick:
 - a segment whose newest message is older than ``max_age_s`` is deleted for
   every key, each position behind it moved past it and counted the same way.
 
+The records just written stay in memory (``RECENT_BYTES`` over every channel,
+the oldest dropped first), added with the written position once the write
+returned: a reader at the start of one is handed it instead of reading it back
+from the file.
+
 Segment files are reused: a deleted segment's file that no reader has open is
 renamed to a spare (``<n>.free`` in its channel's directory; at most
 ``SPARE_SEGMENTS`` in the whole store) and the channel's next segment is that
@@ -91,12 +96,22 @@ MAINTENANCE_EVERY_S = 1.0
 # A reader holds this much of a segment in memory (or one record, when larger):
 # a whole record of the largest size a run is merged into, header included.
 READ_BLOCK_BYTES = RECORD_MAX_BYTES + HEADER_BYTES
+# After a batch this large (publishers are busy) the writer pauses before it looks
+# again, so that the next batch is several runs, not one: each batch wakes the
+# writer, takes the interpreter's lock from the event loop three times (the wake,
+# the checksum and the write release it) and wakes the loop. What waits meanwhile
+# is queued, not written: a process kill loses at most that much more.
+BUSY_BATCH_BYTES = 128 * 1024
+BUSY_PAUSE_S = 0.003
 # How long close() waits for the writer to write what is queued.
 CLOSE_TIMEOUT_S = 30.0
 
 
 # A record to write: (first seq, messages, [header, *payload parts], bytes in all).
 _Record = tuple[int, int, list[bytes], int]
+# A record written, kept in memory: (first seq, end seq, its frames, its segment, the
+# file offset after it).
+_Recent = tuple[int, int, bytes, "Segment", int]
 # Buffers per writev: IOV_MAX on Linux, macOS and the BSDs.
 IOV_MAX = 1024
 # Deleted segment files kept for reuse, in the whole store (at the default segment
@@ -104,6 +119,9 @@ IOV_MAX = 1024
 # into reused files, few enough that many channels cannot hold much disk this way.
 SPARE_SEGMENTS = 4
 SPARE_SUFFIX = ".free"
+# Records just written, kept in memory (over every channel, oldest dropped first): a
+# reader that has caught up is handed these bytes rather than read them back.
+RECENT_BYTES = 2 * 1024 * 1024
 
 
 def _record(first: int, count: int, time_ms: int, payload: list[bytes], length: int) -> _Record:
@@ -142,6 +160,7 @@ class _Channel:
     file_bytes: int = 0  # the size of its file when opened (a reused file is larger than its data)
     spares: list[str] = field(default_factory=list)  # reusable files in its directory (writer thread)
     sealed: bool = False  # the last segment takes no more records: the next write starts one
+    recent: deque[_Recent] = field(default_factory=deque)  # written records in memory (under the lock)
     dirty: bool = False  # written since the last fsync
     next_index: int = INDEX_EVERY_BYTES
 
@@ -170,6 +189,9 @@ class SegmentLog:
         self._dropped_unlogged: dict[str, int] = {}
         self._positions_changed = False
         self._on_written: Callable[[], None] | None = None
+        # Batches written so far (writer): the loop compares it with what it saw last to
+        # feed durable connections within its turn, not only when on_written reaches it.
+        self.written_batches = 0
         self._new_follow = False  # a key follows a channel it had no position on: save before writing
         self._lock_fd = -1
         self._thread: threading.Thread | None = None
@@ -195,6 +217,10 @@ class SegmentLog:
         self._syncer_stopping = False
         self._syncer: threading.Thread | None = None
         self._maintenance_wanted = False
+        # Records written, in write order over every channel (under _lock): each channel's
+        # ``recent`` holds its own, and what passes RECENT_BYTES goes, oldest first.
+        self._recent: deque[_Channel] = deque()
+        self._recent_bytes = 0
         self._maintenance_runs = 0  # writer
         self._spares = 0  # writer: spare segment files kept, over every channel
         self.reused_segments = 0  # writer: segments written into a reused file
@@ -502,7 +528,9 @@ class SegmentLog:
                     # written: a message that reached the file has its follower on disk.
                     self._new_follow = False
                     self._save_positions()
+                taken = self._done_bytes
                 wrote = self._write_pending()
+                taken = self._done_bytes - taken
                 now = time.monotonic()
                 self._log_overflow(now)
                 if stopping or now - last_sync >= interval:
@@ -520,6 +548,8 @@ class SegmentLog:
             except Exception:  # a bug must not stop the writer: the broker would log nothing more
                 log.exception("durable log: internal error in the writer")
                 wrote = False
+            if wrote:
+                self.written_batches += 1
             callback = self._on_written
             if wrote and callback is not None:
                 try:
@@ -529,6 +559,8 @@ class SegmentLog:
             if stopping and not any(ch.pending for ch in list(self._channels.values())):
                 self._close_files()
                 return
+            if taken >= BUSY_BATCH_BYTES and not self._stopping:
+                time.sleep(BUSY_PAUSE_S)
 
     def _write_pending(self) -> bool:
         wrote = False
@@ -732,11 +764,23 @@ class SegmentLog:
         with self._lock:
             if not segment.size:
                 segment.first_time_ms = now_ms
+            at = segment.size
             segment.size += nbytes
             segment.end_seq = end
             segment.last_time_ms = now_ms
             segment.index.extend(index)
             ch.written_seq = end
+            # In the file now (the page cache: safe from a process kill): readers that
+            # have caught up may be handed these bytes.
+            recent, everywhere = ch.recent, self._recent
+            for first, count, parts, size in batch:
+                at += size
+                recent.append((first, first + count, parts[1], segment, at))
+                everywhere.append(ch)
+                self._recent_bytes += size
+            while self._recent_bytes > RECENT_BYTES:
+                oldest = everywhere.popleft().recent.popleft()
+                self._recent_bytes -= len(oldest[2]) + HEADER_BYTES
         ch.dirty = True
         if self._degraded:
             log.warning("durable log: writing again after: %s", self._last_error)
@@ -1005,6 +1049,10 @@ class SegmentReader:
                 segment.readers -= 1
 
     def read(self, max_bytes: int) -> Chunk | None:
+        if self._at >= len(self._payload):  # between records: the next may be in memory
+            chunk = self._read_recent(max_bytes)
+            if chunk is not None:
+                return chunk
         parts: list[memoryview] = []
         size = frames = skipped = 0
         first = self._position
@@ -1053,6 +1101,44 @@ class SegmentReader:
         # One piece (a chunk is usually one record): the reader's block itself, not a copy;
         # the block is never written to again (the next read makes a new one).
         return Chunk(parts[0] if len(parts) == 1 else b"".join(parts), first, end_seq, frames, skipped)
+
+    def _read_recent(self, max_bytes: int) -> Chunk | None:
+        """The records from the position on that the writer has just written and keeps in
+        memory (``SegmentLog._recent``), whole, up to ``max_bytes``: what a reader that
+        keeps up reads, without reading it back from the file. None when the position is
+        not at the start of one of them."""
+        position = self._position
+        taken: list[bytes] = []
+        size = 0
+        with self._log._lock:
+            recent = self._channel.recent
+            if not recent or recent[-1][1] <= position or recent[0][0] > position:
+                return None
+            last = None
+            for entry in recent:
+                first, end, data, _segment, _offset = entry
+                if end <= position:
+                    continue
+                if first != position or (taken and size + len(data) > max_bytes):
+                    break
+                if not taken and len(data) > max_bytes and end - first > 1:
+                    return None  # larger than a chunk: its frames are walked (from the file)
+                taken.append(data)
+                size += len(data)
+                position = end
+                last = entry
+        if last is None:
+            return None
+        first, end, _data, segment, offset = last
+        if self._segment is segment:
+            self._offset = offset
+        else:
+            self._leave()  # the next read from the file opens the segment at the position
+        self._payload, self._at = memoryview(b""), 0
+        start = self._position
+        self._position = end
+        skipped, self._unreported = self._unreported, 0
+        return Chunk(taken[0] if len(taken) == 1 else b"".join(taken), start, end, end - start, skipped)
 
     def _skip(self, count: int) -> None:
         self._position += count

@@ -123,6 +123,13 @@ def test_huge_declared_length_is_refused_on_the_header_without_allocating() -> N
         (HEADER.pack(5 + 1 + 20, 2) + b"\x00" + b"d" * 20, MalformedFrame),  # empty ident
         (HEADER.pack(5 + 2 + 1 + 1, 3) + b"\x01a\x00x", MalformedFrame),  # empty channel
         (HEADER.pack(5 + 2, 4) + b"\x01a", MalformedFrame),  # subscribe without channel
+        (HEADER.pack(5 + 1 + 1 + 21, 2) + b"\x01a" + b"d" * 21, MalformedFrame),  # digest 21 bytes
+        (HEADER.pack(5 + 1 + 20, 2) + b"\x15" + b"d" * 20, MalformedFrame),  # AUTH ident past the end
+        (HEADER.pack(5 + 1 + 20, 2) + b"\x14" + b"d" * 20, MalformedFrame),  # AUTH ident, then no digest
+        (HEADER.pack(5, 2), MalformedFrame),  # AUTH of a header only
+        (HEADER.pack(5 + 1 + 1, 4) + b"\x00a", MalformedFrame),  # subscribe with an empty ident
+        (HEADER.pack(5 + 1 + 2, 4) + b"\x09ab", MalformedFrame),  # subscribe ident past the end
+        (HEADER.pack(5, 4), MalformedFrame),  # SUBSCRIBE of a header only
     ],
 )
 def test_bad_headers_and_bodies_raise_protocol_errors(data: bytes, error: type) -> None:

@@ -328,13 +328,23 @@ class Decoder:
             if frame_end > end:
                 self._need = length
                 return self.next_item()  # compacts and waits
+            # Every frame a broker receives starts with a str8 ident.
+            i = pos + HEADER_LEN + 1
+            n = buf[i - 1] if i <= frame_end else 0
             if opcode != OP_PUBLISH:
-                item: Item = parse_body(opcode, buf, pos + HEADER_LEN, frame_end)
+                # AUTH and SUBSCRIBE well formed, inline (every connection sends them);
+                # any other frame, and a malformed one, through parse_body.
+                c = i + n
+                item: Item
+                if opcode == OP_AUTH and n and frame_end - c == DIGEST_LEN:
+                    item = _new(Auth, (buf[i:c], buf[c:frame_end]))
+                elif opcode == OP_SUBSCRIBE and n and c < frame_end:
+                    item = _new(Subscribe, (buf[i:c], buf[c:frame_end]))
+                else:
+                    item = parse_body(opcode, buf, pos + HEADER_LEN, frame_end)
                 self._consumed(frame_end, end)
                 return item
             # PUBLISH inline (the bulk of any stream): str8 ident, str8 channel, payload.
-            i = pos + HEADER_LEN + 1
-            n = buf[i - 1] if i <= frame_end else 0
             c = i + n + 1
             m = buf[c - 1] if c <= frame_end else 0
             if not n or not m or c + m > frame_end:
@@ -342,6 +352,10 @@ class Decoder:
             if not self._runs:
                 self._consumed(frame_end, end)
                 return _new(Publish, (buf[i : i + n], buf[c : c + m], buf[c + m : frame_end]))
+            if frame_end == end:  # the read ends with this frame: a run of one
+                self._consumed(end, end)
+                data = buf if pos == 0 else buf[pos:end]
+                return _new(PublishRun, (buf[i : i + n], buf[c : c + m], data, 1, end - c - m, None))
             # A run: the following frames that start with the same str8 ident +
             # str8 channel. Per extra frame: a header, a prefix compare and a
             # length compare; a frame that does not fit ends the run and is

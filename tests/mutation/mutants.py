@@ -87,6 +87,14 @@ MUTANTS: tuple[Mutant, ...] = (
         why="a PUBLISH that ends a read after other frames is forwarded with the frames before it",
     ),
     mutant(
+        "logs-said-line-unescaped",
+        "src/hpfeeds3/broker/logs.py",
+        "            if message.isprintable():\n                return f\"{_timestamp(created)} INFO {logger} {message}\"",
+        "            if True:\n                return f\"{_timestamp(created)} INFO {logger} {message}\"",
+        "tests/ops/test_logs.py::test_the_writer_s_line_of_a_handshake_event_is_the_formatter_s",
+        why="an ident with a line break in it starts a forged log line",
+    ),
+    mutant(
         "sign-secret-first",
         "src/hpfeeds3/protocol/auth.py",
         "hashlib.sha1(nonce + secret)",

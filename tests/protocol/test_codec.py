@@ -31,7 +31,9 @@ from hpfeeds3.protocol import (
     Unsubscribe,
     encode,
     encode_auth,
+    encode_info,
     encode_publish,
+    info_head,
     new_nonce,
     sign,
     verify,
@@ -212,6 +214,14 @@ def test_no_frame_over_the_cap_comes_out_of_one_read(cap: int, shape: list, runs
     fitting = list(itertools.takewhile(lambda f: len(f) <= cap, frames))
     assert b"".join(out) == b"".join(fitting)
     assert raised == (len(fitting) < len(frames))
+
+
+@given(st.binary(max_size=255), st.integers(0, 64), st.data())
+def test_an_info_head_and_a_nonce_are_the_info_frame(name: bytes, nonce_len: int, data: st.DataObject) -> None:
+    nonce = data.draw(st.binary(min_size=nonce_len, max_size=nonce_len))
+    assert info_head(name, nonce_len) + nonce == encode_info(name, nonce)
+    fresh = new_nonce()
+    assert Decoder.for_client().feed(info_head(name) + fresh) == [Info(name, fresh)]
 
 
 def test_encoders_refuse_fields_that_do_not_fit() -> None:

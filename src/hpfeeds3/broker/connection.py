@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..protocol import encode_info, new_nonce
+from ..protocol import new_nonce
 from . import metrics
 from .admission import Groups, address_groups
 from .backlog import BacklogWatch, cut_slow_consumer
@@ -189,7 +189,7 @@ class Connection(Guarded, asyncio.Protocol):
         if self._auth_deadline is not None:
             self._auth_deadline.cancel()  # the TLS handshake's
         self.transport.set_write_buffer_limits(high=BACKLOG_HIGH_BYTES, low=BACKLOG_LOW_BYTES)
-        self._write(encode_info(broker.name_bytes, self.session.nonce))
+        self._write(broker.info_head + self.session.nonce)
         self._auth_deadline = self._call_later(broker.config.limits.auth_timeout_s, self._on_auth_timeout)
 
     def _write_unconnected(self, data: bytes) -> None:  # pragma: no cover - never called before connection_made

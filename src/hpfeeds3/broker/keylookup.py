@@ -33,7 +33,7 @@ def answer(conn: Connection, need: NeedKey) -> None:
     """Look up ``need.ident`` for ``conn``'s session: at once, or in a task with reading paused."""
     broker = conn.broker
     ident = need.ident
-    if _rate_limited(conn, ident):
+    if broker.auth_limiter.blocking and _rate_limited(conn, ident):
         return  # refused without a lookup or a verification: guessing costs nothing
     try:
         key = broker.lookup_now(ident)

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from ..protocol import info_head
 from . import metrics
 from .admission import PreAuthPool, address_group
 from .auth import AccessKey, Authenticator, AuthUnavailable, SyncLookup, WouldBlock
@@ -67,6 +68,7 @@ class Broker:
         self.router = Router()
         self.auth_limiter = AuthFailureLimiter(config.auth_limits)
         self.name_bytes = config.name.encode("utf-8")[:255]
+        self.info_head = info_head(self.name_bytes)  # + a connection's nonce: its INFO
         self.frame_limits = config.limits.frame_limits()
         self.send_hard_bytes = config.limits.send_buffer_hard_bytes
         # The connections' clock-driven policies (policies.py), fed loop.time() by them.

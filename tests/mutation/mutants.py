@@ -89,10 +89,26 @@ MUTANTS: tuple[Mutant, ...] = (
     mutant(
         "logs-said-line-unescaped",
         "src/hpfeeds3/broker/logs.py",
-        "            if message.isprintable():\n                return f\"{_timestamp(created)} INFO {logger} {message}\"",
-        "            if True:\n                return f\"{_timestamp(created)} INFO {logger} {message}\"",
+        "if message.isprintable():",
+        "if True:",
         "tests/ops/test_logs.py::test_the_writer_s_line_of_a_handshake_event_is_the_formatter_s",
         why="an ident with a line break in it starts a forged log line",
+    ),
+    mutant(
+        "deadlines-no-slack",
+        "src/hpfeeds3/broker/deadlines.py",
+        "self._slack_s = slack_s",
+        "self._slack_s = 0.0",
+        "tests/broker/test_deadlines.py",
+        why="a flood of silent connections wakes the loop once per connection to time each out",
+    ),
+    mutant(
+        "deadlines-set-again-in-place",
+        "src/hpfeeds3/broker/deadlines.py",
+        "            del due[member]  # to the end: the order is the deadlines'",
+        "            pass",
+        "tests/broker/test_deadlines.py",
+        why="a deadline set again keeps its place, and the connections behind it are timed out late",
     ),
     mutant(
         "sign-secret-first",

@@ -68,10 +68,8 @@ def _found(conn: Connection, key: AccessKey | None) -> None:
     if not session.key_found(key):
         return
     assert key is not None
-    if conn._auth_deadline is not None:
-        conn._auth_deadline.cancel()
-        conn._auth_deadline = None
     broker = conn.broker
+    broker.auth_deadlines.discard(conn)
     broker.authenticated(conn)
     if key.durable:
         conn._durable = ConnectionFeed.attach(conn, key.ident)

@@ -540,7 +540,8 @@ class LazyLine(Protocol):
     its line is the message after the timestamp, level and logger.
     """
 
-    fields_said: bool
+    @property
+    def fields_said(self) -> bool: ...
 
     def text(self) -> str: ...
 

@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hpfeeds3.broker.events import Authenticated, Closed, Connected, log_event
 from hpfeeds3.broker.logs import (
@@ -27,6 +29,7 @@ from hpfeeds3.broker.logs import (
     flush_logging,
     info_event,
     info_later,
+    later_line,
     stop_logging,
 )
 from hpfeeds3.broker.reasons import CloseReason
@@ -419,6 +422,8 @@ def writer_alone() -> Iterator[None]:
 class Line:
     """What ``info_later`` is given: a message and fields, built when asked (and counted)."""
 
+    fields_said = False
+
     def __init__(self, message: str, fields: dict[str, str]) -> None:
         self.message, self.field_values, self.built = message, fields, 0
 
@@ -477,3 +482,33 @@ def test_info_later_goes_through_every_other_handler_and_filter(capture) -> None
         "connected from 127.0.0.1:40000",
         "written event=connected",
     ]
+
+
+_hosts = st.one_of(
+    st.ip_addresses(v=4).map(str),
+    st.ip_addresses(v=6).map(lambda a: f"[{a}]"),
+    st.just("?"),
+)
+_peers = st.builds(lambda host, port: f"{host}:{port}", _hosts, st.integers(0, 65535))
+
+
+@given(
+    _peers,
+    st.text(min_size=1, max_size=40),
+    st.one_of(st.none(), st.text(min_size=1, max_size=40)),
+    st.sampled_from(list(CloseReason)),
+    st.floats(0, 2e9),
+)
+def test_the_writer_s_line_of_a_handshake_event_is_the_formatter_s(
+    peer: str, ident: str, closed_ident: str | None, why: CloseReason, created: float
+) -> None:
+    """The lines every connection logs (fields_said) are written without looking for each
+    field; whatever the ident (spaces, quotes, escapes, an ident that is also a word of the
+    line), the line is the one TextFormatter writes from the message and the fields."""
+    handler = logging.StreamHandler(io.StringIO())
+    handler.setFormatter(TextFormatter())
+    logger = "hpfeeds3.broker.connection"
+    for event in (Authenticated(peer, 1, ident), Closed(peer, 1, closed_ident, why)):
+        assert event.fields_said
+        expected = TextFormatter.line(created, "INFO", logger, event.text(), event.fields())
+        assert later_line(handler, (created, logger, event)) == expected

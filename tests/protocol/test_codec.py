@@ -31,7 +31,9 @@ from hpfeeds3.protocol import (
     Unsubscribe,
     encode,
     encode_auth,
+    encode_info,
     encode_publish,
+    info_head,
     new_nonce,
     sign,
     verify,
@@ -123,6 +125,13 @@ def test_huge_declared_length_is_refused_on_the_header_without_allocating() -> N
         (HEADER.pack(5 + 1 + 20, 2) + b"\x00" + b"d" * 20, MalformedFrame),  # empty ident
         (HEADER.pack(5 + 2 + 1 + 1, 3) + b"\x01a\x00x", MalformedFrame),  # empty channel
         (HEADER.pack(5 + 2, 4) + b"\x01a", MalformedFrame),  # subscribe without channel
+        (HEADER.pack(5 + 1 + 1 + 21, 2) + b"\x01a" + b"d" * 21, MalformedFrame),  # digest 21 bytes
+        (HEADER.pack(5 + 1 + 20, 2) + b"\x15" + b"d" * 20, MalformedFrame),  # AUTH ident past the end
+        (HEADER.pack(5 + 1 + 20, 2) + b"\x14" + b"d" * 20, MalformedFrame),  # AUTH ident, then no digest
+        (HEADER.pack(5, 2), MalformedFrame),  # AUTH of a header only
+        (HEADER.pack(5 + 1 + 1, 4) + b"\x00a", MalformedFrame),  # subscribe with an empty ident
+        (HEADER.pack(5 + 1 + 2, 4) + b"\x09ab", MalformedFrame),  # subscribe ident past the end
+        (HEADER.pack(5, 4), MalformedFrame),  # SUBSCRIBE of a header only
     ],
 )
 def test_bad_headers_and_bodies_raise_protocol_errors(data: bytes, error: type) -> None:
@@ -205,6 +214,14 @@ def test_no_frame_over_the_cap_comes_out_of_one_read(cap: int, shape: list, runs
     fitting = list(itertools.takewhile(lambda f: len(f) <= cap, frames))
     assert b"".join(out) == b"".join(fitting)
     assert raised == (len(fitting) < len(frames))
+
+
+@given(st.binary(max_size=255), st.integers(0, 64), st.data())
+def test_an_info_head_and_a_nonce_are_the_info_frame(name: bytes, nonce_len: int, data: st.DataObject) -> None:
+    nonce = data.draw(st.binary(min_size=nonce_len, max_size=nonce_len))
+    assert info_head(name, nonce_len) + nonce == encode_info(name, nonce)
+    fresh = new_nonce()
+    assert Decoder.for_client().feed(info_head(name) + fresh) == [Info(name, fresh)]
 
 
 def test_encoders_refuse_fields_that_do_not_fit() -> None:

@@ -54,12 +54,18 @@ K = TypeVar("K")
 Groups = tuple[str, str]  # (network, address)
 
 
-@functools.lru_cache(maxsize=65536)
 def address_groups(host: str) -> Groups:
     """(network, address) of ``host``: IPv4 (/24, the address); IPv6 (/48, /64)."""
     if ":" not in host:
+        # Cheaper than a cache miss, and a storm's addresses are mostly new.
         head, dot, _ = host.rpartition(".")
         return (f"{head}.0/24" if dot else host), host
+    return _ipv6_groups(host)
+
+
+@functools.lru_cache(maxsize=65536)
+def _ipv6_groups(host: str) -> Groups:
+    """IPv6 parsing costs microseconds: each address once."""
     try:
         ip = ipaddress.IPv6Address(host.split("%", 1)[0])
     except ValueError:

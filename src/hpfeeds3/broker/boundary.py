@@ -74,7 +74,9 @@ class Guarded:
     peer: str
 
     def _call_later(self, delay: float, target: Callable[[], object]) -> asyncio.TimerHandle:
-        """Every timer of a connection is scheduled here: its target runs inside the boundary."""
+        """Every timer of a connection is scheduled here: its target runs inside the boundary.
+        (Its TLS handshake and AUTH deadlines are the broker's, deadlines.py, and run their
+        targets through ``_run_guarded`` too.)"""
         return self.broker.loop.call_later(delay, self._run_guarded, target)
 
     def _call_soon(self, target: Callable[[], object]) -> None:

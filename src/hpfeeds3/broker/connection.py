@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..protocol import encode_info, new_nonce
+from ..protocol import new_nonce
 from . import metrics
 from .admission import Groups, address_groups
 from .backlog import BacklogWatch, cut_slow_consumer
@@ -64,7 +64,6 @@ _CLOSED_FOR_ROOM = frozenset({CloseReason.TOO_MANY_CONNECTIONS, CloseReason.TOO_
 
 class Connection(Guarded, asyncio.Protocol):
     __slots__ = (
-        "_auth_deadline",
         "_backlogged",
         "_durable",
         "_eof_pending",
@@ -120,7 +119,6 @@ class Connection(Guarded, asyncio.Protocol):
         self._eof_pending = False
         self._held: HeldBack | None = None  # while held back (heldback.py)
         self._turn_pending = False
-        self._auth_deadline: asyncio.TimerHandle | None = None
         self._backlogged = False  # the transport is over its high-water mark
         self.backlog_watch: BacklogWatch | None = None  # while backlogged (backlog.py)
         # A durable key's connection: its channels come from the log (durable/feed.py).
@@ -173,7 +171,7 @@ class Connection(Guarded, asyncio.Protocol):
             # The handshake runs in this connection (tls.py), on its own deadline.
             pump = self._tls_pump = TlsPump(self, self._tls, broker.config.limits.max_tls_records_without_data)
             self._write = pump.write
-            self._auth_deadline = self._call_later(broker.config.limits.tls_handshake_timeout_s, pump.handshake_timeout)
+            broker.tls_deadlines.add(self)
         else:
             self._greet()
         if held:
@@ -186,11 +184,11 @@ class Connection(Guarded, asyncio.Protocol):
         """INFO with the nonce, and the AUTH deadline from now."""
         assert self.transport is not None
         broker = self.broker
-        if self._auth_deadline is not None:
-            self._auth_deadline.cancel()  # the TLS handshake's
+        if self._tls is not None:
+            broker.tls_deadlines.discard(self)  # handshake done
         self.transport.set_write_buffer_limits(high=BACKLOG_HIGH_BYTES, low=BACKLOG_LOW_BYTES)
-        self._write(encode_info(broker.name_bytes, self.session.nonce))
-        self._auth_deadline = self._call_later(broker.config.limits.auth_timeout_s, self._on_auth_timeout)
+        self._write(broker.info_head + self.session.nonce)
+        broker.auth_deadlines.add(self)
 
     def _write_unconnected(self, data: bytes) -> None:  # pragma: no cover - never called before connection_made
         raise RuntimeError("write before the connection was made")
@@ -406,8 +404,13 @@ class Connection(Guarded, asyncio.Protocol):
     # --- timers ------------------------------------------------------------------------------
 
     def _on_auth_timeout(self) -> None:
-        self._auth_deadline = None
+        """The AUTH deadline passed (broker.auth_deadlines, inside the boundary)."""
         self.session.auth_timeout(self.broker.config.limits.auth_timeout_s)
+
+    def _on_tls_handshake_timeout(self) -> None:
+        """The TLS handshake's deadline passed (broker.tls_deadlines, inside the boundary)."""
+        if self._tls_pump is not None:
+            self._tls_pump.handshake_timeout()
 
     # --- closing ---------------------------------------------------------------------------------
 
@@ -416,8 +419,9 @@ class Connection(Guarded, asyncio.Protocol):
         self.session.close(reason, message, abort=abort)
 
     def _cancel_timers(self) -> None:
-        if self._auth_deadline is not None:
-            self._auth_deadline.cancel()
-            self._auth_deadline = None
+        broker = self.broker
+        broker.auth_deadlines.discard(self)
+        if self._tls is not None:
+            broker.tls_deadlines.discard(self)
         if self.backlog_watch is not None:
             self.backlog_watch.stop()

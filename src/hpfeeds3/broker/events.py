@@ -56,6 +56,8 @@ class Event:
     # every handshake (the line is built by the log writer: logs.info_later).
     logged: ClassVar[bool] = True
     frequent: ClassVar[bool] = False
+    # Its text names each of its fields, none empty, as a whole token (logs.LazyLine).
+    fields_said: ClassVar[bool] = False
     peer: str
 
     def text(self) -> str:  # pragma: no cover - every event says its own
@@ -102,6 +104,7 @@ class Connected(Event):
 class Authenticated(Event):
     kind = Kind.AUTHENTICATED
     frequent = True
+    fields_said = True  # "PEER authenticated as IDENT" (an ident is never empty)
     conn_id: int
     who: str
 
@@ -209,6 +212,7 @@ class Refused(Event):
 class Closed(Event):
     kind = Kind.CLOSED
     frequent = True
+    fields_said = True  # "closed PEER (IDENT): REASON" (an ident is never empty)
     conn_id: int
     who: str | None
     why: CloseReason

@@ -33,7 +33,7 @@ def answer(conn: Connection, need: NeedKey) -> None:
     """Look up ``need.ident`` for ``conn``'s session: at once, or in a task with reading paused."""
     broker = conn.broker
     ident = need.ident
-    if _rate_limited(conn, ident):
+    if broker.auth_limiter.blocking and _rate_limited(conn, ident):
         return  # refused without a lookup or a verification: guessing costs nothing
     try:
         key = broker.lookup_now(ident)
@@ -68,10 +68,8 @@ def _found(conn: Connection, key: AccessKey | None) -> None:
     if not session.key_found(key):
         return
     assert key is not None
-    if conn._auth_deadline is not None:
-        conn._auth_deadline.cancel()
-        conn._auth_deadline = None
     broker = conn.broker
+    broker.auth_deadlines.discard(conn)
     broker.authenticated(conn)
     if key.durable:
         conn._durable = ConnectionFeed.attach(conn, key.ident)

@@ -336,7 +336,7 @@ class _Pipeline:
         for item in batch:
             if item.__class__ is tuple:
                 try:
-                    lines.append(self._later_line(item))
+                    lines.append(later_line(writer, item))
                 except Exception:
                     writer.handleError(_unbuilt_record(item[1]))
             elif isinstance(item, logging.LogRecord):
@@ -360,14 +360,6 @@ class _Pipeline:
         for event in flushed:
             event.set()
         return stop
-
-    def _later_line(self, item: tuple[float, str, LazyLine]) -> str:
-        """The line of an ``info_later`` item: from its parts when the formatter is ours, no record made."""
-        formatter = self.writer.formatter
-        if formatter.__class__ in _LINE_FORMATTERS:
-            created, logger, line = item
-            return formatter.line(created, "INFO", logger, line.text(), line.fields())  # type: ignore[union-attr]
-        return self.writer.format(_later_record(item))
 
     def flush(self) -> None:
         done = threading.Event()
@@ -403,6 +395,20 @@ class _Pipeline:
             if isinstance(item, logging.LogRecord):
                 self.writer.handle(item)
         return True
+
+
+def later_line(writer: logging.Handler, item: tuple[float, str, LazyLine]) -> str:
+    """The line of an ``info_later`` item: from its parts when the formatter is ours, no record made."""
+    formatter = writer.formatter
+    if formatter.__class__ in _LINE_FORMATTERS:
+        created, logger, line = item
+        if line.fields_said and formatter.__class__ is TextFormatter:
+            # What TextFormatter.line writes for it, without looking for each field.
+            message = line.text()
+            if message.isprintable():
+                return f"{_timestamp(created)} INFO {logger} {message}"
+        return formatter.line(created, "INFO", logger, line.text(), line.fields())  # type: ignore[union-attr]
+    return writer.format(_later_record(item))
 
 
 def _unbuilt_record(logger: str) -> logging.LogRecord:
@@ -527,7 +533,15 @@ def _info_record(name: str, created: float, message: str, fields: dict[str, Any]
 
 
 class LazyLine(Protocol):
-    """What ``info_later`` logs: an INFO line's message and fields, built when it is written."""
+    """What ``info_later`` logs: an INFO line's message and fields, built when it is written.
+
+    ``fields_said``: the message names every field (each non-empty) as a whole
+    token, so the text format drops them all; when the message is printable,
+    its line is the message after the timestamp, level and logger.
+    """
+
+    @property
+    def fields_said(self) -> bool: ...
 
     def text(self) -> str: ...
 

@@ -64,6 +64,8 @@ from ..protocol import (
 from .reasons import ERROR_TOKEN, CloseReason
 from .text import printable, quoted
 
+_new = tuple.__new__
+
 log = logging.getLogger("hpfeeds3.broker.connection")
 
 PRE_AUTH, AUTHING, READY, CLOSED = range(4)
@@ -378,7 +380,7 @@ class Session(Generic[_O]):
         except UnicodeDecodeError:
             self.key_found(None)  # can never match a key; costs what a wrong secret costs
             return False
-        return NeedKey(self._ident_text)
+        return _new(NeedKey, (self._ident_text,))  # NeedKey(...) without the Python-level __new__
 
     def key_found(self, key: Key | None) -> bool:
         """The key store's answer for the ident of the AUTH. True: verified, the session

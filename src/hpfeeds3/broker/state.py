@@ -14,11 +14,13 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from ..protocol import info_head
 from . import metrics
 from .admission import PreAuthPool, address_group
 from .auth import AccessKey, Authenticator, AuthUnavailable, SyncLookup, WouldBlock
 from .backplane import Backplane
 from .config import BrokerConfig
+from .deadlines import Deadlines
 from .durable.base import DurableLog
 from .durable.feed import DurableFeed, FeedOutput, FeedStats
 from .durable.tcpack import CloseKind
@@ -67,6 +69,7 @@ class Broker:
         self.router = Router()
         self.auth_limiter = AuthFailureLimiter(config.auth_limits)
         self.name_bytes = config.name.encode("utf-8")[:255]
+        self.info_head = info_head(self.name_bytes)  # + a connection's nonce: its INFO
         self.frame_limits = config.limits.frame_limits()
         self.send_hard_bytes = config.limits.send_buffer_hard_bytes
         # The connections' clock-driven policies (policies.py), fed loop.time() by them.
@@ -92,6 +95,9 @@ class Broker:
         # yet, started oldest first as slots free, or over the bound once held
         # HELD_BACK_MAX_S (loop time they were held back at).
         self.held_back: dict[Connection, float] = {}
+        # Deadlines of the TLS handshake (from admission) and of AUTH (from INFO), on one timer each.
+        self.tls_deadlines: Deadlines[Connection] = Deadlines(loop, limits.tls_handshake_timeout_s, _tls_due)
+        self.auth_deadlines: Deadlines[Connection] = Deadlines(loop, limits.auth_timeout_s, _auth_due)
         self._held_back_timer: asyncio.TimerHandle | None = None
         self._releasing = False
         # Bytes held in incomplete frames: by connection (with the ident and
@@ -676,6 +682,16 @@ class Broker:
             await asyncio.sleep(0.01)
         for task in list(self._tasks):
             task.cancel()
+        self.tls_deadlines.close()
+        self.auth_deadlines.close()
+
+
+def _tls_due(conn: Connection) -> None:
+    conn._run_guarded(conn._on_tls_handshake_timeout)
+
+
+def _auth_due(conn: Connection) -> None:
+    conn._run_guarded(conn._on_auth_timeout)
 
 
 class _Keep:

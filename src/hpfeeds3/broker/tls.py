@@ -289,9 +289,8 @@ class TlsPump:
         conn.session.close(reason, f"too many TLS records without data (limit {limit})")
 
     def handshake_timeout(self) -> None:
-        """The connection's deadline for the handshake passed (a timer target)."""
+        """The connection's deadline for the handshake passed (broker.tls_deadlines)."""
         conn = self._conn
-        conn._auth_deadline = None
         if not self.session.established and conn.session.state != CLOSED:
             metrics.limit_rejected(Limit.TLS_HANDSHAKE_TIMEOUT)
             limit = conn.broker.config.limits.tls_handshake_timeout_s

@@ -24,6 +24,7 @@ from .codec import (
     encode_publish,
     encode_subscribe,
     encode_unsubscribe,
+    info_head,
     parse_body,
 )
 from .errors import FrameTooLarge, MalformedFrame, ProtocolError, UnexpectedOpcode
@@ -89,6 +90,7 @@ __all__ = [
     "encode_publish",
     "encode_subscribe",
     "encode_unsubscribe",
+    "info_head",
     "new_nonce",
     "parse_body",
     "sign",

@@ -21,6 +21,7 @@ from .frames import (
     DIGEST_LEN,
     HEADER,
     HEADER_LEN,
+    NONCE_LEN,
     OP_AUTH,
     OP_ERROR,
     OP_INFO,
@@ -106,6 +107,12 @@ def encode_error(message: str) -> bytes:
 
 def encode_info(name: bytes, nonce: bytes) -> bytes:
     return _frame(OP_INFO, _str8(name, "broker name") + nonce)
+
+
+def info_head(name: bytes, nonce_len: int = NONCE_LEN) -> bytes:
+    """An INFO frame up to its nonce: ``info_head(name) + nonce == encode_info(name, nonce)``
+    for every nonce of ``nonce_len`` bytes (a broker greets each connection with one)."""
+    return encode_info(name, bytes(nonce_len))[:-nonce_len] if nonce_len else encode_info(name, b"")
 
 
 def encode_auth(ident: bytes, digest: bytes) -> bytes:
@@ -320,6 +327,7 @@ class Decoder:
         pos = self._pos
         end = len(buf)
         max_len = self._max_len
+        item: Item
         try:
             length, opcode = _unpack_header(buf, pos)
             if not HEADER_LEN <= length <= max_len[opcode]:
@@ -328,57 +336,39 @@ class Decoder:
             if frame_end > end:
                 self._need = length
                 return self.next_item()  # compacts and waits
-            if opcode != OP_PUBLISH:
-                item: Item = parse_body(opcode, buf, pos + HEADER_LEN, frame_end)
-                self._consumed(frame_end, end)
-                return item
-            # PUBLISH inline (the bulk of any stream): str8 ident, str8 channel, payload.
+            # Every frame a broker receives starts with a str8 ident.
             i = pos + HEADER_LEN + 1
             n = buf[i - 1] if i <= frame_end else 0
-            c = i + n + 1
-            m = buf[c - 1] if c <= frame_end else 0
-            if not n or not m or c + m > frame_end:
-                parse_body(opcode, buf, pos + HEADER_LEN, frame_end)  # raises the precise error
-            if not self._runs:
-                self._consumed(frame_end, end)
-                return _new(Publish, (buf[i : i + n], buf[c : c + m], buf[c + m : frame_end]))
-            # A run: the following frames that start with the same str8 ident +
-            # str8 channel. Per extra frame: a header, a prefix compare and a
-            # length compare; a frame that does not fit ends the run and is
-            # checked fully by the next call.
-            overhead = c + m - pos
-            prefix = buf[pos + HEADER_LEN : c + m]
-            payload_len = length - overhead
-            payload_lens: list[int] | None = None
-            start = pos
-            count = 1
-            pos = frame_end
-            max_publish = max_len[OP_PUBLISH]
-            startswith = buf.startswith
-            while end - pos >= HEADER_LEN:
-                length, opcode = _unpack_header(buf, pos)
-                frame_end = pos + length
-                if (
-                    opcode != OP_PUBLISH
-                    or not overhead <= length <= max_publish
-                    or frame_end > end
-                    or not startswith(prefix, pos + HEADER_LEN, frame_end)
-                ):
-                    break
-                if length - overhead != payload_len and payload_lens is None:
-                    payload_lens = [payload_len] * count
-                if payload_lens is not None:
-                    payload_lens.append(length - overhead)
-                count += 1
+            if opcode != OP_PUBLISH:
+                # AUTH and SUBSCRIBE well formed, inline (every connection sends them);
+                # any other frame, and a malformed one, through parse_body.
+                c = i + n
+                if opcode == OP_AUTH and n and frame_end - c == DIGEST_LEN:
+                    item = _new(Auth, (buf[i:c], buf[c:frame_end]))
+                elif opcode == OP_SUBSCRIBE and n and c < frame_end:
+                    item = _new(Subscribe, (buf[i:c], buf[c:frame_end]))
+                else:
+                    item = parse_body(opcode, buf, pos + HEADER_LEN, frame_end)
                 pos = frame_end
-            data = buf if start == 0 and pos == end else buf[start:pos]
-            self._consumed(pos, end)
-            return _new(PublishRun, (buf[i : i + n], buf[c : c + m], data, count, payload_len, payload_lens))
+            else:
+                # PUBLISH inline (the bulk of any stream): str8 ident, str8 channel, payload.
+                c = i + n + 1
+                m = buf[c - 1] if c <= frame_end else 0
+                if not n or not m or c + m > frame_end:
+                    parse_body(opcode, buf, pos + HEADER_LEN, frame_end)  # raises the precise error
+                if not self._runs:
+                    item = _new(Publish, (buf[i : i + n], buf[c : c + m], buf[c + m : frame_end]))
+                    pos = frame_end
+                elif frame_end == end:  # the read ends with this frame: a run of one
+                    data = buf if pos == 0 else buf[pos:end]
+                    item = _new(PublishRun, (buf[i : i + n], buf[c : c + m], data, 1, end - c - m, None))
+                    pos = end
+                else:
+                    item, pos = self._run(buf, pos, end, frame_end, i, n, c, m)
         except ProtocolError:
             self.clear()
             raise
-
-    def _consumed(self, pos: int, end: int) -> None:
+        # Consumed up to pos.
         self._need = HEADER_LEN
         if pos == end:
             self._buf = b""
@@ -387,6 +377,44 @@ class Decoder:
         else:
             self._pos = pos
             self._have = end - pos
+        return item
+
+    def _run(
+        self, buf: bytes, pos: int, end: int, frame_end: int, i: int, n: int, c: int, m: int
+    ) -> tuple[PublishRun, int]:
+        """The PUBLISH at ``pos`` (ident ``buf[i:i+n]``, channel ``buf[c:c+m]``) and the following
+        frames that start with the same str8 ident + str8 channel, and where they end.
+
+        Per extra frame: a header, a prefix compare and a length compare; a frame
+        that does not fit ends the run and is checked fully by the next call."""
+        length = frame_end - pos
+        overhead = c + m - pos
+        prefix = buf[pos + HEADER_LEN : c + m]
+        payload_len = length - overhead
+        payload_lens: list[int] | None = None
+        start = pos
+        count = 1
+        pos = frame_end
+        max_publish = self._max_len[OP_PUBLISH]
+        startswith = buf.startswith
+        while end - pos >= HEADER_LEN:
+            length, opcode = _unpack_header(buf, pos)
+            frame_end = pos + length
+            if (
+                opcode != OP_PUBLISH
+                or not overhead <= length <= max_publish
+                or frame_end > end
+                or not startswith(prefix, pos + HEADER_LEN, frame_end)
+            ):
+                break
+            if length - overhead != payload_len and payload_lens is None:
+                payload_lens = [payload_len] * count
+            if payload_lens is not None:
+                payload_lens.append(length - overhead)
+            count += 1
+            pos = frame_end
+        data = buf if start == 0 and pos == end else buf[start:pos]
+        return _new(PublishRun, (buf[i : i + n], buf[c : c + m], data, count, payload_len, payload_lens)), pos
 
     def clear(self) -> None:
         """Drop every byte received and not yet returned (a closed connection's, or after an error)."""

@@ -753,6 +753,10 @@ class RecordingOutput:
         self.written += len(data)
         return len(data)
 
+    def feed_writelines(self, pieces: tuple[bytes | memoryview, ...], size: int) -> int:
+        assert size == sum(map(len, pieces))
+        return self.feed_write(b"".join(pieces))
+
     def feed_writable(self) -> bool:
         return self.writable
 
@@ -843,6 +847,58 @@ def test_a_reader_that_keeps_up_is_handed_the_bytes_just_written_not_a_copy_read
         assert (chunk.first_seq, chunk.end_seq, chunk.frames) == (first, first + 100, 100)
         assert reader.read(CHUNK_BYTES) is None
     reader.close()
+
+
+def test_records_read_in_one_chunk_are_its_pieces_as_written_not_joined(open_log: OpenLog) -> None:
+    """A reader that keeps up and reads several records in one chunk is handed the
+    records themselves, one piece each (a connection writes them with one writelines),
+    not a copy joining them; so is one reading a file block, views of it."""
+    from hpfeeds3.broker.durable.feed import CHUNK_BYTES
+
+    log = open_log()
+    log.follow("a", CHANNEL)
+    reader = log.open_reader(CHANNEL, 0)
+    runs = []
+    for first in range(0, 300, 100):
+        runs.append(b"".join(message(i) for i in range(first, first + 100)))
+        log.append(CHANNEL, runs[-1], 100)
+        assert log.sync()  # each its own batch: its own record
+    chunk = reader.read(CHUNK_BYTES)
+    assert chunk is not None and (chunk.first_seq, chunk.end_seq, chunk.frames) == (0, 300, 300)
+    assert len(chunk.pieces) == 3 and all(piece is run for piece, run in zip(chunk.pieces, runs, strict=True))
+    assert chunk.size == sum(map(len, runs)) and numbers(chunk.data) == list(range(300))
+    reader.close()
+    log.close()
+    reopened = open_log()  # (a new process: nothing in memory, the records read from the file)
+    reader = reopened.open_reader(CHANNEL, 0)
+    chunk = reader.read(CHUNK_BYTES)
+    assert chunk is not None and len(chunk.pieces) == 3 and all(isinstance(p, memoryview) for p in chunk.pieces)
+    assert chunk.size == sum(map(len, runs)) and numbers(chunk.data) == list(range(300))
+    reader.close()
+
+
+def test_while_appends_keep_coming_the_writer_leaves_the_loop_to_see_its_batches(open_log: OpenLog) -> None:
+    """Whoever appends looks at ``written_batches`` after each append (the router, between
+    publishes): while appends keep coming, a batch is not also reported by ``on_written``
+    (a wake-up of the loop from the writer's thread per batch); the batch that writes the
+    last append is, so nothing written waits for an append that may never come."""
+    log = open_log()
+    log.follow("a", CHANNEL)
+    reported: list[int] = []
+    log.set_on_written(lambda: reported.append(log.written(CHANNEL)))
+    run = 1200  # about 150 KiB: the writer pauses after each batch, as under load
+    runs = 60
+    data = [b"".join(message(n) for n in range(i * run, (i + 1) * run)) for i in range(runs)]
+    before = log.written_batches
+    for i in range(runs):
+        log.append(CHANNEL, data[i], run)
+        time.sleep(0.0005)  # a busy publisher's pace, not synchronisation
+    deadline = time.monotonic() + 30
+    while (not reported or reported[-1] < runs * run) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reported and reported[-1] == runs * run  # the last batch is reported
+    batches = log.written_batches - before
+    assert batches > 1 and len(reported) < batches
 
 
 def test_a_reader_behind_what_is_kept_in_memory_reads_the_file_then_memory_in_order(open_log: OpenLog) -> None:

@@ -21,13 +21,24 @@ from typing import Protocol, runtime_checkable
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """Whole frames read from a log, in order: ``frames`` messages from ``first_seq`` to ``end_seq``."""
+    """Whole frames read from a log, in order: ``frames`` messages from ``first_seq`` to ``end_seq``.
 
-    data: bytes | memoryview  # a view of the reader's block when the chunk is one piece of it
+    In ``pieces``, one after the other: a view of the reader's block, or the records the
+    writer has just written, as they are (a connection writes them with one ``writelines``:
+    not copied to join them)."""
+
+    pieces: tuple[bytes | memoryview, ...]
+    size: int  # bytes in all the pieces
     first_seq: int
     end_seq: int  # the position after these frames
     frames: int
     skipped: int  # messages before first_seq that the log no longer had (dropped or never stored)
+
+    @property
+    def data(self) -> bytes | memoryview:
+        """The frames in one buffer (the pieces joined when there are several)."""
+        pieces = self.pieces
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +134,9 @@ class DurableLog(Protocol):
     def stats(self) -> LogStats: ...
 
     def set_on_written(self, callback: Callable[[], None] | None) -> None:
-        """Called (from the log's thread) after new messages were written."""
+        """Called (from the log's thread) after new messages were written, unless more
+        were appended since: whoever appends looks at ``written_batches`` after its
+        append, and the batch that writes the last append calls it."""
         ...
 
     def close(self) -> None:

@@ -65,6 +65,10 @@ class FeedOutput(Protocol):
         """Write ``data``; returns the bytes that went on the wire (ciphertext under TLS)."""
         ...
 
+    def feed_writelines(self, pieces: tuple[bytes | memoryview, ...], size: int) -> int:
+        """Write ``pieces`` (``size`` bytes in all) one after the other, as ``feed_write``."""
+        ...
+
     def feed_writable(self) -> bool:
         """The transport is open and under its high-water mark."""
         ...
@@ -141,6 +145,15 @@ class ConnectionFeed:
         wire = tls.session.encrypt(data)
         conn.transport.write(wire)
         return len(wire)
+
+    def feed_writelines(self, pieces: tuple[bytes | memoryview, ...], size: int) -> int:
+        conn = self._conn
+        if len(pieces) == 1 or conn._tls_pump is not None:
+            return self.feed_write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        assert conn.transport is not None
+        conn.sent_bytes += size
+        conn.transport.writelines(pieces)  # one writev, the pieces not joined
+        return size
 
     def write_counted(self, data: bytes) -> None:
         """The connection's own writes (its ``_write`` once the feed starts): counted, not deliveries."""
@@ -275,9 +288,10 @@ class DurableFeed:
                 if chunk is None:
                     continue
                 progress = True
-                wire = output.feed_write(chunk.data)
-                tracker.wrote(len(chunk.data), wire_bytes=wire, channel=channel, position=chunk.end_seq)
-                budget -= len(chunk.data)
+                size = chunk.size
+                wire = output.feed_writelines(chunk.pieces, size)
+                tracker.wrote(size, wire_bytes=wire, channel=channel, position=chunk.end_seq)
+                budget -= size
                 stats.replayed += chunk.frames
                 exact = self._exact.get(channel)
                 if exact is not None:

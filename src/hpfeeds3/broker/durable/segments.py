@@ -98,8 +98,8 @@ MAINTENANCE_EVERY_S = 1.0
 READ_BLOCK_BYTES = RECORD_MAX_BYTES + HEADER_BYTES
 # After a batch this large (publishers are busy) the writer pauses before it looks
 # again, so that the next batch is several runs, not one: each batch wakes the
-# writer, takes the interpreter's lock from the event loop three times (the wake,
-# the checksum and the write release it) and wakes the loop. What waits meanwhile
+# writer and takes the interpreter's lock from the event loop twice (after the wake
+# and the write, which release it; google-crc32c holds it for under 1 MiB). What waits meanwhile
 # is queued, not written: a process kill loses at most that much more.
 BUSY_BATCH_BYTES = 128 * 1024
 BUSY_PAUSE_S = 0.003
@@ -551,7 +551,13 @@ class SegmentLog:
             if wrote:
                 self.written_batches += 1
             callback = self._on_written
-            if wrote and callback is not None:
+            # A run queued since this batch was taken: its append looked at (or will look
+            # at, as the router does after each append) written_batches, and its own batch
+            # follows; so while appends keep coming the loop is not also woken from here
+            # (a wake-up of the loop per batch) and the batch after the last append is.
+            # (Counted after written_batches: an append either came before, and is seen
+            # here, or sees the new count.)
+            if wrote and callback is not None and self._runs_queued == self._runs_taken:
                 try:
                     callback()
                 except Exception:
@@ -1098,9 +1104,9 @@ class SegmentReader:
                 break
         if not frames:
             return None
-        # One piece (a chunk is usually one record): the reader's block itself, not a copy;
-        # the block is never written to again (the next read makes a new one).
-        return Chunk(parts[0] if len(parts) == 1 else b"".join(parts), first, end_seq, frames, skipped)
+        # Views of the reader's block, not copies: the block is never written to again
+        # (the next read makes a new one).
+        return Chunk(tuple(parts), size, first, end_seq, frames, skipped)
 
     def _read_recent(self, max_bytes: int) -> Chunk | None:
         """The records from the position on that the writer has just written and keeps in
@@ -1138,7 +1144,7 @@ class SegmentReader:
         start = self._position
         self._position = end
         skipped, self._unreported = self._unreported, 0
-        return Chunk(taken[0] if len(taken) == 1 else b"".join(taken), start, end, end - start, skipped)
+        return Chunk(tuple(taken), size, start, end, end - start, skipped)
 
     def _skip(self, count: int) -> None:
         self._position += count

@@ -87,6 +87,14 @@ MUTANTS: tuple[Mutant, ...] = (
         why="a PUBLISH that ends a read after other frames is forwarded with the frames before it",
     ),
     mutant(
+        "codec-run-prefix-short",
+        CODEC,
+        "or buf[pos + HEADER_LEN : pos + overhead] != prefix",
+        "or buf[pos + HEADER_LEN : pos + overhead - 1] != prefix[:-1]",
+        "tests/broker/test_session_properties.py::test_decoder_runs_expand_to_the_frames_received",
+        why="a PUBLISH on a channel that differs from the one before it only in its last byte joins its run",
+    ),
+    mutant(
         "logs-said-line-unescaped",
         "src/hpfeeds3/broker/logs.py",
         "if message.isprintable():",

@@ -396,15 +396,16 @@ class Decoder:
         count = 1
         pos = frame_end
         max_publish = self._max_len[OP_PUBLISH]
-        startswith = buf.startswith
         while end - pos >= HEADER_LEN:
             length, opcode = _unpack_header(buf, pos)
             frame_end = pos + length
+            # The prefix compared as a slice, which the length check keeps inside the
+            # frame: bytes.startswith with bounds parses its arguments the slow way.
             if (
                 opcode != OP_PUBLISH
                 or not overhead <= length <= max_publish
                 or frame_end > end
-                or not startswith(prefix, pos + HEADER_LEN, frame_end)
+                or buf[pos + HEADER_LEN : pos + overhead] != prefix
             ):
                 break
             if length - overhead != payload_len and payload_lens is None:

@@ -95,6 +95,14 @@ MUTANTS: tuple[Mutant, ...] = (
         why="a PUBLISH on a channel that differs from the one before it only in its last byte joins its run",
     ),
     mutant(
+        "codec-run-shorter-same-length",
+        CODEC,
+        "elif length != first_length:",
+        "elif length > first_length:",
+        "tests/protocol/test_codec.py::test_a_run_counts_each_payload_at_its_own_length",
+        why="a run whose later frames are shorter than its first counts every payload at the first's length",
+    ),
+    mutant(
         "logs-said-line-unescaped",
         "src/hpfeeds3/broker/logs.py",
         "if message.isprintable():",

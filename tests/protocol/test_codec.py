@@ -182,6 +182,21 @@ def test_frame_exactly_at_the_cap_is_accepted() -> None:
         Decoder.for_broker(FrameLimits(max_publish_frame_bytes=len(frame) - 1)).feed(frame)
 
 
+@pytest.mark.parametrize(
+    "sizes",
+    [[4, 4, 4], [5, 3, 5, 7, 3], [5, 9], [9, 5], [0, 0, 1], [7, 7, 2, 2]],
+    ids=["equal", "mixed", "longer", "shorter", "empty-first", "equal-then-shorter"],
+)
+def test_a_run_counts_each_payload_at_its_own_length(sizes: list[int]) -> None:
+    """Per-channel byte counters and the size histogram come from the run's lengths."""
+    frames = b"".join(encode_publish(b"a", b"b", b"x" * n) for n in sizes)
+    [run] = Decoder.for_broker(runs=True).feed(frames)
+    assert isinstance(run, PublishRun) and run.frames == len(sizes) and run.data == frames
+    assert run.payload_len == sizes[0]
+    assert (run.payload_lens or [run.payload_len] * run.frames) == sizes
+    assert run.payload_lens is None or len(set(sizes)) > 1
+
+
 def test_over_cap_publish_after_a_valid_one_in_the_same_read_is_refused() -> None:
     """A frame that would continue a run is checked against the cap like the first one."""
     decoder = Decoder.for_broker(FrameLimits(max_publish_frame_bytes=100), runs=True)

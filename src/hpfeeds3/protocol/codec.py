@@ -396,7 +396,11 @@ class Decoder:
         count = 1
         pos = frame_end
         max_publish = self._max_len[OP_PUBLISH]
-        while end - pos >= HEADER_LEN:
+        # Per frame, as few new ints as may be (each is an allocation): the last
+        # position a header fits at, and the first frame's length, computed once.
+        last = end - HEADER_LEN
+        first_length = length
+        while pos <= last:
             length, opcode = _unpack_header(buf, pos)
             frame_end = pos + length
             # The prefix compared as a slice, which the length check keeps inside the
@@ -408,9 +412,10 @@ class Decoder:
                 or buf[pos + HEADER_LEN : pos + overhead] != prefix
             ):
                 break
-            if length - overhead != payload_len and payload_lens is None:
-                payload_lens = [payload_len] * count
             if payload_lens is not None:
+                payload_lens.append(length - overhead)
+            elif length != first_length:
+                payload_lens = [payload_len] * count
                 payload_lens.append(length - overhead)
             count += 1
             pos = frame_end

@@ -47,10 +47,14 @@ from hpfeeds3.protocol import Decoder, Info, encode_auth, encode_publish, encode
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: the sockets are held until all are bound, or a port
+    just released could be handed out twice (the broker's and its exporter's)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def cpu_s(pid: int) -> float:
@@ -83,9 +87,9 @@ def broker(
             users["dur"] = {"owner": "dur", "secret": "dur", "pubchans": ["bench"], "subchans": ["bench"]}
             users["dur"]["durable"] = durable
         keys.write_text(json.dumps(users))
-        port = free_port()
+        port, exporter = free_ports(2)
         args = [exe or str(BIN / "hpfeeds-broker"), "--bind", f"127.0.0.1:{port}", "--auth", str(keys)]
-        args += ["--exporter", f"127.0.0.1:{free_port()}"]
+        args += ["--exporter", f"127.0.0.1:{exporter}"]
         args += ["--data-dir", str(tmp / "data"), *extra]
         with open(tmp / "broker.log", "wb") as log:
             proc = subprocess.Popen(args, cwd=tmp, stdout=log, stderr=subprocess.STDOUT)

@@ -74,6 +74,8 @@ _AUTH_ONLY = frozenset({OP_AUTH})
 
 # A secret no key can have: verifying against it makes an unknown ident cost
 # exactly what a wrong secret costs.
+# The subscriptions of a session that has none (shared; replaced by a set at the first).
+_NO_SUBSCRIPTIONS: frozenset[bytes] = frozenset()
 _DUMMY_SECRET = b"\x00unknown-ident\x00" * 2
 
 # One unit of the per-turn budget per checked item (a control frame, a run)
@@ -238,7 +240,9 @@ class Session(Generic[_O]):
         self.secret_seen = ""  # to notice a rotated secret (revocation)
         self.pubchans: frozenset[bytes] = frozenset()
         self.subchans: frozenset[bytes] = frozenset()
-        self.subscriptions: set[bytes] = set()
+        # A shared empty set until the first SUBSCRIBE: most connections are sensors
+        # that never subscribe, and an empty set() is 216 bytes.
+        self.subscriptions: set[bytes] | frozenset[bytes] = _NO_SUBSCRIPTIONS
         self.publish_stats: dict[bytes, PublishStats] = {}
         self._decoder = Decoder(_AUTH_ONLY, frame_limits, runs=True)
         self._digest = b""
@@ -355,13 +359,17 @@ class Session(Generic[_O]):
                             f"{self._max_subscriptions} channels per connection"
                         )
                         return
-                    self.subscriptions.add(channel)
+                    subscriptions = self.subscriptions
+                    if isinstance(subscriptions, set):
+                        subscriptions.add(channel)
+                    else:
+                        self.subscriptions = {channel}
                     self.port.subscribe(channel, self.output)
             case Unsubscribe(ident=ident, channel=channel):
                 if ident != self.ident_bytes:
                     self._deny_spoof("unsubscribe", ident, Refusal.IDENT_MISMATCH_UNSUB)
                 elif channel in self.subscriptions:
-                    self.subscriptions.discard(channel)
+                    self._subscribed().discard(channel)
                     self.port.unsubscribe(channel, self.output)
             case Auth():
                 message = "already authenticated; a second AUTH is refused"
@@ -397,6 +405,10 @@ class Session(Generic[_O]):
             self._refuse(CloseReason.AUTH_FAILED, f"Authentication failed for {shown}", Refusal.AUTH_FAILED)
             return False
         self.ident = key.ident
+        # Verified: the AUTH's digest and decoded ident are not needed again (about
+        # 100 bytes a connection).
+        self._digest = b""
+        self._ident_text = None
         self.owner = key.owner or ""
         self.secret_seen = key.secret
         self.state = READY
@@ -439,11 +451,17 @@ class Session(Generic[_O]):
         port = self.port
         self.pubchans = port.channel_set(key.pubchans)
         self.subchans = subchans = port.channel_set(key.subchans)
-        lost = self.subscriptions - subchans
+        lost = set(self.subscriptions - subchans)
         for channel in lost:
-            self.subscriptions.discard(channel)
+            self._subscribed().discard(channel)
             port.unsubscribe(channel, self.output)
         return lost
+
+    def _subscribed(self) -> set[bytes]:
+        """The subscriptions, when there is one (the shared empty set is never changed)."""
+        subscriptions = self.subscriptions
+        assert isinstance(subscriptions, set)
+        return subscriptions
 
     # --- refusing and closing ---------------------------------------------------------------
 
@@ -480,7 +498,7 @@ class Session(Generic[_O]):
             port.left_pre_auth(output)
         for channel in self.subscriptions:
             port.unsubscribe(channel, output)
-        self.subscriptions = set()
+        self.subscriptions = _NO_SUBSCRIPTIONS
         error = None
         if message is not None and not abort:
             token = ERROR_TOKEN.get(reason, "error")

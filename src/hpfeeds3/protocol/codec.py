@@ -267,7 +267,9 @@ class Decoder:
         self._runs = runs
         self._buf = b""  # the read being parsed (or the joined chunks of a frame)
         self._pos = 0  # first unconsumed byte of _buf
-        self._parts: list[bytes] = []  # reads received behind _buf, not joined yet
+        # Reads received behind _buf, not joined yet; () until there is one (an empty
+        # list on every idle connection is 56 bytes).
+        self._parts: list[bytes] | tuple[()] = ()
         self._have = 0  # unconsumed bytes: len(_buf) - _pos + sum of _parts
         self._need = HEADER_LEN  # bytes the next item needs before it can be parsed
 
@@ -297,7 +299,11 @@ class Decoder:
         if not data:
             return
         if self._have:
-            self._parts.append(data)
+            parts = self._parts
+            if isinstance(parts, list):
+                parts.append(data)
+            else:
+                self._parts = [data]
         else:
             self._buf = data if type(data) is bytes else bytes(data)
             self._pos = 0
@@ -321,7 +327,7 @@ class Decoder:
             return None
         if self._parts:
             self._buf = b"".join([memoryview(self._buf)[self._pos :], *self._parts])
-            self._parts = []
+            self._parts = ()
             self._pos = 0
         buf = self._buf
         pos = self._pos
@@ -426,6 +432,6 @@ class Decoder:
         """Drop every byte received and not yet returned (a closed connection's, or after an error)."""
         self._buf = b""
         self._pos = 0
-        self._parts = []
+        self._parts = ()
         self._have = 0
         self._need = HEADER_LEN

@@ -103,6 +103,14 @@ MUTANTS: tuple[Mutant, ...] = (
         why="a run whose later frames are shorter than its first counts every payload at the first's length",
     ),
     mutant(
+        "session-size-classes-short",
+        "src/hpfeeds3/broker/session.py",
+        "SIZE_CLASSES = 33",
+        "SIZE_CLASSES = 32",
+        "tests/broker/test_session_properties.py::test_the_largest_payload_a_frame_can_carry_has_a_size_class",
+        why="a PUBLISH of more than 2 GiB (a larger --max-message-size) raises IndexError in the size histogram",
+    ),
+    mutant(
         "logs-said-line-unescaped",
         "src/hpfeeds3/broker/logs.py",
         "if message.isprintable():",

@@ -165,6 +165,12 @@ class Port(Protocol[_O_in]):
         """Count a refusal (the metrics of ``metrics.REFUSALS``)."""
 
 
+# A payload is shorter than 2**32 bytes (a frame's length is a u32), so (size - 1) has
+# at most 32 bits: 33 size classes. A list per publishing connection and channel, so
+# not 64 (248 bytes more each, traversed by every garbage collection that sees it).
+SIZE_CLASSES = 33
+
+
 class PublishStats:
     """Publishes of one ident to one channel: plain ints bumped on the hot path."""
 
@@ -175,7 +181,7 @@ class PublishStats:
         self.bytes = 0
         # bits[n]: payloads whose (size - 1) has bit_length n, i.e. 2**(n-1) < size <= 2**n
         # (size 0 and 1 land in bits[1] and bits[0]); so "size <= 2**k" is sum(bits[:k+1]).
-        self.bits = [0] * 64
+        self.bits = [0] * SIZE_CLASSES
 
     def merge(self, other: PublishStats) -> None:
         # Once per closed connection and channel. Usually every payload fell in one

@@ -28,3 +28,10 @@ def test_fuzz_decoder_target_runs_clean() -> None:
     r = run("fuzz/fuzz_decoder.py", "-atheris_runs=20000", "-max_len=70000", "-seed=1")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Done 20000 in " in r.stderr, r.stderr[-3000:]
+
+
+def test_benchmarks_decoder_instructions_times_a_run() -> None:
+    args = ("--no-callgrind", "--feeds", "2", "--frames", "50", "--payloads", "varied")
+    r = run("benchmarks/decoder_instructions.py", *args)
+    assert r.returncode == 0, r.stderr
+    assert "varied payloads, 50 frames a read: " in r.stdout and " ns a frame" in r.stdout

@@ -35,3 +35,11 @@ def test_benchmarks_decoder_instructions_times_a_run() -> None:
     r = run("benchmarks/decoder_instructions.py", *args)
     assert r.returncode == 0, r.stderr
     assert "varied payloads, 50 frames a read: " in r.stdout and " ns a frame" in r.stdout
+
+
+def test_benchmarks_storage_floor_stores_and_reports(tmp_path: Path) -> None:
+    r = run("benchmarks/storage_floor.py", "--mib", "20", "--repeats", "2", "--settle", "0", "--dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("repeat ") == 2 and "20 MiB in " in r.stdout, r.stdout
+    assert "median of 2, 120-byte messages: process CPU " in r.stdout, r.stdout
+    assert list(tmp_path.iterdir()) == []  # its files are gone

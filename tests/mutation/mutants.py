@@ -280,6 +280,30 @@ MUTANTS: tuple[Mutant, ...] = (
         "tests/reliability/test_slow_consumers.py::test_the_hard_bound_cuts_a_burst_at_the_delivery_that_crosses_it",
         why="a burst piles up to 10x the hard bound before a stalled subscriber is cut",
     ),
+    mutant(
+        "server-fd-table-not-presized",
+        "src/hpfeeds3/broker/server.py",
+        "    presize_fd_table(broker.max_connections + RESERVED_FDS + http_fds)\n",
+        "",
+        "tests/wire/test_fd_table.py::test_a_serving_broker_holds_a_table_for_every_connection_it_may_accept",
+        why="a reconnect storm stalls the loop in accept() at each growth of the descriptor table",
+    ),
+    mutant(
+        "server-fd-table-leaks-a-descriptor",
+        "src/hpfeeds3/broker/server.py",
+        "os.close(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, descriptors - 1))",
+        "fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, descriptors - 1)",
+        "tests/wire/test_fd_table.py::test_presize_grows_the_table_and_leaves_no_descriptor_open",
+        why="the broker holds a descriptor it never uses, one of its connection cap's",
+    ),
+    mutant(
+        "server-fd-table-past-the-limit",
+        "src/hpfeeds3/broker/server.py",
+        "        descriptors = min(descriptors, soft)\n",
+        "",
+        "tests/wire/test_fd_table.py::test_presize_stops_at_the_open_files_limit",
+        why="a connection cap above the open-files limit leaves the table ungrown (F_DUPFD refuses)",
+    ),
     # --- what reaches people -------------------------------------------------------------
     mutant(
         "log-field-unescaped",

@@ -8,7 +8,7 @@ PUBLISH frames of one read that go to the same channel with ONE write per
 subscriber. No permissions, no limits, no metrics, no logging.
 
 Its descriptor table is grown at start, as the broker's is
-(``hpfeeds3.broker.server.presize_fd_table``): in a process with threads (here
+(``hpfeeds3.broker.fdtable``): in a process with threads (here
 libuv's resolver pool) each growth of the table waits for an RCU grace period
 inside ``accept()``, a stall of the kernel that is no work per message and
 that a storm of 10,000 sensors would otherwise meet eight times.
@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import fcntl
 import os
-import resource
 import signal
 import ssl
 import struct
+
+from hpfeeds3.broker.fdtable import presize_fd_table
 
 INFO = struct.pack(">IB", 5 + 1 + 7 + 4, 1) + b"\x07ceiling" + os.urandom(4)
 _unpack = struct.Struct(">IB").unpack_from
@@ -128,21 +127,8 @@ class Forwarder(asyncio.Protocol):
                     c.transport.resume_reading()
 
 
-def presize_fd_table() -> None:
-    """Grow the descriptor table to the open-files limit (at most 65,536) and close
-    what grew it (``F_DUPFD`` takes the lowest free number from there)."""
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    descriptors = 1 << 16 if soft == resource.RLIM_INFINITY else min(soft, 1 << 16)
-    with contextlib.suppress(OSError):
-        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.close(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, descriptors - 1))
-        finally:
-            os.close(fd)
-
-
 async def serve(host: str, port: int, tls: ssl.SSLContext | None) -> None:
-    presize_fd_table()
+    presize_fd_table(1 << 16)  # or up to the open-files limit
     loop = asyncio.get_running_loop()
     server = await loop.create_server(Forwarder, host, port, ssl=tls, backlog=4096, reuse_address=True)
     stop = asyncio.Event()

@@ -290,7 +290,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     mutant(
         "server-fd-table-leaks-a-descriptor",
-        "src/hpfeeds3/broker/server.py",
+        "src/hpfeeds3/broker/fdtable.py",
         "os.close(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, descriptors - 1))",
         "fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, descriptors - 1)",
         "tests/wire/test_fd_table.py::test_presize_grows_the_table_and_leaves_no_descriptor_open",
@@ -298,7 +298,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     mutant(
         "server-fd-table-past-the-limit",
-        "src/hpfeeds3/broker/server.py",
+        "src/hpfeeds3/broker/fdtable.py",
         "        descriptors = min(descriptors, soft)\n",
         "",
         "tests/wire/test_fd_table.py::test_presize_stops_at_the_open_files_limit",

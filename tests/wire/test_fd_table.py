@@ -29,6 +29,14 @@ def fd_table_size(pid: int | str) -> int:
     raise AssertionError("no FDSize in /proc/PID/status")
 
 
+def run_python(code: str) -> str:
+    """``code`` in a new interpreter (its descriptor table as small as a new process's); its output."""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_a_serving_broker_holds_a_table_for_every_connection_it_may_accept(tmp_path: Path) -> None:
     broker = launch_broker(tmp_path, "--auth", "env", "--max-connections", "5000")
     try:
@@ -42,7 +50,7 @@ def test_a_serving_broker_holds_a_table_for_every_connection_it_may_accept(tmp_p
 def test_presize_grows_the_table_and_leaves_no_descriptor_open() -> None:
     code = (
         "import os\n"
-        "from hpfeeds3.broker.server import presize_fd_table\n"
+        "from hpfeeds3.broker.fdtable import presize_fd_table\n"
         "from tests.wire.test_fd_table import fd_table_size\n"
         "before = sorted(os.listdir('/proc/self/fd'))\n"
         "small = fd_table_size('self')\n"
@@ -50,10 +58,7 @@ def test_presize_grows_the_table_and_leaves_no_descriptor_open() -> None:
         "after = sorted(os.listdir('/proc/self/fd'))\n"
         "print(small, fd_table_size('self'), before == after)\n"
     )
-    root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    small, grown, same = out.stdout.split()
+    small, grown, same = run_python(code).split()
     assert int(small) < 20_000 <= int(grown)
     assert same == "True"
 
@@ -63,12 +68,9 @@ def test_presize_stops_at_the_open_files_limit() -> None:
     code = (
         "import resource\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (3000, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
-        "from hpfeeds3.broker.server import presize_fd_table\n"
+        "from hpfeeds3.broker.fdtable import presize_fd_table\n"
         "from tests.wire.test_fd_table import fd_table_size\n"
         "presize_fd_table(1_000_000)\n"
         "print(fd_table_size('self'))\n"
     )
-    root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert 3000 <= int(out.stdout) < 1_000_000
+    assert 3000 <= int(run_python(code)) < 1_000_000

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import gc
 import logging
@@ -27,6 +26,7 @@ from . import metrics
 from .auth import Authenticator, ChangeFeed, build_authenticator
 from .config import BrokerConfig, ConfigError, Endpoint
 from .connection import Connection
+from .fdtable import presize_fd_table
 from .state import Broker
 from .tuning import GC_THRESHOLDS, LISTEN_BACKLOG, LISTENERS_PER_ENDPOINT, RESERVED_FDS
 
@@ -179,29 +179,6 @@ def raise_nofile_limit(max_connections: int, reserved: int = 0) -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
     return max(1, min(max_connections, soft - RESERVED_FDS - reserved))
-
-
-def presize_fd_table(descriptors: int) -> None:
-    """Grow this process's descriptor table to hold ``descriptors`` now (at most the
-    open-files limit allows), leaving nothing open.
-
-    The kernel grows the table by doubling as descriptors are opened, and in a
-    process with several threads each growth waits for an RCU grace period,
-    inside the ``accept()`` that needed it: in a reconnect storm of 10,000
-    sensors the loop stood still there for about 5 % of the storm. The table
-    never shrinks, so growing it once, at start, costs only its memory (about
-    8 bytes a descriptor). A duplicate at the highest number needed grows it;
-    ``F_DUPFD`` takes the lowest free number from there, so no descriptor in
-    use is touched."""
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft != resource.RLIM_INFINITY:
-        descriptors = min(descriptors, soft)
-    with contextlib.suppress(OSError):
-        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.close(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, descriptors - 1))
-        finally:
-            os.close(fd)
 
 
 async def serve(

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -43,3 +45,16 @@ def test_benchmarks_storage_floor_stores_and_reports(tmp_path: Path) -> None:
     assert r.stdout.count("repeat ") == 2 and "20 MiB in " in r.stdout, r.stdout
     assert "median of 2, 120-byte messages: process CPU " in r.stdout, r.stdout
     assert list(tmp_path.iterdir()) == []  # its files are gone
+
+
+def test_benchmarks_loop_states_samples_a_busy_process() -> None:
+    if not Path("/proc/self/wchan").exists():
+        pytest.skip("reads /proc (Linux)")
+    # Busy for a moment, then asleep: the window is the busy part, running.
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 0.6: pass"])
+    try:
+        r = run("benchmarks/loop_states.py", str(busy.pid), "--seconds", "1")
+    finally:
+        busy.wait(10)
+    assert r.returncode == 0, r.stderr
+    assert "busy from " in r.stdout and " R -" in r.stdout, r.stdout

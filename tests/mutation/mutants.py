@@ -304,6 +304,26 @@ MUTANTS: tuple[Mutant, ...] = (
         "tests/wire/test_fd_table.py::test_presize_stops_at_the_open_files_limit",
         why="a connection cap above the open-files limit leaves the table ungrown (F_DUPFD refuses)",
     ),
+    mutant(
+        "state-ident-index-keeps-the-last",
+        "src/hpfeeds3/broker/state.py",
+        "            self.by_ident[ident] = {held, conn}",
+        "            self.by_ident[ident] = conn",
+        "tests/wire/test_revocation.py::test_revocation_closes_every_connection_of_the_ident_and_no_other",
+        why="a removed key leaves an ident's earlier connections open once it has a second",
+    ),
+    Mutant(
+        "state-ident-index-forgets-the-rest",
+        "src/hpfeeds3/broker/state.py",
+        (
+            (
+                "                held.discard(conn)\n                if len(held) == 1:",
+                "                del self.by_ident[ident]\n                if False:",
+            ),
+        ),
+        ("tests/wire/test_revocation.py::test_revocation_closes_every_connection_of_the_ident_and_no_other",),
+        why="when one of an ident's connections leaves, a removed key no longer closes the others",
+    ),
     # --- what reaches people -------------------------------------------------------------
     mutant(
         "log-field-unescaped",

@@ -63,3 +63,41 @@ def test_sqlite_rotated_secret_closes_live_session(start_broker, tmp_path: Path)
         c.subscribe("chan1")
         c.publish("chan1", b"new secret works")
         assert c.messages(1)[0].payload == b"new secret works"
+
+
+def test_revocation_closes_every_connection_of_the_ident_and_no_other(start_broker, tmp_path: Path) -> None:
+    """The ident index holds one connection or several (the broker keeps no set for
+    an ident's only connection): removing the key closes each connection of the
+    ident still open, whether it was the first, a later one, or alone again after
+    the others left, and no connection of another ident."""
+    users = {**USERS, "carol": {"secret": "carol-secret", "pubchans": [], "subchans": ["chan1"]}}
+    b = start_broker(users=users)
+    with RawClient(b.port) as alone, RawClient(b.port) as carol:
+        alone.auth("bob", "bob-secret")
+        alone.subscribe("chan1")
+        carol.auth("carol", "carol-secret")
+        carol.subscribe("chan1")
+        confirm_subscribed(alone, "chan1", alone, carol)  # both READY and indexed
+        with RawClient(b.port) as second, RawClient(b.port) as third:
+            second.auth("bob", "bob-secret")
+            third.auth("bob", "bob-secret")
+            second.subscribe("chan1")
+            third.subscribe("chan1")
+            confirm_subscribed(alone, "chan1", alone, second, third, carol)
+        # The two later ones left: bob is down to its first connection again.
+        b.wait_log("closed", timeout=5)
+        deadline = time.monotonic() + 5
+        while b.log().count("(bob): ") < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with RawClient(b.port) as fourth:
+            fourth.auth("bob", "bob-secret")
+            fourth.subscribe("chan1")
+            confirm_subscribed(alone, "chan1", alone, fourth, carol)
+            del users["bob"]
+            (tmp_path / "users.json").write_text(json.dumps(users))
+            for c in (alone, fourth):
+                assert c.expect_closed(timeout=5)[-1].message == "authfail: access key for bob was removed"
+        with RawClient(b.port) as alice:
+            alice.auth("alice", "alice-secret")
+            alice.publish("chan1", b"carol is still here")
+            assert carol.messages(1)[0].payload == b"carol is still here"

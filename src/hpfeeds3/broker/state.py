@@ -82,7 +82,11 @@ class Broker:
         self.receive_rate = ReceiveRate(config.limits.min_receive_rate_bytes, PARTIAL_FRAME_GRACE_S)
         self.max_connections = config.limits.max_connections
         self.connections: set[Connection] = set()
-        self.by_ident: dict[str, set[Connection]] = {}
+        # The authenticated connections of each ident (revocation): the connection
+        # itself while it is the ident's only one, as a sensor with its own key is,
+        # a set from the second on (a set of one is 216 bytes and one more object
+        # for the cyclic GC to scan, per sensor). ``of_ident`` reads it.
+        self.by_ident: dict[str, Connection | set[Connection]] = {}
         self._channel_sets: dict[tuple[str, ...], frozenset[bytes]] = {}
         limits = config.limits
         # Connections not authenticated yet, by address group (admission.py).
@@ -462,7 +466,20 @@ class Broker:
         """``conn``'s session is READY: index it by ident (revocation)."""
         ident = conn.session.ident
         assert ident is not None
-        self.by_ident.setdefault(ident, set()).add(conn)
+        held = self.by_ident.get(ident)
+        if held is None:
+            self.by_ident[ident] = conn
+        elif isinstance(held, set):
+            held.add(conn)
+        elif held is not conn:
+            self.by_ident[ident] = {held, conn}
+
+    def of_ident(self, ident: str) -> list[Connection]:
+        """The authenticated connections of ``ident`` now."""
+        held = self.by_ident.get(ident)
+        if held is None:
+            return []
+        return list(held) if isinstance(held, set) else [held]
 
     def forget(self, conn: Connection) -> None:
         """``conn`` is lost: out of every table, its counts folded into the totals."""
@@ -474,11 +491,13 @@ class Broker:
         self.retire(conn)
         ident = conn.session.ident
         if ident is not None:
-            group = self.by_ident.get(ident)
-            if group is not None:
-                group.discard(conn)
-                if not group:
-                    del self.by_ident[ident]
+            held = self.by_ident.get(ident)
+            if held is conn:
+                del self.by_ident[ident]
+            elif isinstance(held, set):
+                held.discard(conn)
+                if len(held) == 1:
+                    self.by_ident[ident] = held.pop()  # one again: no set of one
 
     def lingering_add(self, conn: Connection, linger: LingeringClose) -> None:
         self.lingering[conn] = linger
@@ -635,7 +654,7 @@ class Broker:
                 key = await self.lookup(ident)
             except AuthUnavailable:
                 continue  # keep sessions while the store cannot answer
-            for conn in list(self.by_ident.get(ident, ())):
+            for conn in self.of_ident(ident):
                 try:
                     self._apply_change(conn, key)
                 except Exception:

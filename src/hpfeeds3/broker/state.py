@@ -564,7 +564,9 @@ class Broker:
         if found is None:
             if len(self._channel_sets) >= MAX_CHANNEL_SETS:
                 self._channel_sets.clear()
-            found = self._channel_sets[channels] = frozenset(c.encode("utf-8") for c in channels)
+            # map, not a generator: no Python frame per channel list (a storm of sensors
+            # with their own channels misses this cache every time).
+            found = self._channel_sets[channels] = frozenset(map(str.encode, channels))
         return found
 
     @property

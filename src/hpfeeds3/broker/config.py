@@ -54,9 +54,12 @@ class Limits:
         "to make room",
         host_wide=True,
     )
-    # Bounds pre-auth memory.
+    # Bounds pre-auth memory. Sized for a reconnect storm: a plain connection is idle
+    # (no bytes) from INFO to its AUTH, so at the bound a storm's own sensors are
+    # evicted; the pool must hold the broker's accept rate (about 13,000/s on one
+    # core) times how late sensors answer INFO (SECURITY.md, "Sizing").
     max_unauthenticated: int = limit(
-        1_024,
+        4_096,
         "--max-unauthenticated",
         "connections that have not authenticated yet, TLS handshakes included; at the limit an idle one of the "
         "busiest network is closed (none making progress), or newcomers wait until a slot frees, "

@@ -62,6 +62,10 @@ _AUTHING_BUFFER_MARGIN = 65536
 _CLOSED_FOR_ROOM = frozenset({CloseReason.TOO_MANY_CONNECTIONS, CloseReason.TOO_MANY_UNAUTHENTICATED})
 
 
+def _write_unconnected(data: bytes) -> None:  # pragma: no cover - never called before connection_made
+    raise RuntimeError("write before the connection was made")
+
+
 class Connection(Guarded, asyncio.Protocol):
     __slots__ = (
         "_backlogged",
@@ -98,7 +102,9 @@ class Connection(Guarded, asyncio.Protocol):
         self.peer_host = "?"
         self._tls = tls
         self._tls_pump: TlsPump | None = None  # from start() on a TLS listener
-        self._write: Callable[[bytes], None] = self._write_unconnected
+        # A plain function, not a bound method: one object less per connection, and no
+        # connection -> method -> connection cycle (connection_made replaces it).
+        self._write: Callable[[bytes], None] = _write_unconnected
         self.group: Groups = ("?", "?")  # (network, address) for the pre-auth pool (admission.py)
         limits = broker.config.limits
         self.session: Session[Connection] = Session(
@@ -189,9 +195,6 @@ class Connection(Guarded, asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=BACKLOG_HIGH_BYTES, low=BACKLOG_LOW_BYTES)
         self._write(broker.info_head + self.session.nonce)
         broker.auth_deadlines.add(self)
-
-    def _write_unconnected(self, data: bytes) -> None:  # pragma: no cover - never called before connection_made
-        raise RuntimeError("write before the connection was made")
 
     @guarded("handling received data")
     def data_received(self, data: bytes) -> None:

@@ -183,12 +183,15 @@ def test_a_fault_in_connection_made_closes_that_connection_alone(tmp_path, monke
     with broker_in_thread(tmp_path) as (broker, port):
         sub = confirmed_subscriber(port, "alice", "a")
         before = closed_internal()
+        escaped: list[dict[str, object]] = []  # what reached the event loop's exception handler
+        broker.loop.set_exception_handler(lambda loop, context: escaped.append(context))
         monkeypatch.setattr(connection_module, "address_groups", _raise("connection_made"))
         with RawClient(port) as victim:
             victim.sock.settimeout(5)
             frames = victim.expect_closed()
             assert [getattr(f, "message", None) for f in frames][-1:] == [ERROR_TEXT]
         assert counted(before + 1)
+        assert escaped == []  # the boundary kept the fault from the loop
         monkeypatch.undo()
         with RawClient(port).auth("alice", "a") as pub:
             pub.publish("chan1", b"still")

@@ -12,7 +12,7 @@ import pytest
 
 from hpfeeds3.broker.admin import tracker as tracker_mod
 from hpfeeds3.broker.admin import watch as watch_mod
-from hpfeeds3.broker.admin.activity import DAY, ActivityStore
+from hpfeeds3.broker.admin.activity import DAY, ActivityStore, Batch, History
 from hpfeeds3.broker.admin.sessions import Sessions
 from hpfeeds3.broker.admin.tokens import Principal
 from hpfeeds3.broker.admin.tracker import Tracker
@@ -252,6 +252,33 @@ def test_activity_is_written_in_batches_and_read_back(broker: Broker, tmp_path: 
     assert "s" not in later.idents and later.published["s"] == t0 + 62
     broker.loop.run_until_complete(again.close(t0 + 120))
     broker.loop.run_until_complete(later.close(t0 + 120))
+
+
+def test_a_minute_a_day_later_starts_from_nothing_in_its_slot() -> None:
+    h = History()
+    m = 1_000_000
+    h.add(m, 5)
+    h.add(m + DAY, 2)  # the same slot of the ring, a day later
+    assert h.at(m + DAY) == 2 and h.at(m) == 0
+    assert h.windows(m + DAY) == (2, 2)
+
+
+def test_the_history_file_keeps_a_day_of_minutes_and_forgets_before_it_remembers(tmp_path: Path) -> None:
+    store = ActivityStore(str(tmp_path))
+    m = 1_000_000
+    store.write(Batch(minutes=[("ident", "s", m, 3), ("ident", "s", m + 10, 4)], oldest_minute=m - DAY))
+    row = ("s", 5.0, 4.0, 0, None, None, 0, None, None, 0, None, None)
+    # a day on: the old minutes go from the file, not only from what is loaded
+    store.write(Batch(minutes=[("ident", "s", m + DAY + 5, 1)], idents=[row], oldest_minute=m + 6))
+    with contextlib.closing(sqlite3.connect(store.path)) as db:
+        assert db.execute("SELECT minute, count FROM minutes ORDER BY minute").fetchall() == [
+            (m + 10, 4),
+            (m + DAY + 5, 1),
+        ]
+    # an ident dropped (a bound) and met again before the next write is kept
+    store.write(Batch(forget_idents=["s"], idents=[row], oldest_minute=m + 6))
+    assert [r[0] for r in store.load(m + 6).idents] == ["s"]
+    store.close()
 
 
 def test_a_history_file_from_before_the_cut_columns_is_read_and_written(broker: Broker, tmp_path: Path) -> None:

@@ -416,17 +416,21 @@ def test_a_key_that_is_not_durable_is_unchanged(tmp_path: Path) -> None:
     )
 
 
+def durable_subscriber(b: BrokerProcess) -> RawClient:
+    """A raw connection of the durable key "col", subscribed to CHANNEL."""
+    client = RawClient(b.port)
+    client.auth("col", "c")
+    client.subscribe(CHANNEL)
+    return client
+
+
 def test_a_second_connection_of_a_durable_key_replaces_the_first(tmp_path: Path) -> None:
     with broker(tmp_path) as b, publisher(b) as p:
-        first = RawClient(b.port)
-        first.auth("col", "c")
-        first.subscribe(CHANNEL)
+        first = durable_subscriber(b)
         wait_consuming(b)
         publish(p, 0, 5)
         assert [m.payload[:8] for m in first.messages(5)] == [b"%08d" % n for n in range(5)]
-        second = RawClient(b.port)
-        second.auth("col", "c")
-        second.subscribe(CHANNEL)
+        second = durable_subscriber(b)
         assert first.expect_error().startswith("replaced:")
         first.expect_closed()
         publish(p, 5, 5)
@@ -434,6 +438,28 @@ def test_a_second_connection_of_a_durable_key_replaces_the_first(tmp_path: Path)
         while got[-1] != 9:
             got.append(int(second.messages(1)[0].payload[:8]))
         assert got == list(range(got[0], 10))  # from its position (less the overlap) on, in order
+        b.wait_log("replaces")
+        second.close()
+        first.close()
+
+
+def test_what_a_replaced_connection_left_unread_goes_to_the_newer_one(tmp_path: Path) -> None:
+    # The broker closes the older connection: what its kernel acknowledged may sit
+    # unread in its receive buffer, so its position goes back the overlap, as after
+    # any close by the broker, and the newer connection is sent it.
+    with broker(tmp_path) as b, publisher(b) as p:
+        first = durable_subscriber(b)
+        wait_consuming(b)
+        publish(p, 0, 5)
+        deadline = time.monotonic() + 10
+        while metric(b, "hpfeeds_durable_replayed_total") != 5:  # sent to the first, which reads nothing
+            assert time.monotonic() < deadline, "the first connection was never sent the messages"
+            time.sleep(0.02)
+        time.sleep(0.5)  # and its kernel acknowledged them (a delayed ACK waits at most 200 ms)
+        second = durable_subscriber(b)
+        publish(p, 5, 5)
+        got = [int(m.payload[:8]) for m in second.messages(10)]
+        assert got == list(range(10))
         b.wait_log("replaces")
         second.close()
         first.close()

@@ -273,6 +273,61 @@ def test_max_bytes_drops_the_oldest_for_that_key_only_counted_exactly(open_log: 
     assert log.backlog("reading").dropped == 0
 
 
+def test_max_bytes_over_a_key_s_channels_drops_nothing_for_another_key_within_it(
+    open_log: OpenLog, clock: Clock
+) -> None:
+    # "wide" follows two channels and holds more than the bound over both; "narrow"
+    # follows one of them and holds less: only "wide" loses its oldest messages.
+    limit = 64 * 1024
+    other = b"dionaea.connections"
+    log = open_log(segment_bytes=8192, max_bytes=limit)
+    log.follow("wide", CHANNEL)
+    log.follow("wide", other)
+    log.follow("narrow", CHANNEL)
+    total = 300  # about 38 KiB a channel
+    for i in range(0, total, 10):
+        append_run(log, i, 10)
+    clock.now += 1  # the other channel's segments are newer: CHANNEL's oldest goes first
+    for i in range(0, total, 10):
+        append_run(log, i, 10, channel=other)
+    assert log.sync() and log.maintain()
+    assert log.backlog("wide").dropped > 0
+    assert log.backlog("narrow").dropped == 0 and log.position("narrow", CHANNEL) == 0
+    got, skipped = read_all(log, 0)
+    assert got == list(range(total)) and skipped == 0
+
+
+def test_a_segment_is_kept_while_a_position_is_on_its_last_message(open_log: OpenLog, tmp_path: Path) -> None:
+    log = open_log(segment_bytes=8192, max_bytes=1 << 30)
+    log.follow("a", CHANNEL)
+    for i in range(0, 300, 10):
+        append_run(log, i, 10)
+    assert log.sync() and log.maintain()
+    second = segment_seq(segment_files(tmp_path)[1].name)
+    assert second is not None and second > 1
+    log.commit("a", CHANNEL, second - 1)  # the first segment's last message is still unread
+    assert log.maintain()
+    assert segment_seq(segment_files(tmp_path)[0].name) == 0
+    got, skipped = read_all(log, second - 1)
+    assert got == list(range(second - 1, 300)) and skipped == 0
+    log.commit("a", CHANNEL, second)
+    assert log.maintain()
+    assert segment_seq(segment_files(tmp_path)[0].name) == second
+
+
+def test_a_position_is_never_committed_past_what_the_log_holds(open_log: OpenLog) -> None:
+    log = open_log()
+    log.follow("a", CHANNEL)
+    append_run(log, 0, 10)
+    assert log.sync()
+    log.commit("a", CHANNEL, 10 + 50)  # a position from a stale mark, past the end
+    assert log.position("a", CHANNEL) == 10
+    append_run(log, 10, 5)
+    assert log.sync()
+    got, skipped = read_all(log, log.position("a", CHANNEL))  # type: ignore[arg-type]
+    assert got == list(range(10, 15)) and skipped == 0
+
+
 def test_a_reader_whose_segments_are_dropped_under_it_goes_on_and_counts_them(open_log: OpenLog) -> None:
     log = open_log(segment_bytes=8192, max_bytes=32 * 1024)
     log.follow("away", CHANNEL)

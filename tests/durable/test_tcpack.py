@@ -11,6 +11,7 @@ is conservative: never past what was acknowledged.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import ssl
 import sys
@@ -209,6 +210,41 @@ def test_without_tcp_info_or_siocoutq_the_send_buffer_counts_as_unacknowledged()
         tracker.wrote(send_buffer + 1000)
         tracker.acknowledged(max(0, tracker.wire_written - send_buffer))
         assert tracker.acked_plain == 1000
+
+
+class _WithoutTcpInfo:
+    """A socket as a kernel without ``TCP_INFO`` shows it; with ``fileno`` on another
+    descriptor (``no_outq``), ``SIOCOUTQ`` fails too."""
+
+    def __init__(self, sock: socket.socket, no_outq: int | None = None) -> None:
+        self._sock = sock
+        self._no_outq = no_outq
+
+    def fileno(self) -> int:
+        return self._sock.fileno() if self._no_outq is None else self._no_outq
+
+    def getsockopt(self, level: int, option: int, *buflen: int):  # type: ignore[no-untyped-def]
+        if level == socket.IPPROTO_TCP and option == getattr(socket, "TCP_INFO", None):
+            raise OSError("no TCP_INFO here")
+        return self._sock.getsockopt(level, option, *buflen)
+
+
+def test_without_tcp_info_bytes_still_in_the_transport_are_never_counted_as_acknowledged() -> None:
+    in_transport = 500  # handed to the transport, not yet to the kernel
+    with connected_pair() as (sender, _receiver):
+        sender.sendall(b"m" * 10_000)  # the receiver's buffer takes it all: the kernel acknowledges it
+        wait_until(lambda: unacked_in_kernel(sender) == 0, "the receiver's kernel acknowledges every byte")
+        sampled = _WithoutTcpInfo(sender)
+        assert acked_wire_bytes(sampled, 10_000 + in_transport, in_transport) == (10_000, True)
+        # neither TCP_INFO nor SIOCOUTQ (a descriptor that is not a socket): the send buffer counts as unacknowledged
+        send_buffer = sender.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        not_a_socket = os.open(os.devnull, os.O_RDONLY)
+        try:
+            blind = _WithoutTcpInfo(sender, no_outq=not_a_socket)
+            wire = send_buffer + 10_000 + in_transport
+            assert acked_wire_bytes(blind, wire, in_transport) == (10_000, False)
+        finally:
+            os.close(not_a_socket)
 
 
 # --- TLS ------------------------------------------------------------------------------------

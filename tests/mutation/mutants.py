@@ -33,6 +33,15 @@ SESSION = "src/hpfeeds3/broker/session.py"
 ROUTER = "src/hpfeeds3/broker/router.py"
 ADMISSION = "src/hpfeeds3/broker/admission.py"
 RATELIMIT = "src/hpfeeds3/broker/ratelimit.py"
+TCPACK = "src/hpfeeds3/broker/durable/tcpack.py"
+SEGMENTS = "src/hpfeeds3/broker/durable/segments.py"
+DURABLE_FORMAT = "src/hpfeeds3/broker/durable/format.py"
+ACTIVITY = "src/hpfeeds3/broker/admin/activity.py"
+BOUNDARY = "src/hpfeeds3/broker/boundary.py"
+_FORGET_IDENTS = (
+    '                cur.executemany("DELETE FROM idents WHERE ident = ?", [(i,) for i in batch.forget_idents])\n'
+)
+_REMEMBER_PAIRS = '                cur.executemany("INSERT OR REPLACE INTO pairs VALUES (?, ?, ?)", batch.pairs)\n'
 
 MUTANTS: tuple[Mutant, ...] = (
     # --- protocol -----------------------------------------------------------------------
@@ -348,6 +357,163 @@ MUTANTS: tuple[Mutant, ...] = (
         '      if (true) {\n        cells.push(\n          confirmButton("Disconnect",',
         "tests/console/test_browser.py::test_viewer_sees_but_cannot_change",
         why="a viewer's page shows Disconnect buttons",
+    ),
+    # --- durable log ------------------------------------------------------------------------
+    mutant(
+        "durable-broker-close-clean",
+        TCPACK,
+        "return CloseKind.CLEAN if peer_fin and not reset and not closed_by_broker else CloseKind.ABORTIVE",
+        "return CloseKind.CLEAN if peer_fin and not reset else CloseKind.ABORTIVE",
+        "tests/durable/test_tcpack.py",
+        why="a collector the broker cut after its FIN replays with no overlap: what sat unread in its buffer is lost",
+    ),
+    mutant(
+        "durable-abortive-no-overlap",
+        TCPACK,
+        "offset = self.acked_plain if kind is CloseKind.CLEAN else self.acked_plain - self.overlap_bytes",
+        "offset = self.acked_plain",
+        "tests/durable/test_tcpack.py",
+        why="a collector that died with messages acknowledged but unread never gets them",
+    ),
+    mutant(
+        "durable-tls-ciphertext-as-plaintext",
+        TCPACK,
+        "proven = self.plain_written - (self.wire_written - acked_wire)",
+        "proven = acked_wire",
+        "tests/durable/test_tcpack.py",
+        why="under TLS, acknowledged ciphertext is taken for plaintext: the position runs ahead, messages are skipped",
+    ),
+    mutant(
+        "durable-marks-trimmed-inside-overlap",
+        TCPACK,
+        "limit = self.acked_plain - self.overlap_bytes",
+        "limit = self.acked_plain",
+        "tests/durable/test_tcpack.py",
+        why="marks inside the overlap are forgotten: an abortive close replays from the acknowledged offset on",
+    ),
+    mutant(
+        "durable-outq-ignores-transport-buffer",
+        TCPACK,
+        "in_kernel = wire_written - buffered",
+        "in_kernel = wire_written",
+        "tests/durable/test_tcpack.py",
+        why="with SIOCOUTQ, bytes still in the transport's buffer count as acknowledged: unsent messages are skipped",
+    ),
+    mutant(
+        "durable-last-mark-not-counted",
+        TCPACK,
+        "            if end > offset:\n                break",
+        "            if end >= offset:\n                break",
+        "tests/durable/test_tcpack.py",
+        why="a collector that read everything and closed cleanly gets its last run again",
+    ),
+    mutant(
+        "durable-max-bytes-drops-for-every-key",
+        SEGMENTS,
+        "if name != ch.name or at >= new_low or (ident is not None and who != ident):",
+        "if name != ch.name or at >= new_low:",
+        "tests/durable/test_segments.py",
+        why="one key over --durable-max-bytes makes every durable key on the channel lose its oldest messages",
+    ),
+    mutant(
+        "durable-drop-count-one-short",
+        SEGMENTS,
+        "self._dropped[who] = self._dropped.get(who, 0) + (new_low - at)",
+        "self._dropped[who] = self._dropped.get(who, 0) + (new_low - at - 1)",
+        "tests/durable/test_segments.py",
+        why="the drop count shown for a key is one short per dropped segment",
+    ),
+    mutant(
+        "durable-delete-segment-still-needed",
+        SEGMENTS,
+        "if low is not None and low < ch.segments[1].first_seq:",
+        "if low is not None and low < ch.segments[1].first_seq - 1:",
+        "tests/durable/test_segments.py",
+        why="a segment is deleted while a key's position is still on its last message, which that key never gets",
+    ),
+    mutant(
+        "durable-commit-past-the-end",
+        SEGMENTS,
+        "new = min(max(position, low), ch.next_seq)",
+        "new = max(position, low)",
+        "tests/durable/test_segments.py",
+        why="a position committed beyond the log's end skips the messages published next",
+    ),
+    mutant(
+        "durable-recovery-skips-checksum",
+        DURABLE_FORMAT,
+        "            if not check_record(raw, header, payload):\n                break",
+        "            if len(payload) != header.length:\n                break",
+        "tests/durable/test_segments.py",
+        why="after a crash, a record whose bytes are damaged is replayed as if whole",
+    ),
+    mutant(
+        "durable-recovery-reads-an-old-record",
+        DURABLE_FORMAT,
+        "if header is None or header.first_seq < result.end_seq or offset + header.size > size:",
+        "if header is None or offset + header.size > size:",
+        "tests/durable/test_segments.py",
+        why="after a crash while a reused file was written, its old records are replayed as new messages",
+    ),
+    mutant(
+        "durable-replaced-counted-clean",
+        "src/hpfeeds3/broker/state.py",
+        "older.feed_finish(CloseKind.ABORTIVE)",
+        "older.feed_finish(CloseKind.CLEAN)",
+        "tests/durable/test_broker_durable.py::test_what_a_replaced_connection_left_unread_goes_to_the_newer_one",
+        why="a durable connection replaced by a newer one: what it had not read yet never reaches the newer one",
+    ),
+    mutant(
+        "durable-mark-at-run-start",
+        "src/hpfeeds3/broker/durable/feed.py",
+        "tracker.wrote(size, wire_bytes=wire, channel=channel, position=chunk.end_seq)",
+        "tracker.wrote(size, wire_bytes=wire, channel=channel, position=chunk.first_seq)",
+        "tests/durable/test_broker_durable.py::test_backlog_then_live_and_a_clean_reconnect_repeats_nothing",
+        why="a collector that read everything and reconnected cleanly gets each last chunk again",
+    ),
+    # --- the connection's error boundary --------------------------------------------------------
+    mutant(
+        "boundary-timer-unguarded",
+        BOUNDARY,
+        "return self.broker.loop.call_later(delay, self._run_guarded, target)",
+        "return self.broker.loop.call_later(delay, target)",
+        "tests/broker/test_guarded_boundary.py",
+        why="a bug in one connection's timer escapes to the event loop: that connection is never closed",
+    ),
+    mutant(
+        "boundary-callback-reraises",
+        BOUNDARY,
+        "            except Exception:\n                self.internal_error(where)\n                return None",
+        "            except Exception:\n                self.internal_error(where)\n                raise",
+        "tests/broker/test_guarded_boundary.py",
+        why="a bug while handling one client's bytes reaches uvloop, which stops reading from that socket",
+    ),
+    # --- console activity history ------------------------------------------------------------
+    mutant(
+        "activity-ring-slot-never-reset",
+        ACTIVITY,
+        "        if self.minutes[i] != minute:\n            self.minutes[i] = minute\n            self.counts[i] = 0\n",
+        "        self.minutes[i] = minute\n",
+        "tests/console/test_bounds.py::test_a_minute_a_day_later_starts_from_nothing_in_its_slot",
+        why="a sensor's messages of yesterday's same minute are counted again in today's charts",
+    ),
+    mutant(
+        "activity-old-minutes-kept-on-disk",
+        ACTIVITY,
+        '                cur.execute("DELETE FROM minutes WHERE minute < ?", (batch.oldest_minute,))\n',
+        "",
+        "tests/console/test_bounds.py::test_the_history_file_keeps_a_day_of_minutes_and_forgets_before_it_remembers",
+        why="the console's history file grows by every minute of every sensor, forever",
+    ),
+    Mutant(
+        "activity-forgets-after-remembering",
+        ACTIVITY,
+        (
+            (_FORGET_IDENTS, ""),
+            (_REMEMBER_PAIRS, _REMEMBER_PAIRS + _FORGET_IDENTS),
+        ),
+        ("tests/console/test_bounds.py::test_the_history_file_keeps_a_day_of_minutes_and_forgets_before_it_remembers",),
+        why="a sensor dropped from the history and seen again before the next write is gone after a restart",
     ),
     # --- key stores and tools -------------------------------------------------------------
     mutant(

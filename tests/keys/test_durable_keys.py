@@ -8,6 +8,7 @@ sqlite and PostgreSQL, so the reference broker still reads the file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable
@@ -185,6 +186,13 @@ def test_sqlite_reader_sees_the_flag_and_its_change_feed_reports_it(keys: Keys, 
             # the first durable key makes durable_keys while the broker reads the file
             assert (await asyncio.to_thread(keys, "update", "collector", "--durable", "--auth", spec)).code == 0
             assert await pending is None  # "recheck every live ident"
+            found = store.lookup_now("collector")
+            assert found is not None and found.durable
+            # a write the change feed has not seen yet: the lookup queries the file, durable_keys too
+            with contextlib.closing(sqlite3.connect(db)) as other, other:
+                other.execute(
+                    "insert into authkeys (owner, ident, secret, pubchans, subchans) values ('o', 'x', 's', '[]', '[]')"
+                )
             found = store.lookup_now("collector")
             assert found is not None and found.durable
             assert (await asyncio.to_thread(keys, "update", "collector", "--no-durable", "--auth", spec)).code == 0

@@ -38,6 +38,9 @@ SEGMENTS = "src/hpfeeds3/broker/durable/segments.py"
 DURABLE_FORMAT = "src/hpfeeds3/broker/durable/format.py"
 ACTIVITY = "src/hpfeeds3/broker/admin/activity.py"
 BOUNDARY = "src/hpfeeds3/broker/boundary.py"
+CLUSTER_WIRE = "src/hpfeeds3/broker/backplane/wire.py"
+POLICIES = "src/hpfeeds3/broker/policies.py"
+SQLITE_STORE = "src/hpfeeds3/broker/auth/sqlite.py"
 _FORGET_IDENTS = (
     '                cur.executemany("DELETE FROM idents WHERE ident = ?", [(i,) for i in batch.forget_idents])\n'
 )
@@ -488,6 +491,96 @@ MUTANTS: tuple[Mutant, ...] = (
         "tests/broker/test_guarded_boundary.py",
         why="a bug while handling one client's bytes reaches uvloop, which stops reading from that socket",
     ),
+    # --- what a broker accepts from NATS ---------------------------------------------------------
+    mutant(
+        "cluster-channel-not-checked",
+        CLUSTER_WIRE,
+        "        if item.channel != channel:\n            return Rejected.CHANNEL\n",
+        "",
+        "tests/cluster/test_wire.py",
+        why="anyone who may publish on one NATS subject injects messages into any hpfeeds channel",
+    ),
+    mutant(
+        "cluster-signature-not-compared",
+        CLUSTER_WIRE,
+        'if not hmac.compare_digest(sent.encode("ascii", "replace"), wanted.encode()):',
+        "if False:",
+        "tests/cluster/test_wire.py",
+        why="with --cluster-key-file, any 32-character signature is accepted: NATS users forge broker messages",
+    ),
+    mutant(
+        "cluster-jump-trusted",
+        CLUSTER_WIRE,
+        "if not -self.window <= seq - expected <= self.window:",
+        "if False:",
+        "tests/cluster/test_wire.py",
+        why="one forged sequence number far ahead makes every later message of the real broker look replayed",
+    ),
+    mutant(
+        "cluster-replay-accepted",
+        CLUSTER_WIRE,
+        "            if seq < expected:\n                return Rejected.SEQUENCE\n",
+        "",
+        "tests/cluster/test_wire.py",
+        why="a NATS message replayed (or redelivered) reaches the subscribers twice",
+    ),
+    mutant(
+        "cluster-parts-out-of-order",
+        CLUSTER_WIRE,
+        "elif p is None or p.seq != seq or p.n != n or p.next != i:",
+        "elif p is None or p.seq != seq or p.n != n:",
+        "tests/cluster/test_wire.py",
+        why="the parts of a split frame that arrive out of order are joined into a wrong frame",
+    ),
+    mutant(
+        "cluster-count-not-checked",
+        CLUSTER_WIRE,
+        "    if frames != count:\n        return Rejected.COUNT\n",
+        "",
+        "tests/cluster/test_wire.py",
+        why="a message that says one frame and carries many moves the sequence baseline wrongly: losses go uncounted",
+    ),
+    mutant(
+        "cluster-entries-unbounded",
+        CLUSTER_WIRE,
+        "while len(self._entries) >= self.max_entries:",
+        "while len(self._entries) > self.max_entries * 1000:",
+        "tests/cluster/test_wire.py",
+        why="fake origins on NATS grow a broker's memory without bound",
+    ),
+    # --- a subscriber that keeps up, a slow link, a closing client --------------------------------
+    mutant(
+        "slow-consumer-progress-ignores-new-bytes",
+        POLICIES,
+        "drained = self._last_queued + (sent - self._sent_at_check) - queued",
+        "drained = self._last_queued - queued",
+        "tests/broker/test_policies.py",
+        why="a collector that reads as fast as messages come (its buffer level steady) is cut as stalled",
+    ),
+    mutant(
+        "slow-consumer-soft-window-never-resets",
+        POLICIES,
+        "        else:\n            self._soft_since = None\n",
+        "",
+        "tests/broker/test_policies.py",
+        why="a collector whose buffer passes the soft bound now and then is cut as if it stayed above it",
+    ),
+    mutant(
+        "receive-rate-no-grace",
+        POLICIES,
+        "return self._grace_s + pending / self._rate",
+        "return pending / self._rate",
+        "tests/broker/test_policies.py",
+        why="a sensor on a slow link is cut for a small frame whose bytes take a moment to arrive",
+    ),
+    mutant(
+        "linger-unbounded",
+        POLICIES,
+        "return self.discarded <= self._max_bytes",
+        "return True",
+        "tests/broker/test_policies.py",
+        why="a client told ERROR keeps the connection open by sending without end",
+    ),
     # --- console activity history ------------------------------------------------------------
     mutant(
         "activity-ring-slot-never-reset",
@@ -516,6 +609,23 @@ MUTANTS: tuple[Mutant, ...] = (
         why="a sensor dropped from the history and seen again before the next write is gone after a restart",
     ),
     # --- key stores and tools -------------------------------------------------------------
+    mutant(
+        "sqlite-durable-never-turned-off",
+        SQLITE_STORE,
+        '        elif has_table(db, "durable_keys"):\n'
+        '            db.execute("delete from durable_keys where ident = ?", (key.ident,))\n',
+        "",
+        "tests/keys/test_durable_keys.py::test_add_durable_then_turn_it_off_and_on_in_every_store",
+        why="keys update --no-durable leaves a sqlite key durable: its log keeps growing",
+    ),
+    mutant(
+        "sqlite-durable-table-unseen-until-restart",
+        SQLITE_STORE,
+        "                self._refresh_lookup_sql()  # keys may have made durable_keys (or SQL dropped it)\n",
+        "",
+        "tests/keys/test_durable_keys.py::test_sqlite_reader_sees_the_flag_and_its_change_feed_reports_it",
+        why="the first key made durable in a running broker's sqlite store is served live only until a restart",
+    ),
     mutant(
         "json-store-drops-keys-on-broken-file",
         "src/hpfeeds3/broker/auth/jsonfile.py",

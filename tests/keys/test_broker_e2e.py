@@ -4,14 +4,16 @@ for PostgreSQL."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from hpfeeds3.protocol import Error, Publish
+from hpfeeds3.protocol import Decoder, Error, Info, Publish, encode_auth, sign
 from tests.support.broker import RawClient, running_broker
+from tests.support.metrics import metric, scrape
 
 from .conftest import Result
 
@@ -164,3 +166,37 @@ def test_a_durable_key_is_served_like_any_other_and_turning_it_on_keeps_its_sess
             broker.wait_log("unsubscribing", timeout=REVOCATION_BOUND_S)
             pub.publish("events", b"two")
             assert [m.payload for m in sub.messages(1)] == [b"two"]
+
+
+def test_guesses_whose_postgresql_lookup_ends_after_the_block_are_refused_unverified(
+    keys: Keys, tmp_path: Path, postgres_dsn: str
+) -> None:
+    # With PostgreSQL every AUTH waits for its lookup, so a burst of wrong-secret
+    # AUTHs is in flight at once: the ones whose lookup ends after the limiter
+    # blocked the pair are refused without their guess being checked.
+    guesses = 60  # under the per-address pre-auth bound (64)
+    assert keys("add", "sensor", "--pub", "events", "--auth", postgres_dsn).code == 0
+    with running_broker(tmp_path, "--auth", postgres_dsn, exporter=True) as broker:
+        assert broker.port is not None
+        socks = [socket.create_connection(("127.0.0.1", broker.port), timeout=5) for _ in range(guesses)]
+        try:
+            nonces = []
+            for sock in socks:
+                decoder = Decoder.for_client()
+                frames: list[object] = []
+                while not frames:
+                    frames = list(decoder.feed(sock.recv(4096)))
+                assert isinstance(frames[0], Info)
+                nonces.append(frames[0].nonce)
+            for sock, nonce in zip(socks, nonces, strict=True):
+                sock.sendall(encode_auth(b"sensor", sign(nonce, b"a wrong secret")))
+            for sock in socks:  # each is answered with an ERROR and closed
+                while sock.recv(4096):
+                    pass
+        finally:
+            for sock in socks:
+                sock.close()
+        samples = scrape(broker.exporter_port)
+        verified = metric(samples, "hpfeeds_broker_auth_failures_total", reason="auth_failed")
+        refused = metric(samples, "hpfeeds_broker_auth_failures_total", reason="rate_limited")
+        assert verified <= 15 and verified + refused == guesses

@@ -581,6 +581,23 @@ MUTANTS: tuple[Mutant, ...] = (
         "tests/broker/test_policies.py",
         why="a client told ERROR keeps the connection open by sending without end",
     ),
+    # --- revocation and the failed-AUTH limiter around a lookup that waits ----------------------
+    mutant(
+        "lookup-in-flight-not-repeated",
+        "src/hpfeeds3/broker/state.py",
+        "                    if generation == self.auth_generation:\n                        return key",
+        "                    return key",
+        "tests/broker/test_revocation_in_flight.py",
+        why="a key removed while a sensor's AUTH was being looked up (PostgreSQL) still logs it in",
+    ),
+    mutant(
+        "lookup-later-skips-the-limiter",
+        "src/hpfeeds3/broker/keylookup.py",
+        "if conn.session.state != AUTHING or _rate_limited(conn, ident):",
+        "if conn.session.state != AUTHING:",
+        "tests/keys/test_broker_e2e.py::test_guesses_whose_postgresql_lookup_ends_after_the_block_are_refused_unverified",
+        why="a guesser blocked while its AUTH was looked up (PostgreSQL) still has its guess verified",
+    ),
     # --- console activity history ------------------------------------------------------------
     mutant(
         "activity-ring-slot-never-reset",

@@ -58,3 +58,13 @@ def test_benchmarks_loop_states_samples_a_busy_process() -> None:
         busy.wait(10)
     assert r.returncode == 0, r.stderr
     assert "busy from " in r.stdout and " R -" in r.stdout, r.stdout
+
+
+def test_benchmarks_turn_later_runs_every_variant() -> None:
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("reads /proc (Linux)")
+    r = run("benchmarks/turn_later.py", "--rounds", "1", "--duration", "0.5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for variant in ("plain", "a turn later", "a turn later, heap kept", "3 ms later, heap kept", "durable"):
+        assert f"round 1 {variant}: " in r.stdout, r.stdout
+    assert "| a turn later | " in r.stdout and "minor faults per 1,000 messages |" in r.stdout, r.stdout

@@ -40,6 +40,7 @@ ACTIVITY = "src/hpfeeds3/broker/admin/activity.py"
 BOUNDARY = "src/hpfeeds3/broker/boundary.py"
 CLUSTER_WIRE = "src/hpfeeds3/broker/backplane/wire.py"
 POLICIES = "src/hpfeeds3/broker/policies.py"
+CONSOLE_JS = "src/hpfeeds3/broker/admin/static/app.js"
 SQLITE_STORE = "src/hpfeeds3/broker/auth/sqlite.py"
 _FORGET_IDENTS = (
     '                cur.executemany("DELETE FROM idents WHERE ident = ?", [(i,) for i in batch.forget_idents])\n'
@@ -237,6 +238,14 @@ MUTANTS: tuple[Mutant, ...] = (
         why="a new connection whose handshake bytes arrive is still closed for a newcomer",
     ),
     mutant(
+        "preauth-storm-cuts-its-idle",
+        ADMISSION,
+        "        if (total - len(self._progressing)) * IDLE_SHARE_TO_EVICT < limit:\n            return False\n",
+        "",
+        "tests/broker/test_admission.py",
+        why="in a reconnect storm the pool cuts the sensors accepted a moment ago, which retry and add to the crowd",
+    ),
+    mutant(
         "plain-auth-bytes-not-progress",
         "src/hpfeeds3/broker/connection.py",
         "if session.state == PRE_AUTH or session.state == AUTHING:",
@@ -344,6 +353,22 @@ MUTANTS: tuple[Mutant, ...] = (
         "",
         "tests/ops/test_logs.py",
         why="an ident or channel with a newline forges a text log line",
+    ),
+    mutant(
+        "console-text-as-markup",
+        CONSOLE_JS,
+        "  if (shown === s) return document.createTextNode(s);",
+        '  if (shown === s) {\n    const t = document.createElement("span");\n    t.innerHTML = s;\n    return t;\n  }',
+        "tests/console/test_browser.py::test_hostile_ident_channel_and_payload_render_inert",
+        why="an ident, channel or payload holding markup runs as HTML in the operator's console",
+    ),
+    mutant(
+        "console-bidi-not-escaped",
+        CONSOLE_JS,
+        "\\u200b-\\u200f\\u2028-\\u202e",
+        "\\u200b-\\u200f\\u2028-\\u2029",
+        "tests/console/test_browser_operator.py::test_hidden_characters_are_shown_escaped",
+        why="a sensor named with a right-to-left override shows as another sensor's name in the console",
     ),
     mutant(
         "viewer-stops-watch",

@@ -41,6 +41,7 @@ BOUNDARY = "src/hpfeeds3/broker/boundary.py"
 CLUSTER_WIRE = "src/hpfeeds3/broker/backplane/wire.py"
 POLICIES = "src/hpfeeds3/broker/policies.py"
 CONSOLE_JS = "src/hpfeeds3/broker/admin/static/app.js"
+REDACT = "src/hpfeeds3/broker/redact.py"
 SQLITE_STORE = "src/hpfeeds3/broker/auth/sqlite.py"
 _FORGET_IDENTS = (
     '                cur.executemany("DELETE FROM idents WHERE ident = ?", [(i,) for i in batch.forget_idents])\n'
@@ -649,6 +650,56 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
         ("tests/console/test_bounds.py::test_the_history_file_keeps_a_day_of_minutes_and_forgets_before_it_remembers",),
         why="a sensor dropped from the history and seen again before the next write is gone after a restart",
+    ),
+    Mutant(
+        "chain-unavailable-as-unknown",
+        "src/hpfeeds3/broker/auth/chain.py",
+        (
+            (
+                "        if unavailable is not None:\n            raise unavailable\n"
+                "        return None\n\n    def lookup_now",
+                "        return None\n\n    def lookup_now",
+            ),
+        ),
+        (
+            "tests/broker/test_auth_backends.py",
+            "tests/keys/test_broker_e2e.py::test_chain_with_postgresql_down_serves_the_idents_sqlite_knows",
+        ),
+        why="while PostgreSQL is down, its sensors are told their secret is wrong and the limiter blocks them",
+    ),
+    # --- credentials kept out of logs and /healthz -----------------------------------------------
+    mutant(
+        "redact-password-split-at-first-at",
+        REDACT,
+        '        userinfo, at, hostport = netloc.rpartition("@")\n        if at:\n            user, colon',
+        '        userinfo, at, hostport = netloc.partition("@")\n        if at:\n            user, colon',
+        "tests/broker/test_redact.py",
+        why="a PostgreSQL password holding an @ reaches the log in part",
+    ),
+    mutant(
+        "redact-nats-token-kept",
+        REDACT,
+        "            elif parts.scheme.lower() in TOKEN_USERINFO_SCHEMES:\n"
+        '                netloc = f"{MASK}@{hostport}"\n',
+        "",
+        "tests/broker/test_redact.py",
+        why="a NATS token given as nats://TOKEN@host is logged as it is",
+    ),
+    mutant(
+        "redact-malformed-url-kept",
+        REDACT,
+        '        return url.partition("://")[0] + "://" + MASK',
+        "        return url",
+        "tests/broker/test_redact.py",
+        why="a DSN that urllib cannot split reaches the log with its password",
+    ),
+    mutant(
+        "scrub-decoded-secret-kept",
+        REDACT,
+        "    found += [urllib.parse.unquote(v) for v in found]\n",
+        "",
+        "tests/broker/test_redact.py",
+        why="a driver error that echoes the percent-decoded password shows it",
     ),
     # --- key stores and tools -------------------------------------------------------------
     mutant(

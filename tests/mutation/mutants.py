@@ -667,6 +667,22 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
         why="while PostgreSQL is down, its sensors are told their secret is wrong and the limiter blocks them",
     ),
+    mutant(
+        "heldback-unbounded",
+        "src/hpfeeds3/broker/heldback.py",
+        "        if len(self.data) > conn._authing_buffer_cap():",
+        "        if False:",
+        "tests/reliability/test_held_back.py",
+        why="a client held back from a full pre-auth pool makes the broker keep whatever it sends at once",
+    ),
+    mutant(
+        "heldback-bytes-dropped",
+        "src/hpfeeds3/broker/connection.py",
+        "            if holding is not None and holding.data:\n                self.data_received(holding.data)",
+        "            pass",
+        "tests/reliability/test_held_back.py",
+        why="a TLS sensor held back in a storm loses the ClientHello it sent with its connect: its handshake stalls",
+    ),
     # --- credentials kept out of logs and /healthz -----------------------------------------------
     mutant(
         "redact-password-split-at-first-at",

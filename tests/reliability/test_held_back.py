@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from hpfeeds3.protocol import Info, Publish
+from hpfeeds3.protocol import Error, Info, Publish, encode_subscribe
 from tests.support.broker import RawClient
 
 from .support import metric, record, scrape, wait_metric
@@ -151,3 +151,40 @@ def test_over_the_bound_a_newcomer_waits_instead_of_evicting_a_slow_sensor(relia
         frame = results.get(name)
         assert isinstance(frame, Publish) and frame.payload == name.encode(), (name, frame)
     assert metric(samples, CLOSED, reason="too_many_unauthenticated") == 0
+
+
+def test_bytes_a_held_back_client_sent_first_are_handled_when_it_starts(reliable_broker) -> None:
+    """A client that speaks first (as a TLS sensor's ClientHello comes with its
+    connect) while held back: the loop hands its first bytes over although reading
+    is paused; they are kept, and handled once the connection starts."""
+    b = reliable_broker(*BROKER_FLAGS)
+    with trickling(b.port, b.exporter_port), RawClient(b.port, source="127.0.4.1", timeout=SENSOR_TIMEOUT_S) as early:
+        early.send(encode_subscribe(b"alice", b"chan1"))  # before INFO, so before any AUTH
+        held = wait_metric(b.exporter_port, lambda s: metric(s, HELD_BACK) == 1)
+        info = early.next_frame(SENSOR_TIMEOUT_S)  # started: INFO
+        answer = early.next_frame(10.0)  # and the SUBSCRIBE it sent first, handled
+    assert metric(held, HELD_BACK) == 1  # it was held back: the path under test
+    assert isinstance(info, Info), info
+    assert isinstance(answer, Error) and "AUTH" in answer.message, answer
+
+
+def test_a_held_back_client_that_sends_more_than_a_frame_is_closed_before_it_starts(reliable_broker) -> None:
+    """What a held-back client sends is kept up to one largest frame and a margin
+    (64 KiB): past it the connection is closed then, not kept until it starts."""
+    b = reliable_broker(*BROKER_FLAGS, "--max-message-size", "1024")
+    with trickling(b.port, b.exporter_port):
+        before = metric(scrape(b.exporter_port), "hpfeeds_broker_limit_rejections_total", limit="pre_auth_buffer")
+        with RawClient(b.port, source="127.0.4.1", timeout=SENSOR_TIMEOUT_S) as flood:
+            with contextlib.suppress(OSError):
+                flood.send(b"x" * (200 * 1024))  # more than 1 KiB + 64 KiB, at once
+            wait_metric(
+                b.exporter_port,
+                lambda s: metric(s, "hpfeeds_broker_limit_rejections_total", limit="pre_auth_buffer") == before + 1,
+            )
+            try:
+                first = flood.next_frame(5.0)
+            except (OSError, ConnectionError, EOFError) as e:
+                first = e
+        samples = scrape(b.exporter_port)
+    assert not isinstance(first, Info), first  # closed while held back, never started
+    assert metric(samples, HELD_BACK) == 0

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hpfeeds3.protocol import Decoder, Error, Info, Publish, encode_auth, sign
-from tests.support.broker import RawClient, running_broker
+from hpfeeds3.protocol import Decoder, Error, Info, Publish, encode_auth, encode_publish, sign
+from tests.support.broker import RawClient, confirm_subscribed, running_broker
 from tests.support.metrics import metric, scrape
 
 from .conftest import Result
@@ -200,3 +200,28 @@ def test_guesses_whose_postgresql_lookup_ends_after_the_block_are_refused_unveri
         verified = metric(samples, "hpfeeds_broker_auth_failures_total", reason="auth_failed")
         refused = metric(samples, "hpfeeds_broker_auth_failures_total", reason="rate_limited")
         assert verified <= 15 and verified + refused == guesses
+
+
+def test_auth_publish_and_fin_sent_at_once_are_delivered_while_the_lookup_waits(
+    keys: Keys, tmp_path: Path, postgres_dsn: str
+) -> None:
+    # A one-shot sensor (a script) sends AUTH, a PUBLISH and its FIN together; on
+    # PostgreSQL its AUTH waits for the lookup when the FIN arrives: the PUBLISH is
+    # still delivered, then the connection closes.
+    pub_secret = keys("add", "sensor", "--pub", "events", "--auth", postgres_dsn).out.strip()
+    sub_secret = keys("add", "collector", "--sub", "events", "--auth", postgres_dsn).out.strip()
+    with running_broker(tmp_path, "--auth", postgres_dsn) as broker:
+        assert broker.port is not None
+        with RawClient(broker.port) as sub:
+            sub.auth("collector", sub_secret)
+            sub.subscribe("events")
+            with RawClient(broker.port) as probe:
+                confirm_subscribed(probe.auth("sensor", pub_secret), "events", sub)
+            with RawClient(broker.port) as pub:
+                info = pub.read_info()
+                signed = encode_auth(b"sensor", sign(info.nonce, pub_secret.encode()))
+                pub.send(signed + encode_publish(b"sensor", b"events", b"then-fin"))
+                pub.sock.shutdown(socket.SHUT_WR)
+                [msg] = sub.messages(1)
+                assert msg.payload == b"then-fin"
+                pub.expect_closed()

@@ -683,6 +683,22 @@ MUTANTS: tuple[Mutant, ...] = (
         "tests/reliability/test_held_back.py",
         why="a TLS sensor held back in a storm loses the ClientHello it sent with its connect: its handshake stalls",
     ),
+    mutant(
+        "workers-get-the-whole-host-limit",
+        "src/hpfeeds3/broker/supervisor.py",
+        "        out += [flag, str(-(-value // workers))]",
+        "        out += [flag, str(value)]",
+        "tests/cluster/test_workers.py",
+        why="with --workers N the host takes N times --max-connections (and every host-wide limit)",
+    ),
+    mutant(
+        "dead-worker-not-restarted",
+        "src/hpfeeds3/broker/supervisor.py",
+        "                self.restart_at[i] = now + RESTART_DELAY_S",
+        "                pass",
+        "tests/cluster/test_workers_supervision.py::test_a_dead_worker_is_restarted",
+        why="a worker that crashes is gone for good: its share of the port serves nobody",
+    ),
     # --- credentials kept out of logs and /healthz -----------------------------------------------
     mutant(
         "redact-password-split-at-first-at",

@@ -13,6 +13,8 @@ were retried (issue 24).
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import struct
 import threading
 import time
@@ -68,6 +70,18 @@ def trickling(port: int, exporter_port: int) -> Iterator[None]:
             t.join()
         for client in tricklers:
             client.close()
+
+
+@contextlib.contextmanager
+def broker_paused(pid: int) -> Iterator[None]:
+    """The broker stopped (SIGSTOP) meanwhile: a client that connects and sends now
+    has its bytes waiting before the broker accepts it, so the loop's first read of
+    the new connection (made whatever ``connection_made`` asked) hands them over."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def served(sensor: RawClient, payload: bytes, round_trip_s: float = 0.0) -> object:
@@ -158,8 +172,10 @@ def test_bytes_a_held_back_client_sent_first_are_handled_when_it_starts(reliable
     connect) while held back: the loop hands its first bytes over although reading
     is paused; they are kept, and handled once the connection starts."""
     b = reliable_broker(*BROKER_FLAGS)
-    with trickling(b.port, b.exporter_port), RawClient(b.port, source="127.0.4.1", timeout=SENSOR_TIMEOUT_S) as early:
-        early.send(encode_subscribe(b"alice", b"chan1"))  # before INFO, so before any AUTH
+    with trickling(b.port, b.exporter_port), contextlib.ExitStack() as stack:
+        with broker_paused(b.pid):
+            early = stack.enter_context(RawClient(b.port, source="127.0.4.1", timeout=SENSOR_TIMEOUT_S))
+            early.send(encode_subscribe(b"alice", b"chan1"))  # before INFO, so before any AUTH
         held = wait_metric(b.exporter_port, lambda s: metric(s, HELD_BACK) == 1)
         info = early.next_frame(SENSOR_TIMEOUT_S)  # started: INFO
         answer = early.next_frame(10.0)  # and the SUBSCRIBE it sent first, handled
@@ -174,16 +190,22 @@ def test_a_held_back_client_that_sends_more_than_a_frame_is_closed_before_it_sta
     b = reliable_broker(*BROKER_FLAGS, "--max-message-size", "1024")
     with trickling(b.port, b.exporter_port):
         before = metric(scrape(b.exporter_port), "hpfeeds_broker_limit_rejections_total", limit="pre_auth_buffer")
-        with RawClient(b.port, source="127.0.4.1", timeout=SENSOR_TIMEOUT_S) as flood:
-            with contextlib.suppress(OSError):
-                flood.send(b"x" * (200 * 1024))  # more than 1 KiB + 64 KiB, at once
+        with contextlib.ExitStack() as stack:
+            with broker_paused(b.pid):
+                flood = stack.enter_context(RawClient(b.port, source="127.0.4.1", timeout=SENSOR_TIMEOUT_S))
+                # as much as the new connection's receive window takes, more than 1 KiB + 64 KiB
+                flood.sock.setblocking(False)
+                sent = flood.sock.send(b"x" * (512 * 1024))
+                flood.sock.setblocking(True)
+            assert sent > 1024 + 64 * 1024, sent
             wait_metric(
                 b.exporter_port,
                 lambda s: metric(s, "hpfeeds_broker_limit_rejections_total", limit="pre_auth_buffer") == before + 1,
             )
+            first: object
             try:
                 first = flood.next_frame(5.0)
-            except (OSError, ConnectionError, EOFError) as e:
+            except (OSError, EOFError) as e:
                 first = e
         samples = scrape(b.exporter_port)
     assert not isinstance(first, Info), first  # closed while held back, never started

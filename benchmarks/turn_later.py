@@ -17,12 +17,23 @@ it, so the broker holds every run past the loop turn that read it. This runs
   (``loop.call_later``), as long as a busy log writer pauses between
   batches (``durable.segments.BUSY_PAUSE_S``): runs held as long as a
   durable subscriber's are, still with no log;
-- ``durable``: ``dur`` durable.
+- ``durable``: ``dur`` durable;
+- ``durable, no checksum``: the same with the log's CRC-32C not computed (a
+  zero in its place: a log no restart could recover, for this yardstick
+  only), to see what the checksum, which holds the interpreter's lock, costs;
+- ``plain, memory copied beside it``: ``plain`` while another process copies
+  ``--copy-mbs`` MB a second from one buffer into a 64 MiB ring, as the
+  log's writer moves each message through memory beside the loop (its
+  checksum reads it, its ``writev`` copies it into the page cache): what
+  that traffic alone costs the loop on this machine.
 
-Reported per variant: the rate, the broker's CPU per message and its minor
-page faults per 1,000 messages, medians over the rounds (every round listed).
+Reported per variant: the rate, the broker's CPU per message, split into its
+event loop's (the main thread) and the other threads' (the log's writer and
+syncer, the log-line writer), and its minor page faults per 1,000 messages,
+medians over the rounds (every round listed). The loop's share is what
+bounds the rate: the broker's other threads run on the other core.
 
-    .venv/bin/python benchmarks/turn_later.py [--rounds 5] [--duration 5]
+    .venv/bin/python benchmarks/turn_later.py [--rounds 5] [--duration 5] [--copy-mbs 400]
 """
 
 from __future__ import annotations
@@ -31,23 +42,61 @@ import argparse
 import asyncio
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import durable_cost as dc  # the same brokers and bench runs
 
 HEAP_KEPT = "glibc.malloc.trim_threshold=268435456:glibc.malloc.mmap_threshold=33554432"
-VARIANTS = ("plain", "a turn later", "a turn later, heap kept", "3 ms later, heap kept", "durable")
-HELD_S = {"a turn later": 0.0, "a turn later, heap kept": 0.0, "3 ms later, heap kept": 0.003}
+VARIANTS = (
+    "plain",
+    "a turn later",
+    "a turn later, heap kept",
+    "3 ms later, heap kept",
+    "durable",
+    "durable, no checksum",
+    "plain, memory copied beside it",
+)
+# How each variant's broker is started: ``--as-broker MODE``, or this environment's broker.
+MODES = {
+    "a turn later": "turn-0",
+    "a turn later, heap kept": "turn-0",
+    "3 ms later, heap kept": "turn-0.003",
+    "durable, no checksum": "no-checksum",
+}
 
 
-def serve_a_turn_later(held_s: float, argv: list[str]) -> int:
-    """Run ``hpfeeds-broker argv`` with each run delivered in the next loop turn,
-    or ``held_s`` seconds after the turn that read it."""
+def serve(mode: str, argv: list[str]) -> int:
+    """Run ``hpfeeds-broker argv``, patched as ``mode`` says."""
     from hpfeeds3.broker.cli import main
+
+    if mode == "no-checksum":
+        without_checksum()
+    else:
+        deliver_a_turn_later(float(mode.removeprefix("turn-")))
+    sys.argv = ["hpfeeds-broker", *argv]
+    return main()
+
+
+def without_checksum() -> None:
+    """Records written with a zero where their CRC-32C goes (this process's readers
+    do not check it again: docs/durable.md)."""
+    from hpfeeds3.broker.durable import format as fmt
+    from hpfeeds3.broker.durable import segments
+
+    def encode_header(first_seq: int, count: int, time_ms: int, payload: bytes, magic: bytes = fmt.MAGIC) -> bytes:
+        return fmt.HEADER.pack(magic, len(payload), first_seq, count, time_ms, 0)
+
+    segments.encode_header = encode_header  # type: ignore[assignment]
+
+
+def deliver_a_turn_later(held_s: float) -> None:
+    """Each run delivered in the next loop turn, or ``held_s`` seconds after the turn that read it."""
     from hpfeeds3.broker.router import Router
 
     deliver_now = Router.deliver_local
@@ -70,25 +119,51 @@ def serve_a_turn_later(held_s: float, argv: list[str]) -> int:
             deliver_now(router, channel, data, count)
 
     Router.deliver_local = deliver_local  # type: ignore[method-assign]
-    sys.argv = ["hpfeeds-broker", *argv]
-    return main()
 
 
 def minor_faults(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[7])
 
 
-def one(variant: str, launcher: str, duration: float) -> dict[str, Any]:
+def loop_cpu_s(pid: int) -> float:
+    """CPU seconds of the process's main thread (the event loop), user and system."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def copy_memory(mb_per_s: float) -> NoReturn:
+    """Copy 256 KiB at a time into a 64 MiB ring, ``mb_per_s`` MB a second, until killed."""
+    ring = bytearray(64 * 1024 * 1024)
+    chunk = os.urandom(256 * 1024)
+    at = done = 0
+    start = time.perf_counter()
+    while True:
+        ring[at : at + len(chunk)] = chunk
+        at = (at + len(chunk)) % len(ring)
+        done += len(chunk)
+        ahead = done / (mb_per_s * 1e6) - (time.perf_counter() - start)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+def one(variant: str, launcher: str, duration: float, copy_mbs: float) -> dict[str, Any]:
     env = {"GLIBC_TUNABLES": HEAP_KEPT} if variant.endswith("heap kept") else {}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    copier = None
+    if variant == "plain, memory copied beside it":
+        me = str(Path(__file__).resolve())
+        copier = subprocess.Popen([sys.executable, me, "--copy-memory", str(copy_mbs)])
     try:
-        exe = f"{launcher}-{HELD_S[variant]:g}" if variant in HELD_S else ""
-        with dc.broker(variant == "durable", True, exe=exe) as (port, proc, _tmp):
-            cpu0, faults0 = dc.cpu_s(proc.pid), minor_faults(proc.pid)
+        exe = f"{launcher}-{MODES[variant]}" if variant in MODES else ""
+        with dc.broker(variant.startswith("durable"), True, exe=exe) as (port, proc, _tmp):
+            cpu0, loop0, faults0 = dc.cpu_s(proc.pid), loop_cpu_s(proc.pid), minor_faults(proc.pid)
             rec = dc.bench(port, "pubsub-100", duration, "--sub-ident", "dur")
-            cpu1, faults1 = dc.cpu_s(proc.pid), minor_faults(proc.pid)
+            cpu1, loop1, faults1 = dc.cpu_s(proc.pid), loop_cpu_s(proc.pid), minor_faults(proc.pid)
     finally:
+        if copier is not None:
+            copier.kill()
+            copier.wait()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -98,44 +173,57 @@ def one(variant: str, launcher: str, duration: float) -> dict[str, Any]:
     return {
         "rate": rec["value"],
         "ns": (cpu1 - cpu0) / messages * 1e9,
+        "loop_ns": (loop1 - loop0) / messages * 1e9,
+        "others_ns": ((cpu1 - cpu0) - (loop1 - loop0)) / messages * 1e9,
         "faults": (faults1 - faults0) / messages * 1000,
     }
 
 
 def main() -> int:
     if sys.argv[1:2] == ["--as-broker"]:
-        return serve_a_turn_later(float(sys.argv[2]), sys.argv[3:])
+        return serve(sys.argv[2], sys.argv[3:])
+    if sys.argv[1:2] == ["--copy-memory"]:
+        copy_memory(float(sys.argv[2]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument(
+        "--copy-mbs", type=float, default=400.0, help="MB a second copied beside the plain broker (default 400)"
+    )
     args = parser.parse_args()
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as d:
         launcher = os.path.join(d, "hpfeeds-broker-held")
-        for held_s in set(HELD_S.values()):
-            script = Path(f"{launcher}-{held_s:g}")
+        for mode in set(MODES.values()):
+            script = Path(f"{launcher}-{mode}")
             me = Path(__file__).resolve()
-            script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{me}" --as-broker {held_s:g} "$@"\n')
+            script.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{me}" --as-broker {mode} "$@"\n')
             script.chmod(0o755)
         for r in range(args.rounds):
             for variant in VARIANTS:
-                got = one(variant, launcher, args.duration)
+                got = one(variant, launcher, args.duration, args.copy_mbs)
                 runs[variant].append(got)
                 print(
-                    f"round {r + 1} {variant}: {got['rate']:,.0f} msg/s, {got['ns']:.0f} ns of broker CPU a message,"
+                    f"round {r + 1} {variant}: {got['rate']:,.0f} msg/s, {got['ns']:.0f} ns of broker CPU a message"
+                    f" ({got['loop_ns']:.0f} the loop's, {got['others_ns']:.0f} the other threads'),"
                     f" {got['faults']:.2f} minor faults per 1,000 messages",
                     flush=True,
                 )
     base = statistics.median(x["rate"] for x in runs["plain"])
     print(f"\npubsub-100, medians of {args.rounds} rounds (per round in brackets):\n")
-    print("| variant | msg/s | against plain | broker ns a message | minor faults per 1,000 messages |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| variant | msg/s | against plain | broker ns a message | the loop's | the other threads'"
+        " | minor faults per 1,000 messages |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for variant, rows in runs.items():
         rate = statistics.median(x["rate"] for x in rows)
         each = ", ".join(f"{x['rate'] / 1e6:.2f}" for x in rows)
         print(
             f"| {variant} | {rate / 1e6:.2f} M ({each}) | {rate / base - 1:+.1%} |"
-            f" {statistics.median(x['ns'] for x in rows):.0f} | {statistics.median(x['faults'] for x in rows):.2f} |"
+            f" {statistics.median(x['ns'] for x in rows):.0f} | {statistics.median(x['loop_ns'] for x in rows):.0f}"
+            f" | {statistics.median(x['others_ns'] for x in rows):.0f}"
+            f" | {statistics.median(x['faults'] for x in rows):.2f} |"
         )
     return 0
 

@@ -123,7 +123,9 @@ STATIC = {
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
 
-PRINCIPAL = "hpfeeds_principal"
+# Who a request authenticated as, kept in the request. aiohttp 3.14 warns about a
+# plain string key; older releases (the project accepts 3.9 on) have no RequestKey.
+PRINCIPAL: Any = web.RequestKey("hpfeeds_principal", Principal) if hasattr(web, "RequestKey") else "hpfeeds_principal"
 
 
 class ApiError(Exception):

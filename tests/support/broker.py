@@ -65,9 +65,10 @@ def free_ports(n: int) -> int:
     Taken below the kernel's ephemeral range, so no outgoing connection on this
     busy machine takes PORT + i between this check and the broker's bind."""
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    bottom, top = _worker_slice(max(1024, low - 12000), low)
     rng = random.Random()
     for _ in range(200):
-        first = rng.randrange(max(1024, low - 12000), low - n)
+        first = rng.randrange(bottom, top - n)
         wanted = range(first, first + n)
         if not _HANDED_OUT.isdisjoint(wanted):
             # Free now, but already given to a broker of this run that may not
@@ -85,6 +86,18 @@ def free_ports(n: int) -> int:
             _HANDED_OUT.update(wanted)
         return first
     raise RuntimeError(f"no {n} consecutive free ports")
+
+
+def _worker_slice(bottom: int, top: int) -> tuple[int, int]:
+    """This pytest-xdist worker's share of the ports ``bottom`` .. ``top``: the workers are
+    separate processes, and two picking the same free port would each hand it out."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count <= 1:
+        return bottom, top
+    index = int(worker[2:])
+    width = (top - bottom) // count
+    return bottom + index * width, bottom + (index + 1) * width
 
 
 def wait_for_port(

@@ -21,6 +21,12 @@ it, so the broker holds every run past the loop turn that read it. This runs
 - ``durable, no checksum``: the same with the log's CRC-32C not computed (a
   zero in its place: a log no restart could recover, for this yardstick
   only), to see what the checksum, which holds the interpreter's lock, costs;
+- ``durable, written on the loop``: the same with the log's writes made by the
+  event loop itself, each run as it is appended, and the durable subscriber
+  fed in the same call: no writer thread between the read and the send (the
+  writer thread still syncs and keeps the bounds, racing the loop's writes:
+  for this yardstick only, as DESIGN.md keeps the log's writes off the loop).
+  What is left of the cost once no thread hands anything over;
 - ``plain, memory copied beside it``: ``plain`` while another process copies
   ``--copy-mbs`` MB a second from one buffer into a 64 MiB ring, as the
   log's writer moves each message through memory beside the loop (its
@@ -60,6 +66,7 @@ VARIANTS = (
     "3 ms later, heap kept",
     "durable",
     "durable, no checksum",
+    "durable, written on the loop",
     "plain, memory copied beside it",
 )
 # How each variant's broker is started: ``--as-broker MODE``, or this environment's broker.
@@ -68,6 +75,7 @@ MODES = {
     "a turn later, heap kept": "turn-0",
     "3 ms later, heap kept": "turn-0.003",
     "durable, no checksum": "no-checksum",
+    "durable, written on the loop": "on-the-loop",
 }
 
 
@@ -77,6 +85,8 @@ def serve(mode: str, argv: list[str]) -> int:
 
     if mode == "no-checksum":
         without_checksum()
+    elif mode == "on-the-loop":
+        written_on_the_loop()
     else:
         deliver_a_turn_later(float(mode.removeprefix("turn-")))
     sys.argv = ["hpfeeds-broker", *argv]
@@ -93,6 +103,23 @@ def without_checksum() -> None:
         return fmt.HEADER.pack(magic, len(payload), first_seq, count, time_ms, 0)
 
     segments.encode_header = encode_header  # type: ignore[assignment]
+
+
+def written_on_the_loop() -> None:
+    """Each run written by the caller of ``append`` (the event loop) as it is appended;
+    the writer thread writes nothing (it still syncs and keeps the bounds)."""
+    from hpfeeds3.broker.durable.segments import SegmentLog
+
+    append = SegmentLog.append
+
+    def append_and_write(self: SegmentLog, channel: bytes, data: bytes, frames: int) -> int:
+        end = append(self, channel, data, frames)
+        self._write_channel(self._channels[channel])
+        self.written_batches += 1  # the router feeds the durable connections now
+        return end
+
+    SegmentLog._write_pending = lambda self: False  # type: ignore[method-assign]
+    SegmentLog.append = append_and_write  # type: ignore[method-assign]
 
 
 def deliver_a_turn_later(held_s: float) -> None:

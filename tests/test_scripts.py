@@ -3,6 +3,8 @@ atheris target in fuzz/ (ruff and mypy check them too, in tests/test_lint.py).""
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_benchmarks_compare_appends_a_run_and_keeps_the_earlier_ones(tmp_path: Path) -> None:
+    loader = importlib.machinery.SourceFileLoader("bench_compare", str(ROOT / "benchmarks" / "compare"))
+    spec = importlib.util.spec_from_loader("bench_compare", loader)
+    assert spec is not None
+    compare = importlib.util.module_from_spec(spec)
+    sys.modules["bench_compare"] = compare  # its dataclasses look their module up
+    try:
+        loader.exec_module(compare)
+    finally:
+        del sys.modules["bench_compare"]
+    results = tmp_path / "RESULTS.md"
+    compare.append_section(results, "## first run\n\n| a | 1 |\n")
+    compare.append_section(results, "## second run\n\n| a | 2 |\n")
+    assert results.read_text() == "# Benchmark results\n\n## first run\n\n| a | 1 |\n\n## second run\n\n| a | 2 |\n"
 
 
 def test_benchmarks_compare_help() -> None:

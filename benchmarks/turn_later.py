@@ -27,6 +27,14 @@ it, so the broker holds every run past the loop turn that read it. This runs
   writer thread still syncs and keeps the bounds, racing the loop's writes:
   for this yardstick only, as DESIGN.md keeps the log's writes off the loop).
   What is left of the cost once no thread hands anything over;
+- ``durable, 256 MiB kept``: ``durable`` with 256 MiB of just-written records
+  kept in memory (``durable.segments.RECENT_BYTES``) instead of 2 MiB: the
+  yardstick for the next one;
+- ``durable, nothing stored``: the same 256 MiB kept, no checksum, and the
+  log's ``writev`` only counting the bytes it was given: nothing reaches the
+  file (the feed never reads it: every record it sends is still in memory).
+  The durable subscriber with storage taken out: what the delivery itself
+  costs (for this yardstick only, a log that keeps nothing);
 - ``plain, memory copied beside it``: ``plain`` while another process copies
   ``--copy-mbs`` MB a second from one buffer into a 64 MiB ring, as the
   log's writer moves each message through memory beside the loop (its
@@ -52,6 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -67,6 +76,8 @@ VARIANTS = (
     "durable",
     "durable, no checksum",
     "durable, written on the loop",
+    "durable, 256 MiB kept",
+    "durable, nothing stored",
     "plain, memory copied beside it",
 )
 # How each variant's broker is started: ``--as-broker MODE``, or this environment's broker.
@@ -76,7 +87,10 @@ MODES = {
     "3 ms later, heap kept": "turn-0.003",
     "durable, no checksum": "no-checksum",
     "durable, written on the loop": "on-the-loop",
+    "durable, 256 MiB kept": "kept-256m",
+    "durable, nothing stored": "nothing-stored",
 }
+KEPT_BYTES = 256 * 1024 * 1024  # of just-written records, for the two variants that keep more
 
 
 def serve(mode: str, argv: list[str]) -> int:
@@ -87,6 +101,12 @@ def serve(mode: str, argv: list[str]) -> int:
         without_checksum()
     elif mode == "on-the-loop":
         written_on_the_loop()
+    elif mode == "kept-256m":
+        kept_in_memory()
+    elif mode == "nothing-stored":
+        kept_in_memory()
+        without_checksum()
+        nothing_written()
     else:
         deliver_a_turn_later(float(mode.removeprefix("turn-")))
     sys.argv = ["hpfeeds-broker", *argv]
@@ -120,6 +140,22 @@ def written_on_the_loop() -> None:
 
     SegmentLog._write_pending = lambda self: False  # type: ignore[method-assign]
     SegmentLog.append = append_and_write  # type: ignore[method-assign]
+
+
+def kept_in_memory() -> None:
+    """``KEPT_BYTES`` of just-written records kept in memory, not 2 MiB."""
+    from hpfeeds3.broker.durable import segments
+
+    segments.RECENT_BYTES = KEPT_BYTES
+
+
+def nothing_written() -> None:
+    """The log's ``writev`` counts the bytes and writes none (its files stay empty)."""
+    from hpfeeds3.broker.durable import segments
+
+    counting_os = types.SimpleNamespace(**vars(os))
+    counting_os.writev = lambda fd, buffers: sum(map(len, buffers))
+    segments.os = counting_os  # type: ignore[assignment]
 
 
 def deliver_a_turn_later(held_s: float) -> None:

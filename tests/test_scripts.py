@@ -88,7 +88,7 @@ def test_benchmarks_turn_later_runs_every_variant() -> None:
         import turn_later
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    assert len(turn_later.VARIANTS) == 8
+    assert len(turn_later.VARIANTS) == 10
     for variant in turn_later.VARIANTS:
         assert f"round 1 {variant}: " in r.stdout, r.stdout
     assert "| a turn later | " in r.stdout and "minor faults per 1,000 messages |" in r.stdout, r.stdout

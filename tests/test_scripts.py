@@ -97,3 +97,16 @@ def test_benchmarks_turn_later_runs_every_variant() -> None:
         if line.startswith("round 1 "):
             rate = int(line.split(": ")[1].split(" msg/s")[0].replace(",", ""))
             assert rate > 0 and " the loop's, " in line and " the other threads')" in line, line
+
+
+def test_benchmarks_machine_noise_times_each_core() -> None:
+    r = run("benchmarks/machine_noise.py", "--repeats", "3", "--iterations", "20000")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("- ")]
+    assert lines, r.stdout
+    for line in lines:
+        # three timings listed, and a spread no lower than 1 (slowest over fastest)
+        assert line.count(",") >= 4 and " spread " in line, line
+        spread = float(line.split(" spread ")[1].split("x")[0])
+        assert spread >= 1.0, line
+        assert len(line.split("(")[1].rstrip(")").split(", ")) == 3, line

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,21 @@ def test_benchmarks_compare_help() -> None:
     assert r.stdout.startswith("usage: compare ")
     for option in ("--brokers", "--repeats", "--smoke", "--tls"):
         assert option in r.stdout
+
+
+def test_benchmarks_compare_smoke_run_reports_the_machine_steadiness() -> None:
+    # End to end against our broker (seconds): the section has the run's row, and how
+    # steady the machine was before and after, for each core.
+    r = run(
+        "benchmarks/compare", "pubsub-100", "--brokers", "ours", "--repeats", "1", "--smoke", "--duration", "0.5",
+        "--no-write", timeout=180,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    assert "| pubsub-100 | msg/s | " in r.stdout, r.stdout
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("- Machine steadiness ")]
+    before, _, after = line.partition("; after ")
+    for part in (before, after):
+        assert part.count(" spread ") == len(os.sched_getaffinity(0)), line
 
 
 def test_fuzz_decoder_target_runs_clean() -> None:

@@ -44,6 +44,9 @@ from typing import Any, NamedTuple
 
 from hpfeeds3.protocol import Decoder, Info, encode_auth, encode_publish, encode_subscribe, sign
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine_noise
+
 BIN = Path(sys.executable).parent
 
 
@@ -402,8 +405,11 @@ def main() -> None:
         if not exe:
             p.error("--baseline wants NAME=BROKER")
         baseline = (name, exe)
+    steady_before = machine_noise.steadiness() if args.rounds > 0 else ""
     figures = live_cost(args.rounds, args.duration, baseline)
     if args.rounds > 0:
+        # A difference smaller than the machine's own spread is the machine's (machine_noise.py).
+        print(f"Machine steadiness before the rounds: {steady_before}; after: {machine_noise.steadiness()}")
         print("One of the bench's subscribers durable vs not (the same subscribers):")
         for scenario, by_label in figures.items():
             print(summary(scenario, by_label, SUB_DURABLE, SUB_PLAIN))

@@ -66,6 +66,7 @@ from typing import Any, NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import durable_cost as dc  # the same brokers and bench runs
+import machine_noise
 
 HEAP_KEPT = "glibc.malloc.trim_threshold=268435456:glibc.malloc.mmap_threshold=33554432"
 VARIANTS = (
@@ -255,6 +256,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+    steady_before = machine_noise.steadiness()
     with tempfile.TemporaryDirectory() as d:
         launcher = os.path.join(d, "hpfeeds-broker-held")
         for mode in set(MODES.values()):
@@ -272,6 +274,8 @@ def main() -> int:
                     f" {got['faults']:.2f} minor faults per 1,000 messages",
                     flush=True,
                 )
+    # A difference smaller than the machine's own spread is the machine's (machine_noise.py).
+    print(f"\nMachine steadiness before the rounds: {steady_before}; after: {machine_noise.steadiness()}")
     base = statistics.median(x["rate"] for x in runs["plain"])
     print(f"\npubsub-100, medians of {args.rounds} rounds (per round in brackets):\n")
     print(

@@ -108,6 +108,7 @@ def test_benchmarks_turn_later_runs_every_variant() -> None:
     for variant in turn_later.VARIANTS:
         assert f"round 1 {variant}: " in r.stdout, r.stdout
     assert "| a turn later | " in r.stdout and "minor faults per 1,000 messages |" in r.stdout, r.stdout
+    assert "Machine steadiness before the rounds: " in r.stdout, r.stdout
     # Each run delivered messages, and the loop's CPU is counted apart from the other threads'.
     for line in r.stdout.splitlines():
         if line.startswith("round 1 "):
@@ -126,3 +127,22 @@ def test_benchmarks_machine_noise_times_each_core() -> None:
         spread = float(line.split(" spread ")[1].split("x")[0])
         assert spread >= 1.0, line
         assert len(line.split("(")[1].rstrip(")").split(", ")) == 3, line
+
+
+def test_benchmarks_durable_cost_runs_every_part() -> None:
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("reads /proc (Linux)")
+    r = run(
+        "benchmarks/durable_cost.py", "--rounds", "1", "--duration", "0.3", "--backlog-mib", "8", "--log-mib", "8",
+        timeout=240,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert out.count("Machine steadiness before the rounds: ") == 1, out
+    for scenario in ("pubsub-100", "fanout"):
+        assert f"{scenario}: bench's subscriber durable against bench's subscriber not durable: median " in out, out
+        assert f"{scenario}: one durable subscriber against no durable key: median " in out, out
+    # Every durable row stored every message; the backlog was stored whole and replayed.
+    durable_rows = [line for line in out.splitlines() if "not stored" in line and not line.startswith(" ")]
+    assert durable_rows and all(line.endswith(" 0 not stored") for line in durable_rows), durable_rows
+    assert '"not_stored": 0' in out and '"replay_msgs_per_s": ' in out and '"append_ns_per_msg": ' in out, out

@@ -73,6 +73,15 @@ def test_benchmarks_decoder_instructions_times_a_run() -> None:
     assert "varied payloads, 50 frames a read: " in r.stdout and " ns a frame" in r.stdout
 
 
+def test_benchmarks_handshake_instructions_serves_every_sensor() -> None:
+    # Every variant serves each sensor its message back (the script exits otherwise).
+    r = run("benchmarks/handshake_instructions.py", "--connections", "40", "--rounds", "2", "--no-callgrind")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for variant in ("ours", "ours, no events", "ceiling"):
+        line = next(line for line in r.stdout.splitlines() if line.startswith(f"  {variant} "))
+        assert " served " in line and " closed " in line and " µs (" in line, line
+
+
 def test_benchmarks_storage_floor_stores_and_reports(tmp_path: Path) -> None:
     r = run("benchmarks/storage_floor.py", "--mib", "20", "--repeats", "2", "--settle", "0", "--dir", str(tmp_path))
     assert r.returncode == 0, r.stderr

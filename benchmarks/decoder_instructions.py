@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import argparse
 import random
-import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from hpfeeds3.protocol import encode_publish
 from hpfeeds3.protocol.codec import Decoder, PublishRun
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from socketless import callgrind_available
 
 EXTRA_FEEDS = 100
 
@@ -76,10 +79,7 @@ def main() -> None:
         best = min(best, time.perf_counter() - start)
     what = f"{args.payloads} payloads, {args.frames} frames a read"
     print(f"{what}: {best / args.feeds / args.frames * 1e9:.0f} ns a frame")
-    if args.no_callgrind:
-        return
-    if shutil.which("valgrind") is None:
-        print("valgrind is not installed: no instruction count (apt install valgrind)")
+    if not callgrind_available(args.no_callgrind):
         return
     per_frame = instructions(args) / (EXTRA_FEEDS * args.frames)
     print(f"{what}: {per_frame:,.0f} instructions a frame (callgrind)")

@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import importlib.util
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -48,52 +47,12 @@ from hpfeeds3.bench.credentials import storm_sensor, write_storm_sqlite
 from hpfeeds3.bench.storm import sensor_address
 from hpfeeds3.protocol import OP_PUBLISH, encode_auth, encode_publish, encode_subscribe, sign
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from socketless import Transport, callgrind_available
+
 VARIANTS = ("ours", "ours, no events", "ceiling", "driver")
 MODES = {"ours": "ours", "ours, no events": "ours-quiet", "ceiling": "ceiling", "driver": "driver"}
 HERE = Path(__file__).resolve().parent
-
-
-class Transport:
-    """A transport that keeps what is written and closes when told: no socket."""
-
-    __slots__ = ("closing", "out", "peer")
-
-    def __init__(self, i: int) -> None:
-        self.peer = (sensor_address(i), 40000 + i % 20000)
-        self.out: list[bytes] = []
-        self.closing = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.peer if name == "peername" else default
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    abort = close
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        pass
 
 
 def frames(i: int, nonce: bytes) -> bytes:
@@ -110,15 +69,15 @@ def drive(factory: Callable[[], Any] | None, first: int, n: int) -> tuple[float,
     protocols = []
     start = time.process_time()
     for i in range(first, first + n):
-        transport = Transport(i)
+        transport = Transport(sensor_address(i), 40000 + i % 20000)
         if factory is None:
             frames(i, b"\x00\x01\x02\x03")
             continue
         protocol = factory()
         protocol.connection_made(transport)
-        protocol.data_received(frames(i, transport.out[0][-4:]))  # the nonce ends INFO
-        if len(transport.out) < 2 or transport.out[-1][4] != OP_PUBLISH or transport.closing:
-            raise SystemExit(f"sensor {i} was not served its message: {transport.out!r}")
+        protocol.data_received(frames(i, transport.first[-4:]))  # the nonce ends INFO
+        if transport.writes < 2 or transport.last[4] != OP_PUBLISH or transport.closing:
+            raise SystemExit(f"sensor {i} was not served its message: {transport.last!r}")
         protocols.append(protocol)
     served = time.process_time()
     reset = ConnectionResetError()
@@ -240,10 +199,7 @@ def main() -> None:
                 f"  {variant:16} served {statistics.median(us):6.1f} µs ({us[0]:.1f} to {us[-1]:.1f}),"
                 f" closed {statistics.median(close_us):5.1f} µs ({close_us[0]:.1f} to {close_us[-1]:.1f})"
             )
-        if args.no_callgrind:
-            return
-        if shutil.which("valgrind") is None:
-            print("valgrind is not installed: no instruction count (apt install valgrind)")
+        if not callgrind_available(args.no_callgrind):
             return
         counts = {v: instructions(MODES[v], db, n, n, work) for v in VARIANTS}
         what = f"callgrind, {2 * n} sensors minus {n}; the driver's share subtracted"

@@ -82,6 +82,16 @@ def test_benchmarks_handshake_instructions_serves_every_sensor() -> None:
         assert " served " in line and " closed " in line and " µs (" in line, line
 
 
+def test_benchmarks_durable_instructions_delivers_every_message() -> None:
+    # The durable subscriber is fed from the log, the plain one by the router: both get
+    # every byte published (the script exits otherwise).
+    r = run("benchmarks/durable_instructions.py", "--reads", "10", "--frames", "50", "--rounds", "1", "--no-callgrind")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for variant in ("plain", "durable"):
+        line = next(line for line in r.stdout.splitlines() if line.startswith(f"  {variant} "))
+        assert line.rstrip().endswith(")") and " ns (" in line, line
+
+
 def test_benchmarks_storage_floor_stores_and_reports(tmp_path: Path) -> None:
     r = run("benchmarks/storage_floor.py", "--mib", "20", "--repeats", "2", "--settle", "0", "--dir", str(tmp_path))
     assert r.returncode == 0, r.stderr
